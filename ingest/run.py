@@ -1,0 +1,151 @@
+"""One ingest run end to end: validate, load, plan, generate per prompt, write, summarize."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ingest.config import RunConfig, config_hash, resolve_layers
+from ingest.errors import IngestError
+from ingest.generate import TreeBuilder
+from ingest.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from ingest.tree import TreePlan
+from store.connect import reading
+from store.queries import run_summary
+from store.records import RunRecord
+from store.writer import StoreWriter
+
+
+def branchlens_version() -> str:
+    try:
+        return f"branchlens {version('branchlens')}"
+    except PackageNotFoundError:
+        return "branchlens (not installed)"
+
+
+@dataclass
+class IngestReport:
+    """What a run did: the figures the CLI prints at the end."""
+
+    run_id: str
+    store: Path
+    model: str
+    device: str
+    dtype: str
+    layers: list[int]
+    n_layers: int
+    d_model: int
+    pe_type: str
+    counts: dict[str, Any]
+    prompts_written: int
+    prompts_skipped: int
+    generated_now: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    prefix_reused: int = 0
+    prefix_recomputed: int = 0
+
+    def summary(self) -> str:
+        c, s = self.counts, self.seconds
+        total = sum(s.values())
+        rate = self.generated_now / s["generate"] if s.get("generate") else 0.0
+        size_mb = self.store.stat().st_size / 1e6 if self.store.exists() else 0.0
+        resumed = f" ({self.prompts_skipped} already in the store)" if self.prompts_skipped else ""
+        return "\n".join([
+            f"run {self.run_id}: {c['status']}",
+            f"  model     {self.model} ({self.n_layers} layers, d={self.d_model}, {self.pe_type}) "
+            f"on {self.device}/{self.dtype}",
+            f"  prompts   {c['prompts']} written{resumed}; {c['branches']} branches, {c['tokens']} tokens "
+            f"({c['generated_tokens']} generated)",
+            f"  latents   {c['latents']} vectors, layers {', '.join(map(str, self.layers))}",
+            f"  forks     prefix cache re-used {self.prefix_reused}x, recomputed {self.prefix_recomputed}x",
+            f"  time      {total:.1f} s (load {s.get('load', 0):.1f}, generate {s.get('generate', 0):.1f}, "
+            f"write {s.get('write', 0):.1f}); {rate:.1f} generated tokens/s",
+            f"  store     {self.store} ({size_mb:.1f} MB)",
+        ])
+
+
+def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> IngestReport:
+    """Run (or resume) the ingest described by cfg; raises IngestError/StoreError on bad input."""
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    if not cfg.prompts:
+        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
+    writer = StoreWriter(cfg.store, created_by=branchlens_version())
+    seconds: dict[str, float] = {}
+    plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+
+    t0 = time.perf_counter()
+    log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
+    lm = load_model(cfg.model, device, dtype, log)
+    layers = resolve_layers(cfg.layers, lm.n_layers)
+    prompt_ids = _tokenize(lm, cfg)
+    seconds["load"] = time.perf_counter() - t0
+
+    resolved = dataclasses.asdict(cfg) | {
+        "layers": layers, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+    }
+    digest = config_hash(resolved)
+    run_id = cfg.run_id or f"run-{digest}"
+    resolved["run_id"] = run_id
+    run = RunRecord(run_id, cfg.model, resolved, digest, lm.n_layers, lm.d_model, lm.pe_type,
+                    str(device), resolved["dtype"])
+    writer.prepare(lm.d_model)
+    done = writer.start_run(run)
+    todo = [i for i in range(len(cfg.prompts)) if i not in done]
+    if done:
+        log(f"resuming run {run_id}: {len(done)} of {len(cfg.prompts)} prompts already in {cfg.store}")
+
+    builder = TreeBuilder(lm, cfg, layers, plan)
+    seconds["generate"] = seconds["write"] = 0.0
+    prompt_bar = tqdm(total=len(cfg.prompts), initial=len(done), desc="prompts", unit="prompt",
+                      disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    with prompt_bar:
+        for prompt_id in todo:
+            with tqdm(total=plan.size, desc=f"prompt {prompt_id} branches", unit="branch", leave=False,
+                      disable=not progress, file=sys.stderr, dynamic_ncols=True) as branch_bar:
+                t1 = time.perf_counter()
+                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=lambda _: branch_bar.update())
+                t2 = time.perf_counter()
+                writer.write_prompt(run_id, prompt_id, cfg.prompts[prompt_id], len(prompt_ids[prompt_id]),
+                                    records, layers)
+                seconds["generate"] += t2 - t1
+                seconds["write"] += time.perf_counter() - t2
+            prompt_bar.update()
+            prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
+            if not progress:
+                log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({len(records)} branches)")
+    writer.finish_run(run_id)
+    with reading(cfg.store, lock_timeout=30) as con:
+        counts = run_summary(con, run_id)
+    return IngestReport(
+        run_id=run_id, store=Path(cfg.store), model=cfg.model, device=str(device), dtype=resolved["dtype"],
+        layers=layers, n_layers=lm.n_layers, d_model=lm.d_model, pe_type=lm.pe_type, counts=counts,
+        prompts_written=len(todo), prompts_skipped=len(done), generated_now=builder.stats.generated_tokens,
+        seconds=seconds, prefix_reused=builder.stats.prefix_reused,
+        prefix_recomputed=builder.stats.prefix_recomputed,
+    )
+
+
+def _tokenize(lm: LoadedModel, cfg: RunConfig) -> list[list[int]]:
+    """Token ids of every prompt (special tokens such as BOS included), checked against the context."""
+    out = []
+    for i, text in enumerate(cfg.prompts):
+        ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids:
+            raise IngestError(f"prompt {i} tokenizes to nothing: {text[:40]!r}")
+        if lm.max_positions and len(ids) + cfg.max_new_tokens > lm.max_positions:
+            raise IngestError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
+                f"the model's {lm.max_positions} positions"
+            )
+        out.append(ids)
+    return out

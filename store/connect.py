@@ -1,0 +1,72 @@
+"""Opening store files: read-only for the app and SQL users, short-lived writes for ingest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from store.errors import StoreError
+from store.schema import check_version, read_meta
+
+LOCK_MESSAGE = "Could not set lock"
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    return isinstance(exc, duckdb.IOException) and LOCK_MESSAGE in str(exc)
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.IOException as exc:
+        if _is_lock_error(exc):
+            raise
+        raise StoreError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
+    except duckdb.Error as exc:
+        raise StoreError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def connect_with_retry(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBPyConnection:
+    """Connect, waiting up to lock_timeout seconds while another process holds the file."""
+    deadline = time.monotonic() + lock_timeout
+    delay = 0.05
+    while True:
+        try:
+            return _connect(path, read_only)
+        except duckdb.IOException as exc:
+            if time.monotonic() >= deadline:
+                who = "written by another process" if read_only else "open in another process"
+                raise StoreError(
+                    f"store {path} is {who} (DuckDB allows one writer or many readers); "
+                    f"gave up after {lock_timeout:.0f} s"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def open_read(path: str | Path, lock_timeout: float = 0.0) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to an existing store whose schema version this code reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"store {path} does not exist")
+    con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout)
+    try:
+        check_version(read_meta(con, str(path)), str(path))
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+@contextmanager
+def reading(path: str | Path, lock_timeout: float = 0.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """open_read as a context manager that closes the connection."""
+    con = open_read(path, lock_timeout)
+    try:
+        yield con
+    finally:
+        con.close()

@@ -1,0 +1,104 @@
+"""Read queries: everything the app, analysis scripts and tests read from a store."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from store.schema import first_row
+
+
+def vectors_to_numpy(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray:
+    """A FLOAT[d] Arrow column as a (n, d) float32 array."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if not chunks:
+        return np.empty((0, dim), np.float32)
+    flat = [c.flatten().to_numpy(zero_copy_only=False) for c in chunks]
+    return np.concatenate(flat).astype(np.float32, copy=False).reshape(-1, dim)
+
+
+def list_runs(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
+    """All runs, newest first, without their config."""
+    return pl.from_arrow(con.sql(
+        "SELECT run_id, model, created_at, status, completed_at, n_layers, d_model, pe_type, device, dtype "
+        "FROM runs ORDER BY created_at DESC"
+    ).to_arrow_table())
+
+
+def run_config(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
+    row = first_row(con, "SELECT config FROM runs WHERE run_id = ?", [run_id])
+    if row is None:
+        raise KeyError(run_id)
+    return json.loads(row[0])
+
+
+def run_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
+    """Counts for one run: prompts, branches, tokens (all / generated), latent vectors, layers, status."""
+    row = first_row(
+        con,
+        """
+        SELECT
+            (SELECT status FROM runs WHERE run_id = $r),
+            (SELECT count(*) FROM prompts WHERE run_id = $r),
+            (SELECT count(*) FROM branches WHERE run_id = $r),
+            (SELECT count(*) FROM tokens WHERE run_id = $r),
+            (SELECT count(*) FROM tokens WHERE run_id = $r AND NOT is_prompt),
+            (SELECT count(*) FROM latents WHERE run_id = $r),
+            (SELECT list(DISTINCT layer ORDER BY layer) FROM latents WHERE run_id = $r)
+        """,
+        {"r": run_id},
+    )
+    keys = ("status", "prompts", "branches", "tokens", "generated_tokens", "latents", "layers")
+    summary = dict(zip(keys, row))
+    summary["layers"] = summary["layers"] or []
+    return summary
+
+
+def branches(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame:
+    """The run's branch table, ordered by branch id."""
+    return pl.from_arrow(con.sql(
+        "SELECT * EXCLUDE (run_id) FROM branches WHERE run_id = ? ORDER BY branch_id", params=[run_id]
+    ).to_arrow_table())
+
+
+def branch_sequence(con: duckdb.DuckDBPyConnection, run_id: str, branch_id: int) -> pl.DataFrame:
+    """A branch's full token sequence, shared prefix included, ordered by position."""
+    return pl.from_arrow(con.sql(
+        "SELECT * EXCLUDE (run_id, branch_id) FROM branch_tokens WHERE run_id = ? AND branch_id = ? "
+        "ORDER BY position",
+        params=[run_id, branch_id],
+    ).to_arrow_table())
+
+
+def branch_vectors(
+    con: duckdb.DuckDBPyConnection, run_id: str, branch_id: int, layer: int, variant: str = "normal"
+) -> np.ndarray:
+    """A branch's latents over its full sequence (prefix included), ordered by position: (n, d)."""
+    table = con.sql(
+        "SELECT vec FROM branch_latents WHERE run_id = ? AND branch_id = ? AND layer = ? AND variant = ? "
+        "ORDER BY position",
+        params=[run_id, branch_id, layer, variant],
+    ).to_arrow_table()
+    return vectors_to_numpy(table["vec"], _dim(con))
+
+
+def layer_vectors(
+    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal"
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """Every stored latent of one layer (each token once): (branch_id, position) rows and an (n, d) array."""
+    table = con.sql(
+        "SELECT branch_id, position, vec FROM latents WHERE run_id = ? AND layer = ? AND variant = ? "
+        "ORDER BY branch_id, position",
+        params=[run_id, layer, variant],
+    ).to_arrow_table()
+    keys = pl.from_arrow(table.select(["branch_id", "position"]))
+    return keys, vectors_to_numpy(table["vec"], _dim(con))
+
+
+def _dim(con: duckdb.DuckDBPyConnection) -> int:
+    return int(first_row(con, "SELECT value FROM meta WHERE key = 'vector_dim'")[0])

@@ -1,0 +1,70 @@
+"""The store's schema: one versioned SQL file, created once per store, checked on every open."""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+
+import duckdb
+
+from store.errors import StoreError
+
+SCHEMA_VERSION = 1
+CONTRACT_TABLES = ("runs", "prompts", "branches", "tokens", "latents")
+CONTRACT_VIEWS = ("branch_lineage", "branch_tokens", "branch_latents")
+
+
+def first_row(con: duckdb.DuckDBPyConnection, sql: str, params: list | dict | None = None) -> tuple | None:
+    """The first row of a query, fully fetched (DuckDB 2 keeps a connection busy after fetchone())."""
+    rows = con.execute(sql, params).fetchall() if params is not None else con.execute(sql).fetchall()
+    return rows[0] if rows else None
+
+
+def schema_sql(dim: int) -> str:
+    """The schema script with the vector width filled in."""
+    text = files("store").joinpath("schema.sql").read_text(encoding="utf-8")
+    return text.replace("{dim}", str(int(dim)))
+
+
+def file_schema_version() -> int:
+    """The version written in schema.sql's header (kept equal to SCHEMA_VERSION by a test)."""
+    text = files("store").joinpath("schema.sql").read_text(encoding="utf-8")
+    match = re.search(r"schema_version:\s*(\d+)", text)
+    if match is None:
+        raise RuntimeError("store/schema.sql has no 'schema_version:' marker")
+    return int(match.group(1))
+
+
+def create_schema(con: duckdb.DuckDBPyConnection, dim: int, created_by: str) -> None:
+    """Create every table and view in an empty database, in one transaction."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        con.execute(schema_sql(dim))
+        con.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [["schema_version", str(SCHEMA_VERSION)], ["vector_dim", str(dim)], ["created_by", created_by]],
+        )
+        con.execute("COMMIT")
+    except Exception:
+        con.execute("ROLLBACK")
+        raise
+
+
+def read_meta(con: duckdb.DuckDBPyConnection, path: str) -> dict[str, str]:
+    """The store's meta table; raises StoreError if the file is not a branchlens store."""
+    has_meta = first_row(
+        con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta' AND schema_name = 'main'"
+    )[0]
+    if not has_meta:
+        raise StoreError(f"{path} is a DuckDB file but not a branchlens store (no meta table)")
+    return dict(con.execute("SELECT key, value FROM meta").fetchall())
+
+
+def check_version(meta: dict[str, str], path: str) -> None:
+    """Raise StoreError unless the store was written with this schema version."""
+    found = meta.get("schema_version")
+    if found != str(SCHEMA_VERSION):
+        raise StoreError(
+            f"{path} has store schema version {found}, this branchlens reads version {SCHEMA_VERSION}; "
+            "re-ingest into a new store file or use the branchlens release that wrote it"
+        )

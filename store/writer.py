@@ -1,0 +1,167 @@
+"""Writing runs into a store: one short transaction per prompt tree, so a crash never leaves half a
+branch and readers can open the file between commits."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from store.connect import connect_with_retry
+from store.errors import StoreError
+from store.records import BranchRecord, RunRecord
+from store.schema import check_version, create_schema, first_row, read_meta
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class StoreWriter:
+    """Owns all writes of one ingest process to one store file."""
+
+    def __init__(self, path: str | Path, created_by: str, lock_timeout: float = 120.0):
+        self.path = Path(path)
+        self.created_by = created_by
+        self.lock_timeout = lock_timeout
+
+    @contextmanager
+    def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        con = connect_with_retry(self.path, read_only=False, lock_timeout=self.lock_timeout)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def prepare(self, dim: int) -> None:
+        """Create the store if missing (atomically), else check its version and vector width."""
+        if not self.path.exists():
+            self._create(dim)
+            return
+        con = connect_with_retry(self.path, read_only=True, lock_timeout=self.lock_timeout)
+        try:
+            meta = read_meta(con, str(self.path))
+        finally:
+            con.close()
+        check_version(meta, str(self.path))
+        if meta.get("vector_dim") != str(dim):
+            raise StoreError(
+                f"{self.path} holds latents of width {meta.get('vector_dim')}, this model's are {dim}; "
+                "use another --store file for this model"
+            )
+
+    def _create(self, dim: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".creating")
+        tmp.unlink(missing_ok=True)
+        try:
+            con = duckdb.connect(str(tmp))
+            try:
+                create_schema(con, dim, self.created_by)
+            finally:
+                con.close()
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.path}: {exc.strerror or exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def start_run(self, run: RunRecord) -> set[int]:
+        """Register the run (or find it again) and return the prompt ids already written."""
+        with self._connection() as con:
+            row = first_row(con, "SELECT config_hash, status FROM runs WHERE run_id = ?", [run.run_id])
+            if row is None:
+                con.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', NULL, ?, ?, ?, ?, ?, ?)",
+                    [
+                        run.run_id, run.model, _now(), json.dumps(run.config, sort_keys=True),
+                        run.config_hash, run.n_layers, run.d_model, run.pe_type, run.device,
+                        run.dtype, self.created_by,
+                    ],
+                )
+                return set()
+            if row[0] != run.config_hash:
+                raise StoreError(
+                    f"run '{run.run_id}' already exists in {self.path} with other settings; "
+                    "choose another --run-id or --store"
+                )
+            done = con.execute("SELECT prompt_id FROM prompts WHERE run_id = ?", [run.run_id]).fetchall()
+            return {r[0] for r in done}
+
+    def write_prompt(
+        self,
+        run_id: str,
+        prompt_id: int,
+        text: str,
+        n_prompt_tokens: int,
+        branches: list[BranchRecord],
+        layers: list[int],
+        variant: str = "normal",
+    ) -> None:
+        """Write one prompt's whole tree (prompt row, branches, tokens, latents) in one transaction."""
+        branch_tbl, token_tbl, latent_tbl = _tables(branches, layers, variant)
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                con.execute("INSERT INTO prompts VALUES (?, ?, ?, ?)", [run_id, prompt_id, text, n_prompt_tokens])
+                for table, name in ((branch_tbl, "branches"), (token_tbl, "tokens"), (latent_tbl, "latents")):
+                    con.register("_batch", table)
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id])
+                    con.unregister("_batch")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    def finish_run(self, run_id: str) -> None:
+        with self._connection() as con:
+            con.execute(
+                "UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ?", [_now(), run_id]
+            )
+
+
+def _tables(branches: list[BranchRecord], layers: list[int], variant: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Arrow tables for branches, tokens and latents (latents ordered by layer, branch, position)."""
+    branch_tbl = pa.table({
+        "branch_id": pa.array([b.branch_id for b in branches], pa.int32()),
+        "prompt_id": pa.array([b.prompt_id for b in branches], pa.int32()),
+        "parent_branch_id": pa.array([b.parent_branch_id for b in branches], pa.int32()),
+        "fork_position": pa.array([b.fork_position for b in branches], pa.int32()),
+        "depth": pa.array([b.depth for b in branches], pa.int16()),
+        "kind": pa.array([b.kind for b in branches], pa.string()),
+        "path": pa.array([b.path for b in branches], pa.string()),
+        "n_tokens": pa.array([b.n_tokens for b in branches], pa.int32()),
+        "end_position": pa.array([b.end_position for b in branches], pa.int32()),
+        "ended_with_eos": pa.array([b.ended_with_eos for b in branches], pa.bool_()),
+    })
+    branch_ids = np.concatenate([np.full(b.n_tokens, b.branch_id, np.int32) for b in branches])
+    positions = np.concatenate([b.positions for b in branches])
+    token_tbl = pa.table({
+        "branch_id": branch_ids,
+        "position": positions,
+        "token_id": np.concatenate([np.asarray(b.token_ids, np.int32) for b in branches]),
+        "token_text": pa.array([t for b in branches for t in b.token_texts], pa.string()),
+        "logprob": pa.array(np.concatenate([b.logprobs for b in branches]).astype(np.float32), from_pandas=True),
+        "entropy": pa.array(np.concatenate([b.entropies for b in branches]).astype(np.float32), from_pandas=True),
+        "is_prompt": np.concatenate([np.full(b.n_tokens, b.kind == "prompt") for b in branches]),
+    })
+    d = branches[0].latents.shape[-1]
+    vecs = np.concatenate(
+        [b.latents[li] for li in range(len(layers)) for b in branches], axis=0
+    ).astype(np.float32, copy=False)
+    n = len(positions)
+    latent_tbl = pa.table({
+        "branch_id": np.tile(branch_ids, len(layers)),
+        "position": np.tile(positions, len(layers)),
+        "layer": np.repeat(np.asarray(layers, np.int16), n),
+        "variant": pa.array([variant] * (n * len(layers)), pa.string()),
+        "vec": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), d),
+    })
+    return branch_tbl, token_tbl, latent_tbl

@@ -1,0 +1,169 @@
+"""Ingest on tiny models: tree shape, shared prefixes, latents vs a fresh forward pass, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ingest.run import run_ingest
+from store import reading
+from store.queries import branch_sequence, branch_vectors, branches, run_summary
+
+
+def ingest(cfg):
+    return run_ingest(cfg, progress=False, log=lambda _msg: None)
+
+
+def test_tree_shape_and_shared_prefixes(tiny_cfg, family):
+    cfg = tiny_cfg(family)
+    report = ingest(cfg)
+    with reading(cfg.store) as con:
+        table = branches(con, report.run_id)
+        by_id = {row["branch_id"]: row for row in table.iter_rows(named=True)}
+        assert report.counts["prompts"] == len(cfg.prompts)
+        for prompt_id in range(len(cfg.prompts)):
+            rows = [r for r in by_id.values() if r["prompt_id"] == prompt_id]
+            roots = [r for r in rows if r["parent_branch_id"] is None]
+            samples = [r for r in rows if r["kind"] == "sample"]
+            forks = [r for r in rows if r["kind"] == "fork"]
+            assert len(roots) == 1 and roots[0]["kind"] == "prompt" and roots[0]["fork_position"] == 0
+            assert len(samples) == cfg.samples
+            assert all(s["parent_branch_id"] == roots[0]["branch_id"] for s in samples)
+            assert all(s["fork_position"] == roots[0]["n_tokens"] for s in samples)
+            # each sample gets `forks` children unless too short to offer that many fork positions
+            for s in samples:
+                children = [f for f in forks if f["parent_branch_id"] == s["branch_id"]]
+                room = min(s["end_position"], roots[0]["n_tokens"] + cfg.max_new_tokens - cfg.min_child_tokens) \
+                    - s["fork_position"]
+                assert len(children) == min(cfg.forks, max(room, 0))
+                for child in children:
+                    assert s["fork_position"] < child["fork_position"] <= s["end_position"]
+                    assert child["depth"] == 2 and child["path"].startswith(s["path"] + ".f")
+            assert len(rows) == 1 + len(samples) + len(forks)
+
+        for row in by_id.values():
+            seq = branch_sequence(con, report.run_id, row["branch_id"])
+            assert seq["position"].to_list() == list(range(row["end_position"] + 1))
+            if row["parent_branch_id"] is None:
+                continue
+            parent_seq = branch_sequence(con, report.run_id, row["parent_branch_id"])
+            fork = row["fork_position"]
+            assert seq["token_id"][:fork].to_list() == parent_seq["token_id"][:fork].to_list()
+            if row["kind"] == "fork":  # a fork takes another token than its parent at the fork position
+                assert seq["token_id"][fork] != parent_seq["token_id"][fork]
+        # prefix tokens are stored once: every (branch, position) row in tokens is unique
+        dupes = con.execute(
+            "SELECT count(*) FROM (SELECT branch_id, position FROM tokens GROUP BY ALL HAVING count(*) > 1)"
+        ).fetchall()[0][0]
+        assert dupes == 0
+        own = con.execute("SELECT sum(n_tokens) FROM branches WHERE run_id = ?", [report.run_id]).fetchall()[0][0]
+        assert own == report.counts["tokens"]
+
+
+def test_latents_equal_a_fresh_forward_pass(tiny_cfg, family, model_dirs):
+    cfg = tiny_cfg(family, depth=2)
+    report = ingest(cfg)
+    reference = AutoModelForCausalLM.from_pretrained(model_dirs[family], dtype=torch.float32).eval()
+    compared = 0
+    with reading(cfg.store) as con:
+        for row in branches(con, report.run_id).iter_rows(named=True):
+            ids = branch_sequence(con, report.run_id, row["branch_id"])["token_id"].to_list()
+            with torch.no_grad():
+                hidden = reference(torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for layer in report.layers:
+                stored = branch_vectors(con, report.run_id, row["branch_id"], layer)
+                expected = hidden[layer][0].numpy()
+                assert stored.shape == expected.shape
+                np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-4)
+                compared += 1
+    assert compared >= len(report.layers) * 3 * len(cfg.prompts)
+    if family == "gemma3":
+        # sequences outgrow the 8-token sliding window: forks had to recompute their prefix
+        assert report.prefix_recomputed > 0
+    else:
+        assert report.prefix_reused > 0 and report.prefix_recomputed == 0
+
+
+def test_depth_two_forks_fork_off_forks(tiny_cfg):
+    cfg = tiny_cfg("llama", depth=2, samples=1, forks=2, max_new_tokens=16, prompts=["The cat sat on"])
+    report = ingest(cfg)
+    with reading(cfg.store) as con:
+        table = branches(con, report.run_id)
+    depth3 = table.filter(table["depth"] == 3)
+    assert depth3.height > 0
+    parents = set(table.filter(table["depth"] == 2)["branch_id"].to_list())
+    assert set(depth3["parent_branch_id"].to_list()) <= parents
+
+
+def _dump(store, run_id):
+    with reading(store) as con:
+        tokens = con.execute(
+            "SELECT branch_id, position, token_id, logprob FROM tokens WHERE run_id = ? ORDER BY ALL", [run_id]
+        ).fetchall()
+        vecs = con.execute(
+            "SELECT branch_id, position, layer, vec FROM latents WHERE run_id = ? ORDER BY branch_id, position, layer",
+            [run_id],
+        ).fetchall()
+    return tokens, vecs
+
+
+def test_same_seed_same_tree_other_seed_other_tree(tiny_cfg):
+    a = ingest(tiny_cfg("gpt2", store="a.duckdb", seed=7))
+    b = ingest(tiny_cfg("gpt2", store="b.duckdb", seed=7))
+    c = ingest(tiny_cfg("gpt2", store="c.duckdb", seed=8))
+    assert a.run_id == b.run_id != c.run_id
+    assert _dump(a.store, a.run_id) == _dump(b.store, b.run_id)
+    assert _dump(a.store, a.run_id)[0] != _dump(c.store, c.run_id)[0]
+
+
+def test_greedy_forks_take_the_second_best_token(tiny_cfg, model_dirs):
+    cfg = tiny_cfg("llama", temperature=0.0, samples=1, forks=1, prompts=["The cat sat on"])
+    report = ingest(cfg)
+    reference = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval()
+    with reading(cfg.store) as con:
+        table = branches(con, report.run_id)
+        fork = table.filter(table["kind"] == "fork").row(0, named=True)
+        seq = branch_sequence(con, report.run_id, fork["branch_id"])["token_id"].to_list()
+    with torch.no_grad():
+        logits = reference(torch.tensor([seq])).logits[0]
+    p = fork["fork_position"]
+    assert seq[p] == int(torch.topk(logits[p - 1], 2).indices[1])  # second best at the fork
+    assert all(seq[t] == int(logits[t - 1].argmax()) for t in range(p + 1, len(seq)))  # greedy after
+
+
+def test_summary_counts_match_the_store(tiny_cfg):
+    cfg = tiny_cfg("llama")
+    report = ingest(cfg)
+    with reading(cfg.store) as con:
+        counts = run_summary(con, report.run_id)
+    assert counts["status"] == "complete"
+    assert counts["latents"] == counts["tokens"] * len(report.layers)
+    assert counts["layers"] == report.layers == [0, 1, 2]
+    text = report.summary()
+    assert f"{counts['branches']} branches" in text and report.run_id in text
+
+
+def test_prompt_logprobs_match_the_model(tiny_cfg, model_dirs):
+    cfg = tiny_cfg("llama", prompts=["The cat sat on"])
+    report = ingest(cfg)
+    reference = AutoModelForCausalLM.from_pretrained(model_dirs["llama"]).eval()
+    with reading(cfg.store) as con:
+        rows = con.execute(
+            "SELECT position, token_id, logprob, entropy, is_prompt FROM branch_tokens "
+            "WHERE run_id = ? AND branch_id = (SELECT min(branch_id) FROM branches WHERE kind = 'sample') "
+            "ORDER BY position", [report.run_id],
+        ).fetchall()
+    ids = [r[1] for r in rows]
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.tensor([ids])).logits[0], -1)
+    assert rows[0][2] is None and rows[0][3] is None  # nothing predicts position 0
+    for pos in range(1, len(ids)):
+        assert rows[pos][2] == pytest.approx(float(logp[pos - 1, ids[pos]]), abs=1e-4)
+        entropy = float(-(logp[pos - 1].exp() * logp[pos - 1]).sum())
+        assert rows[pos][3] == pytest.approx(entropy, abs=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    prompt_ids = tokenizer("The cat sat on")["input_ids"]
+    assert prompt_ids[0] == tokenizer.bos_token_id
+    assert [r[1] for r in rows if r[4]] == prompt_ids
