@@ -1,0 +1,112 @@
+"""`python -m ingest` as a user runs it: flags over config, and bad input as one clear error line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+
+import pytest
+import tomli_w
+
+from conftest import PROMPTS, PYTHON, cli_env
+from ingest.run import run_ingest
+from store import reading
+
+
+def cli(args, tmp_path, timeout=300):
+    return subprocess.run([PYTHON, "-m", "ingest", "--no-progress", *args], env=cli_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_config_file_with_flag_overrides(model_dirs, tmp_path):
+    config = tmp_path / "run.toml"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat sat on\n\nBranches go apart where\n")
+    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["gpt2"]), prompts_file="prompts.txt", samples=3,
+                                         forks=1, max_new_tokens=6, layers="all", device="cpu")))
+    store = tmp_path / "out" / "cli.duckdb"
+    result = cli(["--config", str(config), "--samples", "2", "--store", str(store), "--run-id", "mine"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "run mine: complete" in result.stdout and "2 written" in result.stdout
+    with reading(store) as con:
+        config_json = json.loads(con.execute("SELECT config FROM runs WHERE run_id = 'mine'").fetchall()[0][0])
+        samples = con.execute("SELECT count(*) FROM branches WHERE kind = 'sample'").fetchall()[0][0]
+        layers = con.execute("SELECT list(DISTINCT layer ORDER BY layer) FROM latents").fetchall()[0][0]
+    assert config_json["samples"] == 2 and config_json["forks"] == 1  # flag beat the file; file beat defaults
+    assert config_json["prompts"] == ["The cat sat on", "Branches go apart where"]
+    assert samples == 2 * 2 and layers == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def existing_store(model_dirs, tmp_path_factory):
+    """A store with one finished run, to check that bad input leaves it byte-for-byte alone."""
+    from ingest.config import build_config
+
+    path = tmp_path_factory.mktemp("existing") / "keep.duckdb"
+    run_ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=PROMPTS[:1], samples=1, forks=0,
+                                 max_new_tokens=4, device="cpu", store=str(path))), progress=False,
+               log=lambda _m: None)
+    return path
+
+
+def bad_inputs(model_dirs, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    broken = tmp_path / "broken.toml"
+    broken.write_text('model = "x"\nsamples = [1,\n')
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('prompts = ["a"]\nsampels = 3\n')
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text('prompts = ["a"]\nsamples = "three"\n')
+    tiny = str(model_dirs["llama"])
+    return {
+        "unknown model": (["--model", "nobody/no-such-model-xyz", "--prompts", str(empty.with_name("p.txt"))],
+                          "cannot load model 'nobody/no-such-model-xyz'"),
+        "layer out of range": (["--model", tiny, "--layers", "0,99"], "layer 99 is out of range"),
+        "empty prompt file": (["--model", tiny, "--prompts", str(empty)], "holds no prompts"),
+        "missing prompt file": (["--model", tiny, "--prompts", str(tmp_path / "nope.txt")], "does not exist"),
+        "malformed config": (["--config", str(broken)], "is not valid TOML"),
+        "unknown setting": (["--config", str(unknown)], "unknown setting(s) sampels"),
+        "wrong type": (["--config", str(wrong_type)], "'samples' must be an integer"),
+        "bad flag value": (["--model", tiny, "--samples", "0"], "'samples' must be >= 1"),
+        "model path missing": (["--model", "./no/such/dir"], "model path ./no/such/dir does not exist"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unknown model", "layer out of range", "empty prompt file", "missing prompt file",
+                                  "malformed config", "unknown setting", "wrong type", "bad flag value",
+                                  "model path missing"])
+def test_bad_input_is_one_clear_line_and_leaves_the_store_alone(case, model_dirs, existing_store, tmp_path):
+    (tmp_path / "p.txt").write_text("The cat sat on\n")
+    args, message = bad_inputs(model_dirs, tmp_path)[case]
+    before = digest(existing_store)
+    for store in (existing_store, tmp_path / "fresh.duckdb"):
+        result = cli([*args, "--store", str(store), "--device", "cpu"], tmp_path)
+        assert result.returncode == 2, (case, result.stdout, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+    assert digest(existing_store) == before
+    assert not (tmp_path / "fresh.duckdb").exists()
+
+
+def test_store_of_another_model_width_is_refused_before_writing(model_dirs, existing_store, tmp_path):
+    before = digest(existing_store)
+    (tmp_path / "p.txt").write_text("The cat sat on\n")
+    bigger = tmp_path / "bigger"
+    from conftest import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(bigger)
+    build_tokenizer(add_bos=True).save_pretrained(bigger)
+    result = cli(["--model", str(bigger), "--prompts", str(tmp_path / "p.txt"), "--store", str(existing_store),
+                  "--device", "cpu"], tmp_path)
+    assert result.returncode == 2
+    assert "holds latents of width 32, this model's are 48" in result.stderr
+    assert digest(existing_store) == before
