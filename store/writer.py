@@ -20,6 +20,11 @@ from store.records import BranchRecord, RunRecord
 from store.schema import check_version, create_schema, first_row, read_meta
 
 
+# Written in an older storage format on purpose: the DuckDB CLI on PyPI (duckdb-cli 1.5) cannot read the
+# 2.0 default, and DuckDB 2 reads and writes this one without upgrading it.
+STORAGE_COMPATIBILITY = "v1.5.0"
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
@@ -62,7 +67,7 @@ class StoreWriter:
         tmp = self.path.with_name(self.path.name + ".creating")
         tmp.unlink(missing_ok=True)
         try:
-            con = duckdb.connect(str(tmp))
+            con = duckdb.connect(str(tmp), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
             try:
                 create_schema(con, dim, self.created_by)
             finally:
