@@ -85,8 +85,8 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def position_encoding_type(config: object) -> str:
     """How the architecture injects position: learned_absolute, rope, alibi or unknown."""
     model_type = getattr(config, "model_type", "")
-    if model_type in ("gpt2", "opt", "gpt_neo", "gpt_bigcode", "biogpt", "codegen"):
-        return "learned_absolute" if model_type != "codegen" else "rope"
+    if model_type in ("gpt2", "opt", "gpt_neo", "gpt_bigcode", "biogpt"):
+        return "learned_absolute"
     if model_type in ("bloom", "mpt") or getattr(config, "alibi", False):
         return "alibi"
     if any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_theta", "rotary_dim", "rotary_pct")):

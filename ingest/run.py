@@ -78,6 +78,7 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     if not cfg.prompts:
         raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
     writer = StoreWriter(cfg.store, created_by=branchlens_version())
+    writer.check_existing()  # a foreign or other-version store fails before the slow model load
     seconds: dict[str, float] = {}
     plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
     device = resolve_device(cfg.device)

@@ -45,17 +45,27 @@ class StoreWriter:
         finally:
             con.close()
 
-    def prepare(self, dim: int) -> None:
-        """Create the store if missing (atomically), else check its version and vector width."""
+    def check_existing(self) -> dict[str, str] | None:
+        """Meta of the store if it exists (raising StoreError unless it is one of this version), else None.
+
+        Cheap and read-only: ingest calls it before loading a model, so a wrong file fails fast.
+        """
         if not self.path.exists():
-            self._create(dim)
-            return
+            return None
         con = connect_with_retry(self.path, read_only=True, lock_timeout=self.lock_timeout)
         try:
             meta = read_meta(con, str(self.path))
         finally:
             con.close()
         check_version(meta, str(self.path))
+        return meta
+
+    def prepare(self, dim: int) -> None:
+        """Create the store if missing (atomically), else check its version and vector width."""
+        meta = self.check_existing()
+        if meta is None:
+            self._create(dim)
+            return
         if meta.get("vector_dim") != str(dim):
             raise StoreError(
                 f"{self.path} holds latents of width {meta.get('vector_dim')}, this model's are {dim}; "

@@ -110,3 +110,21 @@ def test_store_of_another_model_width_is_refused_before_writing(model_dirs, exis
     assert result.returncode == 2
     assert "holds latents of width 32, this model's are 48" in result.stderr
     assert digest(existing_store) == before
+
+
+def test_store_of_another_schema_version_fails_before_the_model_loads(tmp_path):
+    import duckdb
+
+    old = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute("CREATE TABLE meta (key VARCHAR, value VARCHAR)")
+    con.execute("INSERT INTO meta VALUES ('schema_version', '0')")
+    con.close()
+    before = digest(old)
+    (tmp_path / "p.txt").write_text("The cat sat on\n")
+    # the model does not exist either: the store's error coming out shows the store is checked first
+    result = cli(["--model", "./no/such/model", "--prompts", str(tmp_path / "p.txt"), "--store", str(old)], tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "schema version 0" in errors[0] and "loading model" not in result.stderr
+    assert digest(old) == before
