@@ -57,3 +57,14 @@ def test_hash_depends_on_output_settings_only():
     assert config_hash(base) == config_hash(same)
     for change in ({"seed": 1}, {"layers": [0]}, {"device": "cuda"}, {"prompts": ["b"]}, {"top_p": 0.9}):
         assert config_hash(base | change) != config_hash(base), change
+
+
+def test_shipped_configs_are_valid():
+    from importlib.resources import files
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    example = build_config(load_config_file(root / "examples" / "run.toml"))
+    assert example.depth == 2 and example.layers == "all" and len(example.prompts) == 3
+    demo = build_config(load_config_file(Path(str(files("ingest").joinpath("demo.toml")))))
+    assert demo.model == "gemma-3-270m" and demo.store == "branchlens.duckdb" and len(demo.prompts) == 4
