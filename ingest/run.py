@@ -84,10 +84,13 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
 
-    if not progress:
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()  # plain log lines only, e.g. under nohup
+    # transformers' own bars follow ours: plain log lines only when ours are off (e.g. under nohup)
+    if progress:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
     lm = load_model(cfg.model, device, dtype, log)
