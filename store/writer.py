@@ -14,10 +14,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from store.connect import connect_with_retry
+from store.connect import connect_with_retry, reading
 from store.errors import StoreError
 from store.records import BranchRecord, RunRecord
-from store.schema import check_version, create_schema, first_row, read_meta
+from store.schema import create_schema, first_row, read_meta
 
 
 # Written in an older storage format on purpose: the DuckDB CLI on PyPI (duckdb-cli 1.5) cannot read the
@@ -52,13 +52,8 @@ class StoreWriter:
         """
         if not self.path.exists():
             return None
-        con = connect_with_retry(self.path, read_only=True, lock_timeout=self.lock_timeout)
-        try:
-            meta = read_meta(con, str(self.path))
-        finally:
-            con.close()
-        check_version(meta, str(self.path))
-        return meta
+        with reading(self.path, lock_timeout=self.lock_timeout) as con:  # checks the version
+            return read_meta(con, str(self.path))
 
     def prepare(self, dim: int) -> None:
         """Create the store if missing (atomically), else check its version and vector width."""

@@ -103,3 +103,25 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def ingest(cfg):
+    """run_ingest without progress bars or log lines."""
+    from ingest.run import run_ingest
+
+    return run_ingest(cfg, progress=False, log=lambda _msg: None)
+
+
+def dump(store, run_id: str) -> dict[str, list]:
+    """Every row a run wrote (prompts, branches, tokens, latents), in a fixed order, for equality checks."""
+    from store import reading
+
+    with reading(store) as con:
+        return {
+            name: con.execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]).fetchall()
+            for name in ("prompts", "branches", "tokens")
+        } | {
+            "latents": con.execute(
+                "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
+                "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
+        }

@@ -9,8 +9,7 @@ import subprocess
 import pytest
 import tomli_w
 
-from conftest import PROMPTS, PYTHON, cli_env
-from ingest.run import run_ingest
+from conftest import PROMPTS, PYTHON, cli_env, ingest
 from store import reading
 
 
@@ -48,9 +47,8 @@ def existing_store(model_dirs, tmp_path_factory):
     from ingest.config import build_config
 
     path = tmp_path_factory.mktemp("existing") / "keep.duckdb"
-    run_ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=PROMPTS[:1], samples=1, forks=0,
-                                 max_new_tokens=4, device="cpu", store=str(path))), progress=False,
-               log=lambda _m: None)
+    ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=PROMPTS[:1], samples=1, forks=0,
+                             max_new_tokens=4, device="cpu", store=str(path))))
     return path
 
 
@@ -65,7 +63,7 @@ def bad_inputs(model_dirs, tmp_path):
     wrong_type.write_text('prompts = ["a"]\nsamples = "three"\n')
     tiny = str(model_dirs["llama"])
     return {
-        "unknown model": (["--model", "nobody/no-such-model-xyz", "--prompts", str(empty.with_name("p.txt"))],
+        "unknown model": (["--model", "nobody/no-such-model-xyz", "--prompts", str(tmp_path / "p.txt")],
                           "cannot load model 'nobody/no-such-model-xyz'"),
         "layer out of range": (["--model", tiny, "--layers", "0,99"], "layer 99 is out of range"),
         "empty prompt file": (["--model", tiny, "--prompts", str(empty)], "holds no prompts"),

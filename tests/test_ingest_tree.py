@@ -7,13 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ingest.run import run_ingest
+from conftest import dump, ingest
 from store import reading
 from store.queries import branch_sequence, branch_vectors, branches, run_summary
-
-
-def ingest(cfg):
-    return run_ingest(cfg, progress=False, log=lambda _msg: None)
 
 
 def test_tree_shape_and_shared_prefixes(tiny_cfg, family):
@@ -97,25 +93,13 @@ def test_depth_two_forks_fork_off_forks(tiny_cfg):
     assert set(depth3["parent_branch_id"].to_list()) <= parents
 
 
-def _dump(store, run_id):
-    with reading(store) as con:
-        tokens = con.execute(
-            "SELECT branch_id, position, token_id, logprob FROM tokens WHERE run_id = ? ORDER BY ALL", [run_id]
-        ).fetchall()
-        vecs = con.execute(
-            "SELECT branch_id, position, layer, vec FROM latents WHERE run_id = ? ORDER BY branch_id, position, layer",
-            [run_id],
-        ).fetchall()
-    return tokens, vecs
-
-
 def test_same_seed_same_tree_other_seed_other_tree(tiny_cfg):
     a = ingest(tiny_cfg("gpt2", store="a.duckdb", seed=7))
     b = ingest(tiny_cfg("gpt2", store="b.duckdb", seed=7))
     c = ingest(tiny_cfg("gpt2", store="c.duckdb", seed=8))
     assert a.run_id == b.run_id != c.run_id
-    assert _dump(a.store, a.run_id) == _dump(b.store, b.run_id)
-    assert _dump(a.store, a.run_id)[0] != _dump(c.store, c.run_id)[0]
+    assert dump(a.store, a.run_id) == dump(b.store, b.run_id)
+    assert dump(a.store, a.run_id)["tokens"] != dump(c.store, c.run_id)["tokens"]
 
 
 def test_greedy_forks_take_the_second_best_token(tiny_cfg, model_dirs):

@@ -8,26 +8,9 @@ import time
 import pytest
 import tomli_w
 
-from conftest import PYTHON, cli_env
-from ingest.run import run_ingest
+from conftest import PYTHON, cli_env, dump, ingest
 from store import reading
 from store.writer import StoreWriter
-
-
-def ingest(cfg):
-    return run_ingest(cfg, progress=False, log=lambda _msg: None)
-
-
-def dump(store: str, run_id: str):
-    with reading(store) as con:
-        return {
-            name: con.execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]).fetchall()
-            for name in ("prompts", "branches", "tokens")
-        } | {
-            "latents": con.execute(
-                "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
-                "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
-        }
 
 
 def test_crash_inside_a_write_leaves_nothing_half_written_and_resume_completes(tiny_cfg, monkeypatch):

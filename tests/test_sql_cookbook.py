@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.run import run_ingest
+from conftest import ingest
 from store import reading
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -34,7 +34,7 @@ def demo_store(model_dirs, tmp_path_factory):
     store = tmp_path_factory.mktemp("cookbook") / "c.duckdb"
     cfg = build_config(dict(model=str(model_dirs["llama"]), prompts=["The cat sat on", "def add(a, b):"],
                             samples=2, forks=2, max_new_tokens=16, layers=[0, 1, 2], device="cpu", store=str(store)))
-    report = run_ingest(cfg, progress=False, log=lambda _m: None)
+    report = ingest(cfg)
     with reading(store) as con:
         forks = [r[0] for r in con.execute(
             "SELECT branch_id FROM branches WHERE kind = 'fork' AND end_position >= 12 ORDER BY branch_id").fetchall()]
