@@ -1,0 +1,61 @@
+"""Smooth bases of token position (polynomial, B-spline, sinusoid) for regression on position."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.polynomial import legendre
+from sklearn.preprocessing import SplineTransformer
+
+BASES = ("spline", "poly", "sinusoid")
+
+
+class PositionBasis:
+    """Features phi(p) of position, scaled to the positions seen at fit time.
+
+    Outside the fitted range every basis is held constant at its edge value, so a position
+    longer than any reference branch gets the nearest fitted value, not a wild extrapolation.
+    """
+
+    def __init__(self, kind: str = "spline", degree: int = 3, n_knots: int = 12, n_freq: int = 4):
+        if kind not in BASES:
+            raise ValueError(f"unknown position basis {kind!r}; choose one of {', '.join(BASES)}")
+        if degree < 1 or n_knots < 2 or n_freq < 1:
+            raise ValueError("basis needs degree >= 1, n_knots >= 2 and n_freq >= 1")
+        self.kind, self.degree, self.n_knots, self.n_freq = kind, degree, n_knots, n_freq
+
+    def fit(self, position: np.ndarray) -> PositionBasis:
+        p = np.asarray(position, dtype=np.float64)
+        if len(p) == 0:
+            raise ValueError("cannot fit a position basis on zero tokens")
+        self.lo_, self.hi_ = float(p.min()), float(max(p.max(), p.min() + 1))
+        if self.kind == "spline":
+            n_knots = int(min(self.n_knots, max(2, len(np.unique(p)))))
+            self.spline_ = SplineTransformer(
+                n_knots=n_knots, degree=self.degree, extrapolation="constant", include_bias=True
+            ).fit(p[:, None])
+        return self
+
+    def _unit(self, position: np.ndarray) -> np.ndarray:
+        p = np.clip(np.asarray(position, dtype=np.float64), self.lo_, self.hi_)
+        return (p - self.lo_) / (self.hi_ - self.lo_)
+
+    def transform(self, position: np.ndarray) -> np.ndarray:
+        """(n, n_features) design matrix, intercept included."""
+        if self.kind == "spline":
+            p = np.clip(np.asarray(position, dtype=np.float64), self.lo_, self.hi_)
+            return self.spline_.transform(p[:, None])
+        u = self._unit(position)
+        if self.kind == "poly":
+            return legendre.legvander(2 * u - 1, self.degree)
+        # Periods up to twice the range, so the basis is not forced to repeat inside it.
+        freqs = np.arange(1, self.n_freq + 1)
+        angle = np.pi * u[:, None] * freqs[None, :]
+        return np.hstack([np.ones((len(u), 1)), u[:, None], np.sin(angle), np.cos(angle)])
+
+
+def fit_smooth(position: np.ndarray, X: np.ndarray, basis: PositionBasis, ridge: float = 1e-6) -> np.ndarray:
+    """Least-squares coefficients W (n_features, d) of X ~ phi(position) W, with a tiny ridge for stability."""
+    phi = basis.transform(position)
+    gram = phi.T @ phi
+    gram[np.diag_indices_from(gram)] += ridge * max(np.trace(gram) / len(gram), 1e-12)
+    return np.linalg.solve(gram, phi.T @ np.asarray(X, dtype=np.float64))

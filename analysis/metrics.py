@@ -1,0 +1,247 @@
+"""How much position is left in a set of latents, and how well a projection keeps its neighbourhoods.
+
+Notation as in DESIGN.md: x_i a latent, t_i its position, mu_t the mean of the n_t latents at t.
+Every metric comes with its chance level so a number can be read on its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.manifold import trustworthiness as _sk_trustworthiness
+
+
+def _group_sums(X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unique labels, per-label sums of X in float64, counts)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    sums = np.add.reduceat(X[order].astype(np.float64), starts, axis=0)
+    counts = np.diff(np.r_[starts, len(labels)])
+    return sorted_labels[starts], sums, counts
+
+
+def _between_ss(X: np.ndarray, position: np.ndarray, grand: np.ndarray) -> float:
+    _, sums, counts = _group_sums(X, position)
+    means = sums / counts[:, None]
+    return float((counts * ((means - grand) ** 2).sum(axis=1)).sum())
+
+
+def r2_pos(
+    X: np.ndarray, position: np.ndarray, groups: np.ndarray | None = None,
+    n_shuffles: int = 5, seed: int = 0,
+) -> dict[str, float]:
+    """Share of variance explained by per-position means, with its chance level and corrected forms.
+
+    - r2: sum_t n_t |mu_t - mu|^2 / sum_i |x_i - mu|^2.
+    - chance: r2 under shuffled positions (mean of n_shuffles); analytically (T-1)/(N-1).
+    - adjusted: 1 - (SS_within/(N-T)) / (SS_total/(N-1)); ~0 at chance, so few tokens per position
+      do not inflate it.
+    - heldout (when groups are given): leave-one-group-out; each token is predicted by the other
+      groups' mean at its position, against their overall mean. ~0 when no position signal
+      generalizes across groups, negative when per-position means only fit noise or content.
+      `heldout_coverage` is the share of tokens whose position has other groups.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    position = np.asarray(position)
+    n = len(X)
+    if n < 2:
+        raise ValueError("r2_pos needs at least 2 tokens")
+    grand = X.mean(axis=0, dtype=np.float64)
+    sst = float(((X - grand) ** 2).sum())
+    n_pos = len(np.unique(position))
+    if sst <= 0:
+        return {"r2": 0.0, "adjusted": 0.0, "chance": 0.0, "chance_sd": 0.0, "chance_analytic": 0.0,
+                "heldout": float("nan"), "heldout_coverage": 0.0, "n": n, "n_positions": n_pos}
+    ssb = _between_ss(X, position, grand)
+    rng = np.random.default_rng(seed)
+    shuffled = [_between_ss(X, rng.permutation(position), grand) / sst for _ in range(n_shuffles)]
+    out = {
+        "r2": ssb / sst,
+        "adjusted": 1 - ((sst - ssb) / max(n - n_pos, 1)) / (sst / (n - 1)) if n > n_pos else float("nan"),
+        "chance": float(np.mean(shuffled)) if shuffled else float("nan"),
+        "chance_sd": float(np.std(shuffled)) if shuffled else float("nan"),
+        "chance_analytic": (n_pos - 1) / (n - 1),
+        "n": n,
+        "n_positions": n_pos,
+    }
+    out.update(_heldout_r2(X, position, groups) if groups is not None else
+               {"heldout": float("nan"), "heldout_coverage": 0.0})
+    return out
+
+
+def _heldout_r2(X: np.ndarray, position: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Leave-one-group-out R2: predict each token by the mean of the other groups at its position, and
+    compare with predicting it by the other groups' overall mean (so ~0 when position carries nothing
+    that generalizes across groups)."""
+    groups = np.asarray(groups)
+    pos_keys, pos_sums, pos_counts = _group_sums(X, position)
+    g_keys, g_sums, g_counts = _group_sums(X, groups)
+    _, pair_inv = np.unique(np.stack([position, groups], axis=1), axis=0, return_inverse=True)
+    pair_inv = pair_inv.ravel()
+    _, pair_sums, pair_counts = _group_sums(X, pair_inv)
+    p_idx = np.searchsorted(pos_keys, position)
+    g_idx = np.searchsorted(g_keys, groups)
+    other_counts = pos_counts[p_idx] - pair_counts[pair_inv]
+    ok = (other_counts > 0) & (g_counts[g_idx] < len(X))
+    if not ok.any():
+        return {"heldout": float("nan"), "heldout_coverage": 0.0}
+    mu_pos = (pos_sums[p_idx[ok]] - pair_sums[pair_inv[ok]]) / other_counts[ok, None]
+    total = g_sums.sum(axis=0)
+    mu_all = (total - g_sums[g_idx[ok]]) / (len(X) - g_counts[g_idx[ok]])[:, None]
+    sse_pos = float(((X[ok] - mu_pos) ** 2).sum())
+    sse_all = float(((X[ok] - mu_all) ** 2).sum())
+    return {"heldout": 1 - sse_pos / sse_all if sse_all > 0 else float("nan"),
+            "heldout_coverage": float(ok.mean())}
+
+
+def _sample(n: int, n_queries: int | None, rng: np.random.Generator) -> np.ndarray:
+    if n_queries is None or n <= n_queries:
+        return np.arange(n)
+    return np.sort(rng.choice(n, n_queries, replace=False))
+
+
+def knn_other_groups(
+    X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int, block: int = 512
+) -> np.ndarray:
+    """Indices (len(queries), k) of each query's k nearest tokens (Euclidean) among tokens of other groups.
+
+    Exact, by blocked distance matrices. Rows with fewer than k candidates are padded with -1.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    groups = np.asarray(groups)
+    sq = (X * X).sum(axis=1)
+    out = np.full((len(queries), k), -1, np.int64)
+    for start in range(0, len(queries), block):
+        q = queries[start:start + block]
+        d2 = sq[q, None] - 2 * (X[q] @ X.T) + sq[None, :]
+        d2[groups[q, None] == groups[None, :]] = np.inf
+        kk = min(k, X.shape[0] - 1)
+        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        vals = np.take_along_axis(d2, part, axis=1)
+        order = np.argsort(vals, axis=1)
+        part = np.take_along_axis(part, order, axis=1)
+        part[np.take_along_axis(vals, order, axis=1) == np.inf] = -1
+        out[start:start + block, :kk] = part
+    return out
+
+
+def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """values permuted at random within each group."""
+    by_group = np.argsort(groups, kind="stable")
+    shuffled = np.lexsort((rng.random(len(groups)), groups))
+    out = np.empty_like(values)
+    out[by_group] = values[shuffled]
+    return out
+
+
+def knn_position_leak(
+    X: np.ndarray, position: np.ndarray, groups: np.ndarray, k: int = 10,
+    n_queries: int | None = 2000, n_shuffles: int = 20, seed: int = 0,
+) -> dict[str, float]:
+    """Mean |t_i - t_j| over each token's k nearest neighbours from other groups (branches), vs shuffled.
+
+    Neighbours in time within a branch are trivially close, hence other groups only. `chance` is the
+    same statistic with positions shuffled within each group (mean of n_shuffles, spread in chance_sd):
+    that keeps each branch's span (forks start late, branches end early), so content that picks a
+    late-starting branch as neighbour is not counted as position. `leak` = 1 - observed / chance:
+    0 at chance, 1 when neighbours sit at the very same position, below 0 when farther than chance.
+    """
+    position = np.asarray(position, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    queries = _sample(len(position), n_queries, rng)
+    nbrs = knn_other_groups(X, groups, queries, k)
+    valid = nbrs >= 0
+    if not valid.any():
+        raise ValueError("knn_position_leak needs tokens from at least two groups")
+
+    def stat(pos: np.ndarray) -> float:
+        d = np.abs(pos[queries, None] - pos[np.where(valid, nbrs, 0)])
+        return float(d[valid].mean())
+
+    observed = stat(position)
+    groups = np.asarray(groups)
+    shuffled = [stat(shuffle_within(position, groups, rng)) for _ in range(n_shuffles)]
+    chance = float(np.mean(shuffled))
+    return {
+        "mean_abs_dpos": observed, "chance": chance, "chance_sd": float(np.std(shuffled)),
+        "leak": 1 - observed / chance if chance > 0 else float("nan"), "k": k, "n_queries": len(queries),
+    }
+
+
+def label_purity(
+    X: np.ndarray, position: np.ndarray, labels: np.ndarray, k: int = 10, window: int | None = 2,
+) -> dict[str, float]:
+    """kNN agreement of labels (branch or prompt): the share of a token's k nearest neighbours with its label.
+
+    window=w compares only tokens at |t_j - t_i| <= w (matched positions: position cannot help),
+    window=None pools all tokens. `chance` is the share a random pick from the same candidates would
+    give. Subtracting the exact per-position mean shifts every candidate at t by the same vector, so at
+    window=0 it leaves this number unchanged: a method that lowers it removed content.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    position = np.asarray(position)
+    labels = np.asarray(labels)
+    if window is None:
+        return _purity_block(X, labels, np.arange(len(X)), np.arange(len(X)), k)
+    hits = chance = n_q = 0.0
+    order = np.argsort(position, kind="stable")
+    sorted_pos = position[order]
+    for t in np.unique(position):
+        q = order[np.searchsorted(sorted_pos, t, "left"):np.searchsorted(sorted_pos, t, "right")]
+        c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
+        if len(c) < 2:
+            continue
+        r = _purity_block(X, labels, q, c, k)
+        hits += r["purity"] * r["n_queries"]
+        chance += r["chance"] * r["n_queries"]
+        n_q += r["n_queries"]
+    if n_q == 0:
+        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0}
+    return {"purity": hits / n_q, "chance": chance / n_q, "n_queries": int(n_q)}
+
+
+def _purity_block(X, labels, q: np.ndarray, c: np.ndarray, k: int, block: int = 1024) -> dict[str, float]:
+    """Purity of queries q against candidates c (self excluded), processed in query blocks."""
+    if len(c) < 2:
+        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0}
+    kk = min(k, len(c) - 1)
+    sq_c = (X[c] * X[c]).sum(axis=1)
+    purity_sum = chance_sum = 0.0
+    for s in range(0, len(q), block):
+        qb = q[s:s + block]
+        d2 = (X[qb] * X[qb]).sum(axis=1)[:, None] - 2 * (X[qb] @ X[c].T) + sq_c[None, :]
+        d2[qb[:, None] == c[None, :]] = np.inf
+        nn = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        same = labels[c][nn] == labels[qb, None]
+        purity_sum += same.mean(axis=1).sum()
+        same_all = (labels[c][None, :] == labels[qb, None]).sum(axis=1) - np.isin(qb, c)
+        chance_sum += (same_all / (len(c) - np.isin(qb, c))).sum()
+    return {"purity": purity_sum / len(q), "chance": chance_sum / len(q), "n_queries": len(q)}
+
+
+def trustworthiness(
+    X_high: np.ndarray, X_low: np.ndarray, k: int = 10, n_samples: int | None = 1500, seed: int = 0,
+) -> dict[str, float]:
+    """Trustworthiness (are 2-D neighbours true neighbours?) and continuity (are true neighbours kept?).
+
+    sklearn's trustworthiness on a random sample of tokens (it builds full distance matrices);
+    continuity is the same measure with the roles of the two spaces swapped.
+    """
+    rng = np.random.default_rng(seed)
+    idx = _sample(len(X_high), n_samples, rng)
+    hi, lo = np.asarray(X_high, np.float32)[idx], np.asarray(X_low, np.float32)[idx]
+    k = int(min(k, (len(idx) - 1) // 2))
+    if k < 1:
+        return {"trustworthiness": float("nan"), "continuity": float("nan"), "k": k}
+    return {
+        "trustworthiness": float(_sk_trustworthiness(hi, lo, n_neighbors=k)),
+        "continuity": float(_sk_trustworthiness(lo, hi, n_neighbors=k)),
+        "k": k,
+    }
+
+
+def overcorrection(raw: dict[str, float], residual: dict[str, float], tol: float = 0.05) -> bool:
+    """True when a method lowered matched-position label purity by more than tol: it removed content."""
+    if not (np.isfinite(raw.get("purity", np.nan)) and np.isfinite(residual.get("purity", np.nan))):
+        return False
+    return residual["purity"] < raw["purity"] - tol
