@@ -53,9 +53,16 @@ class PositionBasis:
         return np.hstack([np.ones((len(u), 1)), u[:, None], np.sin(angle), np.cos(angle)])
 
 
-def fit_smooth(position: np.ndarray, X: np.ndarray, basis: PositionBasis, ridge: float = 1e-6) -> np.ndarray:
-    """Least-squares coefficients W (n_features, d) of X ~ phi(position) W, with a tiny ridge for stability."""
-    phi = basis.transform(position)
-    gram = phi.T @ phi
+def fit_smooth(
+    positions: np.ndarray, sums: np.ndarray, counts: np.ndarray, basis: PositionBasis, ridge: float = 1e-6
+) -> np.ndarray:
+    """Least-squares coefficients W (n_features, d) of x ~ phi(t) W over all tokens, from per-position sums.
+
+    phi depends on t only, so the token-level normal equations reduce to the distinct positions:
+    sum_t n_t phi_t phi_t^T W = sum_t phi_t S_t^T (S_t the sum of the latents at t). A tiny ridge keeps
+    the system solvable when a basis has more functions than distinct positions.
+    """
+    phi = basis.transform(positions)
+    gram = phi.T @ (phi * np.asarray(counts, np.float64)[:, None])
     gram[np.diag_indices_from(gram)] += ridge * max(np.trace(gram) / len(gram), 1e-12)
-    return np.linalg.solve(gram, phi.T @ np.asarray(X, dtype=np.float64))
+    return np.linalg.solve(gram, phi.T @ np.asarray(sums, dtype=np.float64))

@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.manifold import trustworthiness as _sk_trustworthiness
+from sklearn.neighbors import KDTree
 
-
-def _group_sums(X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(unique labels, per-label sums of X in float64, counts)."""
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    sums = np.add.reduceat(X[order].astype(np.float64), starts, axis=0)
-    counts = np.diff(np.r_[starts, len(labels)])
-    return sorted_labels[starts], sums, counts
+from analysis.groups import group_sums as _group_sums
 
 
 def _between_ss(X: np.ndarray, position: np.ndarray, grand: np.ndarray) -> float:
@@ -41,7 +34,7 @@ def r2_pos(
       generalizes across groups, negative when per-position means only fit noise or content.
       `heldout_coverage` is the share of tokens whose position has other groups.
     """
-    X = np.asarray(X, dtype=np.float32)
+    X = np.asarray(X, dtype=np.float64)  # once here, not in every group sum
     position = np.asarray(position)
     n = len(X)
     if n < 2:
@@ -76,7 +69,9 @@ def _heldout_r2(X: np.ndarray, position: np.ndarray, groups: np.ndarray) -> dict
     groups = np.asarray(groups)
     pos_keys, pos_sums, pos_counts = _group_sums(X, position)
     g_keys, g_sums, g_counts = _group_sums(X, groups)
-    _, pair_inv = np.unique(np.stack([position, groups], axis=1), axis=0, return_inverse=True)
+    _, g_code = np.unique(groups, return_inverse=True)
+    pair_key = (position.astype(np.int64) - position.min()) * (int(g_code.max()) + 1) + g_code.ravel()
+    _, pair_inv = np.unique(pair_key, return_inverse=True)
     pair_inv = pair_inv.ravel()
     _, pair_sums, pair_counts = _group_sums(X, pair_inv)
     p_idx = np.searchsorted(pos_keys, position)
@@ -109,6 +104,8 @@ def knn_other_groups(
     """
     X = np.asarray(X, dtype=np.float32)
     groups = np.asarray(groups)
+    if X.shape[1] <= 3:
+        return _knn_other_groups_tree(X, groups, queries, k)
     sq = (X * X).sum(axis=1)
     out = np.full((len(queries), k), -1, np.int64)
     for start in range(0, len(queries), block):
@@ -134,9 +131,22 @@ def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Genera
     return out
 
 
+def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Low-dimensional case (a 2-D projection): a KD-tree query deep enough to skip the query's own group."""
+    _, codes, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    depth = int(min(len(X), k + sizes.max()))
+    _, idx = KDTree(X).query(X[queries], k=depth)
+    other = groups[idx] != groups[queries, None]
+    out = np.full((len(queries), k), -1, np.int64)
+    rank = np.cumsum(other, axis=1) - 1
+    rows, cols = np.nonzero(other & (rank < k))
+    out[rows, rank[rows, cols]] = idx[rows, cols]
+    return out
+
+
 def knn_position_leak(
     X: np.ndarray, position: np.ndarray, groups: np.ndarray, k: int = 10,
-    n_queries: int | None = 2000, n_shuffles: int = 20, seed: int = 0,
+    n_queries: int | None = 1000, n_shuffles: int = 20, seed: int = 0,
 ) -> dict[str, float]:
     """Mean |t_i - t_j| over each token's k nearest neighbours from other groups (branches), vs shuffled.
 

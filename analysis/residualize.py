@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from analysis.basis import PositionBasis, fit_smooth
+from analysis.groups import group_sums
 
 METHODS = ("none", "per_position", "regression", "projection")
 
@@ -120,14 +121,15 @@ class PerPositionMean(Residualizer):
 
     def _fit(self, X: np.ndarray, position: np.ndarray) -> None:
         s = self.spec
+        uniq, sums, counts = group_sums(X, position)
         self.basis_ = PositionBasis(s.basis, s.degree, s.n_knots, s.n_freq).fit(position)
-        self.coef_ = fit_smooth(position, X, self.basis_)
-        uniq, inverse, counts = np.unique(position, return_inverse=True, return_counts=True)
-        sums = np.zeros((len(uniq), X.shape[1]), np.float64)
-        np.add.at(sums, inverse, X)
+        self.coef_ = fit_smooth(uniq, sums, counts, self.basis_)
         means = sums / counts[:, None]
         smooth = self.basis_.transform(uniq) @ self.coef_
-        self.lam_ = _shrinkage(X, inverse, means, counts, smooth) if s.shrink is None else float(s.shrink)
+        if s.shrink is None:
+            self.lam_ = _shrinkage(X, sums, counts, smooth)
+        else:
+            self.lam_ = float(s.shrink)
         w = (counts / (counts + self.lam_))[:, None] if np.isfinite(self.lam_) else np.zeros((len(uniq), 1))
         self.positions_ = uniq
         self.means_ = (w * means + (1 - w) * smooth).astype(np.float32)
@@ -147,9 +149,12 @@ class PerPositionMean(Residualizer):
         return X - self.positional(position)
 
 
-def _shrinkage(X, inverse, means, counts, smooth) -> float:
+def _shrinkage(X: np.ndarray, sums: np.ndarray, counts: np.ndarray, smooth: np.ndarray) -> float:
     """Empirical-Bayes pseudo-count: within-position variance / variance of the means around the smooth fit."""
-    within = float(((X - means[inverse]) ** 2).sum()) / max(len(X) - len(counts), 1)
+    means = sums / counts[:, None]
+    # sum_i |x_i - mean_t|^2 = sum_i |x_i|^2 - sum_t n_t |mean_t|^2, without an (n, d) temporary
+    within_ss = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) - float((counts * (means**2).sum(1)).sum())
+    within = max(within_ss, 0.0) / max(len(X) - len(counts), 1)
     spread = ((means - smooth) ** 2).sum(axis=1) - within / counts
     tau2 = float(np.average(spread, weights=counts))
     if tau2 <= 0:
@@ -162,8 +167,9 @@ class PositionRegression(Residualizer):
 
     def _fit(self, X: np.ndarray, position: np.ndarray) -> None:
         s = self.spec
+        uniq, sums, counts = group_sums(X, position)
         self.basis_ = PositionBasis(s.basis, s.degree, s.n_knots, s.n_freq).fit(position)
-        self.coef_ = fit_smooth(position, X, self.basis_)
+        self.coef_ = fit_smooth(uniq, sums, counts, self.basis_)
 
     def positional(self, position: np.ndarray) -> np.ndarray:
         return (self.basis_.transform(position) @ self.coef_).astype(np.float32)
@@ -177,9 +183,7 @@ class PositionProjection(Residualizer):
     count-weighted per-position means. Removes everything along them, content included."""
 
     def _fit(self, X: np.ndarray, position: np.ndarray) -> None:
-        uniq, inverse, counts = np.unique(position, return_inverse=True, return_counts=True)
-        sums = np.zeros((len(uniq), X.shape[1]), np.float64)
-        np.add.at(sums, inverse, X)
+        uniq, sums, counts = group_sums(X, position)
         self.center_ = X.mean(axis=0)
         dev = (sums / counts[:, None] - self.center_) * np.sqrt(counts)[:, None]
         _, sv, vt = np.linalg.svd(dev, full_matrices=False)

@@ -34,29 +34,33 @@ def branch_tree(
     x = positional_curve(t) + prompt content + branch content + noise. Content is constant along a
     branch (a fork inherits its parent's plus its own), independent of position.
     The positional curve and the sink vector depend on model_seed only (the same "model" for trees of
-    different seeds). extra['pos_part'] holds the positional component, extra['is_sink'] the sink flags.
+    different seeds). extra holds 'pos_part' (the positional component), 'is_sink', 'parent' (-1 at roots) and 'depth'.
     """
     rng = np.random.default_rng(seed)
     unit = np.sqrt(d)
     sink_vec = np.random.default_rng(model_seed + 104729).normal(size=d)
     sink_vec *= 30 * (pos_scale + content_scale + noise) * unit / np.linalg.norm(sink_vec)
     rows: list[tuple[int, int, int, np.ndarray]] = []  # (position, branch, prompt, content)
+    parent_of: dict[int, int] = {}
+    depth_of: dict[int, int] = {}
     branch_id = 0
     for prompt in range(n_prompts):
         c_prompt = rng.normal(size=d) * content_scale
         root = branch_id
+        parent_of[root], depth_of[root] = -1, 0
         branch_id += 1
         rows += [(t, root, prompt, c_prompt) for t in range(prompt_len)]
-        spans: list[tuple[int, int, np.ndarray]] = []  # (start, end, content) of earlier branches
-        for j in range(branches_per_prompt):
+        spans: list[tuple[int, int, np.ndarray, int]] = []  # (start, end, content, id) of earlier branches
+        for _ in range(branches_per_prompt):
             end = int(rng.integers(length // 2, length))
             c = c_prompt + rng.normal(size=d) * content_scale
-            start = prompt_len
+            start, parent = prompt_len, root
             if spans and rng.random() < fork_share:
-                p_start, p_end, p_content = spans[int(rng.integers(len(spans)))]
+                p_start, p_end, p_content, parent = spans[int(rng.integers(len(spans)))]
                 start = int(rng.integers(p_start + 1, max(p_start + 2, p_end)))
                 c = p_content + rng.normal(size=d) * content_scale
-            spans.append((start, end, c))
+            spans.append((start, end, c, branch_id))
+            parent_of[branch_id], depth_of[branch_id] = parent, depth_of[parent] + 1
             rows += [(t, branch_id, prompt, c) for t in range(start, end + 1)]
             branch_id += 1
     position = np.array([r[0] for r in rows])
@@ -65,7 +69,9 @@ def branch_tree(
     X = pos_part + content + rng.normal(size=content.shape) * noise
     is_sink = (position == 0) & sinks
     X[is_sink] = sink_vec + rng.normal(size=(int(is_sink.sum()), d)) * noise
+    branch = np.array([r[1] for r in rows])
     return TokenSet(
-        X.astype(np.float32), position, np.array([r[1] for r in rows]), np.array([r[2] for r in rows]),
-        {"pos_part": pos_part.astype(np.float32), "is_sink": is_sink},
+        X.astype(np.float32), position, branch, np.array([r[2] for r in rows]),
+        {"pos_part": pos_part.astype(np.float32), "is_sink": is_sink,
+         "parent": np.array([parent_of[b] for b in branch]), "depth": np.array([depth_of[b] for b in branch])},
     )

@@ -24,7 +24,7 @@ class ViewSpec:
     sink_z: float = 6.0
     k: int = 10  # neighbours for the metrics
     window: int = 2  # matched positions for label purity: |t_j - t_i| <= window
-    n_queries: int = 2000  # tokens sampled as queries by the kNN metrics
+    n_queries: int = 1000  # tokens sampled as queries by the kNN position-leak metrics
     metrics: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -39,11 +39,14 @@ class ViewSpec:
 
 @dataclass
 class ViewResult:
-    """coords[i] and residual[i] belong to plot token index[i] (sinks dropped when excluded)."""
+    """coords[i] and residual[i] belong to plot token index[i] (sinks dropped when excluded).
+
+    residual and residualizer are None for a result read back from a cache.
+    """
 
     index: np.ndarray
     coords: np.ndarray
-    residual: np.ndarray
+    residual: np.ndarray | None
     metrics: dict[str, Any]
     timings: dict[str, float]
     residualizer: Residualizer | None = None
@@ -98,11 +101,16 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict
         "r2_pos": M.r2_pos(X, tokens.position, groups=tokens.prompt if several_prompts else tokens.branch),
         "heldout_by": "prompt" if several_prompts else "branch",
     }
-    if len(np.unique(tokens.branch)) > 1:
+    several_branches = len(np.unique(tokens.branch)) > 1
+    if several_branches:
         out["leak"] = M.knn_position_leak(space, tokens.position, tokens.branch, k=spec.k, n_queries=spec.n_queries)
-        if coords is not None:
-            out["leak_2d"] = M.knn_position_leak(
-                coords, tokens.position, tokens.branch, k=spec.k, n_queries=spec.n_queries)
+    if several_branches and coords is not None:
+        out["leak_2d"] = M.knn_position_leak(coords, tokens.position, tokens.branch, k=spec.k, n_queries=spec.n_queries)
+    if several_prompts:
+        # Sibling branches share their prompt and forks copy their parent's context, so other-branch
+        # neighbours at nearby positions can be content; other-prompt neighbours cannot.
+        out["leak_prompt"] = M.knn_position_leak(
+            space, tokens.position, tokens.prompt, k=spec.k, n_queries=spec.n_queries)
     out["purity_branch"] = M.label_purity(space, tokens.position, tokens.branch, k=spec.k, window=spec.window)
     if several_prompts:
         out["purity_prompt"] = M.label_purity(space, tokens.position, tokens.prompt, k=spec.k, window=spec.window)

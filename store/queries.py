@@ -102,3 +102,70 @@ def layer_vectors(
 
 def _dim(con: duckdb.DuckDBPyConnection) -> int:
     return int(first_row(con, "SELECT value FROM meta WHERE key = 'vector_dim'")[0])
+
+
+def _token_filter(prompt_ids: list[int] | None, generated_only: bool) -> tuple[str, dict[str, Any]]:
+    clauses, params = [], {}
+    if prompt_ids is not None:
+        clauses.append("b.prompt_id IN (SELECT unnest($prompts))")
+        params["prompts"] = [int(p) for p in prompt_ids]
+    if generated_only:
+        clauses.append("NOT t.is_prompt")
+    return "".join(f" AND {c}" for c in clauses), params
+
+
+def token_rows(
+    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal",
+    prompt_ids: list[int] | None = None, generated_only: bool = False, with_vectors: bool = True,
+) -> tuple[pl.DataFrame, np.ndarray | None]:
+    """The stored tokens of one layer (each once) with their labels, and their latents as (n, d).
+
+    Columns: branch_id, prompt_id, position, depth, parent_branch_id, token_id, token_text, is_prompt,
+    logprob, entropy. Rows ordered by (branch_id, position). Optionally only some prompts, or only
+    generated tokens; with_vectors=False skips the (large) vectors.
+    """
+    where, params = _token_filter(prompt_ids, generated_only)
+    vec = ", l.vec" if with_vectors else ""
+    table = con.sql(
+        f"""
+        SELECT l.branch_id, b.prompt_id, l.position, b.depth, b.parent_branch_id, t.token_id, t.token_text,
+               t.is_prompt, t.logprob, t.entropy{vec}
+        FROM latents l
+        JOIN tokens t USING (run_id, branch_id, position)
+        JOIN branches b USING (run_id, branch_id)
+        WHERE l.run_id = $run AND l.layer = $layer AND l.variant = $variant{where}
+        ORDER BY l.branch_id, l.position
+        """,
+        params={"run": run_id, "layer": layer, "variant": variant, **params},
+    ).to_arrow_table()
+    vectors = vectors_to_numpy(table["vec"], _dim(con)) if with_vectors else None
+    keys = pl.from_arrow(table.drop_columns(["vec"]) if with_vectors else table)
+    return keys, vectors
+
+
+def token_count(
+    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal",
+    prompt_ids: list[int] | None = None, generated_only: bool = False,
+) -> int:
+    """How many rows token_rows would return (cheap; part of cache keys, as a run being written grows)."""
+    where, params = _token_filter(prompt_ids, generated_only)
+    row = first_row(
+        con,
+        f"""
+        SELECT count(*) FROM latents l
+        JOIN tokens t USING (run_id, branch_id, position)
+        JOIN branches b USING (run_id, branch_id)
+        WHERE l.run_id = $run AND l.layer = $layer AND l.variant = $variant{where}
+        """,
+        {"run": run_id, "layer": layer, "variant": variant, **params},
+    )
+    return int(row[0])
+
+
+def run_layers(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, list[int]]:
+    """The layers stored for a run, per variant."""
+    rows = con.sql(
+        "SELECT variant, list(DISTINCT layer ORDER BY layer) FROM latents WHERE run_id = ? GROUP BY variant",
+        params=[run_id],
+    ).fetchall()
+    return {variant: list(layers) for variant, layers in rows}

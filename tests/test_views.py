@@ -1,0 +1,133 @@
+"""Views of a real store: selection, fit scope, the disk cache, the per-layer report command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from analysis import ProjectionSpec, ResidualSpec, ViewSpec
+from analysis.synthetic import branch_tree
+from conftest import PYTHON, ingest
+from views.__main__ import main as views_main
+from views.cache import ViewCache
+from views.service import Selection, compute
+from views.synthetic import write_tree
+
+FAST = ViewSpec(projection=ProjectionSpec(n_epochs=20))
+
+
+@pytest.fixture(scope="module")
+def tree():
+    return branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, seed=2)
+
+
+@pytest.fixture
+def synthetic_store(tmp_path, tree):
+    path = tmp_path / "synthetic.duckdb"
+    return path, write_tree(path, tree)
+
+
+def test_view_of_a_store_matches_the_tokens_and_caches(synthetic_store, tree, tmp_path):
+    store, run_id = synthetic_store
+    cache = ViewCache(tmp_path / "cache")
+    first = compute(store, Selection(run_id, 0), FAST, cache)
+    assert first.timings["cached"] == 0.0
+    points = first.points
+    assert len(points) == len(tree) - int(tree.extra["is_sink"].sum())
+    assert (points["position"] > 0).all() and {"x", "y", "token_text", "branch_id"} <= set(points.columns)
+    again = compute(store, Selection(run_id, 0), FAST, cache)
+    assert again.timings["cached"] == 1.0
+    np.testing.assert_array_equal(again.result.coords, first.result.coords)
+    assert again.result.metrics == json.loads(json.dumps(first.result.metrics))
+    other = compute(store, Selection(run_id, 0), ViewSpec(residual=ResidualSpec(method="none"),
+                                                          projection=FAST.projection), cache)
+    assert other.timings["cached"] == 0.0
+
+
+def test_a_growing_run_is_recomputed(tmp_path, tree):
+    store = tmp_path / "growing.duckdb"
+    run_id = write_tree(store, tree.subset(tree.prompt < 2))
+    cache = ViewCache(tmp_path / "cache")
+    small = compute(store, Selection(run_id, 0), FAST, cache)
+    write_tree(store, tree.subset(tree.prompt >= 2), run_id=run_id)
+    grown = compute(store, Selection(run_id, 0), FAST, cache)
+    assert grown.timings["cached"] == 0.0 and len(grown.points) > len(small.points)
+
+
+def test_prompt_subset_fitted_on_the_whole_run(synthetic_store, tree):
+    store, run_id = synthetic_store
+    plotted = compute(store, Selection(run_id, 0, prompt_ids=(1,)), FAST)
+    scoped = compute(store, Selection(run_id, 0, prompt_ids=(1,), fit_scope="run"), FAST)
+    n = int(((tree.prompt == 1) & ~tree.extra["is_sink"]).sum())
+    assert len(plotted.points) == len(scoped.points) == n
+    assert set(scoped.points["prompt_id"].unique()) == {1}
+    # A per-position mean fitted on one prompt's branches eats more of their content than one fitted
+    # on all prompts: the residuals differ.
+    assert not np.allclose(plotted.result.residual, scoped.result.residual)
+    with pytest.raises(ValueError, match="no stored tokens"):
+        compute(store, Selection(run_id, 3), FAST)
+
+
+def test_generated_only_and_sinks_on_a_real_ingest(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("llama", samples=2, forks=1, max_new_tokens=6, layers=[0, 2])
+    run_id = ingest(cfg).run_id
+    for layer in (0, 2):
+        everything = compute(cfg.store, Selection(run_id, layer), FAST)
+        kept = ViewSpec(exclude_sinks=False, projection=FAST.projection)
+        with_bos = compute(cfg.store, Selection(run_id, layer), kept)
+        generated = compute(cfg.store, Selection(run_id, layer, generated_only=True), FAST)
+        assert len(with_bos.points) == len(with_bos.tokens)
+        assert (everything.points["position"] > 0).all()
+        assert not generated.points["is_prompt"].any() and len(generated.points) < len(everything.points)
+
+
+def test_cache_survives_garbage_and_unwritable_dirs(synthetic_store, tmp_path):
+    store, run_id = synthetic_store
+    cache = ViewCache(tmp_path / "cache")
+    compute(store, Selection(run_id, 0), FAST, cache)
+    for f in (tmp_path / "cache").rglob("*.npz"):
+        f.write_bytes(b"not a zip")
+    assert compute(store, Selection(run_id, 0), FAST, cache).timings["cached"] == 0.0
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    view = compute(store, Selection(run_id, 0), FAST, ViewCache(blocked / "cache"))
+    assert len(view.points) > 0
+
+
+def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
+    store, run_id = synthetic_store
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "bl-cache"))
+    assert views_main(["report", str(store), "--projection", "pca"]) == 0
+    table = capsys.readouterr().out
+    for label in ("raw", "per-position mean", "regression (spline)", "projection (k=2)"):
+        assert label in table
+    assert views_main(["report", str(store), "--methods", "none,per_position", "--projection", "pca", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["raw", "per-position mean"]
+    raw, removed = rows
+    assert raw["r2"] > 0.5 and removed["r2"] < raw["r2"] / 5 and raw["leak"] > 0.5
+    assert views_main(["report", str(tmp_path / "missing.duckdb")]) == 2
+    assert views_main(["report", str(store), "--methods", "mean"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: ") and "mean" in err[-1] and len(err) == 2
+
+
+def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
+    """A second process loads umap's layout kernels from the disk cache instead of compiling them."""
+    script = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from analysis import jit; jit.warm_up()\n"
+        "import umap.layouts as L, umap.umap_ as U\n"
+        "print(sum(sum(f._cache_hits.values()) for f in "
+        "(L._nb_optimize_layout_euclidean_single_epoch, U.smooth_knn_dist)))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    run = lambda: subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True,  # noqa: E731
+                                 check=True).stdout.split()[-1]
+    assert run() == "0"  # empty cache: compiled
+    assert list((tmp_path / "numba").rglob("*.nbi"))
+    assert int(run()) >= 2  # both kernels loaded from disk

@@ -1,0 +1,75 @@
+"""Per-layer table of how much position each residualizer leaves in a stored run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from analysis.project import ProjectionSpec
+from analysis.residualize import ResidualSpec
+from analysis.view import ViewSpec
+from store import queries
+from store.connect import reading
+from views.cache import ViewCache
+from views.service import Selection, compute
+
+DEFAULT_METHODS = ("none", "per_position", "regression", "projection")
+COLUMNS = (
+    ("layer", "layer", "{}"), ("method", "method", "{}"), ("tokens", "tokens", "{}"),
+    ("R2_pos", "r2", "{:.3f}"), ("chance", "r2_chance", "{:.3f}"), ("adj", "r2_adjusted", "{:.3f}"),
+    ("held-out", "r2_heldout", "{:+.3f}"), ("leak", "leak", "{:+.3f}"), ("leak 2-D", "leak_2d", "{:+.3f}"),
+    ("leak /prompt", "leak_prompt", "{:+.3f}"),
+    ("branch kNN", "purity_branch", "{:.3f}"), ("(chance)", "purity_branch_chance", "{:.3f}"),
+    ("prompt kNN", "purity_prompt", "{:.3f}"), ("trust", "trustworthiness", "{:.3f}"),
+)
+
+
+def layer_report(
+    store: str | Path, run_id: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
+    projection: str = "umap", generated_only: bool = False, cache: ViewCache | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (layer, method) with the view metrics, for every stored layer of the run."""
+    with reading(store) as con:
+        runs = queries.list_runs(con)
+        if runs.is_empty():
+            raise ValueError(f"{store} holds no runs")
+        run_id = run_id or runs["run_id"][0]
+        layers = queries.run_layers(con, run_id).get("normal", [])
+    if not layers:
+        raise ValueError(f"run {run_id} has no stored latents")
+    rows = []
+    for layer in layers:
+        for method in methods:
+            spec = ViewSpec(residual=ResidualSpec(method=method), projection=ProjectionSpec(method=projection))
+            view = compute(store, Selection(run_id, layer, generated_only=generated_only), spec, cache)
+            rows.append(_row(layer, spec.residual.label(), view.result.metrics))
+    return rows
+
+
+def _row(layer: int, method: str, m: dict[str, Any]) -> dict[str, Any]:
+    nan = float("nan")
+    get = lambda name, field: m.get(name, {}).get(field, nan)  # noqa: E731
+    return {
+        "layer": layer, "method": method, "tokens": m.get("n_tokens"),
+        "r2": get("r2_pos", "r2"), "r2_chance": get("r2_pos", "chance"), "r2_adjusted": get("r2_pos", "adjusted"),
+        "r2_heldout": get("r2_pos", "heldout"), "leak": get("leak", "leak"), "leak_2d": get("leak_2d", "leak"),
+        "leak_prompt": get("leak_prompt", "leak"),
+        "purity_branch": get("purity_branch", "purity"), "purity_branch_chance": get("purity_branch", "chance"),
+        "purity_prompt": get("purity_prompt", "purity"), "trustworthiness": get("projection", "trustworthiness"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table (markdown-compatible)."""
+    def cell(fmt: str, value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return fmt.format(value)
+
+    header = [title for title, _, _ in COLUMNS]
+    body = [[cell(fmt, row[key]) for _, key, fmt in COLUMNS] for row in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])

@@ -1,0 +1,109 @@
+"""Compute a view of a stored run: the one entry point the app, the report and the benchmarks use."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from analysis.tokens import TokenSet
+from analysis.view import ViewResult, ViewSpec, compute_view
+from store import queries
+from store.connect import reading
+from views.cache import ViewCache
+
+FIT_SCOPES = ("plotted", "run")  # or the id of another run to fit on
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tokens of a run to plot."""
+
+    run_id: str
+    layer: int
+    variant: str = "normal"
+    prompt_ids: tuple[int, ...] | None = None
+    generated_only: bool = False
+    fit_scope: str = "plotted"  # 'plotted', 'run' (all tokens of this run), or another run's id
+
+    def key(self) -> dict:
+        return {"run": self.run_id, "layer": self.layer, "variant": self.variant,
+                "prompts": list(self.prompt_ids) if self.prompt_ids is not None else None,
+                "generated_only": self.generated_only, "fit_scope": self.fit_scope}
+
+
+@dataclass
+class View:
+    """The plotted tokens (labels and text, no vectors) and what was computed for them.
+
+    result.index indexes rows of `tokens`; timings include 'load' (store reads) and 'cached'.
+    """
+
+    tokens: pl.DataFrame
+    result: ViewResult
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def points(self) -> pl.DataFrame:
+        """One row per plotted token: its labels and projected coordinates x, y (and z)."""
+        rows = self.tokens[self.result.index]
+        names = ["x", "y", "z"][: self.result.coords.shape[1]]
+        return rows.with_columns(
+            [pl.Series(n, self.result.coords[:, i]) for i, n in enumerate(names)]
+        )
+
+
+def to_token_set(keys: pl.DataFrame, X: np.ndarray) -> TokenSet:
+    extra = {c: keys[c].to_numpy() for c in ("depth", "token_id", "is_prompt")}
+    return TokenSet(X, keys["position"].to_numpy(), keys["branch_id"].to_numpy(), keys["prompt_id"].to_numpy(), extra)
+
+
+def compute(
+    store: str | Path, selection: Selection, spec: ViewSpec | None = None, cache: ViewCache | None = None,
+) -> View:
+    """Read the selected tokens, fit on the chosen scope, residualize, project and measure; cached.
+
+    A cache hit reads only the token labels (no vectors). The key holds the run, selection, spec and the
+    number of stored rows, so a run that is still being written is recomputed as it grows.
+    """
+    spec = spec or ViewSpec()
+    t0 = time.perf_counter()
+    with reading(store) as con:
+        count = queries.token_count(con, selection.run_id, selection.layer, selection.variant,
+                                    _list(selection.prompt_ids), selection.generated_only)
+        if count == 0:
+            raise ValueError(
+                f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
+            )
+        key = {"selection": selection.key(), "rows": count, "spec": spec.to_dict()}
+        if selection.fit_scope not in ("plotted", "run"):
+            key["reference_rows"] = queries.token_count(con, selection.fit_scope, selection.layer, selection.variant)
+        hit = cache.get(key) if cache is not None else None
+        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
+                                     _list(selection.prompt_ids), selection.generated_only,
+                                     with_vectors=hit is None)
+        reference = None if hit is not None else _reference(con, selection)
+    load = time.perf_counter() - t0
+    if hit is not None:
+        return View(keys, hit, {"load": load, "cached": 1.0})
+    result = compute_view(to_token_set(keys, X), spec, reference)
+    if cache is not None:
+        cache.put(key, result)
+    return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
+
+
+def _reference(con, selection: Selection) -> TokenSet | None:
+    if selection.fit_scope == "plotted":
+        return None
+    run = selection.run_id if selection.fit_scope == "run" else selection.fit_scope
+    keys, X = queries.token_rows(con, run, selection.layer, selection.variant)
+    if len(keys) == 0:
+        raise ValueError(f"reference run {run} has no tokens at layer {selection.layer}, variant {selection.variant}")
+    return to_token_set(keys, X)
+
+
+def _list(ids: tuple[int, ...] | None) -> list[int] | None:
+    return list(ids) if ids is not None else None
