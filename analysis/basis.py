@@ -14,6 +14,8 @@ class PositionBasis:
 
     Outside the fitted range every basis is held constant at its edge value, so a position
     longer than any reference branch gets the nearest fitted value, not a wild extrapolation.
+    A basis never gets more than half as many functions as there are distinct positions (degree,
+    knots or frequencies are lowered to fit), so it stays a smooth fit rather than an interpolation.
     """
 
     def __init__(self, kind: str = "spline", degree: int = 3, n_knots: int = 12, n_freq: int = 4):
@@ -28,10 +30,13 @@ class PositionBasis:
         if len(p) == 0:
             raise ValueError("cannot fit a position basis on zero tokens")
         self.lo_, self.hi_ = float(p.min()), float(max(p.max(), p.min() + 1))
+        budget = max(2, len(np.unique(p)) // 2)  # most basis functions allowed
+        self.degree_ = int(max(1, min(self.degree, budget - 1)))
+        self.n_freq_ = int(max(0, min(self.n_freq, (budget - 2) // 2)))
         if self.kind == "spline":
-            n_knots = int(min(self.n_knots, max(2, len(np.unique(p)))))
+            n_knots = int(max(2, min(self.n_knots, budget - self.degree_ + 1)))
             self.spline_ = SplineTransformer(
-                n_knots=n_knots, degree=self.degree, extrapolation="constant", include_bias=True
+                n_knots=n_knots, degree=self.degree_, extrapolation="constant", include_bias=True
             ).fit(p[:, None])
         return self
 
@@ -46,9 +51,9 @@ class PositionBasis:
             return self.spline_.transform(p[:, None])
         u = self._unit(position)
         if self.kind == "poly":
-            return legendre.legvander(2 * u - 1, self.degree)
+            return legendre.legvander(2 * u - 1, self.degree_)
         # Periods up to twice the range, so the basis is not forced to repeat inside it.
-        freqs = np.arange(1, self.n_freq + 1)
+        freqs = np.arange(1, self.n_freq_ + 1)
         angle = np.pi * u[:, None] * freqs[None, :]
         return np.hstack([np.ones((len(u), 1)), u[:, None], np.sin(angle), np.cos(angle)])
 

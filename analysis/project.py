@@ -92,9 +92,16 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
     n = len(X)
     if n < 3:
         raise ValueError(f"need at least 3 tokens to project, got {n}")
+    if not np.isfinite(X).all():
+        raise ValueError("cannot project: the vectors contain NaN or infinity")
     if spec.method == "pca":
         return _pad(pca_reduce(X, spec.n_components, spec.seed), spec.n_components)
-    return _umap(X, spec)
+    if float(X.var(axis=0).sum()) <= 1e-12 * max(float((X * X).mean()), 1e-30):
+        raise ValueError(f"nothing to project: all {n} vectors are the same (too few tokens per position?)")
+    coords = _umap(X, spec)
+    if not np.isfinite(coords).all():
+        raise ValueError("UMAP produced non-finite coordinates (degenerate input); try PCA or more tokens")
+    return coords
 
 
 def _umap(X: np.ndarray, spec: ProjectionSpec) -> np.ndarray:

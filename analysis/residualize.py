@@ -151,10 +151,12 @@ class PerPositionMean(Residualizer):
 
 def _shrinkage(X: np.ndarray, sums: np.ndarray, counts: np.ndarray, smooth: np.ndarray) -> float:
     """Empirical-Bayes pseudo-count: within-position variance / variance of the means around the smooth fit."""
+    if len(X) - len(counts) < 2:
+        return float("inf")  # (almost) no position has two tokens: no noise estimate, so trust the smooth fit
     means = sums / counts[:, None]
     # sum_i |x_i - mean_t|^2 = sum_i |x_i|^2 - sum_t n_t |mean_t|^2, without an (n, d) temporary
     within_ss = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) - float((counts * (means**2).sum(1)).sum())
-    within = max(within_ss, 0.0) / max(len(X) - len(counts), 1)
+    within = max(within_ss, 0.0) / (len(X) - len(counts))
     spread = ((means - smooth) ** 2).sum(axis=1) - within / counts
     tau2 = float(np.average(spread, weights=counts))
     if tau2 <= 0:

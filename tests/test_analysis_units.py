@@ -181,3 +181,14 @@ def test_projection_is_reproducible_with_a_seed(method):
     np.fill_diagonal(d, np.inf)
     assert ((d.argmin(1) < 60) == (np.arange(120) < 60)).all()
     assert project(X, ProjectionSpec(method=method, n_components=3, n_epochs=10)).shape == (120, 3)
+
+
+def test_degenerate_inputs_give_clear_errors():
+    X = np.random.default_rng(7).normal(size=(4, 10)).astype(np.float32)
+    # One token per position: no noise estimate, so the smooth fit is used and the tokens are kept.
+    res = make_residualizer(method="per_position").fit_transform(X, np.arange(4))
+    assert np.linalg.norm(res, axis=1).min() > 0.1
+    with pytest.raises(ValueError, match="all 5 vectors are the same"):
+        project(np.ones((5, 3), np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        project(np.full((5, 3), np.nan, np.float32))

@@ -131,3 +131,49 @@ def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
     assert run() == "0"  # empty cache: compiled
     assert list((tmp_path / "numba").rglob("*.nbi"))
     assert int(run()) >= 2  # both kernels loaded from disk
+
+
+def test_learned_positions_show_and_go_but_rope_embeddings_have_none(tiny_cfg):
+    """On real ingests: GPT-2's layer 0 holds its learned position embedding, which per-position removal
+    takes out; a RoPE model's layer 0 (token embeddings only) carries no position to begin with."""
+    pca = ProjectionSpec(method="pca")
+    gpt2 = tiny_cfg("gpt2", store="gpt2.duckdb", samples=3, forks=1, max_new_tokens=16, layers=[0])
+    run = ingest(gpt2).run_id
+    raw = compute(gpt2.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca))
+    removed = compute(gpt2.store, Selection(run, 0), ViewSpec(projection=pca))
+    assert raw.result.metrics["r2_pos"]["adjusted"] > 0.3 and raw.result.metrics["leak"]["leak"] > 0.3
+    assert removed.result.metrics["r2_pos"]["r2"] < raw.result.metrics["r2_pos"]["chance"]
+    assert abs(removed.result.metrics["leak"]["leak"]) < 0.15
+    assert abs(removed.result.metrics["leak_prompt"]["leak"]) < 0.15
+
+    llama = tiny_cfg("llama", store="llama.duckdb", samples=3, forks=1, max_new_tokens=16, layers=[0])
+    run = ingest(llama).run_id
+    rope = compute(llama.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca))
+    assert abs(rope.result.metrics["leak_prompt"]["leak"]) < 0.15
+
+
+def test_fit_on_another_run(tmp_path, tree):
+    store = tmp_path / "two-runs.duckdb"
+    run_id = write_tree(store, tree)
+    ref_id = write_tree(store, branch_tree(n_prompts=6, branches_per_prompt=6, length=40, d=32, seed=9),
+                        run_id="run-reference")
+    view = compute(store, Selection(run_id, 0, prompt_ids=(0,), fit_scope=ref_id), FAST)
+    assert set(view.points["prompt_id"].unique()) == {0}
+    own = compute(store, Selection(run_id, 0, prompt_ids=(0,)), FAST)
+    assert not np.allclose(view.result.residual, own.result.residual)
+    # Both synthetic trees share one positional curve, so the reference's fit removes it here too.
+    assert abs(view.result.metrics["leak"]["leak"]) < 0.2
+    with pytest.raises(ValueError, match="reference run run-missing has no tokens"):
+        compute(store, Selection(run_id, 0, fit_scope="run-missing"), FAST)
+
+
+def test_view_spec_round_trips_and_single_prompt_metrics(tree):
+    spec = ViewSpec(residual=ResidualSpec(method="regression", basis="poly", degree=4),
+                    projection=ProjectionSpec(method="pca", metric="euclidean"), window=1)
+    assert ViewSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    from analysis import compute_view
+
+    one = compute_view(tree.subset(tree.prompt == 0), FAST)
+    m = one.metrics
+    assert m["heldout_by"] == "branch" and "leak_prompt" not in m and "purity_prompt" not in m
+    assert np.isfinite(m["r2_pos"]["heldout"]) and np.isfinite(m["leak"]["leak"])

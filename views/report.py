@@ -58,6 +58,7 @@ def _row(layer: int, method: str, m: dict[str, Any]) -> dict[str, Any]:
         "leak_prompt": get("leak_prompt", "leak"),
         "purity_branch": get("purity_branch", "purity"), "purity_branch_chance": get("purity_branch", "chance"),
         "purity_prompt": get("purity_prompt", "purity"), "trustworthiness": get("projection", "trustworthiness"),
+        "shrink": m.get("shrink"),  # per-position mean: the pseudo-count used (inf = the smooth fit alone)
     }
 
 
