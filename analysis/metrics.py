@@ -180,11 +180,13 @@ def knn_position_leak(
 
 def label_purity(
     X: np.ndarray, position: np.ndarray, labels: np.ndarray, k: int = 10, window: int | None = 2,
+    n_queries: int | None = 1000, seed: int = 0,
 ) -> dict[str, float]:
     """kNN agreement of labels (branch or prompt): the share of a token's k nearest neighbours with its label.
 
     window=w compares only tokens at |t_j - t_i| <= w (matched positions: position cannot help),
-    window=None pools all tokens. `chance` is the share a random pick from the same candidates would
+    window=None pools all tokens (then n_queries sampled tokens ask, all tokens answer; with branch
+    labels, a branch's own neighbours in time count too). `chance` is the share a random pick from the same candidates would
     give. Subtracting the exact per-position mean shifts every candidate at t by the same vector, so at
     window=0 it leaves this number unchanged: a method that lowers it removed content.
     """
@@ -192,7 +194,8 @@ def label_purity(
     position = np.asarray(position)
     labels = np.asarray(labels)
     if window is None:
-        return _purity_block(X, labels, np.arange(len(X)), np.arange(len(X)), k)
+        queries = _sample(len(X), n_queries, np.random.default_rng(seed))
+        return _purity_block(X, labels, queries, np.arange(len(X)), k)
     hits = chance = n_q = 0.0
     order = np.argsort(position, kind="stable")
     sorted_pos = position[order]

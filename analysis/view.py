@@ -111,9 +111,11 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict
         # neighbours at nearby positions can be content; other-prompt neighbours cannot.
         out["leak_prompt"] = M.knn_position_leak(
             space, tokens.position, tokens.prompt, k=spec.k, n_queries=spec.n_queries)
-    out["purity_branch"] = M.label_purity(space, tokens.position, tokens.branch, k=spec.k, window=spec.window)
-    if several_prompts:
-        out["purity_prompt"] = M.label_purity(space, tokens.position, tokens.prompt, k=spec.k, window=spec.window)
+    labels = {"branch": tokens.branch, **({"prompt": tokens.prompt} if several_prompts else {})}
+    for name, lab in labels.items():
+        out[f"purity_{name}"] = M.label_purity(space, tokens.position, lab, k=spec.k, window=spec.window)
+        out[f"purity_{name}_pooled"] = M.label_purity(
+            space, tokens.position, lab, k=spec.k, window=None, n_queries=spec.n_queries)
     if coords is not None:
         out["projection"] = M.trustworthiness(space, coords, k=spec.k)
     return out

@@ -73,3 +73,16 @@ def test_reference_fit_scope(tree):
     assert view.metrics["purity_branch"]["purity"] > 3 * view.metrics["purity_branch"]["chance"]
     with pytest.raises(ValueError, match="width"):
         compute_view(plot, reference=branch_tree(d=32, seed=1))
+
+
+def test_removing_too_much_content_is_flagged(tree, raw):
+    """Projecting out 60 directions of the per-position means (most of them noise, i.e. content) lowers
+    matched-position prompt purity: the over-correction flag fires; per-position removal does not."""
+    from analysis.metrics import overcorrection
+
+    heavy = compute_view(tree, ViewSpec(residual=ResidualSpec(method="projection", k=60)))
+    gentle = compute_view(tree, ViewSpec(residual=ResidualSpec(method="per_position")))
+    assert overcorrection(raw.metrics["purity_prompt"], heavy.metrics["purity_prompt"])
+    assert not overcorrection(raw.metrics["purity_prompt"], gentle.metrics["purity_prompt"])
+    # Pooled over all positions, removal lets content show: prompt purity rises.
+    assert gentle.metrics["purity_prompt_pooled"]["purity"] >= raw.metrics["purity_prompt_pooled"]["purity"]

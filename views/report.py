@@ -9,6 +9,7 @@ from typing import Any
 
 from analysis.project import ProjectionSpec
 from analysis.residualize import ResidualSpec
+from analysis.metrics import overcorrection
 from analysis.view import ViewSpec
 from store import queries
 from store.connect import reading
@@ -23,6 +24,7 @@ COLUMNS = (
     ("leak /prompt", "leak_prompt", "{:+.3f}"),
     ("branch kNN", "purity_branch", "{:.3f}"), ("(chance)", "purity_branch_chance", "{:.3f}"),
     ("prompt kNN", "purity_prompt", "{:.3f}"), ("trust", "trustworthiness", "{:.3f}"),
+    ("content lost?", "overcorrected", "{}"),
 )
 
 
@@ -30,7 +32,11 @@ def layer_report(
     store: str | Path, run_id: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
     projection: str = "umap", generated_only: bool = False, cache: ViewCache | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (layer, method) with the view metrics, for every stored layer of the run."""
+    """One row per (layer, method) with the view metrics, for every stored layer of the run.
+
+    `overcorrected` says a method lowered matched-position branch or prompt purity by more than 0.05
+    against the raw view of the same layer: it removed content along with position.
+    """
     with reading(store) as con:
         runs = queries.list_runs(con)
         if runs.is_empty():
@@ -41,10 +47,18 @@ def layer_report(
         raise ValueError(f"run {run_id} has no stored latents")
     rows = []
     for layer in layers:
-        for method in methods:
+        raw = None
+        for method in ("none", *[m for m in methods if m != "none"]):
             spec = ViewSpec(residual=ResidualSpec(method=method), projection=ProjectionSpec(method=projection))
             view = compute(store, Selection(run_id, layer, generated_only=generated_only), spec, cache)
-            rows.append(_row(layer, spec.residual.label(), view.result.metrics))
+            metrics = view.result.metrics
+            raw = raw or metrics
+            row = _row(layer, spec.residual.label(), metrics)
+            row["overcorrected"] = "yes" if any(
+                overcorrection(raw.get(k, {}), metrics.get(k, {})) for k in ("purity_branch", "purity_prompt")
+            ) else ""
+            if method in methods:
+                rows.append(row)
     return rows
 
 
