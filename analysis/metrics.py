@@ -100,7 +100,8 @@ def knn_other_groups(
 ) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest tokens (Euclidean) among tokens of other groups.
 
-    Exact, by blocked distance matrices. Rows with fewer than k candidates are padded with -1.
+    Exact: blocked distance matrices, or a KD-tree in 1-3 dimensions (projections). Rows with fewer
+    than k candidates are padded with -1.
     """
     X = np.asarray(X, dtype=np.float32)
     groups = np.asarray(groups)
@@ -122,18 +123,9 @@ def knn_other_groups(
     return out
 
 
-def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """values permuted at random within each group."""
-    by_group = np.argsort(groups, kind="stable")
-    shuffled = np.lexsort((rng.random(len(groups)), groups))
-    out = np.empty_like(values)
-    out[by_group] = values[shuffled]
-    return out
-
-
 def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Low-dimensional case (a 2-D projection): a KD-tree query deep enough to skip the query's own group."""
-    _, codes, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    _, sizes = np.unique(groups, return_counts=True)
     depth = int(min(len(X), k + sizes.max()))
     _, idx = KDTree(X).query(X[queries], k=depth)
     other = groups[idx] != groups[queries, None]
@@ -141,6 +133,15 @@ def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarra
     rank = np.cumsum(other, axis=1) - 1
     rows, cols = np.nonzero(other & (rank < k))
     out[rows, rank[rows, cols]] = idx[rows, cols]
+    return out
+
+
+def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """values permuted at random within each group."""
+    by_group = np.argsort(groups, kind="stable")
+    shuffled = np.lexsort((rng.random(len(groups)), groups))
+    out = np.empty_like(values)
+    out[by_group] = values[shuffled]
     return out
 
 

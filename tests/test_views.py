@@ -53,9 +53,15 @@ def test_a_growing_run_is_recomputed(tmp_path, tree):
     run_id = write_tree(store, tree.subset(tree.prompt < 2))
     cache = ViewCache(tmp_path / "cache")
     small = compute(store, Selection(run_id, 0), FAST, cache)
+    one_prompt = Selection(run_id, 0, prompt_ids=(0,), fit_scope="run")
+    before = compute(store, one_prompt, FAST, cache)
+    assert compute(store, one_prompt, FAST, cache).timings["cached"] == 1.0
     write_tree(store, tree.subset(tree.prompt >= 2), run_id=run_id)
     grown = compute(store, Selection(run_id, 0), FAST, cache)
     assert grown.timings["cached"] == 0.0 and len(grown.points) > len(small.points)
+    # Prompt 0 itself did not change, but the run it is fitted on did.
+    refit = compute(store, one_prompt, FAST, cache)
+    assert refit.timings["cached"] == 0.0 and len(refit.points) == len(before.points)
 
 
 def test_prompt_subset_fitted_on_the_whole_run(synthetic_store, tree):

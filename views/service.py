@@ -15,9 +15,6 @@ from store import queries
 from store.connect import reading
 from views.cache import ViewCache
 
-FIT_SCOPES = ("plotted", "run")  # or the id of another run to fit on
-
-
 @dataclass(frozen=True)
 class Selection:
     """Which tokens of a run to plot."""
@@ -79,13 +76,14 @@ def compute(
                 f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
             )
         key = {"selection": selection.key(), "rows": count, "spec": spec.to_dict()}
-        if selection.fit_scope not in ("plotted", "run"):
-            key["reference_rows"] = queries.token_count(con, selection.fit_scope, selection.layer, selection.variant)
+        ref_run = _reference_run(selection)
+        if ref_run is not None:
+            key["reference_rows"] = queries.token_count(con, ref_run, selection.layer, selection.variant)
         hit = cache.get(key) if cache is not None else None
         keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
                                      _list(selection.prompt_ids), selection.generated_only,
                                      with_vectors=hit is None)
-        reference = None if hit is not None else _reference(con, selection)
+        reference = None if hit is not None or ref_run is None else _reference(con, ref_run, selection)
     load = time.perf_counter() - t0
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
@@ -95,10 +93,17 @@ def compute(
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
 
 
-def _reference(con, selection: Selection) -> TokenSet | None:
+def _reference_run(selection: Selection) -> str | None:
+    """The run to fit on, or None when the reference is the plotted set itself (no second read)."""
     if selection.fit_scope == "plotted":
         return None
-    run = selection.run_id if selection.fit_scope == "run" else selection.fit_scope
+    if selection.fit_scope == "run":
+        whole_run_plotted = selection.prompt_ids is None and not selection.generated_only
+        return None if whole_run_plotted else selection.run_id
+    return selection.fit_scope
+
+
+def _reference(con, run: str, selection: Selection) -> TokenSet:
     keys, X = queries.token_rows(con, run, selection.layer, selection.variant)
     if len(keys) == 0:
         raise ValueError(f"reference run {run} has no tokens at layer {selection.layer}, variant {selection.variant}")
