@@ -184,3 +184,8 @@ def test_view_spec_round_trips_and_single_prompt_metrics(tree):
     m = one.metrics
     assert m["heldout_by"] == "branch" and "leak_prompt" not in m and "purity_prompt" not in m
     assert np.isfinite(m["r2_pos"]["heldout"]) and np.isfinite(m["leak"]["leak"])
+
+
+def test_warm_up_command(capsys):
+    assert views_main(["warm-up"]) == 0
+    assert "projection kernels ready" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`python -m views report STORE`: per-layer position metrics, raw vs each residualizer."""
+"""`python -m views report STORE`: per-layer position metrics, raw vs each residualizer.
+`python -m views warm-up`: compile the projection kernels into numba's disk cache ahead of first use."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--generated-only", action="store_true", help="leave the prompt tokens out")
     rep.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     rep.add_argument("--no-cache", action="store_true", help="recompute instead of reading the view cache")
+    sub.add_parser("warm-up", help="compile UMAP's kernels into numba's disk cache (once per machine, ~30 s)")
     args = parser.parse_args(argv)
+    if args.command == "warm-up":
+        return _warm_up()
     try:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         with warnings.catch_warnings():
@@ -35,6 +39,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0
+
+
+def _warm_up() -> int:
+    import time
+
+    from analysis import jit
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jit.warm_up()
+    print(f"projection kernels ready in {time.perf_counter() - start:.1f} s (numba disk cache)")
     return 0
 
 
