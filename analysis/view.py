@@ -52,16 +52,11 @@ class ViewResult:
     residualizer: Residualizer | None = None
 
 
-def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenSet | None = None) -> ViewResult:
-    """Residualize `plot` with a residualizer fitted on `reference` (default: on `plot` itself), project it,
-    and measure it.
-
-    Fitting on a larger reference (all tokens of the run, or another run) keeps content that only the
-    plotted branches share from being taken for position.
-    """
-    spec = spec or ViewSpec()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+def residualize(
+    plot: TokenSet, spec: ViewSpec, reference: TokenSet | None = None
+) -> tuple[np.ndarray, TokenSet, Residualizer]:
+    """Drop sinks (if asked), fit the residualizer on `reference` (default: the kept plot tokens) and
+    return (kept indices into plot, the kept tokens with residual vectors, the fitted residualizer)."""
     keep = ~find_sinks(plot.X, plot.position, spec.sink_z) if spec.exclude_sinks else np.ones(len(plot), bool)
     index = np.flatnonzero(keep)
     tokens = plot.subset(index)
@@ -73,21 +68,34 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     if ref.dim != tokens.dim:
         raise ValueError(f"reference vectors have width {ref.dim}, plotted ones {tokens.dim}")
     residualizer = make_residualizer(spec.residual).fit(ref.X, ref.position)
-    residual = residualizer.transform(tokens.X, tokens.position)
+    return index, tokens.with_X(residualizer.transform(tokens.X, tokens.position)), residualizer
+
+
+def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenSet | None = None) -> ViewResult:
+    """Residualize `plot` with a residualizer fitted on `reference` (default: on `plot` itself), project it,
+    and measure it.
+
+    Fitting on a larger reference (all tokens of the run, or another run) keeps content that only the
+    plotted branches share from being taken for position.
+    """
+    spec = spec or ViewSpec()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    index, tokens, residualizer = residualize(plot, spec, reference)
     timings["residualize"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    coords = project(residual, spec.projection)
+    coords = project(tokens.X, spec.projection)
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    metrics = measure(tokens.with_X(residual), coords, spec) if spec.metrics else {}
+    metrics = measure(tokens, coords, spec) if spec.metrics else {}
     timings["metrics"] = time.perf_counter() - t2
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
     if hasattr(residualizer, "lam_"):
         metrics["shrink"] = float(residualizer.lam_)
-    return ViewResult(index, coords, residual, metrics, timings, residualizer)
+    return ViewResult(index, coords, tokens.X, metrics, timings, residualizer)
 
 
 def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict[str, Any]:

@@ -19,9 +19,9 @@ def _is_lock_error(exc: Exception) -> bool:
     return isinstance(exc, duckdb.IOException) and LOCK_MESSAGE in str(exc)
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+def _connect(path: Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     try:
-        return duckdb.connect(str(path), read_only=read_only)
+        return duckdb.connect(str(path), read_only=read_only, config=config or {})
     except duckdb.IOException as exc:
         if _is_lock_error(exc):
             raise
@@ -30,13 +30,15 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
         raise StoreError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
 
 
-def connect_with_retry(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBPyConnection:
+def connect_with_retry(
+    path: Path, read_only: bool, lock_timeout: float, config: dict | None = None
+) -> duckdb.DuckDBPyConnection:
     """Connect, waiting up to lock_timeout seconds while another process holds the file."""
     deadline = time.monotonic() + lock_timeout
     delay = 0.05
     while True:
         try:
-            return _connect(path, read_only)
+            return _connect(path, read_only, config)
         except duckdb.IOException as exc:
             if time.monotonic() >= deadline:
                 who = "written by another process" if read_only else "open in another process"
@@ -48,12 +50,12 @@ def connect_with_retry(path: Path, read_only: bool, lock_timeout: float) -> duck
             delay = min(delay * 2, 1.0)
 
 
-def open_read(path: str | Path, lock_timeout: float = 0.0) -> duckdb.DuckDBPyConnection:
+def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """A read-only connection to an existing store whose schema version this code reads."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"store {path} does not exist")
-    con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout)
+    con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=config)
     try:
         check_version(read_meta(con, str(path)), str(path))
     except Exception:

@@ -169,3 +169,30 @@ def run_layers(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, list[in
         params=[run_id],
     ).fetchall()
     return {variant: list(layers) for variant, layers in rows}
+
+
+def prompts(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame:
+    """The run's prompts (prompt_id, text, n_tokens), by id."""
+    return pl.from_arrow(con.sql(
+        "SELECT prompt_id, text, n_tokens FROM prompts WHERE run_id = ? ORDER BY prompt_id", params=[run_id]
+    ).to_arrow_table())
+
+
+def lineage_text(
+    con: duckdb.DuckDBPyConnection, run_id: str, prompt_ids: list[int] | None = None
+) -> pl.DataFrame:
+    """Every branch's full token sequence (prefix included) as (branch_id, position, token_text), for the
+    text panel and token context windows; optionally only some prompts."""
+    where, params = "", {"run": run_id}
+    if prompt_ids is not None:
+        where = " AND b.prompt_id IN (SELECT unnest($prompts))"
+        params["prompts"] = [int(p) for p in prompt_ids]
+    return pl.from_arrow(con.sql(
+        f"""
+        SELECT bt.branch_id, bt.position, bt.token_text
+        FROM branch_tokens bt JOIN branches b USING (run_id, branch_id)
+        WHERE bt.run_id = $run{where}
+        ORDER BY bt.branch_id, bt.position
+        """,
+        params=params,
+    ).to_arrow_table())

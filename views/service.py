@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 from analysis.tokens import TokenSet
-from analysis.view import ViewResult, ViewSpec, compute_view
+from analysis.view import ViewResult, ViewSpec, compute_view, measure, residualize
 from store import queries
 from store.connect import reading
 from views.cache import ViewCache
@@ -60,6 +60,7 @@ def to_token_set(keys: pl.DataFrame, X: np.ndarray) -> TokenSet:
 
 def compute(
     store: str | Path, selection: Selection, spec: ViewSpec | None = None, cache: ViewCache | None = None,
+    lock_timeout: float = 0.0,
 ) -> View:
     """Read the selected tokens, fit on the chosen scope, residualize, project and measure; cached.
 
@@ -68,7 +69,7 @@ def compute(
     """
     spec = spec or ViewSpec()
     t0 = time.perf_counter()
-    with reading(store) as con:
+    with reading(store, lock_timeout) as con:
         count = queries.token_count(con, selection.run_id, selection.layer, selection.variant,
                                     _list(selection.prompt_ids), selection.generated_only)
         if count == 0:
@@ -112,3 +113,55 @@ def _reference(con, run: str, selection: Selection) -> TokenSet:
 
 def _list(ids: tuple[int, ...] | None) -> list[int] | None:
     return list(ids) if ids is not None else None
+
+
+def layer_profile(
+    store: str | Path, selection: Selection, spec: ViewSpec, layers: list[int], cache: ViewCache | None = None,
+    lock_timeout: float = 0.0,
+) -> list[dict]:
+    """Per layer, how much position the raw latents and the residualized ones hold (no projection):
+    rows of layer, method ('raw' or the residualizer's label), r2, chance, adjusted, heldout, leak."""
+    rows = []
+    for layer in layers:
+        sel = replace(selection, layer=layer)
+        for residual in (replace(spec.residual, method="none"), spec.residual):
+            layer_spec = replace(spec, residual=residual)
+            key = {"profile": sel.key(), "spec": layer_spec.to_dict()}
+            with reading(store, lock_timeout) as con:
+                key["rows"] = queries.token_count(con, sel.run_id, layer, sel.variant, _list(sel.prompt_ids),
+                                                  sel.generated_only)
+                hit = cache.get(key) if cache is not None else None
+                if hit is None:
+                    keys, X = queries.token_rows(con, sel.run_id, layer, sel.variant, _list(sel.prompt_ids),
+                                                 sel.generated_only)
+                    ref_run = _reference_run(sel)
+                    reference = _reference(con, ref_run, sel) if ref_run is not None else None
+            if hit is None:
+                _, tokens, _ = residualize(to_token_set(keys, X), layer_spec, reference)
+                metrics = measure(tokens, None, layer_spec)
+                hit = ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
+                if cache is not None:
+                    cache.put(key, hit)
+            m = hit.metrics
+            rows.append({
+                "layer": layer, "method": residual.label(), "r2": m["r2_pos"]["r2"], "chance": m["r2_pos"]["chance"],
+                "adjusted": m["r2_pos"]["adjusted"], "heldout": m["r2_pos"]["heldout"],
+                "leak": m.get("leak", {}).get("leak", float("nan")),
+                "leak_prompt": m.get("leak_prompt", {}).get("leak", float("nan")),
+            })
+            if spec.residual.method == "none":
+                break
+    return rows
+
+
+def residuals(
+    store: str | Path, selection: Selection, spec: ViewSpec, lock_timeout: float = 0.0
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """The plotted tokens (sinks dropped as in the view) and their residual vectors, for clustering."""
+    with reading(store, lock_timeout) as con:
+        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
+                                     _list(selection.prompt_ids), selection.generated_only)
+        ref_run = _reference_run(selection)
+        reference = _reference(con, ref_run, selection) if ref_run is not None else None
+    index, tokens, _ = residualize(to_token_set(keys, X), spec, reference)
+    return keys[index], tokens.X

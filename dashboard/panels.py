@@ -1,0 +1,114 @@
+"""Main-area panels: metrics, text and tree, clusters, SQL, exports."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from analysis.clusters import cluster, cluster_summary
+from analysis.metrics import overcorrection
+from store.sandbox import SqlError, run_query
+
+
+def _fmt(value: float, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
+    """Rows: metric, raw, position removed, chance."""
+    def get(m: dict, name: str, field: str) -> float:
+        return m.get(name, {}).get(field, float("nan"))
+
+    rows = [
+        ("R2_pos (variance explained by position)", "r2_pos", "r2", "r2_pos", "chance", False),
+        ("R2_pos held-out (other prompts' means)", "r2_pos", "heldout", None, None, True),
+        ("kNN position leak, full space", "leak", "leak", None, None, True),
+        ("kNN position leak, 2-D", "leak_2d", "leak", None, None, True),
+        ("kNN position leak, other prompts only", "leak_prompt", "leak", None, None, True),
+        ("branch kNN purity, matched positions", "purity_branch", "purity", "purity_branch", "chance", False),
+        ("prompt kNN purity, matched positions", "purity_prompt", "purity", "purity_prompt", "chance", False),
+        ("trustworthiness of the 2-D layout", "projection", "trustworthiness", None, None, False),
+    ]
+    out = []
+    for label, name, field, c_name, c_field, signed in rows:
+        chance = get(raw, c_name, c_field) if c_name else (0.0 if signed else 0.5)
+        out.append({"metric": label, "raw": _fmt(get(raw, name, field), signed),
+                    "position removed": _fmt(get(res, name, field), signed), "chance": _fmt(chance, signed)})
+    return pl.DataFrame(out)
+
+
+def metrics_panel(raw: dict, res: dict) -> None:
+    st.dataframe(metrics_table(raw, res), hide_index=True, width="stretch")
+    st.caption("Leaks: 0 = chance (positions shuffled within branches), 1 = neighbours at the same position. "
+               f"{res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")
+    if any(overcorrection(raw.get(k, {}), res.get(k, {})) for k in ("purity_branch", "purity_prompt")):
+        st.warning("Over-correction: branch or prompt separability at matched positions dropped after removal, "
+                   "so the method removed content too. Fit on a larger reference (sidebar: Fit on) or use "
+                   "fewer directions.")
+
+
+def text_panel(html_text: str, n_selected: int) -> None:
+    st.caption(f"{n_selected} tokens selected (marked). Draw a box in either chart to select.")
+    st.markdown(f'<div style="max-height:520px;overflow-y:auto">{html_text}</div>', unsafe_allow_html=True)
+
+
+def clusters_panel(keys: pl.DataFrame, X, key: str = "clusters") -> None:
+    c1, c2 = st.columns(2)
+    method = c1.radio("Clustering", ["kmeans", "hdbscan"], horizontal=True, key=f"{key}_method")
+    k = c2.slider("k (k-means) / min cluster size (HDBSCAN)", 2, 40, 8, key=f"{key}_k")
+    labels = cluster(X, method=method, k=k, min_cluster_size=k)
+    summary = cluster_summary(labels, keys["token_text"].to_list(), keys["branch_id"].to_numpy())
+    st.dataframe(pl.DataFrame([{
+        "cluster": "noise" if s["cluster"] == -1 else str(s["cluster"]), "tokens": s["size"],
+        "most frequent tokens": ", ".join(f"{t!r}×{n}" for t, n in s["top_tokens"]),
+        "branches (tokens)": ", ".join(f"{b} ({n})" for b, n in s["branches"][:8]),
+    } for s in summary]), hide_index=True, width="stretch")
+    return labels
+
+
+def sql_panel(store: str, run_id: str) -> None:
+    st.caption("Read-only: no writes, no file or network access, at most 10,000 rows and 10 s per query.")
+    default = (f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
+               f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20")
+    sql = st.text_area("SQL", value=default, height=140, key="sql")
+    if not st.button("Run query", key="sql_run"):
+        return
+    try:
+        result = run_query(store, sql)
+    except SqlError as exc:
+        st.error(f"Query refused or failed: {exc}")
+        return
+    except Exception as exc:  # the store itself (missing, locked): a message, not a traceback
+        st.error(str(exc))
+        return
+    frame = pl.from_arrow(result.table)
+    note = " (truncated at 10,000 rows)" if result.truncated else ""
+    st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}")
+    st.dataframe(frame, width="stretch")
+    downloads(frame, "query")
+
+
+def downloads(frame: pl.DataFrame, name: str) -> None:
+    c1, c2 = st.columns(2)
+    c1.download_button("CSV", frame.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv")
+    buf = io.BytesIO()
+    frame.write_parquet(buf)
+    c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq")
+
+
+def chart_exports(chart: alt.TopLevelMixin, name: str) -> None:
+    """PNG and SVG of the chart, rendered on request (vl-convert)."""
+    if not st.button("Prepare PNG / SVG", key=f"{name}_render"):
+        return
+    import vl_convert as vlc
+
+    spec = chart.to_json()
+    c1, c2 = st.columns(2)
+    c1.download_button("PNG", vlc.vegalite_to_png(spec, scale=2), f"{name}.png", "image/png", key=f"{name}_png")
+    c2.download_button("SVG", vlc.vegalite_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{name}_svg")

@@ -1,0 +1,195 @@
+"""The dashboard driven by Streamlit's AppTest on real stores: a tiny-model ingest and synthetic trees."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import PROMPTS, PYTHON, ingest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+@pytest.fixture(scope="module")
+def store(model_dirs, tmp_path_factory):
+    """A real ingest on the tiny Llama: 3 prompts x 2 samples x 1 fork, layers 0, 1, 2."""
+    from ingest.config import build_config
+
+    path = tmp_path_factory.mktemp("app") / "app.duckdb"
+    cfg = build_config(dict(model=str(model_dirs["llama"]), prompts=list(PROMPTS), samples=2, forks=1, depth=1,
+                            max_new_tokens=10, layers=[0, 1, 2], device="cpu", store=str(path)))
+    return path, ingest(cfg).run_id
+
+
+@pytest.fixture(autouse=True)
+def app_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BRANCHLENS_LOCK_TIMEOUT", "1")
+
+
+def open_app(path) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=240)
+    at.session_state["store_path"] = str(path)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def chart_tables(at: AppTest) -> list[list[pa.Table]]:
+    """Per Vega-Lite chart on the page, its datasets as Arrow tables."""
+    out = []
+    for el in _elements(at.main):
+        if getattr(el, "type", None) == "vega_lite_chart":
+            out.append([pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
+    return out
+
+
+def _elements(node):
+    children = getattr(node, "children", None)
+    if isinstance(children, dict):
+        for child in children.values():
+            yield from _elements(child)
+    else:
+        yield node
+
+
+def projection(at: AppTest) -> dict[str, pa.Table]:
+    """The side-by-side chart's points, trajectory vertices and fork markers."""
+    tables = chart_tables(at)[0]
+    named = {}
+    for t in tables:
+        cols = set(t.column_names)
+        if {"raw_x", "res_x", "token_text"} <= cols:
+            named["points"] = t
+        elif "order" in cols:
+            named.setdefault("lines", t)
+        elif "anchor_branch_id" in cols:
+            named.setdefault("forks", t)
+    return named
+
+
+def expected_tokens(path, run_id, layer=1, generated_only=False) -> int:
+    with duckdb.connect(str(path), read_only=True) as con:
+        where = " AND NOT t.is_prompt" if generated_only else ""
+        return con.execute(
+            "SELECT count(*) FROM latents l JOIN tokens t USING (run_id, branch_id, position) "
+            f"WHERE l.run_id = ? AND l.layer = ? AND t.position > 0{where}", [run_id, layer]).fetchall()[0][0]
+
+
+def test_opens_the_store_with_both_projections_trajectories_and_numbers(store):
+    path, run_id = store
+    at = open_app(path)
+    assert at.selectbox(key="run").value == run_id
+    assert at.selectbox(key="layer").value == 1  # the middle stored layer
+    parts = projection(at)
+    # Every stored token but the BOS sinks, once in each panel's dataset (the two panels share it).
+    assert parts["points"].num_rows == expected_tokens(path, run_id)
+    with duckdb.connect(str(path), read_only=True) as con:
+        n_branches, n_children = con.execute(
+            "SELECT count(*), count(parent_branch_id) FROM branches WHERE run_id = ?", [run_id]).fetchall()[0]
+    assert len(set(parts["lines"].column("branch_id").to_pylist())) == n_branches
+    # Every child starts its line at a fork point on its lineage (the BOS is never a fork point here).
+    assert parts["forks"].num_rows == n_children
+    metrics = at.dataframe[0].value
+    assert "R2_pos (variance explained by position)" in metrics["metric"].to_list()
+    assert at.markdown and "<mark>" not in at.markdown[0].value  # nothing selected yet
+
+
+def test_widgets_change_the_view(store):
+    path, run_id = store
+    at = open_app(path)
+    before = projection(at)["points"]
+    at.checkbox(key="generated_only").check().run()
+    generated = projection(at)["points"]
+    assert generated.num_rows == expected_tokens(path, run_id, generated_only=True) < before.num_rows
+    at.checkbox(key="generated_only").uncheck()
+    at.selectbox(key="layer").set_value(2).run()
+    other_layer = projection(at)["points"]
+    assert other_layer.num_rows == before.num_rows
+    assert other_layer.column("raw_x").to_pylist() != before.column("raw_x").to_pylist()
+    at.checkbox(key="trajectories").uncheck().run()
+    assert "lines" not in projection(at) and "forks" not in projection(at)
+    at.selectbox(key="color_by").set_value("position").run()
+    spec = json.loads(next(e for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart").proto.spec)
+    assert "position" in json.dumps(spec["hconcat"][0]["layer"][-1]["encoding"]["color"])
+    at.checkbox(key="keep_sinks").check().run()
+    assert projection(at)["points"].num_rows == before.num_rows + 3  # the three prompts' BOS tokens
+    assert not at.exception
+
+
+def test_layers_tab_and_clusters(store):
+    path, run_id = store
+    at = open_app(path)
+    profile = [t for t in chart_tables(at) if t and "method" in t[0].column_names]
+    assert profile and set(profile[0][0].column("layer").to_pylist()) == {0, 1, 2}
+    clusters = at.dataframe[-1].value
+    assert clusters["tokens"].sum() == expected_tokens(path, run_id)
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("CREATE TABLE x AS SELECT 1", "CREATE statements are not allowed"),
+    ("COPY tokens TO 'out.csv'", "COPY statements are not allowed"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
+    ("ATTACH 'other.duckdb' AS other", "ATTACH statements are not allowed"),
+])
+def test_sql_tab_refuses_writes_and_files(store, sql, message):
+    path, _ = store
+    at = open_app(path)
+    at.text_area(key="sql").input(sql)
+    at.button(key="sql_run").click().run()
+    assert not at.exception
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+
+
+def test_sql_tab_runs_a_query(store):
+    path, run_id = store
+    at = open_app(path)
+    at.text_area(key="sql").input(f"SELECT branch_id, count(*) AS n FROM tokens WHERE run_id = '{run_id}' GROUP BY 1")
+    at.button(key="sql_run").click().run()
+    assert not at.error
+    with duckdb.connect(str(path), read_only=True) as con:
+        n = con.execute("SELECT count(*) FROM branches WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    assert len(at.dataframe[-1].value) == n
+
+
+def test_missing_empty_and_foreign_stores_give_messages(tmp_path):
+    at = open_app(tmp_path / "nothing.duckdb")
+    assert "No store at" in at.info[0].value
+    from store.writer import StoreWriter
+
+    empty = tmp_path / "empty.duckdb"
+    StoreWriter(empty, created_by="test").prepare(8)
+    at = open_app(empty)
+    assert "holds no runs" in at.info[0].value
+    foreign = tmp_path / "foreign.duckdb"
+    with duckdb.connect(str(foreign)) as con:
+        con.execute("CREATE TABLE t(a INT)")
+    at = open_app(foreign)
+    assert at.error and "branchlens" in at.error[0].value
+
+
+def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
+    """DuckDB allows one writer xor readers: while another process holds the file, the app says so."""
+    path, _ = store
+    copy = tmp_path / "busy.duckdb"
+    copy.write_bytes(Path(path).read_bytes())
+    holder = subprocess.Popen([PYTHON, "-c", f"import duckdb, time; c = duckdb.connect({str(copy)!r}); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        at = open_app(copy)
+        assert at.warning and "ingest is committing" in at.warning[0].value
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.2)
+    at = open_app(copy)
+    assert not at.warning and projection(at)["points"].num_rows > 0
