@@ -52,7 +52,7 @@ def projection_panel(
     layers: list[alt.Chart] = []
     if trajectories:
         lines = trajectory_lines(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"})
-        layers.append(alt.Chart(lines).mark_line(strokeWidth=1, opacity=0.35).encode(
+        layers.append(alt.Chart(lines).mark_line(strokeWidth=0.8, opacity=0.25).encode(
             x=x, y=y, detail="branch_id:N", order="order:Q", color=alt.value("#7a7a7a"),
         ))
         forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"})
