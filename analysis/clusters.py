@@ -27,7 +27,7 @@ def cluster(
         k = int(min(k, len(X)))
         return KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(Y).astype(np.int64)
     size = int(max(2, min(min_cluster_size, len(X))))
-    return HDBSCAN(min_cluster_size=size).fit_predict(Y).astype(np.int64)
+    return HDBSCAN(min_cluster_size=size, copy=True).fit_predict(Y).astype(np.int64)
 
 
 def cluster_summary(

@@ -38,7 +38,7 @@ def projection_panel(
     points holds {prefix}_x / {prefix}_y; every brush in `brushes` dims the points outside it, so a box
     drawn in either panel highlights the same tokens in both.
     """
-    xy = points.rename({f"{prefix}_x": "x", f"{prefix}_y": "y"})
+    xy = points.drop(["x", "y"], strict=False).rename({f"{prefix}_x": "x", f"{prefix}_y": "y"})
     x = alt.X(f"{prefix}_x:Q", title=None, axis=alt.Axis(labels=False, ticks=False))
     y = alt.Y(f"{prefix}_y:Q", title=None, axis=alt.Axis(labels=False, ticks=False))
     selected = None

@@ -74,7 +74,7 @@ def controls(run: dict, other_runs: list[str]) -> Controls:
         pparams["seed"] = st.number_input("seed", 0, 10_000, 0, key="seed")
     color_by = sb.selectbox("Colour by", list(COLOR_BY), key="color_by")
     trajectories = sb.checkbox("Trajectories and fork points", value=True, key="trajectories")
-    max_points = sb.number_input("Max points drawn", 1000, 200_000, 20_000, step=1000, key="max_points")
+    max_points = sb.number_input("Max points drawn", 100, 200_000, 20_000, step=1000, key="max_points")
 
     selection = Selection(run["run_id"], int(layer) if layer is not None else 0, variant,
                           tuple(sorted(chosen)) if chosen else None, generated_only, fit_scope)

@@ -193,3 +193,29 @@ def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
     time.sleep(0.2)
     at = open_app(copy)
     assert not at.warning and projection(at)["points"].num_rows > 0
+
+
+def test_too_many_points_are_sampled_by_branch_or_binned(store):
+    path, run_id = store
+    at = open_app(path)
+    total = projection(at)["points"].num_rows
+    at.number_input(key="max_points").set_value(100).run()
+    assert total > 100 and any("more than 100 to draw" in r.label for r in at.radio)
+    assert at.warning and "slow the browser" in at.warning[0].value
+    sampled = projection(at)["points"]
+    assert 0 < sampled.num_rows <= 100
+    # Whole branches only: every sampled branch has all its plotted tokens.
+    counts = {}
+    for b in sampled.column("branch_id").to_pylist():
+        counts[b] = counts.get(b, 0) + 1
+    with duckdb.connect(str(path), read_only=True) as con:
+        full = dict(con.execute(
+            "SELECT l.branch_id, count(*) FROM latents l WHERE run_id = ? AND layer = 1 AND position > 0 "
+            "GROUP BY 1", [run_id]).fetchall())
+    assert all(full[b] == n for b, n in counts.items())
+    at.radio(key="big_mode").set_value("density").run()
+    spec = json.loads(next(e for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart").proto.spec)
+    assert spec["hconcat"][0]["mark"]["type"] == "rect"
+    at.selectbox(key="color_by").set_value("cluster")
+    at.radio(key="big_mode").set_value("draw all").run()
+    assert projection(at)["points"].num_rows == total and not at.exception
