@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -22,19 +21,14 @@ LOCK_TIMEOUT = float(os.environ.get("BRANCHLENS_LOCK_TIMEOUT", "5"))  # seconds 
 
 
 def version(path: str) -> tuple:
-    """Changes whenever the store (or its write-ahead log) changes: part of every cache key."""
-    out = []
-    for p in (Path(path), Path(str(path) + ".wal")):
-        try:
-            st_ = p.stat()
-            out.append((st_.st_mtime_ns, st_.st_size))
-        except OSError:
-            out.append(None)
-    return tuple(out)
+    """Changes whenever an ingest commits to the store: part of every cache key. A short query, not file
+    times (two commits within the file system's timestamp resolution would look the same)."""
+    with reading(path, LOCK_TIMEOUT) as con:
+        return queries.fingerprint(con)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def overview(path: str, _version: tuple) -> dict[str, Any]:
+def overview(path: str, data_version: tuple) -> dict[str, Any]:
     """Runs (newest first) with their layers, variants and prompts."""
     with reading(path, LOCK_TIMEOUT) as con:
         runs = queries.list_runs(con)
@@ -51,7 +45,7 @@ def overview(path: str, _version: tuple) -> dict[str, Any]:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def branches_and_text(path: str, _version: tuple, run_id: str, prompt_ids: tuple[int, ...] | None):
+def branches_and_text(path: str, data_version: tuple, run_id: str, prompt_ids: tuple[int, ...] | None):
     with reading(path, LOCK_TIMEOUT) as con:
         branches = queries.branches(con, run_id)
         lineage = queries.lineage_text(con, run_id, list(prompt_ids) if prompt_ids is not None else None)
@@ -61,21 +55,21 @@ def branches_and_text(path: str, _version: tuple, run_id: str, prompt_ids: tuple
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def view(path: str, _version: tuple, selection: Selection, spec_json: str) -> tuple[pl.DataFrame, dict]:
+def view(path: str, data_version: tuple, selection: Selection, spec_json: str) -> tuple[pl.DataFrame, dict]:
     """Plotted tokens with x, y, and the view's metrics (disk-cached across sessions as well)."""
     v = compute(path, selection, ViewSpec.from_dict(json.loads(spec_json)), ViewCache(), LOCK_TIMEOUT)
     return v.points, v.result.metrics
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def profile(path: str, _version: tuple, selection: Selection, spec_json: str, layers: tuple[int, ...]) -> pl.DataFrame:
+def profile(path: str, data_version: tuple, selection: Selection, spec_json: str, layers: tuple[int, ...]) -> pl.DataFrame:
     rows = layer_profile(path, selection, ViewSpec.from_dict(json.loads(spec_json)), list(layers), ViewCache(),
                          LOCK_TIMEOUT)
     return pl.DataFrame(rows)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def residual_vectors(path: str, _version: tuple, selection: Selection, spec_json: str):
+def residual_vectors(path: str, data_version: tuple, selection: Selection, spec_json: str):
     return residuals(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT)
 
 

@@ -196,3 +196,13 @@ def lineage_text(
         """,
         params=params,
     ).to_arrow_table())
+
+
+def fingerprint(con: duckdb.DuckDBPyConnection) -> tuple:
+    """Changes whenever data is committed: each run's id, status and number of written prompt trees (a
+    prompt tree is written in one transaction, so this count moves with every commit)."""
+    rows = con.sql(
+        "SELECT r.run_id, r.status, (SELECT count(*) FROM prompts p WHERE p.run_id = r.run_id) "
+        "FROM runs r ORDER BY r.run_id"
+    ).fetchall()
+    return tuple(tuple(r) for r in rows)

@@ -219,3 +219,58 @@ def test_too_many_points_are_sampled_by_branch_or_binned(store):
     at.selectbox(key="color_by").set_value("cluster")
     at.radio(key="big_mode").set_value("draw all").run()
     assert projection(at)["points"].num_rows == total and not at.exception
+
+
+def test_app_reads_while_an_ingest_writes(model_dirs, tmp_path):
+    """Two real processes: an ingest writing prompt after prompt, the app re-reading the store meanwhile.
+    The app never raises, shows either the committed data or a note, and the ingest finishes."""
+    import tomli_w
+
+    from conftest import cli_env
+
+    import threading
+
+    prompts = [f"{p} {i}" for i in range(12) for p in PROMPTS]
+    config = tmp_path / "run.toml"
+    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=1,
+                                         max_new_tokens=32, layers=[0, 2], device="cpu")))
+    store = tmp_path / "live.duckdb"
+    ingest_proc = subprocess.Popen(
+        [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"],
+        env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    first_prompt = threading.Event()
+    log: list[str] = []
+
+    def follow() -> None:
+        for line in ingest_proc.stderr:
+            log.append(line)
+            if line.startswith("prompt ") and "written" in line:
+                first_prompt.set()
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    seen = set()
+    try:
+        assert first_prompt.wait(timeout=300), "".join(log)[-2000:]
+        deadline = time.monotonic() + 300
+        while ingest_proc.poll() is None and time.monotonic() < deadline:
+            at = open_app(store)  # asserts no exception
+            if at.warning and "ingest is committing" in at.warning[0].value:
+                seen.add("busy")
+            elif at.info and "No store at" in at.info[0].value:
+                seen.add("missing")
+            elif any("still being written" in i.value for i in at.info):
+                assert projection(at)["points"].num_rows > 0
+                seen.add("partial")
+            elif chart_tables(at):
+                seen.add("complete")
+    finally:
+        ingest_proc.wait(timeout=300)
+        reader.join(timeout=10)
+    assert ingest_proc.returncode == 0, "".join(log)[-2000:]
+    assert "partial" in seen, seen  # the app showed a run in progress at least once
+    final = open_app(store)
+    assert not any("still being written" in i.value for i in final.info)
+    with duckdb.connect(str(store), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM prompts").fetchall()[0][0] == len(prompts)
