@@ -81,7 +81,10 @@ points = res_points.rename({"x": "res_x", "y": "res_y"}).join(
     raw_points.select("branch_id", "position", pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y")),
     on=["branch_id", "position"], how="inner",
 )
-points = points.with_columns(pl.Series("context", text.context_windows(points, lineage)))
+points = points.with_columns(
+    pl.Series("context", text.context_windows(points, lineage)),
+    pl.col("token_text").map_elements(text.printable, return_dtype=pl.String),
+)
 
 tab_space, tab_layers, tab_clusters, tab_sql = st.tabs(["Latent space", "Layers", "Clusters", "SQL"])
 

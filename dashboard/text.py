@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import html
+import unicodedata
 
 import polars as pl
+
+
+def printable(text: str) -> str:
+    """Control characters as visible escapes (⏎ for newlines): raw bytes that random or byte-level models
+    emit otherwise break SVG/PNG export (not valid XML) and hide in tooltips."""
+    out = []
+    for ch in text:
+        if ch == "\n":
+            out.append("⏎")
+        elif ch == "\t":
+            out.append("⇥")
+        elif unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _sequences(lineage: pl.DataFrame) -> dict[int, list[str]]:
@@ -24,7 +41,7 @@ def context_windows(points: pl.DataFrame, lineage: pl.DataFrame, before: int = 8
         left = "".join(seq[max(0, pos - before):pos])
         right = "".join(seq[pos + 1:pos + 1 + after])
         token = seq[pos] if pos < len(seq) else ""
-        out.append(f"…{left}[{token}]{right}…".replace("\n", "⏎"))
+        out.append(printable(f"…{left}[{token}]{right}…"))
     return out
 
 
@@ -57,12 +74,12 @@ def branches_html(
         seq = seqs.get(branch, [])
         own = []
         for pos in range(fork, len(seq)):
-            tok = html.escape(seq[pos]).replace("\n", "⏎")
+            tok = html.escape(printable(seq[pos]))
             own.append(f"<mark>{tok}</mark>" if (branch, pos) in highlight else tok)
         if kind == "prompt":
             head = f"<b>prompt {prompt}</b> (branch {branch})"
         else:
-            before = html.escape("".join(seq[max(0, fork - 3):fork])).replace("\n", "⏎")
+            before = html.escape(printable("".join(seq[max(0, fork - 3):fork])))
             head = f"↳ <b>branch {branch}</b> {kind}, from position {fork} after “{before}”"
         pad = 1.4 * depth
         lines.append(f'<div style="margin-left:{pad}em;margin-bottom:0.35em">{head}: '

@@ -169,6 +169,12 @@ def test_missing_empty_and_foreign_stores_give_messages(tmp_path):
     StoreWriter(empty, created_by="test").prepare(8)
     at = open_app(empty)
     assert "holds no runs" in at.info[0].value
+    newer = tmp_path / "newer.duckdb"
+    StoreWriter(newer, created_by="test").prepare(8)
+    with duckdb.connect(str(newer)) as con:
+        con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    at = open_app(newer)
+    assert at.error and "schema version 99" in at.error[0].value
     foreign = tmp_path / "foreign.duckdb"
     with duckdb.connect(str(foreign)) as con:
         con.execute("CREATE TABLE t(a INT)")
@@ -274,3 +280,14 @@ def test_app_reads_while_an_ingest_writes(model_dirs, tmp_path):
     assert not any("still being written" in i.value for i in final.info)
     with duckdb.connect(str(store), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM prompts").fetchall()[0][0] == len(prompts)
+
+
+def test_exports(store):
+    path, run_id = store
+    at = open_app(path)
+    downloads = {b.proto.label for b in at.get("download_button")}
+    assert {"CSV", "Parquet"} <= downloads and "PNG" not in downloads
+    at.button(key=f"branchlens-{run_id}-layer1_render").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert {"PNG", "SVG"} <= {b.proto.label for b in at.get("download_button")}

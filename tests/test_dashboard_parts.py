@@ -113,3 +113,14 @@ def test_sandbox_caps_rows_stops_long_queries_and_allows_describe(sql_store):
         run_query(sql_store, "SET enable_external_access = true")
     with pytest.raises(SqlError, match="file system operations are disabled"):
         run_query(sql_store, "SELECT * FROM glob('/etc/*')")
+
+
+def test_printable_makes_byte_tokens_safe_for_svg():
+    from dashboard.text import printable
+
+    assert printable("a\x1db\nc\td") == "a\\x1db⏎c⇥d"
+    import altair as alt
+    import vl_convert as vlc
+
+    chart = alt.Chart(pl.DataFrame({"t": [printable("x\x1d\x00y")], "v": [1]})).mark_text().encode(text="t:N")
+    assert vlc.vegalite_to_svg(chart.to_json()).startswith("<svg")
