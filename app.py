@@ -101,16 +101,7 @@ with tab_space:
                         ["sample branches", "density", "draw all"], horizontal=True, key="big_mode")
         st.warning("Large views slow the browser down; sampling keeps whole branches, density bins the plane.")
         if mode == "sample branches":
-            ids = points["branch_id"].unique().sample(fraction=1.0, shuffle=True, seed=0).to_list()
-            sizes = points.group_by("branch_id").len()
-            keep, total = [], 0
-            for b in ids:
-                n = int(sizes.filter(pl.col("branch_id") == b)["len"][0])
-                if total + n > ctl.max_points:
-                    break
-                keep.append(b)
-                total += n
-            drawn = points.filter(pl.col("branch_id").is_in(keep))
+            drawn = charts.sample_branches(points, ctl.max_points)
     if len(points) > ctl.max_points and st.session_state.get("big_mode") == "density":
         chart = charts.density(points)
         st.altair_chart(chart, key="density")

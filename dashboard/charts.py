@@ -90,6 +90,13 @@ def layer_profile(rows: pl.DataFrame) -> alt.LayerChart:
     return alt.layer(r2, chance).properties(height=260, title="Position per layer (dashed: chance)")
 
 
+def sample_branches(points: pl.DataFrame, max_points: int, seed: int = 0) -> pl.DataFrame:
+    """Whole branches, in a seeded random order, while their tokens fit in max_points."""
+    sizes = points.group_by("branch_id").len().sample(fraction=1.0, shuffle=True, seed=seed)
+    keep = sizes.filter(pl.col("len").cum_sum() <= max_points)["branch_id"]
+    return points.filter(pl.col("branch_id").is_in(keep.implode()))
+
+
 def selected_rows(points: pl.DataFrame, selection: dict) -> pl.DataFrame:
     """The points inside the brushes a Streamlit selection event reports ({param: {field: [lo, hi]}})."""
     mask = pl.lit(True)
