@@ -89,8 +89,10 @@ points = points.with_columns(
 tab_space, tab_layers, tab_clusters, tab_sql = st.tabs(["Latent space", "Layers", "Clusters", "SQL"])
 
 with tab_clusters:
-    keys, X = data.residual_vectors(path, version, sel, json.dumps(spec.to_dict()))
-    labels = panels.clusters_panel(keys, X)
+    method, k = panels.cluster_controls()
+    with st.spinner("Clustering…"):
+        keys, labels = data.clusters(path, version, sel, json.dumps(spec.to_dict()), method, k)
+    panels.clusters_panel(keys, labels)
     clusters = keys.select("branch_id", "position").with_columns(pl.Series("cluster", labels))
 points = points.join(clusters, on=["branch_id", "position"], how="left")
 
@@ -116,8 +118,7 @@ with tab_space:
     with left:
         st.subheader("Branches")
         highlight = set(selected.select("branch_id", "position").iter_rows())
-        prompt_text = {p["prompt_id"]: p["text"] for p in run["prompts"]}
-        panels.text_panel(text.branches_html(branches, lineage, highlight, prompt_text), len(selected))
+        panels.text_panel(text.branches_html(branches, lineage, highlight), len(selected))
     with right:
         st.subheader("How much position is left")
         panels.metrics_panel(raw_metrics, res_metrics)

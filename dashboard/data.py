@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
+from analysis.clusters import cluster
 from analysis.view import ViewSpec
 from store import queries
 from store.connect import reading
@@ -69,8 +70,10 @@ def profile(path: str, data_version: tuple, selection: Selection, spec_json: str
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def residual_vectors(path: str, data_version: tuple, selection: Selection, spec_json: str):
-    return residuals(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT)
+def clusters(path: str, data_version: tuple, selection: Selection, spec_json: str, method: str, k: int):
+    """Token labels and cluster ids of the position-removed latents of the view."""
+    keys, X = residuals(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT)
+    return keys, cluster(X, method=method, k=k, min_cluster_size=k)
 
 
 @st.cache_resource(show_spinner=False)

@@ -9,7 +9,7 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from analysis.clusters import cluster, cluster_summary
+from analysis.clusters import cluster_summary
 from analysis.metrics import overcorrection
 from store.sandbox import SqlError, run_query
 
@@ -58,18 +58,21 @@ def text_panel(html_text: str, n_selected: int) -> None:
     st.markdown(f'<div style="max-height:520px;overflow-y:auto">{html_text}</div>', unsafe_allow_html=True)
 
 
-def clusters_panel(keys: pl.DataFrame, X, key: str = "clusters") -> None:
+def cluster_controls(key: str = "clusters") -> tuple[str, int]:
     c1, c2 = st.columns(2)
     method = c1.radio("Clustering", ["kmeans", "hdbscan"], horizontal=True, key=f"{key}_method")
     k = c2.slider("k (k-means) / min cluster size (HDBSCAN)", 2, 40, 8, key=f"{key}_k")
-    labels = cluster(X, method=method, k=k, min_cluster_size=k)
+    return method, k
+
+
+def clusters_panel(keys: pl.DataFrame, labels) -> None:
+    """Per cluster (on the position-removed latents): size, most frequent tokens, branches."""
     summary = cluster_summary(labels, keys["token_text"].to_list(), keys["branch_id"].to_numpy())
     st.dataframe(pl.DataFrame([{
         "cluster": "noise" if s["cluster"] == -1 else str(s["cluster"]), "tokens": s["size"],
         "most frequent tokens": ", ".join(f"{t!r}×{n}" for t, n in s["top_tokens"]),
         "branches (tokens)": ", ".join(f"{b} ({n})" for b, n in s["branches"][:8]),
     } for s in summary]), hide_index=True, width="stretch")
-    return labels
 
 
 def sql_panel(store: str, run_id: str) -> None:

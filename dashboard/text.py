@@ -61,9 +61,7 @@ def tree_order(branches: pl.DataFrame) -> list[tuple[int, int]]:
     return order
 
 
-def branches_html(
-    branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[tuple[int, int]], prompt_text: dict[int, str],
-) -> str:
+def branches_html(branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[tuple[int, int]]) -> str:
     """The tree of each prompt as an indented list: each branch's own tokens, fork points named, the
     highlighted (branch_id, position) tokens marked."""
     seqs = _sequences(lineage)

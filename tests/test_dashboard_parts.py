@@ -51,7 +51,7 @@ def test_text_panel_marks_exactly_the_selection_and_escapes_tokens():
         "token_text": ["<bos>", "The", " cat", "<bos>", "The", " cat", " <em>", " sat", " down", "."],
     })
     branches = BRANCHES.filter(pl.col("branch_id") <= 1)
-    out = branches_html(branches, lineage, {(1, 4)}, {0: "The cat"})
+    out = branches_html(branches, lineage, {(1, 4)})
     assert out.count("<mark>") == 1 and "<mark> sat</mark>" in out
     assert "&lt;em&gt;" in out and "<em>" not in out
     assert "from position 3" in out
