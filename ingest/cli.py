@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 0 = off)")
     p.add_argument("--seed", type=int, help="seed; same seed + settings + device = same tree (default 0)")
     p.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
+    p.add_argument("--zero-pe", action="store_true", default=None,
+                   help="also store latents re-encoded with positional encoding neutralized (variant zero_pe)")
     p.add_argument("--layers", help="'spread' (default), 'all', or a list like 0,6,-1 (0 = embeddings)")
     p.add_argument("--device", help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
@@ -61,6 +63,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise IngestError(f"--fork-offsets must be integers like 4,8, got {args.fork_offsets!r}") from None
     if args.ignore_eos:
         out["stop_at_eos"] = False
+    if args.zero_pe:
+        out["zero_pe"] = True
     if args.prompts is not None:
         out["prompts"] = read_prompt_file(args.prompts)
     return out

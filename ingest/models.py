@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ingest.errors import IngestError
+from ingest.positions import PositionAdapter, adapter_for
 
 BUNDLED_ALIASES = ("gemma-3-270m",)
 _CACHE_FORMAT = 1  # bump when the cached copy's layout changes
@@ -30,7 +31,12 @@ class LoadedModel:
     n_layers: int
     d_model: int
     max_positions: int | None
-    pe_type: str
+    positions: PositionAdapter
+
+    @property
+    def pe_type(self) -> str:
+        """'learned_absolute', 'rope', 'alibi' or 'unknown' (from the family's position adapter)."""
+        return self.positions.pe_type
 
     @property
     def eos_ids(self) -> set[int]:
@@ -82,18 +88,6 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def position_encoding_type(config: object) -> str:
-    """How the architecture injects position: learned_absolute, rope, alibi or unknown."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in ("gpt2", "opt", "gpt_neo", "gpt_bigcode", "biogpt"):
-        return "learned_absolute"
-    if model_type in ("bloom", "mpt") or getattr(config, "alibi", False):
-        return "alibi"
-    if any(getattr(config, a, None) is not None for a in ("rope_parameters", "rope_theta", "rotary_dim", "rotary_pct")):
-        return "rope"
-    return "unknown"
-
-
 def load_model(spec: str, device: torch.device, dtype: torch.dtype,
                log: Callable[[str], None] = print) -> LoadedModel:
     """Load `spec` (alias, directory, .gguf file or hub id) onto device in dtype, in eval mode."""
@@ -130,7 +124,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype,
         n_layers=int(text_config.num_hidden_layers),
         d_model=int(text_config.hidden_size),
         max_positions=getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None),
-        pe_type=position_encoding_type(text_config),
+        positions=adapter_for(text_config),
     )
 
 

@@ -18,6 +18,7 @@ from ingest.errors import IngestError
 from ingest.generate import TreeBuilder
 from ingest.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from ingest.tree import TreePlan
+from ingest.zero_pe import add_zero_pe
 from store.connect import reading
 from store.queries import run_summary
 from store.records import RunRecord
@@ -58,6 +59,7 @@ class IngestReport:
         rate = self.generated_now / s["generate"] if s.get("generate") else 0.0
         size_mb = self.store.stat().st_size / 1e6 if self.store.exists() else 0.0
         resumed = f" ({self.prompts_skipped} already in the store)" if self.prompts_skipped else ""
+        zero_pe = f", zero-PE re-encoding {s['zero_pe']:.1f}" if "zero_pe" in s else ""
         return "\n".join([
             f"run {self.run_id}: {c['status']}",
             f"  model     {self.model} ({self.n_layers} layers, d={self.d_model}, {self.pe_type}) "
@@ -67,7 +69,7 @@ class IngestReport:
             f"  latents   {c['latents']} vectors, layers {', '.join(map(str, self.layers))}",
             f"  forks     prefix cache re-used {self.prefix_reused}x, recomputed {self.prefix_recomputed}x",
             f"  time      {total:.1f} s (load {s.get('load', 0):.1f}, generate {s.get('generate', 0):.1f}, "
-            f"write {s.get('write', 0):.1f}); {rate:.1f} generated tokens/s",
+            f"write {s.get('write', 0):.1f}{zero_pe}); {rate:.1f} generated tokens/s",
             f"  store     {self.store} ({size_mb:.1f} MB)",
         ])
 
@@ -95,6 +97,8 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
     lm = load_model(cfg.model, device, dtype, log)
     layers = resolve_layers(cfg.layers, lm.n_layers)
+    if cfg.zero_pe:
+        lm.positions.require()  # before any generation: an unsupported family fails fast
     prompt_ids = _tokenize(lm, cfg)
     seconds["load"] = time.perf_counter() - t0
 
@@ -131,6 +135,10 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
             prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
             if not progress:
                 log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({len(records)} branches)")
+    if cfg.zero_pe:
+        t3 = time.perf_counter()
+        add_zero_pe(lm, cfg.store, run_id, layers, progress, log)
+        seconds["zero_pe"] = time.perf_counter() - t3
     writer.finish_run(run_id)
     with reading(cfg.store, lock_timeout=30) as con:
         counts = run_summary(con, run_id)

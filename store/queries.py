@@ -206,3 +206,32 @@ def fingerprint(con: duckdb.DuckDBPyConnection) -> tuple:
         "FROM runs r ORDER BY r.run_id"
     ).fetchall()
     return tuple(tuple(r) for r in rows)
+
+
+def prompts_without_variant(con: duckdb.DuckDBPyConnection, run_id: str, variant: str) -> list[int]:
+    """Written prompts of the run that have no latents of `variant` yet (ordered)."""
+    rows = con.sql(
+        """
+        SELECT p.prompt_id FROM prompts p
+        WHERE p.run_id = $run AND NOT EXISTS (
+            SELECT 1 FROM latents l JOIN branches b USING (run_id, branch_id)
+            WHERE l.run_id = $run AND b.prompt_id = p.prompt_id AND l.variant = $variant)
+        ORDER BY p.prompt_id
+        """,
+        params={"run": run_id, "variant": variant},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def prompt_sequences(con: duckdb.DuckDBPyConnection, run_id: str, prompt_id: int) -> list[tuple[int, int, list[int]]]:
+    """Each branch of one prompt as (branch_id, fork_position, full token ids with the prefix)."""
+    rows = con.sql(
+        """
+        SELECT b.branch_id, b.fork_position, list(bt.token_id ORDER BY bt.position)
+        FROM branches b JOIN branch_tokens bt USING (run_id, branch_id)
+        WHERE b.run_id = $run AND b.prompt_id = $prompt
+        GROUP BY b.branch_id, b.fork_position ORDER BY b.branch_id
+        """,
+        params={"run": run_id, "prompt": prompt_id},
+    ).fetchall()
+    return [(int(b), int(f), list(ids)) for b, f, ids in rows]

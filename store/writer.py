@@ -130,6 +130,42 @@ class StoreWriter:
                 con.execute("ROLLBACK")
                 raise
 
+    def write_variant(
+        self, run_id: str, prompt_id: int, items: list[tuple[int, np.ndarray, np.ndarray]], layers: list[int],
+        variant: str,
+    ) -> bool:
+        """Add latents of another variant for one prompt's branches, in one transaction: items are
+        (branch_id, positions (n,), latents (len(layers), n, d)). Returns False (writing nothing) when the
+        prompt already has this variant, so re-runs are idempotent."""
+        table = pa.table({
+            "branch_id": pa.array(np.concatenate([np.full(len(p) * len(layers), b, np.int32) for b, p, _ in items])),
+            "position": pa.array(np.concatenate([np.tile(p.astype(np.int32), len(layers)) for _, p, _ in items])),
+            "layer": pa.array(np.concatenate([np.repeat(np.array(layers, np.int16), len(p)) for _, p, _ in items])),
+            "variant": pa.array([variant] * sum(len(p) * len(layers) for _, p, _ in items)),
+            "vec": pa.FixedSizeListArray.from_arrays(
+                pa.array(np.concatenate([lat.astype(np.float32).reshape(-1) for _, _, lat in items])),
+                items[0][2].shape[-1]),
+        })
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                exists = first_row(
+                    con,
+                    "SELECT count(*) FROM latents l JOIN branches b USING (run_id, branch_id) "
+                    "WHERE l.run_id = ? AND b.prompt_id = ? AND l.variant = ?", [run_id, prompt_id, variant],
+                )[0]
+                if exists:
+                    con.execute("ROLLBACK")
+                    return False
+                con.register("_batch", table)
+                con.execute("INSERT INTO latents BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id])
+                con.unregister("_batch")
+                con.execute("COMMIT")
+                return True
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
     def finish_run(self, run_id: str) -> None:
         with self._connection() as con:
             con.execute(
