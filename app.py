@@ -58,9 +58,15 @@ if not run["layers"]:
 ctl = sidebar.controls(run, [r for r in runs if r != run_id])
 sel, spec = ctl.selection, ctl.spec
 
+PE_NOTES = {
+    "rope": "RoPE model: positions enter only through attention",
+    "alibi": "ALiBi model: positions enter only as an attention bias",
+    "learned_absolute": "learned absolute position embeddings, added at the input",
+}
 summary = run["summary"]
 st.caption(
-    f"**{run['model']}** · {run['pe_type']} positions · run `{run_id}` ({run['status']}) · "
+    f"**{run['model']}** · {PE_NOTES.get(run['pe_type'], run['pe_type'] + ' positions')} · "
+    f"run `{run_id}` ({run['status']}) · "
     f"{summary['prompts']} prompts, {summary['branches']} branches, {summary['tokens']} tokens · "
     f"layer {sel.layer} of {run['n_layers']}"
 )

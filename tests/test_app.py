@@ -291,3 +291,19 @@ def test_exports(store):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert {"PNG", "SVG"} <= {b.proto.label for b in at.get("download_button")}
+
+
+def test_zero_pe_variant_is_offered_when_stored(model_dirs, tmp_path):
+    from ingest.config import build_config
+
+    store = tmp_path / "zp.duckdb"
+    ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=list(PROMPTS), samples=2, forks=1,
+                             max_new_tokens=8, layers=[0, 2], device="cpu", store=str(store), zero_pe=True)))
+    at = open_app(store)
+    assert at.selectbox(key="variant").options == ["normal", "zero_pe"]
+    assert "RoPE model: positions enter only through attention" in at.caption[0].value
+    normal = projection(at)["points"]
+    at.selectbox(key="variant").set_value("zero_pe").run()
+    zero = projection(at)["points"]
+    assert zero.num_rows == normal.num_rows
+    assert zero.column("raw_x").to_pylist() != normal.column("raw_x").to_pylist()
