@@ -117,6 +117,8 @@ def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
     raw, removed = rows
     assert raw["r2"] > 0.5 and removed["r2"] < raw["r2"] / 5 and raw["leak"] > 0.5
     assert raw["overcorrected"] == removed["overcorrected"] == ""
+    assert views_main(["report", str(store), "--variant", "zero_pe"]) == 2
+    assert "no stored latents of variant 'zero_pe'" in capsys.readouterr().err
     assert views_main(["report", str(tmp_path / "missing.duckdb")]) == 2
     assert views_main(["report", str(store), "--methods", "mean"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

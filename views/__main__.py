@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                      help=f"comma-separated residualizers (default {','.join(DEFAULT_METHODS)})")
     rep.add_argument("--projection", choices=("umap", "pca"), default="umap", help="for the 2-D metrics")
     rep.add_argument("--generated-only", action="store_true", help="leave the prompt tokens out")
+    rep.add_argument("--variant", default="normal", help="normal (default) or zero_pe")
     rep.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     rep.add_argument("--no-cache", action="store_true", help="recompute instead of reading the view cache")
     sub.add_parser("warm-up", help="compile UMAP's kernels into numba's disk cache (once per machine, ~30 s)")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rows = layer_report(args.store, args.run, methods, args.projection, args.generated_only,
-                                None if args.no_cache else ViewCache())
+                                None if args.no_cache else ViewCache(), args.variant)
     except (StoreError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ COLUMNS = (
 def layer_report(
     store: str | Path, run_id: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
     projection: str = "umap", generated_only: bool = False, cache: ViewCache | None = None,
+    variant: str = "normal",
 ) -> list[dict[str, Any]]:
     """One row per (layer, method) with the view metrics, for every stored layer of the run.
 
@@ -42,15 +43,15 @@ def layer_report(
         if runs.is_empty():
             raise ValueError(f"{store} holds no runs")
         run_id = run_id or runs["run_id"][0]
-        layers = queries.run_layers(con, run_id).get("normal", [])
+        layers = queries.run_layers(con, run_id).get(variant, [])
     if not layers:
-        raise ValueError(f"run {run_id} has no stored latents")
+        raise ValueError(f"run {run_id} has no stored latents of variant {variant!r}")
     rows = []
     for layer in layers:
         raw = None
         for method in ("none", *[m for m in methods if m != "none"]):
             spec = ViewSpec(residual=ResidualSpec(method=method), projection=ProjectionSpec(method=projection))
-            view = compute(store, Selection(run_id, layer, generated_only=generated_only), spec, cache)
+            view = compute(store, Selection(run_id, layer, variant, generated_only=generated_only), spec, cache)
             metrics = view.result.metrics
             raw = raw or metrics
             row = _row(layer, spec.residual.label(), metrics)
