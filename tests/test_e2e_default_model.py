@@ -28,7 +28,7 @@ def test_default_model_small_run(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run(
         [sys.executable, "-m", "ingest", "--prompts", str(prompts), "--samples", "2", "--forks", "1",
-         "--max-new-tokens", "8", "--layers", "0,9,-1", "--store", str(store), "--no-progress"],
+         "--max-new-tokens", "8", "--layers", "0,9,-1", "--store", str(store), "--no-progress", "--zero-pe"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr
@@ -60,3 +60,18 @@ def test_default_model_small_run(tmp_path):
         # the attention-sink BOS latent dwarfs the others mid-network (DESIGN: 10x+)
         norms = np.linalg.norm(branch_vectors(con, run_id, fork["branch_id"], 9), axis=1)
         assert norms[0] > 10 * np.median(norms[1:])
+
+        # zero-PE: the same tokens with every position id 0 (and a plain causal mask). Layer 0 (token
+        # embeddings: RoPE adds nothing there) is unchanged; deeper layers differ.
+        ids = torch.tensor([seq["token_id"].to_list()])
+        with torch.no_grad():
+            flat = model(ids, position_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids),
+                         output_hidden_states=True).hidden_states
+        for layer in (0, 9, 18):
+            stored = branch_vectors(con, run_id, fork["branch_id"], layer, variant="zero_pe")
+            expected = flat[layer][0].numpy()
+            np.testing.assert_allclose(stored, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        np.testing.assert_allclose(branch_vectors(con, run_id, fork["branch_id"], 0, variant="zero_pe"),
+                                   branch_vectors(con, run_id, fork["branch_id"], 0), atol=1e-6)
+        assert not np.allclose(branch_vectors(con, run_id, fork["branch_id"], 9, variant="zero_pe"),
+                               branch_vectors(con, run_id, fork["branch_id"], 9), atol=1e-2)
