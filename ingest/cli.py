@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 0 = off)")
     p.add_argument("--seed", type=int, help="seed; same seed + settings + device = same tree (default 0)")
     p.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (prompts, branches, tokens, layers, store size, time) and stop")
     p.add_argument("--zero-pe", action="store_true", default=None,
                    help="also store latents re-encoded with positional encoding neutralized (variant zero_pe)")
     p.add_argument("--layers", help="'spread' (default), 'all', or a list like 0,6,-1 (0 = embeddings)")
@@ -80,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             file_values = {}
         cfg = build_config(file_values, _overrides(args))
+        if args.dry_run:
+            from ingest.dryrun import dry_run
+
+            print(dry_run(cfg, log=lambda m: print(m, file=sys.stderr)).summary())
+            return 0
         from ingest.run import run_ingest  # heavy imports (torch, transformers) only once input is valid
 
         report = run_ingest(cfg, progress=not args.no_progress and sys.stderr.isatty())

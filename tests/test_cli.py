@@ -126,3 +126,27 @@ def test_store_of_another_schema_version_fails_before_the_model_loads(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "schema version 0" in errors[0] and "loading model" not in result.stderr
     assert digest(old) == before
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(model_dirs, existing_store, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat sat on\nBranches go apart where\n")
+    fresh = tmp_path / "fresh.duckdb"
+    args = ["--model", str(model_dirs["llama"]), "--prompts", str(prompts), "--samples", "2", "--forks", "2",
+            "--max-new-tokens", "6", "--layers", "0,2", "--device", "cpu", "--dry-run"]
+    result = cli([*args, "--store", str(fresh)], tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "dry run run-" in out and "nothing written" in out
+    assert "prompts   2 (" in out and "0 already in the store" in out
+    assert "7 per prompt" in out and "14 in all" in out  # root + 2 samples + 2x2 forks
+    assert "at most 72 generated" in out  # 2 prompts x 6 non-root branches x 6 tokens
+    assert "layers    0, 2" in out and "min to generate" in out
+    assert not fresh.exists()
+    before = digest(existing_store)
+    again = cli([*args, "--zero-pe", "--store", str(existing_store)], tmp_path)
+    assert again.returncode == 0 and "(normal and zero_pe variants)" in again.stdout
+    assert digest(existing_store) == before
+    # The dry run names the run id the real run will use.
+    run = cli([*args[:-1], "--store", str(fresh)], tmp_path)
+    assert run.returncode == 0 and out.split()[2] in run.stdout

@@ -1,0 +1,126 @@
+"""`python -m ingest --dry-run`: what a run would do (prompts, branches, tokens, layers, store size, time),
+without generating or touching the store."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ingest.config import RunConfig, config_hash, resolve_layers
+from ingest.errors import IngestError
+from ingest.models import LoadedModel, load_model, resolve_device, resolve_dtype
+from ingest.tree import TreePlan
+from store.connect import reading
+from store.errors import StoreError
+
+# Bytes per stored token and layer besides the vector itself (keys, variant, DuckDB overhead), measured on
+# the demo store: 21.2 MB for 4150 vectors of 640 floats is ~5.1 kB per vector, 2.56 kB of it the floats.
+OVERHEAD_FACTOR = 2.0
+# Sampling, capture and bookkeeping per generated token on top of one batch-1 forward step (demo, CPU).
+STEP_OVERHEAD = 1.5
+
+
+@dataclass
+class DryRun:
+    run_id: str
+    model: str
+    device: str
+    dtype: str
+    prompts: int
+    prompt_tokens: int
+    branches_per_prompt: int
+    max_generated: int
+    max_stored_tokens: int
+    layers: list[int]
+    d_model: int
+    max_vectors: int
+    store_bytes: float
+    step_seconds: float
+    seconds: float
+    already_written: int
+    zero_pe: bool
+
+    def summary(self) -> str:
+        variants = 2 if self.zero_pe else 1
+        return "\n".join([
+            f"dry run {self.run_id} (nothing generated, nothing written)",
+            f"  model     {self.model} on {self.device}/{self.dtype}, d={self.d_model}",
+            f"  prompts   {self.prompts} ({self.prompt_tokens} prompt tokens); {self.already_written} already in the store",
+            f"  branches  {self.branches_per_prompt} per prompt (root + samples + forks), "
+            f"{self.branches_per_prompt * self.prompts} in all",
+            f"  tokens    at most {self.max_generated} generated, {self.max_stored_tokens} stored "
+            "(forks start later and EOS ends branches early, so usually fewer)",
+            f"  layers    {', '.join(map(str, self.layers))}"
+            + (" (normal and zero_pe variants)" if self.zero_pe else ""),
+            f"  latents   at most {self.max_vectors * variants} vectors, store about {self.store_bytes / 1e6:.0f} MB",
+            f"  time      about {self.seconds / 60:.1f} min to generate (one decode step took "
+            f"{self.step_seconds * 1000:.0f} ms here; rough)",
+        ])
+
+
+def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
+    """Plan the run: load the model (for its tokenizer, width and one timed decode step), nothing else."""
+    if not cfg.prompts:
+        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    lm = load_model(cfg.model, device, dtype, log)
+    layers = resolve_layers(cfg.layers, lm.n_layers)
+    if cfg.zero_pe:
+        lm.positions.require()
+    from ingest.run import _tokenize
+
+    prompt_ids = _tokenize(lm, cfg)
+    resolved = dataclasses.asdict(cfg) | {"layers": layers, "device": device.type,
+                                          "dtype": str(dtype).removeprefix("torch.")}
+    run_id = cfg.run_id or f"run-{config_hash(resolved)}"
+    n_prompts = len(prompt_ids)
+    prompt_tokens = sum(len(p) for p in prompt_ids)
+    max_generated = n_prompts * (plan.size - 1) * cfg.max_new_tokens
+    max_stored = prompt_tokens + max_generated
+    vectors = max_stored * len(layers)
+    store_bytes = vectors * lm.d_model * 4 * OVERHEAD_FACTOR * (2 if cfg.zero_pe else 1)
+    step = _decode_step_seconds(lm, prompt_ids[0])
+    return DryRun(
+        run_id, cfg.model, device.type, resolved["dtype"], n_prompts, prompt_tokens, plan.size, max_generated,
+        max_stored, layers, lm.d_model, vectors, store_bytes, step, max_generated * step * STEP_OVERHEAD,
+        _already_written(cfg.store, run_id), cfg.zero_pe,
+    )
+
+
+@torch.no_grad()
+def _decode_step_seconds(lm: LoadedModel, prompt: list[int], steps: int = 4) -> float:
+    """Median time of one batch-1 decode step after a prefill of the first prompt."""
+    ids = torch.tensor([prompt], device=lm.device)
+    out = lm.model(input_ids=ids, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        out = lm.model(input_ids=token, past_key_values=past, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        if lm.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        past = out.past_key_values
+    return sorted(times)[len(times) // 2]
+
+
+def _already_written(store: str, run_id: str) -> int:
+    if not Path(store).is_file():
+        return 0
+    try:
+        with reading(store, lock_timeout=5) as con:
+            return int(con.execute("SELECT count(*) FROM prompts WHERE run_id = ?", [run_id]).fetchall()[0][0])
+    except StoreError:
+        raise
+    except Exception:  # noqa: BLE001 - a store we cannot count in is reported as 0 written; the run itself checks it
+        return 0
