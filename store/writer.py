@@ -39,9 +39,16 @@ class StoreWriter:
 
     @contextmanager
     def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived read-write connection; a failed write (disk full, file too large, unwritable
+        directory) becomes one StoreError line. Every write is one transaction, so what was committed
+        before stays readable."""
         con = connect_with_retry(self.path, read_only=False, lock_timeout=self.lock_timeout)
         try:
             yield con
+        except (duckdb.IOException, duckdb.TransactionException, OSError) as exc:
+            # TransactionException here is a COMMIT that could not be written (e.g. "File too large")
+            raise StoreError(f"cannot write to store {self.path}: {_reason(exc)}; what was written before "
+                             "is kept, free space (or fix the path) and run the same command to resume") from exc
         finally:
             con.close()
 
@@ -68,20 +75,30 @@ class StoreWriter:
             )
 
     def _create(self, dim: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".creating")
-        tmp.unlink(missing_ok=True)
+        wal = tmp.with_name(tmp.name + ".wal")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
             con = duckdb.connect(str(tmp), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
             try:
                 create_schema(con, dim, self.created_by)
+                # Into the file itself now: a checkpoint that fails on close is silent and would leave the
+                # schema in a WAL that the rename below does not carry.
+                con.execute("CHECKPOINT")
             finally:
                 con.close()
+            if wal.exists():
+                raise OSError(f"the new store's write-ahead log was not merged ({wal.name} left behind)")
             os.replace(tmp, self.path)
-        except OSError as exc:
-            raise StoreError(f"cannot create store {self.path}: {exc.strerror or exc}") from exc
+        except (OSError, duckdb.Error) as exc:
+            raise StoreError(f"cannot create store {self.path}: {_reason(exc)}") from exc
         finally:
-            tmp.unlink(missing_ok=True)
+            for leftover in (tmp, wal):
+                try:
+                    leftover.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
     def start_run(self, run: RunRecord) -> set[int]:
         """Register the run (or find it again) and return the prompt ids already written."""
@@ -127,7 +144,7 @@ class StoreWriter:
                     con.unregister("_batch")
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
 
     def write_variant(
@@ -163,7 +180,7 @@ class StoreWriter:
                 con.execute("COMMIT")
                 return True
             except BaseException:
-                con.execute("ROLLBACK")
+                _rollback(con)
                 raise
 
     def finish_run(self, run_id: str) -> None:
@@ -171,6 +188,20 @@ class StoreWriter:
             con.execute(
                 "UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ?", [_now(), run_id]
             )
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    """Roll back if a transaction is still open (a failed COMMIT has already ended it)."""
+    try:
+        con.execute("ROLLBACK")
+    except duckdb.Error:
+        pass
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _tables(branches: list[BranchRecord], layers: list[int], variant: str) -> tuple[pa.Table, pa.Table, pa.Table]:
