@@ -74,8 +74,13 @@ class IngestReport:
         ])
 
 
-def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> IngestReport:
-    """Run (or resume) the ingest described by cfg; raises IngestError/StoreError on bad input."""
+def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None,
+               lm: LoadedModel | None = None) -> IngestReport:
+    """Run (or resume) the ingest described by cfg; raises IngestError/StoreError on bad input.
+
+    `lm` is a model already loaded for cfg.model on cfg's device and dtype (benchmarks, workers that
+    serve many runs); without it the model is loaded here.
+    """
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     if not cfg.prompts:
         raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
@@ -94,8 +99,11 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     else:
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
-    lm = load_model(cfg.model, device, dtype, log)
+    if lm is None:
+        log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
+        lm = load_model(cfg.model, device, dtype, log)
+    elif (lm.device.type, lm.dtype) != (device.type, dtype):
+        raise IngestError(f"the loaded model is on {lm.device}/{lm.dtype}, the config asks for {device}/{dtype}")
     layers = resolve_layers(cfg.layers, lm.n_layers)
     if cfg.zero_pe:
         lm.positions.require()  # before any generation: an unsupported family fails fast
@@ -125,7 +133,7 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
             with tqdm(total=plan.size, desc=f"prompt {prompt_id} branches", unit="branch", leave=False,
                       disable=not progress, file=sys.stderr, dynamic_ncols=True) as branch_bar:
                 t1 = time.perf_counter()
-                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=lambda _: branch_bar.update())
+                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=branch_bar.update)
                 t2 = time.perf_counter()
                 writer.write_prompt(run_id, prompt_id, cfg.prompts[prompt_id], len(prompt_ids[prompt_id]),
                                     records, layers)
