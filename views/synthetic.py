@@ -11,11 +11,16 @@ from store.records import BranchRecord, RunRecord
 from store.writer import StoreWriter
 
 
-def write_tree(path: str | Path, tokens: TokenSet, run_id: str = "run-synthetic", layer: int = 0) -> str:
-    """Store `tokens` (with extra 'parent' and 'depth') as one run with one layer; returns the run id."""
+def write_tree(path: str | Path, tokens: TokenSet, run_id: str = "run-synthetic", layer: int = 0,
+               extra_layers: int = 0) -> str:
+    """Store `tokens` (with extra 'parent' and 'depth') as one run; returns the run id.
+
+    The latents go to `layer`; with extra_layers=k, layers layer+1 .. layer+k get copies scaled by
+    2, 3, .. (a store shaped like a real multi-layer run, for read benchmarks)."""
+    layers = list(range(layer, layer + extra_layers + 1))
     writer = StoreWriter(path, created_by="branchlens synthetic")
     writer.prepare(tokens.dim)
-    run = RunRecord(run_id, "synthetic", {"synthetic": True, "layers": [layer]}, run_id, n_layers=max(layer, 1),
+    run = RunRecord(run_id, "synthetic", {"synthetic": True, "layers": layers}, run_id, n_layers=max(layers[-1], 1),
                     d_model=tokens.dim, pe_type="synthetic", device="cpu", dtype="float32")
     writer.start_run(run)
     parent = tokens.extra["parent"]
@@ -36,9 +41,9 @@ def write_tree(path: str | Path, tokens: TokenSet, run_id: str = "run-synthetic"
                 path=str(branch), token_ids=(pos % 1000).astype(np.int64),
                 token_texts=[f"t{t}" for t in pos], logprobs=np.full(len(pos), np.nan, np.float32),
                 entropies=np.full(len(pos), np.nan, np.float32), ended_with_eos=False,
-                latents=tokens.X[rows][None],
+                latents=np.stack([tokens.X[rows] * (1 + i) for i in range(len(layers))]).astype(np.float32),
             ))
         n_prompt = int((tokens.branch == records[0].branch_id).sum())
-        writer.write_prompt(run_id, int(prompt), f"synthetic prompt {prompt}", n_prompt, records, [layer])
+        writer.write_prompt(run_id, int(prompt), f"synthetic prompt {prompt}", n_prompt, records, layers)
     writer.finish_run(run_id)
     return run_id
