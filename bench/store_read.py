@@ -27,6 +27,7 @@ import numpy as np
 
 from analysis.synthetic import branch_tree
 from store import reading
+from store.compact import compact
 from store.queries import layer_vectors, token_rows
 from views.synthetic import write_tree
 
@@ -39,6 +40,28 @@ def timed(fn, repeats: int) -> tuple[float, object]:
         out = fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), out
+
+
+def read_all(store: Path, run_id: str, layer: int, reference: np.ndarray, repeats: int) -> dict[str, float]:
+    out = {}
+    with reading(store) as con:
+        s, (_, vecs) = timed(lambda: layer_vectors(con, run_id, layer), repeats)
+        assert np.array_equal(vecs, reference)
+        out["layer_vectors"] = s
+        s, (labels, vecs) = timed(lambda: token_rows(con, run_id, layer), repeats)
+        assert np.array_equal(vecs, reference) and labels.height == len(reference)
+        out["token_rows (labels + vectors)"] = s
+        # References: the same vectors with the sort / join done inside DuckDB (the queries used before).
+        sql_sorted = ("SELECT branch_id, position, vec FROM latents WHERE run_id = ? AND layer = ? "
+                      "AND variant = 'normal' ORDER BY branch_id, position")
+        out["DuckDB ORDER BY (before)"] = timed(
+            lambda: con.sql(sql_sorted, params=[run_id, layer]).to_arrow_table(), repeats)[0]
+        sql_join = ("SELECT l.branch_id, l.position, t.token_text, l.vec FROM latents l "
+                    "JOIN tokens t USING (run_id, branch_id, position) JOIN branches b USING (run_id, branch_id) "
+                    "WHERE l.run_id = ? AND l.layer = ? AND l.variant = 'normal' ORDER BY l.branch_id, l.position")
+        out["DuckDB join + ORDER BY (token_rows before)"] = timed(
+            lambda: con.sql(sql_join, params=[run_id, layer]).to_arrow_table(), repeats)[0]
+    return out
 
 
 def main() -> None:
@@ -62,33 +85,22 @@ def main() -> None:
         np.save(npy, reference)
         mb = reference.nbytes / 1e6
 
-        results = {}
         np_s, arr = timed(lambda: np.load(npy), args.repeats)
         assert np.array_equal(arr, reference)
-        results["np.load"] = np_s
-        with reading(store) as con:
-            s, (_, vecs) = timed(lambda: layer_vectors(con, run_id, layer), args.repeats)
-            assert np.array_equal(vecs, reference)
-            results["layer_vectors"] = s
-            s, (labels, vecs) = timed(lambda: token_rows(con, run_id, layer), args.repeats)
-            assert np.array_equal(vecs, reference) and labels.height == len(reference)
-            results["token_rows (labels + vectors)"] = s
-            # References: the same vectors with the sort / join done inside DuckDB.
-            sql_sorted = ("SELECT branch_id, position, vec FROM latents WHERE run_id = ? AND layer = ? "
-                          "AND variant = 'normal' ORDER BY branch_id, position")
-            results["DuckDB ORDER BY (before)"] = timed(
-                lambda: con.sql(sql_sorted, params=[run_id, layer]).to_arrow_table(), args.repeats)[0]
-            sql_join = ("SELECT l.branch_id, l.position, t.token_text, l.vec FROM latents l "
-                        "JOIN tokens t USING (run_id, branch_id, position) JOIN branches b USING (run_id, branch_id) "
-                        "WHERE l.run_id = ? AND l.layer = ? AND l.variant = 'normal' ORDER BY l.branch_id, l.position")
-            results["DuckDB join + ORDER BY (token_rows before)"] = timed(
-                lambda: con.sql(sql_join, params=[run_id, layer]).to_arrow_table(), args.repeats)[0]
-        size = store.stat().st_size
+        reads = {"np.load": np_s}
+        size = {"as written": store.stat().st_size}
+        reads |= {f"{k} [as written]": v for k, v in read_all(store, run_id, layer, reference, args.repeats).items()}
+        t0 = time.perf_counter()
+        compact(store)
+        compact_s = time.perf_counter() - t0
+        size["compacted"] = store.stat().st_size
+        reads |= {f"{k} [compacted]": v for k, v in read_all(store, run_id, layer, reference, args.repeats).items()}
     print(json.dumps({
         "tokens_per_layer": len(reference), "dim": args.dim, "layers": args.layers, "layer_MB": round(mb, 1),
-        "store_MB": round(size / 1e6, 1), "write_s": round(write_s, 1),
+        "store_MB": {k: round(v / 1e6, 1) for k, v in size.items()}, "write_s": round(write_s, 1),
+        "compact_s": round(compact_s, 1),
         "reads": {name: {"s": round(s, 3), "MB_per_s": round(mb / s), "ratio_vs_np_load": round(np_s / s, 3)}
-                  for name, s in results.items()},
+                  for name, s in reads.items()},
     }, indent=1))
 
 

@@ -40,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
                    help="print the plan (prompts, branches, tokens, layers, store size, time) and stop")
     p.add_argument("--zero-pe", action="store_true", default=None,
                    help="also store latents re-encoded with positional encoding neutralized (variant zero_pe)")
+    p.add_argument("--batch-rows", type=int, help="branches decoded together at most (default 64; lower it if "
+                   "GPU memory runs out; the tree stays the same)")
+    p.add_argument("--no-compact", action="store_true", default=None,
+                   help="skip rewriting the store without free space at the end (see README 'Store size')")
     p.add_argument("--layers", help="'spread' (default), 'all', or a list like 0,6,-1 (0 = embeddings)")
     p.add_argument("--device", help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
@@ -54,7 +58,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         name: getattr(args, name)
         for name in ("model", "samples", "forks", "depth", "fork_rule", "min_child_tokens", "max_new_tokens",
-                     "temperature", "top_p", "top_k", "seed", "device", "dtype", "store", "run_id")
+                     "temperature", "top_p", "top_k", "seed", "device", "dtype", "store", "run_id", "batch_rows")
     }
     if args.layers is not None:
         out["layers"] = parse_layers(args.layers)
@@ -67,6 +71,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["stop_at_eos"] = False
     if args.zero_pe:
         out["zero_pe"] = True
+    if args.no_compact:
+        out["compact"] = False
     if args.prompts is not None:
         out["prompts"] = read_prompt_file(args.prompts)
     return out

@@ -41,6 +41,8 @@ class RunConfig:
     store: str = "branchlens.duckdb"
     run_id: str | None = None
     zero_pe: bool = False  # also store latents re-encoded with positions neutralized (variant 'zero_pe')
+    batch_rows: int = 64  # branches decoded together at most (GPU memory knob; does not change the tree)
+    compact: bool = True  # rewrite the store without free space at the end of the run
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
@@ -179,8 +181,10 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     cfg.fork_offsets = sorted({_int("fork_offsets", v, 1) for v in cfg.fork_offsets})
     if not isinstance(cfg.stop_at_eos, bool):
         raise IngestError(f"'stop_at_eos' must be true or false, got {cfg.stop_at_eos!r}")
-    if not isinstance(cfg.zero_pe, bool):
-        raise IngestError(f"'zero_pe' must be true or false, got {cfg.zero_pe!r}")
+    for name in ("zero_pe", "compact"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise IngestError(f"'{name}' must be true or false, got {getattr(cfg, name)!r}")
+    cfg.batch_rows = _int("batch_rows", cfg.batch_rows, 1)
     cfg.layers = parse_layers(cfg.layers)
     if cfg.dtype not in DTYPES:
         raise IngestError(f"'dtype' must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -19,10 +20,15 @@ from ingest.generate import TreeBuilder
 from ingest.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from ingest.tree import TreePlan
 from ingest.zero_pe import add_zero_pe
+from store.compact import compact, free_fraction
 from store.connect import reading
+from store.errors import StoreError
 from store.queries import run_summary
 from store.records import RunRecord
 from store.writer import StoreWriter
+
+
+COMPACT_ABOVE = 0.2  # share of free blocks in the file above which the end of a run compacts it
 
 
 def branchlens_version() -> str:
@@ -52,14 +58,16 @@ class IngestReport:
     seconds: dict[str, float] = field(default_factory=dict)
     prefix_reused: int = 0
     prefix_recomputed: int = 0
+    wall_seconds: float = 0.0
 
     def summary(self) -> str:
         c, s = self.counts, self.seconds
-        total = sum(s.values())
+        total = self.wall_seconds or sum(s.values())
         rate = self.generated_now / s["generate"] if s.get("generate") else 0.0
         size_mb = self.store.stat().st_size / 1e6 if self.store.exists() else 0.0
         resumed = f" ({self.prompts_skipped} already in the store)" if self.prompts_skipped else ""
         zero_pe = f", zero-PE re-encoding {s['zero_pe']:.1f}" if "zero_pe" in s else ""
+        zero_pe += f", compaction {s['compact']:.1f}" if s.get("compact", 0) >= 0.05 else ""
         return "\n".join([
             f"run {self.run_id}: {c['status']}",
             f"  model     {self.model} ({self.n_layers} layers, d={self.d_model}, {self.pe_type}) "
@@ -69,7 +77,7 @@ class IngestReport:
             f"  latents   {c['latents']} vectors, layers {', '.join(map(str, self.layers))}",
             f"  forks     prefix cache re-used {self.prefix_reused}x, recomputed {self.prefix_recomputed}x",
             f"  time      {total:.1f} s (load {s.get('load', 0):.1f}, generate {s.get('generate', 0):.1f}, "
-            f"write {s.get('write', 0):.1f}{zero_pe}); {rate:.1f} generated tokens/s",
+            f"write {s.get('write', 0):.1f} alongside{zero_pe}); {rate:.1f} generated tokens/s",
             f"  store     {self.store} ({size_mb:.1f} MB)",
         ])
 
@@ -81,6 +89,7 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     `lm` is a model already loaded for cfg.model on cfg's device and dtype (benchmarks, workers that
     serve many runs); without it the model is loaded here.
     """
+    t_start = time.perf_counter()
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     if not cfg.prompts:
         raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
@@ -124,30 +133,49 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     if done:
         log(f"resuming run {run_id}: {len(done)} of {len(cfg.prompts)} prompts already in {cfg.store}")
 
-    builder = TreeBuilder(lm, cfg, layers, plan)
+    builder = TreeBuilder(lm, cfg, layers, plan, batch_rows=cfg.batch_rows)
     seconds["generate"] = seconds["write"] = 0.0
     prompt_bar = tqdm(total=len(cfg.prompts), initial=len(done), desc="prompts", unit="prompt",
                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    with prompt_bar:
+
+    def write(prompt_id: int, records: list) -> tuple[int, int]:
+        t = time.perf_counter()
+        writer.write_prompt(run_id, prompt_id, cfg.prompts[prompt_id], len(prompt_ids[prompt_id]), records, layers)
+        seconds["write"] += time.perf_counter() - t
+        return prompt_id, len(records)
+
+    def written(future: Future | None) -> None:
+        """Wait for a prompt's write (raising its error) and show it."""
+        if future is None:
+            return
+        prompt_id, n_branches = future.result()
+        prompt_bar.update()
+        prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
+        if not progress:
+            log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({n_branches} branches)")
+
+    # Prompt i is written by one background thread while prompt i + 1 generates. On any error or
+    # interrupt the pool's exit still waits for the write in flight, so a finished prompt is kept.
+    pending: Future | None = None
+    with prompt_bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchlens-writer") as pool:
         for prompt_id in todo:
             with tqdm(total=plan.size, desc=f"prompt {prompt_id} branches", unit="branch", leave=False,
                       disable=not progress, file=sys.stderr, dynamic_ncols=True) as branch_bar:
                 t1 = time.perf_counter()
                 records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=branch_bar.update)
-                t2 = time.perf_counter()
-                writer.write_prompt(run_id, prompt_id, cfg.prompts[prompt_id], len(prompt_ids[prompt_id]),
-                                    records, layers)
-                seconds["generate"] += t2 - t1
-                seconds["write"] += time.perf_counter() - t2
-            prompt_bar.update()
-            prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
-            if not progress:
-                log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({len(records)} branches)")
+                seconds["generate"] += time.perf_counter() - t1
+            written(pending)
+            pending = pool.submit(write, prompt_id, records)
+        written(pending)
     if cfg.zero_pe:
         t3 = time.perf_counter()
         add_zero_pe(lm, cfg.store, run_id, layers, progress, log)
         seconds["zero_pe"] = time.perf_counter() - t3
     writer.finish_run(run_id)
+    if cfg.compact:
+        t4 = time.perf_counter()
+        _compact(cfg.store, log)
+        seconds["compact"] = time.perf_counter() - t4
     with reading(cfg.store, lock_timeout=30) as con:
         counts = run_summary(con, run_id)
     return IngestReport(
@@ -155,8 +183,22 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
         layers=layers, n_layers=lm.n_layers, d_model=lm.d_model, pe_type=lm.pe_type, counts=counts,
         prompts_written=len(todo), prompts_skipped=len(done), generated_now=builder.stats.generated_tokens,
         seconds=seconds, prefix_reused=builder.stats.prefix_reused,
-        prefix_recomputed=builder.stats.prefix_recomputed,
+        prefix_recomputed=builder.stats.prefix_recomputed, wall_seconds=time.perf_counter() - t_start,
     )
+
+
+def _compact(store: str, log: Callable[[str], None]) -> None:
+    """Give back the free space that per-prompt commits leave in the file, when it is worth a rewrite.
+    A failure (e.g. no room for the copy) is a warning: the store as written is complete."""
+    with reading(store, lock_timeout=30) as con:
+        free = free_fraction(con)
+    if free < COMPACT_ABOVE:
+        return
+    log(f"compacting the store ({free:.0%} of the file is free space)")
+    try:
+        log(compact(store).summary())
+    except StoreError as exc:
+        log(f"warning: {exc} (run `python -m store compact {store}` later)")
 
 
 def _tokenize(lm: LoadedModel, cfg: RunConfig) -> list[list[int]]:

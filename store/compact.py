@@ -1,0 +1,115 @@
+"""Compaction: rewrite a store into a fresh file, without free blocks and with latents ordered by layer.
+
+Ingest commits one prompt per transaction. Each commit rewrites the table's last, partly filled row group,
+and the blocks it leaves behind stay in the file as free space: a store written prompt by prompt ends up
+~1.7x the size of its data (bench/store_read.py). The rewrite drops that space and stores each
+(run, variant, layer) contiguously, ordered by (branch_id, position), so a layer is read as one range.
+
+The source is held with a read lock throughout: readers (the app) go on, a writer waits; the new file
+replaces the old one atomically, so a reader sees either the old or the new store, both complete.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from store.connect import reading
+from store.errors import StoreError
+from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
+
+_ORDER = {"runs": "run_id", "prompts": "run_id, prompt_id", "branches": "run_id, branch_id",
+          "tokens": "run_id, branch_id, position"}
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    path: Path
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"compacted {self.path}: {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
+                f"in {self.seconds:.1f} s")
+
+
+def free_fraction(con: duckdb.DuckDBPyConnection) -> float:
+    """Share of the file's blocks that hold nothing (what compaction would give back)."""
+    free, total = first_row(con, "SELECT free_blocks, total_blocks FROM pragma_database_size() "
+                                 "WHERE database_name = current_database()")
+    return float(free) / total if total else 0.0
+
+
+def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
+    """Rewrite the store at `path` in place (see the module doc); raises StoreError, leaving it untouched."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"store {path} does not exist")
+    tmp = path.with_name(f"{path.name}.compact-{os.getpid()}")
+    t0 = time.perf_counter()
+    before = path.stat().st_size
+    try:
+        with reading(path, lock_timeout=lock_timeout) as con:
+            meta = read_meta(con, str(path))
+            source = first_row(con, "SELECT current_database()")[0]
+            con.execute(f"ATTACH '{_quoted(tmp)}' AS packed (READ_WRITE)")
+            try:
+                con.execute("USE packed")
+                con.execute(schema_sql(int(meta["vector_dim"])))
+                con.execute("BEGIN TRANSACTION")  # one commit: row groups are written once, never rewritten
+                con.execute(f'INSERT INTO packed.meta SELECT * FROM "{source}".meta ORDER BY key')
+                for table in CONTRACT_TABLES:
+                    if table == "latents":
+                        continue
+                    con.execute(f'INSERT INTO packed.{table} SELECT * FROM "{source}".{table} '
+                                f"ORDER BY {_ORDER[table]}")
+                groups = con.execute(f'SELECT DISTINCT run_id, variant, layer FROM "{source}".latents '
+                                     "ORDER BY ALL").fetchall()
+                for run_id, variant, layer in groups:  # one layer at a time bounds the sort's memory
+                    con.execute(
+                        f'INSERT INTO packed.latents SELECT * FROM "{source}".latents '
+                        "WHERE run_id = ? AND variant = ? AND layer = ? ORDER BY branch_id, position",
+                        [run_id, variant, layer])
+                _check_counts(con, source)
+                con.execute("COMMIT")
+                con.execute("CHECKPOINT packed")
+            finally:
+                try:
+                    con.execute("ROLLBACK")  # after a failure mid-copy; with nothing open it just fails
+                except duckdb.Error:
+                    pass
+                con.execute(f'USE "{source}"')
+                con.execute("DETACH packed")
+            if Path(f"{tmp}.wal").exists():
+                raise StoreError(f"the compacted copy's write-ahead log was not merged ({tmp.name}.wal left behind)")
+            os.replace(tmp, path)  # still under the read lock: no writer can slip in between
+    except (OSError, duckdb.Error) as exc:
+        raise StoreError(f"cannot compact store {path}: {_reason(exc)}; the store is unchanged") from exc
+    finally:
+        for leftover in (tmp, Path(f"{tmp}.wal")):
+            leftover.unlink(missing_ok=True)
+    return CompactReport(path, before, path.stat().st_size, time.perf_counter() - t0)
+
+
+def _check_counts(con: duckdb.DuckDBPyConnection, source: str) -> None:
+    for table in CONTRACT_TABLES:
+        old = first_row(con, f'SELECT count(*) FROM "{source}".{table}')[0]
+        new = first_row(con, f"SELECT count(*) FROM packed.{table}")[0]
+        if old != new:
+            raise StoreError(f"compacted copy of {table} has {new} rows, the store {old}")
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

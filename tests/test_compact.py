@@ -1,0 +1,86 @@
+"""Compaction: the rewritten store holds the same rows, no free space, and answers the same SQL."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+
+from analysis.synthetic import branch_tree
+from conftest import PYTHON, cli_env, dump, ingest
+from store import reading
+from store.compact import compact, free_fraction
+from store.queries import layer_vectors, token_rows
+from store.writer import StoreWriter
+from views.synthetic import write_tree
+
+
+def test_ingest_compacts_its_store_and_keeps_every_row(tiny_cfg):
+    cfg = tiny_cfg("llama", prompts=["The cat sat on"] * 6, layers="all", compact=False)
+    report = ingest(cfg)
+    before = dump(cfg.store, report.run_id)
+    with reading(cfg.store) as con:
+        assert free_fraction(con) > 0.2  # per-prompt commits leave free blocks behind
+    size = report.store.stat().st_size
+    result = compact(cfg.store)
+    assert result.bytes_after < size == result.bytes_before
+    with reading(cfg.store) as con:
+        assert free_fraction(con) == 0
+        assert con.execute("SELECT count(*) FROM branch_tokens WHERE run_id = ?", [report.run_id]).fetchall()[0][0] > 0
+        cos = con.execute("SELECT min(array_cosine_similarity(vec, vec)) FROM latents").fetchall()[0][0]
+        assert abs(cos - 1) < 1e-6
+    assert dump(cfg.store, report.run_id) == before
+
+    # the same run with compaction on (the default) ends compacted on its own, with the same rows
+    auto = tiny_cfg("llama", store="auto.duckdb", prompts=["The cat sat on"] * 6, layers="all")
+    report = ingest(auto)
+    assert "compact" in report.seconds
+    with reading(auto.store) as con:
+        assert free_fraction(con) == 0
+    assert dump(auto.store, report.run_id) == before
+
+
+def test_compact_command_errors_and_a_held_lock(tmp_path):
+    env = cli_env(tmp_path)
+    missing = subprocess.run([PYTHON, "-m", "store", "compact", str(tmp_path / "none.duckdb")],
+                             env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip() == f"error: store {tmp_path / 'none.duckdb'} does not exist"
+
+    store = tmp_path / "s.duckdb"
+    run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
+    before = dump(store, run_id)
+    writer = StoreWriter(store, created_by="test")
+    with writer._connection():  # an ingest holding the write lock
+        held = subprocess.run([PYTHON, "-m", "store", "compact", str(store), "--lock-timeout", "0.5"],
+                              env=env, capture_output=True, text=True)
+    assert held.returncode == 2 and held.stderr.count("\n") == 1 and "written by another process" in held.stderr
+    assert dump(store, run_id) == before and not list(tmp_path.glob("s.duckdb.compact-*"))
+    ok = subprocess.run([PYTHON, "-m", "store", "compact", str(store)], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("compacted ")
+    assert dump(store, run_id) == before
+
+
+def test_vectors_line_up_with_labels_whatever_the_storage_order(tmp_path):
+    """Reads sort in numpy, not in DuckDB: a store whose rows are stored out of order must read the same."""
+    tree = branch_tree(n_prompts=4, branches_per_prompt=3, length=15, d=6, seed=3)
+    ordered, shuffled = tmp_path / "a.duckdb", tmp_path / "b.duckdb"
+    run_id = write_tree(ordered, tree, extra_layers=1)
+    for prompt in (3, 1, 0, 2):  # prompts committed out of order
+        write_tree(shuffled, tree.subset(tree.prompt == prompt), run_id=run_id, extra_layers=1)
+    for layer in (0, 1):
+        with reading(ordered) as con:
+            keys_a, vec_a = layer_vectors(con, run_id, layer)
+            rows_a, tok_a = token_rows(con, run_id, layer)
+            sub_rows, sub_vec = token_rows(con, run_id, layer, prompt_ids=[2], generated_only=True)
+        with reading(shuffled) as con:
+            keys_b, vec_b = layer_vectors(con, run_id, layer)
+            rows_b, tok_b = token_rows(con, run_id, layer)
+        assert keys_a.equals(keys_b) and np.array_equal(vec_a, vec_b)
+        assert rows_a.equals(rows_b) and np.array_equal(tok_a, tok_b) and np.array_equal(vec_a, tok_a)
+        keys = list(zip(keys_a["branch_id"], keys_a["position"]))
+        assert keys == sorted(keys)
+        # a filtered read gives exactly the matching rows of the full one
+        index = {k: i for i, k in enumerate(keys)}
+        picked = [index[k] for k in zip(sub_rows["branch_id"], sub_rows["position"])]
+        assert set(sub_rows["prompt_id"]) == {2} and not any(sub_rows["is_prompt"])
+        assert np.array_equal(sub_vec, vec_a[picked])
