@@ -53,6 +53,11 @@ OUTPUT_FIELDS = (
 )
 
 
+# Bump when the same settings and seed would sample other tokens (so a resume never mixes two samplers).
+# 2: batched nucleus sampling (zeros outside the nucleus instead of a compacted head).
+SAMPLER_VERSION = 2
+
+
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts from a .txt file (one per line, blank lines skipped) or a TOML/JSON file with `prompts`."""
     path = Path(path)
@@ -216,6 +221,7 @@ def resolve_layers(spec: str | list[int], n_layers: int) -> list[int]:
 def config_hash(resolved: dict[str, Any]) -> str:
     """A short hash of the settings that decide the output (plus resolved layers, device, dtype)."""
     keyed = {k: resolved[k] for k in (*OUTPUT_FIELDS, "layers", "device", "dtype")}
+    keyed["sampler"] = SAMPLER_VERSION
     if keyed["fork_rule"] != "offsets":
         keyed.pop("fork_offsets")
     blob = json.dumps(keyed, sort_keys=True, separators=(",", ":"))

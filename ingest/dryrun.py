@@ -17,11 +17,13 @@ from ingest.tree import TreePlan
 from store.connect import reading
 from store.errors import StoreError
 
-# Bytes per stored token and layer besides the vector itself (keys, variant, DuckDB overhead), measured on
-# the demo store: 21.2 MB for 4150 vectors of 640 floats is ~5.1 kB per vector, 2.56 kB of it the floats.
-OVERHEAD_FACTOR = 2.0
-# Sampling, capture and bookkeeping per generated token on top of one batch-1 forward step (demo, CPU).
-STEP_OVERHEAD = 1.5
+# Store bytes per byte of fp32 vectors. Compacted (the end of a run): keys, tokens and DuckDB's own
+# overhead, ~1.05 in bench/store_read.py. While a run writes, per-prompt commits leave free blocks (~1.7),
+# and compaction writes a new copy next to it: the disk must hold both for a moment.
+FINAL_FACTOR = 1.1
+PEAK_FACTOR = 1.8 + FINAL_FACTOR
+# Sampling, capture and bookkeeping on top of the bare forward steps of a level (demo, CPU).
+STEP_OVERHEAD = 1.3
 
 
 @dataclass
@@ -39,7 +41,8 @@ class DryRun:
     d_model: int
     max_vectors: int
     store_bytes: float
-    step_seconds: float
+    peak_bytes: float
+    step_seconds: dict[int, float]
     seconds: float
     already_written: int
     zero_pe: bool
@@ -56,9 +59,11 @@ class DryRun:
             "(forks start later and EOS ends branches early, so usually fewer)",
             f"  layers    {', '.join(map(str, self.layers))}"
             + (" (normal and zero_pe variants)" if self.zero_pe else ""),
-            f"  latents   at most {self.max_vectors * variants} vectors, store about {self.store_bytes / 1e6:.0f} MB",
-            f"  time      about {self.seconds / 60:.1f} min to generate (one decode step took "
-            f"{self.step_seconds * 1000:.0f} ms here; rough)",
+            f"  latents   at most {self.max_vectors * variants} vectors, store about {self.store_bytes / 1e6:.0f} MB "
+            f"(up to {self.peak_bytes / 1e6:.0f} MB of disk while it runs)",
+            f"  time      about {self.seconds / 60:.1f} min to generate (a decode step of "
+            + ", ".join(f"{rows} rows took {s * 1000:.0f} ms" for rows, s in sorted(self.step_seconds.items()))
+            + " here; rough)",
         ])
 
 
@@ -87,21 +92,28 @@ def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
     max_generated = n_prompts * (plan.size - 1) * cfg.max_new_tokens
     max_stored = prompt_tokens + max_generated
     vectors = max_stored * len(layers)
-    store_bytes = vectors * lm.d_model * 4 * OVERHEAD_FACTOR * (2 if cfg.zero_pe else 1)
-    step = _decode_step_seconds(lm, prompt_ids[0])
+    vector_bytes = vectors * lm.d_model * 4 * (2 if cfg.zero_pe else 1)
+    # Each level of the tree (samples, then each fork level) decodes in batches of at most batch_rows rows.
+    level_rows = [cfg.samples * cfg.forks**level for level in range(cfg.depth + 1 if cfg.forks else 1)]
+    batches = [(min(rows, cfg.batch_rows), -(-rows // cfg.batch_rows)) for rows in level_rows]
+    steps = {rows: _decode_step_seconds(lm, prompt_ids[0], rows) for rows in {r for r, _ in batches}}
+    seconds = n_prompts * cfg.max_new_tokens * sum(steps[r] * n for r, n in batches) * STEP_OVERHEAD
     return DryRun(
         run_id, cfg.model, device.type, resolved["dtype"], n_prompts, prompt_tokens, plan.size, max_generated,
-        max_stored, layers, lm.d_model, vectors, store_bytes, step, max_generated * step * STEP_OVERHEAD,
+        max_stored, layers, lm.d_model, vectors, vector_bytes * FINAL_FACTOR, vector_bytes * PEAK_FACTOR, steps,
+        seconds,
         _already_written(cfg.store, run_id), cfg.zero_pe,
     )
 
 
 @torch.no_grad()
-def _decode_step_seconds(lm: LoadedModel, prompt: list[int], steps: int = 4) -> float:
-    """Median time of one batch-1 decode step after a prefill of the first prompt."""
+def _decode_step_seconds(lm: LoadedModel, prompt: list[int], rows: int = 1, steps: int = 4) -> float:
+    """Median time of one decode step of `rows` rows after a prefill of the first prompt."""
     ids = torch.tensor([prompt], device=lm.device)
     out = lm.model(input_ids=ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past = out.past_key_values
+    past.batch_repeat_interleave(rows)
+    token = out.logits[:, -1:].argmax(-1).expand(rows, 1)
     times = []
     for _ in range(steps):
         start = time.perf_counter()

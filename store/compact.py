@@ -21,6 +21,7 @@ import duckdb
 from store.connect import reading
 from store.errors import StoreError
 from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
+from store.writer import STORAGE_COMPATIBILITY
 
 _ORDER = {"runs": "run_id", "prompts": "run_id, prompt_id", "branches": "run_id, branch_id",
           "tokens": "run_id, branch_id, position"}
@@ -57,7 +58,7 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
         with reading(path, lock_timeout=lock_timeout) as con:
             meta = read_meta(con, str(path))
             source = first_row(con, "SELECT current_database()")[0]
-            con.execute(f"ATTACH '{_quoted(tmp)}' AS packed (READ_WRITE)")
+            con.execute(f"ATTACH '{_quoted(tmp)}' AS packed (READ_WRITE, STORAGE_VERSION '{STORAGE_COMPATIBILITY}')")
             try:
                 con.execute("USE packed")
                 con.execute(schema_sql(int(meta["vector_dim"])))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import dump, ingest
+from ingest.generate import TreeBuilder
+from ingest.models import load_model
+from ingest.tree import TreePlan
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gemma3"])
@@ -28,11 +32,6 @@ def test_batch_size_changes_nothing_but_rounding(tiny_cfg, family):
 
 
 def test_forks_are_batched_and_reuse_their_parents_cache(tiny_cfg):
-    from ingest.generate import TreeBuilder
-    from ingest.models import load_model
-    from ingest.tree import TreePlan
-    import torch
-
     cfg = tiny_cfg("llama", samples=4, forks=3, depth=1, max_new_tokens=10, stop_at_eos=False)
     lm = load_model(cfg.model, torch.device("cpu"), torch.float32, log=lambda _m: None)
     ids = list(lm.tokenizer(cfg.prompts[0])["input_ids"])
