@@ -50,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
                    help="auto = bf16/fp16 on GPU, fp32 on CPU")
     p.add_argument("--store", help="DuckDB store file (default branchlens.duckdb)")
     p.add_argument("--run-id", help="name of the run (default: run-<hash of the settings>)")
+    dist = p.add_argument_group("distributed (Ray; pip install -e \".[distributed]\")")
+    dist.add_argument("--workers", type=int, help="Ray actors, one per GPU (CPU actors where there is no GPU); "
+                      "default with --ray-address: one per GPU, else per CPU")
+    dist.add_argument("--ray-address", help="join a Ray cluster: auto or HOST:PORT (default: a local one)")
+    dist.add_argument("--shards", help="directory for the run's Parquet shards (default STORE.shards)")
+    dist.add_argument("--prompts-per-task", type=int, default=4, help="prompts per task and shard (default 4)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     return p
 
@@ -93,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
 
             print(dry_run(cfg, log=lambda m: print(m, file=sys.stderr)).summary())
             return 0
-        from ingest.run import run_ingest  # heavy imports (torch, transformers) only once input is valid
+        show = not args.no_progress and sys.stderr.isatty()
+        if args.workers is not None or args.ray_address is not None:
+            from ingest.distributed import run_distributed
 
-        report = run_ingest(cfg, progress=not args.no_progress and sys.stderr.isatty())
+            if args.prompts_per_task < 1:
+                raise IngestError(f"--prompts-per-task must be >= 1, got {args.prompts_per_task}")
+            report = run_distributed(cfg, args.workers, args.ray_address, args.shards, args.prompts_per_task, show)
+        else:
+            from ingest.run import run_ingest  # heavy imports (torch, transformers) only once input is valid
+
+            report = run_ingest(cfg, progress=show)
     except (IngestError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

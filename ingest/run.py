@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ingest.config import RunConfig, config_hash, resolve_layers
@@ -119,14 +120,8 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     prompt_ids = _tokenize(lm, cfg)
     seconds["load"] = time.perf_counter() - t0
 
-    resolved = dataclasses.asdict(cfg) | {
-        "layers": layers, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-    }
-    digest = config_hash(resolved)
-    run_id = cfg.run_id or f"run-{digest}"
-    resolved["run_id"] = run_id
-    run = RunRecord(run_id, cfg.model, resolved, digest, lm.n_layers, lm.d_model, lm.pe_type,
-                    str(device), resolved["dtype"])
+    run = run_record(cfg, lm, layers, device, dtype)
+    run_id = run.run_id
     writer.prepare(lm.d_model)
     done = writer.start_run(run)
     todo = [i for i in range(len(cfg.prompts)) if i not in done]
@@ -179,12 +174,25 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     with reading(cfg.store, lock_timeout=30) as con:
         counts = run_summary(con, run_id)
     return IngestReport(
-        run_id=run_id, store=Path(cfg.store), model=cfg.model, device=str(device), dtype=resolved["dtype"],
+        run_id=run_id, store=Path(cfg.store), model=cfg.model, device=str(device), dtype=run.dtype,
         layers=layers, n_layers=lm.n_layers, d_model=lm.d_model, pe_type=lm.pe_type, counts=counts,
         prompts_written=len(todo), prompts_skipped=len(done), generated_now=builder.stats.generated_tokens,
         seconds=seconds, prefix_reused=builder.stats.prefix_reused,
         prefix_recomputed=builder.stats.prefix_recomputed, wall_seconds=time.perf_counter() - t_start,
     )
+
+
+def run_record(cfg: RunConfig, lm: LoadedModel, layers: list[int], device: torch.device,
+               dtype: torch.dtype) -> RunRecord:
+    """The run's record: resolved config, the hash of what decides the output, and its id."""
+    resolved = dataclasses.asdict(cfg) | {
+        "layers": layers, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+    }
+    digest = config_hash(resolved)
+    run_id = cfg.run_id or f"run-{digest}"
+    resolved["run_id"] = run_id
+    return RunRecord(run_id, cfg.model, resolved, digest, lm.n_layers, lm.d_model, lm.pe_type,
+                     str(device), resolved["dtype"])
 
 
 def _compact(store: str, log: Callable[[str], None]) -> None:

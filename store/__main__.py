@@ -17,8 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("store", help="the DuckDB store file")
     c.add_argument("--lock-timeout", type=float, default=120.0,
                    help="seconds to wait for a writer (an ingest) to let go of the file (default 120)")
+    m = sub.add_parser("merge", help="import a distributed run's Parquet shards into a store (ingest --workers "
+                                     "does this at the end; run it again after more shards finished)")
+    m.add_argument("run_dir", help="the run's shard directory, e.g. branchlens.duckdb.shards/run-...")
+    m.add_argument("--store", default="branchlens.duckdb", help="the DuckDB store to merge into (default "
+                   "branchlens.duckdb; created if missing)")
     args = p.parse_args(argv)
     try:
+        if args.command == "merge":
+            from store.shards import merge
+
+            imported, skipped, complete = merge(args.run_dir, args.store, created_by="branchlens merge")
+            print(f"merged {imported} shards into {args.store} ({skipped} already there); run "
+                  f"{'complete' if complete else 'not complete yet: shards missing'}")
+            return 0
         print(compact(args.store, lock_timeout=args.lock_timeout).summary())
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,6 +23,7 @@ from store.schema import create_schema, first_row, read_meta
 # Written in an older storage format on purpose: the DuckDB CLI on PyPI (duckdb-cli 1.5) cannot read the
 # 2.0 default, and DuckDB 2 reads and writes this one without upgrading it.
 STORAGE_COMPATIBILITY = "v1.5.0"
+SHARD_TABLES = ("prompts", "branches", "tokens", "latents")
 
 
 def _now() -> datetime:
@@ -133,7 +134,7 @@ class StoreWriter:
         variant: str = "normal",
     ) -> None:
         """Write one prompt's whole tree (prompt row, branches, tokens, latents) in one transaction."""
-        branch_tbl, token_tbl, latent_tbl = _tables(branches, layers, variant)
+        branch_tbl, token_tbl, latent_tbl = arrow_tables(branches, layers, variant)
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
@@ -183,6 +184,28 @@ class StoreWriter:
                 _rollback(con)
                 raise
 
+    def import_shard(self, run_id: str, shard: Path) -> bool:
+        """Add one Parquet shard (store.shards) of a run in one transaction. Returns False, writing
+        nothing, when its prompts are already in the store, so a merge can be run again."""
+        files = {name: str(shard / f"{name}.parquet").replace("'", "''") for name in SHARD_TABLES}
+        with self._connection() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                present = first_row(
+                    con, f"SELECT count(*) FROM prompts WHERE run_id = ? AND prompt_id IN "
+                         f"(SELECT prompt_id FROM read_parquet('{files['prompts']}'))", [run_id])[0]
+                if present:
+                    con.execute("ROLLBACK")
+                    return False
+                for name in SHARD_TABLES:
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * "
+                                f"FROM read_parquet('{files[name]}')", [run_id])
+                con.execute("COMMIT")
+                return True
+            except BaseException:
+                _rollback(con)
+                raise
+
     def finish_run(self, run_id: str) -> None:
         with self._connection() as con:
             con.execute(
@@ -204,7 +227,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _tables(branches: list[BranchRecord], layers: list[int], variant: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+def arrow_tables(branches: list[BranchRecord], layers: list[int], variant: str) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Arrow tables for branches, tokens and latents (latents ordered by layer, branch, position)."""
     branch_tbl = pa.table({
         "branch_id": pa.array([b.branch_id for b in branches], pa.int32()),

@@ -1,0 +1,205 @@
+"""Ingest across workers on Ray: the run split by prompt into tasks, one actor per GPU (CPU actors where
+there is none), each task written as a Parquet shard, then merged into the DuckDB store.
+
+Ray is an optional extra (`pip install -e ".[distributed]"`); nothing here is imported by the
+single-machine path. Scheduling, retries and restarts are Ray's: an actor that dies is restarted and
+its task run again (max_restarts / max_task_retries); a task whose shard already exists writes nothing,
+so retries and resumed runs never duplicate rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ingest.config import RunConfig, build_config
+from ingest.errors import IngestError
+
+RESTARTS = 4  # per actor, and retries per task: a worker may die this many times before the run fails
+
+
+@dataclass
+class DistributedReport:
+    run_id: str
+    store: Path
+    shards: Path
+    workers: int
+    resources: str
+    tasks: int
+    tasks_done_before: int
+    generated_now: int
+    counts: dict[str, Any]
+    seconds: dict[str, float]
+
+    def summary(self) -> str:
+        s, c = self.seconds, self.counts
+        rate = self.generated_now / s["generate"] if s.get("generate") else 0.0
+        return "\n".join([
+            f"run {self.run_id}: {c['status']}",
+            f"  workers   {self.workers} Ray actors ({self.resources})",
+            f"  tasks     {self.tasks} ({self.tasks_done_before} already done); shards in {self.shards}",
+            f"  prompts   {c['prompts']} written; {c['branches']} branches, {c['tokens']} tokens "
+            f"({c['generated_tokens']} generated)",
+            f"  latents   {c['latents']} vectors",
+            f"  time      start {s.get('start', 0):.1f} s, generate {s.get('generate', 0):.1f} s "
+            f"({rate:.1f} generated tokens/s over all workers), merge {s.get('merge', 0):.1f} s",
+            f"  store     {self.store} ({self.store.stat().st_size / 1e6:.1f} MB)",
+        ])
+
+
+class ShardWorker:
+    """One Ray actor: loads the model once, then builds whole tasks (lists of prompts) into shards."""
+
+    def __init__(self, values: dict[str, Any]):
+        import torch
+
+        from ingest.generate import TreeBuilder
+        from ingest.models import load_model, resolve_device, resolve_dtype
+        from ingest.config import resolve_layers
+        from ingest.run import _tokenize, run_record
+        from ingest.tree import TreePlan
+
+        cfg = build_config(values)
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.lm = load_model(cfg.model, device, dtype, log=lambda _m: None)
+        self.cfg = cfg
+        self.layers = resolve_layers(cfg.layers, self.lm.n_layers)
+        self.prompt_ids = _tokenize(self.lm, cfg)
+        self.run = run_record(cfg, self.lm, self.layers, device, dtype)
+        self.builder = TreeBuilder(self.lm, cfg, self.layers, TreePlan(cfg.samples, cfg.forks, cfg.depth),
+                                   batch_rows=cfg.batch_rows)
+
+    def describe(self) -> dict[str, Any]:
+        return {"run": dataclasses.asdict(self.run), "pid": os.getpid()}
+
+    def build(self, run_path: str, task: int, prompt_ids: list[int]) -> tuple[int, int, float, bool]:
+        """Build and write one task's shard: (task, generated tokens, seconds, written now)."""
+        from store.shards import shard_name, write_shard
+
+        path = Path(run_path)
+        if (path / shard_name(task)).exists():  # a retry of a task that finished before its worker died
+            return task, 0, 0.0, False
+        t0 = time.perf_counter()
+        before = self.builder.stats.generated_tokens
+        prompts = [(p, self.cfg.prompts[p], len(self.prompt_ids[p]), self.builder.build(p, self.prompt_ids[p]))
+                   for p in prompt_ids]
+        written = write_shard(path, task, prompts, self.layers)
+        return task, self.builder.stats.generated_tokens - before, time.perf_counter() - t0, written
+
+
+def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, shards: str | None,
+                    prompts_per_task: int = 4, progress: bool = True,
+                    log: Callable[[str], None] | None = None) -> DistributedReport:
+    """Run (or resume) the ingest of cfg on Ray and merge the shards into cfg.store."""
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise IngestError("--workers/--ray-address need Ray: pip install -e \".[distributed]\"") from None
+    from ingest.run import branchlens_version
+    from store.connect import reading
+    from store.queries import run_summary
+    from store.shards import finished_shards, merge, write_manifest
+    from store.writer import StoreWriter
+
+    if not cfg.prompts:
+        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
+    if cfg.zero_pe:
+        raise IngestError("--zero-pe is not yet available with --workers; add it after the merge with "
+                          "python -m ingest.zero_pe STORE")
+    if workers is not None and workers < 1:
+        raise IngestError(f"--workers must be >= 1, got {workers}")
+    StoreWriter(cfg.store, created_by=branchlens_version()).check_existing()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    started_here = not ray.is_initialized()
+    if started_here:
+        init: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if address:
+            init["address"] = address
+        else:
+            init["num_cpus"] = workers or os.cpu_count() or 1
+        try:
+            ray.init(**init)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise IngestError(f"cannot start or reach Ray ({address or 'local'}): {str(exc).splitlines()[0]}") from None
+    try:
+        cluster = ray.cluster_resources()
+        gpus = int(cluster.get("GPU", 0))
+        use_gpu = gpus > 0 and cfg.device != "cpu"
+        n = workers or (gpus if use_gpu else int(cluster.get("CPU", 1)))
+        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+        Worker = ray.remote(ShardWorker).options(**resources, max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        values = dataclasses.asdict(cfg)
+        actors = [Worker.remote(values) for _ in range(n)]
+        try:
+            described = ray.get(actors[0].describe.remote())
+        except ray.exceptions.RayActorError as exc:
+            raise IngestError(f"a worker could not start: {_first_line(exc)}") from None
+        from store.records import RunRecord
+
+        run = RunRecord(**described["run"])
+        root = Path(shards) if shards else Path(f"{cfg.store}.shards")
+        run_path = root / run.run_id
+        manifest = write_manifest(run_path, run, len(cfg.prompts), prompts_per_task)
+        per_task = manifest["prompts_per_task"]  # a resumed run keeps its first split
+        tasks_total = math.ceil(len(cfg.prompts) / per_task)
+        done = set(finished_shards(run_path))
+        todo = [t for t in range(tasks_total) if t not in done]
+        seconds["start"] = time.perf_counter() - t0
+        if done:
+            log(f"resuming run {run.run_id}: {len(done)} of {tasks_total} tasks already in {run_path}")
+        log(f"{n} workers ({'1 GPU' if use_gpu else '1 CPU'} each) on {len(todo)} tasks of {per_task} prompts")
+
+        t1 = time.perf_counter()
+        generated = 0
+        bar = tqdm(total=tasks_total, initial=len(done), desc="tasks", unit="task", disable=not progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        with bar:
+            pool = ActorPool(actors)
+            chunks = {t: list(range(t * per_task, min((t + 1) * per_task, len(cfg.prompts)))) for t in todo}
+            results = pool.map_unordered(lambda actor, t: actor.build.remote(str(run_path), t, chunks[t]), todo)
+            try:
+                for task, tokens, _secs, _written in results:
+                    generated += tokens
+                    bar.update()
+                    bar.set_postfix(tok_s=f"{generated / max(time.perf_counter() - t1, 1e-9):.1f}")
+                    if not progress:
+                        log(f"task {task + 1}/{tasks_total} written")
+            except ray.exceptions.RayError as exc:
+                raise IngestError(f"a task failed after {RESTARTS} retries: {_first_line(exc)}; finished shards "
+                                  "are kept, run the same command to resume") from None
+        seconds["generate"] = time.perf_counter() - t1
+    finally:
+        if started_here:
+            ray.shutdown()
+
+    t2 = time.perf_counter()
+    merge(run_path, cfg.store, created_by=branchlens_version())
+    if cfg.compact:
+        from ingest.run import _compact
+
+        _compact(cfg.store, log)
+    seconds["merge"] = time.perf_counter() - t2
+    with reading(cfg.store, lock_timeout=30) as con:
+        counts = run_summary(con, run.run_id)
+    return DistributedReport(run.run_id, Path(cfg.store), run_path, n, "GPU" if use_gpu else "CPU", tasks_total,
+                             len(done), generated, counts, seconds)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
