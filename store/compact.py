@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 
 from store.connect import reading
-from store.errors import StoreError
+from store.errors import StoreError, reason
 from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
 from store.writer import STORAGE_COMPATIBILITY
 
@@ -90,7 +90,7 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
                 raise StoreError(f"the compacted copy's write-ahead log was not merged ({tmp.name}.wal left behind)")
             os.replace(tmp, path)  # still under the read lock: no writer can slip in between
     except (OSError, duckdb.Error) as exc:
-        raise StoreError(f"cannot compact store {path}: {_reason(exc)}; the store is unchanged") from exc
+        raise StoreError(f"cannot compact store {path}: {reason(exc)}; the store is unchanged") from exc
     finally:
         for leftover in (tmp, Path(f"{tmp}.wal")):
             leftover.unlink(missing_ok=True)
@@ -107,10 +107,3 @@ def _check_counts(con: duckdb.DuckDBPyConnection, source: str) -> None:
 
 def _quoted(path: Path) -> str:
     return str(path).replace("'", "''")
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

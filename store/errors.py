@@ -3,3 +3,11 @@
 
 class StoreError(Exception):
     """A store file is missing, locked, of another schema version, or does not fit the data."""
+
+
+def reason(exc: BaseException) -> str:
+    """The part of an OS or DuckDB error worth one line: strerror, else the message's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

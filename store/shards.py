@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.errors import StoreError
+from store.errors import StoreError, reason
 from store.records import BranchRecord, RunRecord
 from store.writer import SHARD_TABLES, StoreWriter, arrow_tables
 
@@ -55,7 +55,7 @@ def write_manifest(run_path: Path, run: RunRecord, n_prompts: int, prompts_per_t
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError as exc:
-        raise StoreError(f"cannot write shards to {run_path}: {exc.strerror or exc}") from exc
+        raise StoreError(f"cannot write shards to {run_path}: {reason(exc)}") from exc
     return manifest
 
 
@@ -108,7 +108,7 @@ def write_shard(run_path: Path, task: int, prompts: list[tuple[int, str, int, li
             raise
         return True
     except OSError as exc:
-        raise StoreError(f"cannot write shard {final}: {exc.strerror or exc}") from exc
+        raise StoreError(f"cannot write shard {final}: {reason(exc)}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

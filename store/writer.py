@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from store.connect import connect_with_retry, reading
-from store.errors import StoreError
+from store.errors import StoreError, reason
 from store.records import BranchRecord, RunRecord
 from store.schema import create_schema, first_row, read_meta
 
@@ -48,7 +48,7 @@ class StoreWriter:
             yield con
         except (duckdb.IOException, duckdb.TransactionException, OSError) as exc:
             # TransactionException here is a COMMIT that could not be written (e.g. "File too large")
-            raise StoreError(f"cannot write to store {self.path}: {_reason(exc)}; what was written before "
+            raise StoreError(f"cannot write to store {self.path}: {reason(exc)}; what was written before "
                              "is kept, free space (or fix the path) and run the same command to resume") from exc
         finally:
             con.close()
@@ -93,7 +93,7 @@ class StoreWriter:
                 raise OSError(f"the new store's write-ahead log was not merged ({wal.name} left behind)")
             os.replace(tmp, self.path)
         except (OSError, duckdb.Error) as exc:
-            raise StoreError(f"cannot create store {self.path}: {_reason(exc)}") from exc
+            raise StoreError(f"cannot create store {self.path}: {reason(exc)}") from exc
         finally:
             for leftover in (tmp, wal):
                 try:
@@ -219,12 +219,6 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ROLLBACK")
     except duckdb.Error:
         pass
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def arrow_tables(branches: list[BranchRecord], layers: list[int], variant: str) -> tuple[pa.Table, pa.Table, pa.Table]:
