@@ -174,7 +174,7 @@ class TreeBuilder:
         first = torch.tensor(starts, device=device)
         lengths = [0] * n_rows
         ended = [False] * n_rows
-        chosen_steps, lp_steps, ent_steps, hidden_steps, host_steps = [], [], [], [], []
+        lp_steps, ent_steps, hidden_steps, host_steps = [], [], [], []
         for step in range(max(budget)):
             chosen = choose_rows(logits, cfg.temperature, cfg.top_k, cfg.top_p, gens, exclude if step == 0 else None)
             logprobs, entropies = token_stats_tensors(logits, chosen)
@@ -188,7 +188,6 @@ class TreeBuilder:
             position = torch.clamp(first + step, max=self._max_end)[:, None]
             out = self._forward(chosen[:, None], batch.cache, batch.mask, position)
             hidden_steps.append(self._hidden(out))
-            chosen_steps.append(chosen)
             lp_steps.append(logprobs)
             ent_steps.append(entropies)
             host_steps.append(host)
