@@ -65,7 +65,7 @@ class ShardWorker:
         from ingest.generate import TreeBuilder
         from ingest.models import load_model, resolve_device, resolve_dtype
         from ingest.config import resolve_layers
-        from ingest.run import _tokenize, run_record
+        from ingest.run import run_record, tokenize_prompts
         from ingest.tree import TreePlan
 
         cfg = build_config(values)
@@ -76,7 +76,7 @@ class ShardWorker:
         self.lm = load_model(cfg.model, device, dtype, log=lambda _m: None)
         self.cfg = cfg
         self.layers = resolve_layers(cfg.layers, self.lm.n_layers)
-        self.prompt_ids = _tokenize(self.lm, cfg)
+        self.prompt_ids = tokenize_prompts(self.lm, cfg)
         self.run = run_record(cfg, self.lm, self.layers, device, dtype)
         self.builder = TreeBuilder(self.lm, cfg, self.layers, TreePlan(cfg.samples, cfg.forks, cfg.depth),
                                    batch_rows=cfg.batch_rows)
@@ -190,9 +190,9 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     t2 = time.perf_counter()
     merge(run_path, cfg.store, created_by=branchlens_version())
     if cfg.compact:
-        from ingest.run import _compact
+        from ingest.run import compact_if_worth
 
-        _compact(cfg.store, log)
+        compact_if_worth(cfg.store, log)
     seconds["merge"] = time.perf_counter() - t2
     with reading(cfg.store, lock_timeout=30) as con:
         counts = run_summary(con, run.run_id)

@@ -81,9 +81,9 @@ def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
     layers = resolve_layers(cfg.layers, lm.n_layers)
     if cfg.zero_pe:
         lm.positions.require()
-    from ingest.run import _tokenize
+    from ingest.run import tokenize_prompts
 
-    prompt_ids = _tokenize(lm, cfg)
+    prompt_ids = tokenize_prompts(lm, cfg)
     resolved = dataclasses.asdict(cfg) | {"layers": layers, "device": device.type,
                                           "dtype": str(dtype).removeprefix("torch.")}
     run_id = cfg.run_id or f"run-{config_hash(resolved)}"

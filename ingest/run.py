@@ -117,7 +117,7 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     layers = resolve_layers(cfg.layers, lm.n_layers)
     if cfg.zero_pe:
         lm.positions.require()  # before any generation: an unsupported family fails fast
-    prompt_ids = _tokenize(lm, cfg)
+    prompt_ids = tokenize_prompts(lm, cfg)
     seconds["load"] = time.perf_counter() - t0
 
     run = run_record(cfg, lm, layers, device, dtype)
@@ -169,7 +169,7 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     writer.finish_run(run_id)
     if cfg.compact:
         t4 = time.perf_counter()
-        _compact(cfg.store, log)
+        compact_if_worth(cfg.store, log)
         seconds["compact"] = time.perf_counter() - t4
     with reading(cfg.store, lock_timeout=30) as con:
         counts = run_summary(con, run_id)
@@ -195,7 +195,7 @@ def run_record(cfg: RunConfig, lm: LoadedModel, layers: list[int], device: torch
                      str(device), resolved["dtype"])
 
 
-def _compact(store: str, log: Callable[[str], None]) -> None:
+def compact_if_worth(store: str, log: Callable[[str], None]) -> None:
     """Give back the free space that per-prompt commits leave in the file, when it is worth a rewrite.
     A failure (e.g. no room for the copy) is a warning: the store as written is complete."""
     with reading(store, lock_timeout=30) as con:
@@ -209,7 +209,7 @@ def _compact(store: str, log: Callable[[str], None]) -> None:
         log(f"warning: {exc} (run `python -m store compact {store}` later)")
 
 
-def _tokenize(lm: LoadedModel, cfg: RunConfig) -> list[list[int]]:
+def tokenize_prompts(lm: LoadedModel, cfg: RunConfig) -> list[list[int]]:
     """Token ids of every prompt (special tokens such as BOS included), checked against the context."""
     out = []
     for i, text in enumerate(cfg.prompts):
