@@ -16,7 +16,7 @@ import streamlit as st
 
 from analysis.residualize import ResidualSpec
 from dashboard import charts, data, panels, sidebar, text
-from store.errors import StoreError
+from store.errors import StoreBusy, StoreError
 
 st.set_page_config(page_title="branchlens", page_icon="🌿", layout="wide")
 
@@ -37,10 +37,8 @@ except StoreError as exc:
     message = str(exc)
     if "does not exist" in message:
         st.info(f"No store at `{path}`. Create one with `python -m ingest` (the demo), or enter a path on the left.")
-    elif "written by another process" in message:
-        st.warning(f"An ingest is committing to `{path}` right now; the dashboard shows what is committed "
-                   "once it releases the file (it does after every prompt).")
-        st.button("Retry")
+    elif isinstance(exc, StoreBusy):
+        panels.busy_note(path, "store")
     else:
         st.error(message)
     st.stop()
@@ -79,6 +77,9 @@ try:
         raw_points, raw_metrics = data.view(path, version, sel, json.dumps(raw_spec.to_dict()))
         res_points, res_metrics = data.view(path, version, sel, json.dumps(spec.to_dict()))
         branches, lineage = data.branches_and_text(path, version, run_id, sel.prompt_ids)
+except StoreBusy:
+    panels.busy_note(path, "view")
+    st.stop()
 except (ValueError, StoreError) as exc:
     st.error(str(exc))
     st.stop()
@@ -97,10 +98,16 @@ tab_space, tab_layers, tab_clusters, tab_sql = st.tabs(["Latent space", "Layers"
 with tab_clusters:
     method, k = panels.cluster_controls()
     with st.spinner("Clustering…"):
-        keys, labels = data.clusters(path, version, sel, json.dumps(spec.to_dict()), method, k)
-    panels.clusters_panel(keys, labels)
+        found = panels.guarded(path, "clusters", data.clusters, path, version, sel, json.dumps(spec.to_dict()),
+                               method, k)
+    if found is not None:
+        keys, labels = found
+        panels.clusters_panel(keys, labels)
+if found is not None:
     clusters = keys.select("branch_id", "position").with_columns(pl.Series("cluster", labels))
-points = points.join(clusters, on=["branch_id", "position"], how="left")
+    points = points.join(clusters, on=["branch_id", "position"], how="left")
+else:  # the store was busy: no cluster colours this time
+    points = points.with_columns(pl.lit(None, pl.Int64).alias("cluster"))
 
 with tab_space:
     drawn = points
@@ -135,12 +142,14 @@ with tab_space:
 with tab_layers:
     layers = tuple(run["layers"].get(sel.variant, []))
     with st.spinner(f"Measuring {len(layers)} layers…"):
-        profile = data.profile(path, version, sel, json.dumps(spec.to_dict()), layers)
-    st.altair_chart(charts.layer_profile(profile), width="stretch")
-    st.caption("Which layer is least tainted by position: compare raw with the residualized line and the "
-               "chance level. GPT-2-style learned positions are strongest in early layers; RoPE models "
-               "have none at layer 0 (token embeddings).")
-    st.dataframe(profile, hide_index=True, width="stretch")
+        profile = panels.guarded(path, "layers", data.profile, path, version, sel, json.dumps(spec.to_dict()),
+                                 layers)
+    if profile is not None:
+        st.altair_chart(charts.layer_profile(profile), width="stretch")
+        st.caption("Which layer is least tainted by position: compare raw with the residualized line and the "
+                   "chance level. GPT-2-style learned positions are strongest in early layers; RoPE models "
+                   "have none at layer 0 (token embeddings).")
+        st.dataframe(profile, hide_index=True, width="stretch")
 
 with tab_sql:
     panels.sql_panel(path, run_id)

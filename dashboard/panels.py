@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import altair as alt
 import polars as pl
@@ -11,7 +13,26 @@ import streamlit as st
 
 from analysis.clusters import cluster_summary
 from analysis.metrics import overcorrection
+from store.errors import StoreBusy
 from store.sandbox import SqlError, run_query
+
+T = TypeVar("T")
+
+
+def busy_note(path: str, key: str) -> None:
+    """What every tab shows when an ingest holds the store longer than a read waits: a note and Retry."""
+    st.warning(f"An ingest is committing to `{path}` right now; the dashboard shows what is committed "
+               "once it releases the file (it does after every prompt).")
+    st.button("Retry", key=f"retry_{key}")
+
+
+def guarded(path: str, key: str, read: Callable[..., T], *args) -> T | None:
+    """`read(*args)`, or None after a busy note when the store stayed locked for the whole lock wait."""
+    try:
+        return read(*args)
+    except StoreBusy:
+        busy_note(path, key)
+        return None
 
 
 def _fmt(value: float, signed: bool = False) -> str:
@@ -76,14 +97,18 @@ def clusters_panel(keys: pl.DataFrame, labels) -> None:
 
 
 def sql_panel(store: str, run_id: str) -> None:
+    """A read-only query box; a busy store gives the note and a Retry that runs the query again."""
     st.caption("Read-only: no writes, no file or network access, at most 10,000 rows and 10 s per query.")
     default = (f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
                f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20")
     sql = st.text_area("SQL", value=default, height=140, key="sql")
-    if not st.button("Run query", key="sql_run"):
+    if not (st.button("Run query", key="sql_run") or st.session_state.get("retry_sql")):
         return
     try:
         result = run_query(store, sql)
+    except StoreBusy:
+        busy_note(store, "sql")
+        return
     except SqlError as exc:
         st.error(f"Query refused or failed: {exc}")
         return

@@ -24,6 +24,7 @@ from ingest.zero_pe import add_zero_pe
 from store.compact import compact, free_fraction
 from store.connect import reading
 from store.errors import StoreError
+from store.faults import fault_point
 from store.queries import run_summary
 from store.records import RunRecord
 from store.writer import StoreWriter
@@ -119,6 +120,7 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
         lm.positions.require()  # before any generation: an unsupported family fails fast
     prompt_ids = tokenize_prompts(lm, cfg)
     seconds["load"] = time.perf_counter() - t0
+    fault_point("load")
 
     run = run_record(cfg, lm, layers, device, dtype)
     run_id = run.run_id
@@ -157,7 +159,8 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
             with tqdm(total=plan.size, desc=f"prompt {prompt_id} branches", unit="branch", leave=False,
                       disable=not progress, file=sys.stderr, dynamic_ncols=True) as branch_bar:
                 t1 = time.perf_counter()
-                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=branch_bar.update)
+                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=lambda: (
+                    branch_bar.update(), fault_point("generate")))
                 seconds["generate"] += time.perf_counter() - t1
             written(pending)
             pending = pool.submit(write, prompt_id, records)

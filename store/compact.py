@@ -20,6 +20,8 @@ import duckdb
 
 from store.connect import reading
 from store.errors import StoreError, reason
+from store.faults import fault_point
+from store.leftovers import compact_copy, remove_stale_copies
 from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
 from store.writer import STORAGE_COMPATIBILITY
 
@@ -51,7 +53,8 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"store {path} does not exist")
-    tmp = path.with_name(f"{path.name}.compact-{os.getpid()}")
+    remove_stale_copies(path)
+    tmp = compact_copy(path, os.getpid())
     t0 = time.perf_counter()
     before = path.stat().st_size
     try:
@@ -77,6 +80,7 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
                         "WHERE run_id = ? AND variant = ? AND layer = ? ORDER BY branch_id, position",
                         [run_id, variant, layer])
                 _check_counts(con, source)
+                fault_point("compact")
                 con.execute("COMMIT")
                 con.execute("CHECKPOINT packed")
             finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.errors import StoreError
+from store.errors import StoreBusy, StoreError
 from store.schema import check_version, read_meta
 
 LOCK_MESSAGE = "Could not set lock"
@@ -42,7 +42,7 @@ def connect_with_retry(
         except duckdb.IOException as exc:
             if time.monotonic() >= deadline:
                 who = "written by another process" if read_only else "open in another process"
-                raise StoreError(
+                raise StoreBusy(
                     f"store {path} is {who} (DuckDB allows one writer or many readers); "
                     f"gave up after {lock_timeout:.0f} s"
                 ) from exc

@@ -5,6 +5,10 @@ class StoreError(Exception):
     """A store file is missing, locked, of another schema version, or does not fit the data."""
 
 
+class StoreBusy(StoreError):
+    """Another process holds the file (an ingest committing): wait and try again."""
+
+
 def reason(exc: BaseException) -> str:
     """The part of an OS or DuckDB error worth one line: strerror, else the message's first line."""
     if isinstance(exc, OSError) and exc.strerror:

@@ -16,6 +16,8 @@ import pyarrow as pa
 
 from store.connect import connect_with_retry, reading
 from store.errors import StoreError, reason
+from store.faults import fault_point
+from store.leftovers import remove_stale_copies
 from store.records import BranchRecord, RunRecord
 from store.schema import create_schema, first_row, read_meta
 
@@ -64,7 +66,9 @@ class StoreWriter:
             return read_meta(con, str(self.path))
 
     def prepare(self, dim: int) -> None:
-        """Create the store if missing (atomically), else check its version and vector width."""
+        """Create the store if missing (atomically), else check its version and vector width; remove what
+        a killed compaction left beside it."""
+        remove_stale_copies(self.path)
         meta = self.check_existing()
         if meta is None:
             self._create(dim)
@@ -143,6 +147,7 @@ class StoreWriter:
                     con.register("_batch", table)
                     con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id])
                     con.unregister("_batch")
+                fault_point("commit")
                 con.execute("COMMIT")
             except BaseException:
                 _rollback(con)

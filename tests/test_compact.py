@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import numpy as np
@@ -84,3 +85,16 @@ def test_vectors_line_up_with_labels_whatever_the_storage_order(tmp_path):
         picked = [index[k] for k in zip(sub_rows["branch_id"], sub_rows["position"])]
         assert set(sub_rows["prompt_id"]) == {2} and not any(sub_rows["is_prompt"])
         assert np.array_equal(sub_vec, vec_a[picked])
+
+
+def test_the_next_writer_removes_copies_of_dead_compactions_only(tmp_path):
+    store = tmp_path / "s.duckdb"
+    write_tree(store, branch_tree(n_prompts=1, branches_per_prompt=2, length=5, d=4))
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = [tmp_path / f"s.duckdb.compact-{dead_pid}", tmp_path / f"s.duckdb.compact-{dead_pid}.wal"]
+    live = tmp_path / f"s.duckdb.compact-{os.getpid()}"  # a compaction still running
+    for f in (*stale, live):
+        f.write_bytes(b"half a copy")
+    StoreWriter(store, created_by="test").prepare(4)
+    assert not any(f.exists() for f in stale) and live.exists()

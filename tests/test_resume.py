@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 import tomli_w
@@ -53,43 +52,13 @@ def test_a_finished_run_started_again_writes_nothing(tiny_cfg):
     assert again.counts == first.counts
 
 
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_cfg, model_dirs, tmp_path):
-    prompts = ["The cat sat on", "Branches go apart where", "def add(a, b):", "Position dominates", "The moon"]
-    settings = dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=2, max_new_tokens=24,
-                    layers=[0, 2], device="cpu")
-    config = tmp_path / "run.toml"
-    config.write_text(tomli_w.dumps(settings))
-    store = tmp_path / "killed.duckdb"
-    command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
-    proc = subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    killed_after = None
-    deadline = time.monotonic() + 300
-    for line in proc.stderr:
-        if "written" in line and line.startswith("prompt "):
-            killed_after = line.split()[1]
-            proc.kill()  # SIGKILL: no cleanup handlers run
-            break
-        assert time.monotonic() < deadline
-    proc.wait(timeout=60)
-    assert proc.returncode == -9, f"run ended before it could be killed ({killed_after})"
-
-    with reading(store) as con:
-        written = con.execute("SELECT count(*) FROM prompts").fetchall()[0][0]
-    assert 1 <= written < len(prompts)
-
-    resumed = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming run" in resumed.stderr
-    assert "complete" in resumed.stdout
-
-    reference = ingest(tiny_cfg(store="reference.duckdb", **settings))
-    assert dump(str(store), reference.run_id) == dump(reference.store, reference.run_id)
-
-
-def test_five_random_sigkills_then_resume_equals_uninterrupted(model_dirs, tmp_path):
-    """Kill the CLI with SIGKILL at random moments (loading, generating, inside a commit) five times,
-    restarting each time; the final store equals an uninterrupted run, with no duplicate rows."""
-    import random
+def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dirs, tmp_path):
+    """SIGKILL the CLI five times, each at a point chosen by what it has done (the test-only fault hook,
+    store.faults), not by the clock: while loading, while generating, inside the second and the first
+    commit of a process, and inside compaction. After each kill the store holds exactly the prompts
+    committed before it; a last run completes it, equal to an uninterrupted run, with no duplicate rows
+    and no leftover files."""
+    from ingest.tree import TreePlan
 
     prompts = [f"{p} {i}" for i in range(6) for p in ["The cat sat on", "Branches go apart where", "def f(x):"]]
     config = tmp_path / "run.toml"
@@ -97,22 +66,40 @@ def test_five_random_sigkills_then_resume_equals_uninterrupted(model_dirs, tmp_p
                                          max_new_tokens=24, layers=[0, 1, 2], device="cpu")))
     store = tmp_path / "killed.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
-    rng = random.Random(1234)
-    kills = 0
-    for _ in range(5):
-        proc = subprocess.Popen(command, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(1.0, 6.0))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=60)
-            kills += proc.returncode == -9
-        if proc.returncode == 0:
-            break  # finished before this kill: nothing left to interrupt
-    assert kills >= 3, kills
+    branches_per_prompt = TreePlan(2, 2, 1).size
+
+    def committed() -> int:
+        if not store.exists():
+            return 0
+        with reading(store) as con:
+            return con.execute("SELECT count(*) FROM prompts").fetchall()[0][0]
+
+    def killed_at(fault: str) -> str:
+        env = cli_env(tmp_path) | {"BRANCHLENS_FAULT": fault}
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -9, f"{fault}: exit {proc.returncode}\n{proc.stderr[-2000:]}"
+        return proc.stderr
+
+    # 1. loading: the model is loaded, nothing is written yet.
+    assert "fault: load 1" in killed_at("load:1") and committed() == 0 and not store.exists()
+    # 2. generating the 4th prompt: the first two are committed, the 3rd may be (its write runs alongside).
+    assert "fault: generate" in killed_at(f"generate:{3 * branches_per_prompt + 2}")
+    after_generate = committed()
+    assert 2 <= after_generate <= 3
+    # 3. inside the 2nd commit of a resumed process: exactly its first commit landed.
+    stderr = killed_at("commit:2")
+    assert "resuming run" in stderr and "fault: commit 2" in stderr
+    assert committed() == after_generate + 1
+    # 4. inside the very first commit: nothing of that prompt is visible.
+    assert "fault: commit 1" in killed_at("commit:1") and committed() == after_generate + 1
+    # 5. inside compaction, after the last prompt: all committed, the half-written copy left beside it.
+    assert "fault: compact 1" in killed_at("compact:1")
+    assert committed() == len(prompts)
+    assert list(tmp_path.glob("killed.duckdb.compact-*")), "the kill did not land inside compaction"
+
     final = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-2000:]
+    assert not list(tmp_path.glob("killed.duckdb.compact-*")), "a dead compaction's copy was not removed"
 
     reference = tmp_path / "reference.duckdb"
     clean = subprocess.run([*command[:-3], "--store", str(reference), "--no-progress"], env=cli_env(tmp_path),

@@ -1,0 +1,38 @@
+"""Files a killed process leaves beside a store, and their clean-up by the next writer."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+
+def compact_copy(store: Path, pid: int) -> Path:
+    """Where compaction by process `pid` writes its copy of `store` (its WAL is this name + '.wal')."""
+    return store.with_name(f"{store.name}.compact-{pid}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_copies(store: str | Path) -> list[Path]:
+    """Delete the half-written compaction copies (and their WALs) of processes that are no longer running;
+    copies of a live process are kept. Returns what was removed."""
+    store = Path(store)
+    removed = []
+    for leftover in store.parent.glob(f"{glob.escape(store.name)}.compact-*"):
+        pid = leftover.name.removeprefix(f"{store.name}.compact-").removesuffix(".wal")
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                leftover.unlink()
+                removed.append(leftover)
+            except OSError:
+                pass
+    return removed
