@@ -59,7 +59,30 @@ def r2_pos(
     }
     out.update(_heldout_r2(X, position, groups) if groups is not None else
                {"heldout": float("nan"), "heldout_coverage": 0.0})
+    out.update(_r2_band(X, position, rng))
     return out
+
+
+def _r2_band(X: np.ndarray, position: np.ndarray, rng: np.random.Generator, n_boot: int = 30,
+             dims: int = 64) -> dict[str, float]:
+    """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), on a seeded random projection
+    to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap."""
+    if X.shape[1] > dims:
+        X = X @ (rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims))
+    _, inverse = np.unique(position, return_inverse=True)
+    inverse = inverse.ravel()
+    values = []
+    for _ in range(n_boot):
+        w = rng.multinomial(len(X), np.full(len(X), 1 / len(X))).astype(np.float64)  # (n,) resample counts
+        total = w.sum()
+        grand = (w @ X) / total
+        sst = float(w @ ((X - grand) ** 2).sum(axis=1))
+        cnt = np.bincount(inverse, weights=w)
+        sums = np.stack([np.bincount(inverse, weights=w * X[:, j]) for j in range(X.shape[1])], axis=1)
+        ok = cnt > 0
+        ssb = float((cnt[ok] * ((sums[ok] / cnt[ok, None] - grand) ** 2).sum(axis=1)).sum())
+        values.append(ssb / sst if sst > 0 else 0.0)
+    return _band(np.asarray(values))
 
 
 def _heldout_r2(X: np.ndarray, position: np.ndarray, groups: np.ndarray) -> dict[str, float]:
@@ -156,6 +179,8 @@ def knn_position_leak(
     that keeps each branch's span (forks start late, branches end early), so content that picks a
     late-starting branch as neighbour is not counted as position. `leak` = 1 - observed / chance:
     0 at chance, 1 when neighbours sit at the very same position, below 0 when farther than chance.
+    Band: sd, lo, hi of the leak over bootstrap resamples of the queries; chance_lo / chance_hi: the
+    interval a leak at chance would fall in.
     """
     position = np.asarray(position, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -165,18 +190,48 @@ def knn_position_leak(
     if not valid.any():
         raise ValueError("knn_position_leak needs tokens from at least two groups")
 
-    def stat(pos: np.ndarray) -> float:
-        d = np.abs(pos[queries, None] - pos[np.where(valid, nbrs, 0)])
-        return float(d[valid].mean())
+    n_valid = np.maximum(valid.sum(axis=1), 1)
 
-    observed = stat(position)
+    def per_query(pos: np.ndarray) -> np.ndarray:
+        """(q,) mean |t_i - t_j| over each query's valid neighbours."""
+        d = np.abs(pos[queries, None] - pos[np.where(valid, nbrs, 0)])
+        return np.where(valid, d, 0).sum(axis=1) / n_valid
+
     groups = np.asarray(groups)
-    shuffled = [stat(shuffle_within(position, groups, rng)) for _ in range(n_shuffles)]
-    chance = float(np.mean(shuffled))
-    return {
+    observed_q = per_query(position)  # (q,)
+    shuffled_q = np.stack([per_query(shuffle_within(position, groups, rng)) for _ in range(n_shuffles)])  # (s, q)
+    observed, shuffled = float(observed_q.mean()), shuffled_q.mean(axis=1)
+    chance = float(shuffled.mean())
+    out = {
         "mean_abs_dpos": observed, "chance": chance, "chance_sd": float(np.std(shuffled)),
         "leak": 1 - observed / chance if chance > 0 else float("nan"), "k": k, "n_queries": len(queries),
     }
+    # Bands: resample the query tokens (what a new sample of queries would give); at chance, the
+    # leak of each shuffle against the rest.
+    expected_q = shuffled_q.mean(axis=0)
+    boot = rng.integers(0, len(queries), size=(N_BOOT, len(queries)))
+    leaks = 1 - observed_q[boot].mean(axis=1) / np.maximum(expected_q[boot].mean(axis=1), 1e-12)
+    null = 1 - shuffled / chance if chance > 0 else np.zeros(1)
+    out.update(_band(leaks))
+    half = 1.96 * float(np.hypot(out["sd"], out_sd(null)))  # query sampling and shuffle noise together
+    out.update(chance_leak=0.0, chance_lo=-half, chance_hi=half)
+    return out
+
+
+N_BOOT = 200  # bootstrap resamples behind every band
+
+
+def out_sd(values: np.ndarray) -> float:
+    return float(np.std(values)) if len(values) > 1 else 0.0
+
+
+def _band(boot: np.ndarray) -> dict[str, float]:
+    """sd and 95% interval of a bootstrap distribution."""
+    boot = np.asarray(boot, dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    if len(boot) == 0:
+        return {"sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    return {"sd": out_sd(boot), "lo": float(np.quantile(boot, 0.025)), "hi": float(np.quantile(boot, 0.975))}
 
 
 def label_purity(
@@ -196,8 +251,8 @@ def label_purity(
     labels = np.asarray(labels)
     if window is None:
         queries = _sample(len(X), n_queries, np.random.default_rng(seed))
-        return _purity_block(X, labels, queries, np.arange(len(X)), k)
-    hits = chance = n_q = 0.0
+        return _purity_summary(*_purity_block(X, labels, queries, np.arange(len(X)), k), seed)
+    hits, chances = [], []
     order = np.argsort(position, kind="stable")
     sorted_pos = position[order]
     for t in np.unique(position):
@@ -205,32 +260,43 @@ def label_purity(
         c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
         if len(c) < 2:
             continue
-        r = _purity_block(X, labels, q, c, k)
-        hits += r["purity"] * r["n_queries"]
-        chance += r["chance"] * r["n_queries"]
-        n_q += r["n_queries"]
-    if n_q == 0:
-        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0}
-    return {"purity": hits / n_q, "chance": chance / n_q, "n_queries": int(n_q)}
+        h, ch = _purity_block(X, labels, q, c, k)
+        hits.append(h)
+        chances.append(ch)
+    if not hits:
+        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0, "sd": float("nan"),
+                "lo": float("nan"), "hi": float("nan")}
+    return _purity_summary(np.concatenate(hits), np.concatenate(chances), seed)
 
 
-def _purity_block(X, labels, q: np.ndarray, c: np.ndarray, k: int, block: int = 1024) -> dict[str, float]:
-    """Purity of queries q against candidates c (self excluded), processed in query blocks."""
+def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int) -> dict[str, float]:
+    """Mean purity and chance over queries, with a bootstrap band over the queries."""
+    if len(hits) == 0:
+        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0, "sd": float("nan"),
+                "lo": float("nan"), "hi": float("nan")}
+    boot = np.random.default_rng(seed + 3).integers(0, len(hits), size=(N_BOOT, len(hits)))
+    return {"purity": float(hits.mean()), "chance": float(chances.mean()), "n_queries": int(len(hits)),
+            **_band(hits[boot].mean(axis=1))}
+
+
+def _purity_block(X, labels, q: np.ndarray, c: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per query of q: (share of its k nearest candidates in c with its label, that share by chance);
+    self excluded, processed in query blocks."""
     if len(c) < 2:
-        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0}
+        return np.zeros(0), np.zeros(0)
     kk = min(k, len(c) - 1)
     sq_c = (X[c] * X[c]).sum(axis=1)
-    purity_sum = chance_sum = 0.0
+    hits, chances = [], []
     for s in range(0, len(q), block):
         qb = q[s:s + block]
         d2 = (X[qb] * X[qb]).sum(axis=1)[:, None] - 2 * (X[qb] @ X[c].T) + sq_c[None, :]
         d2[qb[:, None] == c[None, :]] = np.inf
         nn = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
         same = labels[c][nn] == labels[qb, None]
-        purity_sum += same.mean(axis=1).sum()
+        hits.append(same.mean(axis=1))
         same_all = (labels[c][None, :] == labels[qb, None]).sum(axis=1) - np.isin(qb, c)
-        chance_sum += (same_all / (len(c) - np.isin(qb, c))).sum()
-    return {"purity": purity_sum / len(q), "chance": chance_sum / len(q), "n_queries": len(q)}
+        chances.append(same_all / (len(c) - np.isin(qb, c)))
+    return np.concatenate(hits), np.concatenate(chances)
 
 
 def trustworthiness(
@@ -252,10 +318,3 @@ def trustworthiness(
         "continuity": float(_sk_trustworthiness(lo, hi, n_neighbors=k)),
         "k": k,
     }
-
-
-def overcorrection(raw: dict[str, float], residual: dict[str, float], tol: float = 0.05) -> bool:
-    """True when a method lowered matched-position label purity by more than tol: it removed content."""
-    if not (np.isfinite(raw.get("purity", np.nan)) and np.isfinite(residual.get("purity", np.nan))):
-        return False
-    return residual["purity"] < raw["purity"] - tol

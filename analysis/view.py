@@ -10,7 +10,8 @@ import numpy as np
 
 from analysis import metrics as M
 from analysis.project import ProjectionSpec, project
-from analysis.residualize import ResidualSpec, Residualizer, make_residualizer
+from analysis.crossfit import RemovalReport, fit_remove
+from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet, find_sinks
 
 
@@ -41,7 +42,7 @@ class ViewSpec:
 class ViewResult:
     """coords[i] and residual[i] belong to plot token index[i] (sinks dropped when excluded).
 
-    residual and residualizer are None for a result read back from a cache.
+    residual and removal are None for a result read back from a cache (metrics["removal"] keeps the report).
     """
 
     index: np.ndarray
@@ -49,14 +50,15 @@ class ViewResult:
     residual: np.ndarray | None
     metrics: dict[str, Any]
     timings: dict[str, float]
-    residualizer: Residualizer | None = None
+    removal: RemovalReport | None = None
 
 
 def residualize(
-    plot: TokenSet, spec: ViewSpec, reference: TokenSet | None = None
-) -> tuple[np.ndarray, TokenSet, Residualizer]:
-    """Drop sinks (if asked), fit the residualizer on `reference` (default: the kept plot tokens) and
-    return (kept indices into plot, the kept tokens with residual vectors, the fitted residualizer)."""
+    plot: TokenSet, spec: ViewSpec, reference: TokenSet | None = None, independent: bool = False,
+) -> tuple[np.ndarray, TokenSet, RemovalReport]:
+    """Drop sinks (if asked), estimate the nuisance on `reference` (default: the kept plot tokens),
+    cross-fitted, tested and shrunk (analysis.crossfit), and return (kept indices into plot, the kept
+    tokens with residual vectors, the removal report). `independent`: the reference is another run."""
     keep = ~find_sinks(plot.X, plot.position, spec.sink_z) if spec.exclude_sinks else np.ones(len(plot), bool)
     index = np.flatnonzero(keep)
     tokens = plot.subset(index)
@@ -67,11 +69,12 @@ def residualize(
         raise ValueError(f"only {len(tokens)} tokens left to plot (after dropping attention sinks); pick more")
     if ref.dim != tokens.dim:
         raise ValueError(f"reference vectors have width {ref.dim}, plotted ones {tokens.dim}")
-    residualizer = make_residualizer(spec.residual).fit(ref.X, ref.position)
-    return index, tokens.with_X(residualizer.transform(tokens.X, tokens.position)), residualizer
+    residual, report = fit_remove(tokens, spec.residual, ref, independent)
+    return index, tokens.with_X(residual), report
 
 
-def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenSet | None = None) -> ViewResult:
+def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenSet | None = None,
+                 independent: bool = False) -> ViewResult:
     """Residualize `plot` with a residualizer fitted on `reference` (default: on `plot` itself), project it,
     and measure it.
 
@@ -81,7 +84,7 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     spec = spec or ViewSpec()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    index, tokens, residualizer = residualize(plot, spec, reference)
+    index, tokens, removal = residualize(plot, spec, reference, independent)
     timings["residualize"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -93,9 +96,8 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     timings["metrics"] = time.perf_counter() - t2
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
-    if hasattr(residualizer, "lam_"):
-        metrics["shrink"] = float(residualizer.lam_)
-    return ViewResult(index, coords, tokens.X, metrics, timings, residualizer)
+    metrics["removal"] = removal.to_dict()
+    return ViewResult(index, coords, tokens.X, metrics, timings, removal)
 
 
 def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict[str, Any]:
@@ -121,6 +123,9 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict
             space, tokens.position, tokens.prompt, k=spec.k, n_queries=spec.n_queries)
     labels = {"branch": tokens.branch, **({"prompt": tokens.prompt} if several_prompts else {})}
     for name, lab in labels.items():
+        # 1-NN accuracy at matched positions: uncapped (k=10 purity of a branch with one token per
+        # position cannot pass 2*window/k), and it can fall when a removal takes content away.
+        out[f"nn_{name}"] = M.label_purity(space, tokens.position, lab, k=1, window=spec.window)
         out[f"purity_{name}"] = M.label_purity(space, tokens.position, lab, k=spec.k, window=spec.window)
         out[f"purity_{name}_pooled"] = M.label_purity(
             space, tokens.position, lab, k=spec.k, window=None, n_queries=spec.n_queries)

@@ -12,7 +12,7 @@ import polars as pl
 import streamlit as st
 
 from analysis.clusters import cluster_summary
-from analysis.metrics import overcorrection
+from analysis.guard import check
 from store.errors import StoreBusy
 from store.sandbox import SqlError, run_query
 
@@ -41,37 +41,91 @@ def _fmt(value: float, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
-    """Rows: metric, raw, position removed, chance."""
-    def get(m: dict, name: str, field: str) -> float:
-        return m.get(name, {}).get(field, float("nan"))
+def _with_band(m: dict, field: str, signed: bool) -> str:
+    """'value ±half-width of its 95% band' (the band from bootstrap resamples of the query tokens)."""
+    value = m.get(field, float("nan"))
+    text = _fmt(value, signed)
+    sd = m.get("sd")
+    if text != "–" and sd is not None and not math.isnan(sd):
+        text += f" ±{1.96 * sd:.3f}"
+    return text
 
-    rows = [
-        ("R2_pos (variance explained by position)", "r2_pos", "r2", "r2_pos", "chance", False),
-        ("R2_pos held-out (other prompts' means)", "r2_pos", "heldout", None, None, True),
-        ("kNN position leak, full space", "leak", "leak", None, None, True),
-        ("kNN position leak, 2-D", "leak_2d", "leak", None, None, True),
-        ("kNN position leak, other prompts only", "leak_prompt", "leak", None, None, True),
-        ("branch kNN purity, matched positions", "purity_branch", "purity", "purity_branch", "chance", False),
-        ("prompt kNN purity, matched positions", "purity_prompt", "purity", "purity_prompt", "chance", False),
-        ("trustworthiness of the 2-D layout", "projection", "trustworthiness", None, None, False),
-    ]
+
+# (label, metric, field, signed, how chance is read); chance: None = a field of the metric, 'leak' = 0 with
+# the shuffles' band, 'half' = 0.5
+ROWS = [
+    ("R2_pos (variance explained by position)", "r2_pos", "r2", False, "chance"),
+    ("R2_pos held-out (other prompts' means)", "r2_pos", "heldout", True, "zero"),
+    ("kNN position leak, full space", "leak", "leak", True, "leak"),
+    ("kNN position leak, 2-D", "leak_2d", "leak", True, "leak"),
+    ("kNN position leak, other prompts only", "leak_prompt", "leak", True, "leak"),
+    ("branch 1-NN accuracy, matched positions", "nn_branch", "purity", False, "chance"),
+    ("prompt 1-NN accuracy, matched positions", "nn_prompt", "purity", False, "chance"),
+    ("trustworthiness of the 2-D layout", "projection", "trustworthiness", False, "half"),
+]
+
+
+def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
+    """Rows: metric, raw, position removed, chance; each value with the half-width of its 95% band."""
     out = []
-    for label, name, field, c_name, c_field, signed in rows:
-        chance = get(raw, c_name, c_field) if c_name else (0.0 if signed else 0.5)
-        out.append({"metric": label, "raw": _fmt(get(raw, name, field), signed),
-                    "position removed": _fmt(get(res, name, field), signed), "chance": _fmt(chance, signed)})
+    for label, name, field, signed, chance_kind in ROWS:
+        r, a = raw.get(name, {}), res.get(name, {})
+        if chance_kind == "chance":
+            chance = _fmt(r.get("chance", float("nan")), signed)
+        elif chance_kind == "leak":
+            hi = a.get("chance_hi", r.get("chance_hi"))
+            chance = "+0 ±" + f"{hi:.3f}" if hi is not None and not math.isnan(hi) else "0"
+        elif chance_kind == "zero":
+            chance = "0"
+        else:
+            chance = "0.5"
+        band = field != "heldout"
+        out.append({"metric": label, "raw": _with_band(r, field, signed) if band else _fmt(r.get(field), signed),
+                    "removed": _with_band(a, field, signed) if band else _fmt(a.get(field), signed),
+                    "chance": chance})
     return pl.DataFrame(out)
+
+
+def removal_note(removal: dict | None) -> str:
+    """One line on what the removal did: detected or not (p), how much, cross-fitted or not."""
+    if not removal or removal.get("method") == "none":
+        return ""
+    what = removal.get("nuisance", "nuisance")
+    p = removal.get("p_value")
+    p_text = f"p = {p:.2f}" if p is not None and not math.isnan(p) else "not tested"
+    r2 = removal.get("r2_oof")
+    r2_text = f", held-out R2 {r2:.3f} vs {removal.get('null_hi', float('nan')):.3f} by chance" \
+        if r2 is not None and not math.isnan(r2) else ""
+    if removal.get("forced"):
+        head = f"Removal forced: the {what} component was removed whole ({p_text}{r2_text})."
+    elif not removal.get("detected"):
+        head = (f"No {what} component detected at this layer ({p_text}{r2_text}): nothing was removed, "
+                "the right panel is the raw view.")
+    else:
+        head = (f"{what.capitalize()} component detected ({p_text}{r2_text}); "
+                f"{removal.get('weight', 1):.0%} of its estimate removed")
+        if removal.get("k"):
+            head += f", {removal['k']} directions"
+        head += "."
+    if removal.get("crossfit"):
+        head += (f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
+                 "removed from a token never saw its own " + str(removal.get("fold_by")) + ".")
+    if removal.get("note"):
+        head += f" {removal['note'].capitalize()}."
+    return head
 
 
 def metrics_panel(raw: dict, res: dict) -> None:
     st.dataframe(metrics_table(raw, res), hide_index=True, width="stretch")
-    st.caption("Leaks: 0 = chance (positions shuffled within branches), 1 = neighbours at the same position. "
+    st.caption("Leaks: 0 = chance (positions shuffled within branches), 1 = neighbours at the same position, "
+               "below 0 = farther apart than chance. ± is the 95% band (resampled query tokens). "
                f"{res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")
-    if any(overcorrection(raw.get(k, {}), res.get(k, {})) for k in ("purity_branch", "purity_prompt")):
-        st.warning("Over-correction: branch or prompt separability at matched positions dropped after removal, "
-                   "so the method removed content too. Fit on a larger reference (sidebar: Fit on) or use "
-                   "fewer directions.")
+    note = removal_note(res.get("removal"))
+    if note:
+        st.info(note)
+    for warning in check(raw, res):
+        st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), "
+                 "use a smoother method, or keep the raw view.")
 
 
 def text_panel(html_text: str, n_selected: int) -> None:

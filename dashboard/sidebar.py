@@ -7,13 +7,14 @@ from dataclasses import dataclass
 import streamlit as st
 
 from analysis.project import ProjectionSpec
-from analysis.residualize import ResidualSpec
+from analysis.residualize import RESIDUALIZERS, ResidualSpec
 from analysis.view import ViewSpec
 from dashboard.charts import COLOR_BY
 from views.service import Selection
 
-METHOD_LABELS = {"per_position": "per-position mean", "regression": "regression on position",
-                 "projection": "project out top directions", "none": "none (centre only)"}
+METHOD_LABELS = {"per_position": "position: per-position mean", "regression": "position: regression",
+                 "projection": "position: project out top directions", "per_token": "token identity: per-token mean",
+                 "position_token": "position + token identity", "none": "none (centre only)"}
 
 
 @dataclass
@@ -45,21 +46,29 @@ def controls(run: dict, other_runs: list[str]) -> Controls:
     keep_sinks = sb.checkbox("Show BOS / attention sinks", value=False, key="keep_sinks",
                              help="Tokens with norms 10x+ the rest; they squash everything else when kept")
 
-    sb.subheader("Position removal")
-    method = sb.selectbox("Method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="method")
+    sb.subheader("Nuisance removal")
+    methods = [m for m in METHOD_LABELS if m in RESIDUALIZERS] + [m for m in RESIDUALIZERS if m not in METHOD_LABELS]
+    method = sb.selectbox("Method", methods, format_func=lambda m: METHOD_LABELS.get(m, m), key="method")
     params: dict = {}
     with sb.expander("Method parameters"):
         if method in ("per_position", "regression"):
             params["basis"] = st.selectbox("Smooth basis", ["spline", "poly", "sinusoid"], key="basis")
             params["n_knots"] = st.slider("Spline knots", 2, 40, 12, key="n_knots")
             params["degree"] = st.slider("Degree", 1, 6, 3, key="degree")
-        if method == "per_position":
+        if method in ("per_position", "per_token", "position_token"):
             auto = st.checkbox("Estimate shrinkage", value=True, key="shrink_auto")
             params["shrink"] = None if auto else st.slider("Shrink (pseudo-count)", 0.0, 50.0, 5.0, key="shrink")
         if method == "projection":
-            params["k"] = st.slider("Directions removed", 1, 20, 2, key="k")
+            auto_k = st.checkbox("Choose the number of directions from the data", value=True, key="k_auto")
+            params["k"] = None if auto_k else st.slider("Directions removed", 1, 20, 2, key="k")
         params["standardize"] = st.checkbox("Standardize dimensions", value=False, key="standardize")
-    scopes = {"plotted": "plotted tokens", "run": "all tokens of this run",
+        params["crossfit"] = st.checkbox(
+            "Cross-fit", value=True, key="crossfit",
+            help="The estimate removed from a token never saw that token's prompt (its branch, with one prompt)")
+        params["gate"] = not st.checkbox(
+            "Force removal", value=False, key="force",
+            help="Remove the estimate whole even when the test finds no component (p > 0.05)")
+    scopes = {"run": "all tokens of this run", "plotted": "plotted tokens",
               **{r: f"run {r}" for r in other_runs}}
     fit_scope = sb.selectbox("Fit on", list(scopes), format_func=scopes.get, key="fit_scope")
 

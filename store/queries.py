@@ -206,6 +206,27 @@ def token_count(
     return int(row[0])
 
 
+def token_digest(
+    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal",
+    prompt_ids: list[int] | None = None, generated_only: bool = False,
+) -> tuple[int, int]:
+    """(rows, content hash) of what token_rows would return: the hash covers every vector, label and
+    token id, so two stores (or two states of one) with the same row count never share a cached view."""
+    where, params = _token_filter(prompt_ids, generated_only)
+    row = first_row(
+        con,
+        f"""
+        SELECT count(*), coalesce(bit_xor(hash(l.branch_id, l.position, t.token_id, b.prompt_id, l.vec)), 0)
+        FROM latents l
+        JOIN tokens t USING (run_id, branch_id, position)
+        JOIN branches b USING (run_id, branch_id)
+        WHERE l.run_id = $run AND l.layer = $layer AND l.variant = $variant{where}
+        """,
+        {"run": run_id, "layer": layer, "variant": variant, **params},
+    )
+    return int(row[0]), int(row[1])
+
+
 def run_layers(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, list[int]]:
     """The layers stored for a run, per variant."""
     rows = con.sql(

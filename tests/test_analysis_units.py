@@ -68,9 +68,18 @@ def test_trustworthiness_of_identity_and_of_a_scramble():
     assert scrambled["trustworthiness"] < 0.7 and scrambled["continuity"] < 0.7
 
 
-def test_overcorrection_flag():
-    assert M.overcorrection({"purity": 0.6}, {"purity": 0.4})
-    assert not M.overcorrection({"purity": 0.6}, {"purity": 0.62})
+def test_guard_names_invented_pushed_apart_and_removed_content():
+    from analysis.guard import check
+
+    def leak(v, sd=0.01):
+        return {"leak": v, "sd": sd}
+
+    assert [w.kind for w in check({"leak": leak(0.01)}, {"leak": leak(0.30)})] == ["invented"]
+    assert [w.kind for w in check({"leak_prompt": leak(-0.08)}, {"leak_prompt": leak(-0.23)})] == ["pushed apart"]
+    assert check({"leak": leak(0.90)}, {"leak": leak(-0.05)}) == []  # toward chance, a little past it
+    assert check({"leak": leak(0.01)}, {"leak": leak(0.03)}) == []  # within the band of the change
+    drop = check({"nn_branch": {"purity": 0.8, "sd": 0.01}}, {"nn_branch": {"purity": 0.6, "sd": 0.01}})
+    assert [w.kind for w in drop] == ["content removed"] and "0.800 -> 0.600" in drop[0].message
 
 
 def test_per_position_mean_exact_without_shrinkage():
@@ -112,7 +121,8 @@ def test_fit_on_one_set_transform_another():
     seen = new_pos < 20
     np.testing.assert_allclose(r.transform(new, new_pos)[seen], 1.0, atol=0.1)
     # Unseen positions take the smooth fit held at its edge value.
-    np.testing.assert_allclose(r.positional(np.array([40]))[0], r.positional(np.array([19]))[0], atol=0.5)
+    at = lambda p: r.component(np.zeros((1, 6)), position=np.array([p]))[0]  # noqa: E731
+    np.testing.assert_allclose(at(40), at(19), atol=0.5)
 
 
 def test_regression_removes_a_polynomial_exactly():

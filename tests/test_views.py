@@ -109,14 +109,15 @@ def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "bl-cache"))
     assert views_main(["report", str(store), "--projection", "pca"]) == 0
     table = capsys.readouterr().out
-    for label in ("raw", "per-position mean", "regression (spline)", "projection (k=2)", "content lost?"):
+    for label in ("raw", "per-position mean", "regression (spline)", "projection (k from data)", "warning", "p "):
         assert label in table
     assert views_main(["report", str(store), "--methods", "none,per_position", "--projection", "pca", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["raw", "per-position mean"]
     raw, removed = rows
     assert raw["r2"] > 0.5 and removed["r2"] < raw["r2"] / 5 and raw["leak"] > 0.5
-    assert raw["overcorrected"] == removed["overcorrected"] == ""
+    assert raw["warning"] == removed["warning"] == ""
+    assert removed["detected"] and removed["p_value"] <= 0.05 and 0 < removed["weight"] <= 1
     assert views_main(["report", str(store), "--variant", "zero_pe"]) == 2
     assert "no stored latents of variant 'zero_pe'" in capsys.readouterr().err
     assert views_main(["report", str(tmp_path / "missing.duckdb")]) == 2

@@ -13,7 +13,7 @@ import numpy as np
 
 from analysis.view import ViewResult
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: removal report, bands, content hash in the key
 
 
 def default_cache_dir() -> Path:

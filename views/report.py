@@ -8,14 +8,14 @@ from typing import Any
 
 from analysis.project import ProjectionSpec
 from analysis.residualize import ResidualSpec
-from analysis.metrics import overcorrection
+from analysis.guard import check
 from analysis.view import ViewSpec
 from store import queries
 from store.connect import reading
 from views.cache import ViewCache
 from views.service import Selection, compute
 
-DEFAULT_METHODS = ("none", "per_position", "regression", "projection")
+DEFAULT_METHODS = ("none", "per_position", "regression", "projection")  # any of analysis.residualize.RESIDUALIZERS
 COLUMNS = (
     ("layer", "layer", "{}"), ("method", "method", "{}"), ("tokens", "tokens", "{}"),
     ("R2_pos", "r2", "{:.3f}"), ("chance", "r2_chance", "{:.3f}"), ("adj", "r2_adjusted", "{:.3f}"),
@@ -23,7 +23,7 @@ COLUMNS = (
     ("leak /prompt", "leak_prompt", "{:+.3f}"),
     ("branch kNN", "purity_branch", "{:.3f}"), ("(chance)", "purity_branch_chance", "{:.3f}"),
     ("prompt kNN", "purity_prompt", "{:.3f}"), ("trust", "trustworthiness", "{:.3f}"),
-    ("content lost?", "overcorrected", "{}"),
+    ("p", "p_value", "{:.2f}"), ("removed", "weight", "{:.0%}"), ("warning", "warning", "{}"),
 )
 
 
@@ -34,8 +34,9 @@ def layer_report(
 ) -> list[dict[str, Any]]:
     """One row per (layer, method) with the view metrics, for every stored layer of the run.
 
-    `overcorrected` says a method lowered matched-position branch or prompt purity by more than 0.05
-    against the raw view of the same layer: it removed content along with position.
+    `p` and `removed`: the detection test of the nuisance and the share of its estimate removed (0 when
+    not detected). `warning` names each metric the removal moved the wrong way beyond its band
+    (analysis.guard): invented position, tokens pushed apart, or content removed.
     """
     with reading(store) as con:
         runs = queries.list_runs(con)
@@ -54,9 +55,7 @@ def layer_report(
             metrics = view.result.metrics
             raw = raw or metrics
             row = _row(layer, spec.residual.label(), metrics)
-            row["overcorrected"] = "yes" if any(
-                overcorrection(raw.get(k, {}), metrics.get(k, {})) for k in ("purity_branch", "purity_prompt")
-            ) else ""
+            row["warning"] = "; ".join(f"{w.metric} {w.kind}" for w in check(raw, metrics)) if metrics is not raw else ""
             if method in methods:
                 rows.append(row)
     return rows
@@ -69,10 +68,13 @@ def _row(layer: int, method: str, m: dict[str, Any]) -> dict[str, Any]:
         "layer": layer, "method": method, "tokens": m.get("n_tokens"),
         "r2": get("r2_pos", "r2"), "r2_chance": get("r2_pos", "chance"), "r2_adjusted": get("r2_pos", "adjusted"),
         "r2_heldout": get("r2_pos", "heldout"), "leak": get("leak", "leak"), "leak_2d": get("leak_2d", "leak"),
-        "leak_prompt": get("leak_prompt", "leak"),
+        "leak_prompt": get("leak_prompt", "leak"), "leak_sd": get("leak", "sd"),
+        "leak_prompt_sd": get("leak_prompt", "sd"),
         "purity_branch": get("purity_branch", "purity"), "purity_branch_chance": get("purity_branch", "chance"),
         "purity_prompt": get("purity_prompt", "purity"), "trustworthiness": get("projection", "trustworthiness"),
-        "shrink": m.get("shrink"),  # per-position mean: the pseudo-count used (inf = the smooth fit alone)
+        "p_value": m.get("removal", {}).get("p_value", nan), "weight": m.get("removal", {}).get("weight", nan),
+        "detected": m.get("removal", {}).get("detected"), "k": m.get("removal", {}).get("k"),
+        "nn_branch": get("nn_branch", "purity"), "nn_prompt": get("nn_prompt", "purity"),
     }
 
 

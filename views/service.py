@@ -64,22 +64,26 @@ def compute(
 ) -> View:
     """Read the selected tokens, fit on the chosen scope, residualize, project and measure; cached.
 
-    A cache hit reads only the token labels (no vectors). The key holds the run, selection, spec and the
-    number of stored rows, so a run that is still being written is recomputed as it grows.
+    A cache hit reads only the token labels (no vectors). The key holds the store (its path and a hash
+    of the selected rows' content), the run, selection and spec, so a run still being written is
+    recomputed as it grows and two stores never share a view. Raw is raw: a view that removes
+    nothing ignores the fit scope.
     """
     spec = spec or ViewSpec()
+    selection = _raw_is_raw(selection, spec)
     t0 = time.perf_counter()
     with reading(store, lock_timeout) as con:
-        count = queries.token_count(con, selection.run_id, selection.layer, selection.variant,
-                                    _list(selection.prompt_ids), selection.generated_only)
+        count, digest = queries.token_digest(con, selection.run_id, selection.layer, selection.variant,
+                                             _list(selection.prompt_ids), selection.generated_only)
         if count == 0:
             raise ValueError(
                 f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
             )
-        key = {"selection": selection.key(), "rows": count, "spec": spec.to_dict()}
+        key = {"store": _identity(store), "selection": selection.key(), "rows": count, "content": digest,
+               "spec": spec.to_dict()}
         ref_run = _reference_run(selection)
         if ref_run is not None:
-            key["reference_rows"] = queries.token_count(con, ref_run, selection.layer, selection.variant)
+            key["reference"] = queries.token_digest(con, ref_run, selection.layer, selection.variant)
         hit = cache.get(key) if cache is not None else None
         keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
                                      _list(selection.prompt_ids), selection.generated_only,
@@ -88,10 +92,24 @@ def compute(
     load = time.perf_counter() - t0
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
-    result = compute_view(to_token_set(keys, X), spec, reference)
+    result = compute_view(to_token_set(keys, X), spec, reference, independent=_independent(selection))
     if cache is not None:
         cache.put(key, result)
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
+
+
+def _identity(store: str | Path) -> str:
+    return str(Path(store).resolve())
+
+
+def _raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
+    """A view that removes nothing is fitted on nothing: the fit scope must not change it."""
+    return replace(selection, fit_scope="plotted") if spec.residual.method == "none" else selection
+
+
+def _independent(selection: Selection) -> bool:
+    """The reference is another run: it shares no prompt with the plotted tokens."""
+    return selection.fit_scope not in ("plotted", "run")
 
 
 def _reference_run(selection: Selection) -> str | None:
@@ -123,13 +141,13 @@ def layer_profile(
     rows of layer, method ('raw' or the residualizer's label), r2, chance, adjusted, heldout, leak."""
     rows = []
     for layer in layers:
-        sel = replace(selection, layer=layer)
         for residual in (replace(spec.residual, method="none"), spec.residual):
             layer_spec = replace(spec, residual=residual)
-            key = {"profile": sel.key(), "spec": layer_spec.to_dict()}
+            sel = _raw_is_raw(replace(selection, layer=layer), layer_spec)
+            key = {"profile": sel.key(), "spec": layer_spec.to_dict(), "store": _identity(store)}
             with reading(store, lock_timeout) as con:
-                key["rows"] = queries.token_count(con, sel.run_id, layer, sel.variant, _list(sel.prompt_ids),
-                                                  sel.generated_only)
+                key["rows"], key["content"] = queries.token_digest(con, sel.run_id, layer, sel.variant,
+                                                                   _list(sel.prompt_ids), sel.generated_only)
                 hit = cache.get(key) if cache is not None else None
                 if hit is None:
                     keys, X = queries.token_rows(con, sel.run_id, layer, sel.variant, _list(sel.prompt_ids),
@@ -137,8 +155,8 @@ def layer_profile(
                     ref_run = _reference_run(sel)
                     reference = _reference(con, ref_run, sel) if ref_run is not None else None
             if hit is None:
-                _, tokens, _ = residualize(to_token_set(keys, X), layer_spec, reference)
-                metrics = measure(tokens, None, layer_spec)
+                _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, reference, _independent(sel))
+                metrics = measure(tokens, None, layer_spec) | {"removal": removal.to_dict()}
                 hit = ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
                 if cache is not None:
                     cache.put(key, hit)
@@ -163,5 +181,5 @@ def residuals(
                                      _list(selection.prompt_ids), selection.generated_only)
         ref_run = _reference_run(selection)
         reference = _reference(con, ref_run, selection) if ref_run is not None else None
-    index, tokens, _ = residualize(to_token_set(keys, X), spec, reference)
+    index, tokens, _ = residualize(to_token_set(keys, X), spec, reference, _independent(selection))
     return keys[index], tokens.X

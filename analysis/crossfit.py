@@ -1,0 +1,310 @@
+"""Removal that cannot silently invent or exaggerate: cross-fitted, tested, shrunk.
+
+Three rules (DESIGN.md, "Trust rules for removal"), each behind a measured failure:
+- Cross-fit: the estimate subtracted from a token was fitted on folds that never held that token's
+  prompt (or its branch, with one prompt), so it cannot hold the token's own content.
+- Test first: the nuisance estimate must predict tokens of held-out prompts better than their mean
+  (out-of-fold R2), beyond what the same estimate reaches with the covariate shuffled within branches
+  (a permutation p-value). Not detected: nothing is removed, and the view says so.
+- Shrink: what is removed is c times the estimate, c in [0, 1] the out-of-fold least-squares weight, so
+  an estimate that is half noise is removed at about half strength.
+The test runs on a seeded Gaussian random projection of the latents (R2 is preserved in expectation),
+which keeps its permutations cheap; the removal itself is in the full space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from analysis.groups import group_sums
+from analysis.metrics import shuffle_within
+from analysis.residualize import RESIDUALIZERS, Residualizer, ResidualSpec, Scaler, make_residualizer
+from analysis.tokens import TokenSet
+
+TEST_DIMS = 64  # width of the random projection the detection test runs in
+MAX_RANK = 10  # projection: largest k tried when k is chosen from the data
+
+
+@dataclass
+class RemovalReport:
+    """What a removal did, for the view's verdict and warnings (JSON-able)."""
+
+    method: str
+    nuisance: str
+    detected: bool = True
+    p_value: float = float("nan")
+    r2_oof: float = float("nan")  # out-of-fold R2 of the nuisance estimate
+    null_r2: float = float("nan")  # its mean under permutation
+    null_hi: float = float("nan")  # and the 95th percentile
+    weight: float = 1.0  # share of the estimate removed (0 = nothing)
+    forced: bool = False
+    crossfit: bool = False
+    folds: int = 0
+    fold_by: str = ""
+    k: int | None = None  # projection: directions removed
+    rank_r2: list[float] = field(default_factory=list)  # projection: out-of-fold R2 per rank 1..MAX_RANK
+    crossfit_share: float = 0.0  # share of plotted tokens whose estimate never saw their prompt (branch)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def covariates(tokens: TokenSet) -> dict[str, np.ndarray | None]:
+    return {"position": tokens.position, "token": tokens.extra.get("token_id")}
+
+
+def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
+               independent: bool = False, seed: int = 0) -> tuple[np.ndarray, RemovalReport]:
+    """Residual vectors of `plot` (n, d) and a report of what was removed.
+
+    reference: the tokens the nuisance is estimated from (default: plot). With `independent`, the
+    reference shares no prompt with plot (another run): it is used whole, no cross-fitting needed.
+    Otherwise tokens are matched to folds by prompt id (branch id with one prompt), so plot may be a
+    subset of reference (fit scope "all tokens of the run").
+    """
+    cls = RESIDUALIZERS[spec.method]
+    report = RemovalReport(spec.method, cls.nuisance)
+    raw = Scaler(spec.center, spec.l2, spec.standardize).fit(plot.X).transform(plot.X)  # what `none` shows
+    if not cls.covariates:
+        report.detected, report.weight = False, 0.0
+        return raw, report
+    ref = plot if reference is None else reference
+    for name in cls.covariates:
+        if covariates(ref)[name] is None or covariates(plot)[name] is None:
+            raise ValueError(f"{spec.label()} needs each token's {name}, which these tokens do not carry")
+    scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
+    Zr, Zp = scaler.transform(ref.X), scaler.transform(plot.X)
+
+    unit_name, ref_units, plot_units = _units(ref, plot, independent)
+    folds = _fold_of(ref_units, plot_units, spec.folds, seed)
+    report.fold_by = unit_name
+    if spec.method == "projection" and spec.k is None:
+        spec = replace(spec, k=_choose_rank(Zr, ref, folds[0], seed, report))
+        report.k = spec.k
+    elif spec.method == "projection":
+        report.k = spec.k
+    _detect(Zr, ref, folds[0], spec, cls, seed, report)
+    if not spec.gate:
+        report.forced, report.weight = True, 1.0
+    if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
+        return raw, report
+
+    if independent or folds[0] is None or not spec.crossfit:
+        model = make_residualizer(spec).fit(Zr, **_cov(ref, cls, fit=True), scale=False)
+        report.note = report.note or ("fitted on another run" if independent else
+                                      "not cross-fitted (asked)" if not spec.crossfit else "one group: not cross-fitted")
+        return _recentred(Zp - report.weight * model.component(Zp, **_cov(plot, cls)), spec), report
+    ref_fold, plot_fold = folds
+    # Where the other folds never saw a token's position (or token id), e.g. the one long branch of a
+    # prompt, a cross-fitted estimate is an extrapolation: those tokens get the estimate fitted on the
+    # whole reference instead, and the report counts them.
+    whole = make_residualizer(spec).fit(Zr, **_cov(ref, cls, fit=True), scale=False)
+    out = Zp - report.weight * whole.component(Zp, **_cov(plot, cls))
+    crossfitted = np.zeros(len(plot), bool)
+    for f in np.unique(plot_fold):
+        train = ref_fold != f
+        if not train.any():
+            continue
+        model = make_residualizer(spec).fit(Zr[train], **_cov(ref.subset(train), cls, fit=True), scale=False)
+        rows = (plot_fold == f) & _supported(ref.subset(train), plot, cls)
+        if rows.any():
+            out[rows] = Zp[rows] - report.weight * model.component(Zp[rows], **_cov(plot.subset(rows), cls))
+            crossfitted |= rows
+    report.crossfit, report.folds = True, int(len(np.unique(ref_fold)))
+    report.crossfit_share = float(crossfitted.mean())
+    if report.crossfit_share < 1:
+        report.note = (f"{1 - report.crossfit_share:.0%} of tokens sit where the other folds have no data "
+                       "(position or token unseen there): their estimate is fitted on the whole reference")
+    return _recentred(out, spec), report
+
+
+def _recentred(residual: np.ndarray, spec: ResidualSpec) -> np.ndarray:
+    """Residuals centred on the plotted tokens, as the raw view is (cosine metrics see the same origin)."""
+    residual = np.asarray(residual, np.float32)
+    return (residual - residual.mean(axis=0)).astype(np.float32) if spec.center else residual
+
+
+MIN_SUPPORT = 2  # tokens of the training folds that must share a covariate value for a cross-fitted estimate
+
+
+def _supported(train: TokenSet, plot: TokenSet, cls: type[Residualizer]) -> np.ndarray:
+    """(n_plot,) True where every covariate value of the token occurs >= MIN_SUPPORT times in train."""
+    ok = np.ones(len(plot), bool)
+    train_cov, plot_cov = covariates(train), covariates(plot)
+    for name in cls.covariates:
+        values, counts = np.unique(train_cov[name], return_counts=True)
+        idx = np.minimum(np.searchsorted(values, plot_cov[name]), len(values) - 1)
+        ok &= (values[idx] == plot_cov[name]) & (counts[idx] >= MIN_SUPPORT)
+    return ok
+
+
+def _cov(tokens: TokenSet, cls: type[Residualizer], fit: bool = False) -> dict[str, np.ndarray]:
+    """The covariates the method reads, and for fitting the branch (to estimate net of content)."""
+    c = covariates(tokens)
+    return {name: c[name] for name in cls.covariates} | ({"branch": tokens.branch} if fit else {})
+
+
+def _units(ref: TokenSet, plot: TokenSet, independent: bool) -> tuple[str, np.ndarray, np.ndarray]:
+    """The unit folds are made of: prompts, or branches when the reference has one prompt."""
+    if len(np.unique(ref.prompt)) >= 2:
+        return "prompt", ref.prompt, (plot.prompt if not independent else np.full(len(plot), -1))
+    return "branch", ref.branch, (plot.branch if not independent else np.full(len(plot), -1))
+
+
+def _fold_of(ref_units: np.ndarray, plot_units: np.ndarray, n_folds: int,
+             seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Fold ids of reference and plot tokens (units spread over folds at random, seeded); None, None when
+    there are fewer than 2 units."""
+    units = np.unique(np.concatenate([ref_units, plot_units]))
+    k = min(n_folds, len(np.unique(ref_units)))
+    if k < 2:
+        return None, None
+    order = np.random.default_rng(seed).permutation(len(units))
+    fold = np.empty(len(units), np.int64)
+    fold[order] = np.arange(len(units)) % k
+    return fold[np.searchsorted(units, ref_units)], fold[np.searchsorted(units, plot_units)]
+
+
+def _project(Z: np.ndarray, seed: int) -> np.ndarray:
+    """(n, TEST_DIMS) seeded Gaussian random projection (Z itself when it is narrower)."""
+    if Z.shape[1] <= TEST_DIMS:
+        return Z
+    R = np.random.default_rng(seed + 17).normal(size=(Z.shape[1], TEST_DIMS)).astype(np.float32)
+    return Z @ (R / np.sqrt(TEST_DIMS))
+
+
+def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
+         cov: dict[str, np.ndarray]) -> tuple[float, float]:
+    """Out-of-fold (R2, least-squares weight) of the method's estimate of E[x | covariates], over the
+    held-out tokens whose covariates the training folds cover (as in the removal)."""
+    cls = RESIDUALIZERS[spec.method]
+    sse_m = sse_0 = num = den = 0.0
+    for f in np.unique(fold):
+        train = fold != f
+        test = (fold == f) & _supported(ref.subset(train), ref, cls)
+        if not test.any():
+            continue
+        model = make_residualizer(spec).fit(Z[train], **{n: cov[n][train] for n in cls.covariates},
+                                            branch=ref.branch[train], scale=False)
+        base = Z[train].mean(axis=0)
+        pred = model.component(Z[test], **{n: cov[n][test] for n in cls.covariates})
+        resid0 = Z[test] - base
+        dev = pred - base
+        sse_m += float(((Z[test] - pred) ** 2).sum())
+        sse_0 += float((resid0**2).sum())
+        num += float((resid0 * dev).sum())
+        den += float((dev**2).sum())
+    r2 = 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
+    return r2, (float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0)
+
+
+def _centered(Z: np.ndarray, branch: np.ndarray) -> np.ndarray:
+    """Z minus each branch's mean: a branch's content, constant along it, no longer looks like position."""
+    _, inverse, counts = np.unique(branch, return_inverse=True, return_counts=True)
+    _, sums, _ = group_sums(Z, branch)
+    return (Z - (sums / counts[:, None])[inverse.ravel()]).astype(np.float32)
+
+
+def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds: int) -> float:
+    """Out-of-fold R2 of per-label means: each token predicted by the mean of its label (position or
+    token id) over the other folds, against the other folds' overall mean. From per-(fold, label) sums
+    only: sum over a cell of |z - m|^2 = sum |z|^2 - 2 <S, m> + n |m|^2."""
+    _, lab = np.unique(labels, return_inverse=True)
+    lab = lab.ravel()
+    n_lab = int(lab.max()) + 1
+    cell = fold * n_lab + lab
+    _, S, n = group_sums(Zc, cell)  # (C, m) sums and counts of the non-empty cells
+    keys = np.unique(cell)
+    S_full = np.zeros((n_folds * n_lab, Zc.shape[1]))
+    n_full = np.zeros(n_folds * n_lab)
+    S_full[keys], n_full[keys] = S, n
+    S_full = S_full.reshape(n_folds, n_lab, -1)  # (F, L, m)
+    n_full = n_full.reshape(n_folds, n_lab)
+    sq = np.zeros(n_folds)
+    np.add.at(sq, fold, (Zc.astype(np.float64) ** 2).sum(axis=1))
+    S_lab, n_lab_tot = S_full.sum(axis=0), n_full.sum(axis=0)  # (L, m), (L,)
+    S_fold, n_fold = S_full.sum(axis=1), n_full.sum(axis=1)  # (F, m), (F,)
+    sse_m = sse_0 = 0.0
+    for f in range(n_folds):
+        if n_fold[f] == 0:
+            continue
+        base = (S_fold.sum(axis=0) - S_fold[f]) / max(n_full.sum() - n_fold[f], 1)  # (m,)
+        n_train = n_lab_tot - n_full[f]  # (L,)
+        means = np.where(n_train[:, None] > 0, (S_lab - S_full[f]) / np.maximum(n_train, 1)[:, None], base)
+        sse_m += sq[f] - 2 * float((S_full[f] * means).sum()) + float((n_full[f] * (means**2).sum(1)).sum())
+        sse_0 += sq[f] - 2 * float(S_fold[f] @ base) + n_fold[f] * float(base @ base)
+    return 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
+
+
+def _detect(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: ResidualSpec,
+            cls: type[Residualizer], seed: int, report: RemovalReport) -> None:
+    """Out-of-fold test of the nuisance; sets detected, p_value, r2_oof, null band and weight.
+
+    The test statistic is the out-of-fold R2 of per-label means of branch-centred latents (fast: one
+    grouped sum per permutation); its null shuffles the label within branches. With two nuisances
+    (position + token) each is tested and the smaller p counts. The weight is the out-of-fold
+    least-squares weight of the method's own estimate.
+    """
+    if fold is None:
+        report.note = "one prompt and one branch: the nuisance cannot be tested out of fold; removed as fitted"
+        return
+    Zc = _centered(_project(Zr, seed), ref.branch)
+    n_folds = int(fold.max()) + 1
+    cov = covariates(ref)
+    rng = np.random.default_rng(seed + 1)
+    best = None
+    for name in cls.covariates:
+        labels = np.asarray(cov[name])
+        r2 = _oof_group_r2(Zc, labels, fold, n_folds)
+        null = np.array([_oof_group_r2(Zc, shuffle_within(labels, ref.branch, rng), fold, n_folds)
+                         for _ in range(spec.n_perm)])
+        p = float((1 + (null >= r2).sum()) / (1 + len(null)))
+        if best is None or p < best[0]:
+            best = (p, r2, null)
+    p, r2, null = best
+    report.r2_oof, report.null_r2, report.null_hi = float(r2), float(null.mean()), float(np.quantile(null, 0.95))
+    report.p_value = p
+    report.detected = bool(p <= spec.alpha and r2 > 0)
+    if not report.detected:
+        report.weight = 0.0
+    elif cls.additive:
+        report.weight = _oof(_project(Zr, seed), ref, fold, spec, {k: v for k, v in cov.items() if v is not None})[1]
+    else:
+        report.weight = 1.0
+
+
+def _choose_rank(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, seed: int,
+                 report: RemovalReport) -> int:
+    """The rank where the out-of-fold R2 of rank-r per-position means (of branch-centred latents) stops
+    rising: the first r whose next rank adds less than 0.1% of the best R2."""
+    if fold is None:
+        return 2
+    Z = _centered(_project(Zr, seed), ref.branch)
+    r_max = min(MAX_RANK, Z.shape[1])
+    sse = np.zeros(r_max)
+    sse_0 = 0.0
+    for f in np.unique(fold):
+        train, test = fold != f, fold == f
+        base = Z[train].mean(axis=0)
+        uniq, sums, counts = group_sums(Z[train], ref.position[train])
+        dev = sums / counts[:, None] - base  # (T, m)
+        _, _, vt = np.linalg.svd(dev * np.sqrt(counts)[:, None], full_matrices=False)
+        idx = np.searchsorted(uniq, ref.position[test])
+        seen = (idx < len(uniq)) & (uniq[np.minimum(idx, len(uniq) - 1)] == ref.position[test])
+        mu = np.zeros((int(test.sum()), Z.shape[1]))
+        mu[seen] = dev[idx[seen]]
+        resid0 = Z[test] - base
+        sse_0 += float((resid0**2).sum())
+        for r in range(1, r_max + 1):
+            V = vt[:r]  # (r, m)
+            sse[r - 1] += float(((resid0 - (mu @ V.T) @ V) ** 2).sum())
+    r2 = 1 - sse / sse_0 if sse_0 > 0 else np.zeros(r_max)
+    report.rank_r2 = [float(v) for v in r2]
+    best = float(r2.max())
+    if best <= 0:
+        return 1
+    gains = np.diff(np.concatenate([r2, [r2[-1]]]))
+    return int(np.argmax(gains < 0.001 * best) + 1)
