@@ -93,7 +93,15 @@ points = points.with_columns(
     pl.col("token_text").map_elements(text.printable, return_dtype=pl.String),
 )
 
-tab_space, tab_layers, tab_clusters, tab_sql = st.tabs(["Latent space", "Layers", "Clusters", "SQL"])
+panels.verdict_panel(raw_metrics, res_metrics)
+tab_space, tab_apart, tab_layers, tab_clusters, tab_sql = st.tabs(
+    ["Latent space", "Where branches go apart", "Layers", "Clusters", "SQL"])
+
+with tab_apart:
+    with st.spinner("Measuring distances between related branches…"):
+        apart = panels.guarded(path, "apart", data.apart, path, version, sel, json.dumps(spec.to_dict()))
+    if apart is not None:
+        panels.divergence_panel(apart)
 
 with tab_clusters:
     method, k = panels.cluster_controls()

@@ -20,9 +20,11 @@ import numpy as np
 
 from analysis.groups import group_sums
 from analysis.metrics import shuffle_within
-from analysis.residualize import RESIDUALIZERS, Residualizer, ResidualSpec, Scaler, make_residualizer
+from analysis.residualize import (RESIDUALIZERS, Residualizer, ResidualSpec, Scaler, branch_offsets,
+                                  make_residualizer)
 from analysis.tokens import TokenSet
 
+ONE_NUISANCE = {"position": "per_position", "token": "per_token"}  # a method for one detected covariate
 TEST_DIMS = 64  # width of the random projection the detection test runs in
 MAX_RANK = 10  # projection: largest k tried when k is chosen from the data
 
@@ -35,6 +37,7 @@ class RemovalReport:
     nuisance: str
     detected: bool = True
     p_value: float = float("nan")
+    p_min: float = float("nan")  # the smallest p the permutations can give: 1 / (n_perm + 1)
     r2_oof: float = float("nan")  # out-of-fold R2 of the nuisance estimate
     null_r2: float = float("nan")  # its mean under permutation
     null_hi: float = float("nan")  # and the 95th percentile
@@ -46,6 +49,7 @@ class RemovalReport:
     k: int | None = None  # projection: directions removed
     rank_r2: list[float] = field(default_factory=list)  # projection: out-of-fold R2 per rank 1..MAX_RANK
     crossfit_share: float = 0.0  # share of plotted tokens whose estimate never saw their prompt (branch)
+    detected_covariates: list[str] = field(default_factory=list)
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -87,13 +91,26 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     elif spec.method == "projection":
         report.k = spec.k
     _detect(Zr, ref, folds[0], spec, cls, seed, report)
+    if spec.gate and report.detected and len(report.detected_covariates) < len(cls.covariates):
+        # e.g. position + token where only token identity is there: remove that alone, since a fitted
+        # but absent positional part would be noise subtracted by position (an invented leak)
+        single = ONE_NUISANCE[report.detected_covariates[0]]
+        report.note = f"only {report.detected_covariates[0]} detected: removed as {RESIDUALIZERS[single].describe(spec)}"
+        spec, cls = replace(spec, method=single), RESIDUALIZERS[single]
+        report.method, report.nuisance = single, cls.nuisance
+        report.weight = _oof(_project(Zr, seed), ref, folds[0], spec,
+                             {k: v for k, v in covariates(ref).items() if v is not None})[1]
     if not spec.gate:
         report.forced, report.weight = True, 1.0
     if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
         return raw, report
 
+    # Branch content out of the reference once (backfitting on all of it); every fit below sees only what
+    # is left, so per-position means do not carry the content of whichever branches reach a position.
+    if spec.within_branch and len(np.unique(ref.branch)) > 1:
+        Zr = Zr - branch_offsets(make_residualizer(spec), Zr, _cov(ref, cls), ref.branch)
     if independent or folds[0] is None or not spec.crossfit:
-        model = make_residualizer(spec).fit(Zr, **_cov(ref, cls, fit=True), scale=False)
+        model = make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)
         report.note = report.note or ("fitted on another run" if independent else
                                       "not cross-fitted (asked)" if not spec.crossfit else "one group: not cross-fitted")
         return _recentred(Zp - report.weight * model.component(Zp, **_cov(plot, cls)), spec), report
@@ -101,14 +118,14 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     # Where the other folds never saw a token's position (or token id), e.g. the one long branch of a
     # prompt, a cross-fitted estimate is an extrapolation: those tokens get the estimate fitted on the
     # whole reference instead, and the report counts them.
-    whole = make_residualizer(spec).fit(Zr, **_cov(ref, cls, fit=True), scale=False)
+    whole = make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)
     out = Zp - report.weight * whole.component(Zp, **_cov(plot, cls))
     crossfitted = np.zeros(len(plot), bool)
     for f in np.unique(plot_fold):
         train = ref_fold != f
         if not train.any():
             continue
-        model = make_residualizer(spec).fit(Zr[train], **_cov(ref.subset(train), cls, fit=True), scale=False)
+        model = make_residualizer(spec).fit(Zr[train], **_cov(ref.subset(train), cls), scale=False)
         rows = (plot_fold == f) & _supported(ref.subset(train), plot, cls)
         if rows.any():
             out[rows] = Zp[rows] - report.weight * model.component(Zp[rows], **_cov(plot.subset(rows), cls))
@@ -141,10 +158,10 @@ def _supported(train: TokenSet, plot: TokenSet, cls: type[Residualizer]) -> np.n
     return ok
 
 
-def _cov(tokens: TokenSet, cls: type[Residualizer], fit: bool = False) -> dict[str, np.ndarray]:
-    """The covariates the method reads, and for fitting the branch (to estimate net of content)."""
+def _cov(tokens: TokenSet, cls: type[Residualizer]) -> dict[str, np.ndarray]:
+    """The covariates the method reads."""
     c = covariates(tokens)
-    return {name: c[name] for name in cls.covariates} | ({"branch": tokens.branch} if fit else {})
+    return {name: c[name] for name in cls.covariates}
 
 
 def _units(ref: TokenSet, plot: TokenSet, independent: bool) -> tuple[str, np.ndarray, np.ndarray]:
@@ -255,23 +272,25 @@ def _detect(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: Residu
     n_folds = int(fold.max()) + 1
     cov = covariates(ref)
     rng = np.random.default_rng(seed + 1)
-    best = None
+    tests = {}
     for name in cls.covariates:
         labels = np.asarray(cov[name])
         r2 = _oof_group_r2(Zc, labels, fold, n_folds)
         null = np.array([_oof_group_r2(Zc, shuffle_within(labels, ref.branch, rng), fold, n_folds)
                          for _ in range(spec.n_perm)])
-        p = float((1 + (null >= r2).sum()) / (1 + len(null)))
-        if best is None or p < best[0]:
-            best = (p, r2, null)
-    p, r2, null = best
+        tests[name] = (float((1 + (null >= r2).sum()) / (1 + len(null))), r2, null)
+    report.detected_covariates = [n for n, (p, r2, _) in tests.items() if p <= spec.alpha and r2 > 0]
+    p, r2, null = min(tests.values(), key=lambda t: t[0])
     report.r2_oof, report.null_r2, report.null_hi = float(r2), float(null.mean()), float(np.quantile(null, 0.95))
-    report.p_value = p
-    report.detected = bool(p <= spec.alpha and r2 > 0)
+    report.p_value, report.p_min = p, 1 / (spec.n_perm + 1)
+    report.detected = bool(report.detected_covariates)
     if not report.detected:
         report.weight = 0.0
     elif cls.additive:
         report.weight = _oof(_project(Zr, seed), ref, fold, spec, {k: v for k, v in cov.items() if v is not None})[1]
+        if report.weight == 0.0:
+            report.detected = False
+            report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"
     else:
         report.weight = 1.0
 

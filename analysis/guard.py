@@ -46,9 +46,16 @@ def _sd(m: dict) -> float:
 
 
 def check(raw: dict, after: dict) -> list[Warning]:
-    """Warnings for metric dicts of the raw and the residualized view (as analysis.view.measure gives)."""
+    """Warnings for metric dicts of the raw and the residualized view (as analysis.view.measure gives).
+
+    Position leaks are checked when the removal took out position, the token-identity leak when it took
+    out token identity (removing token identity may reveal position that it hid: not a fault)."""
     out = []
-    for key, label in LEAKS.items():
+    nuisance = after.get("removal", {}).get("nuisance", "position")
+    leaks = dict(LEAKS) if "position" in nuisance else {}
+    if "token" in nuisance:
+        leaks["token_leak"] = "same-token neighbours (other branches)"
+    for key, label in leaks.items():
         r, a = raw.get(key), after.get(key)
         if not r or not a or not all(math.isfinite(m.get("leak", math.nan)) for m in (r, a)):
             continue
@@ -56,6 +63,11 @@ def check(raw: dict, after: dict) -> list[Warning]:
         # -0.05 moved toward chance: on data whose content is tied to position, e.g. forks that start
         # late, even a perfect removal lands a little below the shuffle's chance.)
         band = Z * math.hypot(_sd(r), _sd(a))
+        if key == "token_leak":  # a share with a chance level above 0: farther from that chance
+            if abs(a["leak"] - a.get("chance", 0)) > abs(r["leak"] - r.get("chance", 0)) + band:
+                out.append(Warning(key, label, r["leak"], a["leak"], band,
+                                   "invented" if a["leak"] > a.get("chance", 0) else "pushed apart"))
+            continue
         if abs(a["leak"]) > abs(r["leak"]) + band:
             out.append(Warning(key, label, r["leak"], a["leak"], band, "invented" if a["leak"] > 0 else "pushed apart"))
     for key, label in SEPARABILITY.items():

@@ -127,7 +127,7 @@ class Residualizer:
             self.scaler.fit(X)
             X = self.scaler.transform(X)
         if branch is not None and self.spec.within_branch and self.covariates and len(np.unique(branch)) > 1:
-            X = X - _branch_offsets(self, X, cov, np.asarray(branch))
+            X = X - branch_offsets(self, X, cov, np.asarray(branch))
         self._fit(X, cov)
         return self
 
@@ -175,8 +175,8 @@ class Residualizer:
 register(Residualizer)
 
 
-def _branch_offsets(model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray], branch: np.ndarray,
-                    sweeps: int = 3) -> np.ndarray:
+def branch_offsets(model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray], branch: np.ndarray,
+                    sweeps: int = 2) -> np.ndarray:
     """(n, d) per-token offset a_branch of the backfitted model x = a_branch + m(cov) + e, with the a's
     weighted mean zero (so the nuisance keeps the overall level). A projection backfits with
     per-position means, then finds its directions in what is left."""
@@ -246,7 +246,9 @@ class _Smooth:
         self.positions = uniq
 
     def __call__(self, position: np.ndarray) -> np.ndarray:
-        return (self.basis.transform(position) @ self.coef).astype(np.float32)
+        """(n, d) fitted values, computed once per distinct position."""
+        uniq, inverse = np.unique(position, return_inverse=True)
+        return (self.basis.transform(uniq) @ self.coef).astype(np.float32)[inverse.ravel()]
 
 
 @register

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from analysis import metrics as M
+from analysis import probe as P
 from analysis.project import ProjectionSpec, project
 from analysis.crossfit import RemovalReport, fit_remove
 from analysis.residualize import ResidualSpec
@@ -97,7 +98,23 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
     metrics["removal"] = removal.to_dict()
+    if spec.metrics and spec.residual.method == "none":
+        t3 = time.perf_counter()
+        metrics.update(layer_stats(tokens))
+        timings["layer_stats"] = time.perf_counter() - t3
     return ViewResult(index, coords, tokens.X, metrics, timings, removal)
+
+
+def layer_stats(tokens: TokenSet) -> dict[str, Any]:
+    """What a layer holds before any removal, beside R2_pos: the prompt-held-out linear probe of position
+    ("decodable") and the share of each top principal component that position explains ("large")."""
+    out: dict[str, Any] = {}
+    groups = tokens.prompt if len(np.unique(tokens.prompt)) > 1 else tokens.branch
+    if len(np.unique(groups)) >= 2 and len(tokens) >= 20:
+        out["probe"] = P.position_probe(tokens.X, tokens.position, groups, n_folds=min(5, len(np.unique(groups))))
+        out["pcs"] = P.pc_position_share(tokens.X, tokens.position, n_components=min(5, tokens.dim),
+                                         groups=tokens.branch)
+    return out
 
 
 def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict[str, Any]:
@@ -131,4 +148,7 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict
             space, tokens.position, lab, k=spec.k, window=None, n_queries=spec.n_queries)
     if coords is not None:
         out["projection"] = M.trustworthiness(space, coords, k=spec.k)
+    if several_branches and "token_id" in tokens.extra:
+        out["token_leak"] = P.token_identity_leak(space, tokens.extra["token_id"], tokens.branch, k=spec.k,
+                                                  n_queries=spec.n_queries)
     return out

@@ -90,6 +90,20 @@ def layer_profile(rows: pl.DataFrame) -> alt.LayerChart:
     return alt.layer(r2, chance).properties(height=260, title="Position per layer (dashed: chance)")
 
 
+def divergence(rows: pl.DataFrame) -> alt.LayerChart:
+    """Median distance ratio (related branches / unrelated prompts) per offset since the fork, raw vs
+    removed, with its band; the dashed line at 1 is chance (as far apart as unrelated prompts)."""
+    base = alt.Chart(rows.drop_nulls("median")).encode(
+        x=alt.X("offset:Q", title="tokens since the branches parted"), color=alt.Color("view:N", title=None))
+    band = base.mark_area(opacity=0.2).encode(y="lo:Q", y2="hi:Q")
+    line = base.mark_line(point=True).encode(
+        y=alt.Y("median:Q", title="distance / unrelated prompts", scale=alt.Scale(zero=False)),
+        tooltip=["offset:Q", "view:N", alt.Tooltip("median:Q", format=".3f"), alt.Tooltip("lo:Q", format=".3f"),
+                 alt.Tooltip("hi:Q", format=".3f"), "n_pairs:Q"])
+    chance = alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    return alt.layer(band, line, chance).properties(height=300, title="Where branches go apart")
+
+
 def sample_branches(points: pl.DataFrame, max_points: int, seed: int = 0) -> pl.DataFrame:
     """Whole branches, in a seeded random order, while their tokens fit in max_points."""
     sizes = points.group_by("branch_id").len().sample(fraction=1.0, shuffle=True, seed=seed)

@@ -16,7 +16,7 @@ from analysis.view import ViewSpec
 from store import queries
 from store.connect import reading
 from views.cache import ViewCache
-from views.service import Selection, compute, layer_profile, residuals
+from views.service import Selection, compute, divergence, layer_profile, residuals
 
 LOCK_TIMEOUT = float(os.environ.get("BRANCHLENS_LOCK_TIMEOUT", "5"))  # seconds a read waits while an ingest commits
 
@@ -67,6 +67,12 @@ def profile(path: str, data_version: tuple, selection: Selection, spec_json: str
     rows = layer_profile(path, selection, ViewSpec.from_dict(json.loads(spec_json)), list(layers), ViewCache(),
                          LOCK_TIMEOUT)
     return pl.DataFrame(rows)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def apart(path: str, data_version: tuple, selection: Selection, spec_json: str) -> dict:
+    """Branch divergence at matched positions, raw and removed (views.service.divergence)."""
+    return divergence(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

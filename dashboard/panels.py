@@ -13,6 +13,7 @@ import streamlit as st
 
 from analysis.clusters import cluster_summary
 from analysis.guard import check
+from analysis.verdict import p_value_text, verdict
 from store.errors import StoreBusy
 from store.sandbox import SqlError, run_query
 
@@ -91,8 +92,7 @@ def removal_note(removal: dict | None) -> str:
     if not removal or removal.get("method") == "none":
         return ""
     what = removal.get("nuisance", "nuisance")
-    p = removal.get("p_value")
-    p_text = f"p = {p:.2f}" if p is not None and not math.isnan(p) else "not tested"
+    p_text = p_value_text(removal)
     r2 = removal.get("r2_oof")
     r2_text = f", held-out R2 {r2:.3f} vs {removal.get('null_hi', float('nan')):.3f} by chance" \
         if r2 is not None and not math.isnan(r2) else ""
@@ -194,3 +194,26 @@ def chart_exports(chart: alt.TopLevelMixin, name: str) -> None:
     c1, c2 = st.columns(2)
     c1.download_button("PNG", vlc.vegalite_to_png(spec, scale=2), f"{name}.png", "image/png", key=f"{name}_png")
     c2.download_button("SVG", vlc.vegalite_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{name}_svg")
+
+
+def verdict_panel(raw: dict, res: dict) -> None:
+    """The verdict on top of the view, and a red line for each number the removal made worse."""
+    st.markdown(verdict(raw, res))
+    for warning in check(raw, res):
+        st.error(f"Removal made this worse: {warning.message}.")
+
+
+def divergence_panel(found: dict) -> None:
+    """Where branches go apart: the chart over offsets since the fork, and the per-prompt table."""
+    import dashboard.charts as charts
+
+    st.caption("Distance between two related branches (a fork and its parent, or two siblings) at the same "
+               "position after they part, over the distance between tokens of unrelated prompts at that "
+               "position: 1 = as far apart as unrelated prompts. Bands: 95%, resampling branches. Removing "
+               "position cannot change distances at matched positions; removing token identity can.")
+    if not found["has_baseline"]:
+        st.info(found["note"] or "One prompt only: no unrelated prompts to compare with. Select two or more.")
+        return
+    st.altair_chart(charts.divergence(found["by_offset"]), width="stretch")
+    table = found["by_prompt"].pivot(on="view", index="prompt", values="median")
+    st.dataframe(table, hide_index=True, width="stretch")

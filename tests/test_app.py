@@ -383,3 +383,23 @@ def test_zero_pe_variant_is_offered_when_stored(model_dirs, tmp_path):
     zero = projection(at)["points"]
     assert zero.num_rows == normal.num_rows
     assert zero.column("raw_x").to_pylist() != normal.column("raw_x").to_pylist()
+
+
+def test_verdict_and_where_branches_go_apart_on_the_known_positive_store(tmp_path):
+    """The synthetic store with a known helix: the verdict names position at the helix layer and finds no
+    positional component at the token-identity layer; the divergence tab draws its chart."""
+    store = tmp_path / "helix.duckdb"
+    made = subprocess.run([PYTHON, "-m", "views", "synthetic", str(store), "--prompts", "4", "--branches", "6",
+                           "--length", "40", "--d", "32"], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    at = open_app(store)
+    at.selectbox(key="layer").set_value(1).run()
+    text = " ".join(m.value for m in at.markdown)
+    assert "organized by **position**" in text and "position component was detected" in text
+    assert not at.error, [e.value for e in at.error]  # the guard is silent on a real helix
+    at.selectbox(key="layer").set_value(0).run()
+    text = " ".join(m.value for m in at.markdown)
+    assert "organized by **token identity**" in text and "No position component detected" in text
+    specs = [json.loads(e.proto.spec) for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart"]
+    assert any(s.get("title", {}) == "Where branches go apart" or "Where branches go apart" in json.dumps(s)
+               for s in specs)

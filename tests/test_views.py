@@ -192,3 +192,31 @@ def test_view_spec_round_trips_and_single_prompt_metrics(tree):
 def test_warm_up_command(capsys):
     assert views_main(["warm-up"]) == 0
     assert "projection kernels ready" in capsys.readouterr().out
+
+
+def test_two_stores_with_the_same_run_id_never_share_a_cached_view(tmp_path, tree):
+    """A copy of a store with other vectors under the same run id and row count (and the same store moved
+    to another path) gets its own view, not the cached one of the first."""
+    cache = ViewCache(tmp_path / "cache")
+    first, second = tmp_path / "a.duckdb", tmp_path / "b.duckdb"
+    run_id = write_tree(first, tree)
+    shifted = tree.with_X(tree.X + np.random.default_rng(5).normal(size=tree.X.shape).astype(np.float32) * 3)
+    assert write_tree(second, shifted, run_id=run_id) == run_id
+    a = compute(first, Selection(run_id, 0), FAST, cache)
+    b = compute(second, Selection(run_id, 0), FAST, cache)
+    assert b.timings["cached"] == 0.0
+    assert b.result.metrics["leak"]["leak"] != a.result.metrics["leak"]["leak"]
+    assert compute(second, Selection(run_id, 0), FAST, cache).timings["cached"] == 1.0
+    moved = tmp_path / "moved.duckdb"
+    moved.write_bytes(first.read_bytes())
+    assert compute(moved, Selection(run_id, 0), FAST, cache).timings["cached"] == 0.0
+
+
+def test_raw_is_raw_whatever_the_fit_scope(tmp_path, tree):
+    store = tmp_path / "s.duckdb"
+    run_id = write_tree(store, tree)
+    raw = ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca"))
+    views = [compute(store, Selection(run_id, 0, prompt_ids=(0, 1), fit_scope=scope), raw)
+             for scope in ("plotted", "run")]
+    np.testing.assert_array_equal(views[0].result.coords, views[1].result.coords)
+    assert views[0].result.metrics == views[1].result.metrics

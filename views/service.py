@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 
 from analysis.tokens import TokenSet
-from analysis.view import ViewResult, ViewSpec, compute_view, measure, residualize
+from analysis.view import ViewResult, ViewSpec, compute_view, layer_stats, measure, residualize
 from store import queries
 from store.connect import reading
 from views.cache import ViewCache
@@ -55,6 +55,7 @@ class View:
 
 def to_token_set(keys: pl.DataFrame, X: np.ndarray) -> TokenSet:
     extra = {c: keys[c].to_numpy() for c in ("depth", "token_id", "is_prompt")}
+    extra["parent"] = keys["parent_branch_id"].fill_null(-1).to_numpy()
     return TokenSet(X, keys["position"].to_numpy(), keys["branch_id"].to_numpy(), keys["prompt_id"].to_numpy(), extra)
 
 
@@ -157,15 +158,28 @@ def layer_profile(
             if hit is None:
                 _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, reference, _independent(sel))
                 metrics = measure(tokens, None, layer_spec) | {"removal": removal.to_dict()}
+                if residual.method == "none":
+                    metrics |= layer_stats(tokens)
                 hit = ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
                 if cache is not None:
                     cache.put(key, hit)
             m = hit.metrics
+            nan = float("nan")
+            pcs = m.get("pcs", [])
+            rem = m.get("removal", {})
             rows.append({
                 "layer": layer, "method": residual.label(), "r2": m["r2_pos"]["r2"], "chance": m["r2_pos"]["chance"],
+                "r2_band": 1.96 * m["r2_pos"].get("sd", nan),
                 "adjusted": m["r2_pos"]["adjusted"], "heldout": m["r2_pos"]["heldout"],
-                "leak": m.get("leak", {}).get("leak", float("nan")),
-                "leak_prompt": m.get("leak_prompt", {}).get("leak", float("nan")),
+                "leak": m.get("leak", {}).get("leak", nan), "leak_band": 1.96 * m.get("leak", {}).get("sd", nan),
+                "leak_chance_hi": m.get("leak", {}).get("chance_hi", nan),
+                "leak_prompt": m.get("leak_prompt", {}).get("leak", nan),
+                "token_leak": m.get("token_leak", {}).get("leak", nan),
+                "token_chance": m.get("token_leak", {}).get("chance", nan),
+                "probe_r2": m.get("probe", {}).get("r2", nan), "probe_chance_hi": m.get("probe", {}).get("chance_hi", nan),
+                **{f"pc{i + 1}_position": pc["pos_r2"] for i, pc in enumerate(pcs)},
+                **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(pcs)},
+                "detected": rem.get("detected"), "p": rem.get("p_value", nan), "removed": rem.get("weight", nan),
             })
             if spec.residual.method == "none":
                 break
@@ -183,3 +197,37 @@ def residuals(
         reference = _reference(con, ref_run, selection) if ref_run is not None else None
     index, tokens, _ = residualize(to_token_set(keys, X), spec, reference, _independent(selection))
     return keys[index], tokens.X
+
+
+def divergence(
+    store: str | Path, selection: Selection, spec: ViewSpec, lock_timeout: float = 0.0,
+) -> dict[str, pl.DataFrame | bool | str]:
+    """Where branches go apart, without a projection: for every fork and sibling pair of the selected
+    prompts, the distance at matched positions after they part, over the distance between tokens of
+    unrelated prompts at the same position (1 = as far apart as unrelated prompts), raw and after removal.
+
+    Returns 'by_offset' (rows: offset since the fork, view 'raw'/'removed', median, lo, hi, n_pairs),
+    'by_prompt' (the same per prompt), 'has_baseline' and 'note'.
+    """
+    from analysis.divergence import divergence as pairs_apart, divergence_summary
+
+    with reading(store, lock_timeout) as con:
+        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
+                                     _list(selection.prompt_ids), selection.generated_only)
+        ref_run = _reference_run(selection)
+        reference = _reference(con, ref_run, selection) if ref_run is not None else None
+    if len(keys) == 0:
+        raise ValueError(f"no stored tokens for run {selection.run_id}, layer {selection.layer}")
+    raw_spec = replace(spec, residual=replace(spec.residual, method="none"))
+    frames: dict[str, list[pl.DataFrame]] = {"offset": [], "prompt": []}
+    result = None
+    for name, view_spec in (("raw", raw_spec), ("removed", spec)):
+        _, tokens, _ = residualize(to_token_set(keys, X), view_spec, reference, _independent(selection))
+        result = pairs_apart(tokens.X, tokens.position, tokens.branch, tokens.prompt, tokens.extra["parent"])
+        for by in frames:
+            summary = divergence_summary(result, by=by)
+            frames[by].append(pl.DataFrame({
+                by: summary["key"], "view": name, "median": summary["median"], "lo": summary["lo"],
+                "hi": summary["hi"], "n_pairs": summary["n_pairs"]}))
+    return {"by_offset": pl.concat(frames["offset"]), "by_prompt": pl.concat(frames["prompt"]),
+            "has_baseline": bool(result.has_baseline), "note": result.note}
