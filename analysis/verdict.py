@@ -57,9 +57,9 @@ def verdict(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> str:
         text = f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%})"
         probe = raw.get("probe", {})
         if _finite(probe.get("r2"), probe.get("chance_hi")):
-            if probe["r2"] > probe["chance_hi"]:
+            if probe["r2"] > max(probe["chance_hi"], 0.0):
                 text += (f" and is linearly decodable across prompts (probe R2 **{probe['r2']:.2f}**, "
-                         f"chance up to {probe['chance_hi']:.2f})")
+                         f"chance at most {max(probe['chance_hi'], 0.0):.2f})")
             else:
                 text += f" and is not linearly decodable across prompts (probe R2 {probe['r2']:.2f}, at chance)"
         parts.append(text + ".")

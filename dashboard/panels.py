@@ -60,6 +60,7 @@ ROWS = [
     ("kNN position leak, full space", "leak", "leak", True, "leak"),
     ("kNN position leak, 2-D", "leak_2d", "leak", True, "leak"),
     ("kNN position leak, other prompts only", "leak_prompt", "leak", True, "leak"),
+    ("same-token neighbours, other branches", "token_leak", "leak", False, "chance"),
     ("branch 1-NN accuracy, matched positions", "nn_branch", "purity", False, "chance"),
     ("prompt 1-NN accuracy, matched positions", "nn_prompt", "purity", False, "chance"),
     ("trustworthiness of the 2-D layout", "projection", "trustworthiness", False, "half"),
@@ -72,7 +73,7 @@ def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
     for label, name, field, signed, chance_kind in ROWS:
         r, a = raw.get(name, {}), res.get(name, {})
         if chance_kind == "chance":
-            chance = _fmt(r.get("chance", float("nan")), signed)
+            chance = _fmt(r.get("chance", a.get("chance", float("nan"))), signed)
         elif chance_kind == "leak":
             hi = a.get("chance_hi", r.get("chance_hi"))
             chance = "+0 ±" + f"{hi:.3f}" if hi is not None and not math.isnan(hi) else "0"
@@ -123,9 +124,6 @@ def metrics_panel(raw: dict, res: dict) -> None:
     note = removal_note(res.get("removal"))
     if note:
         st.info(note)
-    for warning in check(raw, res):
-        st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), "
-                 "use a smoother method, or keep the raw view.")
 
 
 def text_panel(html_text: str, n_selected: int) -> None:
@@ -200,7 +198,8 @@ def verdict_panel(raw: dict, res: dict) -> None:
     """The verdict on top of the view, and a red line for each number the removal made worse."""
     st.markdown(verdict(raw, res))
     for warning in check(raw, res):
-        st.error(f"Removal made this worse: {warning.message}.")
+        st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
+                 "smoother method, or keep the raw view.")
 
 
 def divergence_panel(found: dict) -> None:

@@ -75,3 +75,34 @@ def test_default_model_small_run(tmp_path):
                                    branch_vectors(con, run_id, fork["branch_id"], 0), atol=1e-6)
         assert not np.allclose(branch_vectors(con, run_id, fork["branch_id"], 9, variant="zero_pe"),
                                branch_vectors(con, run_id, fork["branch_id"], 9), atol=1e-2)
+
+
+def test_default_removal_invents_nothing_at_layer_0_of_the_bundled_model(tmp_path):
+    """Layer 0 of a RoPE model is the token embeddings: no position. The default removal must find none
+    and leave every leak where it was (the old default raised the leak from +0.02 to +0.12 here)."""
+    from analysis.project import ProjectionSpec
+    from analysis.residualize import ResidualSpec
+    from analysis.verdict import verdict
+    from analysis.view import ViewSpec
+    from views.service import Selection, compute
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def fibonacci(n):\nThe old lighthouse keeper climbed\nIn 1848, the revolution\n"
+                       "My favourite recipe for bread\n")
+    store = tmp_path / "layer0.duckdb"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "ingest", "--prompts", str(prompts), "--samples", "3", "--forks", "2",
+         "--max-new-tokens", "32", "--layers", "0", "--store", str(store), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    with reading(store) as con:
+        run_id = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
+    pca = ProjectionSpec(method="pca")
+    selection = Selection(run_id, 0, fit_scope="run")
+    raw = compute(store, selection, ViewSpec(residual=ResidualSpec(method="none"), projection=pca)).result.metrics
+    removed = compute(store, selection, ViewSpec(projection=pca)).result.metrics
+    for key in ("leak", "leak_prompt", "leak_2d"):
+        assert abs(removed[key]["leak"] - raw[key]["leak"]) <= 0.03, (key, raw[key], removed[key])
+    assert "No position component detected at this layer" in verdict(raw, removed)
