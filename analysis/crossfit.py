@@ -20,7 +20,7 @@ import numpy as np
 
 from analysis.groups import group_sums
 from analysis.metrics import shuffle_within
-from analysis.residualize import (RESIDUALIZERS, Residualizer, ResidualSpec, Scaler, branch_offsets,
+from analysis.residualize import (RESIDUALIZERS, LabelStats, Residualizer, ResidualSpec, Scaler, branch_offsets,
                                   make_residualizer)
 from analysis.tokens import TokenSet
 
@@ -118,14 +118,27 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     # Where the other folds never saw a token's position (or token id), e.g. the one long branch of a
     # prompt, a cross-fitted estimate is an extrapolation: those tokens get the estimate fitted on the
     # whole reference instead, and the report counts them.
-    whole = make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)
+    # Single-covariate methods fit from per-value sums: each fold's training statistics are the whole
+    # reference's minus that fold's, one pass over the latents in all.
+    by_stats = len(cls.covariates) == 1 and hasattr(cls, "fit_stats")
+    labels = _cov(ref, cls)[cls.covariates[0]] if by_stats else None
+    fold_stats = {f: LabelStats.of(Zr[ref_fold == f], labels[ref_fold == f]) for f in np.unique(ref_fold)} \
+        if by_stats else {}
+    if by_stats:
+        total = _sum_stats(list(fold_stats.values()))
+        whole = make_residualizer(spec).fit_stats(total)
+    else:
+        whole = make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)
     out = Zp - report.weight * whole.component(Zp, **_cov(plot, cls))
     crossfitted = np.zeros(len(plot), bool)
     for f in np.unique(plot_fold):
         train = ref_fold != f
         if not train.any():
             continue
-        model = make_residualizer(spec).fit(Zr[train], **_cov(ref.subset(train), cls), scale=False)
+        if by_stats:
+            model = make_residualizer(spec).fit_stats(total.minus(fold_stats[f]) if f in fold_stats else total)
+        else:
+            model = make_residualizer(spec).fit(Zr[train], **_cov(ref.subset(train), cls), scale=False)
         rows = (plot_fold == f) & _supported(ref.subset(train), plot, cls)
         if rows.any():
             out[rows] = Zp[rows] - report.weight * model.component(Zp[rows], **_cov(plot.subset(rows), cls))
@@ -142,6 +155,18 @@ def _recentred(residual: np.ndarray, spec: ResidualSpec) -> np.ndarray:
     """Residuals centred on the plotted tokens, as the raw view is (cosine metrics see the same origin)."""
     residual = np.asarray(residual, np.float32)
     return (residual - residual.mean(axis=0)).astype(np.float32) if spec.center else residual
+
+
+def _sum_stats(parts: list[LabelStats]) -> LabelStats:
+    """The statistics of the union of disjoint row sets."""
+    labels = np.unique(np.concatenate([p.labels for p in parts]))
+    sums = np.zeros((len(labels), parts[0].sums.shape[1]))
+    counts = np.zeros(len(labels), np.int64)
+    for p in parts:
+        idx = np.searchsorted(labels, p.labels)
+        sums[idx] += p.sums
+        counts[idx] += p.counts
+    return LabelStats(labels, sums, counts, sum(p.sq for p in parts), sum(p.n for p in parts))
 
 
 MIN_SUPPORT = 2  # tokens of the training folds that must share a covariate value for a cross-fitted estimate

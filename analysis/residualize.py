@@ -175,6 +175,32 @@ class Residualizer:
 register(Residualizer)
 
 
+@dataclass
+class LabelStats:
+    """Sufficient statistics of rows X (n, d) grouped by one covariate: what the single-covariate methods
+    fit from, so cross-fitting gets each fold's statistics by subtraction instead of a pass over X."""
+
+    labels: np.ndarray  # (L,) sorted distinct covariate values
+    sums: np.ndarray  # (L, d) float64 row sums per value
+    counts: np.ndarray  # (L,) rows per value
+    sq: float  # sum of squared norms of all rows
+    n: int
+
+    @classmethod
+    def of(cls, X: np.ndarray, labels: np.ndarray) -> LabelStats:
+        uniq, sums, counts = group_sums(X, labels)
+        return cls(uniq, sums, counts, float(np.einsum("ij,ij->", X, X, dtype=np.float64)), len(X))
+
+    def minus(self, other: LabelStats) -> LabelStats:
+        """The statistics of the rows in self but not in other (other's labels a subset of self's)."""
+        idx = np.searchsorted(self.labels, other.labels)
+        sums, counts = self.sums.copy(), self.counts.copy()
+        sums[idx] -= other.sums
+        counts[idx] -= other.counts
+        keep = counts > 0
+        return LabelStats(self.labels[keep], sums[keep], counts[keep], self.sq - other.sq, self.n - other.n)
+
+
 def branch_offsets(model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray], branch: np.ndarray,
                     sweeps: int = 2) -> np.ndarray:
     """(n, d) per-token offset a_branch of the backfitted model x = a_branch + m(cov) + e, with the a's
@@ -201,13 +227,13 @@ class GroupMeans:
     labels really differ, and little of it when they do not.
     """
 
-    def fit(self, X: np.ndarray, labels: np.ndarray, prior: np.ndarray, lam: float | None) -> GroupMeans:
-        # X (n, d); prior (G, d) per sorted unique label
-        uniq, sums, counts = group_sums(X, labels)
-        means = sums / counts[:, None]
-        self.lam_ = _shrinkage(X, sums, counts, prior) if lam is None else float(lam)
-        w = (counts / (counts + self.lam_))[:, None] if np.isfinite(self.lam_) else np.zeros((len(uniq), 1))
-        self.labels_ = uniq
+    def fit(self, stats: LabelStats, prior: np.ndarray, lam: float | None) -> GroupMeans:
+        # prior (G, d) per label of stats
+        counts = stats.counts
+        means = stats.sums / counts[:, None]
+        self.lam_ = _shrinkage(stats, prior) if lam is None else float(lam)
+        w = (counts / (counts + self.lam_))[:, None] if np.isfinite(self.lam_) else np.zeros((len(counts), 1))
+        self.labels_ = stats.labels
         self.means_ = (w * means + (1 - w) * prior).astype(np.float32)  # (G, d)
         return self
 
@@ -221,14 +247,15 @@ class GroupMeans:
         return out
 
 
-def _shrinkage(X: np.ndarray, sums: np.ndarray, counts: np.ndarray, prior: np.ndarray) -> float:
+def _shrinkage(stats: LabelStats, prior: np.ndarray) -> float:
     """Empirical-Bayes pseudo-count: within-label variance / variance of the means around the prior."""
-    if len(X) - len(counts) < 2:
+    counts = stats.counts
+    if stats.n - len(counts) < 2:
         return float("inf")  # (almost) no label has two tokens: no noise estimate, so trust the prior
-    means = sums / counts[:, None]
+    means = stats.sums / counts[:, None]
     # sum_i |x_i - mean_g|^2 = sum_i |x_i|^2 - sum_g n_g |mean_g|^2, without an (n, d) temporary
-    within_ss = float(np.einsum("ij,ij->", X, X, dtype=np.float64)) - float((counts * (means**2).sum(1)).sum())
-    within = max(within_ss, 0.0) / (len(X) - len(counts))
+    within_ss = stats.sq - float((counts * (means**2).sum(1)).sum())
+    within = max(within_ss, 0.0) / (stats.n - len(counts))
     spread = ((means - prior) ** 2).sum(axis=1) - within / counts
     tau2 = float(np.average(spread, weights=counts))
     if tau2 <= 0:
@@ -239,11 +266,11 @@ def _shrinkage(X: np.ndarray, sums: np.ndarray, counts: np.ndarray, prior: np.nd
 class _Smooth:
     """A least-squares fit of X on a smooth basis of position."""
 
-    def __init__(self, spec: ResidualSpec, X: np.ndarray, position: np.ndarray):
-        uniq, sums, counts = group_sums(X, position)
-        self.basis = PositionBasis(spec.basis, spec.degree, spec.n_knots, spec.n_freq).fit(position)
-        self.coef = fit_smooth(uniq, sums, counts, self.basis)
-        self.positions = uniq
+    def __init__(self, spec: ResidualSpec, stats: LabelStats):
+        # the basis depends on the range and the number of distinct positions only
+        self.basis = PositionBasis(spec.basis, spec.degree, spec.n_knots, spec.n_freq).fit(stats.labels)
+        self.coef = fit_smooth(stats.labels, stats.sums, stats.counts, self.basis)
+        self.positions = stats.labels
 
     def __call__(self, position: np.ndarray) -> np.ndarray:
         """(n, d) fitted values, computed once per distinct position."""
@@ -265,9 +292,13 @@ class PerPositionMean(Residualizer):
         return "per-position mean"
 
     def _fit(self, X, cov):
-        self.smooth_ = _Smooth(self.spec, X, cov["position"])
-        self.means_ = GroupMeans().fit(X, cov["position"], self.smooth_(self.smooth_.positions), self.spec.shrink)
+        self.fit_stats(LabelStats.of(X, cov["position"]))
+
+    def fit_stats(self, stats: LabelStats) -> PerPositionMean:
+        self.smooth_ = _Smooth(self.spec, stats)
+        self.means_ = GroupMeans().fit(stats, self.smooth_(stats.labels), self.spec.shrink)
         self.lam_ = self.means_.lam_
+        return self
 
     def _component(self, X, cov):
         return self.means_.lookup(cov["position"], self.smooth_(cov["position"]))
@@ -286,7 +317,11 @@ class PositionRegression(Residualizer):
         return f"regression ({spec.basis})"
 
     def _fit(self, X, cov):
-        self.smooth_ = _Smooth(self.spec, X, cov["position"])
+        self.fit_stats(LabelStats.of(X, cov["position"]))
+
+    def fit_stats(self, stats: LabelStats) -> PositionRegression:
+        self.smooth_ = _Smooth(self.spec, stats)
+        return self
 
     def _component(self, X, cov):
         return self.smooth_(cov["position"])
@@ -307,14 +342,18 @@ class PositionProjection(Residualizer):
         return f"projection (k={spec.k})" if spec.k is not None else "projection (k from data)"
 
     def _fit(self, X, cov):
-        uniq, sums, counts = group_sums(X, cov["position"])
-        self.center_ = X.mean(axis=0)
+        self.fit_stats(LabelStats.of(X, cov["position"]))
+
+    def fit_stats(self, stats: LabelStats) -> PositionProjection:
+        sums, counts = stats.sums, stats.counts
+        self.center_ = (sums.sum(axis=0) / stats.n).astype(np.float32)
         dev = (sums / counts[:, None] - self.center_) * np.sqrt(counts)[:, None]  # (T, d)
         _, sv, vt = np.linalg.svd(dev, full_matrices=False)
         k = min(self.spec.k or 2, len(sv))
         self.components_ = vt[:k].astype(np.float32)  # (k, d)
         total = float((sv**2).sum())
         self.explained_ratio_ = (sv[:k] ** 2 / total) if total > 0 else np.zeros(k)
+        return self
 
     def _component(self, X, cov):
         return ((X - self.center_) @ self.components_.T) @ self.components_
@@ -334,10 +373,13 @@ class PerTokenMean(Residualizer):
         return "per-token mean"
 
     def _fit(self, X, cov):
-        self.grand_ = X.mean(axis=0)
-        uniq = np.unique(cov["token"])
-        self.means_ = GroupMeans().fit(X, cov["token"], np.tile(self.grand_, (len(uniq), 1)), self.spec.shrink)
+        self.fit_stats(LabelStats.of(X, cov["token"]))
+
+    def fit_stats(self, stats: LabelStats) -> PerTokenMean:
+        self.grand_ = (stats.sums.sum(axis=0) / stats.n).astype(np.float32)
+        self.means_ = GroupMeans().fit(stats, np.tile(self.grand_, (len(stats.labels), 1)), self.spec.shrink)
         self.lam_ = self.means_.lam_
+        return self
 
     def _component(self, X, cov):
         return self.means_.lookup(cov["token"], np.broadcast_to(self.grand_, X.shape))
