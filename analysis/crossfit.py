@@ -138,10 +138,10 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
         if by_stats:
             model = make_residualizer(spec).fit_stats(total.minus(fold_stats[f]) if f in fold_stats else total)
         else:
-            model = make_residualizer(spec).fit(Zr[train], **_cov(ref.subset(train), cls), scale=False)
-        rows = (plot_fold == f) & _supported(ref.subset(train), plot, cls)
+            model = make_residualizer(spec).fit(Zr[train], **_cov_rows(ref, cls, train), scale=False)
+        rows = (plot_fold == f) & _supported(_cov_rows(ref, cls, train), _cov(plot, cls))
         if rows.any():
-            out[rows] = Zp[rows] - report.weight * model.component(Zp[rows], **_cov(plot.subset(rows), cls))
+            out[rows] = Zp[rows] - report.weight * model.component(Zp[rows], **_cov_rows(plot, cls, rows))
             crossfitted |= rows
     report.crossfit, report.folds = True, int(len(np.unique(ref_fold)))
     report.crossfit_share = float(crossfitted.mean())
@@ -172,11 +172,10 @@ def _sum_stats(parts: list[LabelStats]) -> LabelStats:
 MIN_SUPPORT = 2  # tokens of the training folds that must share a covariate value for a cross-fitted estimate
 
 
-def _supported(train: TokenSet, plot: TokenSet, cls: type[Residualizer]) -> np.ndarray:
+def _supported(train_cov: dict[str, np.ndarray], plot_cov: dict[str, np.ndarray]) -> np.ndarray:
     """(n_plot,) True where every covariate value of the token occurs >= MIN_SUPPORT times in train."""
-    ok = np.ones(len(plot), bool)
-    train_cov, plot_cov = covariates(train), covariates(plot)
-    for name in cls.covariates:
+    ok = np.ones(len(next(iter(plot_cov.values()))), bool)
+    for name in plot_cov:
         values, counts = np.unique(train_cov[name], return_counts=True)
         idx = np.minimum(np.searchsorted(values, plot_cov[name]), len(values) - 1)
         ok &= (values[idx] == plot_cov[name]) & (counts[idx] >= MIN_SUPPORT)
@@ -187,6 +186,11 @@ def _cov(tokens: TokenSet, cls: type[Residualizer]) -> dict[str, np.ndarray]:
     """The covariates the method reads."""
     c = covariates(tokens)
     return {name: c[name] for name in cls.covariates}
+
+
+def _cov_rows(tokens: TokenSet, cls: type[Residualizer], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The method's covariates at some rows (no copy of the latents)."""
+    return {name: values[rows] for name, values in _cov(tokens, cls).items()}
 
 
 def _units(ref: TokenSet, plot: TokenSet, independent: bool) -> tuple[str, np.ndarray, np.ndarray]:
@@ -226,7 +230,7 @@ def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
     sse_m = sse_0 = num = den = 0.0
     for f in np.unique(fold):
         train = fold != f
-        test = (fold == f) & _supported(ref.subset(train), ref, cls)
+        test = (fold == f) & _supported(_cov_rows(ref, cls, train), _cov(ref, cls))
         if not test.any():
             continue
         model = make_residualizer(spec).fit(Z[train], **{n: cov[n][train] for n in cls.covariates},

@@ -237,13 +237,14 @@ class GroupMeans:
         self.means_ = (w * means + (1 - w) * prior).astype(np.float32)  # (G, d)
         return self
 
-    def lookup(self, labels: np.ndarray, fallback: np.ndarray) -> np.ndarray:
-        """(n, d) fitted means at `labels`; rows of unseen labels come from fallback (n, d)."""
+    def lookup(self, labels: np.ndarray, fallback) -> np.ndarray:
+        """(n, d) fitted means at `labels`; rows of unseen labels come from fallback(unseen labels)."""
         labels = np.asarray(labels)
         idx = np.minimum(np.searchsorted(self.labels_, labels), len(self.labels_) - 1)
         seen = self.labels_[idx] == labels
-        out = np.array(fallback, dtype=np.float32, copy=True)
-        out[seen] = self.means_[idx[seen]]
+        out = self.means_[idx]  # (n, d) gather
+        if not seen.all():
+            out[~seen] = fallback(labels[~seen])
         return out
 
 
@@ -301,7 +302,7 @@ class PerPositionMean(Residualizer):
         return self
 
     def _component(self, X, cov):
-        return self.means_.lookup(cov["position"], self.smooth_(cov["position"]))
+        return self.means_.lookup(cov["position"], self.smooth_)
 
 
 @register
@@ -382,7 +383,7 @@ class PerTokenMean(Residualizer):
         return self
 
     def _component(self, X, cov):
-        return self.means_.lookup(cov["token"], np.broadcast_to(self.grand_, X.shape))
+        return self.means_.lookup(cov["token"], lambda unseen: self.grand_)
 
 
 @register
