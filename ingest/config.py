@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import hashlib
 import json
@@ -138,6 +140,8 @@ def _int(name: str, value: Any, minimum: int | None = None) -> int:
 def _float(name: str, value: Any, low: float, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise IngestError(f"'{name}' must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise IngestError(f"'{name}' must be a finite number, got {value}")
     if value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
         raise IngestError(f"'{name}' must be {bound}, got {value}")

@@ -91,12 +91,21 @@ def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None]
     `lm` is a model already loaded for cfg.model on cfg's device and dtype (benchmarks, workers that
     serve many runs); without it the model is loaded here.
     """
+    writer = StoreWriter(cfg.store, created_by=branchlens_version())
+    try:
+        return _ingest(cfg, writer, progress, log, lm)
+    finally:
+        writer.release()  # another ingest may write this store from here on
+
+
+def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[str], None] | None,
+            lm: LoadedModel | None) -> IngestReport:
     t_start = time.perf_counter()
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     if not cfg.prompts:
         raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
-    writer = StoreWriter(cfg.store, created_by=branchlens_version())
     writer.check_existing()  # a foreign or other-version store fails before the slow model load
+    writer.claim()  # so does a store another ingest is writing
     seconds: dict[str, float] = {}
     plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
     device = resolve_device(cfg.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.connect import reading
+from store.connect import connect_with_retry, reading
 from store.errors import StoreError, reason
 from store.faults import fault_point
 from store.leftovers import compact_copy, remove_stale_copies
@@ -58,6 +58,7 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
     t0 = time.perf_counter()
     before = path.stat().st_size
     try:
+        _merge_wal(path, lock_timeout)
         with reading(path, lock_timeout=lock_timeout) as con:
             meta = read_meta(con, str(path))
             source = first_row(con, "SELECT current_database()")[0]
@@ -99,6 +100,21 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
         for leftover in (tmp, Path(f"{tmp}.wal")):
             leftover.unlink(missing_ok=True)
     return CompactReport(path, before, path.stat().st_size, time.perf_counter() - t0)
+
+
+def _merge_wal(path: Path, lock_timeout: float) -> None:
+    """Checkpoint a write-ahead log left beside the store (a writer killed, or a disk that filled) into
+    the file first: the copy must replace a file whose log holds nothing, or the next open would replay
+    the old file's log onto the new one ("WAL does not match") and the store could not be opened."""
+    if not Path(f"{path}.wal").exists():
+        return
+    con = connect_with_retry(path, read_only=False, lock_timeout=lock_timeout)
+    try:
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    if Path(f"{path}.wal").exists():
+        raise StoreError(f"the write-ahead log {path}.wal could not be merged into the store")
 
 
 def _check_counts(con: duckdb.DuckDBPyConnection, source: str) -> None:

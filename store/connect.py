@@ -53,6 +53,8 @@ def connect_with_retry(
 def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """A read-only connection to an existing store whose schema version this code reads."""
     path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"store {path} is a directory, not a DuckDB file")
     if not path.is_file():
         raise StoreError(f"store {path} does not exist")
     con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=config)

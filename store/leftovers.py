@@ -23,16 +23,17 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_copies(store: str | Path) -> list[Path]:
-    """Delete the half-written compaction copies (and their WALs) of processes that are no longer running;
-    copies of a live process are kept. Returns what was removed."""
+    """Delete the half-written compaction copies and new-store files (and their WALs) of processes that
+    are no longer running; those of a live process are kept. Returns what was removed."""
     store = Path(store)
     removed = []
-    for leftover in store.parent.glob(f"{glob.escape(store.name)}.compact-*"):
-        pid = leftover.name.removeprefix(f"{store.name}.compact-").removesuffix(".wal")
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                leftover.unlink()
-                removed.append(leftover)
-            except OSError:
-                pass
+    for kind in ("compact", "creating"):
+        for leftover in store.parent.glob(f"{glob.escape(store.name)}.{kind}-*"):
+            pid = leftover.name.removeprefix(f"{store.name}.{kind}-").removesuffix(".wal")
+            if pid.isdigit() and not _alive(int(pid)):
+                try:
+                    leftover.unlink()
+                    removed.append(leftover)
+                except OSError:
+                    pass
     return removed

@@ -134,4 +134,5 @@ def merge(run_path: str | Path, store: str | Path, created_by: str) -> tuple[int
     complete = len(writer.start_run(run)) == manifest["n_prompts"]
     if complete:
         writer.finish_run(run.run_id)
+    writer.release()
     return imported, skipped, complete

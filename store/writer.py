@@ -3,6 +3,7 @@ branch and readers can open the file between commits."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from store.schema import create_schema, first_row, read_meta
 # 2.0 default, and DuckDB 2 reads and writes this one without upgrading it.
 STORAGE_COMPATIBILITY = "v1.5.0"
 SHARD_TABLES = ("prompts", "branches", "tokens", "latents")
+_CLAIMS: dict[str, tuple[int, int]] = {}  # store path -> (lock file descriptor, writers of this process holding it)
 
 
 def _now() -> datetime:
@@ -39,6 +41,50 @@ class StoreWriter:
         self.path = Path(path)
         self.created_by = created_by
         self.lock_timeout = lock_timeout
+        self._claim_fd: int | None = None
+
+    def claim(self) -> None:
+        """Become the one writing job of this store (an ingest, a merge) until release(): an advisory lock
+        on `STORE.ingest-lock`, which the kernel drops when the holder dies. Another process holding it:
+        one StoreError line naming it, nothing written. Writers of one process share the claim."""
+        if self._claim_fd is not None:
+            return
+        key = str(self.path.resolve())
+        if key in _CLAIMS:
+            fd, count = _CLAIMS[key]
+            _CLAIMS[key] = (fd, count + 1)
+            self._claim_fd = fd
+            return
+        lock = self.path.with_name(self.path.name + ".ingest-lock")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.path}: {reason(exc)}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreError(f"another ingest (pid {holder}) is writing to {self.path}; wait until it ends "
+                             "(then run this command again: it resumes), or use another --store") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._claim_fd = fd
+        _CLAIMS[key] = (fd, 1)
+
+    def release(self) -> None:
+        """End this writer's claim (the lock goes when the process's last writer of the store releases)."""
+        if self._claim_fd is None:
+            return
+        key = str(self.path.resolve())
+        fd, count = _CLAIMS.get(key, (self._claim_fd, 1))
+        if count <= 1:
+            _CLAIMS.pop(key, None)
+            os.close(fd)  # closing the file drops the flock
+        else:
+            _CLAIMS[key] = (fd, count - 1)
+        self._claim_fd = None
 
     @contextmanager
     def _connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -68,6 +114,7 @@ class StoreWriter:
     def prepare(self, dim: int) -> None:
         """Create the store if missing (atomically), else check its version and vector width; remove what
         a killed compaction left beside it."""
+        self.claim()
         remove_stale_copies(self.path)
         meta = self.check_existing()
         if meta is None:
@@ -80,7 +127,7 @@ class StoreWriter:
             )
 
     def _create(self, dim: int) -> None:
-        tmp = self.path.with_name(self.path.name + ".creating")
+        tmp = self.path.with_name(f"{self.path.name}.creating-{os.getpid()}")  # one per process: no clobbering
         wal = tmp.with_name(tmp.name + ".wal")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +142,13 @@ class StoreWriter:
                 con.close()
             if wal.exists():
                 raise OSError(f"the new store's write-ahead log was not merged ({wal.name} left behind)")
-            os.replace(tmp, self.path)
+            try:
+                os.link(tmp, self.path)  # atomic and never over an existing file: the first creator wins
+            except FileExistsError:
+                pass  # another process created it meanwhile; its store is checked like any existing one
+            except OSError:  # a file system without hard links
+                if not self.path.exists():
+                    os.replace(tmp, self.path)
         except (OSError, duckdb.Error) as exc:
             raise StoreError(f"cannot create store {self.path}: {reason(exc)}") from exc
         finally:
@@ -213,9 +266,9 @@ class StoreWriter:
 
     def finish_run(self, run_id: str) -> None:
         with self._connection() as con:
-            con.execute(
-                "UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ?", [_now(), run_id]
-            )
+            # a finished run started again changes nothing, not even its completion time
+            con.execute("UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ? AND status <> 'complete'",
+                        [_now(), run_id])
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:

@@ -73,12 +73,15 @@ def bad_inputs(model_dirs, tmp_path):
         "wrong type": (["--config", str(wrong_type)], "'samples' must be an integer"),
         "bad flag value": (["--model", tiny, "--samples", "0"], "'samples' must be >= 1"),
         "model path missing": (["--model", "./no/such/dir"], "model path ./no/such/dir does not exist"),
+        "temperature nan": (["--model", tiny, "--temperature", "nan"], "'temperature' must be a finite number"),
+        "temperature inf": (["--model", tiny, "--temperature", "inf"], "'temperature' must be a finite number"),
+        "top-p nan": (["--model", tiny, "--top-p", "nan"], "'top_p' must be a finite number"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown model", "layer out of range", "empty prompt file", "missing prompt file",
                                   "malformed config", "unknown setting", "wrong type", "bad flag value",
-                                  "model path missing"])
+                                  "model path missing", "temperature nan", "temperature inf", "top-p nan"])
 def test_bad_input_is_one_clear_line_and_leaves_the_store_alone(case, model_dirs, existing_store, tmp_path):
     (tmp_path / "p.txt").write_text("The cat sat on\n")
     args, message = bad_inputs(model_dirs, tmp_path)[case]

@@ -98,3 +98,22 @@ def test_the_next_writer_removes_copies_of_dead_compactions_only(tmp_path):
         f.write_bytes(b"half a copy")
     StoreWriter(store, created_by="test").prepare(4)
     assert not any(f.exists() for f in stale) and live.exists()
+
+
+def test_compaction_merges_a_leftover_wal_first_and_the_store_opens_after(tmp_path):
+    """A writer killed after a commit leaves STORE.wal; compaction used to replace the file and keep that
+    log, and every later open failed ('WAL does not match database file')."""
+    store = tmp_path / "s.duckdb"
+    run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
+    killed = subprocess.run([PYTHON, "-c", f"import duckdb, os, signal; c = duckdb.connect({str(store)!r}); "
+                             "c.execute(\"INSERT INTO meta VALUES ('left', 'in the wal')\"); "
+                             "os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True)
+    assert killed.returncode == -9 and (tmp_path / "s.duckdb.wal").exists()
+    done = subprocess.run([PYTHON, "-m", "store", "compact", str(store)], env=cli_env(tmp_path),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "s.duckdb.wal").exists()
+    with reading(store) as con:
+        assert con.execute("SELECT value FROM meta WHERE key = 'left'").fetchall() == [("in the wal",)]
+        assert con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0] == 1
+    StoreWriter(store, created_by="test").prepare(8)  # a writer (resume) opens it too

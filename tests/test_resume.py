@@ -45,11 +45,25 @@ def test_crash_inside_a_write_leaves_nothing_half_written_and_resume_completes(t
 
 
 def test_a_finished_run_started_again_writes_nothing(tiny_cfg):
+    from pathlib import Path
+
     cfg = tiny_cfg("gpt2")
     first = ingest(cfg)
+    before = Path(cfg.store).read_bytes()
     again = ingest(cfg)
     assert again.prompts_written == 0 and again.prompts_skipped == len(cfg.prompts)
     assert again.counts == first.counts
+    assert Path(cfg.store).read_bytes() == before  # not even runs.completed_at is rewritten
+
+
+def test_a_directory_given_as_store_is_named_as_such(tiny_cfg, tmp_path):
+    from ingest.errors import IngestError
+    from store.errors import StoreError
+
+    folder = tmp_path / "a-folder.duckdb"
+    folder.mkdir()
+    with pytest.raises((StoreError, IngestError), match="is a directory, not a DuckDB file"):
+        ingest(tiny_cfg("gpt2", store="a-folder.duckdb"))
 
 
 def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dirs, tmp_path):
@@ -112,3 +126,34 @@ def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dir
         dupes = con.execute("SELECT count(*) - count(DISTINCT (branch_id, position, layer, variant)) "
                             "FROM latents").fetchall()[0][0]
         assert dupes == 0 and con.execute("SELECT status FROM runs").fetchall()[0][0] == "complete"
+
+
+def test_a_second_ingest_on_a_busy_store_exits_with_one_line_then_resumes(model_dirs, tmp_path):
+    """Two ingests with the same settings on one store: the second, started while the first is paused
+    (the fault hook, right after loading), exits with one error line and writes nothing; the first then
+    finishes, and the second run again finds everything done."""
+    config = tmp_path / "run.toml"
+    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=["The cat sat on", "def f(x):"],
+                                         samples=2, forks=1, max_new_tokens=8, layers=[0, 2], device="cpu")))
+    store = tmp_path / "busy.duckdb"
+    command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
+    first = subprocess.Popen(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "load:1:pause"},
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stderr:
+            if "fault: load 1 paused" in line:
+                break
+        second = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
+        assert f"another ingest (pid {first.pid}) is writing to {store}" in errors[0]
+        assert "Traceback" not in second.stderr and not store.exists()
+        first.stdin.write("\n")
+        first.stdin.close()
+        first.stderr.read()
+        assert first.wait(timeout=600) == 0
+    finally:
+        first.kill()
+        first.wait()
+    again = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "complete" in again.stdout, again.stderr[-2000:]

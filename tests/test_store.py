@@ -136,4 +136,25 @@ def test_store_creation_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "sub" / "new.duckdb"
     with pytest.raises(StoreError, match="No space left"):
         StoreWriter(path, created_by="test").prepare(DIM)
-    assert not path.exists() and list(path.parent.iterdir()) == []
+    # no store and no half-made file; only the writer's (empty) ingest lock file
+    assert not path.exists() and [p.name for p in path.parent.iterdir()] == ["new.duckdb.ingest-lock"]
+
+
+def test_a_dead_creators_leftovers_are_removed_and_creation_never_overwrites(tmp_path):
+    import subprocess
+
+    from conftest import PYTHON
+
+    path = tmp_path / "new.duckdb"
+    dead = int(subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    leftovers = [tmp_path / f"new.duckdb.creating-{dead}", tmp_path / f"new.duckdb.creating-{dead}.wal"]
+    for f in leftovers:
+        f.write_bytes(b"half a store")
+    first = StoreWriter(path, created_by="first")
+    first.prepare(DIM)
+    assert path.exists() and not any(f.exists() for f in leftovers)
+    first.release()
+    before = path.read_bytes()
+    StoreWriter(path, created_by="second")._create(DIM)  # losing a creation race: the first store stays
+    assert path.read_bytes() == before and not list(tmp_path.glob("new.duckdb.creating-*"))

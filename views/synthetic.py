@@ -69,6 +69,7 @@ def write_tree(path: str | Path, tokens: TokenSet, run_id: str = "run-synthetic"
         n_prompt = int((tokens.branch == records[0].branch_id).sum())
         writer.write_prompt(run_id, int(prompt), f"synthetic prompt {prompt}", n_prompt, records, layers)
     writer.finish_run(run_id)
+    writer.release()
     return run_id
 
 
@@ -200,6 +201,7 @@ def write_helix_run(path: str | Path, n_prompts: int = 8, branches: int = 12, le
         records = [_branch_record(b, run.vocab) for b in tree]
         writer.write_prompt(run_id, q, run.prompt_texts[q], run.prompt_lengths[q], records, layers)
     writer.finish_run(run_id)
+    writer.release()
     notes = []
     if compact_store:
         with reading(path, lock_timeout=30) as con:
