@@ -17,6 +17,7 @@ import streamlit as st
 from analysis.residualize import ResidualSpec
 from dashboard import charts, data, panels, sidebar, text
 from store.errors import StoreBusy, StoreError
+from views.service import store_to_open
 
 st.set_page_config(page_title="branchlens", page_icon="🌿", layout="wide")
 
@@ -31,11 +32,12 @@ path = sidebar.store_path(default_store())
 st.title("branchlens")
 
 try:
+    store_to_open(path, os.environ.get("BRANCHLENS_STORE_ROOT") or None)
     version = data.version(path)
     info = data.overview(path, version)
 except StoreError as exc:
     message = str(exc)
-    if "does not exist" in message:
+    if "no branchlens store at" in message or "does not exist" in message:
         st.info(f"No store at `{path}`. Create one with `python -m ingest` (the demo), or enter a path on the left.")
     elif isinstance(exc, StoreBusy):
         panels.busy_note(path, "store")

@@ -174,9 +174,19 @@ def sql_panel(store: str, run_id: str) -> None:
     downloads(frame, "query")
 
 
+def csv_columns(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """The frame without the columns CSV cannot hold (lists, arrays, structs, binary), and their names."""
+    nested = [c for c, t in frame.schema.items()
+              if isinstance(t, (pl.List, pl.Array, pl.Struct, pl.Object)) or t == pl.Binary]
+    return frame.drop(nested), nested
+
+
 def downloads(frame: pl.DataFrame, name: str) -> None:
     c1, c2 = st.columns(2)
-    c1.download_button("CSV", frame.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv")
+    flat, nested = csv_columns(frame)
+    c1.download_button("CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv")
+    if nested:
+        c1.caption(f"CSV leaves out {', '.join(nested)} (nested or binary); Parquet keeps every column.")
     buf = io.BytesIO()
     frame.write_parquet(buf)
     c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq")

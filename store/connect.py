@@ -19,9 +19,24 @@ def _is_lock_error(exc: Exception) -> bool:
     return isinstance(exc, duckdb.IOException) and LOCK_MESSAGE in str(exc)
 
 
+# No connection of this project may fetch or load DuckDB extensions (a SQLite file would otherwise make
+# DuckDB download sqlite_scanner from the network).
+NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
+
+
+def is_duckdb_file(path: str | Path) -> bool:
+    """True when path is a readable regular file with DuckDB's header (no connection is opened)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(12)[8:12] == DUCKDB_MAGIC
+    except OSError:
+        return False
+
+
 def _connect(path: Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     try:
-        return duckdb.connect(str(path), read_only=read_only, config=config or {})
+        return duckdb.connect(str(path), read_only=read_only, config=NO_EXTENSIONS | (config or {}))
     except duckdb.IOException as exc:
         if _is_lock_error(exc):
             raise

@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from store.connect import connect_with_retry, reading
+from store.connect import NO_EXTENSIONS, connect_with_retry, reading
 from store.errors import StoreError, reason
 from store.faults import fault_point
 from store.leftovers import remove_stale_copies
@@ -132,7 +132,7 @@ class StoreWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
-            con = duckdb.connect(str(tmp), config={"storage_compatibility_version": STORAGE_COMPATIBILITY})
+            con = duckdb.connect(str(tmp), config=NO_EXTENSIONS | {"storage_compatibility_version": STORAGE_COMPATIBILITY})
             try:
                 create_schema(con, dim, self.created_by)
                 # Into the file itself now: a checkpoint that fails on close is silent and would leave the

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pyarrow as pa
 import pytest
 import streamlit as st
@@ -403,3 +404,44 @@ def test_verdict_and_where_branches_go_apart_on_the_known_positive_store(tmp_pat
     specs = [json.loads(e.proto.spec) for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart"]
     assert any(s.get("title", {}) == "Where branches go apart" or "Where branches go apart" in json.dumps(s)
                for s in specs)
+
+
+def test_the_store_box_tells_nothing_about_other_files_and_loads_no_extension(store, tmp_path, monkeypatch):
+    """Missing, non-DuckDB (a text file, a SQLite file, /etc/passwd, /proc/self/environ) and outside-the-root
+    paths all get the same note; no DuckDB extension is downloaded or loaded for a SQLite file."""
+    import sqlite3
+
+    path, _ = store
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    lite = tmp_path / "data.sqlite"
+    sqlite3.connect(lite).execute("CREATE TABLE t(a)").connection.commit()
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for probe in (tmp_path / "missing.duckdb", text, lite, "/etc/passwd", "/proc/self/environ"):
+        at = AppTest.from_file(APP, default_timeout=240)
+        at.session_state["store_path"] = str(probe)
+        at.run()
+        assert not at.exception and not at.error, probe
+        assert [i.value.split("`")[0] for i in at.info] == ["No store at "], probe
+    assert not (tmp_path / "home" / ".duckdb").exists()
+    monkeypatch.setenv("BRANCHLENS_STORE_ROOT", str(tmp_path / "root"))
+    at = AppTest.from_file(APP, default_timeout=240)
+    at.session_state["store_path"] = str(path)
+    at.run()
+    assert [i.value.split("`")[0] for i in at.info] == ["No store at "]  # a real store, outside the root
+
+
+def test_sql_results_with_vectors_display_and_download(store):
+    from dashboard.panels import csv_columns
+    from store.sandbox import run_query
+
+    path, run_id = store
+    result = run_query(path, "SELECT branch_id, position, vec FROM latents LIMIT 2")
+    frame = pl.from_arrow(result.table)
+    flat, nested = csv_columns(frame)
+    assert nested == ["vec"] and flat.columns == ["branch_id", "position"] and flat.write_csv()
+    at = open_app(path)
+    at.text_area(key="sql").set_value("SELECT * FROM latents LIMIT 2")
+    at.button(key="sql_run").click().run()
+    assert not at.exception and not at.error
+    assert any("CSV leaves out vec" in c.value for c in at.caption)

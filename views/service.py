@@ -12,7 +12,8 @@ import polars as pl
 from analysis.tokens import TokenSet
 from analysis.view import ViewResult, ViewSpec, compute_view, layer_stats, measure, residualize
 from store import queries
-from store.connect import reading
+from store.connect import is_duckdb_file, reading
+from store.errors import StoreError
 from views.cache import ViewCache
 
 @dataclass(frozen=True)
@@ -97,6 +98,22 @@ def compute(
     if cache is not None:
         cache.put(key, result)
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
+
+
+def store_to_open(path: str | Path, root: str | Path | None = None) -> Path:
+    """The file the app may open for a path typed in its Store box: a DuckDB file (by its header), inside
+    `root` when one is set ($BRANCHLENS_STORE_ROOT). Anything else, missing, unreadable, another kind
+    of file or outside the root, gets the same StoreError, so the box tells a visitor nothing about the
+    server's files."""
+    candidate = Path(path).expanduser()
+    try:
+        resolved = candidate.resolve()
+        inside = root is None or resolved.is_relative_to(Path(root).expanduser().resolve())
+    except (OSError, RuntimeError):
+        inside = False
+    if not inside or not is_duckdb_file(resolved):
+        raise StoreError(f"no branchlens store at {path}")
+    return resolved
 
 
 def _identity(store: str | Path) -> str:
