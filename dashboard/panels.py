@@ -150,7 +150,8 @@ def clusters_panel(keys: pl.DataFrame, labels) -> None:
 
 def sql_panel(store: str, run_id: str) -> None:
     """A read-only query box; a busy store gives the note and a Retry that runs the query again."""
-    st.caption("Read-only: no writes, no file or network access, at most 10,000 rows and 10 s per query.")
+    st.caption("Read-only: no writes, no file or network access; at most 10,000 rows, 64 MB of results, "
+               "1 GB of memory and 10 s per query.")
     default = (f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
                f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20")
     sql = st.text_area("SQL", value=default, height=140, key="sql")
@@ -168,7 +169,7 @@ def sql_panel(store: str, run_id: str) -> None:
         st.error(str(exc))
         return
     frame = pl.from_arrow(result.table)
-    note = " (truncated at 10,000 rows)" if result.truncated else ""
+    note = {"rows": " (cut at 10,000 rows)", "bytes": " (cut at 64 MB of results)"}.get(result.cut_by, "")
     st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}")
     st.dataframe(frame, width="stretch")
     downloads(frame, "query")

@@ -1,8 +1,18 @@
-"""Ad-hoc SQL for users of the app: read-only, no file access, capped rows, a time limit."""
+"""Ad-hoc SQL for users of the app: read-only, no file access, bounded rows, bytes, memory and time.
+
+Each query runs in a child process of its own (`python -m store.sandbox`, nothing of the app copied):
+DuckDB's interrupt cannot stop some work inside one expression (`list_sort(range(6e7))` ran 35 s
+through it), but a process can always be killed. The parent waits for the answer until the time
+limit, then kills the child; the page never waits longer.
+"""
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import select
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,17 +20,21 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from store.connect import open_read
+from store.errors import StoreBusy, StoreError, reason
 
 # Enforced by DuckDB itself: no file system or network access (read_csv, COPY, ATTACH, INSTALL all
-# fail), and the settings cannot be changed back by a query.
+# fail), a memory limit, and the settings cannot be changed back by a query.
 SANDBOX_CONFIG = {
     "enable_external_access": False,
     "autoload_known_extensions": False,
     "autoinstall_known_extensions": False,
+    "memory_limit": "1GB",
+    "threads": 1,
     "lock_configuration": True,
 }
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}  # SELECT covers DESCRIBE/SHOW/SUMMARIZE
+MAX_BYTES = 64 * 1024 * 1024  # of a result, as Arrow buffers
+ROOT = Path(__file__).resolve().parents[1]  # so the child imports this checkout's store package
 
 
 class SqlError(Exception):
@@ -30,14 +44,17 @@ class SqlError(Exception):
 @dataclass
 class QueryResult:
     table: pa.Table
-    truncated: bool  # more rows existed than max_rows
+    truncated: bool  # more rows existed than max_rows, or more bytes than max_bytes
     seconds: float
+    cut_by: str = ""  # 'rows' or 'bytes' when truncated
 
 
 def run_query(
     store: str | Path, sql: str, max_rows: int = 10_000, timeout_s: float = 10.0, lock_timeout: float = 5.0,
+    max_bytes: int = MAX_BYTES,
 ) -> QueryResult:
-    """Run one read-only statement on a fresh sandboxed connection (closed after, so an ingest can write)."""
+    """Run one read-only statement on a fresh sandboxed connection in a child process (closed after, so an
+    ingest can write); SqlError for a refused, failed or stopped query, StoreError for the store itself."""
     sql = sql.strip().rstrip(";").strip()
     if not sql:
         raise SqlError("empty query")
@@ -50,28 +67,112 @@ def run_query(
     kind = statements[0].type
     if kind not in ALLOWED:
         raise SqlError(f"read-only: {kind.name} statements are not allowed here (use SELECT, DESCRIBE, SHOW)")
-    con = open_read(store, lock_timeout=lock_timeout, config=SANDBOX_CONFIG)
-    timer = threading.Timer(timeout_s, con.interrupt)
+
+    request = json.dumps({"store": str(store), "sql": sql, "max_rows": max_rows, "max_bytes": max_bytes,
+                          "lock_timeout": lock_timeout}).encode()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "store.sandbox"], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
+    payload = b""
     try:
-        timer.start()
-        reader = con.sql(sql).to_arrow_reader(min(max_rows + 1, 65_536))
-        batches, n = [], 0
+        child.stdin.write(request)
+        child.stdin.close()
+        # the child's start and its wait for a writer's lock do not count against the query's time
+        status, text = _line(child.stdout, lock_timeout + 60)
+        if status == "started":
+            status, text = _line(child.stdout, timeout_s)
+        if status == "ok":
+            payload = child.stdout.read()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    if status == "timeout":
+        raise SqlError(f"stopped after {timeout_s:g} s (time limit)")
+    if status == "busy":
+        raise StoreBusy(text)
+    if status == "store":
+        raise StoreError(text)
+    if status != "ok":
+        raise SqlError(text or "the query's process ended without an answer (out of memory?)")
+    table = pa.ipc.open_stream(payload).read_all()
+    return QueryResult(table, text != "", time.perf_counter() - start, text)
+
+
+def _line(stream, seconds: float) -> tuple[str, str]:
+    """The child's next status line, as (status, text); ('timeout', '') when none came in time, ('eof', '')
+    when it ended without one."""
+    deadline = time.monotonic() + seconds
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([stream], [], [], left)[0]:
+            return "timeout", ""
+        chunk = stream.read(1)
+        if not chunk:
+            return "eof", ""
+        data += chunk
+    status, _, text = data.decode(errors="replace").rstrip("\n").partition("\t")
+    return status, text
+
+
+def _child() -> None:
+    """The query's process (python -m store.sandbox): a JSON request on stdin; status lines, then the
+    result as an Arrow IPC stream, on stdout."""
+    from store.connect import open_read
+
+    out = sys.stdout.buffer
+    req = json.loads(sys.stdin.buffer.read())
+
+    def say(status: str, text: str = "") -> None:
+        out.write(f"{status}\t{' '.join(text.split())}\n".encode())
+        out.flush()
+
+    try:
+        con = open_read(req["store"], lock_timeout=req["lock_timeout"], config=SANDBOX_CONFIG)
+    except StoreBusy as exc:
+        return say("busy", str(exc))
+    except StoreError as exc:
+        return say("store", str(exc))
+    say("started")
+    try:
+        max_rows, max_bytes = req["max_rows"], req["max_bytes"]
+        reader = con.sql(req["sql"]).to_arrow_reader(min(max_rows + 1, 2048))
+        batches, rows, size, cut_by = [], 0, 0, ""
         for batch in reader:
+            if size + batch.nbytes > max_bytes:  # keep the rows that still fit, then stop
+                per_row = batch.nbytes / max(batch.num_rows, 1)
+                fit = int((max_bytes - size) // per_row) if per_row else 0
+                if fit > 0:
+                    batches.append(batch.slice(0, fit))
+                cut_by = "bytes"
+                break
             batches.append(batch)
-            n += batch.num_rows
-            if n > max_rows:
+            rows += batch.num_rows
+            size += batch.nbytes
+            if rows > max_rows:
+                cut_by = "rows"
                 break
         table = pa.Table.from_batches(batches, schema=reader.schema) if batches else reader.schema.empty_table()
-    except duckdb.InterruptException as exc:
-        raise SqlError(f"stopped after {timeout_s:g} s (time limit)") from exc
+        table = table.slice(0, max_rows)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        say("ok", cut_by)
+        out.write(sink.getvalue().to_pybytes())
+        out.flush()
     except duckdb.Error as exc:
-        raise SqlError(_first_line(exc)) from exc
+        say("error", _first_line(exc))
+    except MemoryError:
+        say("error", "out of memory")
     finally:
-        timer.cancel()
         con.close()
-    return QueryResult(table.slice(0, max_rows), table.num_rows > max_rows, time.perf_counter() - start)
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return reason(exc)
+
+
+if __name__ == "__main__":
+    _child()

@@ -105,6 +105,9 @@ def test_sandbox_caps_rows_stops_long_queries_and_allows_describe(sql_store):
     assert "vec" in run_query(sql_store, "DESCRIBE latents").table.column(0).to_pylist()
     with pytest.raises(SqlError, match="time limit"):
         run_query(sql_store, "SELECT count(*) FROM range(100000000000) a, range(1000000) b", timeout_s=0.5)
+    bytes_cut = run_query(sql_store, "SELECT repeat('x', 1000000) AS s FROM range(100)", max_bytes=20_000_000)
+    assert bytes_cut.truncated and bytes_cut.cut_by == "bytes"
+    assert 0 < bytes_cut.table.num_rows < 100 and bytes_cut.table.nbytes <= 20_000_000
     with pytest.raises(SqlError, match="one statement at a time"):
         run_query(sql_store, "SELECT 1; SELECT 2")
     with pytest.raises(SqlError, match="not allowed"):
@@ -113,6 +116,15 @@ def test_sandbox_caps_rows_stops_long_queries_and_allows_describe(sql_store):
         run_query(sql_store, "SET enable_external_access = true")
     with pytest.raises(SqlError, match="file system operations are disabled"):
         run_query(sql_store, "SELECT * FROM glob('/etc/*')")
+
+
+def test_a_query_interrupt_cannot_stop_is_killed_at_the_time_limit(sql_store):
+    """Work inside one expression that DuckDB's interrupt does not reach (it ran 35 s and 7 GB in the app):
+    the query's process is killed at the limit, or stopped by the memory limit first; either way one
+    SqlError, and the next query runs."""
+    with pytest.raises(SqlError, match="time limit|memory|Out of Memory"):
+        run_query(sql_store, "SELECT length(list_sort(range(60000000)))", timeout_s=1.0)
+    assert run_query(sql_store, "SELECT 42 AS x").table.column("x").to_pylist() == [42]
 
 
 def test_printable_makes_byte_tokens_safe_for_svg():
