@@ -293,13 +293,14 @@ def _dyadic_median_band(
 
 def divergence_summary(
     result: DivergenceResult, by: str = "offset", kind: str | None = None, n_boot: int = 200, seed: int = 0,
+    prompt: int | None = None,
 ) -> dict[str, np.ndarray | float | bool | str]:
     """Median ratio (and median distance) per offset since the fork, per prompt or per pair kind.
 
     Bands bootstrap pairs, not tokens (the matched positions of one pair are not independent), and
     resample them through their branches, since sibling pairs share branches (_dyadic_median_band);
     the baseline is held fixed (its own band is in the result). kind restricts
-    to "fork" or "siblings" pairs. chance = 1: a ratio of 1 means as far apart as tokens of unrelated
+    to "fork" or "siblings" pairs, prompt to one prompt's pairs. chance = 1: a ratio of 1 means as far apart as tokens of unrelated
     prompts at the same position. Keys: by, key (G,), median, sd, lo, hi (ratio), distance, distance_lo,
     distance_hi, n_pairs, n_tokens (G,), chance, has_baseline, note.
     """
@@ -309,6 +310,8 @@ def divergence_summary(
         raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
     rng = np.random.default_rng(seed)
     keep = np.ones(len(result.pair), bool) if kind is None else result.kind == kind
+    if prompt is not None:
+        keep &= result.prompt == prompt
     labels = {"offset": result.offset, "prompt": result.prompt, "kind": result.kind}[by][keep]
     pair, ratio, distance = result.pair[keep], result.ratio[keep], result.distance[keep]
     _, codes = np.unique(np.concatenate([result.pair_a[pair], result.pair_b[pair]]), return_inverse=True)

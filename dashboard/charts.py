@@ -93,7 +93,7 @@ def layer_profile(rows: pl.DataFrame) -> alt.LayerChart:
 def divergence(rows: pl.DataFrame) -> alt.LayerChart:
     """Median distance ratio (related branches / unrelated prompts) per offset since the fork, raw vs
     removed, with its band; the dashed line at 1 is chance (as far apart as unrelated prompts)."""
-    base = alt.Chart(rows.drop_nulls("median")).encode(
+    base = alt.Chart(rows.fill_nan(None).drop_nulls("median")).encode(
         x=alt.X("offset:Q", title="tokens since the branches parted"), color=alt.Color("view:N", title=None))
     band = base.mark_area(opacity=0.2).encode(y="lo:Q", y2="hi:Q")
     line = base.mark_line(point=True).encode(
@@ -102,6 +102,18 @@ def divergence(rows: pl.DataFrame) -> alt.LayerChart:
                  alt.Tooltip("hi:Q", format=".3f"), "n_pairs:Q"])
     chance = alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
     return alt.layer(band, line, chance).properties(height=300, title="Where branches go apart")
+
+
+def divergence_per_prompt(rows: pl.DataFrame) -> alt.FacetChart:
+    """The divergence chart, one small panel per prompt."""
+    data = rows.fill_nan(None).drop_nulls("median")
+    base = alt.Chart(data).encode(x=alt.X("offset:Q", title="tokens since parting"),
+                                  color=alt.Color("view:N", title=None))
+    layered = alt.layer(
+        base.mark_area(opacity=0.2).encode(y="lo:Q", y2="hi:Q"),
+        base.mark_line().encode(y=alt.Y("median:Q", title="distance / unrelated", scale=alt.Scale(zero=False))),
+    ).properties(width=220, height=140)
+    return layered.facet(facet=alt.Facet("prompt:N", title="prompt"), columns=4)
 
 
 def sample_branches(points: pl.DataFrame, max_points: int, seed: int = 0) -> pl.DataFrame:

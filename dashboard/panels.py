@@ -225,5 +225,7 @@ def divergence_panel(found: dict) -> None:
         st.info(found["note"] or "One prompt only: no unrelated prompts to compare with. Select two or more.")
         return
     st.altair_chart(charts.divergence(found["by_offset"]), width="stretch")
+    st.caption("Per prompt:")
+    st.altair_chart(charts.divergence_per_prompt(found["by_prompt_offset"]))
     table = found["by_prompt"].pivot(on="view", index="prompt", values="median")
     st.dataframe(table, hide_index=True, width="stretch")

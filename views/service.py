@@ -224,7 +224,8 @@ def divergence(
     unrelated prompts at the same position (1 = as far apart as unrelated prompts), raw and after removal.
 
     Returns 'by_offset' (rows: offset since the fork, view 'raw'/'removed', median, lo, hi, n_pairs),
-    'by_prompt' (the same per prompt), 'has_baseline' and 'note'.
+    'by_prompt' (the same per prompt), 'by_prompt_offset' (per prompt and offset), 'has_baseline' and
+    'note'.
     """
     from analysis.divergence import divergence as pairs_apart, divergence_summary
 
@@ -237,14 +238,23 @@ def divergence(
         raise ValueError(f"no stored tokens for run {selection.run_id}, layer {selection.layer}")
     raw_spec = replace(spec, residual=replace(spec.residual, method="none"))
     frames: dict[str, list[pl.DataFrame]] = {"offset": [], "prompt": []}
+    per_prompt: list[pl.DataFrame] = []
     result = None
     for name, view_spec in (("raw", raw_spec), ("removed", spec)):
         _, tokens, _ = residualize(to_token_set(keys, X), view_spec, reference, _independent(selection))
         result = pairs_apart(tokens.X, tokens.position, tokens.branch, tokens.prompt, tokens.extra["parent"])
         for by in frames:
-            summary = divergence_summary(result, by=by)
-            frames[by].append(pl.DataFrame({
-                by: summary["key"], "view": name, "median": summary["median"], "lo": summary["lo"],
-                "hi": summary["hi"], "n_pairs": summary["n_pairs"]}))
+            frames[by].append(_summary_frame(divergence_summary(result, by=by), by, name))
+        for p in np.unique(result.prompt):
+            per_prompt.append(_summary_frame(divergence_summary(result, by="offset", prompt=int(p)), "offset", name)
+                              .with_columns(pl.lit(int(p)).alias("prompt")))
+    empty = pl.DataFrame(schema={"offset": pl.Int64, "view": pl.String, "median": pl.Float64, "lo": pl.Float64,
+                                 "hi": pl.Float64, "n_pairs": pl.Int64, "prompt": pl.Int64})
     return {"by_offset": pl.concat(frames["offset"]), "by_prompt": pl.concat(frames["prompt"]),
+            "by_prompt_offset": pl.concat(per_prompt) if per_prompt else empty,
             "has_baseline": bool(result.has_baseline), "note": result.note}
+
+
+def _summary_frame(summary: dict, by: str, view: str) -> pl.DataFrame:
+    return pl.DataFrame({by: summary["key"], "view": view, "median": summary["median"], "lo": summary["lo"],
+                         "hi": summary["hi"], "n_pairs": summary["n_pairs"]})
