@@ -105,6 +105,20 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+def paused_ingest(command: list[str], tmp_path: Path, fault: str):
+    """Start the ingest CLI with the fault hook pausing it at `fault` (PHASE:N) and return the process once
+    it is paused there (a line on its stdin lets it go on); fails if it ends first."""
+    import subprocess
+
+    proc = subprocess.Popen(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": f"{fault}:pause"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = f"fault: {fault.replace(':', ' ')} paused"
+    for line in proc.stderr:
+        if marker in line:
+            return proc
+    pytest.fail(f"the ingest ended before reaching {fault} (exit {proc.wait()})")
+
+
 def ingest(cfg):
     """run_ingest without progress bars or log lines."""
     from ingest.run import run_ingest

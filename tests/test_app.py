@@ -322,7 +322,7 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     shows it whole."""
     import tomli_w
 
-    from conftest import cli_env
+    from conftest import cli_env, paused_ingest
 
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
     config = tmp_path / "run.toml"
@@ -338,14 +338,8 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     assert any("still being written" in i.value for i in at.info)
     assert set(projection(at)["points"].column("prompt_id").to_pylist()) == {0, 1}
 
-    resumed = subprocess.Popen(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "commit:1:pause"},
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    resumed = paused_ingest(command, tmp_path, "commit:1")
     try:
-        for line in resumed.stderr:
-            if "fault: commit 1 paused" in line:
-                break
-        else:
-            pytest.fail(f"the resumed ingest ended before its first commit (exit {resumed.wait()})")
         at = open_app(store)  # the ingest holds the write lock inside its commit
         assert any("ingest is committing" in w.value for w in at.warning)
         resumed.stdin.write("\n")

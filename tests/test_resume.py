@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import tomli_w
 
-from conftest import PYTHON, cli_env, dump, ingest
+from conftest import PYTHON, cli_env, dump, ingest, paused_ingest
 from store import reading
 from store.writer import StoreWriter
 
@@ -137,12 +137,8 @@ def test_a_second_ingest_on_a_busy_store_exits_with_one_line_then_resumes(model_
                                          samples=2, forks=1, max_new_tokens=8, layers=[0, 2], device="cpu")))
     store = tmp_path / "busy.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
-    first = subprocess.Popen(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "load:1:pause"},
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = paused_ingest(command, tmp_path, "load:1")
     try:
-        for line in first.stderr:
-            if "fault: load 1 paused" in line:
-                break
         second = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
