@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-LEAKS = {"leak": "kNN position leak (other branches)", "leak_prompt": "kNN position leak (other prompts)",
-         "leak_2d": "kNN position leak in the 2-D layout"}
-SEPARABILITY = {"nn_branch": "branch 1-NN accuracy at matched positions",
-                "nn_prompt": "prompt 1-NN accuracy at matched positions"}
+from analysis.measures import MEASURES
+
+LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:position"}
+SEPARABILITY = {k: m.label for k, m in MEASURES.items() if m.guard == "separability"}
 Z = 1.96
 
 
@@ -54,7 +54,7 @@ def check(raw: dict, after: dict) -> list[Warning]:
     nuisance = after.get("removal", {}).get("nuisance", "position")
     leaks = dict(LEAKS) if "position" in nuisance else {}
     if "token" in nuisance:
-        leaks["token_leak"] = "same-token neighbours (other branches)"
+        leaks |= {k: m.label for k, m in MEASURES.items() if m.guard == "leak:token"}
     for key, label in leaks.items():
         r, a = raw.get(key), after.get(key)
         if not r or not a or not all(math.isfinite(m.get("leak", math.nan)) for m in (r, a)):

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis import metrics as M
 from analysis import probe as P
+from analysis.measures import MEASURES, Context
 from analysis.project import ProjectionSpec, project
 from analysis.crossfit import RemovalReport, fit_remove
 from analysis.residualize import ResidualSpec
@@ -118,37 +118,15 @@ def layer_stats(tokens: TokenSet) -> dict[str, Any]:
 
 
 def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict[str, Any]:
-    """Position left in `tokens.X` (and in its projection), branch/prompt separability, projection quality."""
-    X = tokens.X
-    space = X
+    """Every registered measure (analysis.measures) that applies: position left in `tokens.X` and in its
+    projection, token identity, branch/prompt separability, projection quality."""
+    space = tokens.X
     if spec.projection.metric == "cosine":
-        space = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    several_prompts = len(np.unique(tokens.prompt)) > 1
-    out: dict[str, Any] = {
-        "r2_pos": M.r2_pos(X, tokens.position, groups=tokens.prompt if several_prompts else tokens.branch),
-        "heldout_by": "prompt" if several_prompts else "branch",
-    }
-    several_branches = len(np.unique(tokens.branch)) > 1
-    if several_branches:
-        out["leak"] = M.knn_position_leak(space, tokens.position, tokens.branch, k=spec.k, n_queries=spec.n_queries)
-    if several_branches and coords is not None:
-        out["leak_2d"] = M.knn_position_leak(coords, tokens.position, tokens.branch, k=spec.k, n_queries=spec.n_queries)
-    if several_prompts:
-        # Sibling branches share their prompt and forks copy their parent's context, so other-branch
-        # neighbours at nearby positions can be content; other-prompt neighbours cannot.
-        out["leak_prompt"] = M.knn_position_leak(
-            space, tokens.position, tokens.prompt, k=spec.k, n_queries=spec.n_queries)
-    labels = {"branch": tokens.branch, **({"prompt": tokens.prompt} if several_prompts else {})}
-    for name, lab in labels.items():
-        # 1-NN accuracy at matched positions: uncapped (k=10 purity of a branch with one token per
-        # position cannot pass 2*window/k), and it can fall when a removal takes content away.
-        out[f"nn_{name}"] = M.label_purity(space, tokens.position, lab, k=1, window=spec.window)
-        out[f"purity_{name}"] = M.label_purity(space, tokens.position, lab, k=spec.k, window=spec.window)
-        out[f"purity_{name}_pooled"] = M.label_purity(
-            space, tokens.position, lab, k=spec.k, window=None, n_queries=spec.n_queries)
-    if coords is not None:
-        out["projection"] = M.trustworthiness(space, coords, k=spec.k)
-    if several_branches and "token_id" in tokens.extra:
-        out["token_leak"] = P.token_identity_leak(space, tokens.extra["token_id"], tokens.branch, k=spec.k,
-                                                  n_queries=spec.n_queries)
+        space = space / np.maximum(np.linalg.norm(space, axis=1, keepdims=True), 1e-12)
+    ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
+    out: dict[str, Any] = {"heldout_by": "prompt" if ctx.several_prompts else "branch"}
+    for key, m in MEASURES.items():
+        value = m.compute(ctx)
+        if value is not None:
+            out[key] = value
     return out

@@ -13,6 +13,7 @@ import streamlit as st
 
 from analysis.clusters import cluster_summary
 from analysis.guard import check
+from analysis.measures import MEASURES
 from analysis.verdict import p_value_text, verdict
 from store.errors import StoreBusy
 from store.sandbox import SqlError, run_query
@@ -52,19 +53,9 @@ def _with_band(m: dict, field: str, signed: bool) -> str:
     return text
 
 
-# (label, metric, field, signed, how chance is read); chance: None = a field of the metric, 'leak' = 0 with
-# the shuffles' band, 'half' = 0.5
-ROWS = [
-    ("R2_pos (variance explained by position)", "r2_pos", "r2", False, "chance"),
-    ("R2_pos held-out (other prompts' means)", "r2_pos", "heldout", True, "zero"),
-    ("kNN position leak, full space", "leak", "leak", True, "leak"),
-    ("kNN position leak, 2-D", "leak_2d", "leak", True, "leak"),
-    ("kNN position leak, other prompts only", "leak_prompt", "leak", True, "leak"),
-    ("same-token neighbours, other branches", "token_leak", "leak", False, "chance"),
-    ("branch 1-NN accuracy, matched positions", "nn_branch", "purity", False, "chance"),
-    ("prompt 1-NN accuracy, matched positions", "nn_prompt", "purity", False, "chance"),
-    ("trustworthiness of the 2-D layout", "projection", "trustworthiness", False, "half"),
-]
+# The table's rows: every shown measure (analysis.measures), with the held-out R2 after R2_pos.
+ROWS = [(m.label, m.key, m.field, m.signed, m.chance) for m in MEASURES.values() if m.shown]
+ROWS.insert(1, ("R2_pos held-out (other prompts' means)", "r2_pos", "heldout", True, "zero"))
 
 
 def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
@@ -72,7 +63,7 @@ def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
     out = []
     for label, name, field, signed, chance_kind in ROWS:
         r, a = raw.get(name, {}), res.get(name, {})
-        if chance_kind == "chance":
+        if chance_kind == "field":
             chance = _fmt(r.get("chance", a.get("chance", float("nan"))), signed)
         elif chance_kind == "leak":
             hi = a.get("chance_hi", r.get("chance_hi"))

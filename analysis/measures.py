@@ -1,0 +1,124 @@
+"""The metrics of a view, registered in one place: how each is computed, shown and guarded.
+
+A new metric is one `Measure` added with `register`: analysis.view.measure computes it, the dashboard's
+metrics table shows it (label, value field, chance), and analysis.guard checks it when it says how.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from analysis import metrics as M
+from analysis import probe as P
+from analysis.tokens import TokenSet
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a measure may read: the tokens (vectors in `tokens.X`), the space the neighbours live in
+    (cosine-normalized when the projection is), the 2-D coordinates (or None) and the view's settings."""
+
+    tokens: TokenSet
+    space: np.ndarray
+    coords: np.ndarray | None
+    k: int
+    window: int
+    n_queries: int
+
+    @property
+    def several_branches(self) -> bool:
+        return len(np.unique(self.tokens.branch)) > 1
+
+    @property
+    def several_prompts(self) -> bool:
+        return len(np.unique(self.tokens.prompt)) > 1
+
+
+@dataclass(frozen=True)
+class Measure:
+    """key: name in a view's metrics; compute: Context -> dict (or None when it does not apply).
+
+    field: the dict's value shown; chance: how the table reads chance ('field' = the dict's `chance`,
+    'leak' = 0 with the shuffles' band `chance_hi`, 'zero', 'half'); signed: shown with a sign; guard:
+    what the guard checks ('leak:position', 'leak:token', 'separability', or None); shown: in the table."""
+
+    key: str
+    label: str
+    compute: Callable[[Context], dict[str, Any] | None]
+    field: str
+    chance: str = "field"
+    signed: bool = False
+    guard: str | None = None
+    shown: bool = True
+
+
+MEASURES: dict[str, Measure] = {}
+
+
+def register(measure: Measure) -> Measure:
+    MEASURES[measure.key] = measure
+    return measure
+
+
+def _leak(groups: str, space: str = "space") -> Callable[[Context], dict | None]:
+    def compute(c: Context) -> dict | None:
+        if groups == "prompt" and not c.several_prompts or not c.several_branches:
+            return None
+        X = c.coords if space == "coords" else c.space
+        if X is None:
+            return None
+        return M.knn_position_leak(X, c.tokens.position, getattr(c.tokens, groups), k=c.k, n_queries=c.n_queries)
+    return compute
+
+
+def _purity(label: str, k: int | None, window: bool) -> Callable[[Context], dict | None]:
+    def compute(c: Context) -> dict | None:
+        if label == "prompt" and not c.several_prompts:
+            return None
+        return M.label_purity(c.space, c.tokens.position, getattr(c.tokens, label), k=k or c.k,
+                              window=c.window if window else None, n_queries=c.n_queries)
+    return compute
+
+
+def _r2(c: Context) -> dict:
+    return M.r2_pos(c.tokens.X, c.tokens.position, groups=c.tokens.prompt if c.several_prompts else c.tokens.branch)
+
+
+def _token_leak(c: Context) -> dict | None:
+    if not c.several_branches or "token_id" not in c.tokens.extra:
+        return None
+    return P.token_identity_leak(c.space, c.tokens.extra["token_id"], c.tokens.branch, k=c.k, n_queries=c.n_queries)
+
+
+def _trust(c: Context) -> dict | None:
+    return None if c.coords is None else M.trustworthiness(c.space, c.coords, k=c.k)
+
+
+register(Measure("r2_pos", "R2_pos (variance explained by position)", _r2, "r2"))
+register(Measure("leak", "kNN position leak, full space", _leak("branch"), "leak", "leak", True, "leak:position"))
+register(Measure("leak_2d", "kNN position leak, 2-D", _leak("branch", "coords"), "leak", "leak", True,
+                 "leak:position"))
+# Sibling branches share their prompt and forks copy their parent's context, so other-branch neighbours
+# at nearby positions can be content; other-prompt neighbours cannot.
+register(Measure("leak_prompt", "kNN position leak, other prompts only", _leak("prompt"), "leak", "leak", True,
+                 "leak:position"))
+register(Measure("token_leak", "same-token neighbours, other branches", _token_leak, "leak", guard="leak:token"))
+# 1-NN accuracy at matched positions: uncapped (k=10 purity of a branch with one token per position cannot
+# pass 2*window/k), and it can fall when a removal takes content away.
+register(Measure("nn_branch", "branch 1-NN accuracy, matched positions", _purity("branch", 1, True), "purity",
+                 guard="separability"))
+register(Measure("nn_prompt", "prompt 1-NN accuracy, matched positions", _purity("prompt", 1, True), "purity",
+                 guard="separability"))
+register(Measure("purity_branch", "branch kNN purity, matched positions", _purity("branch", None, True), "purity",
+                 shown=False))
+register(Measure("purity_prompt", "prompt kNN purity, matched positions", _purity("prompt", None, True), "purity",
+                 shown=False))
+register(Measure("purity_branch_pooled", "branch kNN purity, all positions", _purity("branch", None, False),
+                 "purity", shown=False))
+register(Measure("purity_prompt_pooled", "prompt kNN purity, all positions", _purity("prompt", None, False),
+                 "purity", shown=False))
+register(Measure("projection", "trustworthiness of the 2-D layout", _trust, "trustworthiness", "half"))
