@@ -91,7 +91,7 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     elif spec.method == "projection":
         report.k = spec.k
     _detect(Zr, ref, folds[0], spec, cls, seed, report)
-    if spec.gate and report.detected and len(report.detected_covariates) < len(cls.covariates):
+    if spec.gate and report.detected and 0 < len(report.detected_covariates) < len(cls.covariates):
         # e.g. position + token where only token identity is there: remove that alone, since a fitted
         # but absent positional part would be noise subtracted by position (an invented leak)
         single = ONE_NUISANCE[report.detected_covariates[0]]
@@ -100,6 +100,9 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
         report.method, report.nuisance = single, cls.nuisance
         report.weight = _oof(_project(Zr, seed), ref, folds[0], spec,
                              {k: v for k, v in covariates(ref).items() if v is not None})[1]
+        if report.weight == 0.0:
+            report.detected = False
+            report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"
     if not spec.gate:
         report.forced, report.weight = True, 1.0
     if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
@@ -115,21 +118,18 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
                                       "not cross-fitted (asked)" if not spec.crossfit else "one group: not cross-fitted")
         return _recentred(Zp - report.weight * model.component(Zp, **_cov(plot, cls)), spec), report
     ref_fold, plot_fold = folds
-    # Where the other folds never saw a token's position (or token id), e.g. the one long branch of a
-    # prompt, a cross-fitted estimate is an extrapolation: those tokens get the estimate fitted on the
-    # whole reference instead, and the report counts them.
+    # Where the other folds never saw a token's position (or token id), e.g. the tail of a prompt's one
+    # long branch or a rare token, a cross-fitted estimate would be an extrapolation and the whole
+    # reference's estimate would hold the token's own prompt: those tokens are left as they are, and the
+    # report counts them.
     # Single-covariate methods fit from per-value sums: each fold's training statistics are the whole
     # reference's minus that fold's, one pass over the latents in all.
     by_stats = len(cls.covariates) == 1 and hasattr(cls, "fit_stats")
     labels = _cov(ref, cls)[cls.covariates[0]] if by_stats else None
     fold_stats = {f: LabelStats.of(Zr[ref_fold == f], labels[ref_fold == f]) for f in np.unique(ref_fold)} \
         if by_stats else {}
-    if by_stats:
-        total = _sum_stats(list(fold_stats.values()))
-        whole = make_residualizer(spec).fit_stats(total)
-    else:
-        whole = make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)
-    out = Zp - report.weight * whole.component(Zp, **_cov(plot, cls))
+    total = _sum_stats(list(fold_stats.values())) if by_stats else None
+    out = Zp.copy()
     crossfitted = np.zeros(len(plot), bool)
     for f in np.unique(plot_fold):
         train = ref_fold != f
@@ -147,7 +147,7 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     report.crossfit_share = float(crossfitted.mean())
     if report.crossfit_share < 1:
         report.note = (f"{1 - report.crossfit_share:.0%} of tokens sit where the other folds have no data "
-                       "(position or token unseen there): their estimate is fitted on the whole reference")
+                       "(position or token unseen there): they are left as they are")
     return _recentred(out, spec), report
 
 
@@ -169,16 +169,19 @@ def _sum_stats(parts: list[LabelStats]) -> LabelStats:
     return LabelStats(labels, sums, counts, sum(p.sq for p in parts), sum(p.n for p in parts))
 
 
-MIN_SUPPORT = 2  # tokens of the training folds that must share a covariate value for a cross-fitted estimate
-
-
 def _supported(train_cov: dict[str, np.ndarray], plot_cov: dict[str, np.ndarray]) -> np.ndarray:
-    """(n_plot,) True where every covariate value of the token occurs >= MIN_SUPPORT times in train."""
+    """(n_plot,) True where the training folds can estimate the token's nuisance without extrapolating:
+    its position within the range of their positions (between them the smooth fit interpolates), its
+    token id seen there at least once."""
     ok = np.ones(len(next(iter(plot_cov.values()))), bool)
-    for name in plot_cov:
-        values, counts = np.unique(train_cov[name], return_counts=True)
-        idx = np.minimum(np.searchsorted(values, plot_cov[name]), len(values) - 1)
-        ok &= (values[idx] == plot_cov[name]) & (counts[idx] >= MIN_SUPPORT)
+    for name, values in plot_cov.items():
+        train = np.asarray(train_cov[name])
+        if name == "position":
+            ok &= (values >= train.min()) & (values <= train.max())
+        else:
+            seen = np.unique(train)
+            idx = np.minimum(np.searchsorted(seen, values), len(seen) - 1)
+            ok &= seen[idx] == values
     return ok
 
 
@@ -295,7 +298,9 @@ def _detect(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: Residu
     least-squares weight of the method's own estimate.
     """
     if fold is None:
-        report.note = "one prompt and one branch: the nuisance cannot be tested out of fold; removed as fitted"
+        report.detected, report.weight = False, 0.0
+        report.note = ("one prompt and one branch: the nuisance cannot be tested out of fold, so nothing is "
+                       "removed (Force removal removes it as fitted)")
         return
     Zc = _centered(_project(Zr, seed), ref.branch)
     n_folds = int(fold.max()) + 1

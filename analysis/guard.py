@@ -25,7 +25,8 @@ class Warning:
     label: str
     raw: float
     after: float
-    band: float  # half-width of the 95% band of the change
+    band: float  # half-width of the 95% band of the change (raw and after taken as independent: they share
+    # their query tokens, so the true band is narrower and the guard errs on the quiet side)
     kind: str  # 'invented', 'pushed apart', 'content removed'
 
     @property

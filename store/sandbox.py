@@ -83,12 +83,12 @@ def run_query(
         if status == "started":
             status, text = _line(child.stdout, timeout_s)
         if status == "ok":
-            payload = child.stdout.read()
+            payload = _read_all(child.stdout, timeout_s)
     finally:
         if child.poll() is None:
             child.kill()
         child.wait()
-    if status == "timeout":
+    if status == "timeout" or payload is None:
         raise SqlError(f"stopped after {timeout_s:g} s (time limit)")
     if status == "busy":
         raise StoreBusy(text)
@@ -96,8 +96,25 @@ def run_query(
         raise StoreError(text)
     if status != "ok":
         raise SqlError(text or "the query's process ended without an answer (out of memory?)")
-    table = pa.ipc.open_stream(payload).read_all()
+    try:
+        table = pa.ipc.open_stream(payload).read_all()
+    except pa.ArrowInvalid as exc:
+        raise SqlError("the query's process ended before its whole result arrived") from exc
     return QueryResult(table, text != "", time.perf_counter() - start, text)
+
+
+def _read_all(stream, seconds: float) -> bytes | None:
+    """Everything until the child closes its output, or None if that takes longer than `seconds`."""
+    deadline = time.monotonic() + seconds
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([stream], [], [], left)[0]:
+            return None
+        chunk = stream.read(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def _line(stream, seconds: float) -> tuple[str, str]:

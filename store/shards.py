@@ -123,16 +123,18 @@ def merge(run_path: str | Path, store: str | Path, created_by: str) -> tuple[int
     run = RunRecord(**manifest["run"])
     writer = StoreWriter(store, created_by=created_by)
     writer.check_existing()
-    writer.prepare(run.d_model)
-    writer.start_run(run)
-    imported = skipped = 0
-    for shard in finished_shards(run_path).values():
-        if writer.import_shard(run.run_id, shard):
-            imported += 1
-        else:
-            skipped += 1
-    complete = len(writer.start_run(run)) == manifest["n_prompts"]
-    if complete:
-        writer.finish_run(run.run_id)
-    writer.release()
+    try:
+        writer.prepare(run.d_model)
+        writer.start_run(run)
+        imported = skipped = 0
+        for shard in finished_shards(run_path).values():
+            if writer.import_shard(run.run_id, shard):
+                imported += 1
+            else:
+                skipped += 1
+        complete = len(writer.start_run(run)) == manifest["n_prompts"]
+        if complete:
+            writer.finish_run(run.run_id)
+    finally:
+        writer.release()
     return imported, skipped, complete

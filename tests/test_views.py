@@ -152,7 +152,9 @@ def test_learned_positions_show_and_go_but_rope_embeddings_have_none(tiny_cfg):
     raw = compute(gpt2.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca))
     removed = compute(gpt2.store, Selection(run, 0), ViewSpec(projection=pca))
     assert raw.result.metrics["r2_pos"]["adjusted"] > 0.3 and raw.result.metrics["leak"]["leak"] > 0.3
-    assert removed.result.metrics["r2_pos"]["r2"] < raw.result.metrics["r2_pos"]["chance"]
+    # near chance; the few tokens at positions no other prompt reaches are left as they are (not cross-fittable)
+    assert removed.result.metrics["r2_pos"]["r2"] < raw.result.metrics["r2_pos"]["chance"] + 0.05
+    assert removed.result.metrics["removal"]["detected"] and removed.result.metrics["removal"]["crossfit"]
     assert abs(removed.result.metrics["leak"]["leak"]) < 0.15
     assert abs(removed.result.metrics["leak_prompt"]["leak"]) < 0.15
 
