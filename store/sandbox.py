@@ -34,6 +34,10 @@ SANDBOX_CONFIG = {
 }
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}  # SELECT covers DESCRIBE/SHOW/SUMMARIZE
 MAX_BYTES = 64 * 1024 * 1024  # of a result, as Arrow buffers
+# System functions that name the server's paths (the store's, the home folder, extension and secret
+# directories): refused by name (case and quoting do not change an identifier's letters).
+SERVER_PATHS = ("duckdb_databases", "database_list", "duckdb_settings", "current_setting", "duckdb_extensions",
+                "duckdb_secrets", "which_secret", "duckdb_temporary_files", "duckdb_memory", "getenv")
 ROOT = Path(__file__).resolve().parents[1]  # so the child imports this checkout's store package
 
 
@@ -67,6 +71,9 @@ def run_query(
     kind = statements[0].type
     if kind not in ALLOWED:
         raise SqlError(f"read-only: {kind.name} statements are not allowed here (use SELECT, DESCRIBE, SHOW)")
+    named = [f for f in SERVER_PATHS if f in sql.lower()]
+    if named:
+        raise SqlError(f"{named[0]} is not available here: it names paths on the server")
 
     request = json.dumps({"store": str(store), "sql": sql, "max_rows": max_rows, "max_bytes": max_bytes,
                           "lock_timeout": lock_timeout}).encode()
