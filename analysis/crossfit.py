@@ -85,12 +85,13 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     unit_name, ref_units, plot_units = _units(ref, plot, independent)
     folds = _fold_of(ref_units, plot_units, spec.folds, seed)
     report.fold_by = unit_name
+    Zt = _project(Zr, seed)  # what the tests and the choice of rank run on
     if spec.method == "projection" and spec.k is None:
-        spec = replace(spec, k=_choose_rank(Zr, ref, folds[0], seed, report))
+        spec = replace(spec, k=_choose_rank(Zt, ref, folds[0], report))
         report.k = spec.k
     elif spec.method == "projection":
         report.k = spec.k
-    _detect(Zr, ref, folds[0], spec, cls, seed, report)
+    _detect(Zt, ref, folds[0], spec, cls, seed, report)
     if spec.gate and report.detected and 0 < len(report.detected_covariates) < len(cls.covariates):
         # e.g. position + token where only token identity is there: remove that alone, since a fitted
         # but absent positional part would be noise subtracted by position (an invented leak)
@@ -98,11 +99,7 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
         report.note = f"only {report.detected_covariates[0]} detected: removed as {RESIDUALIZERS[single].describe(spec)}"
         spec, cls = replace(spec, method=single), RESIDUALIZERS[single]
         report.method, report.nuisance = single, cls.nuisance
-        report.weight = _oof(_project(Zr, seed), ref, folds[0], spec,
-                             {k: v for k, v in covariates(ref).items() if v is not None})[1]
-        if report.weight == 0.0:
-            report.detected = False
-            report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"
+        _weigh(Zt, ref, folds[0], spec, report)
     if not spec.gate:
         report.forced, report.weight = True, 1.0
     if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
@@ -288,11 +285,12 @@ def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds:
     return 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
 
 
-def _detect(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: ResidualSpec,
+def _detect(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: ResidualSpec,
             cls: type[Residualizer], seed: int, report: RemovalReport) -> None:
     """Out-of-fold test of the nuisance; sets detected, p_value, r2_oof, null band and weight.
 
-    The test statistic is the out-of-fold R2 of per-label means of branch-centred latents (fast: one
+    Zt: the reference's latents on the test projection (_project). The test statistic is the
+    out-of-fold R2 of per-label means of branch-centred latents (fast: one
     grouped sum per permutation); its null shuffles the label within branches. With two nuisances
     (position + token) each is tested and the smaller p counts. The weight is the out-of-fold
     least-squares weight of the method's own estimate.
@@ -302,7 +300,7 @@ def _detect(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: Residu
         report.note = ("one prompt and one branch: the nuisance cannot be tested out of fold, so nothing is "
                        "removed (Force removal removes it as fitted)")
         return
-    Zc = _centered(_project(Zr, seed), ref.branch)
+    Zc = _centered(Zt, ref.branch)
     n_folds = int(fold.max()) + 1
     cov = covariates(ref)
     rng = np.random.default_rng(seed + 1)
@@ -321,21 +319,26 @@ def _detect(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: Residu
     if not report.detected:
         report.weight = 0.0
     elif cls.additive:
-        report.weight = _oof(_project(Zr, seed), ref, fold, spec, {k: v for k, v in cov.items() if v is not None})[1]
-        if report.weight == 0.0:
-            report.detected = False
-            report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"
+        _weigh(Zt, ref, fold, spec, report)
     else:
         report.weight = 1.0
 
 
-def _choose_rank(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray | None, seed: int,
-                 report: RemovalReport) -> int:
+def _weigh(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, report: RemovalReport) -> None:
+    """Set the share of the estimate to remove: its out-of-fold least-squares weight; at 0 the component
+    counts as not detected."""
+    report.weight = _oof(Zt, ref, fold, spec, {k: v for k, v in covariates(ref).items() if v is not None})[1]
+    if report.weight == 0.0:
+        report.detected = False
+        report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"
+
+
+def _choose_rank(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, report: RemovalReport) -> int:
     """The rank where the out-of-fold R2 of rank-r per-position means (of branch-centred latents) stops
     rising: the first r whose next rank adds less than 0.1% of the best R2."""
     if fold is None:
         return 2
-    Z = _centered(_project(Zr, seed), ref.branch)
+    Z = _centered(Zt, ref.branch)
     r_max = min(MAX_RANK, Z.shape[1])
     sse = np.zeros(r_max)
     sse_0 = 0.0

@@ -271,7 +271,6 @@ class _Smooth:
         # the basis depends on the range and the number of distinct positions only
         self.basis = PositionBasis(spec.basis, spec.degree, spec.n_knots, spec.n_freq).fit(stats.labels)
         self.coef = fit_smooth(stats.labels, stats.sums, stats.counts, self.basis)
-        self.positions = stats.labels
 
     def __call__(self, position: np.ndarray) -> np.ndarray:
         """(n, d) fitted values, computed once per distinct position."""
