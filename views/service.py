@@ -158,22 +158,26 @@ def layer_profile(
     """Per layer, how much position the raw latents and the residualized ones hold (no projection):
     rows of layer, method ('raw' or the residualizer's label), r2, chance, adjusted, heldout, leak."""
     rows = []
+    residuals_ = [replace(spec.residual, method="none")] + ([spec.residual] if spec.residual.method != "none" else [])
     for layer in layers:
-        for residual in (replace(spec.residual, method="none"), spec.residual):
-            layer_spec = replace(spec, residual=residual)
-            sel = _raw_is_raw(replace(selection, layer=layer), layer_spec)
-            key = {"profile": sel.key(), "spec": layer_spec.to_dict(), "store": _identity(store)}
-            with reading(store, lock_timeout) as con:
-                key["rows"], key["content"] = queries.token_digest(con, sel.run_id, layer, sel.variant,
-                                                                   _list(sel.prompt_ids), sel.generated_only)
-                hit = cache.get(key) if cache is not None else None
-                if hit is None:
-                    keys, X = queries.token_rows(con, sel.run_id, layer, sel.variant, _list(sel.prompt_ids),
-                                                 sel.generated_only)
-                    ref_run = _reference_run(sel)
-                    reference = _reference(con, ref_run, sel) if ref_run is not None else None
+        specs = [replace(spec, residual=r) for r in residuals_]
+        sels = [_raw_is_raw(replace(selection, layer=layer), s) for s in specs]
+        with reading(store, lock_timeout) as con:
+            # one content hash per layer: it depends on the tokens, not on the method or the fit scope
+            digest = queries.token_digest(con, selection.run_id, layer, selection.variant,
+                                          _list(selection.prompt_ids), selection.generated_only)
+            keys_ = [{"profile": sel.key(), "spec": s.to_dict(), "store": _identity(store), "rows": digest[0],
+                      "content": digest[1]} for sel, s in zip(sels, specs)]
+            hits = [cache.get(k) if cache is not None else None for k in keys_]
+            if any(h is None for h in hits):  # one read of the layer serves both methods
+                keys, X = queries.token_rows(con, selection.run_id, layer, selection.variant,
+                                             _list(selection.prompt_ids), selection.generated_only)
+                ref_run = _reference_run(sels[-1])
+                reference = _reference(con, ref_run, sels[-1]) if ref_run is not None else None
+        for residual, layer_spec, sel, key, hit in zip(residuals_, specs, sels, keys_, hits):
             if hit is None:
-                _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, reference, _independent(sel))
+                ref = reference if _reference_run(sel) is not None else None  # raw is fitted on nothing
+                _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, ref, _independent(sel))
                 metrics = measure(tokens, None, layer_spec) | {"removal": removal.to_dict()}
                 if residual.method == "none":
                     metrics |= layer_stats(tokens)
@@ -198,8 +202,6 @@ def layer_profile(
                 **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(pcs)},
                 "detected": rem.get("detected"), "p": rem.get("p_value", nan), "removed": rem.get("weight", nan),
             })
-            if spec.residual.method == "none":
-                break
     return rows
 
 
