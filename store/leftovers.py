@@ -12,6 +12,11 @@ def compact_copy(store: Path, pid: int) -> Path:
     return store.with_name(f"{store.name}.compact-{pid}")
 
 
+def creating_copy(store: Path, pid: int) -> Path:
+    """Where process `pid` builds a new `store` before linking it into place (one per process)."""
+    return store.with_name(f"{store.name}.creating-{pid}")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -65,7 +65,7 @@ def run_query(
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise SqlError(_first_line(exc)) from exc
+        raise SqlError(reason(exc)) from exc
     if len(statements) != 1:
         raise SqlError(f"one statement at a time, got {len(statements)}")
     kind = statements[0].type
@@ -187,15 +187,11 @@ def _child() -> None:
         out.write(sink.getvalue().to_pybytes())
         out.flush()
     except duckdb.Error as exc:
-        say("error", _first_line(exc))
+        say("error", reason(exc))
     except MemoryError:
         say("error", "out of memory")
     finally:
         con.close()
-
-
-def _first_line(exc: Exception) -> str:
-    return reason(exc)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pyarrow as pa
 from store.connect import NO_EXTENSIONS, connect_with_retry, reading
 from store.errors import StoreError, reason
 from store.faults import fault_point
-from store.leftovers import remove_stale_copies
+from store.leftovers import creating_copy, remove_stale_copies
 from store.records import BranchRecord, RunRecord
 from store.schema import create_schema, first_row, read_meta
 
@@ -127,7 +127,7 @@ class StoreWriter:
             )
 
     def _create(self, dim: int) -> None:
-        tmp = self.path.with_name(f"{self.path.name}.creating-{os.getpid()}")  # one per process: no clobbering
+        tmp = creating_copy(self.path, os.getpid())  # one per process: no clobbering
         wal = tmp.with_name(tmp.name + ".wal")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
