@@ -86,7 +86,6 @@ class ShardWorker:
 
     def build(self, run_path: str, task: int, prompt_ids: list[int]) -> tuple[int, int, float, bool]:
         """Build and write one task's shard: (task, generated tokens, seconds, written now)."""
-        from store.faults import fault_point
         from store.shards import shard_name, write_shard
 
         path = Path(run_path)
@@ -94,10 +93,8 @@ class ShardWorker:
             return task, 0, 0.0, False
         t0 = time.perf_counter()
         before = self.builder.stats.generated_tokens
-        prompts = []
-        for p in prompt_ids:
-            records = self.builder.build(p, self.prompt_ids[p], on_branch=lambda: fault_point("generate"))
-            prompts.append((p, self.cfg.prompts[p], len(self.prompt_ids[p]), records))
+        prompts = [(p, self.cfg.prompts[p], len(self.prompt_ids[p]), self.builder.build(p, self.prompt_ids[p]))
+                   for p in prompt_ids]
         written = write_shard(path, task, prompts, self.layers)
         return task, self.builder.stats.generated_tokens - before, time.perf_counter() - t0, written
 

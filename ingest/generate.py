@@ -26,6 +26,7 @@ from ingest.config import RunConfig
 from ingest.models import LoadedModel
 from ingest.sampling import branch_seed, choose_rows, token_stats_tensors
 from ingest.tree import Slot, TreePlan, fork_positions
+from store.faults import fault_point
 from store.records import BranchRecord
 
 # Cache layer types whose tensors (batch, heads, slots, head_dim) a fork batch can be assembled from.
@@ -112,7 +113,12 @@ class TreeBuilder:
               on_branch: Callable[[], None] | None = None) -> list[BranchRecord]:
         """All branches of one prompt's tree, in plan order (root, samples, then each fork level)."""
         self._prompt_id = prompt_id
-        notify = on_branch or (lambda: None)
+
+        def notify() -> None:
+            if on_branch is not None:
+                on_branch()
+            fault_point("generate")  # test-only: die or pause after the N-th branch (store.faults)
+
         n_prompt = len(prompt_ids)
         self._max_end = n_prompt + self.cfg.max_new_tokens - 1
         device = self.lm.device

@@ -168,8 +168,7 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
             with tqdm(total=plan.size, desc=f"prompt {prompt_id} branches", unit="branch", leave=False,
                       disable=not progress, file=sys.stderr, dynamic_ncols=True) as branch_bar:
                 t1 = time.perf_counter()
-                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=lambda: (
-                    branch_bar.update(), fault_point("generate")))
+                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=branch_bar.update)
                 seconds["generate"] += time.perf_counter() - t1
             written(pending)
             pending = pool.submit(write, prompt_id, records)
