@@ -78,7 +78,7 @@ def _r2_band(X: np.ndarray, position: np.ndarray, rng: np.random.Generator, n_bo
         grand = (w @ X) / total
         sst = float(w @ ((X - grand) ** 2).sum(axis=1))
         cnt = np.bincount(inverse, weights=w)
-        sums = np.stack([np.bincount(inverse, weights=w * X[:, j]) for j in range(X.shape[1])], axis=1)
+        _, sums, _ = _group_sums(X * w[:, None], inverse)  # (T, dims) weighted sums per position
         ok = cnt > 0
         ssb = float((cnt[ok] * ((sums[ok] / cnt[ok, None] - grand) ** 2).sum(axis=1)).sum())
         values.append(ssb / sst if sst > 0 else 0.0)
