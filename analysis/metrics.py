@@ -7,7 +7,6 @@ Every metric comes with its chance level so a number can be read on its own.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.manifold import trustworthiness as _sk_trustworthiness
 from sklearn.neighbors import KDTree
 
 from analysis.groups import group_sums as _group_sums
@@ -299,22 +298,43 @@ def _purity_block(X, labels, q: np.ndarray, c: np.ndarray, k: int, block: int = 
     return np.concatenate(hits), np.concatenate(chances)
 
 
+def _untrusted_penalties(X: np.ndarray, Y: np.ndarray, k: int) -> np.ndarray:
+    """(n,) per-token sum over its k nearest in Y of max(0, rank in X - k): trustworthiness's penalty
+    (Venna & Kaski), kept per token so it can be resampled. sum / normalizer = 1 - sklearn's value."""
+    n = len(X)
+    sq = (X * X).sum(axis=1)
+    dx = sq[:, None] - 2 * (X @ X.T) + sq[None, :]  # (n, n) squared distances, high space
+    np.fill_diagonal(dx, np.inf)
+    rank = np.empty((n, n), np.int64)  # rank[i, j]: j is i's rank-th nearest in X (1-based)
+    rank[np.arange(n)[:, None], np.argsort(dx, axis=1)] = np.arange(1, n + 1)
+    sy = (Y * Y).sum(axis=1)
+    dy = sy[:, None] - 2 * (Y @ Y.T) + sy[None, :]
+    np.fill_diagonal(dy, np.inf)
+    nn = np.argpartition(dy, k - 1, axis=1)[:, :k]  # (n, k) nearest in Y
+    return np.maximum(np.take_along_axis(rank, nn, axis=1) - k, 0).sum(axis=1).astype(np.float64)
+
+
 def trustworthiness(
     X_high: np.ndarray, X_low: np.ndarray, k: int = 10, n_samples: int | None = 1500, seed: int = 0,
 ) -> dict[str, float]:
     """Trustworthiness (are 2-D neighbours true neighbours?) and continuity (are true neighbours kept?).
 
-    sklearn's trustworthiness on a random sample of tokens (it builds full distance matrices);
-    continuity is the same measure with the roles of the two spaces swapped.
+    sklearn's definition on a random sample of tokens (full distance matrices); continuity is the same
+    measure with the roles of the two spaces swapped. Band (sd, lo, hi; continuity_lo/_hi): bootstrap over
+    the sampled tokens' penalties. Chance: a random layout scores ~0.5.
     """
     rng = np.random.default_rng(seed)
     idx = _sample(len(X_high), n_samples, rng)
-    hi, lo = np.asarray(X_high, np.float32)[idx], np.asarray(X_low, np.float32)[idx]
-    k = int(min(k, (len(idx) - 1) // 2))
+    hi, lo = np.asarray(X_high, np.float64)[idx], np.asarray(X_low, np.float64)[idx]
+    n = len(idx)
+    k = int(min(k, (n - 1) // 2))
     if k < 1:
-        return {"trustworthiness": float("nan"), "continuity": float("nan"), "k": k}
-    return {
-        "trustworthiness": float(_sk_trustworthiness(hi, lo, n_neighbors=k)),
-        "continuity": float(_sk_trustworthiness(lo, hi, n_neighbors=k)),
-        "k": k,
-    }
+        return {"trustworthiness": float("nan"), "continuity": float("nan"), "k": k,
+                "sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    scale = 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))
+    trust_p, cont_p = _untrusted_penalties(hi, lo, k), _untrusted_penalties(lo, hi, k)
+    boot = rng.integers(0, n, size=(N_BOOT, n))
+    band = _band(1 - scale * n * trust_p[boot].mean(axis=1))
+    cont = _band(1 - scale * n * cont_p[boot].mean(axis=1))
+    return {"trustworthiness": float(1 - scale * trust_p.sum()), "continuity": float(1 - scale * cont_p.sum()),
+            "k": k, **band, "continuity_sd": cont["sd"], "continuity_lo": cont["lo"], "continuity_hi": cont["hi"]}

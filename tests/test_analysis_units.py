@@ -68,6 +68,21 @@ def test_trustworthiness_of_identity_and_of_a_scramble():
     assert scrambled["trustworthiness"] < 0.7 and scrambled["continuity"] < 0.7
 
 
+def test_trustworthiness_equals_sklearn_and_its_band_matches_the_spread_over_samples():
+    from sklearn.manifold import trustworthiness as sk_trust
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(4000, 20))
+    Y = X[:, :2] + 0.5 * rng.normal(size=(4000, 2))
+    m = M.trustworthiness(X, Y, k=7, n_samples=None)
+    assert m["trustworthiness"] == pytest.approx(sk_trust(X, Y, n_neighbors=7), abs=1e-12)
+    assert m["continuity"] == pytest.approx(sk_trust(Y, X, n_neighbors=7), abs=1e-12)
+    # The band says what another sample of tokens would give: its sd matches the spread over samples.
+    small = M.trustworthiness(X, Y, k=7, n_samples=600, seed=0)
+    assert small["lo"] < small["trustworthiness"] < small["hi"]
+    spread = np.std([M.trustworthiness(X, Y, k=7, n_samples=600, seed=s)["trustworthiness"] for s in range(12)])
+    assert 0.5 < small["sd"] / spread < 2, (small["sd"], spread)
+
+
 def test_guard_names_invented_pushed_apart_and_removed_content():
     from analysis.guard import check
 
