@@ -79,8 +79,11 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     for name in cls.covariates:
         if covariates(ref)[name] is None or covariates(plot)[name] is None:
             raise ValueError(f"{spec.label()} needs each token's {name}, which these tokens do not carry")
-    scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
-    Zr, Zp = scaler.transform(ref.X), scaler.transform(plot.X)
+    if ref is plot:
+        Zr = Zp = raw
+    else:
+        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
+        Zr, Zp = scaler.transform(ref.X), scaler.transform(plot.X)
 
     unit_name, ref_units, plot_units = _units(ref, plot, independent)
     folds = _fold_of(ref_units, plot_units, spec.folds, seed)

@@ -91,7 +91,13 @@ class Scaler:
         return self
 
     def transform(self, X: np.ndarray) -> np.ndarray:
-        return ((self._rows(X) - self.mean_) / self.scale_).astype(np.float32)
+        """A new float32 array (never X itself), skipping the steps that would do nothing."""
+        out = self._rows(X)
+        if self.mean_.any():
+            out = out - self.mean_
+        if (self.scale_ != 1).any():
+            out = out / self.scale_
+        return out.copy() if out is X else out.astype(np.float32, copy=False)
 
 
 class Residualizer:
