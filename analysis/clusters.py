@@ -31,19 +31,30 @@ def cluster(
 
 
 def cluster_summary(
-    labels: np.ndarray, token_text: list[str] | np.ndarray, branch: np.ndarray, top: int = 5
+    labels: np.ndarray, token_text: list[str] | np.ndarray, branch: np.ndarray, top: int = 5,
+    position: np.ndarray | None = None, prompt: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
-    """Per cluster (largest first): size, its most frequent tokens and the branches it contains, with counts."""
+    """Per cluster (largest first, noise last): size and share of the tokens, its most frequent tokens
+    and the branches it holds (with counts), and when given, its positions (median, 10th-90th
+    percentile) and prompts (with counts): enough to tell a cluster of one token, of one span of
+    positions or of one prompt's context apart."""
     labels = np.asarray(labels)
     token_text = np.asarray(token_text, dtype=object)
     branch = np.asarray(branch)
     out = []
     for c in np.unique(labels):
         rows = labels == c
-        out.append({
+        row: dict[str, Any] = {
             "cluster": int(c),
             "size": int(rows.sum()),
+            "share": float(rows.mean()),
             "top_tokens": Counter(token_text[rows].tolist()).most_common(top),
             "branches": sorted(Counter(branch[rows].tolist()).items(), key=lambda kv: (-kv[1], kv[0])),
-        })
+        }
+        if position is not None:
+            p = np.asarray(position)[rows]
+            row["position"] = (float(np.median(p)), float(np.quantile(p, 0.1)), float(np.quantile(p, 0.9)))
+        if prompt is not None:
+            row["prompts"] = sorted(Counter(np.asarray(prompt)[rows].tolist()).items(), key=lambda kv: (-kv[1], kv[0]))
+        out.append(row)
     return sorted(out, key=lambda r: (r["cluster"] == -1, -r["size"]))

@@ -1,16 +1,16 @@
-"""Altair chart builders (no Streamlit): projections with trajectories, raw vs residualized side by side,
-the per-layer position profile."""
+"""Altair chart builders (no Streamlit): the projections with trajectories on demand, their density form
+for large views, the per-layer profile and the divergence charts. Every chart fills its container's width."""
 
 from __future__ import annotations
+
+import math
 
 import altair as alt
 import polars as pl
 
-from dashboard.trajectories import anchor_rows, trajectory_lines
-
-COLOR_BY = {  # label -> (field, Altair type)
-    "branch": ("branch_id", "nominal"),
-    "prompt": ("prompt_id", "nominal"),
+COLOR_BY = {  # label -> (field, Altair type); branch and prompt use the prompt hue families (dashboard.palette)
+    "branch": ("shade", "hue"),
+    "prompt": ("prompt_color", "hue"),
     "position": ("position", "quantitative"),
     "depth in tree": ("depth", "ordinal"),
     "logprob": ("logprob", "quantitative"),
@@ -18,76 +18,177 @@ COLOR_BY = {  # label -> (field, Altair type)
 }
 TOOLTIP = [
     alt.Tooltip("token_text:N", title="token"), alt.Tooltip("position:Q"), alt.Tooltip("branch_id:N", title="branch"),
-    alt.Tooltip("prompt_id:N", title="prompt"), alt.Tooltip("context:N", title="text around"),
+    alt.Tooltip("prompt_label:N", title="prompt"), alt.Tooltip("context:N", title="text around"),
 ]
-PANELS = (("raw", "raw"), ("res", "position removed"))
+HEIGHT = 460
+# Drag draws a box; shift-drag pans, the wheel zooms, a double-click resets (Vega-Lite event streams).
+DRAG = "[pointerdown[!event.shiftKey], window:pointerup] > window:pointermove!"
+PAN = "[pointerdown[event.shiftKey], window:pointerup] > window:pointermove!"
+HOW_TO = ("Drag: select a box · click a point: follow its branch (shift-click adds) · hover: its branch's line · "
+          "wheel: zoom · shift-drag: pan · double-click: reset · click a prompt in the legend: only its branches")
 
 
-def _color(color_by: str) -> alt.Color:
-    field, kind = COLOR_BY[color_by]
-    scale = alt.Scale(scheme="viridis") if kind == "quantitative" else alt.Scale(scheme="tableau20")
-    return alt.Color(f"{field}:{kind[0].upper()}", title=color_by, scale=scale)
+def _axes(prefix: str) -> tuple[alt.X, alt.Y]:
+    # no zero baseline: the points fill the panel
+    return (alt.X(f"{prefix}_x:Q", title=None, axis=alt.Axis(labels=False, ticks=False, grid=False),
+                  scale=alt.Scale(zero=False, nice=False, padding=8)),
+            alt.Y(f"{prefix}_y:Q", title=None, axis=alt.Axis(labels=False, ticks=False, grid=False),
+                  scale=alt.Scale(zero=False, nice=False, padding=8)))
 
 
-def projection_panel(
-    points: pl.DataFrame, branches: pl.DataFrame, prefix: str, title: str, color_by: str,
-    brushes: dict[str, alt.Parameter], trajectories: bool = True, width: int = 430, height: int = 400,
+def _prompt_legend(points: pl.DataFrame) -> alt.Scale:
+    labels = points.select("prompt_label", "prompt_color").unique().sort("prompt_label")
+    return alt.Scale(domain=labels["prompt_label"].to_list(), range=labels["prompt_color"].to_list())
+
+
+def projection(
+    points: pl.DataFrame, lines: pl.DataFrame | None, forks: pl.DataFrame | None, prefix: str, title: str,
+    color_by: str = "branch", draw_all_lines: bool = False, interactive: bool = True,
 ) -> alt.LayerChart:
-    """One projection: points (coloured, tooltips), a line per branch in token order and fork markers.
+    """One projection panel.
 
-    points holds {prefix}_x / {prefix}_y; every brush in `brushes` dims the points outside it, so a box
-    drawn in either panel highlights the same tokens in both.
+    points: one row per token with {prefix}_x, {prefix}_y, prompt_label, prompt_color, shade, alpha
+    (opacity: low for tokens outside the current selection) and the tooltip fields. lines: trajectory
+    vertices (branch_id, order, {prefix}_x/_y, shade, lit); a branch's line is drawn when it is lit
+    (selected in the app), hovered or clicked here, or all of them with draw_all_lines. forks: fork
+    markers (branch_id, anchor_branch_id, position, {prefix}_x/_y, lit), shown with their lines.
+    Params: brush_{prefix} (box), pick_{prefix} (clicked branches), both reported to the app; none with
+    interactive=False (the exported picture: lit lines only, a fixed width).
     """
-    xy = points.drop(["x", "y"], strict=False).rename({f"{prefix}_x": "x", f"{prefix}_y": "y"})
-    x = alt.X(f"{prefix}_x:Q", title=None, axis=alt.Axis(labels=False, ticks=False))
-    y = alt.Y(f"{prefix}_y:Q", title=None, axis=alt.Axis(labels=False, ticks=False))
-    selected = None
-    for brush in brushes.values():
-        selected = brush if selected is None else selected & brush
-    own = brushes[prefix]
-    dots = alt.Chart(points).mark_circle(size=28).encode(
-        x=x, y=y, color=_color(color_by), tooltip=TOOLTIP,
-        opacity=alt.condition(selected, alt.value(0.9), alt.value(0.08)),
-    ).add_params(own)
+    x, y = _axes(prefix)
+    brush = alt.selection_interval(name=f"brush_{prefix}", encodings=["x", "y"], on=DRAG, translate=DRAG,
+                                   zoom=False)
+    pick = alt.selection_point(name=f"pick_{prefix}", fields=["branch_id"], on="click")
+    hover = alt.selection_point(name=f"hover_{prefix}", fields=["branch_id"], on="pointerover", nearest=True,
+                                clear="pointerout", empty=False)
+    zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!", translate=PAN)
+    field, kind = COLOR_BY[color_by]
+    legend_pick = legend = None
+    if kind == "hue":
+        # The dots take their exact colour (a branch's shade, or its prompt's hue); the legend, by prompt,
+        # comes from an invisible layer with one row per prompt, clicking it keeps that prompt lit.
+        color = alt.Color(f"{field}:N", scale=None, legend=None)
+        legend_pick = alt.selection_point(name=f"legend_{prefix}", fields=["prompt_label"], bind="legend")
+        keys = points.group_by("prompt_label", maintain_order=True).first().select(
+            "prompt_label", "prompt_color", f"{prefix}_x", f"{prefix}_y").sort("prompt_label")
+        legend = alt.Chart(keys).mark_point(opacity=0, filled=True).encode(
+            x=x, y=y, color=alt.Color("prompt_label:N", title="prompt", scale=_prompt_legend(keys),
+                                      legend=alt.Legend(orient="bottom", columns=2, labelLimit=360,
+                                                        symbolOpacity=1, symbolType="circle")),
+        )
+        legend = legend.add_params(legend_pick) if interactive else legend
+    elif kind == "quantitative":
+        color = alt.Color(f"{field}:Q", title=color_by, scale=alt.Scale(scheme="viridis"))
+    else:
+        color = alt.Color(f"{field}:{kind[0].upper()}", title=color_by, scale=alt.Scale(scheme="tableau10"))
+    opacity = alt.Opacity("alpha:Q", scale=None, legend=None)
+    if legend_pick is not None and interactive:
+        opacity = alt.condition(legend_pick, opacity, alt.value(0.04))
+    dots = alt.Chart(points).mark_circle(size=30, strokeWidth=0).encode(
+        x=x, y=y, color=color, opacity=opacity, tooltip=TOOLTIP)
+    if interactive:
+        dots = dots.add_params(brush, pick, hover, zoom)
+
     layers: list[alt.Chart] = []
-    if trajectories:
-        lines = trajectory_lines(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"})
-        layers.append(alt.Chart(lines).mark_line(strokeWidth=0.8, opacity=0.25).encode(
-            x=x, y=y, detail="branch_id:N", order="order:Q", color=alt.value("#7a7a7a"),
-        ))
-        forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"})
-        if len(forks):
-            layers.append(alt.Chart(forks).mark_point(shape="diamond", size=90, filled=True, color="black").encode(
-                x=x, y=y, tooltip=[alt.Tooltip("branch_id:N", title="fork of branch"),
-                                   alt.Tooltip("anchor_branch_id:N", title="off branch"), "position:Q"],
-            ))
+    shown = None if draw_all_lines else {"or": [{"param": hover.name, "empty": False},
+                                                {"param": pick.name, "empty": False}, "datum.lit"]} \
+        if interactive else "datum.lit"
+    if lines is not None and len(lines):
+        line = alt.Chart(lines).mark_line(strokeWidth=1.6, opacity=0.8).encode(
+            x=x, y=y, detail="branch_id:N", order="order:Q", color=alt.Color("shade:N", scale=None, legend=None))
+        layers.append(line.transform_filter(shown) if shown else line.mark_line(strokeWidth=0.8, opacity=0.35))
+    if forks is not None and len(forks):
+        marks = alt.Chart(forks).mark_point(shape="diamond", size=80, filled=True, color="black").encode(
+            x=x, y=y, tooltip=[alt.Tooltip("branch_id:N", title="fork of branch"),
+                               alt.Tooltip("anchor_branch_id:N", title="off branch"), "position:Q"])
+        layers.append(marks.transform_filter(shown) if shown else marks)
     layers.append(dots)
-    return alt.layer(*layers).properties(title=title, width=width, height=height)
+    if legend is not None:
+        layers.append(legend)
+    chart = alt.layer(*layers).properties(title=title, height=HEIGHT, width="container" if interactive else 560)
+    return chart.resolve_scale(color="independent") if legend is not None else chart
 
 
-def side_by_side(
-    points: pl.DataFrame, branches: pl.DataFrame, color_by: str = "branch", trajectories: bool = True,
-    titles: tuple[str, str] = ("raw", "position removed"),
-) -> alt.HConcatChart:
-    """Raw and residualized projections of the same tokens, with linked interval selections."""
-    brushes = {prefix: alt.selection_interval(name=f"brush_{prefix}", encodings=["x", "y"])
-               for prefix, _ in PANELS}
-    panels = [projection_panel(points, branches, prefix, title, color_by, brushes, trajectories)
-              for (prefix, _), title in zip(PANELS, titles)]
-    return alt.hconcat(*panels).resolve_scale(color="shared")
-
-
-def layer_profile(rows: pl.DataFrame) -> alt.LayerChart:
-    """R2_pos per layer, raw vs residualized, with the shuffled-position chance level dashed."""
-    base = alt.Chart(rows).encode(x=alt.X("layer:O", title="layer"))
-    r2 = base.mark_line(point=True).encode(
-        y=alt.Y("r2:Q", title="R2_pos (share of variance explained by position)"),
-        color=alt.Color("method:N", title=None),
-        tooltip=["layer:O", "method:N", alt.Tooltip("r2:Q", format=".3f"), alt.Tooltip("chance:Q", format=".3f"),
-                 alt.Tooltip("heldout:Q", format="+.3f"), alt.Tooltip("leak:Q", format="+.3f")],
+def density_bins(points: pl.DataFrame, prefix: str, color_by: str, bins: int = 70) -> pl.DataFrame:
+    """Tokens binned on a bins x bins grid of one panel: per occupied cell its corners, count, and the
+    colour it keeps: the mean position (colour by position) or the majority prompt's hue and share."""
+    xs, ys = points[f"{prefix}_x"], points[f"{prefix}_y"]
+    x0, y0 = float(xs.min()), float(ys.min())
+    wx = (float(xs.max()) - x0) / bins or 1.0
+    wy = (float(ys.max()) - y0) / bins or 1.0
+    cells = points.with_columns(
+        ((pl.col(f"{prefix}_x") - x0) / wx).floor().clip(0, bins - 1).alias("bx"),
+        ((pl.col(f"{prefix}_y") - y0) / wy).floor().clip(0, bins - 1).alias("by"),
     )
-    chance = base.mark_line(strokeDash=[4, 4], color="gray").encode(y="mean(chance):Q")
-    return alt.layer(r2, chance).properties(height=260, title="Position per layer (dashed: chance)")
+    out = cells.group_by("bx", "by").agg(
+        pl.len().alias("tokens"), pl.col("position").mean().alias("mean_position"),
+        pl.col("prompt_label").mode().first().alias("majority_prompt"),
+        pl.col("prompt_color").mode().first().alias("majority_color"),
+        (pl.col("prompt_label") == pl.col("prompt_label").mode().first()).mean().alias("majority_share"),
+    )
+    return out.with_columns(
+        (x0 + pl.col("bx") * wx).alias("x0"), (x0 + (pl.col("bx") + 1) * wx).alias("x1"),
+        (y0 + pl.col("by") * wy).alias("y0"), (y0 + (pl.col("by") + 1) * wy).alias("y1"),
+        (pl.col("tokens").log1p() / math.log1p(max(int(cells.height), 1))).alias("weight"),
+    )
+
+
+def density(points: pl.DataFrame, prefix: str, title: str, color_by: str = "branch") -> alt.Chart:
+    """One panel as binned tokens: colour = mean position (colour by position) or majority prompt;
+    opacity grows with the count (log), so dense and sparse cells both read."""
+    cells = density_bins(points, prefix, color_by)
+    common = dict(x=alt.X("x0:Q", title=None, axis=None, scale=alt.Scale(zero=False, nice=False)), x2="x1:Q",
+                  y=alt.Y("y0:Q", title=None, axis=None, scale=alt.Scale(zero=False, nice=False)), y2="y1:Q",
+                  opacity=alt.Opacity("weight:Q", scale=alt.Scale(domain=[0, 1], range=[0.25, 1]), legend=None),
+                  tooltip=[alt.Tooltip("tokens:Q"), alt.Tooltip("majority_prompt:N", title="majority prompt"),
+                           alt.Tooltip("majority_share:Q", format=".0%", title="its share"),
+                           alt.Tooltip("mean_position:Q", format=".1f", title="mean position")])
+    if color_by == "position":
+        color = alt.Color("mean_position:Q", title="mean position", scale=alt.Scale(scheme="viridis"))
+    else:
+        labels = cells.select("majority_prompt", "majority_color").unique().sort("majority_prompt")
+        color = alt.Color("majority_prompt:N", title="majority prompt",
+                          scale=alt.Scale(domain=labels["majority_prompt"].to_list(),
+                                          range=labels["majority_color"].to_list()),
+                          legend=alt.Legend(orient="bottom", columns=2, labelLimit=360))
+    zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!")
+    return alt.Chart(cells).mark_rect().encode(color=color, **common).add_params(zoom).properties(
+        title=title, height=HEIGHT, width="container")
+
+
+PROFILE_PANELS = (  # (title, value column, band half-width column, chance column, chance band column)
+    ("R2_pos: variance explained by position", "r2", "r2_band", "chance", "chance_band"),
+    ("Position probe R2 (ridge, prompts held out)", "probe_r2", "probe_band", "probe_chance", "probe_chance_band"),
+    ("kNN position leak, other branches", "leak", "leak_band", "leak_chance", "leak_chance_band"),
+    ("kNN position leak, other prompts only", "leak_prompt", "leak_prompt_band", "leak_chance", "leak_prompt_chance_band"),
+)
+
+
+def profile_panel(rows: pl.DataFrame, value: str, band: str, chance: str, chance_band: str, title: str) -> alt.LayerChart:
+    """One number per layer, raw and removed (lines with their 95% bands), against its chance level (a
+    grey band). rows: layer_profile rows."""
+    cols = [c for c in ("layer", "method", value, band, chance, chance_band) if c in rows.columns]
+    data = rows.select(cols).fill_nan(None)
+    if value not in data.columns or data[value].null_count() == len(data):
+        return alt.Chart(pl.DataFrame({"note": ["not measured for these tokens"]})).mark_text().encode(
+            text="note:N").properties(title=title, height=260, width="container")
+    data = data.with_columns(
+        (pl.col(value) - pl.col(band).fill_null(0)).alias("lo"), (pl.col(value) + pl.col(band).fill_null(0)).alias("hi"),
+        (pl.col(chance) - pl.col(chance_band).fill_null(0)).alias("chance_lo") if chance in data.columns else pl.lit(None).alias("chance_lo"),
+        (pl.col(chance) + pl.col(chance_band).fill_null(0)).alias("chance_hi") if chance in data.columns else pl.lit(None).alias("chance_hi"),
+    )
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d"), scale=alt.Scale(zero=False, nice=False))
+    base = alt.Chart(data).encode(x=x)
+    chance_band_ = base.transform_filter("datum.method == 'raw'").mark_area(color="#bbbbbb", opacity=0.35).encode(
+        y=alt.Y("chance_lo:Q", title=None), y2="chance_hi:Q")
+    color = alt.Color("method:N", title=None, legend=alt.Legend(orient="top"))
+    bands = base.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q", color=color)
+    line = base.mark_line(point=True).encode(
+        y=alt.Y(f"{value}:Q", title=None, scale=alt.Scale(zero=False)), color=color,
+        tooltip=["layer:Q", "method:N", alt.Tooltip(f"{value}:Q", format="+.3f", title="value"),
+                 alt.Tooltip("lo:Q", format="+.3f"), alt.Tooltip("hi:Q", format="+.3f"),
+                 alt.Tooltip("chance_hi:Q", format="+.3f", title="chance up to")])
+    return alt.layer(chance_band_, bands, line).properties(title=title, height=260, width="container")
 
 
 def divergence(rows: pl.DataFrame) -> alt.LayerChart:
@@ -101,7 +202,7 @@ def divergence(rows: pl.DataFrame) -> alt.LayerChart:
         tooltip=["offset:Q", "view:N", alt.Tooltip("median:Q", format=".3f"), alt.Tooltip("lo:Q", format=".3f"),
                  alt.Tooltip("hi:Q", format=".3f"), "n_pairs:Q"])
     chance = alt.Chart(pl.DataFrame({"y": [1.0]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
-    return alt.layer(band, line, chance).properties(height=300, title="Where branches go apart")
+    return alt.layer(band, line, chance).properties(height=300, width="container", title="Where branches go apart")
 
 
 def divergence_per_prompt(rows: pl.DataFrame) -> alt.FacetChart:
@@ -124,24 +225,24 @@ def sample_branches(points: pl.DataFrame, max_points: int, seed: int = 0) -> pl.
 
 
 def selected_rows(points: pl.DataFrame, selection: dict) -> pl.DataFrame:
-    """The points inside the brushes a Streamlit selection event reports ({param: {field: [lo, hi]}})."""
-    mask = pl.lit(True)
+    """The points inside the brushes a Streamlit selection event reports ({param: {field: [lo, hi]}});
+    point selections (lists) are left to picked_branches."""
+    mask = None
     for brush in selection.values():
         if not isinstance(brush, dict):
             continue
         for field, bounds in brush.items():
             if field in points.columns and isinstance(bounds, list) and len(bounds) == 2:
                 lo, hi = sorted(bounds)
-                mask = mask & pl.col(field).is_between(lo, hi)
-    return points.filter(mask)
+                cond = pl.col(field).is_between(lo, hi)
+                mask = cond if mask is None else mask & cond
+    return points.filter(mask) if mask is not None else points
 
 
-def density(points: pl.DataFrame, bins: int = 60) -> alt.HConcatChart:
-    """Binned counts of raw and residualized coordinates, for views too large to draw point by point."""
-    def one(prefix: str, title: str) -> alt.Chart:
-        return alt.Chart(points.select(f"{prefix}_x", f"{prefix}_y")).mark_rect().encode(
-            x=alt.X(f"{prefix}_x:Q", bin=alt.Bin(maxbins=bins), title=None),
-            y=alt.Y(f"{prefix}_y:Q", bin=alt.Bin(maxbins=bins), title=None),
-            color=alt.Color("count():Q", scale=alt.Scale(scheme="greenblue"), title="tokens"),
-        ).properties(title=title, width=430, height=400)
-    return alt.hconcat(*(one(prefix, title) for prefix, title in PANELS))
+def picked_branches(selection: dict) -> set[int]:
+    """Branch ids of the point selections (clicked branches) a Streamlit selection event reports."""
+    out: set[int] = set()
+    for value in selection.values():
+        if isinstance(value, list):
+            out |= {int(v["branch_id"]) for v in value if isinstance(v, dict) and v.get("branch_id") is not None}
+    return out

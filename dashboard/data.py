@@ -1,5 +1,5 @@
-"""Store access for the app, cached by Streamlit. Connections are opened per read and closed at once, so
-an ingest writing the same file is never blocked by an open dashboard."""
+"""The app's reads, through `views` only, cached by Streamlit per store version. Every read opens the
+store and closes it at once, so an ingest writing the same file is never blocked by an open dashboard."""
 
 from __future__ import annotations
 
@@ -11,48 +11,27 @@ from typing import Any
 import polars as pl
 import streamlit as st
 
-from analysis.clusters import cluster
-from analysis.view import ViewSpec
-from store import queries
-from store.connect import reading
+from views import catalog
 from views.cache import ViewCache
-from views.service import Selection, compute, divergence, layer_profile, residuals
+from views.clusters import Clusters, clusters as compute_clusters
+from views.service import Selection, compute, divergence, layer_profile
+from views.specs import ViewSpec
 
 LOCK_TIMEOUT = float(os.environ.get("BRANCHLENS_LOCK_TIMEOUT", "5"))  # seconds a read waits while an ingest commits
 
 
 def version(path: str) -> tuple:
-    """Changes whenever an ingest commits to the store: part of every cache key. A short query, not file
-    times (two commits within the file system's timestamp resolution would look the same)."""
-    with reading(path, LOCK_TIMEOUT) as con:
-        return queries.fingerprint(con)
+    return catalog.version(path, LOCK_TIMEOUT)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def overview(path: str, data_version: tuple) -> dict[str, Any]:
-    """Runs (newest first) with their layers, variants and prompts."""
-    with reading(path, LOCK_TIMEOUT) as con:
-        runs = queries.list_runs(con)
-        out = {"runs": []}
-        for run in runs.iter_rows(named=True):
-            layers = queries.run_layers(con, run["run_id"])
-            out["runs"].append({
-                **{k: (str(v) if k in ("created_at", "completed_at") else v) for k, v in run.items()},
-                "layers": layers,
-                "prompts": queries.prompts(con, run["run_id"]).to_dicts(),
-                "summary": queries.run_summary(con, run["run_id"]),
-            })
-    return out
+    return catalog.overview(path, LOCK_TIMEOUT)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def branches_and_text(path: str, data_version: tuple, run_id: str, prompt_ids: tuple[int, ...] | None):
-    with reading(path, LOCK_TIMEOUT) as con:
-        branches = queries.branches(con, run_id)
-        lineage = queries.lineage_text(con, run_id, list(prompt_ids) if prompt_ids is not None else None)
-    if prompt_ids is not None:
-        branches = branches.filter(pl.col("prompt_id").is_in(list(prompt_ids)))
-    return branches, lineage
+    return catalog.branches_and_text(path, run_id, prompt_ids, LOCK_TIMEOUT)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -76,18 +55,23 @@ def apart(path: str, data_version: tuple, selection: Selection, spec_json: str) 
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def clusters(path: str, data_version: tuple, selection: Selection, spec_json: str, method: str, k: int):
-    """Token labels and cluster ids of the position-removed latents of the view."""
-    keys, X = residuals(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT)
-    return keys, cluster(X, method=method, k=k, min_cluster_size=k)
+def clusters(path: str, data_version: tuple, selection: Selection, spec_json: str, method: str, k: int) -> Clusters:
+    """Cluster ids of the view's position-removed latents (views.clusters, disk-cached too)."""
+    return compute_clusters(path, selection, ViewSpec.from_dict(json.loads(spec_json)), method, k, ViewCache(),
+                            LOCK_TIMEOUT)
 
 
 @st.cache_resource(show_spinner=False)
 def warm_up_in_background() -> threading.Thread:
     """Compile (or load) the UMAP kernels once per server process, while the user looks at the sidebar."""
-    from analysis import jit
+    from views.warmup import warm_up
 
-    thread = threading.Thread(target=jit.warm_up, name="branchlens-warm-up", daemon=True)
+    thread = threading.Thread(target=warm_up, name="branchlens-warm-up", daemon=True)
     if os.environ.get("BRANCHLENS_NO_WARMUP") != "1":
         thread.start()
     return thread
+
+
+def compiling() -> bool:
+    """True while the first UMAP of this server process may still be compiling its kernels."""
+    return warm_up_in_background().is_alive()

@@ -1,9 +1,9 @@
-"""Main-area panels: metrics, text and tree, clusters, SQL, exports."""
+"""Main-area panels (Streamlit): verdict, metrics, branch text and picking, clusters, layers, SQL, exports."""
 
 from __future__ import annotations
 
+import html
 import io
-import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -11,12 +11,11 @@ import altair as alt
 import polars as pl
 import streamlit as st
 
-from analysis.clusters import cluster_summary
-from analysis.guard import check
-from analysis.measures import MEASURES
-from analysis.verdict import p_value_text, verdict
-from store.errors import StoreBusy
-from store.sandbox import SqlError, run_query
+from dashboard import charts
+from views.clusters import Clusters
+from views.errors import SqlError, StoreBusy, StoreError
+from views.present import metric_rows, removal_note, verdict, warnings
+from views.sql import LIMITS, query
 
 T = TypeVar("T")
 
@@ -37,89 +36,76 @@ def guarded(path: str, key: str, read: Callable[..., T], *args) -> T | None:
         return None
 
 
-def _fmt(value: float, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
+TABLE_CSS = """
+<style>
+.bl-metrics {width:100%; border-collapse:collapse; font-size:0.86rem; table-layout:auto}
+.bl-metrics th, .bl-metrics td {padding:0.25rem 0.45rem; border-bottom:1px solid rgba(128,128,128,0.25);
+  text-align:right; white-space:nowrap}
+.bl-metrics th:first-child, .bl-metrics td:first-child {text-align:left; white-space:normal}
+.bl-metrics td.band {color:rgba(128,128,128,0.95); padding-left:0}
+.bl-metrics tr.warned td {background:rgba(255,75,75,0.12)}
+.bl-metrics abbr {text-decoration:none; cursor:help; border-bottom:1px dotted}
+</style>
+"""
 
 
-def _with_band(m: dict, field: str, signed: bool) -> str:
-    """'value ±half-width of its 95% band' (the band from bootstrap resamples of the query tokens)."""
-    value = m.get(field, float("nan"))
-    text = _fmt(value, signed)
-    sd = m.get("sd")
-    if text != "–" and sd is not None and not math.isnan(sd):
-        text += f" ±{1.96 * sd:.3f}"
-    return text
-
-
-# The table's rows: every shown measure (analysis.measures), with the held-out R2 after R2_pos.
-ROWS = [(m.label, m.key, m.field, m.signed, m.chance) for m in MEASURES.values() if m.shown]
-ROWS.insert(1, ("R2_pos held-out (other prompts' means)", "r2_pos", "heldout", True, "zero"))
-
-
-def metrics_table(raw: dict, res: dict) -> pl.DataFrame:
-    """Rows: metric, raw, position removed, chance; each value with the half-width of its 95% band."""
-    out = []
-    for label, name, field, signed, chance_kind in ROWS:
-        r, a = raw.get(name, {}), res.get(name, {})
-        if chance_kind == "field":
-            chance = _fmt(r.get("chance", a.get("chance", float("nan"))), signed)
-        elif chance_kind == "leak":
-            hi = a.get("chance_hi", r.get("chance_hi"))
-            chance = "+0 ±" + f"{hi:.3f}" if hi is not None and not math.isnan(hi) else "0"
-        elif chance_kind == "zero":
-            chance = "0"
-        else:
-            chance = "0.5"
-        band = field != "heldout"
-        out.append({"metric": label, "raw": _with_band(r, field, signed) if band else _fmt(r.get(field), signed),
-                    "removed": _with_band(a, field, signed) if band else _fmt(a.get(field), signed),
-                    "chance": chance})
-    return pl.DataFrame(out)
-
-
-def removal_note(removal: dict | None) -> str:
-    """One line on what the removal did: detected or not (p), how much, cross-fitted or not."""
-    if not removal or removal.get("method") == "none":
-        return ""
-    what = removal.get("nuisance", "nuisance")
-    p_text = p_value_text(removal)
-    r2 = removal.get("r2_oof")
-    r2_text = f", held-out R2 {r2:.3f} vs {removal.get('null_hi', float('nan')):.3f} by chance" \
-        if r2 is not None and not math.isnan(r2) else ""
-    if removal.get("forced"):
-        head = f"Removal forced: the {what} component was removed whole ({p_text}{r2_text})."
-    elif not removal.get("detected"):
-        head = (f"No {what} component detected at this layer ({p_text}{r2_text}): nothing was removed, "
-                "the right panel is the raw view.")
-    else:
-        head = (f"{what.capitalize()} component detected ({p_text}{r2_text}); "
-                f"{removal.get('weight', 1):.0%} of its estimate removed")
-        if removal.get("k"):
-            head += f", {removal['k']} directions"
-        head += "."
-    if removal.get("crossfit"):
-        head += (f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
-                 "removed from a token never saw its own " + str(removal.get("fold_by")) + ".")
-    if removal.get("note"):
-        head += f" {removal['note'].capitalize()}."
-    return head
+def metrics_html(raw: dict, res: dict) -> str:
+    """The metrics as an HTML table that fits a laptop screen: each number beside its band, chance and
+    its band always visible, the metric's meaning on hover (ⓘ)."""
+    head = ("<tr><th>metric</th><th>raw</th><th></th><th>removed</th><th></th><th>chance</th><th></th></tr>")
+    body = []
+    for r in metric_rows(raw, res):
+        cls = ' class="warned"' if r.warned else ""
+        label = html.escape(r.label)
+        if r.help:
+            label += f' <abbr title="{html.escape(r.help)}">ⓘ</abbr>'
+        cells = "".join(f"<td>{html.escape(v)}</td>" if i % 2 == 0 else f'<td class="band">{html.escape(v)}</td>'
+                        for i, v in enumerate((r.raw, r.raw_band, r.removed, r.removed_band, r.chance, r.chance_band)))
+        body.append(f"<tr{cls}><td>{label}</td>{cells}</tr>")
+    return f'{TABLE_CSS}<table class="bl-metrics">{head}{"".join(body)}</table>'
 
 
 def metrics_panel(raw: dict, res: dict) -> None:
-    st.dataframe(metrics_table(raw, res), hide_index=True, width="stretch")
-    st.caption("Leaks: 0 = chance (positions shuffled within branches), 1 = neighbours at the same position, "
-               "below 0 = farther apart than chance. ± is the 95% band (resampled query tokens). "
-               f"{res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")
+    st.markdown(metrics_html(raw, res), unsafe_allow_html=True)
+    st.caption("± : the 95% band (resampled query tokens). Leaks: 0 = chance (positions shuffled within "
+               "branches), 1 = neighbours at the same position, below 0 = farther apart in position than chance "
+               "(after a removal: tokens at the same position pushed apart). Hover ⓘ for what each number "
+               f"means. {res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")
     note = removal_note(res.get("removal"))
     if note:
         st.info(note)
 
 
+def verdict_panel(raw: dict, res: dict) -> None:
+    """The verdict on top of the view, and a red line for each number the removal made worse."""
+    st.markdown(verdict(raw, res))
+    for warning in warnings(raw, res):
+        st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
+                 "smoother method, or keep the raw view.")
+
+
 def text_panel(html_text: str, n_selected: int) -> None:
-    st.caption(f"{n_selected} tokens selected (marked). Draw a box in either chart to select.")
+    jump = ' · <a href="#bl-first-selected">jump to the first selected token</a>' if n_selected else ""
+    st.markdown(f"<small>{n_selected} tokens selected (marked). Draw a box or click a point in either chart, "
+                f"or pick branches and tokens above, to select.{jump}</small>", unsafe_allow_html=True)
     st.markdown(f'<div style="max-height:520px;overflow-y:auto">{html_text}</div>', unsafe_allow_html=True)
+
+
+def branch_picker(table: pl.DataFrame, key: str) -> set[int]:
+    """The branches as a table with their text; the rows a user selects are followed in both charts."""
+    event = st.dataframe(table, hide_index=True, width="stretch", height=min(38 + 35 * len(table), 280),
+                         on_select="rerun", selection_mode="multi-row", key=key,
+                         column_config={"text": st.column_config.TextColumn("text (own tokens)", width="large")})
+    rows = event.selection.rows if event and event.selection else []
+    return {int(table["branch"][i]) for i in rows}
+
+
+def token_picker(tokens: pl.DataFrame, branch: int, key: str) -> set[tuple[int, int]]:
+    """A followed branch's tokens as chips: the ones clicked are lit in both charts and the text."""
+    chosen = st.pills(f"Tokens of branch {branch} (click to light them in both charts)",
+                      tokens["position"].to_list(), selection_mode="multi", key=key,
+                      format_func=dict(zip(tokens["position"].to_list(), tokens["token_text"].to_list())).get)
+    return {(branch, int(p)) for p in chosen or []}
 
 
 def cluster_controls(key: str = "clusters") -> tuple[str, int]:
@@ -129,34 +115,61 @@ def cluster_controls(key: str = "clusters") -> tuple[str, int]:
     return method, k
 
 
-def clusters_panel(keys: pl.DataFrame, labels) -> None:
-    """Per cluster (on the position-removed latents): size, most frequent tokens, branches."""
-    summary = cluster_summary(labels, keys["token_text"].to_list(), keys["branch_id"].to_numpy())
-    st.dataframe(pl.DataFrame([{
-        "cluster": "noise" if s["cluster"] == -1 else str(s["cluster"]), "tokens": s["size"],
-        "most frequent tokens": ", ".join(f"{t!r}×{n}" for t, n in s["top_tokens"]),
-        "branches (tokens)": ", ".join(f"{b} ({n})" for b, n in s["branches"][:8]),
-    } for s in summary]), hide_index=True, width="stretch")
+def clusters_panel(found: Clusters) -> None:
+    """Per cluster (on the position-removed latents): what it holds, so a cluster of one token, of a span
+    of positions or of one prompt reads as such; a warning when one cluster holds most tokens."""
+    big = found.dominant
+    if big is not None:
+        st.warning(f"One cluster holds {big['share']:.0%} of the tokens: these settings do not split this layer "
+                   "usefully. Try k-means, a smaller minimum cluster size, or another layer.")
+    total = max(sum(s["size"] for s in found.summary), 1)
+    rows = []
+    for s in found.summary:
+        med, lo, hi = s.get("position", (float("nan"),) * 3)
+        rows.append({
+            "cluster": "noise" if s["cluster"] == -1 else str(s["cluster"]), "tokens": s["size"],
+            "share": s["size"] / total,
+            "positions (median, 10-90%)": f"{med:.0f} ({lo:.0f}-{hi:.0f})",
+            "prompts (tokens)": ", ".join(f"{p} ({n})" for p, n in s.get("prompts", [])[:6]),
+            "most frequent tokens": ", ".join(f"{t!r}×{n}" for t, n in s["top_tokens"]),
+            "branches": len(s["branches"]),
+        })
+    st.dataframe(pl.DataFrame(rows), hide_index=True, width="stretch",
+                 column_config={"share": st.column_config.ProgressColumn("share", format="percent", min_value=0,
+                                                                         max_value=1)})
+    st.caption("Colour the charts by cluster (sidebar: Colour by) to see where each one lies.")
+
+
+def layers_panel(profile: pl.DataFrame) -> None:
+    """Four numbers per layer, raw and removed, each against its chance band; the table below."""
+    cols = st.columns(2)
+    for i, (title, value, band, chance, chance_band) in enumerate(charts.PROFILE_PANELS):
+        with cols[i % 2]:
+            st.altair_chart(charts.profile_panel(profile, value, band, chance, chance_band, title), width="stretch")
+    st.caption("Lines: raw and after removal, with their 95% bands; grey: the chance band. Which layer is least "
+               "tainted by position: compare raw with the removed line and with chance. Learned absolute positions "
+               "(GPT-2) are strongest in early layers; RoPE models have none at layer 0 (token embeddings). "
+               "A probe well above chance with R2_pos near chance: position is decodable but small.")
+    st.dataframe(profile, hide_index=True, width="stretch")
 
 
 def sql_panel(store: str, run_id: str) -> None:
     """A read-only query box; a busy store gives the note and a Retry that runs the query again."""
-    st.caption("Read-only: no writes, no file or network access; at most 10,000 rows, 64 MB of results, "
-               "1 GB of memory and 10 s per query.")
+    st.caption(LIMITS)
     default = (f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
                f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20")
     sql = st.text_area("SQL", value=default, height=140, key="sql")
     if not (st.button("Run query", key="sql_run") or st.session_state.get("retry_sql")):
         return
     try:
-        result = run_query(store, sql)
+        result = query(store, sql)
     except StoreBusy:
         busy_note(store, "sql")
         return
     except SqlError as exc:
         st.error(f"Query refused or failed: {exc}")
         return
-    except Exception as exc:  # the store itself (missing, locked): a message, not a traceback
+    except StoreError as exc:  # the store itself (missing, another schema): a message, not a traceback
         st.error(str(exc))
         return
     frame = pl.from_arrow(result.table)
@@ -184,30 +197,30 @@ def downloads(frame: pl.DataFrame, name: str) -> None:
     c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq")
 
 
-def chart_exports(chart: alt.TopLevelMixin, name: str) -> None:
-    """PNG and SVG of the chart, rendered on request (vl-convert)."""
+def chart_exports(build: Callable[[], alt.TopLevelMixin], name: str) -> None:
+    """PNG and SVG of the chart `build()` returns, built and rendered on request (vl-convert)."""
     if not st.button("Prepare PNG / SVG", key=f"{name}_render"):
         return
     import vl_convert as vlc
 
-    spec = chart.to_json()
+    spec = build().to_dict()
+    _fixed_width(spec, 560)
     c1, c2 = st.columns(2)
     c1.download_button("PNG", vlc.vegalite_to_png(spec, scale=2), f"{name}.png", "image/png", key=f"{name}_png")
     c2.download_button("SVG", vlc.vegalite_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{name}_svg")
 
 
-def verdict_panel(raw: dict, res: dict) -> None:
-    """The verdict on top of the view, and a red line for each number the removal made worse."""
-    st.markdown(verdict(raw, res))
-    for warning in check(raw, res):
-        st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
-                 "smoother method, or keep the raw view.")
+def _fixed_width(spec: dict, width: int) -> None:
+    """'container' widths (which need a page) replaced by a fixed one, in place."""
+    if spec.get("width") == "container":
+        spec["width"] = width
+    for part in ("hconcat", "vconcat", "layer"):
+        for sub in spec.get(part, []):
+            _fixed_width(sub, width)
 
 
 def divergence_panel(found: dict) -> None:
     """Where branches go apart: the chart over offsets since the fork, and the per-prompt table."""
-    import dashboard.charts as charts
-
     st.caption("Distance between two related branches (a fork and its parent, or two siblings) at the same "
                "position after they part, over the distance between tokens of unrelated prompts at that "
                "position: 1 = as far apart as unrelated prompts. Bands: 95%, resampling branches. Removing "

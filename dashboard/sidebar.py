@@ -6,15 +6,8 @@ from dataclasses import dataclass
 
 import streamlit as st
 
-from analysis.project import ProjectionSpec
-from analysis.residualize import RESIDUALIZERS, ResidualSpec
-from analysis.view import ViewSpec
 from dashboard.charts import COLOR_BY
-from views.service import Selection
-
-METHOD_LABELS = {"per_position": "position: per-position mean", "regression": "position: regression",
-                 "projection": "position: project out top directions", "per_token": "token identity: per-token mean",
-                 "position_token": "position + token identity", "none": "none (centre only)"}
+from views.specs import METHOD_LABELS, ProjectionSpec, ResidualSpec, Selection, ViewSpec, methods
 
 
 @dataclass
@@ -23,7 +16,9 @@ class Controls:
     spec: ViewSpec
     color_by: str
     trajectories: bool
+    all_lines: bool
     max_points: int
+    new_prompts: list[int]  # committed since this run was opened here, and not selected
 
 
 def store_path(default: str) -> str:
@@ -31,11 +26,33 @@ def store_path(default: str) -> str:
                                  help="DuckDB file written by `python -m ingest`").strip()
 
 
-def controls(run: dict, other_runs: list[str]) -> Controls:
-    sb = st.sidebar
+def _prompts(store: str, run: dict) -> tuple[tuple[int, ...] | None, list[int]]:
+    """The chosen prompt ids (None: all of the run's) and those committed since the run was opened here
+    and not chosen. The widget is keyed by store, run and prompt count, so another store's labels never
+    linger, and the choice carries over (not reset to a default) when an ingest commits more prompts."""
     prompts = {p["prompt_id"]: p["text"] for p in run["prompts"]}
-    chosen = sb.multiselect("Prompts", list(prompts), default=list(prompts)[:4], key="prompts",
-                            format_func=lambda i: f"{i}: {prompts[i][:40]}")
+    ids = list(prompts)
+    scope = f"{store}::{run['run_id']}"
+    chosen_key, known_key = f"chosen::{scope}", f"known::{scope}"
+    before = st.session_state.get(chosen_key)
+    default = [i for i in before if i in prompts] if before is not None else ids[:4]
+    known = st.session_state.setdefault(known_key, ids)
+
+    def remember() -> None:
+        st.session_state[known_key] = ids
+
+    chosen = st.sidebar.multiselect("Prompts", ids, default=default, key=f"prompts::{scope}::{len(ids)}",
+                                    format_func=lambda i: f"{i}: {prompts[i][:40]}", on_change=remember)
+    st.session_state[chosen_key] = chosen
+    new = [i for i in ids if i not in known and i not in chosen]
+    if not chosen or set(chosen) == set(ids):
+        return None, new  # all of the run: one name for one token set (and no prompt filter)
+    return tuple(sorted(chosen)), new
+
+
+def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
+    sb = st.sidebar
+    prompt_ids, new_prompts = _prompts(store, run)
     variants = sorted(run["layers"]) or ["normal"]
     variant = sb.selectbox("Variant", variants, key="variant",
                            help="normal, or zero_pe (positional encoding neutralized) when the run has it")
@@ -47,8 +64,7 @@ def controls(run: dict, other_runs: list[str]) -> Controls:
                              help="Tokens with norms 10x+ the rest; they squash everything else when kept")
 
     sb.subheader("Nuisance removal")
-    methods = [m for m in METHOD_LABELS if m in RESIDUALIZERS] + [m for m in RESIDUALIZERS if m not in METHOD_LABELS]
-    method = sb.selectbox("Method", methods, format_func=lambda m: METHOD_LABELS.get(m, m), key="method")
+    method = sb.selectbox("Method", methods(), format_func=lambda m: METHOD_LABELS.get(m, m), key="method")
     params: dict = {}
     with sb.expander("Method parameters"):
         if method in ("per_position", "regression"):
@@ -81,12 +97,18 @@ def controls(run: dict, other_runs: list[str]) -> Controls:
             pparams["min_dist"] = st.slider("min_dist", 0.0, 1.0, 0.1, key="min_dist")
             pparams["metric"] = st.selectbox("metric", ["cosine", "euclidean"], key="metric")
         pparams["seed"] = st.number_input("seed", 0, 10_000, 0, key="seed")
-    color_by = sb.selectbox("Colour by", list(COLOR_BY), key="color_by")
-    trajectories = sb.checkbox("Trajectories and fork points", value=True, key="trajectories")
+    sb.subheader("Drawing")
+    color_by = sb.selectbox("Colour by", list(COLOR_BY), key="color_by",
+                            help="branch: a hue per prompt, a shade per branch; prompt: a hue per prompt")
+    trajectories = sb.checkbox("Branch lines and fork points", value=True, key="trajectories",
+                               help="Lines for the branches you hover, click, select in the text or brush")
+    all_lines = sb.checkbox("Draw every branch's line", value=False, key="all_lines", disabled=not trajectories,
+                            help="All trajectories at once: readable for a few branches, a mesh for many")
     max_points = sb.number_input("Max points drawn", 100, 200_000, 20_000, step=1000, key="max_points")
 
-    selection = Selection(run["run_id"], int(layer) if layer is not None else 0, variant,
-                          tuple(sorted(chosen)) if chosen else None, generated_only, fit_scope)
+    selection = Selection(run["run_id"], int(layer) if layer is not None else 0, variant, prompt_ids,
+                          generated_only, fit_scope)
     spec = ViewSpec(residual=ResidualSpec(method=method, **params), projection=ProjectionSpec(method=proj, **pparams),
                     exclude_sinks=not keep_sinks)
-    return Controls(selection, spec, color_by, trajectories, int(max_points))
+    return Controls(selection, spec, color_by, trajectories, all_lines and trajectories, int(max_points),
+                    new_prompts)

@@ -61,19 +61,28 @@ def tree_order(branches: pl.DataFrame) -> list[tuple[int, int]]:
     return order
 
 
-def branches_html(branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[tuple[int, int]]) -> str:
+def branches_html(branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[tuple[int, int]],
+                  only: set[int] | None = None) -> str:
     """The tree of each prompt as an indented list: each branch's own tokens, fork points named, the
-    highlighted (branch_id, position) tokens marked."""
+    highlighted (branch_id, position) tokens marked (the first carries the id `bl-first-selected`, for a
+    jump link). With `only`, just those branches."""
     seqs = _sequences(lineage)
     info = {b: (p, f, k) for b, p, f, k in branches.select("branch_id", "prompt_id", "fork_position", "kind").iter_rows()}
     lines = []
+    first = True
     for branch, depth in tree_order(branches):
+        if only is not None and branch not in only:
+            continue
         prompt, fork, kind = info[branch]
         seq = seqs.get(branch, [])
         own = []
         for pos in range(fork, len(seq)):
             tok = html.escape(printable(seq[pos]))
-            own.append(f"<mark>{tok}</mark>" if (branch, pos) in highlight else tok)
+            if (branch, pos) in highlight:
+                own.append(f'<mark id="bl-first-selected">{tok}</mark>' if first else f"<mark>{tok}</mark>")
+                first = False
+            else:
+                own.append(tok)
         if kind == "prompt":
             head = f"<b>prompt {prompt}</b> (branch {branch})"
         else:
@@ -83,3 +92,23 @@ def branches_html(branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[
         lines.append(f'<div style="margin-left:{pad}em;margin-bottom:0.35em">{head}: '
                      f'<span style="font-family:monospace">{"".join(own)}</span></div>')
     return "\n".join(lines)
+
+
+def branch_table(branches: pl.DataFrame, lineage: pl.DataFrame, chars: int = 120) -> pl.DataFrame:
+    """One row per branch in tree order: branch, prompt, kind, fork position, own tokens and the start
+    of their text (for picking branches by what they say)."""
+    seqs = _sequences(lineage)
+    info = {b: (p, f, k) for b, p, f, k in branches.select("branch_id", "prompt_id", "fork_position", "kind").iter_rows()}
+    rows = []
+    for branch, _ in tree_order(branches):
+        prompt, fork, kind = info[branch]
+        seq = seqs.get(branch, [])
+        rows.append((branch, prompt, kind, fork, max(len(seq) - fork, 0), printable("".join(seq[fork:]))[:chars]))
+    return pl.DataFrame(rows, schema={"branch": pl.Int64, "prompt": pl.Int64, "kind": pl.String, "from position": pl.Int64,
+                                      "tokens": pl.Int64, "text": pl.String}, orient="row")
+
+
+def branch_tokens(lineage: pl.DataFrame, branch: int, start: int) -> pl.DataFrame:
+    """A branch's own tokens (from its fork position on): position, printable token_text."""
+    rows = lineage.filter((pl.col("branch_id") == branch) & (pl.col("position") >= start)).sort("position")
+    return rows.select("position", pl.col("token_text").map_elements(printable, return_dtype=pl.String))

@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 
 from store.connect import connect_with_retry, reading
-from store.errors import StoreError, reason
+from store.errors import StoreError, StoreMissing, reason
 from store.faults import fault_point
 from store.leftovers import compact_copy, remove_stale_copies
 from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
@@ -52,7 +52,7 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
     """Rewrite the store at `path` in place (see the module doc); raises StoreError, leaving it untouched."""
     path = Path(path)
     if not path.is_file():
-        raise StoreError(f"store {path} does not exist")
+        raise StoreMissing(f"store {path} does not exist")
     remove_stale_copies(path)
     tmp = compact_copy(path, os.getpid())
     t0 = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.errors import StoreBusy, StoreError
+from store.errors import StoreBusy, StoreError, StoreMissing
 from store.schema import check_version, read_meta
 
 LOCK_MESSAGE = "Could not set lock"
@@ -71,7 +71,7 @@ def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None =
     if path.is_dir():
         raise StoreError(f"store {path} is a directory, not a DuckDB file")
     if not path.is_file():
-        raise StoreError(f"store {path} does not exist")
+        raise StoreMissing(f"store {path} does not exist")
     con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=config)
     try:
         check_version(read_meta(con, str(path)), str(path))

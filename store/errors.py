@@ -5,6 +5,10 @@ class StoreError(Exception):
     """A store file is missing, locked, of another schema version, or does not fit the data."""
 
 
+class StoreMissing(StoreError):
+    """No store at that path (or, in the app's Store box, no file the app may open there)."""
+
+
 class StoreBusy(StoreError):
     """Another process holds the file (an ingest committing): wait and try again."""
 

@@ -44,13 +44,18 @@ def open_app(path) -> AppTest:
     return at
 
 
-def chart_tables(at: AppTest) -> list[list[pa.Table]]:
-    """Per Vega-Lite chart on the page, its datasets as Arrow tables."""
+def charts(at: AppTest) -> list[tuple[dict, list[pa.Table]]]:
+    """Per Vega-Lite chart on the page: its spec and its datasets as Arrow tables."""
     out = []
     for el in _elements(at.main):
         if getattr(el, "type", None) == "vega_lite_chart":
-            out.append([pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
+            out.append((json.loads(el.proto.spec),
+                        [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets]))
     return out
+
+
+def chart_tables(at: AppTest) -> list[list[pa.Table]]:
+    return [tables for _, tables in charts(at)]
 
 
 def _elements(node):
@@ -62,19 +67,37 @@ def _elements(node):
         yield node
 
 
-def projection(at: AppTest) -> dict[str, pa.Table]:
-    """The side-by-side chart's points, trajectory vertices and fork markers."""
-    tables = chart_tables(at)[0]
-    named = {}
-    for t in tables:
-        cols = set(t.column_names)
-        if {"raw_x", "res_x", "token_text"} <= cols:
-            named["points"] = t
-        elif "order" in cols:
-            named.setdefault("lines", t)
-        elif "anchor_branch_id" in cols:
-            named.setdefault("forks", t)
-    return named
+def projection(at: AppTest, panel: str = "raw") -> dict[str, pa.Table]:
+    """One projection panel's points, trajectory vertices and fork markers ('raw' or 'res')."""
+    for spec, tables in charts(at):
+        if spec.get("title") != {"raw": "raw", "res": "position removed"}[panel]:
+            continue
+        named = {}
+        for t in tables:
+            cols = set(t.column_names)
+            if {"raw_x", "res_x", "token_text"} <= cols:
+                named["points"] = t
+            elif "order" in cols:
+                named.setdefault("lines", t)
+            elif "anchor_branch_id" in cols:
+                named.setdefault("forks", t)
+        return named
+    raise AssertionError(f"no {panel} projection on the page")
+
+
+def dots_layer(spec: dict) -> dict:
+    return next(layer for layer in spec["layer"] if layer["mark"]["type"] == "circle")
+
+
+def open_tab(at: AppTest, tab: str) -> AppTest:
+    at.session_state["tab"] = tab
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def text_caption(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if "tokens selected" in m.value)
 
 
 def expected_tokens(path, run_id, layer=1, generated_only=False) -> int:
@@ -99,9 +122,12 @@ def test_opens_the_store_with_both_projections_trajectories_and_numbers(store):
     assert len(set(parts["lines"].column("branch_id").to_pylist())) == n_branches
     # Every child starts its line at a fork point on its lineage (the BOS is never a fork point here).
     assert parts["forks"].num_rows == n_children
-    metrics = at.dataframe[0].value
-    assert "R2_pos (variance explained by position)" in metrics["metric"].to_list()
-    assert at.markdown and "<mark>" not in at.markdown[0].value  # nothing selected yet
+    table = next(m.value for m in at.markdown if "bl-metrics" in m.value)
+    assert "R2_pos (variance explained by position)" in table and "<abbr title=" in table
+    assert text_caption(at).startswith("<small>0 tokens selected")
+    assert not any("<mark" in m.value for m in at.markdown)  # nothing selected yet
+    res = projection(at, "res")["points"]
+    assert res.num_rows == parts["points"].num_rows
 
 
 def test_widgets_change_the_view(store):
@@ -119,8 +145,8 @@ def test_widgets_change_the_view(store):
     at.checkbox(key="trajectories").uncheck().run()
     assert "lines" not in projection(at) and "forks" not in projection(at)
     at.selectbox(key="color_by").set_value("position").run()
-    spec = json.loads(next(e for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart").proto.spec)
-    assert "position" in json.dumps(spec["hconcat"][0]["layer"][-1]["encoding"]["color"])
+    spec = charts(at)[0][0]
+    assert dots_layer(spec)["encoding"]["color"]["field"] == "position"
     at.checkbox(key="keep_sinks").check().run()
     assert projection(at)["points"].num_rows == before.num_rows + 3  # the three prompts' BOS tokens
     assert not at.exception
@@ -128,9 +154,14 @@ def test_widgets_change_the_view(store):
 
 def test_layers_tab_and_clusters(store):
     path, run_id = store
-    at = open_app(path)
-    profile = [t for t in chart_tables(at) if t and "method" in t[0].column_names]
-    assert profile and set(profile[0][0].column("layer").to_pylist()) == {0, 1, 2}
+    at = open_tab(open_app(path), "Layers")
+    profile = [(spec, t) for spec, t in charts(at) if t and "method" in t[0].column_names]
+    titles = {spec["title"] for spec, _ in profile}
+    assert {"R2_pos: variance explained by position", "kNN position leak, other branches",
+            "kNN position leak, other prompts only"} <= titles, titles
+    assert all(spec["height"] >= 250 for spec, _ in profile)
+    assert set(profile[0][1][0].column("layer").to_pylist()) == {0, 1, 2}
+    at = open_tab(at, "Clusters")
     clusters = at.dataframe[-1].value
     assert clusters["tokens"].sum() == expected_tokens(path, run_id)
 
@@ -143,7 +174,7 @@ def test_layers_tab_and_clusters(store):
 ])
 def test_sql_tab_refuses_writes_and_files(store, sql, message):
     path, _ = store
-    at = open_app(path)
+    at = open_tab(open_app(path), "SQL")
     at.text_area(key="sql").input(sql)
     at.button(key="sql_run").click().run()
     assert not at.exception
@@ -152,7 +183,7 @@ def test_sql_tab_refuses_writes_and_files(store, sql, message):
 
 def test_sql_tab_runs_a_query(store):
     path, run_id = store
-    at = open_app(path)
+    at = open_tab(open_app(path), "SQL")
     at.text_area(key="sql").input(f"SELECT branch_id, count(*) AS n FROM tokens WHERE run_id = '{run_id}' GROUP BY 1")
     at.button(key="sql_run").click().run()
     assert not at.error
@@ -220,8 +251,8 @@ def test_too_many_points_are_sampled_by_branch_or_binned(store):
             "GROUP BY 1", [run_id]).fetchall())
     assert all(full[b] == n for b, n in counts.items())
     at.radio(key="big_mode").set_value("density").run()
-    spec = json.loads(next(e for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart").proto.spec)
-    assert spec["hconcat"][0]["mark"]["type"] == "rect"
+    spec = charts(at)[0][0]
+    assert spec["mark"]["type"] == "rect" and spec["encoding"]["color"]["field"] == "majority_prompt"
     at.selectbox(key="color_by").set_value("cluster")
     at.radio(key="big_mode").set_value("draw all").run()
     assert projection(at)["points"].num_rows == total and not at.exception
@@ -270,49 +301,84 @@ def _store_opens(monkeypatch) -> list:
 
 
 def test_every_read_of_every_tab_shows_a_note_when_the_store_is_busy(store, tmp_path, monkeypatch):
-    """The interleaving is driven, not left to chance: for each store read the app makes (every tab),
-    another process holds the write lock exactly while that one read waits; then while the SQL tab's
-    query (a process of its own) opens the store. The app never raises; it shows the busy note with
-    Retry, and Retry shows the view."""
+    """The interleaving is driven, not left to chance: for each tab and each store read the app makes
+    with that tab open, another process holds the write lock exactly while that one read waits; then
+    while the SQL tab's query (a process of its own) opens the store. The app never raises; it shows
+    the busy note with Retry, and Retry shows the view."""
     path, _ = store
     copy = tmp_path / "busy.duckdb"
     copy.write_bytes(Path(path).read_bytes())
     calls, before, after = _store_opens(monkeypatch)
 
-    def fresh_run() -> AppTest:
+    def fresh_run(tab: str) -> AppTest:
         st.cache_data.clear()  # every read goes to the store again
         calls.clear()
         at = AppTest.from_file(APP, default_timeout=240)
         at.session_state["store_path"] = str(copy)
+        at.session_state["tab"] = tab
         at.run()
         return at
 
-    plain = fresh_run()
-    n_reads = len(calls)  # version, overview, both views, text, divergence, clusters, each layer's profile
-    assert not plain.exception and not plain.warning and n_reads >= 8, n_reads
     holder = LockHolder(copy)
     try:
-        for n in range(1, n_reads + 1):
-            before[n], after[n] = (lambda: holder.tell("lock")), (lambda: holder.tell("release"))
-            at = fresh_run()
-            before.clear(), after.clear()
-            assert not at.exception, (n, [e.value for e in at.exception])
-            assert any("ingest is committing" in w.value for w in at.warning), n
-            retry = [b for b in at.button if b.label == "Retry"]
-            assert retry, n
-            retry[0].click().run()
-            assert not at.exception and not at.warning, n
-            assert projection(at)["points"].num_rows > 0
-        # The SQL tab's query runs in a process of its own: the lock is held while it opens the store.
-        at = fresh_run()
-        holder.tell("lock")
+        common = None  # the reads every tab makes (version, overview, both views, the text)
+        for tab in ("Latent space", "Where branches go apart", "Layers", "Clusters"):
+            plain = fresh_run(tab)
+            n_reads = len(calls)
+            assert not plain.exception and not plain.warning, tab
+            common = n_reads if common is None else common
+            assert n_reads > common or tab == "Latent space", (tab, n_reads)  # the open tab reads more
+            for n in range(1 if tab == "Latent space" else common + 1, n_reads + 1):
+                before[n], after[n] = (lambda: holder.tell("lock")), (lambda: holder.tell("release"))
+                at = fresh_run(tab)
+                before.clear(), after.clear()
+                assert not at.exception, (tab, n, [e.value for e in at.exception])
+                assert any("ingest is committing" in w.value for w in at.warning), (tab, n)
+                retry = [b for b in at.button if b.label == "Retry"]
+                assert retry, (tab, n)
+                retry[0].click().run()
+                assert not at.exception and not at.warning, (tab, n)
+                assert projection(at)["points"].num_rows > 0 if tab == "Latent space" else at.markdown
+        # The SQL tab's query runs in a process of its own: the lock is taken just before that process
+        # starts (after every read of the app's own), so it is held while the query opens the store.
+        import views.sql
+
+        real_run_query = views.sql.run_query
+
+        def locked_first(*args, **kwargs):
+            holder.tell("lock")
+            return real_run_query(*args, **kwargs)
+
+        at = fresh_run("SQL")
+        monkeypatch.setattr(views.sql, "run_query", locked_first)
         at.button(key="sql_run").click().run()
+        monkeypatch.setattr(views.sql, "run_query", real_run_query)
         holder.tell("release")
-        assert not at.exception and any("ingest is committing" in w.value for w in at.warning)
+        assert not at.exception
+        assert [b.key for b in at.button if b.label == "Retry"] == ["retry_sql"]  # the query's note, not the app's
+        assert any("ingest is committing" in w.value for w in at.warning)
         [b for b in at.button if b.label == "Retry"][0].click().run()
-        assert not at.exception and not at.warning and at.dataframe
+        assert not at.exception and not at.warning and at.dataframe and "rows in" in " ".join(c.value for c in at.caption)
     finally:
         holder.close()
+
+
+def test_a_closed_tab_computes_nothing(store, monkeypatch):
+    """Layers, Clusters and the divergence compute only while their tab is open: with the first tab open
+    the app reads the store five times (version, overview, raw and removed views, text), whatever the
+    other tabs would need."""
+    path, _ = store
+    calls, _, _ = _store_opens(monkeypatch)
+    st.cache_data.clear()
+    at = open_app(path)
+    first = len(calls)
+    assert first == 5, first
+    calls.clear()
+    open_tab(at, "Layers")
+    assert len(calls) >= 3  # the version, then one read per stored layer (0, 1, 2)
+    calls.clear()
+    open_tab(at, "Latent space")
+    assert len(calls) == 1  # only the version check: every view is cached
 
 
 def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp_path):
@@ -337,6 +403,9 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     at = open_app(store)
     assert any("still being written" in i.value for i in at.info)
     assert set(projection(at)["points"].column("prompt_id").to_pylist()) == {0, 1}
+    watcher = open_app(store)  # a user who keeps the page open and chooses prompt 1 alone
+    prompt_box(watcher).set_value([1]).run()
+    assert set(projection(watcher)["points"].column("prompt_id").to_pylist()) == {1}
 
     resumed = paused_ingest(command, tmp_path, "commit:1")
     try:
@@ -352,8 +421,37 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     assert resumed.returncode == 0, err[-2000:]
     final = open_app(store)
     assert not final.warning and not any("still being written" in i.value for i in final.info)
-    assert final.multiselect(key="prompts").options == [f"{i}: {p}" for i, p in enumerate(prompts)]
+    assert prompt_box(final).options == [f"{i}: {p}" for i, p in enumerate(prompts)]
     assert set(projection(final)["points"].column("prompt_id").to_pylist()) == {0, 1, 2, 3}  # the first four
+    # The open page keeps its choice when the run grows, and says what came in meanwhile.
+    watcher.run()
+    assert not watcher.exception and prompt_box(watcher).value == [1]
+    assert set(projection(watcher)["points"].column("prompt_id").to_pylist()) == {1}
+    assert any(f"{len(prompts) - 2} prompts were committed since you opened this run" in i.value
+               for i in watcher.info), [i.value for i in watcher.info]
+
+
+def prompt_box(at: AppTest):
+    return next(m for m in at.multiselect if m.label == "Prompts")
+
+
+def test_another_store_shows_its_own_prompts(store, tmp_path):
+    """After switching store the prompt chips name the new store's prompts, never the old one's."""
+    path, _ = store
+    other = tmp_path / "other.duckdb"
+    made = subprocess.run([PYTHON, "-m", "views", "synthetic", str(other), "--prompts", "3", "--branches", "3",
+                           "--length", "12", "--d", "16"], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    at = open_app(path)
+    assert prompt_box(at).value == [0, 1, 2]  # the tiny-model store's three prompts
+    at.text_input(key="store_path").set_value(str(other)).run()
+    assert not at.exception
+    with duckdb.connect(str(other), read_only=True) as con:
+        texts = [t for (t,) in con.execute("SELECT text FROM prompts ORDER BY prompt_id").fetchall()]
+    box = prompt_box(at)
+    assert box.options == [f"{i}: {t[:40]}" for i, t in enumerate(texts)]
+    assert box.value == [0, 1, 2]
+    assert set(projection(at)["points"].column("prompt_id").to_pylist()) == {0, 1, 2}
 
 
 def test_exports(store):
@@ -398,7 +496,7 @@ def test_verdict_and_where_branches_go_apart_on_the_known_positive_store(tmp_pat
     at.selectbox(key="layer").set_value(0).run()
     text = " ".join(m.value for m in at.markdown)
     assert "organized by **token identity**" in text and "No position component detected" in text
-    specs = [json.loads(e.proto.spec) for e in _elements(at.main) if getattr(e, "type", None) == "vega_lite_chart"]
+    specs = [spec for spec, _ in charts(open_tab(at, "Where branches go apart"))]
     assert any("Where branches go apart" in json.dumps(s) for s in specs)
     assert any(s.get("facet", {}).get("field") == "prompt" for s in specs)  # a panel per prompt
 
@@ -437,7 +535,7 @@ def test_sql_results_with_vectors_display_and_download(store):
     frame = pl.from_arrow(result.table)
     flat, nested = csv_columns(frame)
     assert nested == ["vec"] and flat.columns == ["branch_id", "position"] and flat.write_csv()
-    at = open_app(path)
+    at = open_tab(open_app(path), "SQL")
     at.text_area(key="sql").set_value("SELECT * FROM latents LIMIT 2")
     at.button(key="sql_run").click().run()
     assert not at.exception and not at.error

@@ -80,31 +80,40 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
     try:
         driver.get(served_app)
         wait = WebDriverWait(driver, 240, poll_frequency=0.5)
-        # The side-by-side projections are one vega-embed chart, drawn on a canvas about 2 x 430 px wide.
-        def drawn(d) -> bool:
-            marks = d.find_elements(By.CSS_SELECTOR, ".vega-embed canvas, .vega-embed svg.marks")
-            return any(m.is_displayed() and m.size["width"] > 800 and m.size["height"] > 300 for m in marks)
+        panels = ".vega-embed canvas, .vega-embed svg.marks"
 
-        wait.until(drawn)
+        def projections(d) -> list:
+            """The two projection panels (raw, removed), drawn and at least 450 px wide."""
+            marks = [m for m in d.find_elements(By.CSS_SELECTOR, panels) if m.is_displayed()]
+            return [m for m in marks if m.size["width"] > 450 and m.size["height"] > 300][:2]
+
+        # 1600 px: the two panels side by side, each filling half the main area.
+        wait.until(lambda d: len(projections(d)) == 2)
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"]'))
-        captions = '[data-testid="stCaptionContainer"]'
-        wait.until(lambda d: any("tokens selected" in e.text for e in d.find_elements(By.CSS_SELECTOR, captions)))
+        raw, res = projections(driver)
+        assert raw.location["y"] == res.location["y"] and res.location["x"] > raw.location["x"] + raw.size["width"] - 5
+        small = "small"
+        wait.until(lambda d: any("tokens selected" in e.text for e in d.find_elements(By.TAG_NAME, small)))
         assert not driver.find_elements(By.TAG_NAME, "mark")
-        # Brush a box over the middle of the raw panel: the app reruns with the selection and marks the
-        # selected tokens in the branch text.
-        chart = next(m for m in driver.find_elements(By.CSS_SELECTOR, ".vega-embed canvas, .vega-embed svg.marks")
-                     if m.size["width"] > 800)
-        w, h = chart.size["width"], chart.size["height"]
-        ActionChains(driver).move_to_element_with_offset(chart, int(-w / 2 + 60), int(-h / 2 + 50)).click_and_hold() \
-            .move_by_offset(int(w * 0.4), int(h * 0.55)).release().perform()
+        # Brush a box over the middle of the raw panel: the app reruns with the selection, marks the
+        # selected tokens in the branch text and dims the others in both panels.
+        w, h = raw.size["width"], raw.size["height"]
+        ActionChains(driver).move_to_element_with_offset(raw, int(-w * 0.25), int(-h * 0.2)).click_and_hold() \
+            .move_by_offset(int(w * 0.45), int(h * 0.4)).release().perform()
         wait.until(lambda d: d.find_elements(By.TAG_NAME, "mark"))
-        caption = next(e.text for e in driver.find_elements(By.CSS_SELECTOR, captions)
-                       if "tokens selected" in e.text)
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"]'))
+        caption = next(e.text for e in driver.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text)
         assert int(caption.split()[0]) == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         assert "branchlens" in driver.find_element(By.TAG_NAME, "h1").text
         shot = Path(os.environ.get("BRANCHLENS_SCREENSHOT", tmp_path / "dashboard.png"))
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 20_000  # a real, non-blank picture
+        # 1000 px: the panels stack, each as wide as the main area.
+        driver.set_window_size(1000, 1300)
+        wait.until(lambda d: len(projections(d)) == 2 and projections(d)[1].location["y"] > projections(d)[0].location["y"]
+                   + projections(d)[0].size["height"] - 5)
+        raw, res = projections(driver)
+        assert abs(raw.location["x"] - res.location["x"]) < 5 and raw.size["width"] > 500
     finally:
         driver.quit()

@@ -10,7 +10,7 @@ import pytest
 
 from analysis.clusters import cluster, cluster_summary
 from analysis.synthetic import branch_tree
-from dashboard.charts import side_by_side, selected_rows
+from dashboard.charts import picked_branches, selected_rows
 from dashboard.text import branches_html, context_windows, tree_order
 from dashboard.trajectories import anchor_rows, trajectory_lines
 from store.sandbox import SqlError, run_query
@@ -42,6 +42,7 @@ def test_selected_rows_from_a_brush_event():
     chosen = selected_rows(pts, {"brush_raw": {"raw_x": [2.5, 5.5], "raw_y": [-10, 0]}, "brush_res": {}})
     assert chosen["x"].to_list() == [3.0, 4.0, 5.0]
     assert len(selected_rows(pts, {})) == len(pts)
+    assert picked_branches({"pick_raw": [{"branch_id": 3}, {"branch_id": 1}], "brush_raw": {}}) == {1, 3}
 
 
 def test_text_panel_marks_exactly_the_selection_and_escapes_tokens():
@@ -51,8 +52,10 @@ def test_text_panel_marks_exactly_the_selection_and_escapes_tokens():
         "token_text": ["<bos>", "The", " cat", "<bos>", "The", " cat", " <em>", " sat", " down", "."],
     })
     branches = BRANCHES.filter(pl.col("branch_id") <= 1)
+    out = branches_html(branches, lineage, {(1, 4), (1, 5)})
+    assert out.count("<mark") == 2 and '<mark id="bl-first-selected"> sat</mark><mark> down</mark>' in out
+    assert "prompt 0" not in branches_html(branches, lineage, {(1, 4)}, only={1})
     out = branches_html(branches, lineage, {(1, 4)})
-    assert out.count("<mark>") == 1 and "<mark> sat</mark>" in out
     assert "&lt;em&gt;" in out and "<em>" not in out
     assert "from position 3" in out
     assert tree_order(BRANCHES) == [(0, 0), (1, 1), (3, 2), (2, 2)]
@@ -60,22 +63,96 @@ def test_text_panel_marks_exactly_the_selection_and_escapes_tokens():
     assert window == ["… cat <em>[ sat] down…"]
 
 
-def test_side_by_side_links_both_panels():
+def _points() -> pl.DataFrame:
+    from dashboard.palette import branch_colors
+
     pts = POINTS.with_columns(
         pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y"), (pl.col("x") * 2).alias("res_x"),
-        pl.col("y").alias("res_y"), pl.lit(0).alias("prompt_id"), pl.lit(1).alias("depth"),
-        pl.lit(0.0).alias("logprob"), pl.lit(0).alias("cluster"), pl.lit("t").alias("token_text"),
-        pl.lit("ctx").alias("context"),
-    )
-    spec = side_by_side(pts, BRANCHES).to_dict()
-    assert [p["name"] for p in spec["params"]] == ["brush_raw", "brush_res"]
-    for panel in spec["hconcat"]:
-        dots = panel["layer"][-1]
-        condition = json.dumps(dots["encoding"]["opacity"])
-        assert "brush_raw" in condition and "brush_res" in condition
+        pl.col("y").alias("res_y"), pl.lit(1).alias("depth"), pl.lit(0.0).alias("logprob"), pl.lit(0).alias("cluster"),
+        pl.lit("t").alias("token_text"), pl.lit("ctx").alias("context"), pl.lit(0.8).alias("alpha"),
+        (pl.col("branch_id") // 2).alias("prompt_id"))
+    pts = pts.with_columns(pl.format("{}: prompt", "prompt_id").alias("prompt_label"))
+    branches = BRANCHES.with_columns((pl.col("branch_id") // 2).alias("prompt_id"))
+    return pts.join(branch_colors(branches.select("branch_id", "prompt_id")), on="branch_id"), branches
+
+
+def test_branch_shades_share_their_prompts_hue():
+    import colorsys
+
+    from dashboard.palette import branch_colors
+
+    colours = branch_colors(pl.DataFrame({"branch_id": list(range(12)), "prompt_id": [0] * 5 + [1] * 7}))
+    hls = {b: colorsys.rgb_to_hls(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))
+           for b, c in zip(colours["branch_id"], colours["shade"])}
+    assert len(set(colours["shade"])) == 12  # every branch its own shade
+    for prompt, ids in ((0, range(5)), (1, range(5, 12))):
+        hues = [hls[b][0] for b in ids]
+        assert max(hues) - min(hues) < 0.02, (prompt, hues)  # one hue family per prompt
+        assert len({round(hls[b][1], 2) for b in ids}) == len(ids)  # shades differ in lightness
+    assert abs(hls[0][0] - hls[5][0]) > 0.05  # the two prompts' hues differ
+    assert colours.filter(pl.col("branch_id") < 5)["prompt_color"].n_unique() == 1
+
+
+def test_projection_draws_lines_only_for_lit_hovered_or_clicked_branches():
+    from dashboard.charts import projection
+    from dashboard.trajectories import anchor_rows, trajectory_lines
+
+    pts, branches = _points()
+    xy = pts.select("branch_id", "position", pl.col("raw_x").alias("x"), pl.col("raw_y").alias("y"))
+    lines = trajectory_lines(xy, branches).rename({"x": "raw_x", "y": "raw_y"}).join(
+        pts.select("branch_id", "shade").unique("branch_id"), on="branch_id").with_columns(
+        (pl.col("branch_id") == 2).alias("lit"))
+    forks = anchor_rows(xy, branches).rename({"x": "raw_x", "y": "raw_y"}).with_columns(pl.lit(False).alias("lit"))
+    spec = projection(pts, lines, forks, "raw", "raw").to_dict()
+    line_layer = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "line")
+    shown = json.dumps(line_layer["transform"])
+    assert "hover_raw" in shown and "pick_raw" in shown and "datum.lit" in shown
+    dots = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "circle")
+    assert {p["name"] for p in spec["params"]} == {"brush_raw", "pick_raw", "hover_raw", "zoom_raw", "legend_raw"}
+    assert dots["encoding"]["color"]["field"] == "shade" and dots["encoding"]["color"]["scale"] is None
+    assert dots["encoding"]["x"]["scale"]["zero"] is False  # no zero baseline
+    legend = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "point" and layer["mark"].get("opacity") == 0)
+    assert legend["encoding"]["color"]["scale"]["domain"] == ["0: prompt", "1: prompt"]
+    assert spec["width"] == "container"
+    every = projection(pts, lines, forks, "raw", "raw", draw_all_lines=True).to_dict()
+    assert "transform" not in next(layer for layer in every["layer"] if layer["mark"]["type"] == "line")
     import vl_convert as vlc
 
-    assert vlc.vegalite_to_png(side_by_side(pts, BRANCHES).to_json())[:4] == b"\x89PNG"
+    static = projection(pts, lines, forks, "raw", "raw", interactive=False)
+    assert static.to_dict()["width"] == 560 and vlc.vegalite_to_png(static.to_json())[:4] == b"\x89PNG"
+
+
+def test_focus_selects_brushed_or_picked_tokens_and_lights_their_branches():
+    from dashboard.space import focus
+
+    pts, _ = _points()
+    chosen, lit = focus(pts, {"brush_raw": {"raw_x": [2.5, 5.5], "raw_y": [-10, 0]}}, set(), set())
+    assert chosen["x"].to_list() == [3.0, 4.0, 5.0] and lit == {1}
+    chosen, lit = focus(pts, {}, {2}, set())  # a clicked branch: all its tokens, its line
+    assert set(chosen["branch_id"].to_list()) == {2} and len(chosen) == 2 and lit == {2}
+    chosen, lit = focus(pts, {}, {2}, {(3, 4)})  # a picked token wins over its branch's others
+    assert chosen.select("branch_id", "position").rows() == [(3, 4)] and lit == {2, 3}
+    chosen, lit = focus(pts, {}, set(), set())
+    assert len(chosen) == 0 and lit == set()
+
+
+def test_density_keeps_the_majority_prompts_colour_and_the_mean_position():
+    from dashboard.charts import density, density_bins
+
+    pts, _ = _points()
+    cells = density_bins(pts, "raw", "branch", bins=2)
+    assert cells["tokens"].sum() == len(pts)
+    for row in cells.iter_rows(named=True):
+        def within(col: str, lo: float, hi: float) -> pl.Expr:  # half-open cells, the last one closed
+            top = pts[col].max()
+            return (pl.col(col) >= lo - 1e-9) & ((pl.col(col) < hi - 1e-9) | ((hi >= top - 1e-9) & (pl.col(col) <= hi)))
+        inside = pts.filter(within("raw_x", row["x0"], row["x1"]) & within("raw_y", row["y0"], row["y1"]))
+        top = inside["prompt_label"].value_counts().sort("count", descending=True)
+        assert row["majority_share"] == pytest.approx(top["count"][0] / len(inside))
+        assert row["mean_position"] == pytest.approx(inside["position"].mean())
+    assert density(pts, "raw", "raw", "position").to_dict()["encoding"]["color"]["field"] == "mean_position"
+    spec = density(pts, "raw", "raw", "branch").to_dict()
+    assert spec["encoding"]["color"]["field"] == "majority_prompt" and spec["width"] == "container"
 
 
 def test_clusters_find_two_blobs_and_summarize_them():

@@ -222,3 +222,63 @@ def test_raw_is_raw_whatever_the_fit_scope(tmp_path, tree):
              for scope in ("plotted", "run")]
     np.testing.assert_array_equal(views[0].result.coords, views[1].result.coords)
     assert views[0].result.metrics == views[1].result.metrics
+
+
+def test_the_whole_run_under_two_names_is_computed_once(synthetic_store, tmp_path):
+    """'All tokens of the run' with the whole run plotted is the plotted set: one cache entry, one compute."""
+    store, run_id = synthetic_store
+    cache = ViewCache(tmp_path / "cache")
+    first = compute(store, Selection(run_id, 0, fit_scope="run"), FAST, cache)
+    second = compute(store, Selection(run_id, 0, fit_scope="plotted"), FAST, cache)
+    assert first.timings["cached"] == 0.0 and second.timings["cached"] == 1.0
+    assert np.array_equal(first.result.coords, second.result.coords)
+    subset = compute(store, Selection(run_id, 0, prompt_ids=(0, 1), fit_scope="run"), FAST, cache)
+    assert subset.timings["cached"] == 0.0  # a subset fitted on the whole run is another view
+
+
+def test_clusters_are_cached_and_say_when_one_holds_most_tokens(synthetic_store, tmp_path):
+    from views.clusters import clusters
+
+    store, run_id = synthetic_store
+    cache = ViewCache(tmp_path / "cache")
+    found = clusters(store, Selection(run_id, 0), FAST, "kmeans", 4, cache)
+    assert found.tokens["cluster"].n_unique() == 4 and sum(s["size"] for s in found.summary) == len(found.tokens)
+    assert all({"position", "prompts", "share"} <= s.keys() for s in found.summary)
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1
+    again = clusters(store, Selection(run_id, 0), FAST, "kmeans", 4, cache)
+    assert again.tokens["cluster"].to_list() == found.tokens["cluster"].to_list()
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1  # served from the cache, nothing new written
+    one = clusters(store, Selection(run_id, 0), FAST, "kmeans", 1, cache)
+    assert one.dominant is not None and one.dominant["share"] == 1.0
+    assert found.dominant is None or found.dominant["share"] > 0.5
+
+
+def test_metric_rows_carry_help_band_and_chance(synthetic_store, tmp_path):
+    from analysis.measures import MEASURES
+    from views.present import metric_rows
+
+    store, run_id = synthetic_store
+    raw = compute(store, Selection(run_id, 0), ViewSpec(residual=ResidualSpec(method="none"),
+                                                       projection=FAST.projection)).result.metrics
+    res = compute(store, Selection(run_id, 0), FAST).result.metrics
+    rows = {r.key: r for r in metric_rows(raw, res)}
+    assert {k for k, m in MEASURES.items() if m.shown} <= rows.keys()
+    for key in ("leak", "leak_prompt"):
+        assert rows[key].chance == "0" and rows[key].chance_band.startswith("±") and rows[key].raw_band.startswith("±")
+    assert rows["r2_pos"].chance_band.startswith("±") and rows["projection"].raw_band.startswith("±")
+    assert all(r.help for r in rows.values())
+
+
+def test_the_dashboard_reaches_store_and_maths_only_through_views():
+    """app.py and dashboard/ import nothing from store/ or analysis/ (the views package is their door)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [root / "app.py", *(root / "dashboard").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("store", "analysis", "ingest")]
+    assert not offenders, offenders

@@ -40,22 +40,31 @@ class ViewCache:
         return self.root / digest[:2] / f"{digest}.npz"
 
     def get(self, key: dict[str, Any]) -> ViewResult | None:
-        path = self._path(key)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta"]))
-                return ViewResult(data["index"], data["coords"], None, meta["metrics"], meta["timings"])
-        except (OSError, KeyError, ValueError):  # missing or unreadable entry: a miss
+        found = self.get_arrays(key)
+        if found is None or not {"index", "coords", "meta"} <= found.keys():
             return None
+        meta = json.loads(str(found["meta"]))
+        return ViewResult(found["index"], found["coords"], None, meta["metrics"], meta["timings"])
 
     def put(self, key: dict[str, Any], result: ViewResult) -> None:
-        """Store a result atomically (write a temporary file, then rename); a full disk just skips caching."""
-        path = self._path(key)
         meta = json.dumps({"metrics": result.metrics, "timings": result.timings}, default=_jsonable)
+        self.put_arrays(key, index=result.index, coords=result.coords, meta=np.array(meta))
+
+    def get_arrays(self, key: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        """The arrays stored under key, or None (missing or unreadable entry: a miss)."""
+        try:
+            with np.load(self._path(key), allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def put_arrays(self, key: dict[str, Any], **arrays: np.ndarray) -> None:
+        """Store arrays atomically (write a temporary file, then rename); a full disk just skips caching."""
+        path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-                np.savez(tmp, index=result.index, coords=result.coords, meta=np.array(meta))
+                np.savez(tmp, **arrays)
             os.replace(tmp.name, path)
         except OSError:
             try:

@@ -13,7 +13,7 @@ from analysis.tokens import TokenSet
 from analysis.view import ViewResult, ViewSpec, compute_view, layer_stats, measure, residualize
 from store import queries
 from store.connect import is_duckdb_file, reading
-from store.errors import StoreError
+from store.errors import StoreMissing
 from views.cache import ViewCache
 
 @dataclass(frozen=True)
@@ -75,17 +75,8 @@ def compute(
     selection = _raw_is_raw(selection, spec)
     t0 = time.perf_counter()
     with reading(store, lock_timeout) as con:
-        count, digest = queries.token_digest(con, selection.run_id, selection.layer, selection.variant,
-                                             _list(selection.prompt_ids), selection.generated_only)
-        if count == 0:
-            raise ValueError(
-                f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
-            )
-        key = {"store": _identity(store), "selection": selection.key(), "rows": count, "content": digest,
-               "spec": spec.to_dict()}
+        key = content_key(con, store, selection) | {"spec": spec.to_dict()}
         ref_run = _reference_run(selection)
-        if ref_run is not None:
-            key["reference"] = queries.token_digest(con, ref_run, selection.layer, selection.variant)
         hit = cache.get(key) if cache is not None else None
         keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
                                      _list(selection.prompt_ids), selection.generated_only,
@@ -112,8 +103,23 @@ def store_to_open(path: str | Path, root: str | Path | None = None) -> Path:
     except (OSError, RuntimeError):
         inside = False
     if not inside or not is_duckdb_file(resolved):
-        raise StoreError(f"no branchlens store at {path}")
+        raise StoreMissing(f"no branchlens store at {path}")
     return resolved
+
+
+def content_key(con, store: str | Path, selection: Selection) -> dict:
+    """What decides the selected tokens' vectors: the store's path, the selection, and the row count and
+    content hash of those rows (so a run still being written, or a changed copy, is another key)."""
+    count, digest = queries.token_digest(con, selection.run_id, selection.layer, selection.variant,
+                                         _list(selection.prompt_ids), selection.generated_only)
+    if count == 0:
+        raise ValueError(
+            f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}")
+    key = {"store": _identity(store), "selection": selection.key(), "rows": count, "content": digest}
+    ref_run = _reference_run(selection)
+    if ref_run is not None:
+        key["reference"] = queries.token_digest(con, ref_run, selection.layer, selection.variant)
+    return key
 
 
 def _identity(store: str | Path) -> str:
@@ -121,8 +127,12 @@ def _identity(store: str | Path) -> str:
 
 
 def _raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
-    """A view that removes nothing is fitted on nothing: the fit scope must not change it."""
-    return replace(selection, fit_scope="plotted") if spec.residual.method == "none" else selection
+    """One name per token set and fit: a view that removes nothing is fitted on nothing (the fit scope
+    must not change it), and "all tokens of the run" when the whole run is plotted is the plotted set
+    (so the two are computed and cached once)."""
+    if spec.residual.method == "none" or (selection.fit_scope == "run" and _reference_run(selection) is None):
+        return replace(selection, fit_scope="plotted")
+    return selection
 
 
 def _independent(selection: Selection) -> bool:
@@ -184,38 +194,41 @@ def layer_profile(
                 hit = ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
                 if cache is not None:
                     cache.put(key, hit)
-            m = hit.metrics
-            nan = float("nan")
-            pcs = m.get("pcs", [])
-            rem = m.get("removal", {})
-            rows.append({
-                "layer": layer, "method": residual.label(), "r2": m["r2_pos"]["r2"], "chance": m["r2_pos"]["chance"],
-                "r2_band": 1.96 * m["r2_pos"].get("sd", nan),
-                "adjusted": m["r2_pos"]["adjusted"], "heldout": m["r2_pos"]["heldout"],
-                "leak": m.get("leak", {}).get("leak", nan), "leak_band": 1.96 * m.get("leak", {}).get("sd", nan),
-                "leak_chance_hi": m.get("leak", {}).get("chance_hi", nan),
-                "leak_prompt": m.get("leak_prompt", {}).get("leak", nan),
-                "token_leak": m.get("token_leak", {}).get("leak", nan),
-                "token_chance": m.get("token_leak", {}).get("chance", nan),
-                "probe_r2": m.get("probe", {}).get("r2", nan), "probe_chance_hi": m.get("probe", {}).get("chance_hi", nan),
-                **{f"pc{i + 1}_position": pc["pos_r2"] for i, pc in enumerate(pcs)},
-                **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(pcs)},
-                "detected": rem.get("detected"), "p": rem.get("p_value", nan), "removed": rem.get("weight", nan),
-            })
+            rows.append(profile_row(layer, residual.label(), hit.metrics))
     return rows
 
 
-def residuals(
-    store: str | Path, selection: Selection, spec: ViewSpec, lock_timeout: float = 0.0
-) -> tuple[pl.DataFrame, np.ndarray]:
-    """The plotted tokens (sinks dropped as in the view) and their residual vectors, for clustering."""
-    with reading(store, lock_timeout) as con:
-        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
-                                     _list(selection.prompt_ids), selection.generated_only)
-        ref_run = _reference_run(selection)
-        reference = _reference(con, ref_run, selection) if ref_run is not None else None
-    index, tokens, _ = residualize(to_token_set(keys, X), spec, reference, _independent(selection))
-    return keys[index], tokens.X
+def profile_row(layer: int, method: str, m: dict) -> dict:
+    """One layer_profile row from a view's metrics: each number with its 95% band half-width and its
+    chance level (and that level's band)."""
+    nan = float("nan")
+
+    def get(name: str, field: str) -> float:
+        value = (m.get(name) or {}).get(field, nan)
+        return nan if value is None else float(value)
+
+    def band(name: str, field: str = "sd") -> float:
+        return 1.96 * get(name, field)
+
+    probe = m.get("probe") or {}
+    rem = m.get("removal") or {}
+    return {
+        "layer": layer, "method": method,
+        "r2": get("r2_pos", "r2"), "r2_band": band("r2_pos"), "chance": get("r2_pos", "chance"),
+        "chance_band": band("r2_pos", "chance_sd"),
+        "adjusted": get("r2_pos", "adjusted"), "heldout": get("r2_pos", "heldout"),
+        "leak": get("leak", "leak"), "leak_band": band("leak"), "leak_chance": 0.0,
+        "leak_chance_band": get("leak", "chance_hi"), "leak_chance_hi": get("leak", "chance_hi"),
+        "leak_prompt": get("leak_prompt", "leak"), "leak_prompt_band": band("leak_prompt"),
+        "leak_prompt_chance_band": get("leak_prompt", "chance_hi"),
+        "token_leak": get("token_leak", "leak"), "token_chance": get("token_leak", "chance"),
+        "probe_r2": get("probe", "r2"), "probe_band": band("probe"), "probe_chance": get("probe", "chance"),
+        "probe_chance_band": 1.96 * float(probe.get("chance_sd", nan) if probe.get("chance_sd") is not None else nan),
+        "probe_chance_hi": get("probe", "chance_hi"),
+        **{f"pc{i + 1}_position": pc["pos_r2"] for i, pc in enumerate(m.get("pcs", []))},
+        **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(m.get("pcs", []))},
+        "detected": rem.get("detected"), "p": rem.get("p_value", nan), "removed": rem.get("weight", nan),
+    }
 
 
 def divergence(

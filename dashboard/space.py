@@ -1,0 +1,166 @@
+"""The "Latent space" tab: raw and position-removed projections that fill the width, selections that
+follow a branch or a box across both, the branch text with picking, the metrics and the exports."""
+
+from __future__ import annotations
+
+import altair as alt
+import polars as pl
+import streamlit as st
+
+from dashboard import charts, panels, text
+from dashboard.palette import branch_colors
+from dashboard.trajectories import anchor_rows, trajectory_lines
+
+PANELS = (("raw", "raw"), ("res", "position removed"))
+CHART_KEYS = {prefix: f"proj_{prefix}" for prefix, _ in PANELS}
+DIM, SHOWN, FOCUSED = 0.07, 0.8, 0.95
+# Two panels side by side from ~1200 px, stacked below (Streamlit's own columns stack only below 640 px).
+RESPONSIVE_CSS = """<style>
+@media (max-width: 1200px) {
+  .st-key-bl-panels [data-testid="stHorizontalBlock"] {flex-direction: column;}
+  .st-key-bl-panels [data-testid="stColumn"] {width: 100% !important; flex: 1 1 100% !important;}
+}
+</style>"""
+
+
+def prepare_points(raw: pl.DataFrame, res: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame,
+                   prompts: dict[int, str]) -> pl.DataFrame:
+    """One row per token in both views: raw_x/raw_y, res_x/res_y, labels, text around it, prompt label,
+    its prompt's hue and its branch's shade."""
+    points = res.rename({"x": "res_x", "y": "res_y"}).join(
+        raw.select("branch_id", "position", pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y")),
+        on=["branch_id", "position"], how="inner")
+    colours = branch_colors(branches.select("branch_id", "prompt_id"))
+    points = points.join(colours, on="branch_id", how="left").with_columns(
+        pl.Series("context", text.context_windows(points, lineage)),
+        pl.col("token_text").map_elements(text.printable, return_dtype=pl.String),
+        pl.col("prompt_id").map_elements(lambda p: f"{p}: {text.printable(prompts.get(p, ''))[:48]}",
+                                         return_dtype=pl.String).alias("prompt_label"),
+    )
+    return points.with_columns(pl.col("prompt_color").fill_null("#888888"), pl.col("shade").fill_null("#888888"))
+
+
+def _chart_selection(key: str) -> dict:
+    state = st.session_state.get(key)
+    selection = getattr(state, "selection", None) if state is not None else None
+    if selection is None and isinstance(state, dict):
+        selection = state.get("selection")
+    return dict(selection or {})
+
+
+def _brushes(selection: dict) -> dict:
+    return {k: v for k, v in selection.items() if isinstance(v, dict) and v}
+
+
+def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tuple[int, int]]
+          ) -> tuple[pl.DataFrame, set[int]]:
+    """The selected tokens and the branches whose lines are drawn. Selected: the tokens inside every
+    brush ({param: {field: [lo, hi]}}, from either chart) and the picked tokens; with neither, every token
+    of the picked branches. Lines: the picked branches and those of the selected tokens."""
+    chosen = charts.selected_rows(points, brushes) if brushes else points.head(0)
+    if tokens:
+        keys = pl.DataFrame(list(tokens), schema={"branch_id": pl.Int64, "position": pl.Int64}, orient="row")
+        chosen = pl.concat([chosen, points.join(keys, on=["branch_id", "position"], how="semi")]).unique(
+            ["branch_id", "position"], maintain_order=True)
+    if not len(chosen) and picked:
+        chosen = points.filter(pl.col("branch_id").is_in(list(picked)))
+    lit = set(picked) | set(chosen["branch_id"].unique().to_list())
+    return chosen, lit
+
+
+def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, ctl, raw_metrics: dict,
+           res_metrics: dict, name: str) -> None:
+    """The tab's whole body."""
+    table = text.branch_table(branches, lineage)
+    table_rows = _table_rows("branch_table")
+    picked_in_table = {int(table["branch"][i]) for i in table_rows if i < len(table)}
+    picked = picked_in_table.copy()
+    for prefix, _ in PANELS:
+        picked |= charts.picked_branches(_chart_selection(CHART_KEYS[prefix]))
+    first = min(picked_in_table) if picked_in_table else (min(picked) if picked else None)
+    pill_key = f"tokens_of_{first}"
+    token_sel = {(first, int(p)) for p in (st.session_state.get(pill_key) or [])} if first is not None else set()
+    brushes = {}
+    for prefix, _ in PANELS:
+        brushes |= _brushes(_chart_selection(CHART_KEYS[prefix]))
+    chosen, lit = focus(points, brushes, picked, token_sel)
+
+    drawn = points
+    big = len(points) > ctl.max_points
+    mode = "draw all"
+    if big:
+        mode = st.radio(f"{len(points):,} tokens is more than {ctl.max_points:,} to draw:",
+                        ["sample branches", "density", "draw all"], horizontal=True, key="big_mode")
+        st.warning("Large views slow the browser down; sampling keeps whole branches, density bins the plane "
+                   "and keeps the colour of the majority prompt (or the mean position).")
+        if mode == "sample branches":
+            drawn = charts.sample_branches(points, ctl.max_points)
+            st.caption(f"Drawn: {len(drawn):,} of {len(points):,} tokens "
+                       f"({drawn['branch_id'].n_unique()} of {points['branch_id'].n_unique()} whole branches).")
+    keyed = chosen.select("branch_id", "position").with_columns(pl.lit(True).alias("_on"))
+    drawn = drawn.join(keyed, on=["branch_id", "position"], how="left").with_columns(
+        pl.when(pl.lit(len(chosen) > 0)).then(pl.when(pl.col("_on")).then(FOCUSED).otherwise(DIM))
+        .otherwise(SHOWN).alias("alpha")).drop("_on")
+
+    st.markdown(RESPONSIVE_CSS, unsafe_allow_html=True)
+    built, static = {}, {}
+    with st.container(key="bl-panels"):
+        cols = st.columns(2)
+        for col, (prefix, title) in zip(cols, PANELS):
+            with col:
+                if big and mode == "density":
+                    built[prefix] = charts.density(points, prefix, title, ctl.color_by)
+                    st.altair_chart(built[prefix], width="stretch", key=f"density_{prefix}")
+                    continue
+                lines = forks = None
+                if ctl.trajectories:
+                    xy = drawn.select("branch_id", "position", pl.col(f"{prefix}_x").alias("x"),
+                                      pl.col(f"{prefix}_y").alias("y"))
+                    shade = drawn.select("branch_id", "shade").unique("branch_id")
+                    lit_col = pl.col("branch_id").is_in(list(lit)).alias("lit")
+                    lines = trajectory_lines(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
+                        .join(shade, on="branch_id", how="left").with_columns(lit_col)
+                    forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
+                        .with_columns(lit_col)
+                built[prefix] = charts.projection(drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
+                static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
+                st.altair_chart(built[prefix], width="stretch", key=CHART_KEYS[prefix], on_select="rerun",
+                                selection_mode=[f"brush_{prefix}", f"pick_{prefix}"])
+    if big and mode == "density":
+        st.caption(f"Density of all {len(points):,} tokens: colour = "
+                   f"{'mean position' if ctl.color_by == 'position' else 'majority prompt'} per cell, opacity = "
+                   "token count (log). Switch to sampling to select tokens.")
+    else:
+        st.caption(charts.HOW_TO)
+
+    st.subheader("How much position is left")
+    panels.metrics_panel(raw_metrics, res_metrics)
+
+    st.subheader("Branches")
+    only_selected = st.toggle("Only branches with selected tokens", value=False, key="only_selected",
+                              disabled=not len(chosen))
+    panels.branch_picker(table, "branch_table")
+    if first is not None:
+        start = int(branches.filter(pl.col("branch_id") == first)["fork_position"][0]) if first in \
+            set(branches["branch_id"].to_list()) else 0
+        panels.token_picker(text.branch_tokens(lineage, first, start), first, pill_key)
+    highlight = set(chosen.select("branch_id", "position").iter_rows())
+    only = set(chosen["branch_id"].to_list()) if only_selected and len(chosen) else None
+    panels.text_panel(text.branches_html(branches, lineage, highlight, only), len(chosen))
+
+    with st.expander("Export"):
+        if static:  # the two panels as one picture, without the interactive parts
+            panels.chart_exports(lambda: alt.hconcat(*(charts.projection(*a, interactive=False)
+                                                       for a in static.values())), f"branchlens-{name}")
+        panels.downloads(points.drop("context"), f"points-{name}")
+
+
+def _table_rows(key: str) -> list[int]:
+    state = st.session_state.get(key)
+    selection = getattr(state, "selection", None) if state is not None else None
+    if selection is None and isinstance(state, dict):
+        selection = state.get("selection")
+    rows = getattr(selection, "rows", None) if selection is not None else None
+    if rows is None and isinstance(selection, dict):
+        rows = selection.get("rows")
+    return list(rows or [])

@@ -1,0 +1,113 @@
+"""What the app says about a view, as text and rows (no Streamlit): the verdict, the guard's warnings,
+the removal's one-line note and the metrics table with help, bands and chance for every row."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from analysis.guard import Warning, check
+from analysis.measures import MEASURES
+from analysis.verdict import p_value_text, verdict
+
+__all__ = ["MetricRow", "Warning", "metric_rows", "removal_note", "verdict", "warnings"]
+
+Z = 1.96
+HELD_OUT_HELP = ("R2 of each token predicted by the other prompts' mean at its position, against their overall "
+                 "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
+                 "fit only noise or content.")
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One line of the metrics table: each number as text, its 95% band's half-width apart, so the table
+    can keep both visible at any width."""
+
+    key: str
+    label: str
+    help: str
+    raw: str
+    raw_band: str
+    removed: str
+    removed_band: str
+    chance: str
+    chance_band: str
+    warned: bool  # the guard flagged this number after removal
+
+
+def _fmt(value, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _band(m: dict) -> str:
+    sd = m.get("sd")
+    return f"±{Z * sd:.3f}" if isinstance(sd, (int, float)) and math.isfinite(sd) else ""
+
+
+def _chance(kind: str, raw: dict, removed: dict, signed: bool) -> tuple[str, str]:
+    """(chance level, its band) as the table reads them: a leak's chance is 0, its band the shuffles'."""
+    if kind == "field":
+        m = raw if "chance" in raw else removed
+        sd = m.get("chance_sd")
+        band = f"±{Z * sd:.3f}" if isinstance(sd, (int, float)) and math.isfinite(sd) and sd > 0 else ""
+        return _fmt(m.get("chance", float("nan")), signed), band
+    if kind == "leak":
+        hi = removed.get("chance_hi", raw.get("chance_hi"))
+        return "0", (f"±{hi:.3f}" if isinstance(hi, (int, float)) and math.isfinite(hi) else "")
+    return ("0", "") if kind == "zero" else ("0.5", "")
+
+
+def metric_rows(raw: dict, removed: dict) -> list[MetricRow]:
+    """Every shown measure (analysis.measures), with the held-out R2 after R2_pos; rows whose number
+    neither view has are left out."""
+    flagged = {w.metric for w in check(raw, removed)}
+    rows = []
+    for m in MEASURES.values():
+        if not m.shown:
+            continue
+        r, a = raw.get(m.key) or {}, removed.get(m.key) or {}
+        if not r and not a:
+            continue
+        chance, chance_band = _chance(m.chance, r, a, m.signed)
+        rows.append(MetricRow(m.key, m.label, m.help, _fmt(r.get(m.field), m.signed), _band(r),
+                              _fmt(a.get(m.field), m.signed), _band(a), chance, chance_band, m.key in flagged))
+        if m.key == "r2_pos":
+            rows.append(MetricRow("r2_heldout", "R2_pos held-out (other prompts' means)", HELD_OUT_HELP,
+                                  _fmt(r.get("heldout"), True), "", _fmt(a.get("heldout"), True), "", "0", "",
+                                  False))
+    return rows
+
+
+def warnings(raw: dict, removed: dict) -> list[Warning]:
+    """The guard's warnings: numbers the removal moved the wrong way beyond their band."""
+    return check(raw, removed)
+
+
+def removal_note(removal: dict | None) -> str:
+    """One line on what the removal did: detected or not (p), how much, cross-fitted or not."""
+    if not removal or removal.get("method") == "none":
+        return ""
+    what = removal.get("nuisance", "nuisance")
+    p_text = p_value_text(removal)
+    r2 = removal.get("r2_oof")
+    r2_text = f", held-out R2 {r2:.3f} vs {removal.get('null_hi', float('nan')):.3f} by chance" \
+        if r2 is not None and not math.isnan(r2) else ""
+    if removal.get("forced"):
+        head = f"Removal forced: the {what} component was removed whole ({p_text}{r2_text})."
+    elif not removal.get("detected"):
+        head = (f"No {what} component detected at this layer ({p_text}{r2_text}): nothing was removed, "
+                "the right panel is the raw view.")
+    else:
+        head = (f"{what.capitalize()} component detected ({p_text}{r2_text}); "
+                f"{removal.get('weight', 1):.0%} of its estimate removed")
+        if removal.get("k"):
+            head += f", {removal['k']} directions"
+        head += "."
+    if removal.get("crossfit"):
+        head += (f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
+                 "removed from a token never saw its own " + str(removal.get("fold_by")) + ".")
+    if removal.get("note"):
+        head += f" {removal['note'].capitalize()}."
+    return head
