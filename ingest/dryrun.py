@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ingest import kvcache
 from ingest.config import RunConfig
 from ingest.models import LoadedModel
 from ingest.prepare import prepare
@@ -94,8 +95,7 @@ def _decode_step_seconds(lm: LoadedModel, prompt: list[int], rows: int = 1, step
     """Median time of one decode step of `rows` rows after a prefill of the first prompt."""
     ids = torch.tensor([prompt], device=lm.device)
     out = lm.model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
-    past.batch_repeat_interleave(rows)
+    past = kvcache.repeat_rows(out.past_key_values, rows)
     token = out.logits[:, -1:].argmax(-1).expand(rows, 1)
     times = []
     for _ in range(steps):
