@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from ingest.config import FORK_RULES, build_config, load_config_file, parse_layers, read_prompt_file
+from ingest.config import SETTINGS, build_config, default_of, default_text, load_config_file
 from ingest.errors import IngestError
 from store.errors import StoreError
 
@@ -22,34 +23,9 @@ def parser() -> argparse.ArgumentParser:
                     "With no arguments, runs the bundled demo (ingest/demo.toml).",
     )
     p.add_argument("--config", help="TOML or JSON run config (any setting below; flags override it)")
-    p.add_argument("--prompts", help="prompt file: .txt one prompt per line, or .toml/.json with 'prompts'")
-    p.add_argument("--model", help="bundled alias (gemma-3-270m), local HF directory, .gguf file or hub id")
-    p.add_argument("--samples", type=int, help="continuations per prompt (default 3)")
-    p.add_argument("--forks", type=int, help="children forked off each branch (default 2; 0 = none)")
-    p.add_argument("--depth", type=int, help="levels of forking below the samples (default 1)")
-    p.add_argument("--fork-rule", choices=FORK_RULES, help="where to fork: highest-entropy tokens, or fixed offsets")
-    p.add_argument("--fork-offsets", help="offsets from a branch's first token for --fork-rule offsets, e.g. 4,8")
-    p.add_argument("--min-child-tokens", type=int, help="forks leave room for at least this many tokens (default 4)")
-    p.add_argument("--max-new-tokens", type=int, help="tokens generated after the prompt (default 32)")
-    p.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, help="seed; same seed + settings + device = same tree (default 0)")
-    p.add_argument("--ignore-eos", action="store_true", default=None, help="keep generating past end-of-sequence")
+    add_settings(p.add_argument_group("run settings (README 'Ingest'; flags override the config file)"))
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (prompts, branches, tokens, layers, store size, time) and stop")
-    p.add_argument("--zero-pe", action="store_true", default=None,
-                   help="also store latents re-encoded with positional encoding neutralized (variant zero_pe)")
-    p.add_argument("--batch-rows", type=int, help="branches decoded together at most (default 64; lower it if "
-                   "GPU memory runs out; the tree stays the same)")
-    p.add_argument("--no-compact", action="store_true", default=None,
-                   help="skip rewriting the store without free space at the end (see README 'Store size')")
-    p.add_argument("--layers", help="'spread' (default), 'all', or a list like 0,6,-1 (0 = embeddings)")
-    p.add_argument("--device", help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto = bf16/fp16 on GPU, fp32 on CPU")
-    p.add_argument("--store", help="DuckDB store file (default branchlens.duckdb)")
-    p.add_argument("--run-id", help="name of the run (default: run-<hash of the settings>)")
     dist = p.add_argument_group("distributed (Ray; pip install -e \".[distributed]\")")
     dist.add_argument("--workers", type=int, help="Ray actors, one per GPU (CPU actors where there is no GPU); "
                       "default with --ray-address: one per GPU, else per CPU")
@@ -60,27 +36,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in ("model", "samples", "forks", "depth", "fork_rule", "min_child_tokens", "max_new_tokens",
-                     "temperature", "top_p", "top_k", "seed", "device", "dtype", "store", "run_id", "batch_rows")
-    }
-    if args.layers is not None:
-        out["layers"] = parse_layers(args.layers)
-    if args.fork_offsets is not None:
-        try:
-            out["fork_offsets"] = [int(v) for v in args.fork_offsets.split(",") if v.strip()]
-        except ValueError:
-            raise IngestError(f"--fork-offsets must be integers like 4,8, got {args.fork_offsets!r}") from None
-    if args.ignore_eos:
-        out["stop_at_eos"] = False
-    if args.zero_pe:
-        out["zero_pe"] = True
-    if args.no_compact:
-        out["compact"] = False
-    if args.prompts is not None:
-        out["prompts"] = read_prompt_file(args.prompts)
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def add_settings(group: argparse._ActionsContainer) -> None:
+    """One flag per run setting, from its declaration in RunConfig; a flag not given leaves it None."""
+    for f in SETTINGS:
+        meta = f.metadata
+        default = default_of(f)
+        if isinstance(default, bool):  # a switch to the other value
+            group.add_argument(flag_of(f), dest=f.name, action="store_const", const=not default, default=None,
+                               help=f"{meta['help']} (sets {f.name} = {str(not default).lower()})")
+            continue
+        kind = type(default) if isinstance(default, (int, float)) and meta["parse"] is None else str
+        group.add_argument(flag_of(f), dest=f.name, type=kind, choices=meta["choices"],
+                           help=f"{meta['help']} (default {default_text(f)})")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags, parsed (the config file's values stay for the others)."""
+    out: dict[str, Any] = {}
+    for f in SETTINGS:
+        value = getattr(args, f.name)
+        if value is not None:
+            out[f.name] = f.metadata["parse"](value) if f.metadata["parse"] else value
     return out
 
 
@@ -93,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             file_values = load_config_file(Path(str(files("ingest").joinpath(DEMO_CONFIG))))
         else:
             file_values = {}
-        cfg = build_config(file_values, _overrides(args))
+        cfg = build_config(file_values, overrides(args))
         if args.dry_run:
             from ingest.dryrun import dry_run
 

@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,42 +18,6 @@ from ingest.errors import IngestError
 DEFAULT_MODEL = "gemma-3-270m"
 FORK_RULES = ("entropy", "offsets")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass
-class RunConfig:
-    """Everything one ingest run needs. See README 'Run config' for the meaning of each field."""
-
-    model: str = DEFAULT_MODEL
-    prompts: list[str] = field(default_factory=list)
-    samples: int = 3
-    forks: int = 2
-    depth: int = 1
-    fork_rule: str = "entropy"
-    fork_offsets: list[int] = field(default_factory=lambda: [4, 8])
-    min_child_tokens: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop_at_eos: bool = True
-    layers: str | list[int] = "spread"
-    device: str = "auto"
-    dtype: str = "auto"
-    store: str = "branchlens.duckdb"
-    run_id: str | None = None
-    zero_pe: bool = False  # also store latents re-encoded with positions neutralized (variant 'zero_pe')
-    batch_rows: int = 64  # branches decoded together at most (GPU memory knob; does not change the tree)
-    compact: bool = True  # rewrite the store without free space at the end of the run
-
-
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
-# Settings that change what is written; the run hash (and so resume) depends on these only.
-OUTPUT_FIELDS = (
-    "model", "prompts", "samples", "forks", "depth", "fork_rule", "fork_offsets", "min_child_tokens",
-    "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop_at_eos",
-)
 
 
 # Bump when the same settings and seed would sample other tokens (so a resume never mixes two samplers).
@@ -161,6 +126,88 @@ def parse_layers(value: Any) -> str | list[int]:
     if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return list(value)
     raise IngestError(f"'layers' must be 'spread', 'all' or a list of integers, got {value!r}")
+
+
+def parse_offsets(text: str) -> list[int]:
+    """The --fork-offsets flag's text, e.g. '4,8'."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise IngestError(f"--fork-offsets must be integers like 4,8, got {text!r}") from None
+
+
+def setting(default: Any, help: str, *, output: bool = False, flag: str | None = None,
+            parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] | None = None,
+            shown: str | None = None) -> Any:
+    """Declare a run setting: its default and the help text of its flag (`--name-with-dashes`, or `flag`).
+
+    output: the setting decides what is written, so the run hash covers it. A true/false setting's flag
+    is a switch to the other value, and its help says what the switch does. parse: turns the flag's text
+    into the value. shown: how docs and help show a default that is not a value (None)."""
+    meta = dict(help=help, output=output, flag=flag, parse=parse, choices=choices, shown=shown)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything one ingest run needs: the one declaration of every setting, its default and its help
+    (the CLI's flags are built from these; README and examples/run.toml are checked against them)."""
+
+    model: str = setting(DEFAULT_MODEL, "bundled alias (gemma-3-270m), local Hugging Face model directory, "
+                         ".gguf file or hub id", output=True)
+    prompts: list[str] = setting([], "prompt file: .txt one prompt per line, or .toml/.json with 'prompts'; with "
+                                 "neither this nor --config the demo runs",
+                                 output=True, parse=read_prompt_file)
+    samples: int = setting(3, "continuations sampled from each prompt", output=True)
+    forks: int = setting(2, "children forked off each branch (0 = none)", output=True)
+    depth: int = setting(1, "levels of forking below the samples (2 = forks of forks)", output=True)
+    fork_rule: str = setting("entropy", "where to fork: the branch's highest-entropy tokens, or fixed offsets "
+                             "from its first token", output=True, choices=FORK_RULES)
+    fork_offsets: list[int] = setting([4, 8], "offsets for --fork-rule offsets, e.g. 4,8", output=True,
+                                      parse=parse_offsets)
+    min_child_tokens: int = setting(4, "a fork leaves room for at least this many tokens", output=True)
+    max_new_tokens: int = setting(32, "tokens generated after the prompt", output=True)
+    temperature: float = setting(1.0, "sampling temperature; 0 = greedy", output=True)
+    top_p: float = setting(1.0, "nucleus sampling mass (1.0 = off)", output=True)
+    top_k: int = setting(0, "sample among the k most likely tokens (0 = off)", output=True)
+    seed: int = setting(0, "same seed + settings + device = the same tree", output=True)
+    stop_at_eos: bool = setting(True, "keep generating past end-of-sequence", output=True, flag="--ignore-eos")
+    layers: str | list[int] = setting("spread", "'spread' (0, L/4, L/2, 3L/4, L), 'all', or a list like 0,6,-1 "
+                                      "(0 = embeddings)", parse=parse_layers)
+    device: str = setting("auto", "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = setting("auto", "auto = bf16 (else fp16) on GPU, fp32 on CPU", choices=DTYPES)
+    store: str = setting("branchlens.duckdb", "the DuckDB store file to write")
+    run_id: str | None = setting(None, "name of the run", shown="run-<hash>")
+    zero_pe: bool = setting(False, "also store latents re-encoded with positional encoding neutralized "
+                            "(variant zero_pe)")
+    batch_rows: int = setting(64, "branches decoded together at most; lower it if GPU memory runs out (the "
+                              "tree stays the same)")
+    compact: bool = setting(True, "skip rewriting the store without free space at the end (see README "
+                            "'Store size')", flag="--no-compact")
+
+
+SETTINGS = dataclasses.fields(RunConfig)
+FIELD_NAMES = tuple(f.name for f in SETTINGS)
+# Settings that change what is written; the run hash (and so resume) depends on these only.
+OUTPUT_FIELDS = tuple(f.name for f in SETTINGS if f.metadata["output"])
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def default_text(f: dataclasses.Field) -> str:
+    """A setting's default as docs and help show it: TOML spelling, strings bare."""
+    value = default_of(f)
+    if f.metadata["shown"] is not None:
+        return f.metadata["shown"]
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
 
 
 def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -10,7 +10,6 @@ so retries and resumed runs never duplicate rows.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -62,40 +61,31 @@ class ShardWorker:
     def __init__(self, values: dict[str, Any]):
         import torch
 
-        from ingest.generate import TreeBuilder
-        from ingest.models import load_model, resolve_device, resolve_dtype
-        from ingest.config import resolve_layers
-        from ingest.run import run_record, tokenize_prompts
-        from ingest.tree import TreePlan
+        from ingest.models import resolve_device
+        from ingest.prepare import prepare
 
         cfg = build_config(values)
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
-        if device.type == "cpu":
+        if resolve_device(cfg.device).type == "cpu":
             torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.lm = load_model(cfg.model, device, dtype, log=lambda _m: None)
-        self.cfg = cfg
-        self.layers = resolve_layers(cfg.layers, self.lm.n_layers)
-        self.prompt_ids = tokenize_prompts(self.lm, cfg)
-        self.run = run_record(cfg, self.lm, self.layers, device, dtype)
-        self.builder = TreeBuilder(self.lm, cfg, self.layers, TreePlan(cfg.samples, cfg.forks, cfg.depth),
-                                   batch_rows=cfg.batch_rows)
+        self.prep = prepare(cfg)
+        self.builder = self.prep.tree_builder()
 
     def describe(self) -> dict[str, Any]:
-        return {"run": dataclasses.asdict(self.run), "pid": os.getpid()}
+        return {"run": dataclasses.asdict(self.prep.run), "pid": os.getpid()}
 
     def build(self, run_path: str, task: int, prompt_ids: list[int]) -> tuple[int, int, float, bool]:
         """Build and write one task's shard: (task, generated tokens, seconds, written now)."""
-        from store.shards import shard_name, write_shard
+        from store.shards import shard_exists, write_shard
 
         path = Path(run_path)
-        if (path / shard_name(task)).exists():  # a retry of a task that finished before its worker died
+        if shard_exists(path, task):  # a retry of a task that finished before its worker died
             return task, 0, 0.0, False
         t0 = time.perf_counter()
         before = self.builder.stats.generated_tokens
-        prompts = [(p, self.cfg.prompts[p], len(self.prompt_ids[p]), self.builder.build(p, self.prompt_ids[p]))
+        prep = self.prep
+        prompts = [(p, prep.cfg.prompts[p], len(prep.prompt_ids[p]), self.builder.build(p, prep.prompt_ids[p]))
                    for p in prompt_ids]
-        written = write_shard(path, task, prompts, self.layers)
+        written = write_shard(path, task, prompts, prep.layers)
         return task, self.builder.stats.generated_tokens - before, time.perf_counter() - t0, written
 
 
@@ -109,14 +99,14 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         from ray.util import ActorPool
     except ImportError:
         raise IngestError("--workers/--ray-address need Ray: pip install -e \".[distributed]\"") from None
-    from ingest.run import branchlens_version
+    from ingest.prepare import branchlens_version, require_prompts
+    from store.compact import compact_if_worth
     from store.connect import reading
     from store.queries import run_summary
-    from store.shards import finished_shards, merge, write_manifest
+    from store.shards import finished_shards, merge, run_dir, task_prompts, write_manifest
     from store.writer import StoreWriter
 
-    if not cfg.prompts:
-        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
+    require_prompts(cfg)
     if cfg.zero_pe:
         raise IngestError("--zero-pe is not yet available with --workers; add it after the merge with "
                           "python -m ingest.zero_pe STORE")
@@ -152,13 +142,13 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         from store.records import RunRecord
 
         run = RunRecord(**described["run"])
-        root = Path(shards) if shards else Path(f"{cfg.store}.shards")
-        run_path = root / run.run_id
+        run_path = run_dir(cfg.store, run.run_id, shards)
         manifest = write_manifest(run_path, run, len(cfg.prompts), prompts_per_task)
         per_task = manifest["prompts_per_task"]  # a resumed run keeps its first split
-        tasks_total = math.ceil(len(cfg.prompts) / per_task)
+        chunks = task_prompts(manifest)
+        tasks_total = len(chunks)
         done = set(finished_shards(run_path))
-        todo = [t for t in range(tasks_total) if t not in done]
+        todo = [t for t in chunks if t not in done]
         seconds["start"] = time.perf_counter() - t0
         if done:
             log(f"resuming run {run.run_id}: {len(done)} of {tasks_total} tasks already in {run_path}")
@@ -170,7 +160,6 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
                    file=sys.stderr, dynamic_ncols=True)
         with bar:
             pool = ActorPool(actors)
-            chunks = {t: list(range(t * per_task, min((t + 1) * per_task, len(cfg.prompts)))) for t in todo}
             results = pool.map_unordered(lambda actor, t: actor.build.remote(str(run_path), t, chunks[t]), todo)
             try:
                 for task, tokens, _secs, _written in results:
@@ -190,8 +179,6 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     t2 = time.perf_counter()
     merge(run_path, cfg.store, created_by=branchlens_version())
     if cfg.compact:
-        from ingest.run import compact_if_worth
-
         compact_if_worth(cfg.store, log)
     seconds["merge"] = time.perf_counter() - t2
     with reading(cfg.store, lock_timeout=30) as con:

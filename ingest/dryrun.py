@@ -3,17 +3,17 @@ without generating or touching the store."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ingest.config import RunConfig, config_hash, resolve_layers
-from ingest.errors import IngestError
-from ingest.models import LoadedModel, load_model, resolve_device, resolve_dtype
-from ingest.tree import TreePlan
+from ingest import kvcache
+from ingest.config import RunConfig
+from ingest.models import LoadedModel
+from ingest.prepare import prepare
+from store import queries
 from store.connect import reading
 from store.errors import StoreError
 
@@ -69,27 +69,11 @@ class DryRun:
 
 def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
     """Plan the run: load the model (for its tokenizer, width and one timed decode step), nothing else."""
-    if not cfg.prompts:
-        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    lm = load_model(cfg.model, device, dtype, log)
-    layers = resolve_layers(cfg.layers, lm.n_layers)
-    if cfg.zero_pe:
-        lm.positions.require()
-    from ingest.run import tokenize_prompts
-
-    prompt_ids = tokenize_prompts(lm, cfg)
-    resolved = dataclasses.asdict(cfg) | {"layers": layers, "device": device.type,
-                                          "dtype": str(dtype).removeprefix("torch.")}
-    run_id = cfg.run_id or f"run-{config_hash(resolved)}"
+    prep = prepare(cfg, log)
+    lm, layers, prompt_ids, run_id = prep.lm, prep.layers, prep.prompt_ids, prep.run_id
     n_prompts = len(prompt_ids)
     prompt_tokens = sum(len(p) for p in prompt_ids)
-    max_generated = n_prompts * (plan.size - 1) * cfg.max_new_tokens
+    max_generated = n_prompts * (prep.plan.size - 1) * cfg.max_new_tokens
     max_stored = prompt_tokens + max_generated
     vectors = max_stored * len(layers)
     vector_bytes = vectors * lm.d_model * 4 * (2 if cfg.zero_pe else 1)
@@ -99,7 +83,7 @@ def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
     steps = {rows: _decode_step_seconds(lm, prompt_ids[0], rows) for rows in {r for r, _ in batches}}
     seconds = n_prompts * cfg.max_new_tokens * sum(steps[r] * n for r, n in batches) * STEP_OVERHEAD
     return DryRun(
-        run_id, cfg.model, device.type, resolved["dtype"], n_prompts, prompt_tokens, plan.size, max_generated,
+        run_id, cfg.model, lm.device.type, prep.run.dtype, n_prompts, prompt_tokens, prep.plan.size, max_generated,
         max_stored, layers, lm.d_model, vectors, vector_bytes * FINAL_FACTOR, vector_bytes * PEAK_FACTOR, steps,
         seconds,
         _already_written(cfg.store, run_id), cfg.zero_pe,
@@ -111,8 +95,7 @@ def _decode_step_seconds(lm: LoadedModel, prompt: list[int], rows: int = 1, step
     """Median time of one decode step of `rows` rows after a prefill of the first prompt."""
     ids = torch.tensor([prompt], device=lm.device)
     out = lm.model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
-    past.batch_repeat_interleave(rows)
+    past = kvcache.repeat_rows(out.past_key_values, rows)
     token = out.logits[:, -1:].argmax(-1).expand(rows, 1)
     times = []
     for _ in range(steps):
@@ -131,7 +114,7 @@ def _already_written(store: str, run_id: str) -> int:
         return 0
     try:
         with reading(store, lock_timeout=5) as con:
-            return int(con.execute("SELECT count(*) FROM prompts WHERE run_id = ?", [run_id]).fetchall()[0][0])
+            return len(queries.prompts(con, run_id))
     except StoreError:
         raise
     except Exception:  # noqa: BLE001 - a store we cannot count in is reported as 0 written; the run itself checks it

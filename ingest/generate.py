@@ -6,14 +6,14 @@ exactly HF's `output_hidden_states[layer]` of a forward pass over the full seque
 How the tree is decoded: the prompt is prefilled once; its samples decode in lockstep from a copy of
 that cache; then each fork level (all children of all branches of the level above) decodes as one
 left-padded batch whose cache is assembled from the parents' caches (each child takes its parent's
-row, cut at the fork position). Rows start at different positions and all end at the tree's last
-position (or EOS); a row that is done is fed on until the batch ends and its outputs are dropped.
+row, cut at the fork position: the cache surgery lives in ingest.kvcache). Rows start at different
+positions and all end at the tree's last position (or EOS); a row that is done is fed on until the
+batch ends and its outputs are dropped.
 Every row samples with its own seeded generator, so the tree does not depend on batching.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ingest import kvcache
 from ingest.config import RunConfig
 from ingest.models import LoadedModel
 from ingest.sampling import branch_seed, choose_rows, token_stats_tensors
@@ -29,14 +30,7 @@ from ingest.tree import Slot, TreePlan, fork_positions
 from store.faults import fault_point
 from store.records import BranchRecord
 
-# Cache layer types whose tensors (batch, heads, slots, head_dim) a fork batch can be assembled from.
-_FULL_LAYERS = ("DynamicLayer",)
-_SLIDING_LAYERS = ("DynamicSlidingWindowLayer",)
 DEFAULT_BATCH_ROWS = 64
-
-
-class _NoReuse(Exception):
-    """The parents' caches cannot give a fork its prefix; recompute it."""
 
 
 @dataclass
@@ -136,8 +130,7 @@ class TreeBuilder:
         samples = self.plan.children(0)
         level: list[Built] = []
         if samples:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(len(samples))
+            cache = kvcache.repeat_rows(out.past_key_values, len(samples))
             batch = Batch(cache, mask.expand(len(samples), -1).clone(), [0] * len(samples))
             logits = out.logits[:, -1].expand(len(samples), -1)
             level = self._decode(batch, logits, samples, [n_prompt] * len(samples), None,
@@ -217,67 +210,30 @@ class TreeBuilder:
     def _fork_batch(self, kids: list[tuple[Slot, Built, int]]) -> tuple[Batch, torch.Tensor]:
         """A batch holding each child's prefix (positions < its fork position p) and the logits that
         predict position p: assembled from the parents' caches, or recomputed where they cannot give it."""
-        try:
-            batch, last = self._assemble(kids)
-        except _NoReuse:
+        parents = [parent for _, parent, _ in kids]
+        if not all(p.batch is not None and kvcache.holds_all(p.batch.cache, p.batch.mask.shape[1]) for p in parents):
             return self._recompute(kids)
+        # Each child takes its parent's row up to position p - 2; position p - 1 is fed again for its logits.
+        widths = [p - 1 for _, _, p in kids]
+        cuts = [kvcache.RowCut(parent.batch.cache, parent.row, parent.batch.pad[parent.row], w)
+                for parent, w in zip(parents, widths)]
         device = self.lm.device
-        feed = torch.tensor([[parent.sequence[p - 1]] for _, parent, p in kids], device=device)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(kids), 1)], dim=1)
-        out = self._forward(feed, batch.cache, batch.mask, last[:, None])
+        mask, pad = kvcache.left_padding(widths, device)
+        batch = Batch(kvcache.assemble(cuts, self.lm.model.config), mask, pad)
+        feed = torch.tensor([[parent.sequence[p - 1]] for _, parent, p in kids], device=device)  # (rows, 1)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(kids), 1)], dim=1)  # (rows, width + 1)
+        last = torch.tensor(widths, device=device)[:, None]  # (rows, 1): position p - 1
+        out = self._forward(feed, batch.cache, batch.mask, last)
         self.stats.prefix_reused += len(kids)
         return batch, out.logits[:, -1]
-
-    def _assemble(self, kids: list[tuple[Slot, Built, int]]) -> tuple[Batch, torch.Tensor]:
-        """Cut each parent's cache row at the child's fork position p (keeping positions < p - 1) and
-        left-pad the rows to one width; position p - 1 is fed again by the caller for its logits."""
-        parents = [parent for _, parent, _ in kids]
-        template = parents[0].batch.cache if parents[0].batch is not None else None
-        if template is None or not _assemblable(template):
-            raise _NoReuse
-        for parent in parents:
-            cache = parent.batch.cache
-            slots = parent.batch.mask.shape[1]
-            if not _assemblable(cache) or any(layer.keys.shape[-2] != slots for layer in cache.layers):
-                raise _NoReuse  # a sliding window already dropped slots: the prefix is not all there
-        widths = [p - 1 for _, _, p in kids]
-        width = max(widths)
-        device = self.lm.device
-        mask = torch.zeros(len(kids), width, dtype=torch.long, device=device)
-        pad = [width - w for w in widths]
-        for c, w in enumerate(widths):
-            mask[c, pad[c]:] = 1
-        layers = []
-        for li, layer in enumerate(template.layers):
-            keys = layer.keys.new_zeros((len(kids), layer.keys.shape[1], width, layer.keys.shape[3]))
-            values = layer.values.new_zeros((len(kids), layer.values.shape[1], width, layer.values.shape[3]))
-            for c, (parent, w) in enumerate(zip(parents, widths)):
-                src = parent.batch.cache.layers[li]
-                start = parent.batch.pad[parent.row]
-                keys[c, :, pad[c]:] = src.keys[parent.row, :, start:start + w]
-                values[c, :, pad[c]:] = src.values[parent.row, :, start:start + w]
-            new = copy.copy(layer)
-            if type(layer).__name__ in _SLIDING_LAYERS:  # keep what a prefill of `width` slots would keep
-                keep = layer.sliding_window - 1
-                new.keys, new.values = keys[:, :, -keep:], values[:, :, -keep:]
-                new.cumulative_length = width
-            else:
-                new.keys, new.values = keys, values
-            layers.append(new)
-        cache = copy.copy(template)
-        cache.layers = layers
-        last = torch.tensor(widths, device=device)  # position p - 1, fed next
-        return Batch(cache, mask, pad), last
 
     def _recompute(self, kids: list[tuple[Slot, Built, int]]) -> tuple[Batch, torch.Tensor]:
         """Prefill every child's prefix in one left-padded batch."""
         device = self.lm.device
         prefixes = [parent.sequence[:p] for _, parent, p in kids]
-        width = max(map(len, prefixes))
-        pad = [width - len(seq) for seq in prefixes]
-        ids = torch.tensor([[0] * k + seq for k, seq in zip(pad, prefixes)], device=device)
-        mask = torch.tensor([[0] * k + [1] * len(seq) for k, seq in zip(pad, prefixes)], device=device)
-        positions = torch.clamp(mask.cumsum(dim=1) - 1, min=0)
+        mask, pad = kvcache.left_padding([len(seq) for seq in prefixes], device)
+        ids = torch.tensor([[0] * k + seq for k, seq in zip(pad, prefixes)], device=device)  # (rows, width)
+        positions = torch.clamp(mask.cumsum(dim=1) - 1, min=0)  # (rows, width)
         out = self._forward(ids, None, mask, positions, keep_last_logits=True)
         self.stats.prefix_recomputed += len(kids)
         return Batch(out.past_key_values, mask, pad), out.logits[:, -1]
@@ -316,8 +272,3 @@ class TreeBuilder:
             ended_with_eos=b.ended_with_eos,
             latents=latents,
         )
-
-
-def _assemblable(cache) -> bool:
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ in _FULL_LAYERS + _SLIDING_LAYERS for layer in layers)

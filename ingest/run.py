@@ -2,42 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
-from ingest.config import RunConfig, config_hash, resolve_layers
-from ingest.errors import IngestError
-from ingest.generate import TreeBuilder
-from ingest.models import LoadedModel, load_model, resolve_device, resolve_dtype
-from ingest.tree import TreePlan
+from ingest.config import RunConfig
+from ingest.models import LoadedModel
+from ingest.prepare import branchlens_version, prepare, require_prompts
 from ingest.zero_pe import add_zero_pe
-from store.compact import compact, free_fraction
+from store.compact import compact_if_worth
 from store.connect import reading
-from store.errors import StoreError
 from store.faults import fault_point
 from store.queries import run_summary
-from store.records import RunRecord
 from store.writer import StoreWriter
-
-
-COMPACT_ABOVE = 0.2  # share of free blocks in the file above which the end of a run compacts it
-
-
-def branchlens_version() -> str:
-    try:
-        return f"branchlens {version('branchlens')}"
-    except PackageNotFoundError:
-        return "branchlens (not installed)"
 
 
 @dataclass
@@ -102,44 +85,21 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
             lm: LoadedModel | None) -> IngestReport:
     t_start = time.perf_counter()
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
-    if not cfg.prompts:
-        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
+    require_prompts(cfg)
     writer.check_existing()  # a foreign or other-version store fails before the slow model load
     writer.claim()  # so does a store another ingest is writing
-    seconds: dict[str, float] = {}
-    plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-
-    from transformers.utils import logging as hf_logging
-
-    # transformers' own bars follow ours: plain log lines only when ours are off (e.g. under nohup)
-    if progress:
-        hf_logging.enable_progress_bar()
-    else:
-        hf_logging.disable_progress_bar()
-    t0 = time.perf_counter()
-    if lm is None:
-        log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
-        lm = load_model(cfg.model, device, dtype, log)
-    elif (lm.device.type, lm.dtype) != (device.type, dtype):
-        raise IngestError(f"the loaded model is on {lm.device}/{lm.dtype}, the config asks for {device}/{dtype}")
-    layers = resolve_layers(cfg.layers, lm.n_layers)
-    if cfg.zero_pe:
-        lm.positions.require()  # before any generation: an unsupported family fails fast
-    prompt_ids = tokenize_prompts(lm, cfg)
-    seconds["load"] = time.perf_counter() - t0
+    prep = prepare(cfg, log, lm, progress)
+    lm, layers, prompt_ids, plan, run_id = prep.lm, prep.layers, prep.prompt_ids, prep.plan, prep.run_id
+    seconds: dict[str, float] = {"load": prep.load_seconds}
     fault_point("load")
 
-    run = run_record(cfg, lm, layers, device, dtype)
-    run_id = run.run_id
     writer.prepare(lm.d_model)
-    done = writer.start_run(run)
+    done = writer.start_run(prep.run)
     todo = [i for i in range(len(cfg.prompts)) if i not in done]
     if done:
         log(f"resuming run {run_id}: {len(done)} of {len(cfg.prompts)} prompts already in {cfg.store}")
 
-    builder = TreeBuilder(lm, cfg, layers, plan, batch_rows=cfg.batch_rows)
+    builder = prep.tree_builder()
     seconds["generate"] = seconds["write"] = 0.0
     prompt_bar = tqdm(total=len(cfg.prompts), initial=len(done), desc="prompts", unit="prompt",
                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -185,52 +145,9 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
     with reading(cfg.store, lock_timeout=30) as con:
         counts = run_summary(con, run_id)
     return IngestReport(
-        run_id=run_id, store=Path(cfg.store), model=cfg.model, device=str(device), dtype=run.dtype,
+        run_id=run_id, store=Path(cfg.store), model=cfg.model, device=prep.run.device, dtype=prep.run.dtype,
         layers=layers, n_layers=lm.n_layers, d_model=lm.d_model, pe_type=lm.pe_type, counts=counts,
         prompts_written=len(todo), prompts_skipped=len(done), generated_now=builder.stats.generated_tokens,
         seconds=seconds, prefix_reused=builder.stats.prefix_reused,
         prefix_recomputed=builder.stats.prefix_recomputed, wall_seconds=time.perf_counter() - t_start,
     )
-
-
-def run_record(cfg: RunConfig, lm: LoadedModel, layers: list[int], device: torch.device,
-               dtype: torch.dtype) -> RunRecord:
-    """The run's record: resolved config, the hash of what decides the output, and its id."""
-    resolved = dataclasses.asdict(cfg) | {
-        "layers": layers, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
-    }
-    digest = config_hash(resolved)
-    run_id = cfg.run_id or f"run-{digest}"
-    resolved["run_id"] = run_id
-    return RunRecord(run_id, cfg.model, resolved, digest, lm.n_layers, lm.d_model, lm.pe_type,
-                     str(device), resolved["dtype"])
-
-
-def compact_if_worth(store: str, log: Callable[[str], None]) -> None:
-    """Give back the free space that per-prompt commits leave in the file, when it is worth a rewrite.
-    A failure (e.g. no room for the copy) is a warning: the store as written is complete."""
-    with reading(store, lock_timeout=30) as con:
-        free = free_fraction(con)
-    if free < COMPACT_ABOVE:
-        return
-    log(f"compacting the store ({free:.0%} of the file is free space)")
-    try:
-        log(compact(store).summary())
-    except StoreError as exc:
-        log(f"warning: {exc} (run `python -m store compact {store}` later)")
-
-
-def tokenize_prompts(lm: LoadedModel, cfg: RunConfig) -> list[list[int]]:
-    """Token ids of every prompt (special tokens such as BOS included), checked against the context."""
-    out = []
-    for i, text in enumerate(cfg.prompts):
-        ids = list(lm.tokenizer(text, add_special_tokens=True)["input_ids"])
-        if not ids:
-            raise IngestError(f"prompt {i} tokenizes to nothing: {text[:40]!r}")
-        if lm.max_positions and len(ids) + cfg.max_new_tokens > lm.max_positions:
-            raise IngestError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} it exceeds "
-                f"the model's {lm.max_positions} positions"
-            )
-        out.append(ids)
-    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,23 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
         for leftover in (tmp, Path(f"{tmp}.wal")):
             leftover.unlink(missing_ok=True)
     return CompactReport(path, before, path.stat().st_size, time.perf_counter() - t0)
+
+
+COMPACT_ABOVE = 0.2  # share of free blocks in the file above which the end of a run compacts it
+
+
+def compact_if_worth(path: str | Path, log: Callable[[str], None]) -> None:
+    """Give back the free space that per-prompt commits leave in the file, when it is worth a rewrite.
+    A failure (e.g. no room for the copy) is a warning: the store as written is complete."""
+    with reading(path, lock_timeout=30) as con:
+        free = free_fraction(con)
+    if free < COMPACT_ABOVE:
+        return
+    log(f"compacting the store ({free:.0%} of the file is free space)")
+    try:
+        log(compact(path).summary())
+    except StoreError as exc:
+        log(f"warning: {exc} (run `python -m store compact {path}` later)")
 
 
 def _merge_wal(path: Path, lock_timeout: float) -> None:

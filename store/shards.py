@@ -1,6 +1,6 @@
 """A run as Parquet shards (what distributed ingest workers write) and merging them into a DuckDB store.
 
-Layout of a run directory `ROOT/<run_id>/`:
+Layout of a run directory `ROOT/<run_id>/` (ROOT is `STORE.shards` unless given):
 
     run.json                 the RunRecord (model, resolved config, hash, width) and the task split
     shard-00000/             one finished task: its prompts' whole trees
@@ -35,8 +35,24 @@ from store.writer import SHARD_TABLES, StoreWriter, arrow_tables
 _SHARD = re.compile(r"^shard-(\d{5,})$")
 
 
-def shard_name(task: int) -> str:
+def _shard_name(task: int) -> str:
     return f"shard-{task:05d}"
+
+
+def run_dir(store: str | Path, run_id: str, root: str | Path | None = None) -> Path:
+    """The directory of a run's shards: ROOT/<run_id>, ROOT defaulting to STORE.shards."""
+    return Path(root if root else f"{store}.shards") / run_id
+
+
+def shard_exists(run_path: Path, task: int) -> bool:
+    """Whether the task's shard is there (a shard that exists is complete)."""
+    return (run_path / _shard_name(task)).exists()
+
+
+def task_prompts(manifest: dict) -> dict[int, list[int]]:
+    """task index -> the prompt ids it holds, from the manifest's split."""
+    n, per_task = manifest["n_prompts"], manifest["prompts_per_task"]
+    return {task: list(range(lo, min(lo + per_task, n))) for task, lo in enumerate(range(0, n, per_task))}
 
 
 def write_manifest(run_path: Path, run: RunRecord, n_prompts: int, prompts_per_task: int) -> dict:
@@ -84,10 +100,10 @@ def write_shard(run_path: Path, task: int, prompts: list[tuple[int, str, int, li
                 layers: list[int], variant: str = "normal") -> bool:
     """Write one task's prompts (prompt_id, text, n_prompt_tokens, branches) as a shard. Returns False,
     writing nothing, when the shard already exists."""
-    final = run_path / shard_name(task)
+    final = run_path / _shard_name(task)
     if final.exists():
         return False
-    tmp = run_path / f".{shard_name(task)}.tmp-{uuid.uuid4().hex}"
+    tmp = run_path / f".{_shard_name(task)}.tmp-{uuid.uuid4().hex}"
     try:
         tmp.mkdir(parents=True)
         tables: dict[str, list[pa.Table]] = {name: [] for name in SHARD_TABLES}
