@@ -73,7 +73,7 @@ def projection(
             "prompt_label", "prompt_color", f"{prefix}_x", f"{prefix}_y").sort("prompt_label")
         legend = alt.Chart(keys).mark_point(opacity=0, filled=True).encode(
             x=x, y=y, color=alt.Color("prompt_label:N", title="prompt", scale=_prompt_legend(keys),
-                                      legend=alt.Legend(orient="bottom", columns=2, labelLimit=360,
+                                      legend=alt.Legend(orient="bottom", columns=2, labelLimit=170,
                                                         symbolOpacity=1, symbolType="circle")),
         )
         legend = legend.add_params(legend_pick) if interactive else legend
@@ -150,12 +150,13 @@ def density(points: pl.DataFrame, prefix: str, title: str, color_by: str = "bran
         color = alt.Color("majority_prompt:N", title="majority prompt",
                           scale=alt.Scale(domain=labels["majority_prompt"].to_list(),
                                           range=labels["majority_color"].to_list()),
-                          legend=alt.Legend(orient="bottom", columns=2, labelLimit=360))
+                          legend=alt.Legend(orient="bottom", columns=2, labelLimit=170))
     zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!")
     return alt.Chart(cells).mark_rect().encode(color=color, **common).add_params(zoom).properties(
         title=title, height=HEIGHT, width="container")
 
 
+RAW_COLOUR, REMOVED_COLOUR = "#4e79a7", "#e15759"
 PROFILE_PANELS = (  # (title, value column, band half-width column, chance column, chance band column)
     ("R2_pos: variance explained by position", "r2", "r2_band", "chance", "chance_band"),
     ("Position probe R2 (ridge, prompts held out)", "probe_r2", "probe_band", "probe_chance", "probe_chance_band"),
@@ -181,8 +182,11 @@ def profile_panel(rows: pl.DataFrame, value: str, band: str, chance: str, chance
     base = alt.Chart(data).encode(x=x)
     chance_band_ = base.transform_filter("datum.method == 'raw'").mark_area(color="#bbbbbb", opacity=0.35).encode(
         y=alt.Y("chance_lo:Q", title=None), y2="chance_hi:Q")
-    color = alt.Color("method:N", title=None, legend=alt.Legend(orient="top"))
-    bands = base.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q", color=color)
+    methods = data["method"].unique(maintain_order=True).to_list()
+    scale = alt.Scale(domain=methods, range=[RAW_COLOUR if m == "raw" else REMOVED_COLOUR for m in methods])
+    color = alt.Color("method:N", title=None, scale=scale, legend=alt.Legend(orient="top", symbolType="stroke"))
+    bands = base.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q",
+                                                 color=alt.Color("method:N", scale=scale, legend=None))
     line = base.mark_line(point=True).encode(
         y=alt.Y(f"{value}:Q", title=None, scale=alt.Scale(zero=False)), color=color,
         tooltip=["layer:Q", "method:N", alt.Tooltip(f"{value}:Q", format="+.3f", title="value"),

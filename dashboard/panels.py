@@ -44,21 +44,23 @@ TABLE_CSS = """
 .bl-metrics th:first-child, .bl-metrics td:first-child {text-align:left; white-space:normal}
 .bl-metrics td.band {color:rgba(128,128,128,0.95); padding-left:0}
 .bl-metrics tr.warned td {background:rgba(255,75,75,0.12)}
-.bl-metrics abbr {text-decoration:none; cursor:help; border-bottom:1px dotted}
+.bl-metrics abbr {text-decoration:none; cursor:help; display:inline-block; width:1.1em; height:1.1em;
+  line-height:1.05em; border:1px solid rgba(128,128,128,0.7); border-radius:50%; text-align:center;
+  font-size:0.72rem; margin-left:0.25em; color:rgba(128,128,128,1)}
 </style>
 """
 
 
 def metrics_html(raw: dict, res: dict) -> str:
     """The metrics as an HTML table that fits a laptop screen: each number beside its band, chance and
-    its band always visible, the metric's meaning on hover (ⓘ)."""
+    its band always visible, the metric's meaning on hover (?)."""
     head = ("<tr><th>metric</th><th>raw</th><th></th><th>removed</th><th></th><th>chance</th><th></th></tr>")
     body = []
     for r in metric_rows(raw, res):
         cls = ' class="warned"' if r.warned else ""
         label = html.escape(r.label)
         if r.help:
-            label += f' <abbr title="{html.escape(r.help)}">ⓘ</abbr>'
+            label += f'<abbr title="{html.escape(r.help)}">?</abbr>'
         cells = "".join(f"<td>{html.escape(v)}</td>" if i % 2 == 0 else f'<td class="band">{html.escape(v)}</td>'
                         for i, v in enumerate((r.raw, r.raw_band, r.removed, r.removed_band, r.chance, r.chance_band)))
         body.append(f"<tr{cls}><td>{label}</td>{cells}</tr>")
@@ -69,7 +71,7 @@ def metrics_panel(raw: dict, res: dict) -> None:
     st.markdown(metrics_html(raw, res), unsafe_allow_html=True)
     st.caption("± : the 95% band (resampled query tokens). Leaks: 0 = chance (positions shuffled within "
                "branches), 1 = neighbours at the same position, below 0 = farther apart in position than chance "
-               "(after a removal: tokens at the same position pushed apart). Hover ⓘ for what each number "
+               "(after a removal: tokens at the same position pushed apart). Hover ? for what each number "
                f"means. {res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")
     note = removal_note(res.get("removal"))
     if note:
