@@ -97,12 +97,32 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
 
 
 def _umap(X: np.ndarray, spec: ProjectionSpec) -> np.ndarray:
-    if spec.metric == "cosine":  # cosine neighbours = euclidean neighbours of unit vectors
-        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    Y = pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
+    Y = _prepared(X, spec)
     if len(Y) <= LANDMARK_ABOVE:
         return umap_layout(Y, spec)
     return landmark_layout(Y, spec)
+
+
+def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536) -> np.ndarray:
+    """What UMAP lays out: X (n, d) as unit vectors when the metric is cosine (cosine neighbours = Euclidean
+    neighbours of unit vectors), reduced to pca_dims by PCA. Above 50k rows the unit vectors are made one
+    block at a time, never all at once (a 1M x 640 copy is 2.6 GB). Returns (n, min(pca_dims, d) or d)."""
+    unit = spec.metric == "cosine"
+    if not 0 < spec.pca_dims < X.shape[1] or len(X) <= max(50_000, X.shape[1]):
+        if unit:
+            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        return pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
+
+    def rows(s: int, e: int) -> np.ndarray:
+        return X[s:e] / np.maximum(np.linalg.norm(X[s:e], axis=1, keepdims=True), 1e-12) if unit else X[s:e]
+
+    sample = np.sort(np.random.default_rng(spec.seed or 0).choice(len(X), 50_000, replace=False))
+    fit = X[sample] / np.maximum(np.linalg.norm(X[sample], axis=1, keepdims=True), 1e-12) if unit else X[sample]
+    mean, comps = pca_fit(fit, spec.pca_dims, seed=spec.seed or 0)
+    Y = np.empty((len(X), comps.shape[1]), np.float32)
+    for s in range(0, len(X), block):
+        Y[s:s + block] = rows(s, s + block) @ comps - mean @ comps
+    return Y
 
 
 def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LANDMARKS) -> np.ndarray:
