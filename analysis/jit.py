@@ -25,8 +25,7 @@ _enabled = False
 def enable_disk_cache() -> int:
     """Turn on numba's on-disk cache for umap-learn's kernels; returns how many kernels it covers.
 
-    Idempotent. Must run before those kernels first compile in this process (importing
-    analysis.project does it). Cache files go next to the package, or to numba's per-user cache
+    Idempotent. Must run before those kernels first compile in this process (umap_fit does it). Cache files go next to the package, or to numba's per-user cache
     directory when that is not writable (NUMBA_CACHE_DIR overrides both).
     """
     global _enabled
@@ -49,16 +48,37 @@ def enable_disk_cache() -> int:
         return count
 
 
+def umap_fit(Y: np.ndarray, idx: np.ndarray, dist: np.ndarray, n_components: int = 2, min_dist: float = 0.1,
+             n_epochs: int = 200, seed: int | None = 0) -> np.ndarray:
+    """umap-learn's layout (n, n_components) of Y (n, r) on a precomputed kNN graph (idx, dist: (n, k),
+    each point first in its own row), PCA-initialised. The only place that imports umap."""
+    enable_disk_cache()  # before umap's kernels first compile in this process
+    import umap
+
+    n = len(Y)
+    model = umap.UMAP(
+        n_neighbors=idx.shape[1], n_components=n_components, min_dist=min_dist, metric="euclidean",
+        precomputed_knn=(idx, dist, None), init="pca" if n > n_components + 1 else "random",
+        n_epochs=n_epochs, random_state=seed, n_jobs=1 if seed is not None else -1,
+    )
+    with warnings.catch_warnings():
+        # umap warns that precomputed kNN disables transform() and that a seed disables parallelism:
+        # both are the intended trade-offs here.
+        warnings.simplefilter("ignore")
+        coords = model.fit_transform(Y)
+    return np.asarray(coords, dtype=np.float32)
+
+
 def warm_up(seed: int = 0) -> None:
     """Compile (or load from the disk cache) every kernel a default projection uses, on a tiny input.
 
     The app runs this in the background at start, so the user's first UMAP does not pay for JIT.
+    Both graph sizes umap-learn treats differently (below 4096 points it recomputes the graph itself).
     """
-    from analysis.project import ProjectionSpec, project
+    from analysis.neighbours import knn_graph
 
     rng = np.random.default_rng(seed)
-    X = rng.normal(size=(300, 16)).astype(np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for metric in ("euclidean", "cosine"):
-            project(X, ProjectionSpec(method="umap", metric=metric, n_epochs=5, seed=seed))
+    for n in (300, 4200):
+        X = rng.normal(size=(n, 16)).astype(np.float32)
+        idx, dist = knn_graph(X, 15)
+        umap_fit(X, idx, dist, n_epochs=5, seed=seed)

@@ -7,8 +7,8 @@ Every metric comes with its chance level so a number can be read on its own.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.neighbors import KDTree
 
+from analysis import neighbours
 from analysis.groups import group_sums as _group_sums
 
 
@@ -117,36 +117,23 @@ def _sample(n: int, n_queries: int | None, rng: np.random.Generator) -> np.ndarr
     return np.sort(rng.choice(n, n_queries, replace=False))
 
 
-def knn_other_groups(
-    X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int, block: int = 512
-) -> np.ndarray:
+def knn_other_groups(X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest tokens (Euclidean) among tokens of other groups.
 
-    Exact: blocked distance matrices, or a KD-tree in 1-3 dimensions (projections). Rows with fewer
-    than k candidates are padded with -1.
+    Exact by brute force up to neighbours.EXACT_QUERY_MAX tokens, approximate above (analysis.neighbours);
+    a KD-tree in 1-3 dimensions (projections). Rows with fewer than k candidates are padded with -1.
     """
     X = np.asarray(X, dtype=np.float32)
     groups = np.asarray(groups)
     if X.shape[1] <= 3:
         return _knn_other_groups_tree(X, groups, queries, k)
-    sq = (X * X).sum(axis=1)
-    out = np.full((len(queries), k), -1, np.int64)
-    for start in range(0, len(queries), block):
-        q = queries[start:start + block]
-        d2 = sq[q, None] - 2 * (X[q] @ X.T) + sq[None, :]
-        d2[groups[q, None] == groups[None, :]] = np.inf
-        kk = min(k, X.shape[0] - 1)
-        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
-        vals = np.take_along_axis(d2, part, axis=1)
-        order = np.argsort(vals, axis=1)
-        part = np.take_along_axis(part, order, axis=1)
-        part[np.take_along_axis(vals, order, axis=1) == np.inf] = -1
-        out[start:start + block, :kk] = part
-    return out
+    return neighbours.search(X, queries, k, groups)
 
 
 def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Low-dimensional case (a 2-D projection): a KD-tree query deep enough to skip the query's own group."""
+    from sklearn.neighbors import KDTree
+
     _, sizes = np.unique(groups, return_counts=True)
     depth = int(min(len(X), k + sizes.max()))
     _, idx = KDTree(X).query(X[queries], k=depth)
@@ -250,22 +237,74 @@ def label_purity(
     labels = np.asarray(labels)
     if window is None:
         queries = _sample(len(X), n_queries, np.random.default_rng(seed))
-        return _purity_summary(*_purity_block(X, labels, queries, np.arange(len(X)), k), seed)
-    hits, chances = [], []
+        return _purity_summary(*_purity_pooled(X, labels, queries, k), seed)
+    # Matched positions: every token asks up to EXACT_QUERY_MAX tokens, n_queries sampled ones above
+    # (the band then carries the sampling); candidates within the window, exact either way.
+    sample = None if len(X) <= neighbours.EXACT_QUERY_MAX else n_queries
+    depth = max(k, MATCHED_DEPTH)  # one search serves k=1 and k=10, branch and prompt labels
+    asks, nbrs = neighbours.memo(X, ("matched", id(position), window, depth, sample, seed),
+                                 lambda: _matched_neighbours(X, position, window, depth, sample, seed))
+    cols = nbrs[:, :k]
+    valid = cols >= 0
+    has = valid.any(axis=1)
+    hits = ((labels[np.where(valid, cols, 0)] == labels[asks, None]) & valid).sum(axis=1)[has] / valid.sum(axis=1)[has]
+    return _purity_summary(hits, _window_label_share(position, labels, asks[has], window), seed)
+
+
+MATCHED_DEPTH = 10
+
+
+def _matched_neighbours(X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None,
+                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(asking tokens (q,), their k nearest tokens within |t_j - t_i| <= window, self excluded (q, k), -1
+    pads): every token asks, or `sample` of them drawn with `seed`. Exact."""
+    asks = np.zeros(len(X), bool)
+    asks[_sample(len(X), sample, np.random.default_rng(seed))] = True
     order = np.argsort(position, kind="stable")
     sorted_pos = position[order]
-    for t in np.unique(position):
+    out_q, out_n = [], []
+    for t in np.unique(position[asks]):
         q = order[np.searchsorted(sorted_pos, t, "left"):np.searchsorted(sorted_pos, t, "right")]
+        q = q[asks[q]]
         c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
-        if len(c) < 2:
-            continue
-        h, ch = _purity_block(X, labels, q, c, k)
-        hits.append(h)
-        chances.append(ch)
-    if not hits:
-        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0, "sd": float("nan"),
-                "lo": float("nan"), "hi": float("nan")}
-    return _purity_summary(np.concatenate(hits), np.concatenate(chances), seed)
+        nn = np.full((len(q), k), -1, np.int64)
+        kk = min(k, len(c) - 1)
+        if kk >= 1:
+            Xc = X[c]
+            d2 = (X[q] * X[q]).sum(axis=1)[:, None] - 2 * (X[q] @ Xc.T) + (Xc * Xc).sum(axis=1)[None, :]  # (q, c)
+            d2[q[:, None] == c[None, :]] = np.inf
+            part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+            part = np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, axis=1), axis=1), axis=1)
+            nn[:, :kk] = c[part]
+        out_q.append(q)
+        out_n.append(nn)
+    return np.concatenate(out_q), np.concatenate(out_n)
+
+
+def _window_label_share(position: np.ndarray, labels: np.ndarray, asks: np.ndarray, window: int) -> np.ndarray:
+    """Per asking token (q,): the share of the other tokens within |t_j - t_i| <= window with its label."""
+    _, code = np.unique(labels, return_inverse=True)
+    code = code.ravel()
+    order = np.argsort(position, kind="stable")
+    sorted_pos = position[order]
+    share = np.empty(len(asks))
+    for t in np.unique(position[asks]):
+        at = np.flatnonzero(position[asks] == t)
+        c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
+        counts = np.bincount(code[c], minlength=code.max() + 1)
+        share[at] = (counts[code[asks[at]]] - 1) / max(len(c) - 1, 1)
+    return share
+
+
+def _purity_pooled(X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: (share of its k nearest tokens, self excluded, with its label; that share by chance).
+    Neighbours from analysis.neighbours.search: exact up to EXACT_QUERY_MAX tokens, approximate above."""
+    nbrs = neighbours.search(X, queries, min(k, len(X) - 1))  # (q, k), self excluded
+    valid = nbrs >= 0
+    same = (labels[np.where(valid, nbrs, 0)] == labels[queries, None]) & valid
+    _, code, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    chance = (counts[code.ravel()[queries]] - 1) / (len(X) - 1)
+    return same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1), chance
 
 
 def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int) -> dict[str, float]:
@@ -276,26 +315,6 @@ def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int) -> dict[st
     boot = np.random.default_rng(seed + 3).integers(0, len(hits), size=(N_BOOT, len(hits)))
     return {"purity": float(hits.mean()), "chance": float(chances.mean()), "n_queries": int(len(hits)),
             **_band(hits[boot].mean(axis=1))}
-
-
-def _purity_block(X, labels, q: np.ndarray, c: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Per query of q: (share of its k nearest candidates in c with its label, that share by chance);
-    self excluded, processed in query blocks."""
-    if len(c) < 2:
-        return np.zeros(0), np.zeros(0)
-    kk = min(k, len(c) - 1)
-    sq_c = (X[c] * X[c]).sum(axis=1)
-    hits, chances = [], []
-    for s in range(0, len(q), block):
-        qb = q[s:s + block]
-        d2 = (X[qb] * X[qb]).sum(axis=1)[:, None] - 2 * (X[qb] @ X[c].T) + sq_c[None, :]
-        d2[qb[:, None] == c[None, :]] = np.inf
-        nn = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
-        same = labels[c][nn] == labels[qb, None]
-        hits.append(same.mean(axis=1))
-        same_all = (labels[c][None, :] == labels[qb, None]).sum(axis=1) - np.isin(qb, c)
-        chances.append(same_all / (len(c) - np.isin(qb, c)))
-    return np.concatenate(hits), np.concatenate(chances)
 
 
 def _untrusted_penalties(X: np.ndarray, Y: np.ndarray, k: int) -> np.ndarray:

@@ -1,24 +1,26 @@
-"""Projections to 2-D (or 3-D): PCA, and UMAP on a PCA pre-reduction with an exact kNN graph.
+"""Projections to 2-D (or 3-D): PCA, and UMAP on a PCA pre-reduction with a precomputed kNN graph.
 
-The UMAP path is tuned for the app's budget: exact neighbours from sklearn's brute-force kernel (no
-JIT, ~1 s for 20k x 50), umap-learn's layout with numba's disk cache on (analysis.jit), PCA
-initialisation, and an epoch count that shrinks with the number of points unless set.
+The UMAP path is tuned for the app's budget: neighbours from analysis.neighbours (exact for small n, HNSW
+above), umap-learn's layout with numba's disk cache on (analysis.jit), PCA initialisation, and an epoch
+count that shrinks with the number of points unless set. Above LANDMARK_ABOVE points, UMAP lays out a
+seeded sample of LANDMARKS points and places every other point from its nearest landmarks, so the layout
+costs the same at 100k as at 1M and the rest grows linearly.
+
+umap-learn and numba are imported on the first UMAP only (importing them costs seconds).
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.neighbors import NearestNeighbors
-
 from analysis import jit
-
-jit.enable_disk_cache()
+from analysis.neighbours import Index, knn_graph, pca_fit
 
 PROJECTIONS = ("umap", "pca")
+LANDMARK_ABOVE = 30_000  # more points than this: UMAP on landmarks, the rest placed from them
+LANDMARKS = 20_000  # landmarks laid out by UMAP (the full layout's trustworthiness within 0.02 at 50k)
+PLACE_NEIGHBOURS = 10  # landmarks each other point is placed from
 METRICS = ("cosine", "euclidean")
 
 
@@ -61,28 +63,18 @@ class ProjectionSpec:
 def pca_reduce(X: np.ndarray, n_components: int, seed: int | None = 0) -> np.ndarray:
     """Principal-component scores of X (n, d) -> (n, k).
 
-    When n > d, the exact eigendecomposition of the d x d covariance is several times faster than a
-    randomized SVD (0.1 s vs 0.6 s for 20k x 640); otherwise sklearn's randomized PCA.
+    When n > d, the exact eigendecomposition of the d x d covariance (of a 50k-row sample when n is
+    larger) is several times faster than a randomized SVD (0.1 s vs 0.6 s for 20k x 640); otherwise
+    sklearn's randomized PCA.
     """
     X = np.asarray(X, dtype=np.float32)
     k = int(min(n_components, X.shape[0], X.shape[1]))
     if len(X) > X.shape[1] and X.shape[1] <= 4096:
-        mean = X.mean(axis=0, dtype=np.float64)
-        # Covariance without a centred copy of X: X^T X - n mean mean^T.
-        cov = (X.T @ X).astype(np.float64) - len(X) * np.outer(mean, mean)
-        _, vecs = np.linalg.eigh(cov)
-        comps = vecs[:, ::-1][:, :k].astype(np.float32)
-        # Fix the sign of each axis (largest |loading| positive) so layouts do not flip between runs.
-        comps *= np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(k)])
-        return X @ comps - (mean @ comps).astype(np.float32)
+        mean, comps = pca_fit(X, k, seed=seed or 0)  # axis signs fixed: layouts do not flip between runs
+        return X @ comps - mean @ comps
+    from sklearn.decomposition import PCA
+
     return PCA(k, svd_solver="randomized", random_state=seed).fit_transform(X).astype(np.float32)
-
-
-def knn(Y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours (each point first in its own list): (indices, distances)."""
-    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(Y)
-    dist, idx = nn.kneighbors(Y)
-    return idx.astype(np.int64), dist.astype(np.float32)
 
 
 def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
@@ -105,25 +97,59 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
 
 
 def _umap(X: np.ndarray, spec: ProjectionSpec) -> np.ndarray:
-    import umap
+    Y = _prepared(X, spec)
+    if len(Y) <= LANDMARK_ABOVE:
+        return umap_layout(Y, spec)
+    return landmark_layout(Y, spec)
 
-    n = len(X)
-    if spec.metric == "cosine":  # cosine neighbours = euclidean neighbours of unit vectors
-        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    Y = pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
-    k = int(min(spec.n_neighbors, n - 1))
-    idx, dist = knn(Y, k)
-    model = umap.UMAP(
-        n_neighbors=k, n_components=spec.n_components, min_dist=spec.min_dist, metric="euclidean",
-        precomputed_knn=(idx, dist, None), init="pca" if n > spec.n_components + 1 else "random",
-        n_epochs=spec.epochs_for(n), random_state=spec.seed, n_jobs=1 if spec.seed is not None else -1,
-    )
-    with warnings.catch_warnings():
-        # umap warns that precomputed kNN disables transform() and that a seed disables parallelism:
-        # both are the intended trade-offs here.
-        warnings.simplefilter("ignore")
-        coords = model.fit_transform(Y)
-    return np.asarray(coords, dtype=np.float32)
+
+def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536) -> np.ndarray:
+    """What UMAP lays out: X (n, d) as unit vectors when the metric is cosine (cosine neighbours = Euclidean
+    neighbours of unit vectors), reduced to pca_dims by PCA. Above 50k rows the unit vectors are made one
+    block at a time, never all at once (a 1M x 640 copy is 2.6 GB). Returns (n, min(pca_dims, d) or d)."""
+    unit = spec.metric == "cosine"
+    if not 0 < spec.pca_dims < X.shape[1] or len(X) <= max(50_000, X.shape[1]):
+        if unit:
+            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        return pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
+
+    def rows(s: int, e: int) -> np.ndarray:
+        return X[s:e] / np.maximum(np.linalg.norm(X[s:e], axis=1, keepdims=True), 1e-12) if unit else X[s:e]
+
+    sample = np.sort(np.random.default_rng(spec.seed or 0).choice(len(X), 50_000, replace=False))
+    fit = X[sample] / np.maximum(np.linalg.norm(X[sample], axis=1, keepdims=True), 1e-12) if unit else X[sample]
+    mean, comps = pca_fit(fit, spec.pca_dims, seed=spec.seed or 0)
+    Y = np.empty((len(X), comps.shape[1]), np.float32)
+    for s in range(0, len(X), block):
+        Y[s:s + block] = rows(s, s + block) @ comps - mean @ comps
+    return Y
+
+
+def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LANDMARKS) -> np.ndarray:
+    """UMAP of a seeded sample of n_landmarks rows of Y (n, r); every other row placed at the weighted
+    mean of its PLACE_NEIGHBOURS nearest landmarks' coordinates (weights as in UMAP's membership
+    strengths: exp(-(d - d_nearest) / (mean d - d_nearest))). Returns (n, n_components)."""
+    n = len(Y)
+    chosen = np.sort(np.random.default_rng(spec.seed or 0).choice(n, min(n, n_landmarks), replace=False))
+    coords = np.empty((n, spec.n_components), np.float32)
+    coords[chosen] = umap_layout(Y[chosen], spec)
+    others = np.setdiff1d(np.arange(n), chosen, assume_unique=True)
+    index = Index(Y[chosen])
+    for s in range(0, len(others), 65536):  # bounded temporaries at 1M points
+        rows = others[s:s + 65536]
+        idx, dist = index.search(Y[rows], PLACE_NEIGHBOURS)  # (b, m) landmark indices, distances
+        spread = np.maximum(dist.mean(axis=1, keepdims=True) - dist[:, :1], 1e-12)
+        w = np.exp(-(dist - dist[:, :1]) / spread)  # (b, m)
+        coords[rows] = np.einsum("bm,bmc->bc", w, coords[chosen][idx]) / w.sum(axis=1, keepdims=True)
+    return coords
+
+
+def umap_layout(Y: np.ndarray, spec: ProjectionSpec) -> np.ndarray:
+    """umap-learn's layout of Y (n, r) on the precomputed kNN graph of analysis.neighbours: (n, n_components)."""
+    n = len(Y)
+    idx, dist = knn_graph(Y, int(min(spec.n_neighbors, n - 1)))
+    return jit.umap_fit(Y, idx, dist, n_components=spec.n_components, min_dist=spec.min_dist,
+                        n_epochs=spec.epochs_for(n), seed=spec.seed)
 
 
 def _pad(coords: np.ndarray, n_components: int) -> np.ndarray:

@@ -1,0 +1,230 @@
+"""Nearest neighbours for the projection and the metrics: exact where n is small, approximate above.
+
+The one module that decides how neighbours are found (Euclidean distances throughout):
+- `knn_graph(Y, k)`: every point's k nearest, itself first (UMAP's precomputed graph);
+- `Index(base).search(Q, k)`: points of a fixed base set nearest to other points (landmark placement);
+- `search(X, queries, k, groups)`: sampled queries' k nearest among all points, optionally from other
+  groups only (the kNN metrics).
+
+Approximate search is usearch's HNSW (prebuilt wheels, no JIT; bench/neighbour_libs.py compares it with
+faiss-cpu and hnswlib on these data). Graphs are built on one thread so that the same points give the same
+graph; searches run on every core (each query's answer does not depend on the others).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import numpy as np
+
+EXACT_GRAPH_MAX = 4096  # up to this many base points: brute force (umap-learn's own small-data cut-off)
+EXACT_QUERY_MAX = 20_000  # metrics: sampled queries search all points exactly up to this many points
+CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH = 12, 48, 48  # recall@15 >= 0.99 on PCA-50 synthetic trees
+CELL_SIZE = 128  # metrics above EXACT_QUERY_MAX: average points per inverted-list cell
+REDUCED_DIMS = 64  # ... ranked in a PCA space of this width, then re-ranked exactly in the full space
+
+
+def _threads() -> int:
+    return os.cpu_count() or 1
+
+
+def exact_knn(Q: np.ndarray, B: np.ndarray, k: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest rows of B (n, d) for each row of Q (q, d): (indices (q, k), distances (q, k)), nearest first."""
+    Q, B = np.asarray(Q, np.float32), np.asarray(B, np.float32)
+    k = int(min(k, len(B)))
+    sq_b = (B * B).sum(axis=1)
+    idx = np.empty((len(Q), k), np.int64)
+    dist = np.empty((len(Q), k), np.float32)
+    for s in range(0, len(Q), block):
+        q = Q[s:s + block]
+        d2 = (q * q).sum(axis=1)[:, None] - 2 * (q @ B.T) + sq_b[None, :]  # (b, n)
+        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(B) else np.tile(np.arange(len(B)), (len(q), 1))
+        vals = np.take_along_axis(d2, part, axis=1)
+        order = np.argsort(vals, axis=1, kind="stable")
+        idx[s:s + block] = np.take_along_axis(part, order, axis=1)
+        dist[s:s + block] = np.sqrt(np.maximum(np.take_along_axis(vals, order, axis=1), 0))
+    return idx, dist
+
+
+class Index:
+    """The points of a fixed base set (n, d) nearest to query points: brute force up to `exact_max` base
+    points (default EXACT_GRAPH_MAX), usearch HNSW above."""
+
+    def __init__(self, base: np.ndarray, exact_max: int | None = None):
+        self.base = np.ascontiguousarray(base, dtype=np.float32)
+        self.exact = len(self.base) <= (EXACT_GRAPH_MAX if exact_max is None else exact_max)
+        self._hnsw = None
+        if not self.exact:
+            from usearch.index import Index as HNSW
+
+            self._hnsw = HNSW(ndim=self.base.shape[1], metric="l2sq", dtype="f32", connectivity=CONNECTIVITY,
+                              expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+            self._hnsw.add(np.arange(len(self.base), dtype=np.uint64), self.base, threads=1)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices (q, k), distances (q, k)) of each query's k nearest base points, nearest first."""
+        Q = np.ascontiguousarray(Q, dtype=np.float32)
+        k = int(min(k, len(self.base)))
+        if self.exact:
+            return exact_knn(Q, self.base, k)
+        found = self._hnsw.search(Q, k, threads=_threads())
+        idx = found.keys.astype(np.int64).reshape(len(Q), k)
+        dist = np.sqrt(np.maximum(found.distances, 0)).astype(np.float32).reshape(len(Q), k)
+        missing = (found.counts < k) if found.counts is not None else np.zeros(len(Q), bool)
+        if missing.any():  # rare: HNSW returned fewer than k; answer those exactly
+            idx[missing], dist[missing] = exact_knn(Q[missing], self.base, k)
+        return idx, dist
+
+
+def knn_graph(Y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every point's k nearest points of Y (n, d), itself included and first: (indices (n, k), distances (n, k))."""
+    Y = np.ascontiguousarray(Y, dtype=np.float32)
+    idx, dist = Index(Y).search(Y, k)
+    # A duplicate point can come before the point itself; put self first so UMAP sees it at distance 0.
+    rows = np.arange(len(Y))
+    not_first = idx[:, 0] != rows
+    if not_first.any():
+        r = np.flatnonzero(not_first)
+        has_self = idx[r] == rows[r, None]
+        pos = np.where(has_self.any(axis=1), has_self.argmax(axis=1), k - 1)
+        idx[r, pos] = idx[r, 0]
+        dist[r, pos] = dist[r, 0]
+        idx[r, 0], dist[r, 0] = r, 0.0
+    return idx, dist
+
+
+def pca_fit(X: np.ndarray, n_components: int, max_rows: int = 50_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (d,), components (d, k)) of the rows of X, from its covariance (on a seeded sample of
+    max_rows rows when there are more; the leading axes of a sample that size are the population's to
+    well under a degree on these data). Axis signs fixed (largest |loading| positive)."""
+    if len(X) > max_rows:
+        X = X[np.sort(np.random.default_rng(seed).choice(len(X), max_rows, replace=False))]
+    X = np.asarray(X, dtype=np.float32)
+    k = int(min(n_components, X.shape[0], X.shape[1]))
+    mean = X.mean(axis=0, dtype=np.float64)
+    # Covariance without a centred copy of X: X^T X - n mean mean^T.
+    cov = (X.T @ X).astype(np.float64) - len(X) * np.outer(mean, mean)
+    _, vecs = np.linalg.eigh(cov)
+    comps = vecs[:, ::-1][:, :k].astype(np.float32)
+    comps *= np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(k)])
+    return mean.astype(np.float32), comps
+
+
+class Cells:
+    """Inverted lists for the metrics' sampled queries over many points (IVF with landmark centroids).
+
+    Every point belongs to the cell of its nearest landmark (a seeded sample of n / CELL_SIZE points),
+    found in a PCA space of REDUCED_DIMS dimensions. A query's candidates are the members of its nearest
+    cells, walked until enough of them qualify; they are ranked in the reduced space and the best are
+    re-ranked with exact distances in the full space.
+    """
+
+    def __init__(self, X: np.ndarray, seed: int = 0, cell_size: int = CELL_SIZE, dims: int = REDUCED_DIMS):
+        n = len(X)
+        mean, comps = pca_fit(X, dims, seed=seed)
+        self.Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
+        for s in range(0, n, 65536):
+            self.Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
+        n_cells = max(1, n // cell_size)
+        rng = np.random.default_rng(seed)
+        self.landmarks = Index(self.Z[np.sort(rng.choice(n, n_cells, replace=False))])
+        cell = self.landmarks.search(self.Z, 1)[0][:, 0]  # (n,)
+        self.order = np.argsort(cell, kind="stable")  # members of cell c: order[start[c]:start[c + 1]]
+        self.start = np.searchsorted(cell[self.order], np.arange(n_cells + 1))
+
+    def candidates(self, query_z: np.ndarray, n_probe: int) -> list[np.ndarray]:
+        """Per query (rows of query_z): the members of its n_probe nearest cells, nearest cells first."""
+        cells, _ = self.landmarks.search(query_z, n_probe)
+        return [np.concatenate([self.order[self.start[c]:self.start[c + 1]] for c in row]) for row in cells]
+
+
+_memo: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def memo(X: np.ndarray, key: tuple, build):
+    """build() computed once per (array X, key) and reused while X is alive: a view's metrics all search
+    the same space. One array at a time; X must not change in place between calls."""
+    hit = _memo.get(id(X))
+    if hit is None or hit[0]() is not X:
+        _memo.clear()
+        hit = _memo[id(X)] = (weakref.ref(X), {})
+    if key not in hit[1]:
+        hit[1][key] = build()
+    return hit[1][key]
+
+
+def cells_for(X: np.ndarray, seed: int = 0) -> Cells:
+    """The Cells of X, built once per array (see memo)."""
+    return memo(X, ("cells", seed), lambda: Cells(X, seed))
+
+
+def search(
+    X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndarray | None = None,
+    exact_max: int | None = None, n_probe: int = 16, min_candidates: int = 64, rerank: int | None = None,
+) -> np.ndarray:
+    """Indices (len(queries), k) of each query's k nearest points of X (n, d), the query itself excluded
+    and, when groups are given, every point of its group too; rows with fewer than k such points end in -1.
+
+    Exact (blocked brute force) up to exact_max points (default EXACT_QUERY_MAX). Above: candidates from Cells (at least
+    `min_candidates` qualifying ones, walking up to 16x n_probe cells), the best `rerank` (default 4k) by
+    reduced distance re-ranked exactly; a query still short of k falls back to brute force.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    queries = np.asarray(queries, dtype=np.int64)
+    if len(X) <= (EXACT_QUERY_MAX if exact_max is None else exact_max):
+        return _exact_excluding(X, queries, k, groups)
+    cells = cells_for(X)
+    rerank = rerank or 4 * k
+    out = np.full((len(queries), k), -1, np.int64)
+    pending = np.arange(len(queries))
+    for probe in (n_probe, 4 * n_probe, 16 * n_probe):
+        probe = min(probe, len(cells.landmarks))
+        cand = cells.candidates(cells.Z[queries[pending]], probe)
+        short = []
+        for j, c in zip(pending, cand):
+            qi = queries[j]
+            keep = c != qi if groups is None else groups[c] != groups[qi]
+            c = c[keep]
+            if len(c) < max(min_candidates, k) and probe < len(cells.landmarks):
+                short.append(j)
+                continue
+            if len(c) > rerank:
+                dz = ((cells.Z[c] - cells.Z[qi]) ** 2).sum(axis=1)
+                c = c[np.argpartition(dz, rerank - 1)[:rerank]]
+            d = ((X[c] - X[qi]) ** 2).sum(axis=1)
+            best = c[np.argsort(d, kind="stable")[:k]]
+            out[j, :len(best)] = best
+        pending = np.asarray(short, np.int64)
+        if len(pending) == 0:
+            break
+    if len(pending):
+        out[pending] = _exact_excluding(X, queries[pending], k, groups)
+    return out
+
+
+def _exact_excluding(X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndarray | None,
+                     block: int = 512) -> np.ndarray:
+    """Exact search of `search`: blocked distance matrices, excluded points at infinity."""
+    sq = (X * X).sum(axis=1)
+    out = np.full((len(queries), k), -1, np.int64)
+    kk = min(k, X.shape[0] - 1)
+    if kk < 1:
+        return out
+    for start in range(0, len(queries), block):
+        q = queries[start:start + block]
+        d2 = sq[q, None] - 2 * (X[q] @ X.T) + sq[None, :]  # (b, n)
+        if groups is None:
+            d2[np.arange(len(q)), q] = np.inf
+        else:
+            d2[groups[q, None] == groups[None, :]] = np.inf
+        part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
+        vals = np.take_along_axis(d2, part, axis=1)
+        order = np.argsort(vals, axis=1, kind="stable")
+        part = np.take_along_axis(part, order, axis=1)
+        part[np.take_along_axis(vals, order, axis=1) == np.inf] = -1
+        out[start:start + block, :kk] = part
+    return out
