@@ -120,12 +120,15 @@ def density_bins(points: pl.DataFrame, prefix: str, color_by: str, bins: int = 7
         ((pl.col(f"{prefix}_x") - x0) / wx).floor().clip(0, bins - 1).alias("bx"),
         ((pl.col(f"{prefix}_y") - y0) / wy).floor().clip(0, bins - 1).alias("by"),
     )
-    out = cells.group_by("bx", "by").agg(
-        pl.len().alias("tokens"), pl.col("position").mean().alias("mean_position"),
-        pl.col("prompt_label").mode().first().alias("majority_prompt"),
-        pl.col("prompt_color").mode().first().alias("majority_color"),
-        (pl.col("prompt_label") == pl.col("prompt_label").mode().first()).mean().alias("majority_share"),
-    )
+    out = cells.group_by("bx", "by").agg(pl.len().alias("tokens"), pl.col("position").mean().alias("mean_position"))
+    # the majority prompt of a cell with its own colour (label and colour taken from the same rows; ties:
+    # the first label in sort order, so a cell reads the same on every rerun)
+    top = cells.group_by("bx", "by", "prompt_label", "prompt_color").len().sort(
+        ["bx", "by", "len", "prompt_label"], descending=[False, False, True, False]).group_by(
+        "bx", "by", maintain_order=True).first()
+    out = out.join(top.select("bx", "by", pl.col("prompt_label").alias("majority_prompt"),
+                              pl.col("prompt_color").alias("majority_color"), pl.col("len").alias("_top")),
+                   on=["bx", "by"]).with_columns((pl.col("_top") / pl.col("tokens")).alias("majority_share")).drop("_top")
     return out.with_columns(
         (x0 + pl.col("bx") * wx).alias("x0"), (x0 + (pl.col("bx") + 1) * wx).alias("x1"),
         (y0 + pl.col("by") * wy).alias("y0"), (y0 + (pl.col("by") + 1) * wy).alias("y1"),
@@ -151,9 +154,21 @@ def density(points: pl.DataFrame, prefix: str, title: str, color_by: str = "bran
                           scale=alt.Scale(domain=labels["majority_prompt"].to_list(),
                                           range=labels["majority_color"].to_list()),
                           legend=alt.Legend(orient="bottom", columns=2, labelLimit=170))
-    zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!")
-    return alt.Chart(cells).mark_rect().encode(color=color, **common).add_params(zoom).properties(
+    zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!", translate=PAN)
+    region = alt.selection_interval(name=f"region_{prefix}", encodings=["x", "y"], on=DRAG, translate=DRAG,
+                                    zoom=False)
+    return alt.Chart(cells).mark_rect().encode(color=color, **common).add_params(zoom, region).properties(
         title=title, height=HEIGHT, width="container")
+
+
+def region_rows(points: pl.DataFrame, prefix: str, selection: dict) -> pl.DataFrame | None:
+    """The tokens inside a region brushed on a density panel ({region_<prefix>: {x0: [lo, hi], y0: [lo, hi]}}),
+    or None when no region is brushed."""
+    box = selection.get(f"region_{prefix}")
+    if not isinstance(box, dict) or not {"x0", "y0"} <= box.keys():
+        return None
+    (x_lo, x_hi), (y_lo, y_hi) = sorted(box["x0"]), sorted(box["y0"])
+    return points.filter(pl.col(f"{prefix}_x").is_between(x_lo, x_hi) & pl.col(f"{prefix}_y").is_between(y_lo, y_hi))
 
 
 RAW_COLOUR, REMOVED_COLOUR = "#4e79a7", "#e15759"

@@ -17,8 +17,10 @@ DIM, SHOWN, FOCUSED = 0.07, 0.8, 0.95
 # Two panels side by side from ~1200 px, stacked below (Streamlit's own columns stack only below 640 px).
 RESPONSIVE_CSS = """<style>
 @media (max-width: 1200px) {
-  .st-key-bl-panels [data-testid="stHorizontalBlock"] {flex-direction: column;}
-  .st-key-bl-panels [data-testid="stColumn"] {width: 100% !important; flex: 1 1 100% !important;}
+  .st-key-bl-panels [data-testid="stHorizontalBlock"], .st-key-bl-density [data-testid="stHorizontalBlock"]
+    {flex-direction: column;}
+  .st-key-bl-panels [data-testid="stColumn"], .st-key-bl-density [data-testid="stColumn"]
+    {width: 100% !important; flex: 1 1 100% !important;}
 }
 </style>"""
 
@@ -97,40 +99,28 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             drawn = charts.sample_branches(points, ctl.max_points)
             st.caption(f"Drawn: {len(drawn):,} of {len(points):,} tokens "
                        f"({drawn['branch_id'].n_unique()} of {points['branch_id'].n_unique()} whole branches).")
-    keyed = chosen.select("branch_id", "position").with_columns(pl.lit(True).alias("_on"))
-    drawn = drawn.join(keyed, on=["branch_id", "position"], how="left").with_columns(
-        pl.when(pl.lit(len(chosen) > 0)).then(pl.when(pl.col("_on")).then(FOCUSED).otherwise(DIM))
-        .otherwise(SHOWN).alias("alpha")).drop("_on")
-
     st.markdown(RESPONSIVE_CSS, unsafe_allow_html=True)
-    built, static = {}, {}
-    with st.container(key="bl-panels"):
-        cols = st.columns(2)
-        for col, (prefix, title) in zip(cols, PANELS):
-            with col:
-                if big and mode == "density":
-                    built[prefix] = charts.density(points, prefix, title, ctl.color_by)
-                    st.altair_chart(built[prefix], width="stretch", key=f"density_{prefix}")
-                    continue
-                lines = forks = None
-                if ctl.trajectories:
-                    xy = drawn.select("branch_id", "position", pl.col(f"{prefix}_x").alias("x"),
-                                      pl.col(f"{prefix}_y").alias("y"))
-                    shade = drawn.select("branch_id", "shade").unique("branch_id")
-                    lit_col = pl.col("branch_id").is_in(list(lit)).alias("lit")
-                    lines = trajectory_lines(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
-                        .join(shade, on="branch_id", how="left").with_columns(lit_col)
-                    forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
-                        .with_columns(lit_col)
-                built[prefix] = charts.projection(drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
-                static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
-                st.altair_chart(built[prefix], width="stretch", key=CHART_KEYS[prefix], on_select="rerun",
-                                selection_mode=[f"brush_{prefix}", f"pick_{prefix}"])
+    static: dict = {}
     if big and mode == "density":
+        region = None
+        with st.container(key="bl-density"):
+            for col, (prefix, title) in zip(st.columns(2), PANELS):
+                with col:
+                    st.altair_chart(charts.density(points, prefix, title, ctl.color_by), width="stretch",
+                                    key=f"density_{prefix}", on_select="rerun", selection_mode=[f"region_{prefix}"])
+                    found = charts.region_rows(points, prefix, _chart_selection(f"density_{prefix}"))
+                    region = found if found is not None else region
         st.caption(f"Density of all {len(points):,} tokens: colour = "
                    f"{'mean position' if ctl.color_by == 'position' else 'majority prompt'} per cell, opacity = "
-                   "token count (log). Switch to sampling to select tokens.")
-    else:
+                   "token count (log). Drag a box on either panel to draw the tokens inside it below.")
+        if region is None or not len(region):
+            drawn = None
+        else:
+            drawn = region if len(region) <= ctl.max_points else charts.sample_branches(region, ctl.max_points)
+            st.caption(f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
+                       f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}.")
+    if drawn is not None:
+        static = _draw_panels(drawn, chosen, lit, branches, ctl)
         st.caption(charts.HOW_TO)
 
     st.subheader("How much position is left")
@@ -153,6 +143,33 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             panels.chart_exports(lambda: alt.hconcat(*(charts.projection(*a, interactive=False)
                                                        for a in static.values())), f"branchlens-{name}")
         panels.downloads(points.drop("context"), f"points-{name}")
+
+
+def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branches: pl.DataFrame, ctl) -> dict:
+    """The two projection panels of `drawn` (selection dimming, lines of lit branches); returns each
+    panel's arguments for the static export."""
+    keyed = chosen.select("branch_id", "position").with_columns(pl.lit(True).alias("_on"))
+    drawn = drawn.join(keyed, on=["branch_id", "position"], how="left").with_columns(
+        pl.when(pl.lit(len(chosen) > 0)).then(pl.when(pl.col("_on")).then(FOCUSED).otherwise(DIM))
+        .otherwise(SHOWN).alias("alpha")).drop("_on")
+    static = {}
+    with st.container(key="bl-panels"):
+        for col, (prefix, title) in zip(st.columns(2), PANELS):
+            with col:
+                lines = forks = None
+                if ctl.trajectories:
+                    xy = drawn.select("branch_id", "position", pl.col(f"{prefix}_x").alias("x"),
+                                      pl.col(f"{prefix}_y").alias("y"))
+                    shade = drawn.select("branch_id", "shade").unique("branch_id")
+                    lit_col = pl.col("branch_id").is_in(list(lit)).alias("lit")
+                    lines = trajectory_lines(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
+                        .join(shade, on="branch_id", how="left").with_columns(lit_col)
+                    forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
+                        .with_columns(lit_col)
+                static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
+                st.altair_chart(charts.projection(*static[prefix]), width="stretch", key=CHART_KEYS[prefix],
+                                on_select="rerun", selection_mode=[f"brush_{prefix}", f"pick_{prefix}"])
+    return static
 
 
 def _table_rows(key: str) -> list[int]:

@@ -150,9 +150,21 @@ def test_density_keeps_the_majority_prompts_colour_and_the_mean_position():
         top = inside["prompt_label"].value_counts().sort("count", descending=True)
         assert row["majority_share"] == pytest.approx(top["count"][0] / len(inside))
         assert row["mean_position"] == pytest.approx(inside["position"].mean())
+        # the cell's colour is its majority prompt's own colour
+        assert row["majority_color"] == inside.filter(pl.col("prompt_label") == row["majority_prompt"])["prompt_color"][0]
     assert density(pts, "raw", "raw", "position").to_dict()["encoding"]["color"]["field"] == "mean_position"
     spec = density(pts, "raw", "raw", "branch").to_dict()
     assert spec["encoding"]["color"]["field"] == "majority_prompt" and spec["width"] == "container"
+    assert "region_raw" in {p["name"] for p in spec["params"]}
+
+
+def test_a_box_on_the_density_draws_the_tokens_inside_it():
+    from dashboard.charts import region_rows
+
+    pts, _ = _points()
+    assert region_rows(pts, "raw", {}) is None
+    inside = region_rows(pts, "raw", {"region_raw": {"x0": [6.5, 2.5], "y0": [-10.0, 0.0]}})
+    assert inside["raw_x"].to_list() == [3.0, 4.0, 5.0, 6.0]
 
 
 def test_clusters_find_two_blobs_and_summarize_them():
