@@ -1,0 +1,86 @@
+"""What a user waits for in the dashboard after each change, driven through Streamlit's AppTest on a
+synthetic store, with plain UMAP on the same tokens measured in the same run as the yardstick.
+
+    python bench/dashboard_waits.py            # --prompts 8 --branches 18 --length 40 --d 640
+
+The store: `python -m views synthetic` (known positional helix, branch content); fresh view cache;
+numba kernels compiled or loaded from disk once before the first step (as the app's warm-up does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = [  # (what the user does, how AppTest does it)
+    ("first view (4 prompts)", lambda at: None),
+    ("layer change", lambda at: at.selectbox(key="layer").set_value(1)),
+    ("method change (regression)", lambda at: at.selectbox(key="method").set_value("regression")),
+    ("all prompts", lambda at: next(m for m in at.multiselect if m.label == "Prompts").set_value(
+        list(range(len(next(m for m in at.multiselect if m.label == "Prompts").options))))),
+    ("fit on plotted tokens (= the whole run)", lambda at: at.selectbox(key="fit_scope").set_value("plotted")),
+    ("PCA instead of UMAP", lambda at: at.radio(key="projection").set_value("pca")),
+    ("rerun, nothing changed", lambda at: None),
+    ("open the Layers tab", lambda at: at.session_state.__setitem__("tab", "Layers")),
+    ("open the Clusters tab", lambda at: at.session_state.__setitem__("tab", "Clusters")),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--branches", type=int, default=18)
+    p.add_argument("--length", type=int, default=40)
+    p.add_argument("--d", type=int, default=640)
+    args = p.parse_args()
+    warnings.simplefilter("ignore")
+    tmp = Path(tempfile.mkdtemp())
+    store = tmp / "bench.duckdb"
+    subprocess.run([sys.executable, "-m", "views", "synthetic", str(store), "--prompts", str(args.prompts),
+                    "--branches", str(args.branches), "--length", str(args.length), "--d", str(args.d)],
+                   cwd=ROOT, check=True, capture_output=True)
+    os.environ.update(BRANCHLENS_NO_WARMUP="1", BRANCHLENS_CACHE=str(tmp / "cache"))
+    sys.path.insert(0, str(ROOT))
+    from streamlit.testing.v1 import AppTest
+
+    from analysis import jit
+
+    jit.warm_up()
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=1800)
+    at.session_state["store_path"] = str(store)
+    print(f"store: {args.prompts} prompts x {args.branches + 1} branches, length {args.length}, d={args.d}; "
+          f"{os.cpu_count()} CPUs")
+    waits = []
+    for name, act in STEPS:
+        act(at)
+        t = time.perf_counter()
+        at.run()
+        waits.append((name, time.perf_counter() - t))
+        assert not at.exception, [e.value for e in at.exception]
+    # the yardstick: plain umap-learn on all the stored tokens of one layer, in this process, warm
+    import umap
+
+    from store import queries
+    from store.connect import reading
+
+    with reading(store) as con:
+        _, X = queries.token_rows(con, at.selectbox(key="run").value, 1)
+    umap.UMAP().fit_transform(X[:500])
+    t = time.perf_counter()
+    umap.UMAP().fit_transform(X)
+    plain = time.perf_counter() - t
+    tokens = X
+    print(f"\n{'step':<42} {'wait':>7}   ratio to plain UMAP of {len(tokens)} tokens ({plain:.2f} s)")
+    for name, seconds in waits:
+        print(f"{name:<42} {seconds:6.1f} s   {seconds / plain:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
