@@ -13,7 +13,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from conftest import PROMPTS, PYTHON, ingest
+from helpers import PROMPTS, PYTHON, ingest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -388,7 +388,7 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     shows it whole."""
     import tomli_w
 
-    from conftest import cli_env, paused_ingest
+    from helpers import cli_env, paused_ingest
 
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
     config = tmp_path / "run.toml"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import dump, ingest
+from helpers import dump, ingest
 from ingest.generate import TreeBuilder
 from ingest.models import load_model
 from ingest.tree import TreePlan

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROMPTS, PYTHON, ingest
+from helpers import PROMPTS, PYTHON, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

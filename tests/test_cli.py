@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import tomli_w
 
-from conftest import PROMPTS, PYTHON, cli_env, ingest
+from helpers import PROMPTS, PYTHON, cli_env, ingest
 from store import reading
 
 
@@ -100,7 +100,7 @@ def test_store_of_another_model_width_is_refused_before_writing(model_dirs, exis
     before = digest(existing_store)
     (tmp_path / "p.txt").write_text("The cat sat on\n")
     bigger = tmp_path / "bigger"
-    from conftest import build_tokenizer
+    from helpers import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=48, intermediate_size=64, num_hidden_layers=1,

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 
 from analysis.synthetic import branch_tree
-from conftest import PYTHON, cli_env, dump, ingest
+from helpers import PYTHON, cli_env, dump, ingest
 from store import reading
 from store.compact import compact, free_fraction
 from store.queries import layer_vectors, token_rows

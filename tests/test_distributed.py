@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from conftest import PROMPTS, PYTHON, cli_env, dump
+from helpers import PROMPTS, PYTHON, cli_env, dump
 from store import reading
 
 if os.environ.get("BRANCHLENS_REQUIRE_RAY") != "1":

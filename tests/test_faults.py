@@ -12,7 +12,7 @@ import subprocess
 
 import tomli_w
 
-from conftest import PROMPTS, PYTHON, cli_env, dump
+from helpers import PROMPTS, PYTHON, cli_env, dump
 from store import reading
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import dump, ingest
+from helpers import dump, ingest
 from store import reading
 from store.queries import branch_sequence, branch_vectors, branches, run_summary
 

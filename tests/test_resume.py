@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import tomli_w
 
-from conftest import PYTHON, cli_env, dump, ingest, paused_ingest
+from helpers import PYTHON, cli_env, dump, ingest, paused_ingest
 from store import reading
 from store.writer import StoreWriter
 

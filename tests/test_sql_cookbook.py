@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ingest
+from helpers import ingest
 from store import reading
 
 README = Path(__file__).resolve().parents[1] / "README.md"

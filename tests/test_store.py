@@ -143,7 +143,7 @@ def test_store_creation_is_atomic(tmp_path, monkeypatch):
 def test_a_dead_creators_leftovers_are_removed_and_creation_never_overwrites(tmp_path):
     import subprocess
 
-    from conftest import PYTHON
+    from helpers import PYTHON
 
     path = tmp_path / "new.duckdb"
     dead = int(subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True,

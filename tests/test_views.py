@@ -11,7 +11,7 @@ import pytest
 
 from analysis import ProjectionSpec, ResidualSpec, ViewSpec
 from analysis.synthetic import branch_tree
-from conftest import PYTHON, ingest
+from helpers import PYTHON, ingest
 from views.__main__ import main as views_main
 from views.cache import ViewCache
 from views.service import Selection, compute

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PYTHON, cli_env, ingest
+from helpers import PYTHON, cli_env, ingest
 from ingest.errors import IngestError
 from ingest.models import load_model
 from ingest.positions import PositionAdapter, adapter_for

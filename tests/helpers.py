@@ -1,0 +1,109 @@
+"""Helpers the tests share (imported as `from helpers import ...`; fixtures live in conftest.py): the tiny
+models and tokenizer, the prompts, running the CLI in a subprocess, and reading back what a run wrote."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+CORPUS = [
+    "The cat sat on the mat and looked at the moon.",
+    "Branches of a story go apart at the tokens where the model is unsure.",
+    "def add(a, b):\n    return a + b",
+    "Position dominates content in the hidden states of small language models.",
+    "0123456789 numbers, letters and punctuation: a b c d e f g h i j k l m n o p q r s t u v w x y z!",
+]
+PROMPTS = ["The cat sat on", "Branches go apart where", "def add(a, b):"]
+VOCAB = 320
+
+
+def build_tokenizer(add_bos: bool):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def build_model(family: str):
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **common)
+        return GPT2LMHeadModel(cfg)
+    if family == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=256, **common)
+        return LlamaForCausalLM(cfg)
+    if family == "gemma3":
+        # A sliding window shorter than the sequences makes fork-prefix re-use fall back to recompute.
+        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, sliding_window=8,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               max_position_embeddings=256, **common)
+        return Gemma3ForCausalLM(cfg)
+    raise ValueError(family)
+
+
+FAMILIES = ("gpt2", "llama", "gemma3")
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running the CLI in a subprocess: offline, own cache, this checkout importable."""
+    import os
+
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", BRANCHLENS_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return env
+
+
+PYTHON = sys.executable
+
+
+def paused_ingest(command: list[str], tmp_path: Path, fault: str):
+    """Start the ingest CLI with the fault hook pausing it at `fault` (PHASE:N) and return the process once
+    it is paused there (a line on its stdin lets it go on); fails if it ends first."""
+    import subprocess
+
+    proc = subprocess.Popen(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": f"{fault}:pause"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = f"fault: {fault.replace(':', ' ')} paused"
+    for line in proc.stderr:
+        if marker in line:
+            return proc
+    pytest.fail(f"the ingest ended before reaching {fault} (exit {proc.wait()})")
+
+
+def ingest(cfg):
+    """run_ingest without progress bars or log lines."""
+    from ingest.run import run_ingest
+
+    return run_ingest(cfg, progress=False, log=lambda _msg: None)
+
+
+def dump(store, run_id: str) -> dict[str, list]:
+    """Every row a run wrote (prompts, branches, tokens, latents), in a fixed order, for equality checks."""
+    from store import reading
+
+    with reading(store) as con:
+        return {
+            name: con.execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]).fetchall()
+            for name in ("prompts", "branches", "tokens")
+        } | {
+            "latents": con.execute(
+                "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
+                "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
+        }
