@@ -13,6 +13,7 @@ import torch
 
 from ingest.errors import IngestError
 from ingest.positions import PositionAdapter, adapter_for
+from store.errors import reason
 
 BUNDLED_ALIASES = ("gemma-3-270m",)
 _CACHE_FORMAT = 1  # bump when the cached copy's layout changes
@@ -135,11 +136,10 @@ def _from_pretrained(spec: str, where: str, extra: dict, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if Path(where).exists() else (
             f" (not a local directory, .gguf file or bundled alias: {', '.join(BUNDLED_ALIASES)})"
         )
-        raise IngestError(f"cannot load model '{spec}'{hint}: {first}") from None
+        raise IngestError(f"cannot load model '{spec}'{hint}: {reason(exc)}") from None
     return model, tokenizer
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ingest.errors import IngestError
 from ingest.models import LoadedModel
 from store import queries
-from store.connect import reading
+from store.connect import JOB_LOCK_WAIT, reading
 from store.errors import StoreError
 from store.writer import StoreWriter
 
@@ -44,11 +44,11 @@ def add_zero_pe(
 ) -> int:
     """Re-encode every written prompt of the run that has no zero_pe latents yet; returns how many."""
     lm.positions.require()
-    with reading(store, lock_timeout=30) as con:
+    with reading(store, lock_timeout=JOB_LOCK_WAIT) as con:
         todo = queries.prompts_without_variant(con, run_id, VARIANT)
     writer = StoreWriter(store, created_by="branchlens zero-pe")
     for prompt_id in tqdm(todo, desc="zero-PE", unit="prompt", disable=not progress, file=sys.stderr):
-        with reading(store, lock_timeout=30) as con:
+        with reading(store, lock_timeout=JOB_LOCK_WAIT) as con:
             branches = queries.prompt_sequences(con, run_id, prompt_id)
         items = []
         for branch_id, fork, token_ids in branches:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.connect import connect_with_retry, reading
+from store.connect import JOB_LOCK_WAIT, connect_with_retry, reading
 from store.errors import StoreError, StoreMissing, reason
 from store.faults import fault_point
 from store.leftovers import compact_copy, remove_stale_copies
@@ -109,7 +109,7 @@ COMPACT_ABOVE = 0.2  # share of free blocks in the file above which the end of a
 def compact_if_worth(path: str | Path, log: Callable[[str], None]) -> None:
     """Give back the free space that per-prompt commits leave in the file, when it is worth a rewrite.
     A failure (e.g. no room for the copy) is a warning: the store as written is complete."""
-    with reading(path, lock_timeout=30) as con:
+    with reading(path, lock_timeout=JOB_LOCK_WAIT) as con:
         free = free_fraction(con)
     if free < COMPACT_ABOVE:
         return

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from store.errors import StoreBusy, StoreError, StoreMissing
+from store.errors import StoreBusy, StoreError, StoreMissing, reason
 from store.schema import check_version, read_meta
 
 LOCK_MESSAGE = "Could not set lock"
@@ -22,6 +22,7 @@ def _is_lock_error(exc: Exception) -> bool:
 # No connection of this project may fetch or load DuckDB extensions (a SQLite file would otherwise make
 # DuckDB download sqlite_scanner from the network).
 NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+JOB_LOCK_WAIT = 30.0  # seconds a job (ingest, compaction, a synthetic write) waits for readers to let go
 DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
 
 
@@ -40,9 +41,9 @@ def _connect(path: Path, read_only: bool, config: dict | None = None) -> duckdb.
     except duckdb.IOException as exc:
         if _is_lock_error(exc):
             raise
-        raise StoreError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot open store {path}: {reason(exc)}") from exc
     except duckdb.Error as exc:
-        raise StoreError(f"cannot open store {path}: {str(exc).splitlines()[0]}") from exc
+        raise StoreError(f"cannot open store {path}: {reason(exc)}") from exc
 
 
 def connect_with_retry(

@@ -13,9 +13,10 @@ class StoreBusy(StoreError):
     """Another process holds the file (an ingest committing): wait and try again."""
 
 
-def reason(exc: BaseException) -> str:
-    """The part of an OS or DuckDB error worth one line: strerror, else the message's first line."""
+def reason(exc: BaseException, last_line: bool = False) -> str:
+    """The part of an error worth one line: an OS error's strerror, else the message's first line (its last
+    with last_line, e.g. for a Ray task error, whose first line is where it ran and last what went wrong)."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    lines = str(exc).strip().splitlines()
+    return (lines[-1] if last_line else lines[0]) if lines else type(exc).__name__

@@ -20,8 +20,8 @@ import numpy as np
 
 from analysis.synthetic import HELIX_VERSION, SyntheticRun, helix_run
 from analysis.tokens import TokenSet
-from store.compact import compact, free_fraction
-from store.connect import reading
+from store.compact import compact_if_worth
+from store.connect import JOB_LOCK_WAIT, reading
 from store.errors import StoreError
 from store.queries import run_summary
 from store.records import BranchRecord, RunRecord
@@ -42,6 +42,16 @@ def write_tree(path: str | Path, tokens: TokenSet, run_id: str = "run-synthetic"
     writer.prepare(tokens.dim)
     run = RunRecord(run_id, "synthetic", {"synthetic": True, "layers": layers}, run_id, n_layers=max(layers[-1], 1),
                     d_model=tokens.dim, pe_type="synthetic", device="cpu", dtype="float32")
+    try:
+        _write_prompts(writer, tokens, run, layers, token_ids)
+    finally:
+        writer.release()
+    return run_id
+
+
+def _write_prompts(writer: StoreWriter, tokens: TokenSet, run: RunRecord, layers: list[int],
+                   token_ids: np.ndarray | None) -> None:
+    run_id = run.run_id
     writer.start_run(run)
     parent = tokens.extra["parent"]
     depth = tokens.extra["depth"]
@@ -69,13 +79,10 @@ def write_tree(path: str | Path, tokens: TokenSet, run_id: str = "run-synthetic"
         n_prompt = int((tokens.branch == records[0].branch_id).sum())
         writer.write_prompt(run_id, int(prompt), f"synthetic prompt {prompt}", n_prompt, records, layers)
     writer.finish_run(run_id)
-    writer.release()
-    return run_id
 
 
 HELIX_RUN_ID = "run-synthetic-helix"
 HELIX_MODEL = "synthetic-helix"
-COMPACT_ABOVE = 0.2  # as ingest: rewrite the store at the end when this share of it is free space
 
 
 @dataclass
@@ -161,7 +168,7 @@ def _existing(path: Path, run_id: str) -> tuple[str, str] | None:
     """(config_hash, status) of run_id in the store at path, or None (no store, or no such run)."""
     if not path.exists():
         return None
-    with reading(path, lock_timeout=30) as con:
+    with reading(path, lock_timeout=JOB_LOCK_WAIT) as con:
         return first_row(con, "SELECT config_hash, status FROM runs WHERE run_id = ?", [run_id])
 
 
@@ -187,31 +194,27 @@ def write_helix_run(path: str | Path, n_prompts: int = 8, branches: int = 12, le
     run = helix_run(n_prompts=n_prompts, branches_per_prompt=branches, length=length, d=d, seed=seed)
     config = helix_config(run, settings, run_id)
     if found is not None and found[1] == "complete":
-        with reading(path, lock_timeout=30) as con:
+        with reading(path, lock_timeout=JOB_LOCK_WAIT) as con:
             counts = run_summary(con, run_id)
         return HelixReport(run_id, path, 0, counts["prompts"], counts, config, time.perf_counter() - t0)
     layers = config["layers"]
-    writer.prepare(d)
-    record = RunRecord(run_id, HELIX_MODEL, config, digest, n_layers=len(layers) - 1, d_model=d,
-                       pe_type="synthetic", device="cpu", dtype="float32")
-    done = writer.start_run(record)
-    for q, tree in enumerate(run.branches):
-        if q in done:
-            continue
-        records = [_branch_record(b, run.vocab) for b in tree]
-        writer.write_prompt(run_id, q, run.prompt_texts[q], run.prompt_lengths[q], records, layers)
-    writer.finish_run(run_id)
-    writer.release()
-    notes = []
+    try:
+        writer.prepare(d)
+        record = RunRecord(run_id, HELIX_MODEL, config, digest, n_layers=len(layers) - 1, d_model=d,
+                           pe_type="synthetic", device="cpu", dtype="float32")
+        done = writer.start_run(record)
+        for q, tree in enumerate(run.branches):
+            if q in done:
+                continue
+            records = [_branch_record(b, run.vocab) for b in tree]
+            writer.write_prompt(run_id, q, run.prompt_texts[q], run.prompt_lengths[q], records, layers)
+        writer.finish_run(run_id)
+    finally:
+        writer.release()  # the claim goes even when a write fails
+    notes: list[str] = []
     if compact_store:
-        with reading(path, lock_timeout=30) as con:
-            free = free_fraction(con)
-        if free >= COMPACT_ABOVE:
-            try:
-                notes.append(compact(path).summary())
-            except StoreError as exc:
-                notes.append(f"warning: {exc} (run `python -m store compact {path}` later)")
-    with reading(path, lock_timeout=30) as con:
+        compact_if_worth(path, notes.append)
+    with reading(path, lock_timeout=JOB_LOCK_WAIT) as con:
         counts = run_summary(con, run_id)
     return HelixReport(run_id, path, len(run.branches) - len(done), len(done), counts, config,
                        time.perf_counter() - t0, notes)
