@@ -21,6 +21,7 @@ TOOLTIP = [
     alt.Tooltip("prompt_label:N", title="prompt"), alt.Tooltip("context:N", title="text around"),
 ]
 HEIGHT = 460
+NEAREST_HOVER_MAX = 6000  # points up to which hovering near a point (not only on it) shows its branch
 # Drag draws a box; shift-drag pans, the wheel zooms, a double-click resets (Vega-Lite event streams).
 DRAG = "[pointerdown[!event.shiftKey], window:pointerup] > window:pointermove!"
 PAN = "[pointerdown[event.shiftKey], window:pointerup] > window:pointermove!"
@@ -59,8 +60,9 @@ def projection(
     brush = alt.selection_interval(name=f"brush_{prefix}", encodings=["x", "y"], on=DRAG, translate=DRAG,
                                    zoom=False)
     pick = alt.selection_point(name=f"pick_{prefix}", fields=["branch_id"], on="click")
-    hover = alt.selection_point(name=f"hover_{prefix}", fields=["branch_id"], on="pointerover", nearest=True,
-                                clear="pointerout", empty=False)
+    # nearest-point hover needs a Voronoi diagram of every point: only where it stays cheap in the browser
+    hover = alt.selection_point(name=f"hover_{prefix}", fields=["branch_id"], on="pointerover",
+                                nearest=len(points) <= NEAREST_HOVER_MAX, clear="pointerout", empty=False)
     zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!", translate=PAN)
     field, kind = COLOR_BY[color_by]
     legend_pick = legend = None
