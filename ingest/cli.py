@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     dist.add_argument("--workers", type=int, help="Ray actors, one per GPU (CPU actors where there is no GPU); "
                       "default with --ray-address: one per GPU, else per CPU")
     dist.add_argument("--ray-address", help="join a Ray cluster: auto or HOST:PORT (default: a local one)")
-    dist.add_argument("--shards", help="directory for the run's Parquet shards (default STORE.shards)")
+    dist.add_argument("--shards", help="directory or s3://bucket/prefix for the run's Parquet shards "
+                                          "(default STORE.shards)")
     dist.add_argument("--prompts-per-task", type=int, default=4, help="prompts per task and shard (default 4)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     return p

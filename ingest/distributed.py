@@ -4,7 +4,9 @@ there is none), each task written as a Parquet shard, then merged into the DuckD
 Ray is an optional extra (`pip install -e ".[distributed]"`); nothing here is imported by the
 single-machine path. Scheduling, retries and restarts are Ray's: an actor that dies is restarted and
 its task run again (max_restarts / max_task_retries); a task whose shard already exists writes nothing,
-so retries and resumed runs never duplicate rows.
+so retries and resumed runs never duplicate rows. Shards go to a local directory or to S3-compatible
+storage (`--shards s3://bucket/prefix`, see store.objectstore), so workers on several machines need no
+shared disk.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ RESTARTS = 4  # per actor, and retries per task: a worker may die this many time
 class DistributedReport:
     run_id: str
     store: Path
-    shards: Path
+    shards: str
     workers: int
     resources: str
     tasks: int
@@ -77,15 +79,14 @@ class ShardWorker:
         """Build and write one task's shard: (task, generated tokens, seconds, written now)."""
         from store.shards import shard_exists, write_shard
 
-        path = Path(run_path)
-        if shard_exists(path, task):  # a retry of a task that finished before its worker died
+        if shard_exists(run_path, task):  # a retry of a task that finished before its worker died
             return task, 0, 0.0, False
         t0 = time.perf_counter()
         before = self.builder.stats.generated_tokens
         prep = self.prep
         prompts = [(p, prep.cfg.prompts[p], len(prep.prompt_ids[p]), self.builder.build(p, prep.prompt_ids[p]))
                    for p in prompt_ids]
-        written = write_shard(path, task, prompts, prep.layers)
+        written = write_shard(run_path, task, prompts, prep.layers)
         return task, self.builder.stats.generated_tokens - before, time.perf_counter() - t0, written
 
 
@@ -103,7 +104,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     from store.compact import compact_if_worth
     from store.connect import reading
     from store.queries import run_summary
-    from store.shards import finished_shards, merge, run_dir, task_prompts, write_manifest
+    from store.shards import check_location, finished_shards, merge, run_dir, sweep, task_prompts, write_manifest
     from store.writer import StoreWriter
 
     require_prompts(cfg)
@@ -113,6 +114,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     if workers is not None and workers < 1:
         raise IngestError(f"--workers must be >= 1, got {workers}")
     StoreWriter(cfg.store, created_by=branchlens_version()).check_existing()
+    check_location(shards or f"{cfg.store}.shards")  # a bad URL, bucket or credentials: fail before Ray starts
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     started_here = not ray.is_initialized()
@@ -160,7 +162,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
                    file=sys.stderr, dynamic_ncols=True)
         with bar:
             pool = ActorPool(actors)
-            results = pool.map_unordered(lambda actor, t: actor.build.remote(str(run_path), t, chunks[t]), todo)
+            results = pool.map_unordered(lambda actor, t: actor.build.remote(run_path, t, chunks[t]), todo)
             try:
                 for task, tokens, _secs, _written in results:
                     generated += tokens
@@ -177,6 +179,8 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
             ray.shutdown()
 
     t2 = time.perf_counter()
+    if len(finished_shards(run_path)) == tasks_total:
+        sweep(run_path)  # what killed attempts left; no worker is running any more
     merge(run_path, cfg.store, created_by=branchlens_version())
     if cfg.compact:
         compact_if_worth(cfg.store, log)

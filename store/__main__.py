@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds to wait for a writer (an ingest) to let go of the file (default 120)")
     m = sub.add_parser("merge", help="import a distributed run's Parquet shards into a store (ingest --workers "
                                      "does this at the end; run it again after more shards finished)")
-    m.add_argument("run_dir", help="the run's shard directory, e.g. branchlens.duckdb.shards/run-...")
+    m.add_argument("run_dir", help="the run's shard directory, e.g. branchlens.duckdb.shards/run-... or "
+                                   "s3://bucket/prefix/run-... (AWS settings from the environment)")
     m.add_argument("--store", default="branchlens.duckdb", help="the DuckDB store to merge into (default "
                    "branchlens.duckdb; created if missing)")
     args = p.parse_args(argv)

@@ -15,7 +15,8 @@ reach the point creates PATH and faults; the others (and a restarted worker) go 
 
 Phases: `load` (model loaded, nothing written yet), `generate` (after each branch is generated),
 `commit` (inside a prompt's write transaction, rows inserted but not committed), `compact` (inside
-compaction, the copy written but not yet in place). Without the variable every call is a no-op.
+compaction, the copy written but not yet in place), `shard` (a task's shard files written but not yet
+committed: before the rename, or before the marker object on S3). Without the variable every call is a no-op.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import Counter
 
 ENV = "BRANCHLENS_FAULT"
 ONCE_ENV = "BRANCHLENS_FAULT_ONCE"
-PHASES = ("load", "generate", "commit", "compact")
+PHASES = ("load", "generate", "commit", "compact", "shard")
 _reached: Counter[str] = Counter()
 
 

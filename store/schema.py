@@ -26,6 +26,13 @@ def schema_sql(dim: int) -> str:
     return text.replace("{dim}", str(int(dim)))
 
 
+def schema_statements(dim: int, names: tuple[str, ...]) -> list[str]:
+    """The CREATE statements of schema.sql for the named tables and views, in the file's order."""
+    text = re.sub(r"--[^\n]*", "", schema_sql(dim))  # comments may hold semicolons
+    statements = re.findall(r"^(CREATE (?:TABLE|VIEW) (\w+)\b.*?;)", text, re.S | re.M)
+    return [sql for sql, name in statements if name in names]
+
+
 def file_schema_version() -> int:
     """The version written in schema.sql's header (kept equal to SCHEMA_VERSION by a test)."""
     text = files("store").joinpath("schema.sql").read_text(encoding="utf-8")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -242,27 +243,33 @@ class StoreWriter:
                 _rollback(con)
                 raise
 
-    def import_shard(self, run_id: str, shard: Path) -> bool:
-        """Add one Parquet shard (store.shards) of a run in one transaction. Returns False, writing
-        nothing, when its prompts are already in the store, so a merge can be run again."""
-        files = {name: str(shard / f"{name}.parquet").replace("'", "''") for name in SHARD_TABLES}
+    def import_shard(self, run_id: str, sources: dict[str, Any]) -> bool:
+        """Add one Parquet shard (store.shards) of a run in one transaction: `sources` maps each of
+        SHARD_TABLES to an Arrow table or dataset (local or on S3, scanned without a DuckDB extension).
+        Returns False, writing nothing, when its prompts are already in the store, so a merge can be run
+        again."""
         with self._connection() as con:
+            views = {name: f"_shard_{name}" for name in SHARD_TABLES}
+            for name, view in views.items():
+                con.register(view, sources[name])
             con.execute("BEGIN TRANSACTION")
             try:
                 present = first_row(
                     con, f"SELECT count(*) FROM prompts WHERE run_id = ? AND prompt_id IN "
-                         f"(SELECT prompt_id FROM read_parquet('{files['prompts']}'))", [run_id])[0]
+                         f"(SELECT prompt_id FROM {views['prompts']})", [run_id])[0]
                 if present:
                     con.execute("ROLLBACK")
                     return False
-                for name in SHARD_TABLES:
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * "
-                                f"FROM read_parquet('{files[name]}')", [run_id])
+                for name, view in views.items():
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM {view}", [run_id])
                 con.execute("COMMIT")
                 return True
             except BaseException:
                 _rollback(con)
                 raise
+            finally:
+                for view in views.values():
+                    con.unregister(view)
 
     def finish_run(self, run_id: str) -> None:
         with self._connection() as con:

@@ -99,11 +99,16 @@ def dump(store, run_id: str) -> dict[str, list]:
     from store import reading
 
     with reading(store) as con:
-        return {
-            name: con.execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]).fetchall()
-            for name in ("prompts", "branches", "tokens")
-        } | {
-            "latents": con.execute(
-                "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
-                "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
-        }
+        return dump_rows(con, run_id)
+
+
+def dump_rows(con, run_id: str) -> dict[str, list]:
+    """dump() on an open connection (a store file, or shards read in place)."""
+    return {
+        name: con.execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]).fetchall()
+        for name in ("prompts", "branches", "tokens")
+    } | {
+        "latents": con.execute(
+            "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
+            "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
+    }
