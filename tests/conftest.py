@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAMILIES, PROMPTS, build_model, build_tokenizer
+from helpers import FAMILIES, PROMPTS, build_model, build_tokenizer, cli_env
 
 
 @pytest.fixture(scope="session")
