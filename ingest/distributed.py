@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ingest.config import RunConfig, build_config
 from ingest.errors import IngestError
+from store.errors import reason
 
 RESTARTS = 4  # per actor, and retries per task: a worker may die this many times before the run fails
 
@@ -102,7 +103,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         raise IngestError("--workers/--ray-address need Ray: pip install -e \".[distributed]\"") from None
     from ingest.prepare import branchlens_version, require_prompts
     from store.compact import compact_if_worth
-    from store.connect import reading
+    from store.connect import JOB_LOCK_WAIT, reading
     from store.queries import run_summary
     from store.shards import check_location, finished_shards, merge, run_dir, sweep, task_prompts, write_manifest
     from store.writer import StoreWriter
@@ -127,7 +128,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         try:
             ray.init(**init)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise IngestError(f"cannot start or reach Ray ({address or 'local'}): {str(exc).splitlines()[0]}") from None
+            raise IngestError(f"cannot start or reach Ray ({address or 'local'}): {reason(exc)}") from None
     try:
         cluster = ray.cluster_resources()
         gpus = int(cluster.get("GPU", 0))
@@ -140,7 +141,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         try:
             described = ray.get(actors[0].describe.remote())
         except ray.exceptions.RayActorError as exc:
-            raise IngestError(f"a worker could not start: {_first_line(exc)}") from None
+            raise IngestError(f"a worker could not start: {reason(exc, last_line=True)}") from None
         from store.records import RunRecord
 
         run = RunRecord(**described["run"])
@@ -171,8 +172,8 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
                     if not progress:
                         log(f"task {task + 1}/{tasks_total} written")
             except ray.exceptions.RayError as exc:
-                raise IngestError(f"a task failed after {RESTARTS} retries: {_first_line(exc)}; finished shards "
-                                  "are kept, run the same command to resume") from None
+                raise IngestError(f"a task failed after {RESTARTS} retries: {reason(exc, last_line=True)}; "
+                                  "finished shards are kept, run the same command to resume") from None
         seconds["generate"] = time.perf_counter() - t1
     finally:
         if started_here:
@@ -185,12 +186,8 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     if cfg.compact:
         compact_if_worth(cfg.store, log)
     seconds["merge"] = time.perf_counter() - t2
-    with reading(cfg.store, lock_timeout=30) as con:
+    with reading(cfg.store, lock_timeout=JOB_LOCK_WAIT) as con:
         counts = run_summary(con, run.run_id)
     return DistributedReport(run.run_id, Path(cfg.store), run_path, n, "GPU" if use_gpu else "CPU", tasks_total,
                              len(done), generated, counts, seconds)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__

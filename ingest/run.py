@@ -17,7 +17,7 @@ from ingest.models import LoadedModel
 from ingest.prepare import branchlens_version, prepare, require_prompts
 from ingest.zero_pe import add_zero_pe
 from store.compact import compact_if_worth
-from store.connect import reading
+from store.connect import JOB_LOCK_WAIT, reading
 from store.faults import fault_point
 from store.queries import run_summary
 from store.writer import StoreWriter
@@ -142,7 +142,7 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
         t4 = time.perf_counter()
         compact_if_worth(cfg.store, log)
         seconds["compact"] = time.perf_counter() - t4
-    with reading(cfg.store, lock_timeout=30) as con:
+    with reading(cfg.store, lock_timeout=JOB_LOCK_WAIT) as con:
         counts = run_summary(con, run_id)
     return IngestReport(
         run_id=run_id, store=Path(cfg.store), model=cfg.model, device=prep.run.device, dtype=prep.run.dtype,
