@@ -158,3 +158,12 @@ def test_a_dead_creators_leftovers_are_removed_and_creation_never_overwrites(tmp
     before = path.read_bytes()
     StoreWriter(path, created_by="second")._create(DIM)  # losing a creation race: the first store stays
     assert path.read_bytes() == before and not list(tmp_path.glob("new.duckdb.creating-*"))
+
+
+def test_one_error_line_first_or_last():
+    from store.errors import reason
+
+    assert reason(ValueError("what went wrong\n  detail")) == "what went wrong"
+    assert reason(RuntimeError("ray::Task() (pid=1)\n  trace\nValueError: bad"), last_line=True) == "ValueError: bad"
+    assert reason(FileNotFoundError(2, "No such file or directory", "x")) == "No such file or directory"
+    assert reason(KeyError()) == "KeyError"
