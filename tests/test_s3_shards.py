@@ -232,3 +232,48 @@ def _tiny_config(model_dirs, tmp_path):
     config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=["a b", "c d"], samples=1, forks=1,
                                          max_new_tokens=4, layers=[0], device="cpu")))
     return config
+
+
+def test_s3_the_app_opens_a_runs_shards_in_place(s3, tmp_path, monkeypatch):
+    """The Store box takes a run's shard URL (or a local shard directory): the app draws it without a merge,
+    with every committed token, and a root set to another prefix keeps it out."""
+    from streamlit.testing.v1 import AppTest
+
+    app = str(Path(__file__).resolve().parents[1] / "app.py")
+    monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
+    remote, local = write_run(s3.url), write_run(str(tmp_path / "shards"))
+    for where in (remote, local):
+        at = AppTest.from_file(app, default_timeout=240)
+        at.session_state["store_path"] = where
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+        assert at.selectbox(key="run").value == RUN.run_id
+        with open_shards(where) as con:
+            expected = con.execute("SELECT count(*) FROM latents JOIN branches USING (run_id, branch_id) "
+                                   "WHERE layer = 3 AND position > 0 AND prompt_id < 4").fetchone()[0]  # the first four
+        assert f"{N_PROMPTS} prompts" in at.caption[0].value
+        tables = [t for t in _chart_datasets(at) if "raw_x" in t.column_names and "token_text" in t.column_names]
+        assert tables and tables[0].num_rows == expected
+    monkeypatch.setenv("BRANCHLENS_STORE_ROOT", "s3://another-bucket")
+    at = AppTest.from_file(app, default_timeout=240)
+    at.session_state["store_path"] = remote
+    at.run()
+    assert [i.value.split("`")[0] for i in at.info] == ["No store at "]
+
+
+def _chart_datasets(at):
+    import pyarrow as pa
+
+    def walk(node):
+        children = getattr(node, "children", None)
+        if isinstance(children, dict):
+            for child in children.values():
+                yield from walk(child)
+        else:
+            yield node
+
+    for el in walk(at.main):
+        if getattr(el, "type", None) == "vega_lite_chart":
+            for ds in el.proto.datasets:
+                yield pa.ipc.open_stream(ds.data.data).read_all()

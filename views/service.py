@@ -12,7 +12,7 @@ import polars as pl
 from analysis.tokens import TokenSet
 from analysis.view import ViewResult, ViewSpec, compute_view, layer_stats, measure, residualize
 from store import queries
-from store.connect import is_duckdb_file, reading
+from store.connect import is_duckdb_file, is_shard_run, reading
 from store.errors import StoreMissing
 from views.cache import ViewCache
 
@@ -91,18 +91,23 @@ def compute(
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
 
 
-def store_to_open(path: str | Path, root: str | Path | None = None) -> Path:
-    """The file the app may open for a path typed in its Store box: a DuckDB file (by its header), inside
-    `root` when one is set ($BRANCHLENS_STORE_ROOT). Anything else, missing, unreadable, another kind
-    of file or outside the root, gets the same StoreError, so the box tells a visitor nothing about the
-    server's files."""
+def store_to_open(path: str | Path, root: str | Path | None = None) -> Path | str:
+    """What the app may open for a path typed in its Store box: a DuckDB file (by its header) or a
+    distributed run's shard directory (read in place), inside `root` when one is set
+    ($BRANCHLENS_STORE_ROOT), or an s3:// run URL (under root when root is an s3:// prefix). Anything
+    else, missing, unreadable, another kind of file or outside the root, gets the same StoreMissing, so
+    the box tells a visitor nothing about the server's files."""
+    if str(path).startswith("s3://"):  # a run's shards on S3, read in place: only under an s3:// root if one is set
+        if root is not None and not str(path).startswith(str(root).rstrip("/") + "/"):
+            raise StoreMissing(f"no branchlens store at {path}")
+        return str(path)
     candidate = Path(path).expanduser()
     try:
         resolved = candidate.resolve()
         inside = root is None or resolved.is_relative_to(Path(root).expanduser().resolve())
     except (OSError, RuntimeError):
         inside = False
-    if not inside or not is_duckdb_file(resolved):
+    if not inside or not (is_duckdb_file(resolved) or is_shard_run(resolved)):
         raise StoreMissing(f"no branchlens store at {path}")
     return resolved
 
@@ -123,7 +128,7 @@ def content_key(con, store: str | Path, selection: Selection) -> dict:
 
 
 def _identity(store: str | Path) -> str:
-    return str(Path(store).resolve())
+    return str(store) if str(store).startswith("s3://") else str(Path(store).resolve())
 
 
 def _raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
