@@ -144,3 +144,14 @@ def test_measure_in_place_gives_the_copying_numbers_and_restores_the_vectors():
     for key in ("r2_pos", "leak", "nn_branch", "purity_prompt_pooled"):
         for field, value in copied[key].items():
             assert lean[key][field] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (key, field)
+
+
+def test_nearest_only_search_finds_the_brute_force_nearest():
+    from analysis.neighbours import exact_knn
+
+    rng = np.random.default_rng(3)
+    B, Q = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(2500, 16)).astype(np.float32)
+    idx, dist = exact_knn(Q, B, 1)
+    d = np.sqrt(((Q[:, None, :].astype(np.float64) - B[None]) ** 2).sum(axis=2))  # (q, n)
+    np.testing.assert_array_equal(idx[:, 0], d.argmin(axis=1))
+    np.testing.assert_allclose(dist[:, 0], d.min(axis=1), rtol=1e-4, atol=1e-4)
