@@ -298,7 +298,11 @@ def _project(Z: np.ndarray, seed: int) -> np.ndarray:
     if Z.shape[1] <= TEST_DIMS:
         return Z
     R = np.random.default_rng(seed + 17).normal(size=(Z.shape[1], TEST_DIMS)).astype(np.float32)
-    return Z @ (R / np.sqrt(TEST_DIMS))
+    R = R / np.sqrt(TEST_DIMS)  # float64 (d, m): a numpy float64 scalar promotes the float32 matrix
+    out = np.empty((len(Z), TEST_DIMS))  # (n, m) float64, as the tests have always run in
+    for rows in blocks(len(Z)):  # Z @ R at once would first cast all of Z to float64 (2x its size)
+        out[rows] = Z[rows].astype(np.float64) @ R
+    return out
 
 
 def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
