@@ -6,7 +6,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import HDBSCAN, KMeans
 
 from analysis.project import pca_reduce
 
@@ -19,6 +18,8 @@ def cluster(
     """Cluster labels per row (HDBSCAN marks noise as -1), on a PCA pre-reduction of X."""
     if method not in CLUSTERINGS:
         raise ValueError(f"unknown clustering {method!r}; choose one of {', '.join(CLUSTERINGS)}")
+    from sklearn.cluster import HDBSCAN, KMeans  # ~0.8 s to import: only when clustering
+
     X = np.asarray(X, dtype=np.float32)
     if len(X) < 2:
         return np.zeros(len(X), np.int64)

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from analysis.groups import group_sums
+from analysis.groups import blocks, group_sums, onehot
 from analysis.metrics import shuffle_within
-from analysis.residualize import (RESIDUALIZERS, LabelStats, Residualizer, ResidualSpec, Scaler, branch_offsets,
-                                  make_residualizer)
+from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
+                                  branch_offsets, make_residualizer)
 from analysis.tokens import TokenSet
 
 ONE_NUISANCE = {"position": "per_position", "token": "per_token"}  # a method for one detected covariate
@@ -61,29 +61,31 @@ def covariates(tokens: TokenSet) -> dict[str, np.ndarray | None]:
 
 
 def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
-               independent: bool = False, seed: int = 0) -> tuple[np.ndarray, RemovalReport]:
+               independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
     """Residual vectors of `plot` (n, d) and a report of what was removed.
 
     reference: the tokens the nuisance is estimated from (default: plot). With `independent`, the
     reference shares no prompt with plot (another run): it is used whole, no cross-fitting needed.
     Otherwise tokens are matched to folds by prompt id (branch id with one prompt), so plot may be a
-    subset of reference (fit scope "all tokens of the run").
+    subset of reference (fit scope "all tokens of the run"). With in_place, the residuals are written
+    over plot.X (float32) and returned: no copy of the vectors is made.
     """
     cls = RESIDUALIZERS[spec.method]
     report = RemovalReport(spec.method, cls.nuisance)
-    raw = Scaler(spec.center, spec.l2, spec.standardize).fit(plot.X).transform(plot.X)  # what `none` shows
     if not cls.covariates:
         report.detected, report.weight = False, 0.0
-        return raw, report
+        return _raw(plot, spec, in_place), report
     ref = plot if reference is None else reference
     for name in cls.covariates:
         if covariates(ref)[name] is None or covariates(plot)[name] is None:
             raise ValueError(f"{spec.label()} needs each token's {name}, which these tokens do not carry")
+    # Zr: the scaled reference. When it is the plot, it is also the plot's raw view and the buffer the
+    # residuals are written to, so everything fitted from it is fitted before any row is changed.
     if ref is plot:
-        Zr = Zp = raw
+        Zr = _raw(plot, spec, in_place)
     else:
-        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
-        Zr, Zp = scaler.transform(ref.X), scaler.transform(plot.X)
+        ref_scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
+        Zr = ref_scaler.transform(ref.X)
 
     unit_name, ref_units, plot_units = _units(ref, plot, independent)
     folds = _fold_of(ref_units, plot_units, spec.folds, seed)
@@ -103,58 +105,132 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
         spec, cls = replace(spec, method=single), RESIDUALIZERS[single]
         report.method, report.nuisance = single, cls.nuisance
         _weigh(Zt, ref, folds[0], spec, report)
+    del Zt
     if not spec.gate:
         report.forced, report.weight = True, 1.0
     if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
-        return raw, report
+        return Zr if ref is plot else _raw(plot, spec, in_place), report
+    Zp = Zr if ref is plot else ref_scaler.transform(plot.X, in_place)  # ours to overwrite from here on
 
-    # Branch content out of the reference once (backfitting on all of it); every fit below sees only what
-    # is left, so per-position means do not carry the content of whichever branches reach a position.
-    if spec.within_branch and len(np.unique(ref.branch)) > 1:
-        Zr = Zr - branch_offsets(make_residualizer(spec), Zr, _cov(ref, cls), ref.branch)
-    if independent or folds[0] is None or not spec.crossfit:
-        model = make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)
+    crossfit = not (independent or folds[0] is None or not spec.crossfit)
+    ref_fold = folds[0] if crossfit else np.zeros(len(ref), np.int64)
+    plot_fold = folds[1] if crossfit else np.zeros(len(plot), np.int64)
+    # Branch content out of the reference (backfitting on all of it); every fit below sees only what is
+    # left, so per-position means do not carry the content of whichever branches reach a position.
+    backfit = spec.within_branch and len(np.unique(ref.branch)) > 1
+    models = _fold_models(Zr, ref, cls, spec, ref_fold, np.unique(plot_fold), backfit, crossfit)
+    if not crossfit:
         report.note = report.note or ("fitted on another run" if independent else
                                       "not cross-fitted (asked)" if not spec.crossfit else "one group: not cross-fitted")
-        return _recentred(Zp - report.weight * model.component(Zp, **_cov(plot, cls)), spec), report
-    ref_fold, plot_fold = folds
+        _subtract(Zp, np.arange(len(plot)), models[0], _cov(plot, cls), report.weight)
+        return _recentred(Zp, spec), report
     # Where the other folds never saw a token's position (or token id), e.g. the tail of a prompt's one
     # long branch or a rare token, a cross-fitted estimate would be an extrapolation and the whole
     # reference's estimate would hold the token's own prompt: those tokens are left as they are, and the
     # report counts them.
-    # Single-covariate methods fit from per-value sums: each fold's training statistics are the whole
-    # reference's minus that fold's, one pass over the latents in all.
-    by_stats = len(cls.covariates) == 1 and hasattr(cls, "fit_stats")
-    labels = _cov(ref, cls)[cls.covariates[0]] if by_stats else None
-    fold_stats = {f: LabelStats.of(Zr[ref_fold == f], labels[ref_fold == f]) for f in np.unique(ref_fold)} \
-        if by_stats else {}
-    total = _sum_stats(list(fold_stats.values())) if by_stats else None
-    out = Zp.copy()
     crossfitted = np.zeros(len(plot), bool)
-    for f in np.unique(plot_fold):
+    for f, model in models.items():
         train = ref_fold != f
-        if not train.any():
-            continue
-        if by_stats:
-            model = make_residualizer(spec).fit_stats(total.minus(fold_stats[f]) if f in fold_stats else total)
-        else:
-            model = make_residualizer(spec).fit(Zr[train], **_cov_rows(ref, cls, train), scale=False)
         rows = (plot_fold == f) & _supported(_cov_rows(ref, cls, train), _cov(plot, cls))
-        if rows.any():
-            out[rows] = Zp[rows] - report.weight * model.component(Zp[rows], **_cov_rows(plot, cls, rows))
-            crossfitted |= rows
+        _subtract(Zp, np.flatnonzero(rows), model, _cov(plot, cls), report.weight)
+        crossfitted |= rows
     report.crossfit, report.folds = True, int(len(np.unique(ref_fold)))
     report.crossfit_share = float(crossfitted.mean())
     if report.crossfit_share < 1:
         report.note = (f"{1 - report.crossfit_share:.0%} of tokens sit where the other folds have no data "
                        "(position or token unseen there): they are left as they are")
-    return _recentred(out, spec), report
+    return _recentred(Zp, spec), report
+
+
+def _raw(tokens: TokenSet, spec: ResidualSpec, in_place: bool) -> np.ndarray:
+    """The scaled vectors (what `none` shows): a new array, or tokens.X scaled in place."""
+    return Scaler(spec.center, spec.l2, spec.standardize).fit(tokens.X).transform(tokens.X, in_place)
+
+
+def _fold_models(Zr: np.ndarray, ref: TokenSet, cls: type[Residualizer], spec: ResidualSpec, fold: np.ndarray,
+                 targets: np.ndarray, backfit: bool, crossfit: bool) -> dict[int, Residualizer]:
+    """The fitted model that serves each target fold's tokens (fitted on the reference's other folds;
+    none where those are empty; with crossfit=False one model, key 0, fitted on all of Zr). Every model is fitted before any residual is written, since
+    Zr may be the buffer the residuals go to. Single-covariate methods fit from per-(fold, value) sums,
+    the branch offsets taken out by algebra (no (n, d) temporary); the others from rows."""
+    if len(cls.covariates) == 1 and hasattr(cls, "fit_stats"):
+        label = _cov(ref, cls)[cls.covariates[0]]
+        helper = make_residualizer(spec) if cls.additive else PerPositionMean(spec)
+        stats = fold_label_stats(Zr, label, ref.branch, fold, helper if backfit else None)
+        if not crossfit:
+            return {0: make_residualizer(spec).fit_stats(stats[0])}
+        total = _sum_stats(list(stats.values()))
+        return {int(f): make_residualizer(spec).fit_stats(total.minus(stats[f]) if f in stats else total)
+                for f in targets if (fold != f).any()}
+    if backfit:
+        Zr = Zr - branch_offsets(make_residualizer(spec), Zr, _cov(ref, cls), ref.branch)  # a copy: (n, d)
+    if not crossfit:
+        return {0: make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)}
+    return {int(f): make_residualizer(spec).fit(Zr[fold != f], **_cov_rows(ref, cls, fold != f), scale=False)
+            for f in targets if (fold != f).any()}
+
+
+def fold_label_stats(Z: np.ndarray, labels: np.ndarray, branch: np.ndarray, fold: np.ndarray,
+                     helper: Residualizer | None = None, sweeps: int = 2) -> dict[int, LabelStats]:
+    """LabelStats (by `labels`) of each fold's rows of Z (n, d), each row minus its branch's offset when
+    a helper is given: the offsets of residualize.branch_offsets (backfitted with the helper on all rows,
+    weighted mean zero), here per branch (B, d), taken out of per-(fold, label) and per-(fold, branch)
+    sums, so Z is read twice and never copied. Equal to LabelStats.of(Z_f - offsets_f) up to rounding."""
+    lab_uniq, lab = np.unique(labels, return_inverse=True)
+    br_uniq, br = np.unique(branch, return_inverse=True)
+    L, B = len(lab_uniq), len(br_uniq)
+    fl_keys, fl, fl_n = np.unique(fold * L + lab.ravel(), return_inverse=True, return_counts=True)
+    fb_keys, fb, fb_n = np.unique(fold * B + br.ravel(), return_inverse=True, return_counts=True)
+    fl, fb = fl.ravel(), fb.ravel()
+    _, S_fl, _ = group_sums(Z, fl)  # (FL, d) per (fold, label)
+    _, S_fb, _ = group_sums(Z, fb)  # (FB, d) per (fold, branch)
+    sq_rows = np.empty(len(Z))
+    for rows in blocks(len(Z)):
+        sq_rows[rows] = np.einsum("ij,ij->i", Z[rows], Z[rows], dtype=np.float64)
+    sq_fb = np.bincount(fb, weights=sq_rows, minlength=len(fb_keys))  # (FB,)
+    counts = onehot(fl, len(fl_keys)) @ onehot(fb, len(fb_keys)).T  # (FL, FB) rows in both cells
+    fl_label, fl_fold, fb_branch, fb_fold = fl_keys % L, fl_keys // L, fb_keys % B, fb_keys // B
+    offsets = np.zeros((B, Z.shape[1]), np.float32)
+    if helper is not None:
+        to_label, to_branch = onehot(fl_label, L), onehot(fb_branch, B)
+        S_l, n_l = to_label @ S_fl, np.bincount(fl_label, weights=fl_n, minlength=L).astype(np.int64)  # (L, d)
+        S_b, n_b = to_branch @ S_fb, np.bincount(fb_branch, weights=fb_n, minlength=B)  # (B, d)
+        N = to_branch @ counts.T @ to_label.T  # (B, L) rows per (branch, label)
+        sq, name = float(sq_fb.sum()), helper.covariates[0]
+        for _ in range(sweeps):
+            o = offsets.astype(np.float64)
+            # sum |x - o_b|^2 = sum |x|^2 - 2 <S_b, o_b> + n_b |o_b|^2, per branch
+            helper.fit_stats(LabelStats(lab_uniq, S_l - N.T @ o, n_l,
+                                        sq - 2 * float((S_b * o).sum()) + float((n_b * (o**2).sum(1)).sum()), len(Z)))
+            fitted = helper._component(None, {name: lab_uniq}).astype(np.float64)  # (L, d) at every label
+            per_branch = (S_b - N @ fitted) / n_b[:, None]  # (B, d) branch means of x - fitted
+            per_branch -= np.average(per_branch, axis=0, weights=n_b)
+            offsets = per_branch.astype(np.float32)
+    o = offsets.astype(np.float64)[fb_branch]  # (FB, d) the offset of each (fold, branch) cell
+    S_fl = S_fl - counts @ o
+    sq_fb = sq_fb - 2 * (S_fb * o).sum(axis=1) + fb_n * (o**2).sum(axis=1)
+    out = {}
+    for f in np.unique(fold):
+        cells = fl_fold == f
+        out[int(f)] = LabelStats(lab_uniq[fl_label[cells]], S_fl[cells], fl_n[cells],
+                                 float(sq_fb[fb_fold == f].sum()), int(fl_n[cells].sum()))
+    return out
+
+
+def _subtract(Z: np.ndarray, rows: np.ndarray, model: Residualizer, cov: dict[str, np.ndarray],
+              weight: float) -> None:
+    """Z[rows] -= weight * the model's component there, in place, a block of rows at a time."""
+    for part in blocks(len(rows)):
+        idx = rows[part]
+        Z[idx] -= weight * model.component(Z[idx], **{name: v[idx] for name, v in cov.items()})
 
 
 def _recentred(residual: np.ndarray, spec: ResidualSpec) -> np.ndarray:
-    """Residuals centred on the plotted tokens, as the raw view is (cosine metrics see the same origin)."""
-    residual = np.asarray(residual, np.float32)
-    return (residual - residual.mean(axis=0)).astype(np.float32) if spec.center else residual
+    """Residuals centred on the plotted tokens, as the raw view is (cosine metrics see the same origin);
+    in place."""
+    if spec.center:
+        residual -= residual.mean(axis=0)
+    return residual
 
 
 def _sum_stats(parts: list[LabelStats]) -> LabelStats:
@@ -222,7 +298,11 @@ def _project(Z: np.ndarray, seed: int) -> np.ndarray:
     if Z.shape[1] <= TEST_DIMS:
         return Z
     R = np.random.default_rng(seed + 17).normal(size=(Z.shape[1], TEST_DIMS)).astype(np.float32)
-    return Z @ (R / np.sqrt(TEST_DIMS))
+    R = R / np.sqrt(TEST_DIMS)  # float64 (d, m): a numpy float64 scalar promotes the float32 matrix
+    out = np.empty((len(Z), TEST_DIMS))  # (n, m) float64, as the tests have always run in
+    for rows in blocks(len(Z)):  # Z @ R at once would first cast all of Z to float64 (2x its size)
+        out[rows] = Z[rows].astype(np.float64) @ R
+    return out
 
 
 def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,

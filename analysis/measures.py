@@ -45,7 +45,8 @@ class Measure:
     field: the dict's value shown; chance: how the table reads chance ('field' = the dict's `chance`,
     'leak' = 0 with the shuffles' band `chance_hi`, 'zero', 'half'); signed: shown with a sign; guard:
     what the guard checks ('leak:position', 'leak:token', 'separability', or None); shown: in the table;
-    help: what high, low and (for signed ones) negative values mean, shown beside the number."""
+    help: what high, low and (for signed ones) negative values mean, shown beside the number;
+    reads_vectors: compute reads c.tokens.X (the residuals); every other measure reads c.space only."""
 
     key: str
     label: str
@@ -56,6 +57,7 @@ class Measure:
     guard: str | None = None
     shown: bool = True
     help: str = ""
+    reads_vectors: bool = False  # reads tokens.X itself, not the neighbour space (computed before it is made)
 
 
 MEASURES: dict[str, Measure] = {}
@@ -100,7 +102,7 @@ def _trust(c: Context) -> dict | None:
     return None if c.coords is None else M.trustworthiness(c.space, c.coords, k=c.k)
 
 
-register(Measure("r2_pos", "R2_pos (variance explained by position)", _r2, "r2",
+register(Measure("r2_pos", "R2_pos (variance explained by position)", _r2, "r2", reads_vectors=True,
                  help="Share of the latents' variance that per-position means explain. Chance: the same with positions shuffled (more positions than tokens per position inflate it). High: position is a large part of the geometry. Near chance: position adds little variance, though it may still be decodable (see the layer's probe)."))
 register(Measure("leak", "kNN position leak, full space", _leak("branch"), "leak", "leak", True, "leak:position",
                  help="Do a token's nearest neighbours from other branches sit at its position? 0: no more than chance (positions shuffled within branches); 1: always the same position; negative: neighbours farther apart in position than chance, which after a removal means it pushed tokens at the same position apart."))

@@ -9,13 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis import neighbours
-from analysis.groups import group_sums as _group_sums
-
-
-def _between_ss(X: np.ndarray, position: np.ndarray, grand: np.ndarray) -> float:
-    _, sums, counts = _group_sums(X, position)
-    means = sums / counts[:, None]
-    return float((counts * ((means - grand) ** 2).sum(axis=1)).sum())
+from analysis.groups import BLOCK, blocks, code_sums64, onehot
 
 
 def r2_pos(
@@ -32,21 +26,32 @@ def r2_pos(
       groups' mean at its position, against their overall mean. ~0 when no position signal
       generalizes across groups, negative when per-position means only fit noise or content.
       `heldout_coverage` is the share of tokens whose position has other groups.
+
+    Sums are float64 but X is read in blocks of rows (float32 input is never copied whole).
     """
-    X = np.asarray(X, dtype=np.float64)  # once here, not in every group sum
+    X = np.asarray(X)
     position = np.asarray(position)
     n = len(X)
     if n < 2:
         raise ValueError("r2_pos needs at least 2 tokens")
-    grand = X.mean(axis=0, dtype=np.float64)
-    sst = float(((X - grand) ** 2).sum())
-    n_pos = len(np.unique(position))
+    grand = X.sum(axis=0, dtype=np.float64) / n  # (d,)
+    _, pos_code, pos_counts = np.unique(position, return_inverse=True, return_counts=True)
+    pos_code = pos_code.ravel()
+    n_pos = len(pos_counts)
+    rng = np.random.default_rng(seed)
+    # a permutation of the codes is the same draw as of the positions (it depends on n only)
+    codings = [(pos_code, n_pos)] + [(rng.permutation(pos_code), n_pos) for _ in range(n_shuffles)]
+    if groups is not None:
+        _, g_code = np.unique(np.asarray(groups), return_inverse=True)
+        g_code = g_code.ravel()
+        codings.append((g_code, int(g_code.max()) + 1))
+    sst = sum(float(((np.asarray(X[rows], np.float64) - grand) ** 2).sum()) for rows in blocks(n))
     if sst <= 0:
         return {"r2": 0.0, "adjusted": 0.0, "chance": 0.0, "chance_sd": 0.0, "chance_analytic": 0.0,
                 "heldout": float("nan"), "heldout_coverage": 0.0, "n": n, "n_positions": n_pos}
-    ssb = _between_ss(X, position, grand)
-    rng = np.random.default_rng(seed)
-    shuffled = [_between_ss(X, rng.permutation(position), grand) / sst for _ in range(n_shuffles)]
+    sums = code_sums64(X, codings)  # one pass: per-position sums, per shuffle, per group
+    between = [_between_ss(s, pos_counts, grand) for s in sums[:1 + n_shuffles]]
+    ssb, shuffled = between[0], [b / sst for b in between[1:]]
     out = {
         "r2": ssb / sst,
         "adjusted": 1 - ((sst - ssb) / max(n - n_pos, 1)) / (sst / (n - 1)) if n > n_pos else float("nan"),
@@ -56,59 +61,81 @@ def r2_pos(
         "n": n,
         "n_positions": n_pos,
     }
-    out.update(_heldout_r2(X, position, groups) if groups is not None else
+    out.update(_heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1]) if groups is not None else
                {"heldout": float("nan"), "heldout_coverage": 0.0})
-    out.update(_r2_band(X, position, rng))
+    out.update(_r2_band(X, pos_code, n_pos, rng))
     return out
 
 
-def _r2_band(X: np.ndarray, position: np.ndarray, rng: np.random.Generator, n_boot: int = 30,
+def _between_ss(sums: np.ndarray, counts: np.ndarray, grand: np.ndarray) -> float:
+    """sum_t n_t |mu_t - mu|^2 from per-position sums (T, d) and counts (T,)."""
+    means = sums / counts[:, None]
+    return float((counts * ((means - grand) ** 2).sum(axis=1)).sum())
+
+
+def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator, n_boot: int = 30,
              dims: int = 64) -> dict[str, float]:
     """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), on a seeded random projection
     to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap."""
-    if X.shape[1] > dims:
-        X = X @ (rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims))
-    _, inverse = np.unique(position, return_inverse=True)
-    inverse = inverse.ravel()
+    n = len(X)
+    R = rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims) if X.shape[1] > dims else None
+    Z = np.empty((n, dims if R is not None else X.shape[1]))  # (n, m) float64
+    for rows in blocks(n):
+        xb = np.asarray(X[rows], np.float64)
+        Z[rows] = xb @ R if R is not None else xb
+    # Centred once, so each resample's total sum of squares comes from row norms without cancellation
+    # (R2 does not change when every row moves by the same vector).
+    Z -= Z.mean(axis=0)
+    sq = np.einsum("ij,ij->i", Z, Z)  # (n,)
     values = []
     for _ in range(n_boot):
-        w = rng.multinomial(len(X), np.full(len(X), 1 / len(X))).astype(np.float64)  # (n,) resample counts
+        w = rng.multinomial(n, np.full(n, 1 / n)).astype(np.float64)  # (n,) resample counts
         total = w.sum()
-        grand = (w @ X) / total
-        sst = float(w @ ((X - grand) ** 2).sum(axis=1))
-        cnt = np.bincount(inverse, weights=w)
-        _, sums, _ = _group_sums(X * w[:, None], inverse)  # (T, dims) weighted sums per position
+        grand = (w @ Z) / total
+        sst = float(w @ sq) - total * float(grand @ grand)
+        cnt = np.bincount(pos_code, weights=w, minlength=n_pos)
+        sums = onehot(pos_code, n_pos, w) @ Z  # (T, m) weighted sums per position
         ok = cnt > 0
         ssb = float((cnt[ok] * ((sums[ok] / cnt[ok, None] - grand) ** 2).sum(axis=1)).sum())
         values.append(ssb / sst if sst > 0 else 0.0)
     return _band(np.asarray(values))
 
 
-def _heldout_r2(X: np.ndarray, position: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_counts: np.ndarray,
+                g_code: np.ndarray, g_sums: np.ndarray) -> dict[str, float]:
     """Leave-one-group-out R2: predict each token by the mean of the other groups at its position, and
     compare with predicting it by the other groups' overall mean (so ~0 when position carries nothing
-    that generalizes across groups)."""
-    groups = np.asarray(groups)
-    pos_keys, pos_sums, pos_counts = _group_sums(X, position)
-    g_keys, g_sums, g_counts = _group_sums(X, groups)
-    _, g_code = np.unique(groups, return_inverse=True)
-    pair_key = (position.astype(np.int64) - position.min()) * (int(g_code.max()) + 1) + g_code.ravel()
-    _, pair_inv = np.unique(pair_key, return_inverse=True)
-    pair_inv = pair_inv.ravel()
-    _, pair_sums, pair_counts = _group_sums(X, pair_inv)
-    p_idx = np.searchsorted(pos_keys, position)
-    g_idx = np.searchsorted(g_keys, groups)
-    other_counts = pos_counts[p_idx] - pair_counts[pair_inv]
-    ok = (other_counts > 0) & (g_counts[g_idx] < len(X))
-    if not ok.any():
-        return {"heldout": float("nan"), "heldout_coverage": 0.0}
-    mu_pos = (pos_sums[p_idx[ok]] - pair_sums[pair_inv[ok]]) / other_counts[ok, None]
+    that generalizes across groups). Per-position and per-group sums come in; the (group, position)
+    sums are made a few whole groups at a time, so no (n, d) temporary exists."""
+    n = len(X)
+    g_counts = np.bincount(g_code, minlength=len(g_sums))
     total = g_sums.sum(axis=0)
-    mu_all = (total - g_sums[g_idx[ok]]) / (len(X) - g_counts[g_idx[ok]])[:, None]
-    sse_pos = float(((X[ok] - mu_pos) ** 2).sum())
-    sse_all = float(((X[ok] - mu_all) ** 2).sum())
-    return {"heldout": 1 - sse_pos / sse_all if sse_all > 0 else float("nan"),
-            "heldout_coverage": float(ok.mean())}
+    order = np.argsort(g_code, kind="stable")
+    starts = np.searchsorted(g_code[order], np.arange(len(g_sums) + 1))  # rows of group g: order[starts[g]:starts[g+1]]
+    sse_pos = sse_all = 0.0
+    n_ok = 0
+    g = 0
+    while g < len(g_sums):
+        h = max(g + 1, int(np.searchsorted(starts, starts[g] + BLOCK, "right")) - 1)  # whole groups, ~BLOCK rows
+        rows = order[starts[g]:starts[h]]
+        xb = np.asarray(X[rows], np.float64)  # (b, d)
+        pair = g_code[rows] * len(pos_counts) + pos_code[rows]
+        keys, pair_inv, pair_counts = np.unique(pair, return_inverse=True, return_counts=True)
+        pair_inv = pair_inv.ravel()
+        pair_sums = onehot(pair_inv, len(keys)) @ xb  # (P, d) sums per (group, position) in the chunk
+        p, gr = pos_code[rows], g_code[rows]
+        other_counts = pos_counts[p] - pair_counts[pair_inv]
+        ok = (other_counts > 0) & (g_counts[gr] < n)
+        if ok.any():
+            mu_pos = (pos_sums[p[ok]] - pair_sums[pair_inv[ok]]) / other_counts[ok, None]
+            mu_all = (total - g_sums[gr[ok]]) / (n - g_counts[gr[ok]])[:, None]
+            sse_pos += float(((xb[ok] - mu_pos) ** 2).sum())
+            sse_all += float(((xb[ok] - mu_all) ** 2).sum())
+            n_ok += int(ok.sum())
+        g = h
+    if n_ok == 0:
+        return {"heldout": float("nan"), "heldout_coverage": 0.0}
+    return {"heldout": 1 - sse_pos / sse_all if sse_all > 0 else float("nan"), "heldout_coverage": n_ok / n}
 
 
 def _sample(n: int, n_queries: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -344,7 +371,7 @@ def trustworthiness(
     """
     rng = np.random.default_rng(seed)
     idx = _sample(len(X_high), n_samples, rng)
-    hi, lo = np.asarray(X_high, np.float64)[idx], np.asarray(X_low, np.float64)[idx]
+    hi, lo = np.asarray(X_high)[idx].astype(np.float64), np.asarray(X_low)[idx].astype(np.float64)
     n = len(idx)
     k = int(min(k, (n - 1) // 2))
     if k < 1:

@@ -38,6 +38,12 @@ def exact_knn(Q: np.ndarray, B: np.ndarray, k: int, block: int = 1024) -> tuple[
     dist = np.empty((len(Q), k), np.float32)
     for s in range(0, len(Q), block):
         q = Q[s:s + block]
+        if k == 1:  # the nearest only (IVF cell assignment): one argmin, |q|^2 added to the winner alone
+            d2 = sq_b[None, :] - 2 * (q @ B.T)  # (b, n)
+            best = d2.argmin(axis=1)
+            idx[s:s + block, 0] = best
+            dist[s:s + block, 0] = np.sqrt(np.maximum((q * q).sum(axis=1) + d2[np.arange(len(q)), best], 0))
+            continue
         d2 = (q * q).sum(axis=1)[:, None] - 2 * (q @ B.T) + sq_b[None, :]  # (b, n)
         part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(B) else np.tile(np.arange(len(B)), (len(q), 1))
         vals = np.take_along_axis(d2, part, axis=1)

@@ -8,10 +8,14 @@ nuisance (the current token's identity). Every number comes with a chance level 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from scipy import sparse, stats
 
 from analysis.metrics import knn_other_groups, shuffle_within
+
+if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
+    from scipy import sparse
 
 DEFAULT_ALPHAS = tuple(float(f"1e{e}") for e in range(-5, 3))  # per training token, on standardized features
 
@@ -239,6 +243,8 @@ def _top_pcs(Xc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _onehot(labels: np.ndarray) -> sparse.csr_matrix:
     """(n, G) indicator matrix of the sorted unique labels."""
+    from scipy import sparse
+
     _, code = np.unique(labels, return_inverse=True)
     code = code.ravel()
     return sparse.csr_matrix((np.ones(len(code)), (np.arange(len(code)), code)), shape=(len(code), int(code.max()) + 1))
@@ -306,6 +312,8 @@ def pc_position_share(
     boot_var = counts @ scores ** 2 / tot - (counts @ scores / tot) ** 2  # (B, k) variance along each axis
     # total variance about the full-sample mean: the resample's own mean is ~1/n closer, not worth an (B, d) pass
     boot_share = boot_var / (counts @ sq)[:, None] * tot
+    from scipy import stats
+
     null = stats.beta((T - 1) / 2, (n - T) / 2) if 1 < T < n else None
     within = None
     if groups is not None and n_shuffles > 0:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from analysis import jit
+from analysis.groups import blocks
 from analysis.neighbours import Index, knn_graph, pca_fit
 
 PROJECTIONS = ("umap", "pca")
@@ -84,16 +85,23 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
     n = len(X)
     if n < 3:
         raise ValueError(f"need at least 3 tokens to project, got {n}")
-    if not np.isfinite(X).all():
+    if not all(np.isfinite(X[rows]).all() for rows in blocks(n)):
         raise ValueError("cannot project: the vectors contain NaN or infinity")
     if spec.method == "pca":
         return _pad(pca_reduce(X, spec.n_components, spec.seed), spec.n_components)
-    if float(X.var(axis=0).sum()) <= 1e-12 * max(float((X * X).mean()), 1e-30):
+    if _total_variance(X) <= 1e-12 * max(sum(float(np.einsum("ij,ij->", X[r], X[r], dtype=np.float64))
+                                             for r in blocks(n)) / X.size, 1e-30):
         raise ValueError(f"nothing to project: all {n} vectors are the same (too few tokens per position?)")
     coords = _umap(X, spec)
     if not np.isfinite(coords).all():
         raise ValueError("UMAP produced non-finite coordinates (degenerate input); try PCA or more tokens")
     return coords
+
+
+def _total_variance(X: np.ndarray) -> float:
+    """Sum over columns of the variance of X (n, d), read a block of rows at a time (no (n, d) temporary)."""
+    mean = X.sum(axis=0, dtype=np.float64) / len(X)
+    return sum(float(((np.asarray(X[r], np.float64) - mean) ** 2).sum()) for r in blocks(len(X))) / len(X)
 
 
 def _umap(X: np.ndarray, spec: ProjectionSpec) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from analysis.basis import PositionBasis, fit_smooth
-from analysis.groups import group_sums
+from analysis.groups import blocks, group_sums
 
 RESIDUALIZERS: dict[str, type[Residualizer]] = {}
 
@@ -90,14 +90,26 @@ class Scaler:
         self.scale_ = np.where(std > 1e-12, std, 1.0).astype(np.float32)
         return self
 
-    def transform(self, X: np.ndarray) -> np.ndarray:
-        """A new float32 array (never X itself), skipping the steps that would do nothing."""
-        out = self._rows(X)
+    def transform(self, X: np.ndarray, in_place: bool = False) -> np.ndarray:
+        """A new float32 array (never X itself), skipping the steps that would do nothing; with in_place,
+        X itself (a float32 array) overwritten with the same values, no copy made."""
+        if not in_place:
+            out = self._rows(X)
+            if self.mean_.any():
+                out = out - self.mean_
+            if (self.scale_ != 1).any():
+                out = out / self.scale_
+            return out.copy() if out is X else out.astype(np.float32, copy=False)
+        if not (isinstance(X, np.ndarray) and X.dtype == np.float32):
+            raise TypeError("in-place scaling needs a float32 array")
+        if self.l2:
+            for rows in blocks(len(X)):
+                X[rows] /= np.maximum(np.linalg.norm(X[rows], axis=1, keepdims=True), 1e-12)
         if self.mean_.any():
-            out = out - self.mean_
+            X -= self.mean_
         if (self.scale_ != 1).any():
-            out = out / self.scale_
-        return out.copy() if out is X else out.astype(np.float32, copy=False)
+            X /= self.scale_
+        return X
 
 
 class Residualizer:

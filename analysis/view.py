@@ -12,6 +12,7 @@ from analysis import probe as P
 from analysis.measures import MEASURES, Context
 from analysis.project import ProjectionSpec, project
 from analysis.crossfit import RemovalReport, fit_remove
+from analysis.groups import blocks
 from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet, find_sinks
 
@@ -56,13 +57,17 @@ class ViewResult:
 
 def residualize(
     plot: TokenSet, spec: ViewSpec, reference: TokenSet | None = None, independent: bool = False,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, TokenSet, RemovalReport]:
     """Drop sinks (if asked), estimate the nuisance on `reference` (default: the kept plot tokens),
     cross-fitted, tested and shrunk (analysis.crossfit), and return (kept indices into plot, the kept
-    tokens with residual vectors, the removal report). `independent`: the reference is another run."""
+    tokens with residual vectors, the removal report). `independent`: the reference is another run.
+    in_place: plot.X (float32, writeable) becomes the buffer of the residuals (no copy of the vectors;
+    the caller must not read plot.X afterwards)."""
     keep = ~find_sinks(plot.X, plot.position, spec.sink_z) if spec.exclude_sinks else np.ones(len(plot), bool)
     index = np.flatnonzero(keep)
-    tokens = plot.subset(index)
+    tokens = _kept(plot, index) if in_place and plot.X.flags.writeable and plot.X.flags.c_contiguous \
+        else plot.subset(index)  # either way the vectors are ours to overwrite
     ref = tokens if reference is None else reference
     if reference is not None and spec.exclude_sinks:
         ref = ref.subset(~find_sinks(ref.X, ref.position, spec.sink_z))
@@ -70,22 +75,36 @@ def residualize(
         raise ValueError(f"only {len(tokens)} tokens left to plot (after dropping attention sinks); pick more")
     if ref.dim != tokens.dim:
         raise ValueError(f"reference vectors have width {ref.dim}, plotted ones {tokens.dim}")
-    residual, report = fit_remove(tokens, spec.residual, ref, independent)
+    residual, report = fit_remove(tokens, spec.residual, ref if ref is not tokens else None, independent,
+                                  in_place=True)
     return index, tokens.with_X(residual), report
 
 
+def _kept(plot: TokenSet, index: np.ndarray) -> TokenSet:
+    """plot's rows at the sorted `index`, their vectors moved to the front of plot.X in place (a block
+    at a time: row index[i] >= i, so no row is overwritten before it is read)."""
+    X = plot.X
+    if len(index) < len(X):
+        for rows in blocks(len(index)):
+            X[rows] = X[index[rows]]
+        X = X[:len(index)]
+    return TokenSet(X, plot.position[index], plot.branch[index], plot.prompt[index],
+                    {k: np.asarray(v)[index] for k, v in plot.extra.items()})
+
+
 def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenSet | None = None,
-                 independent: bool = False) -> ViewResult:
+                 independent: bool = False, in_place: bool = False) -> ViewResult:
     """Residualize `plot` with a residualizer fitted on `reference` (default: on `plot` itself), project it,
     and measure it.
 
     Fitting on a larger reference (all tokens of the run, or another run) keeps content that only the
-    plotted branches share from being taken for position.
+    plotted branches share from being taken for position. in_place: plot.X is overwritten with the
+    residuals (the result's `residual` is a view of it), saving a copy of the vectors.
     """
     spec = spec or ViewSpec()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    index, tokens, removal = residualize(plot, spec, reference, independent)
+    index, tokens, removal = residualize(plot, spec, reference, independent, in_place)
     timings["residualize"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -93,7 +112,7 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    metrics = measure(tokens, coords, spec) if spec.metrics else {}
+    metrics = measure(tokens, coords, spec, in_place=True) if spec.metrics else {}  # residuals are ours
     timings["metrics"] = time.perf_counter() - t2
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
@@ -117,16 +136,39 @@ def layer_stats(tokens: TokenSet) -> dict[str, Any]:
     return out
 
 
-def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec) -> dict[str, Any]:
+def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_place: bool = False) -> dict[str, Any]:
     """Every registered measure (analysis.measures) that applies: position left in `tokens.X` and in its
-    projection, token identity, branch/prompt separability, projection quality."""
-    space = tokens.X
-    if spec.projection.metric == "cosine":
-        space = space / np.maximum(np.linalg.norm(space, axis=1, keepdims=True), 1e-12)
-    ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
-    out: dict[str, Any] = {"heldout_by": "prompt" if ctx.several_prompts else "branch"}
-    for key, m in MEASURES.items():
-        value = m.compute(ctx)
-        if value is not None:
-            out[key] = value
+    projection, token identity, branch/prompt separability, projection quality.
+
+    With a cosine projection the neighbour measures search unit vectors: a unit copy of tokens.X, or with
+    in_place tokens.X itself, scaled to unit rows after the measures that read the vectors themselves
+    and scaled back at the end (each value within a float32 rounding of what it was)."""
+    X = tokens.X
+    norms = None
+    early: dict[str, Any] = {}
+    if spec.projection.metric == "cosine" and in_place:
+        ctx = Context(tokens, X, coords, spec.k, spec.window, spec.n_queries)
+        early = {key: m.compute(ctx) for key, m in MEASURES.items() if m.reads_vectors}
+        norms = np.empty((len(X), 1), np.float32)
+        for rows in blocks(len(X)):
+            norms[rows] = np.maximum(np.linalg.norm(X[rows], axis=1, keepdims=True), 1e-12)
+            X[rows] /= norms[rows]
+        space = X.view()  # another array object: the neighbour search's memo of it dies with this call
+    elif spec.projection.metric == "cosine":
+        space = np.empty_like(X)
+        for rows in blocks(len(X)):
+            space[rows] = X[rows] / np.maximum(np.linalg.norm(X[rows], axis=1, keepdims=True), 1e-12)
+    else:
+        space = X
+    try:
+        ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
+        out: dict[str, Any] = {"heldout_by": "prompt" if ctx.several_prompts else "branch"}
+        for key, m in MEASURES.items():
+            value = early[key] if key in early else m.compute(ctx)
+            if value is not None:
+                out[key] = value
+    finally:
+        if norms is not None:
+            for rows in blocks(len(X)):
+                X[rows] *= norms[rows]
     return out

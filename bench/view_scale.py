@@ -4,9 +4,14 @@ Issue 15's goals (2-core dev machine, warm, default ViewSpec, synthetic branch t
   100k view <= 6x the 20k view in the same run; 200k <= 15 s; 1M <= 90 s; peak RSS <= 6 GB at 1M;
   landmark layout's trustworthiness within 0.02 of the exact full layout at 50k (both printed).
 Each size runs in its own process (so its peak RSS is its own): it builds the data, warms the kernels on
-a 3k-token view, then times one view. Ratios are to the first size, measured in the same run.
+a 3k-token view, then times one view, its residuals written over the input as views.service does
+(`in_place`). Ratios are to the first size, measured in the same run. With --against DIR, every size also
+runs with the code of another checkout (e.g. the commit before a change), alternating, so before and after
+are measured side by side on the same (shared, noisy) machine.
 
     python bench/view_scale.py                      # 20k 50k 100k 200k, and the quality check at 50k
+    python bench/view_scale.py --sizes 200000 --no-quality --against /tmp/base   # before / after at 200k
+    python bench/view_scale.py --sizes 1000000 --no-quality                      # the whole view at 1M
     python bench/view_scale.py --sizes 20000 1000000 --no-quality --no-removal   # projection + kNN measures
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -74,14 +80,18 @@ def neighbour_steps(tokens) -> tuple[dict, dict]:
 
 def one(n: int, removal: bool = True) -> dict:
     """Time one warm default view of n tokens in this process (or, without removal, neighbour_steps)."""
+    import inspect
+
     from analysis import ViewSpec, compute_view
 
     tokens = tokens_for(n)
     data_rss = peak_rss_gb()
     compute_view(tokens.subset(np.arange(3000)), ViewSpec())  # kernels compiled / loaded from disk
+    # the service's call: its freshly read vectors become the residuals (code before `in_place` copies)
+    lean = {"in_place": True} if "in_place" in inspect.signature(compute_view).parameters else {}
     t = time.perf_counter()
     if removal:
-        view = compute_view(tokens, ViewSpec())
+        view = compute_view(tokens, ViewSpec(), **lean)
         steps, m = view.timings, view.metrics
     else:
         steps, m = neighbour_steps(tokens)
@@ -124,11 +134,19 @@ def quality(n: int) -> dict:
     return out
 
 
-def child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=ROOT)
+def child(args: list[str], root: Path = ROOT) -> dict:
+    """Run this script with `args` in a fresh process, on the code of checkout `root`."""
+    script = root / "bench" / "view_scale.py"
+    out = subprocess.run([sys.executable, str(script if root != ROOT else Path(__file__)), *args], capture_output=True,
+                         text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def quality_line(r: dict) -> str:
+    return (f"leak {r['leak'][0]:+.3f} ±{1.96 * r['leak'][1]:.3f}, branch 1-NN {r['nn_branch'][0]:.3f} "
+            f"±{1.96 * r['nn_branch'][1]:.3f}, trustworthiness {r['trust'][0]:.3f} ±{1.96 * r['trust'][1]:.3f}")
 
 
 def main() -> None:
@@ -138,6 +156,7 @@ def main() -> None:
     parser.add_argument("--no-removal", action="store_true",
                         help="time only the projection and the kNN measures (what analysis.neighbours serves)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--against", type=Path, help="another checkout: each size also runs on its code")
     parser.add_argument("--quality-at", type=int, default=50_000)
     parser.add_argument("--quality-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,10 +171,20 @@ def main() -> None:
     base = None
     print(f"{'tokens':>9} {'view':>8} {'ratio':>6} {'peak RSS':>9} {'data':>6}  steps (s)")
     for n in args.sizes:
-        r = child(["--one", str(n), *(["--no-removal"] if args.no_removal else [])])
+        one_args = ["--one", str(n), *(["--no-removal"] if args.no_removal else [])]
+        if args.against:
+            b = child(one_args, args.against.resolve())
+            print(f"{n:>9} {'failed: ' + b['error'] if 'error' in b else format(b['wall'], '7.2f') + 's'}"
+                  + ("" if "error" in b else f"        {b['peak_rss_gb']:7.2f}GB {b['data_rss_gb']:5.2f}GB  "
+                     + ", ".join(f"{k} {v:.1f}" for k, v in b["steps"].items())) + f"  ({args.against})")
+        r = child(one_args)
         if "error" in r:
             print(f"{n:>9} failed: {r['error']}")
             continue
+        if args.against and "error" not in b:
+            print(f"{'':>9} {args.against.name}: " + quality_line(b))
+            print(f"{'':>9} this checkout / {args.against.name}: view {r['wall'] / b['wall']:.2f}x, "
+                  f"peak RSS {r['peak_rss_gb'] / b['peak_rss_gb']:.2f}x")
         base = base or r
         ratio = r["wall"] / base["wall"]
         goal = goals.get(n)
@@ -168,8 +197,7 @@ def main() -> None:
             verdict += f"  (peak RSS goal <= 6 GB: {'met' if r['peak_rss_gb'] <= 6 else 'MISSED'})"
         steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items())
         print(f"{n:>9} {r['wall']:7.2f}s {ratio:5.2f}x {r['peak_rss_gb']:7.2f}GB {r['data_rss_gb']:5.2f}GB  {steps}{verdict}")
-        print(f"{'':>9} leak {r['leak'][0]:+.3f} ±{1.96 * r['leak'][1]:.3f}, branch 1-NN {r['nn_branch'][0]:.3f} "
-              f"±{1.96 * r['nn_branch'][1]:.3f}, trustworthiness {r['trust'][0]:.3f} ±{1.96 * r['trust'][1]:.3f}")
+        print(f"{'':>9} " + quality_line(r))
     if not args.no_quality:
         q = child(["--quality-only", "--quality-at", str(args.quality_at)])
         if "error" in q:

@@ -85,7 +85,8 @@ def compute(
     load = time.perf_counter() - t0
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
-    result = compute_view(to_token_set(keys, X), spec, reference, independent=_independent(selection))
+    # X is this call's own read: the view writes its residuals over it (no second copy of the vectors)
+    result = compute_view(to_token_set(keys, X), spec, reference, independent=_independent(selection), in_place=True)
     if cache is not None:
         cache.put(key, result)
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
@@ -200,6 +201,7 @@ def layer_profile(
                 if cache is not None:
                     cache.put(key, hit)
             rows.append(profile_row(layer, residual.label(), hit.metrics))
+        keys = X = reference = None  # one layer (and its reference) in memory at a time, not two while reading
     return rows
 
 
