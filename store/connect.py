@@ -82,23 +82,10 @@ def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None =
     return con
 
 
-def is_shard_run(path: str | Path) -> bool:
-    """A distributed run's shard directory (local, holding run.json) or an s3:// URL of one, which
-    `reading` opens in place (store.inplace) instead of as a store file."""
-    text = str(path)
-    return text.startswith("s3://") or (Path(text).is_dir() and (Path(text) / "run.json").is_file())
-
-
 @contextmanager
 def reading(path: str | Path, lock_timeout: float = 0.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """open_read as a context manager that closes the connection; a shard run (is_shard_run) is read in
-    place, as a snapshot of its committed shards, with the same SQL contract."""
-    if is_shard_run(path):
-        from store.inplace import open_shards
-
-        con = open_shards(str(path))
-    else:
-        con = open_read(path, lock_timeout)
+    """open_read as a context manager that closes the connection."""
+    con = open_read(path, lock_timeout)
     try:
         yield con
     finally:

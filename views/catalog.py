@@ -11,7 +11,7 @@ from typing import Any
 import polars as pl
 
 from store import queries
-from store.connect import reading
+from store.sources import reading
 
 
 def version(path: str | Path, lock_timeout: float = 0.0) -> tuple:

@@ -12,7 +12,7 @@ import polars as pl
 from analysis.clusters import CLUSTERINGS, cluster, cluster_summary
 from analysis.view import ViewSpec, residualize
 from store import queries
-from store.connect import reading
+from store.sources import reading
 from views.cache import ViewCache
 from views.service import Selection, _independent, _list, _raw_is_raw, _reference, _reference_run, content_key, \
     to_token_set

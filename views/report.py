@@ -11,7 +11,7 @@ from analysis.residualize import ResidualSpec
 from analysis.guard import check
 from analysis.view import ViewSpec
 from store import queries
-from store.connect import reading
+from store.sources import reading
 from views.cache import ViewCache
 from views.service import Selection, compute
 

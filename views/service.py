@@ -12,7 +12,8 @@ import polars as pl
 from analysis.tokens import TokenSet
 from analysis.view import ViewResult, ViewSpec, compute_view, layer_stats, measure, residualize
 from store import queries
-from store.connect import is_duckdb_file, is_shard_run, reading
+from store.connect import is_duckdb_file
+from store.sources import is_shard_run, reading
 from store.errors import StoreMissing
 from views.cache import ViewCache
 
