@@ -112,3 +112,21 @@ def dump_rows(con, run_id: str) -> dict[str, list]:
             "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
             "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
     }
+
+
+def app_charts(at) -> list[tuple[dict, list]]:
+    """Per Vega-Lite chart an AppTest page holds: its spec and its datasets as Arrow tables."""
+    import json
+
+    import pyarrow as pa
+
+    def walk(node):
+        children = getattr(node, "children", None)
+        if isinstance(children, dict):
+            for child in children.values():
+                yield from walk(child)
+        else:
+            yield node
+
+    return [(json.loads(el.proto.spec), [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
+            for el in walk(at.main) if getattr(el, "type", None) == "vega_lite_chart"]

@@ -13,7 +13,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from helpers import PROMPTS, PYTHON, ingest
+from helpers import PROMPTS, PYTHON, app_charts, ingest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -46,25 +46,11 @@ def open_app(path) -> AppTest:
 
 def charts(at: AppTest) -> list[tuple[dict, list[pa.Table]]]:
     """Per Vega-Lite chart on the page: its spec and its datasets as Arrow tables."""
-    out = []
-    for el in _elements(at.main):
-        if getattr(el, "type", None) == "vega_lite_chart":
-            out.append((json.loads(el.proto.spec),
-                        [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets]))
-    return out
+    return app_charts(at)
 
 
 def chart_tables(at: AppTest) -> list[list[pa.Table]]:
     return [tables for _, tables in charts(at)]
-
-
-def _elements(node):
-    children = getattr(node, "children", None)
-    if isinstance(children, dict):
-        for child in children.values():
-            yield from _elements(child)
-    else:
-        yield node
 
 
 def projection(at: AppTest, panel: str = "raw") -> dict[str, pa.Table]:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from helpers import PYTHON, dump, dump_rows
+from helpers import PYTHON, app_charts, dump, dump_rows
 from store import StoreError
 from store.inplace import open_shards
 from store.queries import layer_vectors, run_summary
@@ -253,7 +253,7 @@ def test_s3_the_app_opens_a_runs_shards_in_place(s3, tmp_path, monkeypatch):
             expected = con.execute("SELECT count(*) FROM latents JOIN branches USING (run_id, branch_id) "
                                    "WHERE layer = 3 AND position > 0 AND prompt_id < 4").fetchone()[0]  # the first four
         assert f"{N_PROMPTS} prompts" in at.caption[0].value
-        tables = [t for t in _chart_datasets(at) if "raw_x" in t.column_names and "token_text" in t.column_names]
+        tables = [t for _, ts in app_charts(at) for t in ts if "raw_x" in t.column_names and "token_text" in t.column_names]
         assert tables and tables[0].num_rows == expected
     monkeypatch.setenv("BRANCHLENS_STORE_ROOT", "s3://another-bucket")
     at = AppTest.from_file(app, default_timeout=240)
@@ -261,19 +261,3 @@ def test_s3_the_app_opens_a_runs_shards_in_place(s3, tmp_path, monkeypatch):
     at.run()
     assert [i.value.split("`")[0] for i in at.info] == ["No store at "]
 
-
-def _chart_datasets(at):
-    import pyarrow as pa
-
-    def walk(node):
-        children = getattr(node, "children", None)
-        if isinstance(children, dict):
-            for child in children.values():
-                yield from walk(child)
-        else:
-            yield node
-
-    for el in walk(at.main):
-        if getattr(el, "type", None) == "vega_lite_chart":
-            for ds in el.proto.datasets:
-                yield pa.ipc.open_stream(ds.data.data).read_all()
