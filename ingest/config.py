@@ -22,7 +22,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Bump when the same settings and seed would sample other tokens (so a resume never mixes two samplers).
 # 2: batched nucleus sampling (zeros outside the nucleus instead of a compacted head).
-SAMPLER_VERSION = 2
+# 3: inverse-CDF picks from per-branch Philox uniform streams (one batched search per step).
+SAMPLER_VERSION = 3
 
 
 def read_prompt_file(path: str | Path) -> list[str]:

@@ -85,8 +85,12 @@ class ShardWorker:
         t0 = time.perf_counter()
         before = self.builder.stats.generated_tokens
         prep = self.prep
-        prompts = [(p, prep.cfg.prompts[p], len(prep.prompt_ids[p]), self.builder.build(p, prep.prompt_ids[p]))
-                   for p in prompt_ids]
+        trees: dict[int, list] = {}
+        step = self.builder.prompts_per_group
+        for lo in range(0, len(prompt_ids), step):
+            group = prompt_ids[lo:lo + step]
+            trees.update(self.builder.build_group([(p, prep.prompt_ids[p]) for p in group]))
+        prompts = [(p, prep.cfg.prompts[p], len(prep.prompt_ids[p]), trees[p]) for p in prompt_ids]
         written = write_shard(run_path, task, prompts, prep.layers)
         return task, self.builder.stats.generated_tokens - before, time.perf_counter() - t0, written
 

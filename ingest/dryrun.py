@@ -11,6 +11,7 @@ import torch
 
 from ingest import kvcache
 from ingest.config import RunConfig
+from ingest.generate import planned_batches
 from ingest.models import LoadedModel
 from ingest.prepare import prepare
 from store import queries
@@ -77,11 +78,11 @@ def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
     max_stored = prompt_tokens + max_generated
     vectors = max_stored * len(layers)
     vector_bytes = vectors * lm.d_model * 4 * (2 if cfg.zero_pe else 1)
-    # Each level of the tree (samples, then each fork level) decodes in batches of at most batch_rows rows.
-    level_rows = [cfg.samples * cfg.forks**level for level in range(cfg.depth + 1 if cfg.forks else 1)]
-    batches = [(min(rows, cfg.batch_rows), -(-rows // cfg.batch_rows)) for rows in level_rows]
-    steps = {rows: _decode_step_seconds(lm, prompt_ids[0], rows) for rows in {r for r, _ in batches}}
-    seconds = n_prompts * cfg.max_new_tokens * sum(steps[r] * n for r, n in batches) * STEP_OVERHEAD
+    # Groups of prompts decode together, each level of their trees in batches of at most batch_rows rows;
+    # a batch takes about max_new_tokens steps. Only a few distinct batch sizes occur: time each once.
+    batches = planned_batches(n_prompts, cfg.samples, cfg.forks, cfg.depth, cfg.batch_rows)
+    steps = {rows: _decode_step_seconds(lm, prompt_ids[0], rows) for rows in sorted(set(batches))}
+    seconds = cfg.max_new_tokens * sum(steps[r] for r in batches) * STEP_OVERHEAD
     return DryRun(
         run_id, cfg.model, lm.device.type, prep.run.dtype, n_prompts, prompt_tokens, prep.plan.size, max_generated,
         max_stored, layers, lm.d_model, vectors, vector_bytes * FINAL_FACTOR, vector_bytes * PEAK_FACTOR, steps,

@@ -1,15 +1,16 @@
-"""Building one prompt's generation tree with KV caches, level by level in batches, capturing chosen layers.
+"""Building prompts' generation trees with KV caches, level by level in batches, capturing chosen layers.
 
 Latent of a token = hidden state of the chosen layer at that token's position when the token is fed,
 exactly HF's `output_hidden_states[layer]` of a forward pass over the full sequence (0 = embeddings).
 
-How the tree is decoded: the prompt is prefilled once; its samples decode in lockstep from a copy of
-that cache; then each fork level (all children of all branches of the level above) decodes as one
-left-padded batch whose cache is assembled from the parents' caches (each child takes its parent's
-row, cut at the fork position: the cache surgery lives in ingest.kvcache). Rows start at different
-positions and all end at the tree's last position (or EOS); a row that is done is fed on until the
-batch ends and its outputs are dropped.
-Every row samples with its own seeded generator, so the tree does not depend on batching.
+How a group of prompts is decoded: each prompt is prefilled once; the samples of all the group's
+prompts decode in lockstep as one left-padded batch assembled from the prompts' caches; then each fork
+level (all children of all branches of the level above, across the group's prompts) decodes as
+left-padded batches of up to `batch_rows` rows whose cache is assembled from the parents' caches (each
+child takes its parent's row, cut at the fork position: the cache surgery lives in ingest.kvcache).
+Rows start at different positions and each ends at its prompt's last position (or EOS); a row that is
+done is fed on until the batch ends and its outputs are dropped.
+Every row samples from its own seeded stream, so the tree does not depend on batching or grouping.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ import torch
 from ingest import kvcache
 from ingest.config import RunConfig
 from ingest.models import LoadedModel
-from ingest.sampling import branch_seed, choose_rows, token_stats_tensors
+from ingest.profile import StepProfile
+from ingest.sampling import branch_seed, row_uniforms, sample_step, token_stats_tensors
 from ingest.tree import Slot, TreePlan, fork_positions
 from store.faults import fault_point
 from store.records import BranchRecord
 
 DEFAULT_BATCH_ROWS = 64
+EOS_CHECK_EVERY = 8
 
 
 @dataclass
@@ -39,6 +42,7 @@ class BuildStats:
     generated_tokens: int = 0
     prefix_reused: int = 0
     prefix_recomputed: int = 0
+    decode_batches: list[int] = field(default_factory=list)  # rows of each batch decoded, in order
 
 
 @dataclass
@@ -75,8 +79,9 @@ class HostArray:
 
 @dataclass
 class Built:
-    """A decoded branch: its own tokens and stats, latents (layers, batch rows, steps, d) still in a
-    HostArray with this branch in `row`, and where its cache lives until its children are built."""
+    """A decoded branch of prompt `prompt_id`: its own tokens and stats, latents (layers, batch rows,
+    steps, d) still in a HostArray with this branch in `row`, and where its cache lives until its
+    children are built."""
 
     slot: Slot
     fork_position: int
@@ -88,54 +93,72 @@ class Built:
     ended_with_eos: bool
     sequence: list[int]  # full token ids, prefix included
     batch: Batch | None = field(default=None, repr=False)
+    prompt_id: int = 0
+    max_end: int = 0  # its prompt's last position
+
+
+def planned_batches(n_prompts: int, samples: int, forks: int, depth: int, batch_rows: int) -> list[int]:
+    """The rows of every decode batch the builder runs for n_prompts full trees (no EOS, every fork
+    found), in order: per group of prompts, the samples' batches, then each fork level's."""
+    batch_rows = max(1, batch_rows)
+    per_group = max(1, batch_rows // max(1, samples))
+    out: list[int] = []
+    for lo in range(0, n_prompts, per_group):
+        m = min(per_group, n_prompts - lo)
+        if samples:
+            out += [m * samples]  # a group's samples decode together (one prompt's never split)
+        for level in range(1, depth + 1 if forks else 1):
+            rows = m * samples * forks**level
+            out += [min(batch_rows, rows - r) for r in range(0, rows, batch_rows)]
+    return out
 
 
 class TreeBuilder:
-    """Generates the planned tree for one prompt at a time."""
+    """Generates the planned trees of prompts, a group of prompts at a time."""
 
     def __init__(self, lm: LoadedModel, cfg: RunConfig, layers: list[int], plan: TreePlan,
-                 batch_rows: int = DEFAULT_BATCH_ROWS):
+                 batch_rows: int = DEFAULT_BATCH_ROWS, profile: bool = False):
         self.lm, self.cfg, self.layers, self.plan = lm, cfg, layers, plan
         self.batch_rows = max(1, batch_rows)
         self.eos_ids = lm.eos_ids if cfg.stop_at_eos else set()
         self.stats = BuildStats()
+        self.profile = StepProfile(lm.device, enabled=profile)
+        # decode steps between host checks for a batch whose rows have all hit EOS: every step on the CPU
+        # (where a check costs nothing), every few on an accelerator so the host can queue steps ahead
+        self.eos_check_every = 1 if lm.device.type == "cpu" else EOS_CHECK_EVERY
         params = inspect.signature(lm.model.forward).parameters
         self._can_keep_logits = "logits_to_keep" in params
 
-    @torch.inference_mode()
+    @property
+    def prompts_per_group(self) -> int:
+        """Prompts built together: as many as fill the samples' decode batch (at least one; the same
+        rule as planned_batches)."""
+        return max(1, self.batch_rows // max(1, self.cfg.samples))
+
     def build(self, prompt_id: int, prompt_ids: list[int],
               on_branch: Callable[[], None] | None = None) -> list[BranchRecord]:
         """All branches of one prompt's tree, in plan order (root, samples, then each fork level)."""
-        self._prompt_id = prompt_id
+        return self.build_group([(prompt_id, prompt_ids)], on_branch)[prompt_id]
+
+    @torch.inference_mode()
+    def build_group(self, prompts: list[tuple[int, list[int]]],
+                    on_branch: Callable[[], None] | None = None) -> dict[int, list[BranchRecord]]:
+        """The trees of several prompts (prompt_id, token ids), decoded together; per prompt id, its
+        branches in plan order. The trees are those `build` makes one prompt at a time."""
 
         def notify() -> None:
             if on_branch is not None:
                 on_branch()
             fault_point("generate")  # test-only: die or pause after the N-th branch (store.faults)
 
-        n_prompt = len(prompt_ids)
-        self._max_end = n_prompt + self.cfg.max_new_tokens - 1
-        device = self.lm.device
-        ids = torch.tensor([prompt_ids], device=device)
-        mask = torch.ones_like(ids)
-        out = self._forward(ids, None, mask, torch.arange(n_prompt, device=device)[None])
-        logprobs, entropies = token_stats_tensors(out.logits[0, :-1], ids[0, 1:])
-        nan = np.full(1, np.nan, np.float32)
-        root = Built(self.plan.slots[0], 0, list(prompt_ids), np.concatenate([nan, logprobs.cpu().numpy()]),
-                     np.concatenate([nan, entropies.cpu().numpy()]), HostArray(self._hidden(out)), 0, False,
-                     list(prompt_ids))
-        built = [root]
-        notify()
-
-        samples = self.plan.children(0)
-        level: list[Built] = []
-        if samples:
-            cache = kvcache.repeat_rows(out.past_key_values, len(samples))
-            batch = Batch(cache, mask.expand(len(samples), -1).clone(), [0] * len(samples))
-            logits = out.logits[:, -1].expand(len(samples), -1)
-            level = self._decode(batch, logits, samples, [n_prompt] * len(samples), None,
-                                 [list(prompt_ids)] * len(samples), notify)
-        del out
+        roots, logits = [], []
+        for prompt_id, prompt_ids in prompts:
+            root, last_logits = self._prefill(prompt_id, prompt_ids)
+            roots.append(root)
+            logits.append(last_logits)
+            notify()
+        built = list(roots)
+        level = self._samples(roots, logits, notify)
         while level:
             built += level
             kids = []
@@ -145,65 +168,131 @@ class TreeBuilder:
                     continue
                 cfg = self.cfg
                 positions = fork_positions(cfg.fork_rule, len(children), parent.fork_position, parent.entropies,
-                                           self._max_end - cfg.min_child_tokens + 1, cfg.fork_offsets)
+                                           parent.max_end - cfg.min_child_tokens + 1, cfg.fork_offsets)
                 kids += [(child, parent, p) for child, p in zip(children, positions)]
             next_level: list[Built] = []
             for lo in range(0, len(kids), self.batch_rows):
                 chunk = kids[lo:lo + self.batch_rows]
-                batch, logits = self._fork_batch(chunk)
+                batch, chunk_logits = self._fork_batch(chunk)
                 next_level += self._decode(
-                    batch, logits, [child for child, _, _ in chunk], [p for _, _, p in chunk],
-                    [parent.sequence[p] for _, parent, p in chunk],
+                    batch, chunk_logits, [(parent.prompt_id, child, parent.max_end) for child, parent, _ in chunk],
+                    [p for _, _, p in chunk], [parent.sequence[p] for _, parent, p in chunk],
                     [parent.sequence[:p] for _, parent, p in chunk], notify)
             for parent in level:
                 parent.batch = None  # its children exist: let its cache go
             level = next_level
-        return [self._record(b) for b in sorted(built, key=lambda b: b.slot.local_id)]
+        out: dict[int, list[BranchRecord]] = {prompt_id: [] for prompt_id, _ in prompts}
+        for b in sorted(built, key=lambda b: (b.prompt_id, b.slot.local_id)):
+            out[b.prompt_id].append(self._record(b))
+        return out
 
-    def _decode(self, batch: Batch, logits: torch.Tensor, slots: list[Slot], starts: list[int],
+    def _prefill(self, prompt_id: int, prompt_ids: list[int]) -> tuple[Built, torch.Tensor]:
+        """The root branch of one prompt (its cache kept for the samples) and the logits (1, vocab)
+        that predict its first generated position."""
+        n_prompt = len(prompt_ids)
+        device = self.lm.device
+        with self.profile.section("prefill"):
+            ids = torch.tensor([prompt_ids], device=device)  # (1, n)
+            mask = torch.ones_like(ids)
+            out = self._forward(ids, None, mask, torch.arange(n_prompt, device=device)[None])
+            logprobs, entropies = token_stats_tensors(out.logits[0, :-1], ids[0, 1:])
+            nan = np.full(1, np.nan, np.float32)
+            root = Built(self.plan.slots[0], 0, list(prompt_ids), np.concatenate([nan, logprobs.cpu().numpy()]),
+                         np.concatenate([nan, entropies.cpu().numpy()]), HostArray(self._hidden(out)), 0, False,
+                         list(prompt_ids), Batch(out.past_key_values, mask, [0]), prompt_id,
+                         n_prompt + self.cfg.max_new_tokens - 1)
+        return root, out.logits[:, -1]
+
+    def _samples(self, roots: list[Built], logits: list[torch.Tensor], notify: Callable[[], None]) -> list[Built]:
+        """The samples of all roots, decoded in batches of whole prompts up to batch_rows rows, each
+        batch's cache assembled from its prompts' caches (one prompt alone reuses its own)."""
+        samples = self.plan.children(0)
+        if not samples:
+            return []
+        per = len(samples)
+        together = max(1, self.batch_rows // per)
+        if not all(kvcache.holds_all(r.batch.cache, r.batch.mask.shape[1]) for r in roots):
+            together = 1  # a sliding window has dropped part of a prompt: its cache cannot be cut
+        level: list[Built] = []
+        for lo in range(0, len(roots), together):
+            group = roots[lo:lo + together]
+            if len(group) == 1:
+                root = group[0]
+                cache = kvcache.repeat_rows(root.batch.cache, per)
+                batch = Batch(cache, root.batch.mask.expand(per, -1).clone(), [0] * per)
+            else:
+                lengths = [len(r.token_ids) for r in group for _ in samples]
+                cuts = [kvcache.RowCut(r.batch.cache, 0, 0, len(r.token_ids)) for r in group for _ in samples]
+                mask, pad = kvcache.left_padding(lengths, self.lm.device)
+                batch = Batch(kvcache.assemble(cuts, self.lm.model.config), mask, pad)
+            first = torch.cat([logits[roots.index(r)].expand(per, -1) for r in group])  # (rows, vocab)
+            rows = [(r.prompt_id, s, r.max_end) for r in group for s in samples]
+            level += self._decode(batch, first, rows, [len(r.token_ids) for r in group for _ in samples], None,
+                                  [list(r.token_ids) for r in group for _ in samples], notify)
+            for r in group:
+                r.batch = None
+        return level
+
+    def _decode(self, batch: Batch, logits: torch.Tensor, rows: list[tuple[int, Slot, int]], starts: list[int],
                 exclude: list[int] | None, prefixes: list[list[int]], notify: Callable[[], None]) -> list[Built]:
-        """Sample the rows of `batch` in lockstep, row i from position starts[i] to the tree's last
-        position or EOS; at its first position row i never picks exclude[i] (a fork differs from its
-        parent there). `logits` predict each row's first position."""
-        cfg, device = self.cfg, self.lm.device
-        n_rows = len(slots)
-        gens = [torch.Generator(device=device).manual_seed(branch_seed(cfg.seed, self._prompt_id, s.local_id))
-                for s in slots]
-        budget = [self._max_end - s + 1 for s in starts]  # tokens row i may make
+        """Sample the rows of `batch` in lockstep, row i = (prompt id, slot, last position) from position
+        starts[i] to its last position or EOS; at its first position row i never picks exclude[i] (a
+        fork differs from its parent there). `logits` predict each row's first position."""
+        cfg, device, prof = self.cfg, self.lm.device, self.profile
+        n_rows = len(rows)
+        self.stats.decode_batches.append(n_rows)
+        budget = [end - s + 1 for (_, _, end), s in zip(rows, starts)]  # tokens row i may make
+        uniforms = row_uniforms([branch_seed(cfg.seed, pid, slot.local_id) for pid, slot, _ in rows],
+                                max(budget), device)  # (rows, steps)
         first = torch.tensor(starts, device=device)
-        lengths = [0] * n_rows
-        ended = [False] * n_rows
-        lp_steps, ent_steps, hidden_steps, host_steps = [], [], [], []
+        last = torch.tensor([end for _, _, end in rows], device=device)
+        steps_left = torch.tensor(budget, device=device)  # (rows,)
+        eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=device)
+        # tokens up to and including each row's first EOS; max(budget) + 1 = none yet
+        done_at = torch.full((n_rows,), max(budget) + 1, dtype=torch.long, device=device)
+        check_every = self.eos_check_every  # EOS is the one thing the host cannot know ahead
+        lp_steps, ent_steps, hidden_steps, token_steps = [], [], [], []
         for step in range(max(budget)):
-            chosen = choose_rows(logits, cfg.temperature, cfg.top_k, cfg.top_p, gens, exclude if step == 0 else None)
-            logprobs, entropies = token_stats_tensors(logits, chosen)
-            host = chosen.tolist()  # the one host sync per step: EOS and lengths
-            for i in range(n_rows):
-                if not ended[i] and step < budget[i]:
-                    lengths[i] += 1
-                    ended[i] = host[i] in self.eos_ids
+            with prof.section("sample"):
+                chosen, logprobs, entropies = sample_step(logits, cfg.temperature, cfg.top_k, cfg.top_p,
+                                                          uniforms[:, step], exclude if step == 0 else None)
+                if eos.numel():
+                    hit = torch.isin(chosen, eos) & (done_at > step)
+                    done_at = torch.where(hit, step + 1, done_at)
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(n_rows, 1)], dim=1)
             # rows past their last position are fed on (outputs dropped); keep their position in range
-            position = torch.clamp(first + step, max=self._max_end)[:, None]
-            out = self._forward(chosen[:, None], batch.cache, batch.mask, position)
-            hidden_steps.append(self._hidden(out))
+            position = torch.minimum(first + step, last)[:, None]
+            with prof.section("forward"):
+                out = self._forward(chosen[:, None], batch.cache, batch.mask, position)
+            with prof.section("capture"):
+                hidden_steps.append(self._hidden(out))
             lp_steps.append(logprobs)
             ent_steps.append(entropies)
-            host_steps.append(host)
-            if all(ended[i] or step + 1 >= budget[i] for i in range(n_rows)):
+            token_steps.append(chosen)
+            if step + 1 == max(budget):
                 break
+            if eos.numel() and (step + 1) % check_every == 0:
+                with prof.section("host_sync"):
+                    if bool((torch.minimum(done_at, steps_left) <= step + 1).all()):
+                        break
             logits = out.logits[:, -1]
-        latents = HostArray(torch.cat(hidden_steps, dim=2))
-        tokens = np.asarray(host_steps, np.int64).T
-        logprobs = torch.stack(lp_steps, dim=1).cpu().numpy()
-        entropies = torch.stack(ent_steps, dim=1).cpu().numpy()
+        with prof.section("capture"):
+            stacked = torch.cat(hidden_steps, dim=2)  # (layers, rows, steps, d)
+        with prof.section("copy"):
+            latents = HostArray(stacked)
+            tokens = torch.stack(token_steps, dim=1).cpu().numpy()  # (rows, steps)
+            lengths = torch.minimum(done_at, steps_left).tolist()
+            ended = (done_at <= steps_left).tolist()  # ended by EOS within its budget
+            logprobs = torch.stack(lp_steps, dim=1).cpu().numpy()
+            entropies = torch.stack(ent_steps, dim=1).cpu().numpy()
         self.stats.generated_tokens += sum(lengths)
         level = []
-        for i, slot in enumerate(slots):
+        for i, (prompt_id, slot, end) in enumerate(rows):
             n = lengths[i]
             own = tokens[i, :n].tolist()
             level.append(Built(slot, starts[i], own, logprobs[i, :n].astype(np.float32),
-                               entropies[i, :n].astype(np.float32), latents, i, ended[i], prefixes[i] + own, batch))
+                               entropies[i, :n].astype(np.float32), latents, i, ended[i], prefixes[i] + own, batch,
+                               prompt_id, end))
             notify()
         return level
 
@@ -255,18 +344,21 @@ class TreeBuilder:
     def _record(self, b: Built) -> BranchRecord:
         plan, tok = self.plan, self.lm.tokenizer
         slot = b.slot
-        latents = b.latents.numpy()[:, b.row, :len(b.token_ids)]
+        with self.profile.section("copy"):
+            latents = b.latents.numpy()[:, b.row, :len(b.token_ids)]
+        with self.profile.section("records"):
+            texts = tok.batch_decode([[t] for t in b.token_ids], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
         return BranchRecord(
-            branch_id=plan.branch_id(self._prompt_id, slot.local_id),
-            prompt_id=self._prompt_id,
-            parent_branch_id=None if slot.parent is None else plan.branch_id(self._prompt_id, slot.parent),
+            branch_id=plan.branch_id(b.prompt_id, slot.local_id),
+            prompt_id=b.prompt_id,
+            parent_branch_id=None if slot.parent is None else plan.branch_id(b.prompt_id, slot.parent),
             fork_position=b.fork_position,
             depth=slot.depth,
             kind=slot.kind,
             path=slot.path,
             token_ids=np.asarray(b.token_ids, np.int64),
-            token_texts=tok.batch_decode([[t] for t in b.token_ids], skip_special_tokens=False,
-                                         clean_up_tokenization_spaces=False),
+            token_texts=texts,
             logprobs=b.logprobs,
             entropies=b.entropies,
             ended_with_eos=b.ended_with_eos,

@@ -35,8 +35,10 @@ class Prepared:
     def run_id(self) -> str:
         return self.run.run_id
 
-    def tree_builder(self) -> TreeBuilder:
-        return TreeBuilder(self.lm, self.cfg, self.layers, self.plan, batch_rows=self.cfg.batch_rows)
+    def tree_builder(self, profile: bool = False) -> TreeBuilder:
+        """The run's tree builder; `profile` times each section of its work (ingest.profile)."""
+        return TreeBuilder(self.lm, self.cfg, self.layers, self.plan, batch_rows=self.cfg.batch_rows,
+                           profile=profile)
 
 
 def branchlens_version() -> str:

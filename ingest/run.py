@@ -44,6 +44,7 @@ class IngestReport:
     prefix_reused: int = 0
     prefix_recomputed: int = 0
     wall_seconds: float = 0.0
+    profile: dict[str, dict[str, float]] = field(default_factory=dict)  # run_ingest(profile=True) only
 
     def summary(self) -> str:
         c, s = self.counts, self.seconds
@@ -68,21 +69,22 @@ class IngestReport:
 
 
 def run_ingest(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None,
-               lm: LoadedModel | None = None) -> IngestReport:
+               lm: LoadedModel | None = None, profile: bool = False) -> IngestReport:
     """Run (or resume) the ingest described by cfg; raises IngestError/StoreError on bad input.
 
     `lm` is a model already loaded for cfg.model on cfg's device and dtype (benchmarks, workers that
-    serve many runs); without it the model is loaded here.
+    serve many runs); without it the model is loaded here. `profile` times each section of the tree
+    builder's work into the report's `profile` (serializing the device: for benchmarks, not throughput).
     """
     writer = StoreWriter(cfg.store, created_by=branchlens_version())
     try:
-        return _ingest(cfg, writer, progress, log, lm)
+        return _ingest(cfg, writer, progress, log, lm, profile)
     finally:
         writer.release()  # another ingest may write this store from here on
 
 
 def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[str], None] | None,
-            lm: LoadedModel | None) -> IngestReport:
+            lm: LoadedModel | None, profile: bool) -> IngestReport:
     t_start = time.perf_counter()
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     require_prompts(cfg)
@@ -99,7 +101,7 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
     if done:
         log(f"resuming run {run_id}: {len(done)} of {len(cfg.prompts)} prompts already in {cfg.store}")
 
-    builder = prep.tree_builder()
+    builder = prep.tree_builder(profile)
     seconds["generate"] = seconds["write"] = 0.0
     prompt_bar = tqdm(total=len(cfg.prompts), initial=len(done), desc="prompts", unit="prompt",
                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -110,29 +112,33 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
         seconds["write"] += time.perf_counter() - t
         return prompt_id, len(records)
 
-    def written(future: Future | None) -> None:
+    def written(future: Future) -> None:
         """Wait for a prompt's write (raising its error) and show it."""
-        if future is None:
-            return
         prompt_id, n_branches = future.result()
         prompt_bar.update()
         prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
         if not progress:
             log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({n_branches} branches)")
 
-    # Prompt i is written by one background thread while prompt i + 1 generates. On any error or
-    # interrupt the pool's exit still waits for the write in flight, so a finished prompt is kept.
-    pending: Future | None = None
+    # Prompts are built in groups that decode together; each prompt of a group is then written (its own
+    # transaction) by one background thread while the next group generates. On any error or interrupt
+    # the pool's exit still waits for the writes in flight, so a finished prompt is kept.
+    step = builder.prompts_per_group
+    groups = [todo[lo:lo + step] for lo in range(0, len(todo), step)]
+    pending: list[Future] = []
     with prompt_bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchlens-writer") as pool:
-        for prompt_id in todo:
-            with tqdm(total=plan.size, desc=f"prompt {prompt_id} branches", unit="branch", leave=False,
+        for group in groups:
+            what = f"prompt {group[0]}" if len(group) == 1 else f"{len(group)} prompts"
+            with tqdm(total=plan.size * len(group), desc=f"{what} branches", unit="branch", leave=False,
                       disable=not progress, file=sys.stderr, dynamic_ncols=True) as branch_bar:
                 t1 = time.perf_counter()
-                records = builder.build(prompt_id, prompt_ids[prompt_id], on_branch=branch_bar.update)
+                trees = builder.build_group([(p, prompt_ids[p]) for p in group], on_branch=branch_bar.update)
                 seconds["generate"] += time.perf_counter() - t1
-            written(pending)
-            pending = pool.submit(write, prompt_id, records)
-        written(pending)
+            for future in pending:
+                written(future)
+            pending = [pool.submit(write, p, trees.pop(p)) for p in group]
+        for future in pending:
+            written(future)
     if cfg.zero_pe:
         t3 = time.perf_counter()
         add_zero_pe(lm, cfg.store, run_id, layers, progress, log)
@@ -150,4 +156,5 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
         prompts_written=len(todo), prompts_skipped=len(done), generated_now=builder.stats.generated_tokens,
         seconds=seconds, prefix_reused=builder.stats.prefix_reused,
         prefix_recomputed=builder.stats.prefix_recomputed, wall_seconds=time.perf_counter() - t_start,
+        profile=builder.profile.as_dict() if profile else {},
     )

@@ -1,14 +1,28 @@
-"""Next-token choice and per-token statistics."""
+"""Next-token choice and per-token statistics.
+
+Each branch draws from its own stream of uniforms (seeded by run seed, prompt and branch, so the tree
+does not depend on the order or batching of work), one uniform per step, and picks its token by inverse
+CDF: the first token whose cumulative probability exceeds u times the total. A whole batch of rows is
+sampled by one cumsum and one searchsorted, with no per-row kernel and no host round trip.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))  # a float32 uniform never reaches 1
+
 
 def branch_seed(seed: int, prompt_id: int, local_id: int) -> int:
     """A seed for one branch's sampler that does not depend on the order branches are built in."""
     return int(np.random.SeedSequence([seed, prompt_id, local_id]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def row_uniforms(seeds: list[int], steps: int, device: torch.device) -> torch.Tensor:
+    """(rows, steps) float32 uniforms in [0, 1): row i's are the first `steps` draws of its seed's stream."""
+    draws = np.stack([np.random.Generator(np.random.Philox(s)).random(steps) for s in seeds])  # (rows, steps)
+    return torch.from_numpy(np.minimum(draws.astype(np.float32), _BELOW_ONE)).to(device)
 
 
 def token_stats_tensors(logits: torch.Tensor, token_ids: torch.Tensor,
@@ -20,9 +34,8 @@ def token_stats_tensors(logits: torch.Tensor, token_ids: torch.Tensor,
     """
     logprobs, entropies = [], []
     for lo in range(0, logits.shape[0], chunk):
-        logp = torch.log_softmax(logits[lo:lo + chunk].float(), dim=-1)
-        p = logp.exp()
-        entropies.append(-(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1))
+        logp = torch.log_softmax(logits[lo:lo + chunk].float(), dim=-1)  # (rows, vocab)
+        entropies.append(_entropy(logp))
         logprobs.append(logp.gather(-1, token_ids[lo:lo + chunk, None].to(logp.device)).squeeze(-1))
     if not logprobs:
         empty = torch.empty(0, device=logits.device)
@@ -36,16 +49,51 @@ def token_stats(logits: torch.Tensor, token_ids: torch.Tensor, chunk: int = 64) 
     return logprobs.cpu().numpy().astype(np.float32), entropies.cpu().numpy().astype(np.float32)
 
 
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of log-probabilities (rows, vocab) -> (rows,); 0 log 0 counts as 0."""
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+
+
+def sample_step(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniforms: torch.Tensor,
+    exclude: list[int | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step for a batch: the chosen ids (rows,) and their log-probability and the entropy of
+    the row's next-token distribution (both at temperature 1, fp32), all on the logits' device.
+
+    logits (rows, vocab); uniforms (rows,) this step's draw of each row. The temperature-1 log-softmax
+    serves both the statistics and, at temperature 1 without top-k/top-p, the sampler itself.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    plain = temperature == 1 and top_p >= 1.0 and not 0 < top_k < logits.shape[-1]
+    if plain:
+        probs = logp.exp()
+        if exclude is not None and any(e is not None for e in exclude):
+            rows = [i for i, e in enumerate(exclude) if e is not None]
+            probs[rows, [exclude[i] for i in rows]] = 0.0
+        chosen = _inverse_cdf(probs, uniforms)
+    else:
+        chosen = choose_rows(logits, temperature, top_k, top_p, uniforms, exclude)
+    return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1), _entropy(logp)
+
+
 def choose_next(
     logits: torch.Tensor,
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator,
+    u: float,
     exclude: int | None = None,
 ) -> int:
-    """Sample a token id from one row of logits; temperature 0 is greedy. `exclude` is never chosen."""
-    return int(choose_rows(logits[None], temperature, top_k, top_p, [generator], [exclude])[0])
+    """The token id one row of logits picks with uniform u in [0, 1); temperature 0 is greedy.
+    `exclude` is never chosen."""
+    uniforms = torch.tensor([min(u, _BELOW_ONE)], dtype=torch.float32, device=logits.device)
+    return int(choose_rows(logits[None], temperature, top_k, top_p, uniforms, [exclude])[0])
 
 
 def choose_rows(
@@ -53,15 +101,15 @@ def choose_rows(
     temperature: float,
     top_k: int,
     top_p: float,
-    generators: list[torch.Generator],
+    uniforms: torch.Tensor,
     exclude: list[int | None] | None = None,
 ) -> torch.Tensor:
-    """Sample one token id per row of logits (rows, vocab), row i with its own generator; returns a
+    """One token id per row of logits (rows, vocab), row i picked by its uniform uniforms[i]; returns a
     (rows,) tensor on the logits' device. Temperature 0 is greedy; exclude[i] is never chosen by row i.
 
     top-k is applied first, then top-p on the renormalized top-k distribution (as in HF generate).
     The nucleus is found with growing top-k calls instead of sorting the whole vocabulary. A row's
-    draw depends only on its logits and its generator, so batching rows together changes nothing.
+    pick depends only on its logits and its uniform, so batching rows together changes nothing.
     """
     scores = logits.float()
     if exclude is not None and any(e is not None for e in exclude):
@@ -74,10 +122,9 @@ def choose_rows(
     n = scores.shape[-1]
     k = top_k if 0 < top_k < n else n
     if top_p >= 1.0 and k == n:
-        probs = torch.softmax(scores, dim=-1)
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        return _inverse_cdf(torch.softmax(scores, dim=-1), uniforms)
     if k < n:
-        head, index = torch.topk(scores, k, dim=-1)
+        head, index = torch.topk(scores, k, dim=-1)  # (rows, k), sorted descending
         probs = torch.softmax(head, dim=-1)
     else:
         full = torch.softmax(scores, dim=-1)
@@ -90,5 +137,16 @@ def choose_rows(
     if top_p < 1.0:
         keep = (torch.cumsum(probs, dim=-1) - probs) < top_p  # smallest head with mass >= top_p
         probs = probs * keep
-    picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-    return index.gather(-1, picks[:, None]).squeeze(-1)
+    return index.gather(-1, _inverse_cdf(probs, uniforms)[:, None]).squeeze(-1)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row of non-negative weights (rows, n), the first index whose cumulative weight exceeds
+    uniforms[row] times the row's total: index i with probability weights[i] / total; a zero weight is
+    never picked (its cumulative sum does not rise)."""
+    cum = torch.cumsum(weights, dim=-1)  # (rows, n)
+    total = cum[:, -1:]  # (rows, 1)
+    # u * total can round up to total itself, which would land past the last token of non-zero weight
+    target = torch.minimum(uniforms.to(cum.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    picks = torch.searchsorted(cum, target, right=True).squeeze(-1)
+    return picks.clamp_(max=weights.shape[-1] - 1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ingest.errors import IngestError
-from ingest.sampling import branch_seed, choose_next, token_stats
+from ingest.sampling import branch_seed, choose_next, row_uniforms, sample_step, token_stats
 from ingest.tree import TreePlan, fork_positions
 
 
@@ -39,30 +39,50 @@ def test_offsets_rule():
     assert fork_positions("offsets", 3, 5, entropies, last_allowed=10, offsets=[2, 4, 6]) == [7, 9]
 
 
+def draws(logits, temperature, top_k, top_p, n, exclude=None, seed=0):
+    """n picks of one row of logits, each with the next uniform of one seeded stream."""
+    us = np.random.default_rng(seed).random(n)
+    return [choose_next(logits, temperature, top_k, top_p, float(u), exclude=exclude) for u in us]
+
+
 def test_sampler_rules():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    gen = torch.Generator().manual_seed(0)
-    assert choose_next(logits, 0.0, 0, 1.0, gen) == 0
-    assert choose_next(logits, 0.0, 0, 1.0, gen, exclude=0) == 1
-    draws = [choose_next(logits, 1.0, 0, 0.8, gen) for _ in range(400)]
-    assert set(draws) == {0, 1}  # nucleus of mass 0.8 is exactly {0, 1}
-    assert 0.5 < draws.count(0) / 400 < 0.75  # renormalized: 0.5 / 0.8 = 0.625
-    assert {choose_next(logits, 1.0, 1, 1.0, gen) for _ in range(50)} == {0}
+    assert choose_next(logits, 0.0, 0, 1.0, 0.9) == 0
+    assert choose_next(logits, 0.0, 0, 1.0, 0.9, exclude=0) == 1
+    nucleus = draws(logits, 1.0, 0, 0.8, 400)
+    assert set(nucleus) == {0, 1}  # nucleus of mass 0.8 is exactly {0, 1}
+    assert 0.5 < nucleus.count(0) / 400 < 0.75  # renormalized: 0.5 / 0.8 = 0.625
+    assert set(draws(logits, 1.0, 1, 1.0, 50)) == {0}
     # exclusion comes before top-k: a fork picks among the top-k of the other tokens
-    assert {choose_next(logits, 1.0, 2, 1.0, gen, exclude=0) for _ in range(200)} == {1, 2}
-    full = [choose_next(logits, 1.0, 0, 1.0, gen) for _ in range(2000)]
+    assert set(draws(logits, 1.0, 2, 1.0, 200, exclude=0)) == {1, 2}
+    full = draws(logits, 1.0, 0, 1.0, 2000)
     np.testing.assert_allclose(np.bincount(full, minlength=4) / 2000, [0.5, 0.3, 0.15, 0.05], atol=0.04)
 
 
-def test_nucleus_over_a_large_vocabulary_matches_a_full_sort():
-    torch.manual_seed(1)
-    logits = torch.randn(5000) * 0.5  # flat: the nucleus needs far more than the first top-k guess
-    probs = torch.softmax(logits, -1)
-    sorted_probs, order = torch.sort(probs, descending=True)
-    nucleus = set(order[(torch.cumsum(sorted_probs, -1) - sorted_probs) < 0.9].tolist())
-    gen = torch.Generator().manual_seed(0)
-    draws = {choose_next(logits, 1.0, 0, 0.9, gen) for _ in range(3000)}
-    assert draws <= nucleus and len(draws) > 256
+def test_inverse_cdf_edges_never_pick_a_zero_probability_token():
+    logits = torch.log(torch.tensor([0.0, 0.7, 0.0, 0.3, 0.0]))  # zeros first, between and last
+    edge = float(np.nextafter(np.float32(1), np.float32(0)))
+    assert choose_next(logits, 1.0, 0, 1.0, 0.0) == 1  # u = 0: the first token of non-zero mass
+    assert choose_next(logits, 1.0, 0, 1.0, edge) == 3  # u just below 1: the last one, not the zero after it
+    assert choose_next(logits, 1.0, 0, 1.0, 0.69) == 1 and choose_next(logits, 1.0, 0, 1.0, 0.71) == 3
+
+
+def test_batched_step_equals_rows_alone_and_shares_the_statistics():
+    torch.manual_seed(3)
+    logits = torch.randn(6, 3000) * 2  # (rows, vocab)
+    uniforms = row_uniforms([11, 12, 13, 14, 15, 16], 4, torch.device("cpu"))  # (rows, steps)
+    assert uniforms.shape == (6, 4) and bool(((uniforms >= 0) & (uniforms < 1)).all())
+    assert torch.equal(uniforms[2], row_uniforms([13], 4, torch.device("cpu"))[0])  # a row's stream is its own
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.0, 50, 1.0), (0.0, 0, 1.0)]:
+        exclude = [None, 5, None, 7, None, None]
+        chosen, logprob, entropy = sample_step(logits, temperature, top_k, top_p, uniforms[:, 0], exclude)
+        alone = [choose_next(logits[i], temperature, top_k, top_p, float(uniforms[i, 0]), exclude=exclude[i])
+                 for i in range(6)]
+        assert chosen.tolist() == alone
+        assert 5 != chosen[1] and 7 != chosen[3]
+        ref_lp, ref_ent = token_stats(logits, chosen)
+        np.testing.assert_allclose(logprob.numpy(), ref_lp, atol=1e-5)
+        np.testing.assert_allclose(entropy.numpy(), ref_ent, atol=1e-5)
 
 
 def test_token_stats_and_seeds():
