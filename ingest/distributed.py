@@ -78,6 +78,7 @@ class ShardWorker:
 
     def build(self, run_path: str, task: int, prompt_ids: list[int]) -> tuple[int, int, float, bool]:
         """Build and write one task's shard: (task, generated tokens, seconds, written now)."""
+        from ingest.generate import prompt_groups
         from store.shards import shard_exists, write_shard
 
         if shard_exists(run_path, task):  # a retry of a task that finished before its worker died
@@ -86,9 +87,7 @@ class ShardWorker:
         before = self.builder.stats.generated_tokens
         prep = self.prep
         trees: dict[int, list] = {}
-        step = self.builder.prompts_per_group
-        for lo in range(0, len(prompt_ids), step):
-            group = prompt_ids[lo:lo + step]
+        for group in prompt_groups(prompt_ids, self.builder.prompts_per_group):  # the run's groups, cut by the task
             trees.update(self.builder.build_group([(p, prep.prompt_ids[p]) for p in group]))
         prompts = [(p, prep.cfg.prompts[p], len(prep.prompt_ids[p]), trees[p]) for p in prompt_ids]
         written = write_shard(run_path, task, prompts, prep.layers)

@@ -77,7 +77,7 @@ class HostArray:
         return self._host.numpy()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two branches are never "equal"
 class Built:
     """A decoded branch of prompt `prompt_id`: its own tokens and stats, latents (layers, batch rows,
     steps, d) still in a HostArray with this branch in `row`, and where its cache lives until its
@@ -95,6 +95,16 @@ class Built:
     batch: Batch | None = field(default=None, repr=False)
     prompt_id: int = 0
     max_end: int = 0  # its prompt's last position
+
+
+def prompt_groups(prompt_ids: list[int], per_group: int) -> list[list[int]]:
+    """The given prompt ids in the run's fixed groups: prompt p belongs to group p // per_group. Fixed
+    blocks, not "the next per_group left to do", so a resumed run or a task of a distributed run decodes a
+    group with the same companions as an uninterrupted run does (the same rows, so the same float bits)."""
+    groups: dict[int, list[int]] = {}
+    for p in prompt_ids:
+        groups.setdefault(p // max(1, per_group), []).append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def planned_batches(n_prompts: int, samples: int, forks: int, depth: int, batch_rows: int) -> list[int]:
@@ -132,7 +142,7 @@ class TreeBuilder:
     @property
     def prompts_per_group(self) -> int:
         """Prompts built together: as many as fill the samples' decode batch (at least one; the same
-        rule as planned_batches)."""
+        rule as planned_batches). Groups are fixed blocks of prompt ids (prompt_groups)."""
         return max(1, self.batch_rows // max(1, self.cfg.samples))
 
     def build(self, prompt_id: int, prompt_ids: list[int],
@@ -215,7 +225,7 @@ class TreeBuilder:
             together = 1  # a sliding window has dropped part of a prompt: its cache cannot be cut
         level: list[Built] = []
         for lo in range(0, len(roots), together):
-            group = roots[lo:lo + together]
+            group, group_logits = roots[lo:lo + together], logits[lo:lo + together]
             if len(group) == 1:
                 root = group[0]
                 cache = kvcache.repeat_rows(root.batch.cache, per)
@@ -225,7 +235,7 @@ class TreeBuilder:
                 cuts = [kvcache.RowCut(r.batch.cache, 0, 0, len(r.token_ids)) for r in group for _ in samples]
                 mask, pad = kvcache.left_padding(lengths, self.lm.device)
                 batch = Batch(kvcache.assemble(cuts, self.lm.model.config), mask, pad)
-            first = torch.cat([logits[roots.index(r)].expand(per, -1) for r in group])  # (rows, vocab)
+            first = torch.cat([lg.expand(per, -1) for lg in group_logits])  # (rows, vocab)
             rows = [(r.prompt_id, s, r.max_end) for r in group for s in samples]
             level += self._decode(batch, first, rows, [len(r.token_ids) for r in group for _ in samples], None,
                                   [list(r.token_ids) for r in group for _ in samples], notify)

@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ingest.config import RunConfig
+from ingest.generate import prompt_groups
 from ingest.models import LoadedModel
 from ingest.prepare import branchlens_version, prepare, require_prompts
 from ingest.zero_pe import add_zero_pe
@@ -106,26 +107,35 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
     prompt_bar = tqdm(total=len(cfg.prompts), initial=len(done), desc="prompts", unit="prompt",
                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
-    def write(prompt_id: int, records: list) -> tuple[int, int]:
-        t = time.perf_counter()
-        writer.write_prompt(run_id, prompt_id, cfg.prompts[prompt_id], len(prompt_ids[prompt_id]), records, layers)
-        seconds["write"] += time.perf_counter() - t
-        return prompt_id, len(records)
+    def write(prompt_ids_: list[int], trees: dict[int, list]) -> list[tuple[int, int]]:
+        """Write the prompts in order, one transaction each, stopping at the first that fails."""
+        out = []
+        for prompt_id in prompt_ids_:
+            t = time.perf_counter()
+            writer.write_prompt(run_id, prompt_id, cfg.prompts[prompt_id], len(prompt_ids[prompt_id]),
+                                trees[prompt_id], layers)
+            seconds["write"] += time.perf_counter() - t
+            out.append((prompt_id, len(trees[prompt_id])))
+        return out
 
-    def written(future: Future) -> None:
-        """Wait for a prompt's write (raising its error) and show it."""
-        prompt_id, n_branches = future.result()
-        prompt_bar.update()
-        prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
-        if not progress:
-            log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({n_branches} branches)")
+    def written(future: Future | None) -> None:
+        """Wait for a group's writes (raising the first error) and show them."""
+        if future is None:
+            return
+        for prompt_id, n_branches in future.result():
+            prompt_bar.update()
+            prompt_bar.set_postfix(tok_s=f"{builder.stats.generated_tokens / max(seconds['generate'], 1e-9):.1f}")
+            if not progress:
+                log(f"prompt {prompt_id + 1}/{len(cfg.prompts)} written ({n_branches} branches)")
 
-    # Prompts are built in groups that decode together; each prompt of a group is then written (its own
-    # transaction) by one background thread while the next group generates. On any error or interrupt
+    # Prompts decode together in the run's fixed groups (ingest.generate.prompt_groups); a group some of
+    # whose prompts are already written (a killed run) is decoded whole again, so every prompt is made
+    # with the same companions as in an uninterrupted run. A group's new prompts are then written, one
+    # transaction each, by a background thread while the next group generates. On any error or interrupt
     # the pool's exit still waits for the writes in flight, so a finished prompt is kept.
-    step = builder.prompts_per_group
-    groups = [todo[lo:lo + step] for lo in range(0, len(todo), step)]
-    pending: list[Future] = []
+    groups = [g for g in prompt_groups(list(range(len(cfg.prompts))), builder.prompts_per_group)
+              if any(p not in done for p in g)]
+    pending: Future | None = None
     with prompt_bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="branchlens-writer") as pool:
         for group in groups:
             what = f"prompt {group[0]}" if len(group) == 1 else f"{len(group)} prompts"
@@ -134,11 +144,9 @@ def _ingest(cfg: RunConfig, writer: StoreWriter, progress: bool, log: Callable[[
                 t1 = time.perf_counter()
                 trees = builder.build_group([(p, prompt_ids[p]) for p in group], on_branch=branch_bar.update)
                 seconds["generate"] += time.perf_counter() - t1
-            for future in pending:
-                written(future)
-            pending = [pool.submit(write, p, trees.pop(p)) for p in group]
-        for future in pending:
-            written(future)
+            written(pending)
+            pending = pool.submit(write, [p for p in group if p not in done], trees)
+        written(pending)
     if cfg.zero_pe:
         t3 = time.perf_counter()
         add_zero_pe(lm, cfg.store, run_id, layers, progress, log)

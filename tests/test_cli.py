@@ -145,7 +145,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(model_dirs, existing_store, 
     assert "7 per prompt" in out and "14 in all" in out  # root + 2 samples + 2x2 forks
     assert "at most 72 generated" in out  # 2 prompts x 6 non-root branches x 6 tokens
     assert "layers    0, 2" in out and "min to generate" in out
-    assert "2 rows took" in out and "4 rows took" in out  # the samples level and the fork level, timed
+    # both prompts decode together: their samples (2 x 2 rows), then their forks (2 x 4 rows), timed
+    assert "4 rows took" in out and "8 rows took" in out
     assert not fresh.exists()
     before = digest(existing_store)
     again = cli([*args, "--zero-pe", "--store", str(existing_store)], tmp_path)

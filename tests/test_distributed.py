@@ -42,7 +42,8 @@ def _reference(config: Path, tmp_path: Path) -> tuple[Path, str]:
 
 
 def test_sharded_run_equals_the_single_process_run_and_resumes(model_dirs, tmp_path):
-    config = _config(model_dirs, tmp_path, 9)
+    # batch_rows 4 with 2 samples: prompts decode in pairs, so each task of 2 holds one whole group
+    config = _config(model_dirs, tmp_path, 9, batch_rows=4)
     store = tmp_path / "dist.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress",
                "--workers", "2", "--prompts-per-task", "2"]
@@ -72,7 +73,7 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_run_completes(model_dirs, 
     single-process one with no row lost or doubled."""
     from ingest.tree import TreePlan
 
-    config = _config(model_dirs, tmp_path, 12, samples=3, depth=2, max_new_tokens=40)
+    config = _config(model_dirs, tmp_path, 12, samples=3, depth=2, max_new_tokens=40, batch_rows=3)  # 1 per group
     store = tmp_path / "dist.duckdb"
     marker = tmp_path / "fault-fired"
     fault = f"generate:{TreePlan(3, 2, 2).size + 2}"  # the 2nd branch of a worker's second task
@@ -101,7 +102,7 @@ def test_s3_sharded_run_on_two_workers_survives_a_kill_mid_upload(model_dirs, tm
     from store.inplace import open_shards
     from test_sql_cookbook import cookbook, personalize
 
-    config = _config(model_dirs, tmp_path, 9)
+    config = _config(model_dirs, tmp_path, 9, batch_rows=4)  # tasks of 2 = whole groups, as above
     store = tmp_path / "dist.duckdb"
     marker = tmp_path / "fault-fired"
     result = subprocess.run([PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress",

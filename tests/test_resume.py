@@ -76,8 +76,9 @@ def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dir
 
     prompts = [f"{p} {i}" for i in range(6) for p in ["The cat sat on", "Branches go apart where", "def f(x):"]]
     config = tmp_path / "run.toml"
+    # batch_rows 6 with 2 samples: prompts decode in fixed groups of 3 (0-2, 3-5, ...), each written alone
     config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=2,
-                                         max_new_tokens=24, layers=[0, 1, 2], device="cpu")))
+                                         max_new_tokens=24, layers=[0, 1, 2], device="cpu", batch_rows=6)))
     store = tmp_path / "killed.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
     branches_per_prompt = TreePlan(2, 2, 1).size
@@ -96,11 +97,13 @@ def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dir
 
     # 1. loading: the model is loaded, nothing is written yet.
     assert "fault: load 1" in killed_at("load:1") and committed() == 0 and not store.exists()
-    # 2. generating the 4th prompt: the first two are committed, the 3rd may be (its write runs alongside).
-    assert "fault: generate" in killed_at(f"generate:{3 * branches_per_prompt + 2}")
+    # 2. generating the 3rd group (prompts 6-8): the first group is committed, the second's three writes
+    # run alongside, so 0 to 3 of them may be.
+    assert "fault: generate" in killed_at(f"generate:{6 * branches_per_prompt + 2}")
     after_generate = committed()
-    assert 2 <= after_generate <= 3
-    # 3. inside the 2nd commit of a resumed process: exactly its first commit landed.
+    assert 3 <= after_generate <= 6
+    # 3. inside the 2nd commit of a resumed process (which decodes a part-written group whole again and
+    # writes only its missing prompts): exactly its first commit landed.
     stderr = killed_at("commit:2")
     assert "resuming run" in stderr and "fault: commit 2" in stderr
     assert committed() == after_generate + 1
