@@ -172,13 +172,35 @@ def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarra
     return out
 
 
+class WithinShuffler:
+    """Permutations of values within each group, the groups sorted once (a view shuffles the same branches
+    dozens of times). Each call is the draw `np.lexsort((rng.random(n), groups))` always made, found by
+    sorting the uniform keys (quicksort: they are distinct, checked) and then the group codes (a stable
+    radix sort when there are fewer than 2**16 groups), not by a two-key lexsort: the same permutation."""
+
+    def __init__(self, groups: np.ndarray):
+        groups = np.asarray(groups)
+        self.by_group = np.argsort(groups, kind="stable")  # (n,)
+        g_sorted = groups[self.by_group]
+        code = np.empty(len(groups), np.int64)  # dense group codes in the groups' order (n,)
+        code[self.by_group] = np.concatenate([[0], np.cumsum(g_sorted[1:] != g_sorted[:-1])]) if len(groups) else []
+        self.code = code.astype(np.uint16 if len(groups) == 0 or code.max() < 2**16 else np.int64)
+
+    def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """values (n,) permuted at random within each group."""
+        r = rng.random(len(self.code))
+        by_r = np.argsort(r)
+        if len(r) > 1 and (np.diff(r[by_r]) == 0).any():  # a tie (all but impossible): lexsort's order
+            by_r = np.argsort(r, kind="stable")
+        shuffled = by_r[np.argsort(self.code[by_r], kind="stable")]
+        out = np.empty_like(values)
+        out[self.by_group] = values[shuffled]
+        return out
+
+
 def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """values permuted at random within each group."""
-    by_group = np.argsort(groups, kind="stable")
-    shuffled = np.lexsort((rng.random(len(groups)), groups))
-    out = np.empty_like(values)
-    out[by_group] = values[shuffled]
-    return out
+    """values permuted at random within each group (WithinShuffler(groups) for many draws)."""
+    return WithinShuffler(groups)(values, rng)
 
 
 def knn_position_leak(
@@ -212,7 +234,8 @@ def knn_position_leak(
 
     groups = np.asarray(groups)
     observed_q = per_query(position)  # (q,)
-    shuffled_q = np.stack([per_query(shuffle_within(position, groups, rng)) for _ in range(n_shuffles)])  # (s, q)
+    shuffle = WithinShuffler(groups)
+    shuffled_q = np.stack([per_query(shuffle(position, rng)) for _ in range(n_shuffles)])  # (s, q)
     observed, shuffled = float(observed_q.mean()), shuffled_q.mean(axis=1)
     chance = float(shuffled.mean())
     out = {
