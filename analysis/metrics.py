@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis import neighbours
+from analysis.blas import one_thread
 from analysis.groups import BLOCK, blocks, code_sums64, onehot
 
 
@@ -74,30 +75,40 @@ def _between_ss(sums: np.ndarray, counts: np.ndarray, grand: np.ndarray) -> floa
 
 
 def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator, n_boot: int = 30,
-             dims: int = 64) -> dict[str, float]:
+             dims: int = 64, chunk: int = 10) -> dict[str, float]:
     """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), on a seeded random projection
-    to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap."""
+    to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap.
+
+    The projection Z is stored in position order, so the per-position weighted sums of `chunk` resamples
+    at once are one small matrix product per position; the resample weights are the draws always made."""
     n = len(X)
     R = rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims) if X.shape[1] > dims else None
-    Z = np.empty((n, dims if R is not None else X.shape[1]))  # (n, m) float64
+    order = np.argsort(pos_code, kind="stable")  # rows of position t: order[start[t]:start[t + 1]]
+    start = np.searchsorted(pos_code[order], np.arange(n_pos + 1))
+    Z = np.empty((n, dims if R is not None else X.shape[1]))  # (n, m) float64, rows in position order
     for rows in blocks(n):
-        xb = np.asarray(X[rows], np.float64)
+        xb = np.asarray(X[order[rows]], np.float64)
         Z[rows] = xb @ R if R is not None else xb
     # Centred once, so each resample's total sum of squares comes from row norms without cancellation
     # (R2 does not change when every row moves by the same vector).
     Z -= Z.mean(axis=0)
     sq = np.einsum("ij,ij->i", Z, Z)  # (n,)
     values = []
-    for _ in range(n_boot):
-        w = rng.multinomial(n, np.full(n, 1 / n)).astype(np.float64)  # (n,) resample counts
-        total = w.sum()
-        grand = (w @ Z) / total
-        sst = float(w @ sq) - total * float(grand @ grand)
-        cnt = np.bincount(pos_code, weights=w, minlength=n_pos)
-        sums = onehot(pos_code, n_pos, w) @ Z  # (T, m) weighted sums per position
-        ok = cnt > 0
-        ssb = float((cnt[ok] * ((sums[ok] / cnt[ok, None] - grand) ** 2).sum(axis=1)).sum())
-        values.append(ssb / sst if sst > 0 else 0.0)
+    for first in range(0, n_boot, chunk):
+        W = np.stack([rng.multinomial(n, np.full(n, 1 / n)) for _ in range(min(chunk, n_boot - first))])
+        W = W[:, order].astype(np.float64)  # (b, n) resample counts, position order
+        total = W.sum(axis=1)  # (b,)
+        grand = (W @ Z) / total[:, None]  # (b, m)
+        sst = W @ sq - total * (grand**2).sum(axis=1)  # (b,)
+        ssb = np.zeros(len(W))
+        with one_thread():  # (b, n_t) @ (n_t, m) per position: small products
+            for t in range(n_pos):
+                w_t, z_t = W[:, start[t]:start[t + 1]], Z[start[t]:start[t + 1]]
+                cnt = w_t.sum(axis=1)  # (b,)
+                ok = cnt > 0
+                sums = w_t[ok] @ z_t  # (b_ok, m) weighted sums at position t
+                ssb[ok] += cnt[ok] * ((sums / cnt[ok, None] - grand[ok]) ** 2).sum(axis=1)
+        values.extend(np.where(sst > 0, ssb / np.where(sst > 0, sst, 1), 0.0))
     return _band(np.asarray(values))
 
 
@@ -105,11 +116,15 @@ def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_c
                 g_code: np.ndarray, g_sums: np.ndarray) -> dict[str, float]:
     """Leave-one-group-out R2: predict each token by the mean of the other groups at its position, and
     compare with predicting it by the other groups' overall mean (so ~0 when position carries nothing
-    that generalizes across groups). Per-position and per-group sums come in; the (group, position)
-    sums are made a few whole groups at a time, so no (n, d) temporary exists."""
+    that generalizes across groups). Per-position and per-group sums come in. Every token of a (group,
+    position) cell has the same two predictions, so the squared errors come from the cell's sum and
+    sum of squares (about the grand mean, so nothing cancels): sum |x - m|^2 = S2 - 2 <S, m> + c |m|^2.
+    The cells' sums are made a few whole groups at a time, so no (n, d) temporary exists."""
     n = len(X)
     g_counts = np.bincount(g_code, minlength=len(g_sums))
     total = g_sums.sum(axis=0)
+    grand = total / n  # (d,)
+    pos_c = pos_sums - pos_counts[:, None] * grand  # (T, d) sums about the grand mean
     order = np.argsort(g_code, kind="stable")
     starts = np.searchsorted(g_code[order], np.arange(len(g_sums) + 1))  # rows of group g: order[starts[g]:starts[g+1]]
     sse_pos = sse_all = 0.0
@@ -119,19 +134,22 @@ def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_c
         h = max(g + 1, int(np.searchsorted(starts, starts[g] + BLOCK, "right")) - 1)  # whole groups, ~BLOCK rows
         rows = order[starts[g]:starts[h]]
         xb = np.asarray(X[rows], np.float64)  # (b, d)
+        xb -= grand
         pair = g_code[rows] * len(pos_counts) + pos_code[rows]
-        keys, pair_inv, pair_counts = np.unique(pair, return_inverse=True, return_counts=True)
-        pair_inv = pair_inv.ravel()
-        pair_sums = onehot(pair_inv, len(keys)) @ xb  # (P, d) sums per (group, position) in the chunk
-        p, gr = pos_code[rows], g_code[rows]
-        other_counts = pos_counts[p] - pair_counts[pair_inv]
-        ok = (other_counts > 0) & (g_counts[gr] < n)
+        keys, pair_inv, c = np.unique(pair, return_inverse=True, return_counts=True)
+        to_cell = onehot(pair_inv.ravel(), len(keys))
+        S = to_cell @ xb  # (P, d) sums about the grand mean per (group, position) cell
+        S2 = to_cell @ np.einsum("ij,ij->i", xb, xb)  # (P,) sums of squares
+        gr, p = keys // len(pos_counts), keys % len(pos_counts)
+        other = pos_counts[p] - c
+        ok = (other > 0) & (g_counts[gr] < n)
         if ok.any():
-            mu_pos = (pos_sums[p[ok]] - pair_sums[pair_inv[ok]]) / other_counts[ok, None]
-            mu_all = (total - g_sums[gr[ok]]) / (n - g_counts[gr[ok]])[:, None]
-            sse_pos += float(((xb[ok] - mu_pos) ** 2).sum())
-            sse_all += float(((xb[ok] - mu_all) ** 2).sum())
-            n_ok += int(ok.sum())
+            S, S2, c, gr, p = S[ok], S2[ok], c[ok], gr[ok], p[ok]
+            u = (pos_c[p] - S) / other[ok, None]  # (P, d) other groups' mean at t, minus the grand mean
+            v = (total - g_sums[gr]) / (n - g_counts[gr])[:, None] - grand  # other groups' mean, minus it
+            sse_pos += float((S2 - 2 * (S * u).sum(axis=1) + c * (u**2).sum(axis=1)).sum())
+            sse_all += float((S2 - 2 * (S * v).sum(axis=1) + c * (v**2).sum(axis=1)).sum())
+            n_ok += int(c.sum())
         g = h
     if n_ok == 0:
         return {"heldout": float("nan"), "heldout_coverage": 0.0}
