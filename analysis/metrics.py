@@ -325,28 +325,52 @@ MATCHED_DEPTH = 10
 def _matched_neighbours(X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None,
                         seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(asking tokens (q,), their k nearest tokens within |t_j - t_i| <= window, self excluded (q, k), -1
-    pads): every token asks, or `sample` of them drawn with `seed`. Exact."""
+    pads): every token asks, or `sample` of them drawn with `seed`. Exact.
+
+    Positions are walked in order and each position's rows (and squared norms) are gathered once, kept
+    while a window still needs them, instead of gathering every window's 2 * window + 1 positions anew."""
     asks = np.zeros(len(X), bool)
     asks[_sample(len(X), sample, np.random.default_rng(seed))] = True
     order = np.argsort(position, kind="stable")
     sorted_pos = position[order]
+    ts, first = np.unique(sorted_pos, return_index=True)  # positions present, their first row in `order`
+    bounds = np.append(first, len(order))
     out_q, out_n = [], []
+    with one_thread():  # products of a few asking rows with a window's rows: small
+        _matched_walk(X, position, asks, window, k, order, ts, bounds, out_q, out_n)
+    return np.concatenate(out_q), np.concatenate(out_n)
+
+
+def _matched_walk(X: np.ndarray, position: np.ndarray, asks: np.ndarray, window: int, k: int, order: np.ndarray,
+                  ts: np.ndarray, bounds: np.ndarray, out_q: list, out_n: list) -> None:
+    """_matched_neighbours' walk over the asked positions; appends each position's (asks, neighbours)."""
+    held: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # position index -> (rows, X[rows], |x|^2)
     for t in np.unique(position[asks]):
-        q = order[np.searchsorted(sorted_pos, t, "left"):np.searchsorted(sorted_pos, t, "right")]
+        lo, hi = np.searchsorted(ts, t - window, "left"), np.searchsorted(ts, t + window, "right")
+        for j in [j for j in held if j < lo]:
+            del held[j]
+        for j in range(lo, hi):
+            if j not in held:
+                rows = order[bounds[j]:bounds[j + 1]]
+                Xj = X[rows]
+                held[j] = (rows, Xj, (Xj * Xj).sum(axis=1))
+        at = np.searchsorted(ts, t)
+        q = order[bounds[at]:bounds[at + 1]]
         q = q[asks[q]]
-        c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
+        c = np.concatenate([held[j][0] for j in range(lo, hi)])  # candidates, in position order
         nn = np.full((len(q), k), -1, np.int64)
         kk = min(k, len(c) - 1)
         if kk >= 1:
-            Xc = X[c]
-            d2 = (X[q] * X[q]).sum(axis=1)[:, None] - 2 * (X[q] @ Xc.T) + (Xc * Xc).sum(axis=1)[None, :]  # (q, c)
+            Xq = X[q]
+            dots = np.concatenate([Xq @ held[j][1].T for j in range(lo, hi)], axis=1)  # (q, c)
+            sq_c = np.concatenate([held[j][2] for j in range(lo, hi)])
+            d2 = (Xq * Xq).sum(axis=1)[:, None] - 2 * dots + sq_c[None, :]  # (q, c)
             d2[q[:, None] == c[None, :]] = np.inf
             part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
             part = np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, axis=1), axis=1), axis=1)
             nn[:, :kk] = c[part]
         out_q.append(q)
         out_n.append(nn)
-    return np.concatenate(out_q), np.concatenate(out_n)
 
 
 def _window_label_share(position: np.ndarray, labels: np.ndarray, asks: np.ndarray, window: int) -> np.ndarray:
