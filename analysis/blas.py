@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from functools import lru_cache
-
-
-@lru_cache(maxsize=1)
-def _controller():
-    from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
-
-    return ThreadpoolController()
 
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """BLAS (OpenBLAS, MKL, ...) limited to one thread inside the block, restored after."""
-    with _controller().limit(limits=1, user_api="blas"):
+    """BLAS (OpenBLAS, MKL, ...) limited to one thread inside the block, restored after. The libraries
+    are looked up on every call (a few ms), so one loaded later (scipy's own OpenBLAS) is limited too."""
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
