@@ -18,6 +18,8 @@ import weakref
 
 import numpy as np
 
+from analysis.blas import one_thread
+
 EXACT_GRAPH_MAX = 4096  # up to this many base points: brute force (umap-learn's own small-data cut-off)
 EXACT_QUERY_MAX = 20_000  # metrics: sampled queries search all points exactly up to this many points
 CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH = 12, 48, 48  # recall@15 >= 0.99 on PCA-50 synthetic trees
@@ -114,7 +116,8 @@ def pca_fit(X: np.ndarray, n_components: int, max_rows: int = 50_000, seed: int 
     mean = X.mean(axis=0, dtype=np.float64)
     # Covariance without a centred copy of X: X^T X - n mean mean^T.
     cov = (X.T @ X).astype(np.float64) - len(X) * np.outer(mean, mean)
-    _, vecs = np.linalg.eigh(cov)
+    with one_thread():  # a d x d problem: 0.09 s on one thread, 0.25 s to 4 s on two (shared 2-core machine)
+        _, vecs = np.linalg.eigh(cov)
     comps = vecs[:, ::-1][:, :k].astype(np.float32)
     comps *= np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(k)])
     return mean.astype(np.float32), comps
