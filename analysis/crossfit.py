@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from analysis.groups import blocks, group_sums, onehot
-from analysis.metrics import shuffle_within
+from analysis.metrics import WithinShuffler
 from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
                                   branch_offsets, make_residualizer)
 from analysis.tokens import TokenSet
@@ -337,23 +337,30 @@ def _centered(Z: np.ndarray, branch: np.ndarray) -> np.ndarray:
     return (Z - (sums / counts[:, None])[inverse.ravel()]).astype(np.float32)
 
 
-def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds: int) -> float:
+def _fold_sq(Zc: np.ndarray, fold: np.ndarray, n_folds: int) -> np.ndarray:
+    """(F,) sum of |z|^2 over each fold's rows (float64)."""
+    return np.bincount(fold, weights=(Zc.astype(np.float64) ** 2).sum(axis=1), minlength=n_folds)
+
+
+def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds: int,
+                  sq: np.ndarray | None = None, n_labels: int | None = None) -> float:
     """Out-of-fold R2 of per-label means: each token predicted by the mean of its label (position or
     token id) over the other folds, against the other folds' overall mean. From per-(fold, label) sums
-    only: sum over a cell of |z - m|^2 = sum |z|^2 - 2 <S, m> + n |m|^2."""
-    _, lab = np.unique(labels, return_inverse=True)
-    lab = lab.ravel()
-    n_lab = int(lab.max()) + 1
+    only: sum over a cell of |z - m|^2 = sum |z|^2 - 2 <S, m> + n |m|^2. labels: any values, or with
+    n_labels codes 0..n_labels-1 (each present); sq: _fold_sq(Zc, fold, n_folds), which permutations of the
+    labels share."""
+    if n_labels is None:
+        _, lab = np.unique(labels, return_inverse=True)
+        lab, n_lab = lab.ravel(), int(lab.max()) + 1
+    else:
+        lab, n_lab = np.asarray(labels), n_labels
     cell = fold * n_lab + lab
-    _, S, n = group_sums(Zc, cell)  # (C, m) sums and counts of the non-empty cells
-    keys = np.unique(cell)
-    S_full = np.zeros((n_folds * n_lab, Zc.shape[1]))
-    n_full = np.zeros(n_folds * n_lab)
-    S_full[keys], n_full[keys] = S, n
+    # (F * L, m) per-cell sums (empty cells 0), Zc's dtype in the product as group_sums has it
+    S_full = np.asarray(onehot(cell, n_folds * n_lab, dtype=Zc.dtype) @ Zc, dtype=np.float64)
+    n_full = np.bincount(cell, minlength=n_folds * n_lab).astype(np.float64)
     S_full = S_full.reshape(n_folds, n_lab, -1)  # (F, L, m)
     n_full = n_full.reshape(n_folds, n_lab)
-    sq = np.zeros(n_folds)
-    np.add.at(sq, fold, (Zc.astype(np.float64) ** 2).sum(axis=1))
+    sq = _fold_sq(Zc, fold, n_folds) if sq is None else sq
     S_lab, n_lab_tot = S_full.sum(axis=0), n_full.sum(axis=0)  # (L, m), (L,)
     S_fold, n_fold = S_full.sum(axis=1), n_full.sum(axis=1)  # (F, m), (F,)
     sse_m = sse_0 = 0.0
@@ -387,12 +394,13 @@ def _detect(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: Residu
     n_folds = int(fold.max()) + 1
     cov = covariates(ref)
     rng = np.random.default_rng(seed + 1)
+    shuffle, sq = WithinShuffler(ref.branch), _fold_sq(Zc, fold, n_folds)
     tests = {}
     for name in cls.covariates:
-        labels = np.asarray(cov[name])
-        r2 = _oof_group_r2(Zc, labels, fold, n_folds)
-        null = np.array([_oof_group_r2(Zc, shuffle_within(labels, ref.branch, rng), fold, n_folds)
-                         for _ in range(spec.n_perm)])
+        uniq, codes = np.unique(np.asarray(cov[name]), return_inverse=True)  # a shuffle of codes = of labels
+        codes, L = codes.ravel(), len(uniq)
+        r2 = _oof_group_r2(Zc, codes, fold, n_folds, sq, L)
+        null = np.array([_oof_group_r2(Zc, shuffle(codes, rng), fold, n_folds, sq, L) for _ in range(spec.n_perm)])
         tests[name] = (float((1 + (null >= r2).sum()) / (1 + len(null))), r2, null)
     report.detected_covariates = [n for n, (p, r2, _) in tests.items() if p <= spec.alpha and r2 > 0]
     p, r2, null = min(tests.values(), key=lambda t: t[0])

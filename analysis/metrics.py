@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis import neighbours
+from analysis.blas import one_thread
 from analysis.groups import BLOCK, blocks, code_sums64, onehot
 
 
@@ -63,7 +64,8 @@ def r2_pos(
     }
     out.update(_heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1]) if groups is not None else
                {"heldout": float("nan"), "heldout_coverage": 0.0})
-    out.update(_r2_band(X, pos_code, n_pos, rng))
+    with one_thread():  # blocks of <= BLOCK rows and products per position: faster on one BLAS thread
+        out.update(_r2_band(X, pos_code, n_pos, rng))
     return out
 
 
@@ -74,11 +76,16 @@ def _between_ss(sums: np.ndarray, counts: np.ndarray, grand: np.ndarray) -> floa
 
 
 def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator, n_boot: int = 30,
-             dims: int = 64) -> dict[str, float]:
+             dims: int = 64, chunk: int = 10) -> dict[str, float]:
     """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), on a seeded random projection
-    to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap."""
+    to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap.
+
+    The per-position weighted sums of `chunk` resamples at once are one small product per position (its
+    rows of Z gathered, (n_t, m)); the resample weights are the draws always made."""
     n = len(X)
     R = rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims) if X.shape[1] > dims else None
+    order = np.argsort(pos_code, kind="stable")  # rows of position t: order[start[t]:start[t + 1]]
+    start = np.searchsorted(pos_code[order], np.arange(n_pos + 1))
     Z = np.empty((n, dims if R is not None else X.shape[1]))  # (n, m) float64
     for rows in blocks(n):
         xb = np.asarray(X[rows], np.float64)
@@ -88,16 +95,21 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     Z -= Z.mean(axis=0)
     sq = np.einsum("ij,ij->i", Z, Z)  # (n,)
     values = []
-    for _ in range(n_boot):
-        w = rng.multinomial(n, np.full(n, 1 / n)).astype(np.float64)  # (n,) resample counts
-        total = w.sum()
-        grand = (w @ Z) / total
-        sst = float(w @ sq) - total * float(grand @ grand)
-        cnt = np.bincount(pos_code, weights=w, minlength=n_pos)
-        sums = onehot(pos_code, n_pos, w) @ Z  # (T, m) weighted sums per position
-        ok = cnt > 0
-        ssb = float((cnt[ok] * ((sums[ok] / cnt[ok, None] - grand) ** 2).sum(axis=1)).sum())
-        values.append(ssb / sst if sst > 0 else 0.0)
+    for first in range(0, n_boot, chunk):
+        W = np.stack([rng.multinomial(n, np.full(n, 1 / n)) for _ in range(min(chunk, n_boot - first))])
+        W = W.astype(np.float64)  # (b, n) resample counts
+        total = W.sum(axis=1)  # (b,)
+        grand = (W @ Z) / total[:, None]  # (b, m)
+        sst = W @ sq - total * (grand**2).sum(axis=1)  # (b,)
+        ssb = np.zeros(len(W))
+        for t in range(n_pos):  # (b, n_t) @ (n_t, m) per position: small products
+            rows = order[start[t]:start[t + 1]]
+            w_t, z_t = W[:, rows], Z[rows]
+            cnt = w_t.sum(axis=1)  # (b,)
+            ok = cnt > 0
+            sums = w_t[ok] @ z_t  # (b_ok, m) weighted sums at position t
+            ssb[ok] += cnt[ok] * ((sums / cnt[ok, None] - grand[ok]) ** 2).sum(axis=1)
+        values.extend(np.where(sst > 0, ssb / np.where(sst > 0, sst, 1), 0.0))
     return _band(np.asarray(values))
 
 
@@ -105,11 +117,15 @@ def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_c
                 g_code: np.ndarray, g_sums: np.ndarray) -> dict[str, float]:
     """Leave-one-group-out R2: predict each token by the mean of the other groups at its position, and
     compare with predicting it by the other groups' overall mean (so ~0 when position carries nothing
-    that generalizes across groups). Per-position and per-group sums come in; the (group, position)
-    sums are made a few whole groups at a time, so no (n, d) temporary exists."""
+    that generalizes across groups). Per-position and per-group sums come in. Every token of a (group,
+    position) cell has the same two predictions, so the squared errors come from the cell's sum and
+    sum of squares (about the grand mean, so nothing cancels): sum |x - m|^2 = S2 - 2 <S, m> + c |m|^2.
+    The cells' sums are made a few whole groups at a time, so no (n, d) temporary exists."""
     n = len(X)
     g_counts = np.bincount(g_code, minlength=len(g_sums))
     total = g_sums.sum(axis=0)
+    grand = total / n  # (d,)
+    pos_c = pos_sums - pos_counts[:, None] * grand  # (T, d) sums about the grand mean
     order = np.argsort(g_code, kind="stable")
     starts = np.searchsorted(g_code[order], np.arange(len(g_sums) + 1))  # rows of group g: order[starts[g]:starts[g+1]]
     sse_pos = sse_all = 0.0
@@ -119,19 +135,22 @@ def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_c
         h = max(g + 1, int(np.searchsorted(starts, starts[g] + BLOCK, "right")) - 1)  # whole groups, ~BLOCK rows
         rows = order[starts[g]:starts[h]]
         xb = np.asarray(X[rows], np.float64)  # (b, d)
+        xb -= grand
         pair = g_code[rows] * len(pos_counts) + pos_code[rows]
-        keys, pair_inv, pair_counts = np.unique(pair, return_inverse=True, return_counts=True)
-        pair_inv = pair_inv.ravel()
-        pair_sums = onehot(pair_inv, len(keys)) @ xb  # (P, d) sums per (group, position) in the chunk
-        p, gr = pos_code[rows], g_code[rows]
-        other_counts = pos_counts[p] - pair_counts[pair_inv]
-        ok = (other_counts > 0) & (g_counts[gr] < n)
+        keys, pair_inv, c = np.unique(pair, return_inverse=True, return_counts=True)
+        to_cell = onehot(pair_inv.ravel(), len(keys))
+        S = to_cell @ xb  # (P, d) sums about the grand mean per (group, position) cell
+        S2 = to_cell @ np.einsum("ij,ij->i", xb, xb)  # (P,) sums of squares
+        gr, p = keys // len(pos_counts), keys % len(pos_counts)
+        other = pos_counts[p] - c
+        ok = (other > 0) & (g_counts[gr] < n)
         if ok.any():
-            mu_pos = (pos_sums[p[ok]] - pair_sums[pair_inv[ok]]) / other_counts[ok, None]
-            mu_all = (total - g_sums[gr[ok]]) / (n - g_counts[gr[ok]])[:, None]
-            sse_pos += float(((xb[ok] - mu_pos) ** 2).sum())
-            sse_all += float(((xb[ok] - mu_all) ** 2).sum())
-            n_ok += int(ok.sum())
+            S, S2, c, gr, p = S[ok], S2[ok], c[ok], gr[ok], p[ok]
+            u = (pos_c[p] - S) / other[ok, None]  # (P, d) other groups' mean at t, minus the grand mean
+            v = (total - g_sums[gr]) / (n - g_counts[gr])[:, None] - grand  # other groups' mean, minus it
+            sse_pos += float((S2 - 2 * (S * u).sum(axis=1) + c * (u**2).sum(axis=1)).sum())
+            sse_all += float((S2 - 2 * (S * v).sum(axis=1) + c * (v**2).sum(axis=1)).sum())
+            n_ok += int(c.sum())
         g = h
     if n_ok == 0:
         return {"heldout": float("nan"), "heldout_coverage": 0.0}
@@ -172,13 +191,35 @@ def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarra
     return out
 
 
+class WithinShuffler:
+    """Permutations of values within each group, the groups sorted once (a view shuffles the same branches
+    dozens of times). Each call is the draw `np.lexsort((rng.random(n), groups))` always made, found by
+    sorting the uniform keys (quicksort: they are distinct, checked) and then the group codes (a stable
+    radix sort when there are fewer than 2**16 groups), not by a two-key lexsort: the same permutation."""
+
+    def __init__(self, groups: np.ndarray):
+        groups = np.asarray(groups)
+        self.by_group = np.argsort(groups, kind="stable")  # (n,)
+        g_sorted = groups[self.by_group]
+        code = np.empty(len(groups), np.int64)  # dense group codes in the groups' order (n,)
+        code[self.by_group] = np.concatenate([[0], np.cumsum(g_sorted[1:] != g_sorted[:-1])]) if len(groups) else []
+        self.code = code.astype(np.uint16 if len(groups) == 0 or code.max() < 2**16 else np.int64)
+
+    def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """values (n,) permuted at random within each group."""
+        r = rng.random(len(self.code))
+        by_r = np.argsort(r)
+        if len(r) > 1 and (np.diff(r[by_r]) == 0).any():  # a tie (all but impossible): lexsort's order
+            by_r = np.argsort(r, kind="stable")
+        shuffled = by_r[np.argsort(self.code[by_r], kind="stable")]
+        out = np.empty_like(values)
+        out[self.by_group] = values[shuffled]
+        return out
+
+
 def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """values permuted at random within each group."""
-    by_group = np.argsort(groups, kind="stable")
-    shuffled = np.lexsort((rng.random(len(groups)), groups))
-    out = np.empty_like(values)
-    out[by_group] = values[shuffled]
-    return out
+    """values permuted at random within each group (WithinShuffler(groups) for many draws)."""
+    return WithinShuffler(groups)(values, rng)
 
 
 def knn_position_leak(
@@ -212,7 +253,8 @@ def knn_position_leak(
 
     groups = np.asarray(groups)
     observed_q = per_query(position)  # (q,)
-    shuffled_q = np.stack([per_query(shuffle_within(position, groups, rng)) for _ in range(n_shuffles)])  # (s, q)
+    shuffle = WithinShuffler(groups)
+    shuffled_q = np.stack([per_query(shuffle(position, rng)) for _ in range(n_shuffles)])  # (s, q)
     observed, shuffled = float(observed_q.mean()), shuffled_q.mean(axis=1)
     chance = float(shuffled.mean())
     out = {
@@ -284,28 +326,52 @@ MATCHED_DEPTH = 10
 def _matched_neighbours(X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None,
                         seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(asking tokens (q,), their k nearest tokens within |t_j - t_i| <= window, self excluded (q, k), -1
-    pads): every token asks, or `sample` of them drawn with `seed`. Exact."""
+    pads): every token asks, or `sample` of them drawn with `seed`. Exact.
+
+    Positions are walked in order and each position's rows (and squared norms) are gathered once, kept
+    while a window still needs them, instead of gathering every window's 2 * window + 1 positions anew."""
     asks = np.zeros(len(X), bool)
     asks[_sample(len(X), sample, np.random.default_rng(seed))] = True
     order = np.argsort(position, kind="stable")
     sorted_pos = position[order]
+    ts, first = np.unique(sorted_pos, return_index=True)  # positions present, their first row in `order`
+    bounds = np.append(first, len(order))
     out_q, out_n = [], []
+    with one_thread():  # products of a few asking rows with a window's rows: small
+        _matched_walk(X, position, asks, window, k, order, ts, bounds, out_q, out_n)
+    return np.concatenate(out_q), np.concatenate(out_n)
+
+
+def _matched_walk(X: np.ndarray, position: np.ndarray, asks: np.ndarray, window: int, k: int, order: np.ndarray,
+                  ts: np.ndarray, bounds: np.ndarray, out_q: list, out_n: list) -> None:
+    """_matched_neighbours' walk over the asked positions; appends each position's (asks, neighbours)."""
+    held: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # position index -> (rows, X[rows], |x|^2)
     for t in np.unique(position[asks]):
-        q = order[np.searchsorted(sorted_pos, t, "left"):np.searchsorted(sorted_pos, t, "right")]
+        lo, hi = np.searchsorted(ts, t - window, "left"), np.searchsorted(ts, t + window, "right")
+        for j in [j for j in held if j < lo]:
+            del held[j]
+        for j in range(lo, hi):
+            if j not in held:
+                rows = order[bounds[j]:bounds[j + 1]]
+                Xj = X[rows]
+                held[j] = (rows, Xj, (Xj * Xj).sum(axis=1))
+        at = np.searchsorted(ts, t)
+        q = order[bounds[at]:bounds[at + 1]]
         q = q[asks[q]]
-        c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
+        c = np.concatenate([held[j][0] for j in range(lo, hi)])  # candidates, in position order
         nn = np.full((len(q), k), -1, np.int64)
         kk = min(k, len(c) - 1)
         if kk >= 1:
-            Xc = X[c]
-            d2 = (X[q] * X[q]).sum(axis=1)[:, None] - 2 * (X[q] @ Xc.T) + (Xc * Xc).sum(axis=1)[None, :]  # (q, c)
+            Xq = X[q]
+            dots = np.concatenate([Xq @ held[j][1].T for j in range(lo, hi)], axis=1)  # (q, c)
+            sq_c = np.concatenate([held[j][2] for j in range(lo, hi)])
+            d2 = (Xq * Xq).sum(axis=1)[:, None] - 2 * dots + sq_c[None, :]  # (q, c)
             d2[q[:, None] == c[None, :]] = np.inf
             part = np.argpartition(d2, kk - 1, axis=1)[:, :kk]
             part = np.take_along_axis(part, np.argsort(np.take_along_axis(d2, part, axis=1), axis=1), axis=1)
             nn[:, :kk] = c[part]
         out_q.append(q)
         out_n.append(nn)
-    return np.concatenate(out_q), np.concatenate(out_n)
 
 
 def _window_label_share(position: np.ndarray, labels: np.ndarray, asks: np.ndarray, window: int) -> np.ndarray:

@@ -18,6 +18,8 @@ import weakref
 
 import numpy as np
 
+from analysis.blas import one_thread
+
 EXACT_GRAPH_MAX = 4096  # up to this many base points: brute force (umap-learn's own small-data cut-off)
 EXACT_QUERY_MAX = 20_000  # metrics: sampled queries search all points exactly up to this many points
 CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH = 12, 48, 48  # recall@15 >= 0.99 on PCA-50 synthetic trees
@@ -114,7 +116,8 @@ def pca_fit(X: np.ndarray, n_components: int, max_rows: int = 50_000, seed: int 
     mean = X.mean(axis=0, dtype=np.float64)
     # Covariance without a centred copy of X: X^T X - n mean mean^T.
     cov = (X.T @ X).astype(np.float64) - len(X) * np.outer(mean, mean)
-    _, vecs = np.linalg.eigh(cov)
+    with one_thread():  # a d x d problem: 0.09 s on one thread, 0.25 s to 4 s on two (shared 2-core machine)
+        _, vecs = np.linalg.eigh(cov)
     comps = vecs[:, ::-1][:, :k].astype(np.float32)
     comps *= np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(k)])
     return mean.astype(np.float32), comps
@@ -129,9 +132,11 @@ class Cells:
     re-ranked with exact distances in the full space.
     """
 
-    def __init__(self, X: np.ndarray, seed: int = 0, cell_size: int = CELL_SIZE, dims: int = REDUCED_DIMS):
+    def __init__(self, X: np.ndarray, seed: int = 0, cell_size: int = CELL_SIZE, dims: int = REDUCED_DIMS,
+                 fit: tuple[np.ndarray, np.ndarray] | None = None):
+        """fit: pca_fit(X, dims, seed=seed) when the caller has it already (share_pca)."""
         n = len(X)
-        mean, comps = pca_fit(X, dims, seed=seed)
+        mean, comps = pca_fit(X, dims, seed=seed) if fit is None else (fit[0], fit[1][:, :dims])
         self.Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
         for s in range(0, n, 65536):
             self.Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
@@ -163,9 +168,17 @@ def memo(X: np.ndarray, key: tuple, build):
     return hit[1][key]
 
 
+def share_pca(X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], seed: int = 0) -> None:
+    """Give the Cells of X (if they are ever built) a PCA fit made elsewhere: it must be pca_fit(X, m,
+    seed=seed) for some m >= REDUCED_DIMS (a view's projection fits the same one: analysis.view)."""
+    memo(X, ("pca", seed), lambda: fit)
+
+
 def cells_for(X: np.ndarray, seed: int = 0) -> Cells:
-    """The Cells of X, built once per array (see memo)."""
-    return memo(X, ("cells", seed), lambda: Cells(X, seed))
+    """The Cells of X, built once per array (see memo), on the PCA fit given by share_pca if any."""
+    hit = _memo.get(id(X))
+    fit = hit[1].get(("pca", seed)) if hit is not None and hit[0]() is X else None
+    return memo(X, ("cells", seed), lambda: Cells(X, seed, fit=fit))
 
 
 def search(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis.metrics import knn_other_groups, shuffle_within
+from analysis.metrics import WithinShuffler, knn_other_groups
 
 if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
     from scipy import sparse
@@ -143,7 +143,8 @@ def position_probe(
                                     "pos_var_share_chance", "pos_var_share_chance_sd"), nan) | {
             "alphas": [], "note": "one group: nothing to hold out (pass branches as groups)"}
     fold = _assign_folds(groups, n_folds, rng)
-    Y = np.column_stack([y] + [shuffle_within(y, groups, rng) for _ in range(n_permutations)])  # (n, 1 + P)
+    shuffle = WithinShuffler(groups)
+    Y = np.column_stack([y] + [shuffle(y, rng) for _ in range(n_permutations)])  # (n, 1 + P)
     Xc = _centred32(X)  # centred once: little cancellation in G - n m m^T
     parts = _fold_stats(Xc, Y, fold, n_folds)
     total = tuple(sum(p[i] for p in parts) for i in range(6))
@@ -317,8 +318,8 @@ def pc_position_share(
     null = stats.beta((T - 1) / 2, (n - T) / 2) if 1 < T < n else None
     within = None
     if groups is not None and n_shuffles > 0:
-        groups = np.asarray(groups)
-        within = np.concatenate([_between_share(scores, _onehot(shuffle_within(position, groups, rng)), ones)
+        shuffle = WithinShuffler(groups)
+        within = np.concatenate([_between_share(scores, _onehot(shuffle(position, rng)), ones)
                                  for _ in range(n_shuffles)])  # (S, k)
     out = []
     for j in range(k):

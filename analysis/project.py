@@ -78,8 +78,10 @@ def pca_reduce(X: np.ndarray, n_components: int, seed: int | None = 0) -> np.nda
     return PCA(k, svd_solver="randomized", random_state=seed).fit_transform(X).astype(np.float32)
 
 
-def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
-    """Coordinates (n, n_components) of the rows of X."""
+def project(X: np.ndarray, spec: ProjectionSpec | None = None,
+            pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Coordinates (n, n_components) of the rows of X. pca: unit_pca_fit(X, m, spec) for some m >=
+    spec.pca_dims, when the caller has it (UMAP's pre-reduction then uses its first pca_dims axes)."""
     spec = spec or ProjectionSpec()
     X = np.asarray(X, dtype=np.float32)
     n = len(X)
@@ -92,7 +94,7 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None) -> np.ndarray:
     if _total_variance(X) <= 1e-12 * max(sum(float(np.einsum("ij,ij->", X[r], X[r], dtype=np.float64))
                                              for r in blocks(n)) / X.size, 1e-30):
         raise ValueError(f"nothing to project: all {n} vectors are the same (too few tokens per position?)")
-    coords = _umap(X, spec)
+    coords = _umap(X, spec, pca)
     if not np.isfinite(coords).all():
         raise ValueError("UMAP produced non-finite coordinates (degenerate input); try PCA or more tokens")
     return coords
@@ -104,32 +106,51 @@ def _total_variance(X: np.ndarray) -> float:
     return sum(float(((np.asarray(X[r], np.float64) - mean) ** 2).sum()) for r in blocks(len(X))) / len(X)
 
 
-def _umap(X: np.ndarray, spec: ProjectionSpec) -> np.ndarray:
-    Y = _prepared(X, spec)
+def _umap(X: np.ndarray, spec: ProjectionSpec, pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    Y = _prepared(X, spec, pca=pca)
     if len(Y) <= LANDMARK_ABOVE:
         return umap_layout(Y, spec)
     return landmark_layout(Y, spec)
 
 
-def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536) -> np.ndarray:
+PCA_SAMPLE = 50_000  # rows UMAP's pre-reduction is fitted on (a seeded sample when there are more)
+
+
+def unit_pca_fit(X: np.ndarray, n_components: int, spec: ProjectionSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """The PCA fit (mean (d,), components (d, k)) of UMAP's pre-reduction of X (n, d), with n_components
+    axes: of the rows' unit vectors with a cosine metric, on a seeded sample of PCA_SAMPLE rows when there
+    are more. None where the pre-reduction is no covariance PCA (pca_dims off, or sklearn's for d > 4096
+    or n <= d). Its first k axes are the fit with k axes (pca_fit sorts and signs each axis alone)."""
+    if not 0 < spec.pca_dims < X.shape[1] or not (X.shape[1] < len(X) and X.shape[1] <= 4096):
+        return None
+    rows = X
+    if len(X) > max(PCA_SAMPLE, X.shape[1]):
+        rows = X[np.sort(np.random.default_rng(spec.seed or 0).choice(len(X), PCA_SAMPLE, replace=False))]
+    if spec.metric == "cosine":
+        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return pca_fit(rows, n_components, seed=spec.seed or 0)
+
+
+def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536,
+              pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """What UMAP lays out: X (n, d) as unit vectors when the metric is cosine (cosine neighbours = Euclidean
-    neighbours of unit vectors), reduced to pca_dims by PCA. Above 50k rows the unit vectors are made one
-    block at a time, never all at once (a 1M x 640 copy is 2.6 GB). Returns (n, min(pca_dims, d) or d)."""
+    neighbours of unit vectors), reduced to pca_dims by PCA (unit_pca_fit, or `pca` when given). The unit
+    vectors are made one block at a time, never all at once (a 1M x 640 copy is 2.6 GB). Returns
+    (n, min(pca_dims, d) or d)."""
     unit = spec.metric == "cosine"
-    if not 0 < spec.pca_dims < X.shape[1] or len(X) <= max(50_000, X.shape[1]):
+    fit = unit_pca_fit(X, spec.pca_dims, spec) if pca is None else pca
+    if fit is None:
         if unit:
             X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
         return pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
-
-    def rows(s: int, e: int) -> np.ndarray:
-        return X[s:e] / np.maximum(np.linalg.norm(X[s:e], axis=1, keepdims=True), 1e-12) if unit else X[s:e]
-
-    sample = np.sort(np.random.default_rng(spec.seed or 0).choice(len(X), 50_000, replace=False))
-    fit = X[sample] / np.maximum(np.linalg.norm(X[sample], axis=1, keepdims=True), 1e-12) if unit else X[sample]
-    mean, comps = pca_fit(fit, spec.pca_dims, seed=spec.seed or 0)
+    mean, comps = fit[0], fit[1][:, :spec.pca_dims]
+    shift = mean @ comps
     Y = np.empty((len(X), comps.shape[1]), np.float32)
     for s in range(0, len(X), block):
-        Y[s:s + block] = rows(s, s + block) @ comps - mean @ comps
+        rows = X[s:s + block]
+        if unit:
+            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        Y[s:s + block] = rows @ comps - shift
     return Y
 
 

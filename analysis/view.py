@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from analysis import neighbours
 from analysis import probe as P
 from analysis.measures import MEASURES, Context
-from analysis.project import ProjectionSpec, project
+from analysis.project import ProjectionSpec, project, unit_pca_fit
 from analysis.crossfit import RemovalReport, fit_remove
 from analysis.groups import blocks
 from analysis.residualize import ResidualSpec
@@ -108,11 +109,12 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     timings["residualize"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    coords = project(tokens.X, spec.projection)
+    pca = _shared_pca(tokens.X, spec)
+    coords = project(tokens.X, spec.projection, pca)
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    metrics = measure(tokens, coords, spec, in_place=True) if spec.metrics else {}  # residuals are ours
+    metrics = measure(tokens, coords, spec, in_place=True, pca=pca) if spec.metrics else {}  # residuals are ours
     timings["metrics"] = time.perf_counter() - t2
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
@@ -122,6 +124,18 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
         metrics.update(layer_stats(tokens))
         timings["layer_stats"] = time.perf_counter() - t3
     return ViewResult(index, coords, tokens.X, metrics, timings, removal)
+
+
+def _shared_pca(X: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """One PCA for UMAP's pre-reduction and the neighbour measures' index (neighbours.Cells), where the
+    two would fit the very same one: the same seeded sample of the same unit rows (cosine metric, seed
+    0), above EXACT_QUERY_MAX tokens (below, no index is built). Its width is the wider of the two; each
+    uses its own leading axes, equal to the fit it would have made. None where they differ."""
+    p = spec.projection
+    if not (spec.metrics and p.method == "umap" and p.metric == "cosine" and (p.seed or 0) == 0
+            and len(X) > neighbours.EXACT_QUERY_MAX):
+        return None
+    return unit_pca_fit(X, max(p.pca_dims, neighbours.REDUCED_DIMS), p)
 
 
 def layer_stats(tokens: TokenSet) -> dict[str, Any]:
@@ -136,13 +150,15 @@ def layer_stats(tokens: TokenSet) -> dict[str, Any]:
     return out
 
 
-def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_place: bool = False) -> dict[str, Any]:
+def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_place: bool = False,
+            pca: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Every registered measure (analysis.measures) that applies: position left in `tokens.X` and in its
     projection, token identity, branch/prompt separability, projection quality.
 
     With a cosine projection the neighbour measures search unit vectors: a unit copy of tokens.X, or with
     in_place tokens.X itself, scaled to unit rows after the measures that read the vectors themselves
-    and scaled back at the end (each value within a float32 rounding of what it was)."""
+    and scaled back at the end (each value within a float32 rounding of what it was). pca: _shared_pca's
+    fit, given to the neighbour index of the unit vectors (cosine only)."""
     X = tokens.X
     norms = None
     early: dict[str, Any] = {}
@@ -160,6 +176,8 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_plac
             space[rows] = X[rows] / np.maximum(np.linalg.norm(X[rows], axis=1, keepdims=True), 1e-12)
     else:
         space = X
+    if pca is not None and spec.projection.metric == "cosine":
+        neighbours.share_pca(space, pca)
     try:
         ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
         out: dict[str, Any] = {"heldout_by": "prompt" if ctx.several_prompts else "branch"}
