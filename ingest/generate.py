@@ -88,13 +88,22 @@ class Built:
     token_ids: list[int]
     logprobs: np.ndarray
     entropies: np.ndarray
-    latents: HostArray
+    latents: HostArray | None
     row: int
     ended_with_eos: bool
     sequence: list[int]  # full token ids, prefix included
     batch: Batch | None = field(default=None, repr=False)
     prompt_id: int = 0
     max_end: int = 0  # its prompt's last position
+    own: np.ndarray | None = field(default=None, repr=False)  # (layers, tokens, d), once copied out
+
+    def own_latents(self) -> np.ndarray:
+        """This branch's latents (layers, its tokens, d) as an array of its own, so the level's HostArray
+        (all rows, padded steps, pinned memory on CUDA) can go."""
+        if self.own is None:
+            self.own = np.ascontiguousarray(self.latents.numpy()[:, self.row, :len(self.token_ids)])
+            self.latents = None
+        return self.own
 
 
 def prompt_groups(prompt_ids: list[int], per_group: int) -> list[list[int]]:
@@ -169,6 +178,7 @@ class TreeBuilder:
             notify()
         built = list(roots)
         level = self._samples(roots, logits, notify)
+        del logits
         while level:
             built += level
             kids = []
@@ -190,6 +200,7 @@ class TreeBuilder:
                     [parent.sequence[:p] for _, parent, p in chunk], notify)
             for parent in level:
                 parent.batch = None  # its children exist: let its cache go
+                parent.own_latents()  # and its level's whole latents array, once all its rows are copied out
             level = next_level
         out: dict[int, list[BranchRecord]] = {prompt_id: [] for prompt_id, _ in prompts}
         for b in sorted(built, key=lambda b: (b.prompt_id, b.slot.local_id)):
@@ -211,7 +222,7 @@ class TreeBuilder:
                          np.concatenate([nan, entropies.cpu().numpy()]), HostArray(self._hidden(out)), 0, False,
                          list(prompt_ids), Batch(out.past_key_values, mask, [0]), prompt_id,
                          n_prompt + self.cfg.max_new_tokens - 1)
-        return root, out.logits[:, -1]
+        return root, out.logits[:, -1].clone()  # a view would keep the whole (1, n, vocab) logits alive
 
     def _samples(self, roots: list[Built], logits: list[torch.Tensor], notify: Callable[[], None]) -> list[Built]:
         """The samples of all roots, decoded in batches of whole prompts up to batch_rows rows, each
@@ -235,6 +246,9 @@ class TreeBuilder:
                 cuts = [kvcache.RowCut(r.batch.cache, 0, 0, len(r.token_ids)) for r in group for _ in samples]
                 mask, pad = kvcache.left_padding(lengths, self.lm.device)
                 batch = Batch(kvcache.assemble(cuts, self.lm.model.config), mask, pad)
+                del cuts
+                for r in group:
+                    r.batch = None  # the assembled cache holds copies of the prompts' caches
             first = torch.cat([lg.expand(per, -1) for lg in group_logits])  # (rows, vocab)
             rows = [(r.prompt_id, s, r.max_end) for r in group for s in samples]
             level += self._decode(batch, first, rows, [len(r.token_ids) for r in group for _ in samples], None,
@@ -355,7 +369,7 @@ class TreeBuilder:
         plan, tok = self.plan, self.lm.tokenizer
         slot = b.slot
         with self.profile.section("copy"):
-            latents = b.latents.numpy()[:, b.row, :len(b.token_ids)]
+            latents = b.own_latents()
         with self.profile.section("records"):
             texts = tok.batch_decode([[t] for t in b.token_ids], skip_special_tokens=False,
                                      clean_up_tokenization_spaces=False)

@@ -70,13 +70,10 @@ def sample_step(
     serves both the statistics and, at temperature 1 without top-k/top-p, the sampler itself.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
-    plain = temperature == 1 and top_p >= 1.0 and not 0 < top_k < logits.shape[-1]
-    if plain:
-        probs = logp.exp()
-        if exclude is not None and any(e is not None for e in exclude):
-            rows = [i for i, e in enumerate(exclude) if e is not None]
-            probs[rows, [exclude[i] for i in rows]] = 0.0
-        chosen = _inverse_cdf(probs, uniforms)
+    excluding = exclude is not None and any(e is not None for e in exclude)
+    # an exclusion (a fork's first token) goes the renormalizing way: the excluded token may hold all the mass
+    if temperature == 1 and top_p >= 1.0 and not 0 < top_k < logits.shape[-1] and not excluding:
+        chosen = _inverse_cdf(logp.exp(), uniforms)
     else:
         chosen = choose_rows(logits, temperature, top_k, top_p, uniforms, exclude)
     return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1), _entropy(logp)
@@ -148,5 +145,17 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     total = cum[:, -1:]  # (rows, 1)
     # u * total can round up to total itself, which would land past the last token of non-zero weight
     target = torch.minimum(uniforms.to(cum.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    picks = torch.searchsorted(cum, target, right=True).squeeze(-1)
-    return picks.clamp_(max=weights.shape[-1] - 1)
+    picks = torch.searchsorted(cum, target, right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
+    if weights.device.type != "cpu":
+        # a parallel scan (CUDA, MPS) can leave a zero weight's cumulative sum an ulp above its
+        # neighbour's, so the search may land on it
+        picks = step_back_from_zero(weights, picks)
+    return picks
+
+
+def step_back_from_zero(weights: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Each row's pick (rows,), moved to the last index of non-zero weight at or below it (a pick of
+    non-zero weight stays)."""
+    index = torch.arange(weights.shape[-1], device=weights.device, dtype=torch.int32)
+    allowed = (weights > 0) & (index <= picks[:, None])  # (rows, n)
+    return torch.where(allowed, index, -1).amax(dim=-1).clamp_(min=0).long()

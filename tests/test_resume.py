@@ -156,3 +156,31 @@ def test_a_second_ingest_on_a_busy_store_exits_with_one_line_then_resumes(model_
         first.wait()
     again = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "complete" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_kill_inside_a_group_then_resume_decodes_the_group_again_and_equals_uninterrupted(model_dirs, tmp_path):
+    """Groups of 3 prompts (batch_rows 6, 2 samples). Killed inside the 2nd commit of a fresh run, the store
+    holds prompt 0 only: its group is part-written. The resumed run decodes prompts 0-2 together again (so
+    1 and 2 get the same companions as in an uninterrupted run) and writes 1 and 2 only: the store then
+    equals an uninterrupted run bit for bit, with no prompt written twice."""
+    prompts = ["The cat sat on", "Branches go apart where", "def f(x):", "one two", "three four five"]
+    config = tmp_path / "run.toml"
+    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=2,
+                                         max_new_tokens=10, layers=[0, 2], device="cpu", batch_rows=6)))
+    store = tmp_path / "killed.duckdb"
+    command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
+    killed = subprocess.run(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "commit:2"}, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -9 and "fault: commit 2" in killed.stderr, killed.stderr[-2000:]
+    with reading(store) as con:
+        assert con.execute("SELECT prompt_id FROM prompts").fetchall() == [(0,)]
+    resumed = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resuming run" in resumed.stderr, resumed.stderr[-2000:]
+    assert "5 written (1 already in the store)" in resumed.stdout
+    reference = tmp_path / "reference.duckdb"
+    clean = subprocess.run([*command[:-3], "--store", str(reference), "--no-progress"], env=cli_env(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    with reading(reference) as con:
+        run_id = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
+    assert dump(store, run_id) == dump(reference, run_id)

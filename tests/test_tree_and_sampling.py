@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ingest.errors import IngestError
-from ingest.sampling import branch_seed, choose_next, row_uniforms, sample_step, token_stats
+from ingest.sampling import branch_seed, choose_next, row_uniforms, sample_step, step_back_from_zero, token_stats
 from ingest.tree import TreePlan, fork_positions
 
 
@@ -67,6 +67,20 @@ def test_inverse_cdf_edges_never_pick_a_zero_probability_token():
     assert choose_next(logits, 1.0, 0, 1.0, 0.69) == 1 and choose_next(logits, 1.0, 0, 1.0, 0.71) == 3
 
 
+def test_a_pick_that_lands_on_a_zero_weight_steps_back_to_the_last_non_zero_one():
+    weights = torch.tensor([[0.2, 0.0, 0.5, 0.0, 0.0, 0.3], [0.0, 0.4, 0.0, 0.6, 0.0, 0.0]])
+    assert step_back_from_zero(weights, torch.tensor([4, 2])).tolist() == [2, 1]
+    assert step_back_from_zero(weights, torch.tensor([5, 3])).tolist() == [5, 3]  # valid picks stay
+
+
+def test_a_fork_excluding_the_only_likely_token_picks_among_the_others():
+    logits = torch.tensor([0.0, 200.0, 1.0, -300.0])  # all float32 mass on token 1
+    picks = {choose_next(logits, 1.0, 0, 1.0, float(u), exclude=1) for u in np.linspace(0, 0.999, 50)}
+    assert picks == {0, 2}
+    chosen, _, _ = sample_step(logits[None].expand(3, -1), 1.0, 0, 1.0, torch.tensor([0.0, 0.5, 0.99]), [1, 1, 1])
+    assert set(chosen.tolist()) <= {0, 2}
+
+
 def test_batched_step_equals_rows_alone_and_shares_the_statistics():
     torch.manual_seed(3)
     logits = torch.randn(6, 3000) * 2  # (rows, vocab)
@@ -83,6 +97,16 @@ def test_batched_step_equals_rows_alone_and_shares_the_statistics():
         ref_lp, ref_ent = token_stats(logits, chosen)
         np.testing.assert_allclose(logprob.numpy(), ref_lp, atol=1e-5)
         np.testing.assert_allclose(entropy.numpy(), ref_ent, atol=1e-5)
+
+
+def test_nucleus_over_a_large_vocabulary_matches_a_full_sort():
+    torch.manual_seed(1)
+    logits = torch.randn(5000) * 0.5  # flat: the nucleus needs far more than the first top-k guess
+    probs = torch.softmax(logits, -1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    nucleus = set(order[(torch.cumsum(sorted_probs, -1) - sorted_probs) < 0.9].tolist())
+    picked = set(draws(logits, 1.0, 0, 0.9, 3000))
+    assert picked <= nucleus and len(picked) > 256
 
 
 def test_token_stats_and_seeds():
