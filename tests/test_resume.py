@@ -12,6 +12,16 @@ from store import reading
 from store.writer import StoreWriter
 
 
+def uninterrupted(command: list[str], tmp_path) -> tuple:
+    """The same CLI run into a fresh store, not interrupted: (its store, the run id)."""
+    reference = tmp_path / "reference.duckdb"
+    clean = subprocess.run([*command[:-3], "--store", str(reference), "--no-progress"], env=cli_env(tmp_path),
+                           capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    with reading(reference) as con:
+        return reference, con.execute("SELECT run_id FROM runs").fetchall()[0][0]
+
+
 def test_crash_inside_a_write_leaves_nothing_half_written_and_resume_completes(tiny_cfg, monkeypatch):
     reference = ingest(tiny_cfg("llama", store="reference.duckdb"))
     cfg = tiny_cfg("llama", store="crashed.duckdb")
@@ -118,12 +128,7 @@ def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dir
     assert final.returncode == 0, final.stderr[-2000:]
     assert not list(tmp_path.glob("killed.duckdb.compact-*")), "a dead compaction's copy was not removed"
 
-    reference = tmp_path / "reference.duckdb"
-    clean = subprocess.run([*command[:-3], "--store", str(reference), "--no-progress"], env=cli_env(tmp_path),
-                           capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-2000:]
-    with reading(reference) as con:
-        run_id = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
+    reference, run_id = uninterrupted(command, tmp_path)
     assert dump(store, run_id) == dump(reference, run_id)
     with reading(store) as con:
         dupes = con.execute("SELECT count(*) - count(DISTINCT (branch_id, position, layer, variant)) "
@@ -177,10 +182,5 @@ def test_a_kill_inside_a_group_then_resume_decodes_the_group_again_and_equals_un
     resumed = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resuming run" in resumed.stderr, resumed.stderr[-2000:]
     assert "5 written (1 already in the store)" in resumed.stdout
-    reference = tmp_path / "reference.duckdb"
-    clean = subprocess.run([*command[:-3], "--store", str(reference), "--no-progress"], env=cli_env(tmp_path),
-                           capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr[-2000:]
-    with reading(reference) as con:
-        run_id = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
+    reference, run_id = uninterrupted(command, tmp_path)
     assert dump(store, run_id) == dump(reference, run_id)
