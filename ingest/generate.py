@@ -106,6 +106,11 @@ class Built:
         return self.own
 
 
+def group_size(batch_rows: int, samples: int) -> int:
+    """Prompts decoded together: as many as fill one decode batch with their samples (at least one)."""
+    return max(1, max(1, batch_rows) // max(1, samples))
+
+
 def prompt_groups(prompt_ids: list[int], per_group: int) -> list[list[int]]:
     """The given prompt ids in the run's fixed groups: prompt p belongs to group p // per_group. Fixed
     blocks, not "the next per_group left to do", so a resumed run or a task of a distributed run decodes a
@@ -120,7 +125,7 @@ def planned_batches(n_prompts: int, samples: int, forks: int, depth: int, batch_
     """The rows of every decode batch the builder runs for n_prompts full trees (no EOS, every fork
     found), in order: per group of prompts, the samples' batches, then each fork level's."""
     batch_rows = max(1, batch_rows)
-    per_group = max(1, batch_rows // max(1, samples))
+    per_group = group_size(batch_rows, samples)
     out: list[int] = []
     for lo in range(0, n_prompts, per_group):
         m = min(per_group, n_prompts - lo)
@@ -150,9 +155,8 @@ class TreeBuilder:
 
     @property
     def prompts_per_group(self) -> int:
-        """Prompts built together: as many as fill the samples' decode batch (at least one; the same
-        rule as planned_batches). Groups are fixed blocks of prompt ids (prompt_groups)."""
-        return max(1, self.batch_rows // max(1, self.cfg.samples))
+        """Prompts built together (group_size); groups are fixed blocks of prompt ids (prompt_groups)."""
+        return group_size(self.batch_rows, self.cfg.samples)
 
     def build(self, prompt_id: int, prompt_ids: list[int],
               on_branch: Callable[[], None] | None = None) -> list[BranchRecord]:
@@ -231,7 +235,7 @@ class TreeBuilder:
         if not samples:
             return []
         per = len(samples)
-        together = max(1, self.batch_rows // per)
+        together = self.prompts_per_group
         if not all(kvcache.holds_all(r.batch.cache, r.batch.mask.shape[1]) for r in roots):
             together = 1  # a sliding window has dropped part of a prompt: its cache cannot be cut
         level: list[Built] = []

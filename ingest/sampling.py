@@ -49,9 +49,10 @@ def token_stats(logits: torch.Tensor, token_ids: torch.Tensor, chunk: int = 64) 
     return logprobs.cpu().numpy().astype(np.float32), entropies.cpu().numpy().astype(np.float32)
 
 
-def _entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy of each row of log-probabilities (rows, vocab) -> (rows,); 0 log 0 counts as 0."""
-    p = logp.exp()
+def _entropy(logp: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy of each row of log-probabilities (rows, vocab) -> (rows,); 0 log 0 counts as 0. `p`:
+    logp.exp() where the caller has it already."""
+    p = logp.exp() if p is None else p
     return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
 
@@ -70,13 +71,14 @@ def sample_step(
     serves both the statistics and, at temperature 1 without top-k/top-p, the sampler itself.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (rows, vocab)
+    probs = logp.exp()  # (rows, vocab), once for the entropy and the plain sampler
     excluding = exclude is not None and any(e is not None for e in exclude)
     # an exclusion (a fork's first token) goes the renormalizing way: the excluded token may hold all the mass
     if temperature == 1 and top_p >= 1.0 and not 0 < top_k < logits.shape[-1] and not excluding:
-        chosen = _inverse_cdf(logp.exp(), uniforms)
+        chosen = _inverse_cdf(probs, uniforms)
     else:
         chosen = choose_rows(logits, temperature, top_k, top_p, uniforms, exclude)
-    return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1), _entropy(logp)
+    return chosen, logp.gather(-1, chosen[:, None]).squeeze(-1), _entropy(logp, probs)
 
 
 def choose_next(
