@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from analysis.groups import blocks, group_sums, onehot
+from analysis.groups import blocks, code_sums64, group_sums, onehot
 from analysis.metrics import WithinShuffler
 from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
                                   branch_offsets, make_residualizer)
@@ -175,46 +175,85 @@ def fold_label_stats(Z: np.ndarray, labels: np.ndarray, branch: np.ndarray, fold
     """LabelStats (by `labels`) of each fold's rows of Z (n, d), each row minus its branch's offset when
     a helper is given: the offsets of residualize.branch_offsets (backfitted with the helper on all rows,
     weighted mean zero), here per branch (B, d), taken out of per-(fold, label) and per-(fold, branch)
-    sums, so Z is read twice and never copied. Equal to LabelStats.of(Z_f - offsets_f) up to rounding."""
-    lab_uniq, lab = np.unique(labels, return_inverse=True)
-    br_uniq, br = np.unique(branch, return_inverse=True)
-    L, B = len(lab_uniq), len(br_uniq)
-    fl_keys, fl, fl_n = np.unique(fold * L + lab.ravel(), return_inverse=True, return_counts=True)
-    fb_keys, fb, fb_n = np.unique(fold * B + br.ravel(), return_inverse=True, return_counts=True)
-    fl, fb = fl.ravel(), fb.ravel()
-    _, S_fl, _ = group_sums(Z, fl)  # (FL, d) per (fold, label)
-    _, S_fb, _ = group_sums(Z, fb)  # (FB, d) per (fold, branch)
-    sq_rows = np.empty(len(Z))
-    for rows in blocks(len(Z)):
-        sq_rows[rows] = np.einsum("ij,ij->i", Z[rows], Z[rows], dtype=np.float64)
-    sq_fb = np.bincount(fb, weights=sq_rows, minlength=len(fb_keys))  # (FB,)
-    counts = onehot(fl, len(fl_keys)) @ onehot(fb, len(fb_keys)).T  # (FL, FB) rows in both cells
-    fl_label, fl_fold, fb_branch, fb_fold = fl_keys % L, fl_keys // L, fb_keys % B, fb_keys // B
-    offsets = np.zeros((B, Z.shape[1]), np.float32)
-    if helper is not None:
-        to_label, to_branch = onehot(fl_label, L), onehot(fb_branch, B)
-        S_l, n_l = to_label @ S_fl, np.bincount(fl_label, weights=fl_n, minlength=L).astype(np.int64)  # (L, d)
-        S_b, n_b = to_branch @ S_fb, np.bincount(fb_branch, weights=fb_n, minlength=B)  # (B, d)
-        N = to_branch @ counts.T @ to_label.T  # (B, L) rows per (branch, label)
-        sq, name = float(sq_fb.sum()), helper.covariates[0]
+    sums, so Z is read once and never copied. Equal to LabelStats.of(Z_f - offsets_f) up to rounding."""
+    cells = FoldCells.of(Z, labels, branch, fold)
+    everywhere = np.ones(int(cells.fold_ids.max()) + 1 if len(cells.fold_ids) else 0, bool)
+    offsets = cells.offsets(helper, everywhere, sweeps) if helper is not None else cells.no_offsets()
+    return {int(f): cells.fold_stats(f, offsets) for f in cells.fold_ids}
+
+
+class FoldCells:
+    """Sums of the rows of Z (n, d) per (fold, label) and per (fold, branch) cell, with their counts and
+    sums of squares: every fit of a single-covariate method on some folds' rows, its branch offsets
+    backfitted on those rows, and its out-of-fold errors, come from these by algebra (one pass over Z)."""
+
+    def __init__(self, lab_uniq, fl_keys, fl_n, fb_keys, fb_n, S_fl, S_fb, sq_fl, sq_fb, counts, B, fold_ids):
+        self.lab_uniq, self.L, self.B = lab_uniq, len(lab_uniq), B
+        self.fl_label, self.fl_fold, self.fl_n = fl_keys % self.L, fl_keys // self.L, fl_n
+        self.fb_branch, self.fb_fold, self.fb_n = fb_keys % B, fb_keys // B, fb_n
+        self.S_fl, self.S_fb, self.sq_fl, self.sq_fb = S_fl, S_fb, sq_fl, sq_fb  # (FL, d) (FB, d) (FL,) (FB,)
+        self.counts = counts  # (FL, FB) sparse: rows in both cells
+        self.fold_ids = fold_ids
+
+    @classmethod
+    def of(cls, Z: np.ndarray, labels: np.ndarray, branch: np.ndarray, fold: np.ndarray) -> FoldCells:
+        lab_uniq, lab = np.unique(labels, return_inverse=True)
+        br_uniq, br = np.unique(branch, return_inverse=True)
+        L, B = len(lab_uniq), len(br_uniq)
+        fl_keys, fl, fl_n = np.unique(fold * L + lab.ravel(), return_inverse=True, return_counts=True)
+        fb_keys, fb, fb_n = np.unique(fold * B + br.ravel(), return_inverse=True, return_counts=True)
+        fl, fb = fl.ravel(), fb.ravel()
+        (S_fl, S_fb), sq_rows = code_sums64(Z, [(fl, len(fl_keys)), (fb, len(fb_keys))], with_sq=True)
+        counts = onehot(fl, len(fl_keys)) @ onehot(fb, len(fb_keys)).T
+        return cls(lab_uniq, fl_keys, fl_n, fb_keys, fb_n, S_fl, S_fb,
+                   np.bincount(fl, weights=sq_rows, minlength=len(fl_keys)),
+                   np.bincount(fb, weights=sq_rows, minlength=len(fb_keys)), counts, B, np.unique(fold))
+
+    def no_offsets(self) -> np.ndarray:
+        return np.zeros((self.B, self.S_fl.shape[1]), np.float32)
+
+    def n_branches(self, folds: np.ndarray) -> int:
+        """Branches with rows in the folds marked True in `folds` (F,)."""
+        return int(len(np.unique(self.fb_branch[folds[self.fb_fold]])))
+
+    def offsets(self, helper: Residualizer, folds: np.ndarray, sweeps: int = 2) -> np.ndarray:
+        """(B, d) branch offsets backfitted with `helper` on the rows of the folds marked True in `folds`
+        (F,) (residualize.branch_offsets on those rows); 0 for branches outside them."""
+        fl_in, fb_in = folds[self.fl_fold], folds[self.fb_fold]
+        to_label, to_branch = onehot(self.fl_label, self.L, fl_in), onehot(self.fb_branch, self.B, fb_in)
+        S_l, n_l = to_label @ self.S_fl, np.asarray(to_label @ self.fl_n).astype(np.int64)  # (L, d), (L,)
+        S_b, n_b = to_branch @ self.S_fb, np.asarray(to_branch @ self.fb_n)  # (B, d), (B,)
+        N = to_branch @ self.counts.T @ to_label.T  # (B, L) rows per (branch, label), in these folds
+        labs, brs = n_l > 0, n_b > 0  # what these folds hold
+        N = N.tocsr()[np.flatnonzero(brs)][:, np.flatnonzero(labs)]  # sparse: (B', L')
+        S_l, n_l, S_b, n_b = S_l[labs], n_l[labs], S_b[brs], n_b[brs]
+        sq, n, name = float(self.sq_fb[fb_in].sum()), int(n_l.sum()), helper.covariates[0]
+        per = np.zeros((int(brs.sum()), self.S_fl.shape[1]), np.float32)
         for _ in range(sweeps):
-            o = offsets.astype(np.float64)
+            o = per.astype(np.float64)
             # sum |x - o_b|^2 = sum |x|^2 - 2 <S_b, o_b> + n_b |o_b|^2, per branch
-            helper.fit_stats(LabelStats(lab_uniq, S_l - N.T @ o, n_l,
-                                        sq - 2 * float((S_b * o).sum()) + float((n_b * (o**2).sum(1)).sum()), len(Z)))
-            fitted = helper._component(None, {name: lab_uniq}).astype(np.float64)  # (L, d) at every label
-            per_branch = (S_b - N @ fitted) / n_b[:, None]  # (B, d) branch means of x - fitted
-            per_branch -= np.average(per_branch, axis=0, weights=n_b)
-            offsets = per_branch.astype(np.float32)
-    o = offsets.astype(np.float64)[fb_branch]  # (FB, d) the offset of each (fold, branch) cell
-    S_fl = S_fl - counts @ o
-    sq_fb = sq_fb - 2 * (S_fb * o).sum(axis=1) + fb_n * (o**2).sum(axis=1)
-    out = {}
-    for f in np.unique(fold):
-        cells = fl_fold == f
-        out[int(f)] = LabelStats(lab_uniq[fl_label[cells]], S_fl[cells], fl_n[cells],
-                                 float(sq_fb[fb_fold == f].sum()), int(fl_n[cells].sum()))
-    return out
+            helper.fit_stats(LabelStats(self.lab_uniq[labs], S_l - N.T @ o, n_l,
+                                        sq - 2 * float((S_b * o).sum()) + float((n_b * (o**2).sum(1)).sum()), n))
+            fitted = helper._component(None, {name: self.lab_uniq[labs]}).astype(np.float64)  # (L', d)
+            branch_means = (S_b - N @ fitted) / n_b[:, None]  # (B', d) branch means of x - fitted
+            branch_means -= np.average(branch_means, axis=0, weights=n_b)
+            per = branch_means.astype(np.float32)
+        out = self.no_offsets()
+        out[brs] = per
+        return out
+
+    def fold_stats(self, f: int, offsets: np.ndarray) -> LabelStats:
+        """LabelStats of fold f's rows, each minus its branch's offset (B, d)."""
+        cells, fb = self.fl_fold == f, self.fb_fold == f
+        o = offsets.astype(np.float64)[self.fb_branch[fb]]  # (FB_f, d) the offset of each of its branch cells
+        S = self.S_fl[cells] - self.counts[cells][:, np.flatnonzero(fb)] @ o
+        sq = self.sq_fb[fb] - 2 * (self.S_fb[fb] * o).sum(axis=1) + self.fb_n[fb] * (o**2).sum(axis=1)
+        return LabelStats(self.lab_uniq[self.fl_label[cells]], S, self.fl_n[cells], float(sq.sum()),
+                          int(self.fl_n[cells].sum()))
+
+    def train_stats(self, folds: np.ndarray, offsets: np.ndarray) -> LabelStats:
+        """LabelStats (by label) of the rows of the folds marked True in `folds` (F,), minus the offsets."""
+        return _sum_stats([self.fold_stats(int(f), offsets) for f in np.flatnonzero(folds) if (self.fl_fold == f).any()])
 
 
 def _subtract(Z: np.ndarray, rows: np.ndarray, model: Residualizer, cov: dict[str, np.ndarray],
@@ -310,6 +349,15 @@ def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
     """Out-of-fold (R2, least-squares weight) of the method's estimate of E[x | covariates], over the
     held-out tokens whose covariates the training folds cover (as in the removal)."""
     cls = RESIDUALIZERS[spec.method]
+    if len(cls.covariates) == 1 and hasattr(cls, "fit_stats"):
+        return _oof_from_cells(Z, ref, fold, spec, cov[cls.covariates[0]])
+    return _oof_rows(Z, ref, fold, spec, cov)
+
+
+def _oof_rows(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
+              cov: dict[str, np.ndarray]) -> tuple[float, float]:
+    """_oof by fitting each fold's model on its training rows (any method)."""
+    cls = RESIDUALIZERS[spec.method]
     sse_m = sse_0 = num = den = 0.0
     for f in np.unique(fold):
         train = fold != f
@@ -326,6 +374,44 @@ def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
         sse_0 += float((resid0**2).sum())
         num += float((resid0 * dev).sum())
         den += float((dev**2).sum())
+    r2 = 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
+    return r2, (float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0)
+
+
+def _oof_from_cells(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
+                    label: np.ndarray) -> tuple[float, float]:
+    """_oof for a single-covariate method that fits from LabelStats: every fold's fit (its branch offsets
+    backfitted on the training folds, as fit(..., branch=) does on their rows) and every held-out error
+    from FoldCells' sums, so Z (n, m) is read once instead of copied per fold."""
+    cls = RESIDUALIZERS[spec.method]
+    name = cls.covariates[0]
+    cells = FoldCells.of(Z, label, ref.branch, fold)
+    n_folds = int(fold.max()) + 1
+    S_fold = np.zeros((n_folds, Z.shape[1]))
+    np.add.at(S_fold, cells.fl_fold, cells.S_fl)  # (F, m) raw sums per fold
+    n_fold = np.bincount(cells.fl_fold, weights=cells.fl_n, minlength=n_folds)
+    sse_m = sse_0 = num = den = 0.0
+    for f in cells.fold_ids:
+        train = np.arange(n_folds) != f
+        test = cells.fl_fold == f
+        train_labels = cells.lab_uniq[np.unique(cells.fl_label[train[cells.fl_fold]])]
+        labels = cells.lab_uniq[cells.fl_label[test]]
+        ok = _supported({name: train_labels}, {name: labels})
+        if not ok.any():
+            continue
+        backfit = spec.within_branch and cells.n_branches(train) > 1
+        model = make_residualizer(spec)
+        offsets = cells.offsets(model, train) if backfit else cells.no_offsets()
+        model.fit_stats(cells.train_stats(train, offsets))
+        base = S_fold[train].sum(axis=0) / n_fold[train].sum()  # (m,) the training rows' mean
+        pred = model._component(None, {name: labels[ok]}).astype(np.float64)  # (c, m) at each test label
+        S, c, sq = cells.S_fl[test][ok], cells.fl_n[test][ok], cells.sq_fl[test][ok]
+        dev = pred - base
+        # sums over a cell's rows z: |z - p|^2 = sq - 2 <S, p> + c |p|^2, <z - b, p - b> = <S - c b, p - b>
+        sse_m += float(sq.sum() - 2 * (S * pred).sum() + (c * (pred**2).sum(axis=1)).sum())
+        sse_0 += float(sq.sum() - 2 * (S @ base).sum() + c.sum() * float(base @ base))
+        num += float(((S - c[:, None] * base) * dev).sum())
+        den += float((c * (dev**2).sum(axis=1)).sum())
     r2 = 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
     return r2, (float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0)
 
@@ -355,8 +441,7 @@ def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds:
     else:
         lab, n_lab = np.asarray(labels), n_labels
     cell = fold * n_lab + lab
-    # (F * L, m) per-cell sums (empty cells 0), Zc's dtype in the product as group_sums has it
-    S_full = np.asarray(onehot(cell, n_folds * n_lab, dtype=Zc.dtype) @ Zc, dtype=np.float64)
+    S_full = code_sums64(Zc, [(cell, n_folds * n_lab)])[0]  # (F * L, m) per-cell sums (empty cells 0)
     n_full = np.bincount(cell, minlength=n_folds * n_lab).astype(np.float64)
     S_full = S_full.reshape(n_folds, n_lab, -1)  # (F, L, m)
     n_full = n_full.reshape(n_folds, n_lab)

@@ -28,7 +28,7 @@ def r2_pos(
       generalizes across groups, negative when per-position means only fit noise or content.
       `heldout_coverage` is the share of tokens whose position has other groups.
 
-    Sums are float64 but X is read in blocks of rows (float32 input is never copied whole).
+    Sums are float64, made by one compiled pass over X in its own dtype (float32 input is never copied).
     """
     X = np.asarray(X)
     position = np.asarray(position)
@@ -46,12 +46,14 @@ def r2_pos(
         _, g_code = np.unique(np.asarray(groups), return_inverse=True)
         g_code = g_code.ravel()
         codings.append((g_code, int(g_code.max()) + 1))
-    sst = sum(float(((np.asarray(X[rows], np.float64) - grand) ** 2).sum()) for rows in blocks(n))
+    # one pass: per-position sums, per shuffle, per group, all about the grand mean, and each row's |x - mu|^2
+    sums, sq = code_sums64(X, codings, shift=grand, with_sq=True)
+    sst = float(sq.sum())
     if sst <= 0:
         return {"r2": 0.0, "adjusted": 0.0, "chance": 0.0, "chance_sd": 0.0, "chance_analytic": 0.0,
                 "heldout": float("nan"), "heldout_coverage": 0.0, "n": n, "n_positions": n_pos}
-    sums = code_sums64(X, codings)  # one pass: per-position sums, per shuffle, per group
-    between = [_between_ss(s, pos_counts, grand) for s in sums[:1 + n_shuffles]]
+    centre = np.zeros_like(grand)  # the sums are about the grand mean already
+    between = [_between_ss(s, pos_counts, centre) for s in sums[:1 + n_shuffles]]
     ssb, shuffled = between[0], [b / sst for b in between[1:]]
     out = {
         "r2": ssb / sst,
@@ -62,10 +64,9 @@ def r2_pos(
         "n": n,
         "n_positions": n_pos,
     }
-    out.update(_heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1]) if groups is not None else
+    out.update(_heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1], grand) if groups is not None else
                {"heldout": float("nan"), "heldout_coverage": 0.0})
-    with one_thread():  # blocks of <= BLOCK rows and products per position: faster on one BLAS thread
-        out.update(_r2_band(X, pos_code, n_pos, rng))
+    out.update(_r2_band(X, pos_code, n_pos, rng))
     return out
 
 
@@ -94,6 +95,14 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     # (R2 does not change when every row moves by the same vector).
     Z -= Z.mean(axis=0)
     sq = np.einsum("ij,ij->i", Z, Z)  # (n,)
+    with one_thread():  # products per position of a few resamples: small, faster on one BLAS thread
+        return _band(_boot_r2(Z, sq, order, start, n_pos, rng, n_boot, chunk))
+
+
+def _boot_r2(Z: np.ndarray, sq: np.ndarray, order: np.ndarray, start: np.ndarray, n_pos: int,
+             rng: np.random.Generator, n_boot: int, chunk: int) -> np.ndarray:
+    """_r2_band's resampled R2 values (n_boot,) of the centred projection Z (n, m)."""
+    n = len(Z)
     values = []
     for first in range(0, n_boot, chunk):
         W = np.stack([rng.multinomial(n, np.full(n, 1 / n)) for _ in range(min(chunk, n_boot - first))])
@@ -110,37 +119,36 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
             sums = w_t[ok] @ z_t  # (b_ok, m) weighted sums at position t
             ssb[ok] += cnt[ok] * ((sums / cnt[ok, None] - grand[ok]) ** 2).sum(axis=1)
         values.extend(np.where(sst > 0, ssb / np.where(sst > 0, sst, 1), 0.0))
-    return _band(np.asarray(values))
+    return np.asarray(values)
 
 
 def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_counts: np.ndarray,
-                g_code: np.ndarray, g_sums: np.ndarray) -> dict[str, float]:
+                g_code: np.ndarray, g_sums: np.ndarray, shift: np.ndarray) -> dict[str, float]:
     """Leave-one-group-out R2: predict each token by the mean of the other groups at its position, and
     compare with predicting it by the other groups' overall mean (so ~0 when position carries nothing
-    that generalizes across groups). Per-position and per-group sums come in. Every token of a (group,
-    position) cell has the same two predictions, so the squared errors come from the cell's sum and
-    sum of squares (about the grand mean, so nothing cancels): sum |x - m|^2 = S2 - 2 <S, m> + c |m|^2.
+    that generalizes across groups). Per-position and per-group sums of x - shift come in. Every token
+    of a (group, position) cell has the same two predictions, so the squared errors come from the cell's
+    sum and sum of squares (about the grand mean, so nothing cancels): sum |x - m|^2 = S2 - 2 <S, m> + c |m|^2.
     The cells' sums are made a few whole groups at a time, so no (n, d) temporary exists."""
     n = len(X)
     g_counts = np.bincount(g_code, minlength=len(g_sums))
     total = g_sums.sum(axis=0)
-    grand = total / n  # (d,)
+    grand = total / n  # (d,) of x - shift
     pos_c = pos_sums - pos_counts[:, None] * grand  # (T, d) sums about the grand mean
-    order = np.argsort(g_code, kind="stable")
+    sorted_groups = bool((np.diff(g_code) >= 0).all())
+    order = np.arange(n) if sorted_groups else np.argsort(g_code, kind="stable")
     starts = np.searchsorted(g_code[order], np.arange(len(g_sums) + 1))  # rows of group g: order[starts[g]:starts[g+1]]
     sse_pos = sse_all = 0.0
     n_ok = 0
     g = 0
     while g < len(g_sums):
         h = max(g + 1, int(np.searchsorted(starts, starts[g] + BLOCK, "right")) - 1)  # whole groups, ~BLOCK rows
-        rows = order[starts[g]:starts[h]]
-        xb = np.asarray(X[rows], np.float64)  # (b, d)
-        xb -= grand
+        rows = slice(starts[g], starts[h]) if sorted_groups else order[starts[g]:starts[h]]
         pair = g_code[rows] * len(pos_counts) + pos_code[rows]
         keys, pair_inv, c = np.unique(pair, return_inverse=True, return_counts=True)
-        to_cell = onehot(pair_inv.ravel(), len(keys))
-        S = to_cell @ xb  # (P, d) sums about the grand mean per (group, position) cell
-        S2 = to_cell @ np.einsum("ij,ij->i", xb, xb)  # (P,) sums of squares
+        pair_inv = pair_inv.ravel()
+        (S,), sq = code_sums64(X[rows], [(pair_inv, len(keys))], shift=shift + grand, with_sq=True)
+        S2 = np.bincount(pair_inv, weights=sq, minlength=len(keys))  # (P,) sums of squares about the grand mean
         gr, p = keys // len(pos_counts), keys % len(pos_counts)
         other = pos_counts[p] - c
         ok = (other > 0) & (g_counts[gr] < n)
@@ -193,28 +201,22 @@ def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarra
 
 class WithinShuffler:
     """Permutations of values within each group, the groups sorted once (a view shuffles the same branches
-    dozens of times). Each call is the draw `np.lexsort((rng.random(n), groups))` always made, found by
-    sorting the uniform keys (quicksort: they are distinct, checked) and then the group codes (a stable
-    radix sort when there are fewer than 2**16 groups), not by a two-key lexsort: the same permutation."""
+    dozens of times). Each call is the draw `np.lexsort((rng.random(n), groups))` always made, found by a
+    stable sort of the uniform keys within each group (analysis.kernels): the same permutation."""
 
     def __init__(self, groups: np.ndarray):
         groups = np.asarray(groups)
-        self.by_group = np.argsort(groups, kind="stable")  # (n,)
+        self.n = len(groups)
+        self.by_group = np.argsort(groups, kind="stable")  # (n,) rows of each group together, in row order
         g_sorted = groups[self.by_group]
-        code = np.empty(len(groups), np.int64)  # dense group codes in the groups' order (n,)
-        code[self.by_group] = np.concatenate([[0], np.cumsum(g_sorted[1:] != g_sorted[:-1])]) if len(groups) else []
-        self.code = code.astype(np.uint16 if len(groups) == 0 or code.max() < 2**16 else np.int64)
+        edges = np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1 if self.n else np.zeros(0, np.int64)
+        self.starts = np.concatenate([[0], edges, [self.n]]).astype(np.int64)  # group g: by_group[starts[g]:starts[g+1]]
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """values (n,) permuted at random within each group."""
-        r = rng.random(len(self.code))
-        by_r = np.argsort(r)
-        if len(r) > 1 and (np.diff(r[by_r]) == 0).any():  # a tie (all but impossible): lexsort's order
-            by_r = np.argsort(r, kind="stable")
-        shuffled = by_r[np.argsort(self.code[by_r], kind="stable")]
-        out = np.empty_like(values)
-        out[self.by_group] = values[shuffled]
-        return out
+        from analysis.kernels import shuffle_within as within  # numba: imported by the first shuffle
+
+        return within(np.asarray(values), rng.random(self.n), self.by_group, self.starts)
 
 
 def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:

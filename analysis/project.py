@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from analysis import jit
-from analysis.groups import blocks
+from analysis.groups import code_sums64
 from analysis.neighbours import Index, knn_graph, pca_fit
 
 PROJECTIONS = ("umap", "pca")
@@ -87,12 +87,12 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None,
     n = len(X)
     if n < 3:
         raise ValueError(f"need at least 3 tokens to project, got {n}")
-    if not all(np.isfinite(X[rows]).all() for rows in blocks(n)):
+    total_var, mean_sq = _spread(X)
+    if not np.isfinite(total_var):
         raise ValueError("cannot project: the vectors contain NaN or infinity")
     if spec.method == "pca":
         return _pad(pca_reduce(X, spec.n_components, spec.seed), spec.n_components)
-    if _total_variance(X) <= 1e-12 * max(sum(float(np.einsum("ij,ij->", X[r], X[r], dtype=np.float64))
-                                             for r in blocks(n)) / X.size, 1e-30):
+    if total_var <= 1e-12 * max(mean_sq, 1e-30):
         raise ValueError(f"nothing to project: all {n} vectors are the same (too few tokens per position?)")
     coords = _umap(X, spec, pca)
     if not np.isfinite(coords).all():
@@ -100,10 +100,15 @@ def project(X: np.ndarray, spec: ProjectionSpec | None = None,
     return coords
 
 
-def _total_variance(X: np.ndarray) -> float:
-    """Sum over columns of the variance of X (n, d), read a block of rows at a time (no (n, d) temporary)."""
-    mean = X.sum(axis=0, dtype=np.float64) / len(X)
-    return sum(float(((np.asarray(X[r], np.float64) - mean) ** 2).sum()) for r in blocks(len(X))) / len(X)
+def _spread(X: np.ndarray) -> tuple[float, float]:
+    """(sum over columns of the variance of X (n, d), mean square of its entries), from one compiled pass
+    (no (n, d) temporary); the first is not finite when X holds a NaN or an infinity."""
+    n = len(X)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = X.sum(axis=0, dtype=np.float64) / n
+        _, sq = code_sums64(X, [], shift=mean, with_sq=True)  # (n,) |x_i - mean|^2
+        total = float(sq.sum())
+        return total / n, (total + n * float(mean @ mean)) / X.size
 
 
 def _umap(X: np.ndarray, spec: ProjectionSpec, pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:

@@ -217,3 +217,17 @@ def test_degenerate_inputs_give_clear_errors():
         project(np.ones((5, 3), np.float32))
     with pytest.raises(ValueError, match="NaN"):
         project(np.full((5, 3), np.nan, np.float32))
+
+
+def test_project_refuses_non_finite_or_identical_vectors_with_one_clear_error():
+    from analysis.project import ProjectionSpec, project
+
+    X = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    for bad in (np.nan, np.inf):
+        Y = X.copy()
+        Y[7, 3] = bad
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            project(Y, ProjectionSpec())
+    with pytest.raises(ValueError, match="nothing to project"):
+        project(np.tile(X[:1] + 1000, (50, 1)), ProjectionSpec())
+    assert project(X, ProjectionSpec(method="pca")).shape == (50, 2)

@@ -1,0 +1,97 @@
+"""Compiled loops for per-code row sums (numba, compiled once per machine: on-disk cache).
+
+A per-position (or per-branch, per-cell) sum of rows is the inner loop of the removal, its detection
+test and R2_pos. As a sparse one-hot product (scipy's csr_matvecs) it ran at ~0.5 GFLOP/s and needed a
+float64 copy of every block of float32 rows; here each row is read once, in its own dtype, and added in
+float64 to every coding's accumulator (they fit in cache: a few hundred codes x d). Imported lazily
+(numba costs ~0.5 s to import), by analysis.groups only.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numba import njit
+
+# Rows per thread chunk: each chunk has its own accumulators (added up at the end), so threads never
+# write the same memory; below this many rows one chunk does all (fewer accumulators to add).
+CHUNK = 32_768
+MAX_PRIVATE = 64 << 20  # bytes of accumulators per thread above which one thread sums
+
+
+@njit(cache=True, nogil=True)
+def _sums_chunk(X, codes, offsets, shift, out, sq, start, stop):  # pragma: no cover - compiled
+    d = X.shape[1]
+    row = np.empty(d, np.float64)
+    for i in range(start, stop):
+        total = 0.0
+        for k in range(d):
+            row[k] = X[i, k] - shift[k]
+            total += row[k] * row[k]
+        sq[i] = total
+        for j in range(codes.shape[0]):
+            code = codes[j, i]
+            if code < 0:  # the row is in no group of this coding
+                continue
+            r = offsets[j] + code
+            for k in range(d):
+                out[r, k] += row[k]
+
+
+def code_sums(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.ndarray | None = None,
+              threads: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-code sums of the rows of X (n, d; float32 or float64) minus `shift` (d,), in float64, for
+    several codings at once (codes (n,) in 0..G-1, or -1 for rows outside every group; G): ([(G, d), ...],
+    each row's squared norm after the shift (n,))."""
+    X = np.ascontiguousarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float64)
+    n, d = X.shape
+    sizes = [int(g) for _, g in codings]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    codes = np.empty((len(codings), n), np.int64)
+    for j, (c, _) in enumerate(codings):
+        codes[j] = np.asarray(c).ravel()
+        if n and (codes[j].min() < -1 or codes[j].max() >= sizes[j]):  # the loop does not check bounds
+            raise ValueError(f"codes must lie in -1..{sizes[j] - 1}")
+    shift = np.zeros(d) if shift is None else np.asarray(shift, np.float64)
+    total = int(sum(sizes))
+    n_chunks = max(1, min(threads or os.cpu_count() or 1, n // CHUNK))
+    if n_chunks > 1 and total * d * 8 > MAX_PRIVATE:
+        n_chunks = 1  # many codes (e.g. token ids): one accumulator, not one per thread
+    parts = np.zeros((n_chunks, total, d))
+    sq = np.empty(n)
+    bounds = np.linspace(0, n, n_chunks + 1).astype(np.int64)
+    if n_chunks == 1:
+        _sums_chunk(X, codes, offsets, shift, parts[0], sq, 0, n)
+    else:  # the kernel releases the GIL; plain threads, so concurrent callers (app sessions) are safe
+        with ThreadPoolExecutor(n_chunks) as pool:
+            list(pool.map(lambda c: _sums_chunk(X, codes, offsets, shift, parts[c], sq, bounds[c], bounds[c + 1]),
+                          range(n_chunks)))
+    out = parts.sum(axis=0) if n_chunks > 1 else parts[0]
+    return [out[o:o + g] for o, g in zip(offsets, sizes)], sq
+
+
+@njit(cache=True, nogil=True)
+def _shuffle_within(values, keys, by_group, starts, out):  # pragma: no cover - compiled
+    for g in range(len(starts) - 1):
+        rows = by_group[starts[g]:starts[g + 1]]
+        k = keys[rows]
+        order = np.argsort(k)  # quicksort: the keys are distinct but for ties, which take the stable sort
+        for i in range(1, len(order)):
+            if k[order[i]] == k[order[i - 1]]:
+                order = np.argsort(k, kind="mergesort")
+                break
+        for i in range(len(rows)):
+            out[rows[i]] = values[rows[order[i]]]
+
+
+def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """values (n,) permuted within groups: the rows of group g, by_group[starts[g]:starts[g + 1]] in row
+    order, receive the values of those rows sorted by `keys` (stable) - the permutation of
+    np.lexsort((keys, groups)), one small sort per group instead of sorts of all n keys."""
+    out = np.empty_like(values)
+    _shuffle_within(np.ascontiguousarray(values), np.ascontiguousarray(keys), by_group, starts, out)
+    return out
