@@ -95,3 +95,27 @@ def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, s
     out = np.empty_like(values)
     _shuffle_within(np.ascontiguousarray(values), np.ascontiguousarray(keys), by_group, starts, out)
     return out
+
+
+@njit(cache=True, nogil=True)
+def _weighted_sums(Z, codes, W, out):  # pragma: no cover - compiled
+    d = Z.shape[1]
+    for i in range(Z.shape[0]):
+        c = codes[i]
+        for b in range(W.shape[0]):
+            w = W[b, i]
+            if w == 0:
+                continue
+            for k in range(d):
+                out[b, c, k] += w * Z[i, k]
+
+
+def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.ndarray) -> np.ndarray:
+    """(b, G, d) float64: for each row of weights W (b, n), the weighted per-code sums of the rows of Z (n, d)
+    (codes (n,) in 0..G-1): one pass over Z for all b weightings (a bootstrap's resamples at once)."""
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    if len(codes) and (codes.min() < 0 or codes.max() >= n_codes):  # the loop does not check bounds
+        raise ValueError(f"codes must lie in 0..{n_codes - 1}")
+    out = np.zeros((W.shape[0], n_codes, Z.shape[1]))
+    _weighted_sums(np.ascontiguousarray(Z, dtype=np.float64), codes, np.ascontiguousarray(W, dtype=np.float64), out)
+    return out

@@ -81,12 +81,10 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), on a seeded random projection
     to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap.
 
-    The per-position weighted sums of `chunk` resamples at once are one small product per position (its
-    rows of Z gathered, (n_t, m)); the resample weights are the draws always made."""
+    The per-position weighted sums of `chunk` resamples at once come from one compiled pass over Z; the
+    resample weights are the draws always made."""
     n = len(X)
     R = rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims) if X.shape[1] > dims else None
-    order = np.argsort(pos_code, kind="stable")  # rows of position t: order[start[t]:start[t + 1]]
-    start = np.searchsorted(pos_code[order], np.arange(n_pos + 1))
     Z = np.empty((n, dims if R is not None else X.shape[1]))  # (n, m) float64
     for rows in blocks(n):
         xb = np.asarray(X[rows], np.float64)
@@ -95,13 +93,15 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     # (R2 does not change when every row moves by the same vector).
     Z -= Z.mean(axis=0)
     sq = np.einsum("ij,ij->i", Z, Z)  # (n,)
-    with one_thread():  # products per position of a few resamples: small, faster on one BLAS thread
-        return _band(_boot_r2(Z, sq, order, start, n_pos, rng, n_boot, chunk))
+    return _band(_boot_r2(Z, sq, pos_code, n_pos, rng, n_boot, chunk))
 
 
-def _boot_r2(Z: np.ndarray, sq: np.ndarray, order: np.ndarray, start: np.ndarray, n_pos: int,
-             rng: np.random.Generator, n_boot: int, chunk: int) -> np.ndarray:
-    """_r2_band's resampled R2 values (n_boot,) of the centred projection Z (n, m)."""
+def _boot_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator,
+             n_boot: int, chunk: int) -> np.ndarray:
+    """_r2_band's resampled R2 values (n_boot,) of the centred projection Z (n, m): `chunk` resamples'
+    per-position weighted sums from one compiled pass over Z."""
+    from analysis.kernels import weighted_code_sums  # numba: imported by the first band
+
     n = len(Z)
     values = []
     for first in range(0, n_boot, chunk):
@@ -110,14 +110,11 @@ def _boot_r2(Z: np.ndarray, sq: np.ndarray, order: np.ndarray, start: np.ndarray
         total = W.sum(axis=1)  # (b,)
         grand = (W @ Z) / total[:, None]  # (b, m)
         sst = W @ sq - total * (grand**2).sum(axis=1)  # (b,)
-        ssb = np.zeros(len(W))
-        for t in range(n_pos):  # (b, n_t) @ (n_t, m) per position: small products
-            rows = order[start[t]:start[t + 1]]
-            w_t, z_t = W[:, rows], Z[rows]
-            cnt = w_t.sum(axis=1)  # (b,)
-            ok = cnt > 0
-            sums = w_t[ok] @ z_t  # (b_ok, m) weighted sums at position t
-            ssb[ok] += cnt[ok] * ((sums / cnt[ok, None] - grand[ok]) ** 2).sum(axis=1)
+        sums = weighted_code_sums(Z, pos_code, n_pos, W)  # (b, T, m) weighted sums per position
+        cnt = np.stack([np.bincount(pos_code, weights=w, minlength=n_pos) for w in W])  # (b, T)
+        ok = cnt > 0
+        means = sums / np.where(ok, cnt, 1)[:, :, None]
+        ssb = (np.where(ok, cnt, 0) * ((means - grand[:, None, :]) ** 2).sum(axis=2)).sum(axis=1)  # (b,)
         values.extend(np.where(sst > 0, ssb / np.where(sst > 0, sst, 1), 0.0))
     return np.asarray(values)
 

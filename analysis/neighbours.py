@@ -140,6 +140,7 @@ class Cells:
         self.Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
         for s in range(0, n, 65536):
             self.Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
+        self.sq = np.einsum("ij,ij->i", self.Z, self.Z)  # (n,) |z|^2: reduced distances from one product
         n_cells = max(1, n // cell_size)
         rng = np.random.default_rng(seed)
         self.landmarks = Index(self.Z[np.sort(rng.choice(n, n_cells, replace=False))])
@@ -212,7 +213,7 @@ def search(
                 short.append(j)
                 continue
             if len(c) > rerank:
-                dz = ((cells.Z[c] - cells.Z[qi]) ** 2).sum(axis=1)
+                dz = cells.sq[c] - 2 * (cells.Z[c] @ cells.Z[qi])  # |z_c - z_q|^2 - |z_q|^2, the same order
                 c = c[np.argpartition(dz, rerank - 1)[:rerank]]
             d = ((X[c] - X[qi]) ** 2).sum(axis=1)
             best = c[np.argsort(d, kind="stable")[:k]]
