@@ -420,7 +420,11 @@ def _centered(Z: np.ndarray, branch: np.ndarray) -> np.ndarray:
     """Z minus each branch's mean: a branch's content, constant along it, no longer looks like position."""
     _, inverse, counts = np.unique(branch, return_inverse=True, return_counts=True)
     _, sums, _ = group_sums(Z, branch)
-    return (Z - (sums / counts[:, None])[inverse.ravel()]).astype(np.float32)
+    means, inverse = sums / counts[:, None], inverse.ravel()
+    out = np.empty(Z.shape, np.float32)
+    for rows in blocks(len(Z)):  # no (n, m) float64 temporaries
+        out[rows] = Z[rows] - means[inverse[rows]]
+    return out
 
 
 def _fold_sq(Zc: np.ndarray, fold: np.ndarray, n_folds: int) -> np.ndarray:

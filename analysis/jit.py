@@ -70,13 +70,15 @@ def umap_fit(Y: np.ndarray, idx: np.ndarray, dist: np.ndarray, n_components: int
 
 
 def warm_up(seed: int = 0) -> None:
-    """Compile (or load from the disk cache) every kernel a default projection uses, on a tiny input.
+    """Compile (or load from the disk cache) every kernel a default view uses, on a tiny input.
 
     The app runs this in the background at start, so the user's first UMAP does not pay for JIT.
     Both graph sizes umap-learn treats differently (below 4096 points it recomputes the graph itself).
     """
+    from analysis import kernels
     from analysis.neighbours import knn_graph
 
+    kernels.warm_up()  # the row-sum and shuffle kernels of the removal and the metrics
     rng = np.random.default_rng(seed)
     for n in (300, 4200):
         X = rng.normal(size=(n, 16)).astype(np.float32)

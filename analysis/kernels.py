@@ -119,3 +119,14 @@ def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.nda
     out = np.zeros((W.shape[0], n_codes, Z.shape[1]))
     _weighted_sums(np.ascontiguousarray(Z, dtype=np.float64), codes, np.ascontiguousarray(W, dtype=np.float64), out)
     return out
+
+
+def warm_up() -> None:
+    """Compile (or load from the disk cache) each kernel for the dtypes a view uses, on tiny inputs."""
+    codes = np.array([0, 1, 0, 1])
+    for dtype in (np.float32, np.float64):
+        code_sums(np.ones((4, 3), dtype), [(codes, 2)])
+    by_group, starts = np.arange(4), np.array([0, 2, 4])
+    for values in (np.arange(4.0), np.arange(4), np.arange(4, dtype=np.int32)):
+        shuffle_within(values, np.linspace(0, 1, 4), by_group, starts)
+    weighted_code_sums(np.ones((4, 3)), codes, 2, np.ones((2, 4)))
