@@ -73,12 +73,14 @@ class Index:
     def __len__(self) -> int:
         return len(self.base)
 
-    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(indices (q, k), distances (q, k)) of each query's k nearest base points, nearest first."""
+    def search(self, Q: np.ndarray, k: int, expansion: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(indices (q, k), distances (q, k)) of each query's k nearest base points, nearest first.
+        expansion: HNSW's search breadth for this call (default EXPANSION_SEARCH; at least k)."""
         Q = np.ascontiguousarray(Q, dtype=np.float32)
         k = int(min(k, len(self.base)))
         if self.exact:
             return exact_knn(Q, self.base, k)
+        self._hnsw.expansion_search = max(k, expansion or EXPANSION_SEARCH)
         found = self._hnsw.search(Q, k, threads=_threads())
         idx = found.keys.astype(np.int64).reshape(len(Q), k)
         dist = np.sqrt(np.maximum(found.distances, 0)).astype(np.float32).reshape(len(Q), k)

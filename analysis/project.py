@@ -22,6 +22,7 @@ PROJECTIONS = ("umap", "pca")
 LANDMARK_ABOVE = 30_000  # more points than this: UMAP on landmarks, the rest placed from them
 LANDMARKS = 20_000  # landmarks laid out by UMAP (the full layout's trustworthiness within 0.02 at 50k)
 PLACE_NEIGHBOURS = 10  # landmarks each other point is placed from
+PLACE_EXPANSION = 16  # HNSW search breadth for the placement (a weighted mean of 10 landmarks: near ones do)
 METRICS = ("cosine", "euclidean")
 
 
@@ -171,7 +172,7 @@ def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LAND
     index = Index(Y[chosen])
     for s in range(0, len(others), 65536):  # bounded temporaries at 1M points
         rows = others[s:s + 65536]
-        idx, dist = index.search(Y[rows], PLACE_NEIGHBOURS)  # (b, m) landmark indices, distances
+        idx, dist = index.search(Y[rows], PLACE_NEIGHBOURS, PLACE_EXPANSION)  # (b, m) landmark indices, distances
         spread = np.maximum(dist.mean(axis=1, keepdims=True) - dist[:, :1], 1e-12)
         w = np.exp(-(dist - dist[:, :1]) / spread)  # (b, m)
         coords[rows] = np.einsum("bm,bmc->bc", w, coords[chosen][idx]) / w.sum(axis=1, keepdims=True)
