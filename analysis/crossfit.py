@@ -349,7 +349,7 @@ def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
     """Out-of-fold (R2, least-squares weight) of the method's estimate of E[x | covariates], over the
     held-out tokens whose covariates the training folds cover (as in the removal)."""
     cls = RESIDUALIZERS[spec.method]
-    if len(cls.covariates) == 1 and hasattr(cls, "fit_stats"):
+    if len(cls.covariates) == 1 and hasattr(cls, "fit_stats") and cls.additive:  # the model is its own helper
         return _oof_from_cells(Z, ref, fold, spec, cov[cls.covariates[0]])
     return _oof_rows(Z, ref, fold, spec, cov)
 

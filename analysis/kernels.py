@@ -19,6 +19,8 @@ from numba import njit
 # write the same memory; below this many rows one chunk does all (fewer accumulators to add).
 CHUNK = 32_768
 MAX_PRIVATE = 64 << 20  # bytes of accumulators per thread above which one thread sums
+MAX_ACCUMULATORS = 256 << 20  # bytes of all threads' accumulators together
+CONVERT_BLOCK = 8192  # rows converted at a time from a dtype or layout the loop does not read in place
 
 
 @njit(cache=True, nogil=True)
@@ -40,29 +42,50 @@ def _sums_chunk(X, codes, offsets, shift, out, sq, start, stop):  # pragma: no c
                 out[r, k] += row[k]
 
 
+def cores() -> int:
+    """CPUs this process may run on (its affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def code_sums(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.ndarray | None = None,
               threads: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-code sums of the rows of X (n, d; float32 or float64) minus `shift` (d,), in float64, for
-    several codings at once (codes (n,) in 0..G-1, or -1 for rows outside every group; G): ([(G, d), ...],
-    each row's squared norm after the shift (n,))."""
-    X = np.ascontiguousarray(X)
-    if X.dtype not in (np.float32, np.float64):
-        X = X.astype(np.float64)
+    """Per-code sums of the rows of X (n, d) minus `shift` (d,), in float64, for several codings at once
+    (codes (n,) in 0..G-1, or -1 for rows outside every group; G): ([(G, d), ...], each row's squared norm
+    after the shift (n,)). C-contiguous float32 / float64 rows are read in place, on up to `threads`
+    threads (default: this process's CPUs); any other X a block of rows at a time, converted."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise ValueError(f"need rows of shape (n, d), got {X.shape}")
     n, d = X.shape
     sizes = [int(g) for _, g in codings]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     codes = np.empty((len(codings), n), np.int64)
     for j, (c, _) in enumerate(codings):
-        codes[j] = np.asarray(c).ravel()
+        c = np.asarray(c).ravel()
+        if len(c) != n:
+            raise ValueError(f"need one code per row: {len(c)} codes for {n} rows")
+        codes[j] = c
         if n and (codes[j].min() < -1 or codes[j].max() >= sizes[j]):  # the loop does not check bounds
             raise ValueError(f"codes must lie in -1..{sizes[j] - 1}")
-    shift = np.zeros(d) if shift is None else np.asarray(shift, np.float64)
+    shift = np.zeros(d) if shift is None else np.ascontiguousarray(shift, np.float64).ravel()
+    if shift.shape != (d,):
+        raise ValueError(f"need a shift of shape ({d},), got {shift.shape}")
     total = int(sum(sizes))
-    n_chunks = max(1, min(threads or os.cpu_count() or 1, n // CHUNK))
-    if n_chunks > 1 and total * d * 8 > MAX_PRIVATE:
+    acc_bytes = max(total * d * 8, 1)
+    n_chunks = max(1, min(threads or cores(), n // CHUNK, MAX_ACCUMULATORS // acc_bytes))
+    if n_chunks > 1 and acc_bytes > MAX_PRIVATE:
         n_chunks = 1  # many codes (e.g. token ids): one accumulator, not one per thread
     parts = np.zeros((n_chunks, total, d))
     sq = np.empty(n)
+    if not (X.dtype in (np.float32, np.float64) and X.flags.c_contiguous):
+        for start in range(0, n, CONVERT_BLOCK):  # e.g. float16 or a strided view: a block at a time, never whole
+            rows = slice(start, min(start + CONVERT_BLOCK, n))
+            _sums_chunk(np.ascontiguousarray(X[rows], np.float64), np.ascontiguousarray(codes[:, rows]), offsets,
+                        shift, parts[0], sq[rows], 0, rows.stop - rows.start)
+        return [parts[0][o:o + g] for o, g in zip(offsets, sizes)], sq
     bounds = np.linspace(0, n, n_chunks + 1).astype(np.int64)
     if n_chunks == 1:
         _sums_chunk(X, codes, offsets, shift, parts[0], sq, 0, n)
@@ -92,8 +115,12 @@ def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, s
     """values (n,) permuted within groups: the rows of group g, by_group[starts[g]:starts[g + 1]] in row
     order, receive the values of those rows sorted by `keys` (stable) - the permutation of
     np.lexsort((keys, groups)), one small sort per group instead of sorts of all n keys."""
+    values, keys = np.ascontiguousarray(values), np.ascontiguousarray(keys)
+    if not (values.ndim == 1 and len(values) == len(keys) == len(by_group) == (starts[-1] if len(starts) else 0)):
+        raise ValueError(f"need one value and one key per row: {len(values)} values, {len(keys)} keys, "
+                         f"{len(by_group)} rows")
     out = np.empty_like(values)
-    _shuffle_within(np.ascontiguousarray(values), np.ascontiguousarray(keys), by_group, starts, out)
+    _shuffle_within(values, keys, by_group, starts, out)
     return out
 
 
@@ -114,6 +141,8 @@ def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.nda
     """(b, G, d) float64: for each row of weights W (b, n), the weighted per-code sums of the rows of Z (n, d)
     (codes (n,) in 0..G-1): one pass over Z for all b weightings (a bootstrap's resamples at once)."""
     codes = np.ascontiguousarray(codes, dtype=np.int64)
+    if Z.ndim != 2 or W.ndim != 2 or not len(codes) == len(Z) == W.shape[1]:
+        raise ValueError(f"need Z (n, d), codes (n,) and W (b, n): got {Z.shape}, {codes.shape}, {W.shape}")
     if len(codes) and (codes.min() < 0 or codes.max() >= n_codes):  # the loop does not check bounds
         raise ValueError(f"codes must lie in 0..{n_codes - 1}")
     out = np.zeros((W.shape[0], n_codes, Z.shape[1]))
@@ -129,4 +158,9 @@ def warm_up() -> None:
     by_group, starts = np.arange(4), np.array([0, 2, 4])
     for values in (np.arange(4.0), np.arange(4), np.arange(4, dtype=np.int32)):
         shuffle_within(values, np.linspace(0, 1, 4), by_group, starts)
+        values.flags.writeable = False  # arrays read zero-copy from Arrow are read-only: another type
+        shuffle_within(values, np.linspace(0, 1, 4), by_group, starts)
+    rows = np.ones((4, 3), np.float32)
+    rows.flags.writeable = False
+    code_sums(rows, [(codes, 2)])
     weighted_code_sums(np.ones((4, 3)), codes, 2, np.ones((2, 4)))

@@ -162,20 +162,26 @@ def test_nearest_only_search_finds_the_brute_force_nearest():
 def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(params):
     """The removal's weight (crossfit._oof) from FoldCells' sums: the same R2 and weight as fitting each
     fold's model, its branch offsets backfitted, on the training rows themselves."""
-    from analysis.crossfit import _fold_of, _oof_from_cells, _oof_rows, _project, covariates
+    from analysis.crossfit import _fold_of, _oof_from_cells, _oof_rows, _project, _supported, covariates
 
     tree = branch_tree(n_prompts=6, branches_per_prompt=5, length=40, d=96, seed=3)
     rng = np.random.default_rng(2)
-    tree.extra["token_id"] = rng.integers(0, 30, len(tree))
-    tree = tree.with_X(tree.X + 3 * rng.normal(size=(30, tree.dim)).astype(np.float32)[tree.extra["token_id"]])
-    keep = ~((tree.prompt == 0) & (tree.position > 30))  # fold 0's prompt is short: unsupported tail elsewhere
-    tree = tree.subset(np.flatnonzero(keep))
+    token = rng.integers(0, 30, len(tree))
+    token[tree.prompt == 1] += 30 * (rng.random(int((tree.prompt == 1).sum())) < 0.2)  # ids only prompt 1 has
+    tree.extra["token_id"] = token
+    tree = tree.with_X(tree.X + 3 * rng.normal(size=(60, tree.dim)).astype(np.float32)[token])
     spec = ResidualSpec(**params)
-    Z = _project(tree.X - tree.X.mean(axis=0), 0)  # (n, 64) float64, as the removal's test runs on
+    # prompt 0 alone reaches past position 30: its fold's late tokens have no support elsewhere
+    tree = tree.subset(np.flatnonzero((tree.prompt == 0) | (tree.position <= 30)))
     fold, _ = _fold_of(tree.prompt, tree.prompt, spec.folds, 0)
+    Z = _project(tree.X - tree.X.mean(axis=0), 0)  # (n, 64) float64, as the removal's test runs on
     cov = {k: v for k, v in covariates(tree).items() if v is not None}
     name = "token" if spec.method == "per_token" else "position"
-    got = _oof_from_cells(Z, tree, fold, spec, cov[name])
+    label = cov[name]
+    unsupported = sum(int((~_supported({name: label[fold != f]}, {name: label[fold == f]})).sum())
+                      for f in np.unique(fold))
+    assert unsupported > 0  # held-out rows whose position (token id) the training folds never saw: left out
+    got = _oof_from_cells(Z, tree, fold, spec, label)
     want = _oof_rows(Z, tree, fold, spec, cov)
     assert 0 < want[1] <= 1  # a real weight, not a degenerate 0
     assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-7)

@@ -1,0 +1,79 @@
+"""The compiled loops of analysis.kernels against plain numpy: per-code row sums (threaded and not, rows
+outside every group, many codes, input that must be converted), the weighted sums of a bootstrap, and
+their refusals of input the loops would read or write out of bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis import kernels
+
+
+def reference_sums(X: np.ndarray, codes: np.ndarray, G: int, shift: np.ndarray) -> np.ndarray:
+    out = np.zeros((G, X.shape[1]))
+    keep = codes >= 0
+    np.add.at(out, codes[keep], X[keep].astype(np.float64) - shift)
+    return out
+
+
+@pytest.mark.parametrize("n, threads", [(0, None), (1, None), (1000, None), (70_000, 2), (70_000, 1)])
+def test_code_sums_equal_numpy_sums_for_every_coding(n, threads):
+    rng = np.random.default_rng(n)
+    X = rng.normal(size=(n, 12)).astype(np.float32)
+    shift = rng.normal(size=12)
+    codings = [(rng.integers(0, 7, n), 7), (rng.integers(-1, 3, n), 3)]  # -1: in no group of that coding
+    sums, sq = kernels.code_sums(X, codings, shift, threads=threads)
+    for (codes, G), got in zip(codings, sums):
+        np.testing.assert_allclose(got, reference_sums(X, codes, G, shift), rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(sq, ((X.astype(np.float64) - shift) ** 2).sum(axis=1), rtol=1e-12)
+    if n >= 2 * kernels.CHUNK and threads == 2:
+        assert max(1, min(2, n // kernels.CHUNK)) == 2  # this case runs the threaded path
+
+
+def test_code_sums_convert_other_dtypes_and_strided_rows_a_block_at_a_time():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(20_000, 16))
+    codes = rng.integers(0, 5, 20_000)
+    want = reference_sums(base[:, ::2].astype(np.float16), codes, 5, np.zeros(8))
+    for X in (base[:, ::2].astype(np.float16), base.astype(np.float16)[:, ::2]):  # float16; a strided view
+        np.testing.assert_allclose(kernels.code_sums(X, [(codes, 5)])[0][0], want, rtol=1e-10, atol=1e-8)
+
+
+def test_many_codes_sum_on_one_accumulator_with_the_same_result(monkeypatch):
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(70_000, 4))
+    codes = rng.integers(0, 50, 70_000)
+    threaded = kernels.code_sums(X, [(codes, 50)], threads=2)[0][0]
+    monkeypatch.setattr(kernels, "MAX_PRIVATE", 1)  # every accumulator "too large" to copy per thread
+    single = kernels.code_sums(X, [(codes, 50)], threads=2)[0][0]
+    np.testing.assert_allclose(single, threaded, rtol=1e-12)
+    np.testing.assert_allclose(single, reference_sums(X, codes, 50, np.zeros(4)), rtol=1e-10)
+
+
+def test_weighted_code_sums_equal_numpy_per_weighting():
+    rng = np.random.default_rng(3)
+    Z = rng.normal(size=(500, 6))
+    codes = rng.integers(0, 9, 500)
+    W = rng.integers(0, 3, size=(4, 500)).astype(np.float64)
+    got = kernels.weighted_code_sums(Z, codes, 9, W)
+    for b in range(4):
+        want = np.zeros((9, 6))
+        np.add.at(want, codes, Z * W[b][:, None])
+        np.testing.assert_allclose(got[b], want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_loops_refuse_input_they_would_read_or_write_out_of_bounds():
+    X = np.ones((4, 3))
+    with pytest.raises(ValueError, match="codes must lie"):
+        kernels.code_sums(X, [(np.array([0, 1, 2, 3]), 3)])
+    with pytest.raises(ValueError, match="codes must lie"):
+        kernels.code_sums(X, [(np.array([0, -2, 0, 0]), 3)])
+    with pytest.raises(ValueError, match="one code per row"):
+        kernels.code_sums(X, [(np.array([0, 1]), 2)])
+    with pytest.raises(ValueError, match="shift"):
+        kernels.code_sums(X, [(np.array([0, 1, 0, 1]), 2)], shift=np.zeros(2))
+    with pytest.raises(ValueError, match="one value and one key"):
+        kernels.shuffle_within(np.arange(3.0), np.linspace(0, 1, 4), np.arange(4), np.array([0, 4]))
+    with pytest.raises(ValueError, match="W"):
+        kernels.weighted_code_sums(X, np.array([0, 1, 0, 1]), 2, np.ones((2, 5)))
