@@ -41,8 +41,5 @@ def code_sums64(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.
     with_sq: also each row's squared norm after the shift, (n,) float64, from the same pass."""
     from analysis.kernels import code_sums  # numba: imported by the first sum, not with this module
 
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"need rows of shape (n, d), got {X.shape}")
     sums, sq = code_sums(X, codings, shift)
     return (sums, sq) if with_sq else sums

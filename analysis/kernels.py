@@ -1,10 +1,11 @@
-"""Compiled loops for per-code row sums (numba, compiled once per machine: on-disk cache).
+"""Compiled loops (numba, compiled once per machine: on-disk cache): per-code row sums, within-group
+shuffles, and the bootstrap's weighted per-code sums.
 
 A per-position (or per-branch, per-cell) sum of rows is the inner loop of the removal, its detection
 test and R2_pos. As a sparse one-hot product (scipy's csr_matvecs) it ran at ~0.5 GFLOP/s and needed a
 float64 copy of every block of float32 rows; here each row is read once, in its own dtype, and added in
-float64 to every coding's accumulator (they fit in cache: a few hundred codes x d). Imported lazily
-(numba costs ~0.5 s to import), by analysis.groups only.
+float64 to every coding's accumulator (they fit in cache: a few hundred codes x d). Imported lazily,
+inside the functions that use it (analysis.groups, metrics, jit), since numba costs ~0.5 s to import.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numpy as np
 
 from analysis import neighbours
 from analysis.blas import one_thread
-from analysis.groups import BLOCK, blocks, code_sums64, onehot
+from analysis.groups import BLOCK, blocks, code_sums64
 
 
 def r2_pos(

@@ -27,8 +27,22 @@ def test_code_sums_equal_numpy_sums_for_every_coding(n, threads):
     for (codes, G), got in zip(codings, sums):
         np.testing.assert_allclose(got, reference_sums(X, codes, G, shift), rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(sq, ((X.astype(np.float64) - shift) ** 2).sum(axis=1), rtol=1e-12)
-    if n >= 2 * kernels.CHUNK and threads == 2:
-        assert max(1, min(2, n // kernels.CHUNK)) == 2  # this case runs the threaded path
+
+
+def test_large_inputs_are_summed_on_threads(monkeypatch):
+    pools = []
+
+    class CountingPool(kernels.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(kernels, "ThreadPoolExecutor", CountingPool)
+    X = np.random.default_rng(4).normal(size=(2 * kernels.CHUNK, 3))
+    kernels.code_sums(X, [(np.zeros(len(X), np.int64), 1)], threads=2)
+    assert pools == [2]
+    kernels.code_sums(X[: kernels.CHUNK], [(np.zeros(kernels.CHUNK, np.int64), 1)], threads=2)
+    assert pools == [2]  # below two chunks' rows: one thread, no pool
 
 
 def test_code_sums_convert_other_dtypes_and_strided_rows_a_block_at_a_time():
