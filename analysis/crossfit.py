@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from analysis.groups import blocks, code_sums64, group_sums, onehot
+from analysis.groups import blocks, code_sums64, f64_blocks, group_sums, onehot, row_sq
 from analysis.metrics import WithinShuffler
 from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
                                   branch_offsets, make_residualizer)
@@ -339,8 +339,8 @@ def _project(Z: np.ndarray, seed: int) -> np.ndarray:
     R = np.random.default_rng(seed + 17).normal(size=(Z.shape[1], TEST_DIMS)).astype(np.float32)
     R = R / np.sqrt(TEST_DIMS)  # float64 (d, m): a numpy float64 scalar promotes the float32 matrix
     out = np.empty((len(Z), TEST_DIMS))  # (n, m) float64, as the tests have always run in
-    for rows in blocks(len(Z)):  # Z @ R at once would first cast all of Z to float64 (2x its size)
-        out[rows] = Z[rows].astype(np.float64) @ R
+    for rows, zb in f64_blocks(Z):  # Z @ R at once would first cast all of Z to float64 (2x its size)
+        np.matmul(zb, R, out=out[rows])
     return out
 
 
@@ -429,7 +429,7 @@ def _centered(Z: np.ndarray, branch: np.ndarray) -> np.ndarray:
 
 def _fold_sq(Zc: np.ndarray, fold: np.ndarray, n_folds: int) -> np.ndarray:
     """(F,) sum of |z|^2 over each fold's rows (float64)."""
-    return np.bincount(fold, weights=(Zc.astype(np.float64) ** 2).sum(axis=1), minlength=n_folds)
+    return np.bincount(fold, weights=row_sq(Zc), minlength=n_folds)
 
 
 def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds: int,

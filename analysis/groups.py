@@ -7,12 +7,39 @@ from collections.abc import Iterator
 import numpy as np
 
 BLOCK = 8192  # rows per block where a pass over all rows would otherwise make an (n, d) temporary
+F64_BUFFER = 4 << 20  # bytes of f64_blocks' one buffer (a block of a few thousand rows at d = 640)
 
 
 def blocks(n: int, size: int = BLOCK) -> Iterator[slice]:
     """Consecutive row slices of at most `size` rows covering range(n)."""
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def f64_blocks(X: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, X[rows] as float64) for consecutive blocks of rows of X (n, d), every block written into the
+    same buffer of at most F64_BUFFER bytes: a float64 pass over float32 rows with no float64 copy of X
+    and no allocation per block (memory new to a process is slow to touch on VMs: ~4-10 ms per MB on the
+    dev machine). A block is overwritten by the next one: use it before asking for the next."""
+    n, d = X.shape
+    size = max(1, min(BLOCK, F64_BUFFER // (8 * max(d, 1))))
+    buf = np.empty((min(size, n), d))
+    for rows in blocks(n, size):
+        block = buf[:rows.stop - rows.start]
+        np.copyto(block, X[rows])
+        yield rows, block
+
+
+def row_sq(X: np.ndarray, shift: np.ndarray | None = None) -> np.ndarray:
+    """(n,) float64 squared norm of each row of X (n, d) (after subtracting `shift` (d,)), from one compiled
+    pass over X in its own dtype: no (n, d) temporary of squares or of a float64 copy."""
+    return code_sums64(X, [], shift=shift, with_sq=True)[1]
+
+
+def row_norms(X: np.ndarray) -> np.ndarray:
+    """(n, 1) float32 norms of the rows of X (n, d), at least 1e-12: X / row_norms(X) are its unit rows.
+    Every unit vector of a view (cosine projection, neighbour measures) is made with it, so they agree."""
+    return np.maximum(np.sqrt(row_sq(X)), 1e-12).astype(np.float32)[:, None]
 
 
 def onehot(codes: np.ndarray, n_groups: int, weights: np.ndarray | None = None, dtype=np.float64):

@@ -10,7 +10,7 @@ import numpy as np
 
 from analysis import neighbours
 from analysis.blas import one_thread
-from analysis.groups import BLOCK, blocks, code_sums64
+from analysis.groups import BLOCK, code_sums64, f64_blocks
 
 
 def r2_pos(
@@ -86,9 +86,11 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     n = len(X)
     R = rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims) if X.shape[1] > dims else None
     Z = np.empty((n, dims if R is not None else X.shape[1]))  # (n, m) float64
-    for rows in blocks(n):
-        xb = np.asarray(X[rows], np.float64)
-        Z[rows] = xb @ R if R is not None else xb
+    for rows, xb in f64_blocks(X):
+        if R is not None:
+            np.matmul(xb, R, out=Z[rows])
+        else:
+            Z[rows] = xb
     # Centred once, so each resample's total sum of squares comes from row norms without cancellation
     # (R2 does not change when every row moves by the same vector).
     Z -= Z.mean(axis=0)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from analysis import jit
-from analysis.groups import code_sums64
+from analysis.groups import code_sums64, row_norms
 from analysis.neighbours import Index, knn_graph, pca_fit
 
 PROJECTIONS = ("umap", "pca")
@@ -133,8 +133,14 @@ def unit_pca_fit(X: np.ndarray, n_components: int, spec: ProjectionSpec) -> tupl
     if len(X) > max(PCA_SAMPLE, X.shape[1]):
         rows = X[np.sort(np.random.default_rng(spec.seed or 0).choice(len(X), PCA_SAMPLE, replace=False))]
     if spec.metric == "cosine":
-        rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        rows = rows / row_norms(rows) if rows is X else _unit_in_place(rows)  # the sample is a copy already
     return pca_fit(rows, n_components, seed=spec.seed or 0)
+
+
+def _unit_in_place(X: np.ndarray) -> np.ndarray:
+    """X (n, d) float32 scaled to unit rows, in place."""
+    X /= row_norms(X)
+    return X
 
 
 def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536,
@@ -147,16 +153,17 @@ def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536,
     fit = unit_pca_fit(X, spec.pca_dims, spec) if pca is None else pca
     if fit is None:
         if unit:
-            X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+            X = X / row_norms(X)
         return pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
     mean, comps = fit[0], fit[1][:, :spec.pca_dims]
     shift = mean @ comps
     Y = np.empty((len(X), comps.shape[1]), np.float32)
     for s in range(0, len(X), block):
-        rows = X[s:s + block]
-        if unit:
-            rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-        Y[s:s + block] = rows @ comps - shift
+        out = Y[s:s + block]
+        np.matmul(X[s:s + block], comps, out=out)
+        if unit:  # unit(x) @ C = (x @ C) / |x|: no unit copy of the rows
+            out /= row_norms(X[s:s + block])
+        out -= shift
     return Y
 
 
@@ -167,9 +174,9 @@ def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LAND
     n = len(Y)
     chosen = np.sort(np.random.default_rng(spec.seed or 0).choice(n, min(n, n_landmarks), replace=False))
     coords = np.empty((n, spec.n_components), np.float32)
-    coords[chosen] = umap_layout(Y[chosen], spec)
+    index = Index(Y[chosen])  # one HNSW graph of the landmarks: UMAP's kNN graph and the placement
+    coords[chosen] = umap_layout(index.base, spec, index)
     others = np.setdiff1d(np.arange(n), chosen, assume_unique=True)
-    index = Index(Y[chosen])
     for s in range(0, len(others), 65536):  # bounded temporaries at 1M points
         rows = others[s:s + 65536]
         idx, dist = index.search(Y[rows], PLACE_NEIGHBOURS, PLACE_EXPANSION)  # (b, m) landmark indices, distances
@@ -179,10 +186,11 @@ def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LAND
     return coords
 
 
-def umap_layout(Y: np.ndarray, spec: ProjectionSpec) -> np.ndarray:
-    """umap-learn's layout of Y (n, r) on the precomputed kNN graph of analysis.neighbours: (n, n_components)."""
+def umap_layout(Y: np.ndarray, spec: ProjectionSpec, index: Index | None = None) -> np.ndarray:
+    """umap-learn's layout of Y (n, r) on the precomputed kNN graph of analysis.neighbours: (n, n_components).
+    index: an Index of Y already built."""
     n = len(Y)
-    idx, dist = knn_graph(Y, int(min(spec.n_neighbors, n - 1)))
+    idx, dist = knn_graph(Y, int(min(spec.n_neighbors, n - 1)), index)
     return jit.umap_fit(Y, idx, dist, n_components=spec.n_components, min_dist=spec.min_dist,
                         n_epochs=spec.epochs_for(n), seed=spec.seed)
 

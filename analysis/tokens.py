@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from analysis.groups import blocks
+from analysis.groups import row_sq
 
 
 @dataclass
@@ -69,7 +69,7 @@ def find_sinks(X: np.ndarray, position: np.ndarray, z: float = 6.0, include_firs
     mask = position == 0 if include_first else np.zeros(len(X), bool)
     if len(X) < 3:
         return mask
-    lognorm = np.log(np.concatenate([np.linalg.norm(X[r], axis=1) for r in blocks(len(X))]) + 1e-12)  # (n,)
+    lognorm = np.log(np.sqrt(row_sq(X)) + 1e-12)  # (n,)
     rest = lognorm[~mask] if (~mask).sum() >= 3 else lognorm
     med = np.median(rest)
     mad = 1.4826 * np.median(np.abs(rest - med))

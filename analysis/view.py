@@ -13,7 +13,7 @@ from analysis import probe as P
 from analysis.measures import MEASURES, Context
 from analysis.project import ProjectionSpec, project, unit_pca_fit
 from analysis.crossfit import RemovalReport, fit_remove
-from analysis.groups import blocks
+from analysis.groups import blocks, row_norms
 from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet, find_sinks
 
@@ -165,15 +165,15 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_plac
     if spec.projection.metric == "cosine" and in_place:
         ctx = Context(tokens, X, coords, spec.k, spec.window, spec.n_queries)
         early = {key: m.compute(ctx) for key, m in MEASURES.items() if m.reads_vectors}
-        norms = np.empty((len(X), 1), np.float32)
+        norms = row_norms(X)  # (n, 1)
         for rows in blocks(len(X)):
-            norms[rows] = np.maximum(np.linalg.norm(X[rows], axis=1, keepdims=True), 1e-12)
             X[rows] /= norms[rows]
         space = X.view()  # another array object: the neighbour search's memo of it dies with this call
     elif spec.projection.metric == "cosine":
         space = np.empty_like(X)
+        norms_ = row_norms(X)  # (n, 1)
         for rows in blocks(len(X)):
-            space[rows] = X[rows] / np.maximum(np.linalg.norm(X[rows], axis=1, keepdims=True), 1e-12)
+            np.divide(X[rows], norms_[rows], out=space[rows])
     else:
         space = X
     if pca is not None and spec.projection.metric == "cosine":

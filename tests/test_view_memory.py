@@ -9,6 +9,7 @@ import pytest
 
 from analysis import ResidualSpec, ViewSpec, compute_view
 from analysis.crossfit import fit_remove, fold_label_stats
+from analysis import groups as G
 from analysis.groups import BLOCK
 from analysis.metrics import r2_pos
 from analysis.project import ProjectionSpec
@@ -186,3 +187,26 @@ def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(para
     assert 0 < want[1] <= 1  # a real weight, not a degenerate 0
     assert got[0] == pytest.approx(want[0], rel=1e-5, abs=1e-7)
     assert got[1] == pytest.approx(want[1], rel=1e-5, abs=1e-7)
+
+
+def test_float64_blocks_cover_every_row_once_from_one_buffer(monkeypatch):
+    monkeypatch.setattr(G, "F64_BUFFER", 8 * 7 * 100)  # 100 rows of d = 7 per block
+    X = np.random.default_rng(8).normal(size=(1234, 7)).astype(np.float32)
+    seen, buffers = np.zeros(len(X), int), set()
+    for rows, block in G.f64_blocks(X):
+        assert block.dtype == np.float64 and len(block) <= 100
+        np.testing.assert_array_equal(block, X[rows].astype(np.float64))
+        seen[rows] += 1
+        buffers.add(block.__array_interface__["data"][0])
+    assert (seen == 1).all() and len(buffers) == 1
+
+
+def test_row_norms_and_squares_equal_numpy():
+    X = np.random.default_rng(9).normal(size=(3000, 33)).astype(np.float32)
+    X[5] = 0  # a zero row: its norm is floored, its unit row finite
+    shift = np.linspace(-1, 1, 33)
+    np.testing.assert_allclose(G.row_sq(X, shift), ((X.astype(np.float64) - shift) ** 2).sum(axis=1), rtol=1e-12)
+    norms = G.row_norms(X)
+    assert norms.shape == (3000, 1) and norms.dtype == np.float32
+    np.testing.assert_allclose(norms[:, 0], np.maximum(np.linalg.norm(X.astype(np.float64), axis=1), 1e-12), rtol=1e-6)
+    assert np.isfinite(X / norms).all()

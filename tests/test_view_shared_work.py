@@ -14,6 +14,7 @@ from analysis import metrics as M
 from analysis.blas import one_thread
 from analysis.metrics import WithinShuffler, shuffle_within
 from analysis.synthetic import branch_tree
+from analysis.groups import row_norms
 from analysis.view import _shared_pca, measure, residualize
 
 P = importlib.import_module("analysis.project")  # `analysis.project` the attribute is the function
@@ -95,7 +96,7 @@ def test_shared_pca_is_the_fit_projection_and_index_make_themselves(monkeypatch)
     _, tokens, _ = residualize(tree, spec)
     mean, comps = _shared_pca(tokens.X, spec)
     assert comps.shape == (96, neighbours.REDUCED_DIMS)
-    unit = tokens.X / np.maximum(np.linalg.norm(tokens.X, axis=1, keepdims=True), 1e-12)
+    unit = tokens.X / row_norms(tokens.X)  # the unit vectors measure() searches
     own_mean, own_comps = neighbours.pca_fit(unit, neighbours.REDUCED_DIMS, seed=0)  # what Cells would fit
     np.testing.assert_array_equal(mean, own_mean)
     np.testing.assert_array_equal(comps, own_comps)
