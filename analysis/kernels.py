@@ -99,8 +99,8 @@ def code_sums(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.nd
 
 
 @njit(cache=True, nogil=True)
-def _shuffle_within(values, keys, by_group, starts, out):  # pragma: no cover - compiled
-    for g in range(len(starts) - 1):
+def _shuffle_within(values, keys, by_group, starts, out, g_lo, g_hi):  # pragma: no cover - compiled
+    for g in range(g_lo, g_hi):
         rows = by_group[starts[g]:starts[g + 1]]
         k = keys[rows]
         order = np.argsort(k)  # quicksort: the keys are distinct but for ties, which take the stable sort
@@ -112,16 +112,28 @@ def _shuffle_within(values, keys, by_group, starts, out):  # pragma: no cover - 
             out[rows[i]] = values[rows[order[i]]]
 
 
-def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, starts: np.ndarray,
+                   threads: int | None = None) -> np.ndarray:
     """values (n,) permuted within groups: the rows of group g, by_group[starts[g]:starts[g + 1]] in row
     order, receive the values of those rows sorted by `keys` (stable) - the permutation of
-    np.lexsort((keys, groups)), one small sort per group instead of sorts of all n keys."""
+    np.lexsort((keys, groups)), one small sort per group instead of sorts of all n keys; groups split over
+    up to `threads` threads (default: this process's CPUs) from CHUNK rows up."""
     values, keys = np.ascontiguousarray(values), np.ascontiguousarray(keys)
     if not (values.ndim == 1 and len(values) == len(keys) == len(by_group) == (starts[-1] if len(starts) else 0)):
         raise ValueError(f"need one value and one key per row: {len(values)} values, {len(keys)} keys, "
                          f"{len(by_group)} rows")
     out = np.empty_like(values)
-    _shuffle_within(values, keys, by_group, starts, out)
+    n_groups = len(starts) - 1
+    n_threads = max(1, min(threads or cores(), len(values) // CHUNK, n_groups))
+    if n_threads == 1:
+        _shuffle_within(values, keys, by_group, starts, out, 0, n_groups)
+        return out
+    # groups split where the rows split evenly; each thread writes its own groups' rows only
+    cuts = np.searchsorted(starts, np.linspace(0, len(values), n_threads + 1)).astype(np.int64)
+    cuts[0], cuts[-1] = 0, n_groups
+    with ThreadPoolExecutor(n_threads) as pool:
+        list(pool.map(lambda c: _shuffle_within(values, keys, by_group, starts, out, cuts[c], cuts[c + 1]),
+                      range(n_threads)))
     return out
 
 
@@ -151,6 +163,101 @@ def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.nda
     return out
 
 
+@njit(cache=True, nogil=True)
+def _ivf_rank(X, Zs, sqs, order, start, gs, use_groups, q_rows, q_at, probed, k, rerank, need,
+              out, short, lo, hi):  # pragma: no cover - compiled
+    r, d = Zs.shape[1], X.shape[1]
+    for j in range(lo, hi):
+        qi, qa = q_rows[j], q_at[j]
+        total = 0
+        for p in range(probed.shape[1]):
+            total += start[probed[j, p] + 1] - start[probed[j, p]]
+        ids = np.empty(total, np.int64)
+        dz = np.empty(total, np.float64)
+        m = 0
+        for p in range(probed.shape[1]):
+            c = probed[j, p]
+            for t in range(start[c], start[c + 1]):
+                if t == qa or (use_groups and gs[t] == gs[qa]):
+                    continue
+                dot = 0.0
+                for e in range(r):
+                    dot += Zs[t, e] * Zs[qa, e]
+                ids[m] = t
+                dz[m] = sqs[t] - 2.0 * dot  # |z_t - z_q|^2 - |z_q|^2: the same order
+                m += 1
+        if m < need:
+            short[j] = True
+            continue
+        if m > rerank:  # the rerank best by reduced distance (ties at the cut-off: the first met)
+            cut = np.partition(dz[:m], rerank - 1)[rerank - 1]
+            chosen = np.empty(rerank, np.int64)
+            kept = 0
+            for i in range(m):
+                if dz[i] < cut:
+                    chosen[kept] = ids[i]
+                    kept += 1
+            for i in range(m):
+                if kept == rerank:
+                    break
+                if dz[i] == cut:
+                    chosen[kept] = ids[i]
+                    kept += 1
+            ids, m = chosen, kept
+        full = np.empty(m, np.float64)
+        for i in range(m):
+            row = order[ids[i]]
+            acc = 0.0
+            for e in range(d):
+                diff = X[row, e] - X[qi, e]
+                acc += diff * diff
+            full[i] = acc
+        best = np.argsort(full, kind="mergesort")
+        for i in range(min(k, m)):
+            out[j, i] = order[ids[best[i]]]
+
+
+def ivf_rank(X: np.ndarray, Zs: np.ndarray, sqs: np.ndarray, order: np.ndarray, at: np.ndarray,
+             start: np.ndarray, gs: np.ndarray | None, q_rows: np.ndarray, probed: np.ndarray, k: int, rerank: int,
+             need: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The inverted-list search of analysis.neighbours for q queries, rows q_rows (q,) of X (n, d).
+
+    Points are kept sorted by cell: cell c holds sorted rows start[c]:start[c + 1], which are rows
+    order[...] of X (row i of X is sorted row at[i]); Zs (n, r) and sqs = |z|^2 (n,) are their reduced
+    coordinates, gs (n,) their integer group codes, in that order. A query's candidates are the members of
+    its probed cells (q, p), less itself and (with gs) its group; the best `rerank` by reduced distance
+    (ties at the cut: the first met) are re-ranked by exact distance in X (ties: the first met).
+    Returns (indices (q, k) of X, -1 where fewer; short (q,): the queries with fewer than `need`
+    candidates, left unanswered). Queries split over threads (the loop releases the GIL); each answer
+    depends on its query alone."""
+    n = len(order)
+    if not (X.dtype == Zs.dtype == np.float32 and X.flags.c_contiguous and Zs.flags.c_contiguous
+            and len(X) == len(Zs) == len(sqs) == len(at) == n and len(start) >= 2 and start[-1] == n):
+        raise ValueError(f"need float32 C-contiguous X (n, d) and Zs (n, r), sqs (n,), order (n,) and cell "
+                         f"starts ending at n: got {X.shape}, {Zs.shape}, {sqs.shape}, {order.shape}")
+    probed = np.ascontiguousarray(probed, np.int64)
+    q_rows = np.ascontiguousarray(q_rows, np.int64)
+    if probed.ndim != 2 or len(probed) != len(q_rows) or (probed.size and (probed.min() < 0 or probed.max() >= len(start) - 1)):
+        raise ValueError(f"need one row of probed cells (0..{len(start) - 2}) per query")
+    if len(q_rows) and (q_rows.min() < 0 or q_rows.max() >= n):
+        raise ValueError(f"query rows must lie in 0..{n - 1}")
+    q_at = np.ascontiguousarray(at[q_rows], np.int64)  # each query's row in the sorted arrays
+    use_groups = gs is not None
+    gs = np.ascontiguousarray(gs if use_groups else np.zeros(1, np.int64), np.int64)
+    out = np.full((len(q_rows), k), -1, np.int64)
+    short = np.zeros(len(q_rows), np.bool_)
+    args = (X, Zs, np.ascontiguousarray(sqs, np.float32), order, np.ascontiguousarray(start, np.int64), gs,
+            use_groups, q_rows, q_at, probed, int(k), int(rerank), int(need), out, short)
+    n_threads = max(1, min(threads or cores(), len(q_rows) // 64))
+    if n_threads == 1:
+        _ivf_rank(*args, 0, len(q_rows))
+    else:
+        bounds = np.linspace(0, len(q_rows), n_threads + 1).astype(np.int64)
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(lambda c: _ivf_rank(*args, bounds[c], bounds[c + 1]), range(n_threads)))
+    return out, short
+
+
 def warm_up() -> None:
     """Compile (or load from the disk cache) each kernel for the dtypes a view uses, on tiny inputs."""
     codes = np.array([0, 1, 0, 1])
@@ -165,3 +272,8 @@ def warm_up() -> None:
     rows.flags.writeable = False
     code_sums(rows, [(codes, 2)])
     weighted_code_sums(np.ones((4, 3)), codes, 2, np.ones((2, 4)))
+    X = np.ones((4, 3), np.float32)
+    cells = (X[:, :2].copy(), np.ones(4, np.float32), np.arange(4), np.arange(4), np.array([0, 2, 4]))
+    for gs in (None, codes):
+        ivf_rank(X, *cells, gs, np.array([0, 2]), np.array([[0], [1]]), 1, 2, 0)
+    ivf_rank(rows, *cells, None, np.array([0, 2]), np.array([[0], [1]]), 1, 2, 0)  # read-only rows

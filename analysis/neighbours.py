@@ -1,7 +1,7 @@
 """Nearest neighbours for the projection and the metrics: exact where n is small, approximate above.
 
 The one module that decides how neighbours are found (Euclidean distances throughout):
-- `knn_graph(Y, k)`: every point's k nearest, itself first (UMAP's precomputed graph);
+- `knn_graph(Y, k, index)`: every point's k nearest, itself first (UMAP's precomputed graph);
 - `Index(base).search(Q, k)`: points of a fixed base set nearest to other points (landmark placement);
 - `search(X, queries, k, groups)`: sampled queries' k nearest among all points, optionally from other
   groups only (the kNN metrics).
@@ -90,10 +90,13 @@ class Index:
         return idx, dist
 
 
-def knn_graph(Y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every point's k nearest points of Y (n, d), itself included and first: (indices (n, k), distances (n, k))."""
+def knn_graph(Y: np.ndarray, k: int, index: Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every point's k nearest points of Y (n, d), itself included and first: (indices (n, k), distances (n, k)).
+    index: Index(Y) when the caller has built it already (it is then searched, not rebuilt)."""
     Y = np.ascontiguousarray(Y, dtype=np.float32)
-    idx, dist = Index(Y).search(Y, k)
+    if index is not None and index.base.shape != Y.shape:
+        raise ValueError(f"the index holds {index.base.shape} points, the graph is of {Y.shape}")
+    idx, dist = (index or Index(Y)).search(Y, k)
     # A duplicate point can come before the point itself; put self first so UMAP sees it at distance 0.
     rows = np.arange(len(Y))
     not_first = idx[:, 0] != rows
@@ -131,7 +134,8 @@ class Cells:
     Every point belongs to the cell of its nearest landmark (a seeded sample of n / CELL_SIZE points),
     found in a PCA space of REDUCED_DIMS dimensions. A query's candidates are the members of its nearest
     cells, walked until enough of them qualify; they are ranked in the reduced space and the best are
-    re-ranked with exact distances in the full space.
+    re-ranked with exact distances in the full space (analysis.kernels.ivf_rank). The reduced coordinates
+    are kept sorted by cell, so a cell's members are one contiguous slice.
     """
 
     def __init__(self, X: np.ndarray, seed: int = 0, cell_size: int = CELL_SIZE, dims: int = REDUCED_DIMS,
@@ -139,21 +143,24 @@ class Cells:
         """fit: pca_fit(X, dims, seed=seed) when the caller has it already (share_pca)."""
         n = len(X)
         mean, comps = pca_fit(X, dims, seed=seed) if fit is None else (fit[0], fit[1][:, :dims])
-        self.Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
+        Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
         for s in range(0, n, 65536):
-            self.Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
-        self.sq = np.einsum("ij,ij->i", self.Z, self.Z)  # (n,) |z|^2: reduced distances from one product
+            Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
         n_cells = max(1, n // cell_size)
         rng = np.random.default_rng(seed)
-        self.landmarks = Index(self.Z[np.sort(rng.choice(n, n_cells, replace=False))])
-        cell = self.landmarks.search(self.Z, 1)[0][:, 0]  # (n,)
+        self.landmarks = Index(Z[np.sort(rng.choice(n, n_cells, replace=False))])
+        cell = self.landmarks.search(Z, 1)[0][:, 0]  # (n,)
         self.order = np.argsort(cell, kind="stable")  # members of cell c: order[start[c]:start[c + 1]]
         self.start = np.searchsorted(cell[self.order], np.arange(n_cells + 1))
+        self.Zs = Z[self.order]  # (n, r) sorted by cell
+        del Z
+        self.sqs = np.einsum("ij,ij->i", self.Zs, self.Zs)  # (n,) |z|^2: reduced distances from one product
+        self.at = np.empty(n, np.int64)  # row i of X is row at[i] of Zs
+        self.at[self.order] = np.arange(n)
 
-    def candidates(self, query_z: np.ndarray, n_probe: int) -> list[np.ndarray]:
-        """Per query (rows of query_z): the members of its n_probe nearest cells, nearest cells first."""
-        cells, _ = self.landmarks.search(query_z, n_probe)
-        return [np.concatenate([self.order[self.start[c]:self.start[c + 1]] for c in row]) for row in cells]
+    def reduced(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), r) reduced coordinates of rows of X."""
+        return self.Zs[self.at[rows]]
 
 
 _memo: dict[int, tuple[weakref.ref, dict]] = {}
@@ -199,28 +206,26 @@ def search(
     queries = np.asarray(queries, dtype=np.int64)
     if len(X) <= (EXACT_QUERY_MAX if exact_max is None else exact_max):
         return _exact_excluding(X, queries, k, groups)
+    from analysis.kernels import ivf_rank  # numba: imported by the first approximate search
+
     cells = cells_for(X)
     rerank = rerank or 4 * k
+    gs = None
+    if groups is not None:
+        groups = np.asarray(groups)
+        codes = groups if groups.dtype.kind in "iub" else np.unique(groups, return_inverse=True)[1].ravel()
+        gs = np.asarray(codes, np.int64)[cells.order]
+    X = np.ascontiguousarray(X)
     out = np.full((len(queries), k), -1, np.int64)
     pending = np.arange(len(queries))
     for probe in (n_probe, 4 * n_probe, 16 * n_probe):
         probe = min(probe, len(cells.landmarks))
-        cand = cells.candidates(cells.Z[queries[pending]], probe)
-        short = []
-        for j, c in zip(pending, cand):
-            qi = queries[j]
-            keep = c != qi if groups is None else groups[c] != groups[qi]
-            c = c[keep]
-            if len(c) < max(min_candidates, k) and probe < len(cells.landmarks):
-                short.append(j)
-                continue
-            if len(c) > rerank:
-                dz = cells.sq[c] - 2 * (cells.Z[c] @ cells.Z[qi])  # |z_c - z_q|^2 - |z_q|^2, the same order
-                c = c[np.argpartition(dz, rerank - 1)[:rerank]]
-            d = ((X[c] - X[qi]) ** 2).sum(axis=1)
-            best = c[np.argsort(d, kind="stable")[:k]]
-            out[j, :len(best)] = best
-        pending = np.asarray(short, np.int64)
+        probed, _ = cells.landmarks.search(cells.reduced(queries[pending]), probe)  # (q, probe) nearest cells
+        last = probe >= len(cells.landmarks)
+        found, short = ivf_rank(X, cells.Zs, cells.sqs, cells.order, cells.at, cells.start, gs, queries[pending], probed,
+                                k, rerank, 0 if last else max(min_candidates, k))
+        out[pending[~short]] = found[~short]
+        pending = pending[short]
         if len(pending) == 0:
             break
     if len(pending):

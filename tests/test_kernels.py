@@ -91,3 +91,84 @@ def test_the_loops_refuse_input_they_would_read_or_write_out_of_bounds():
         kernels.shuffle_within(np.arange(3.0), np.linspace(0, 1, 4), np.arange(4), np.array([0, 4]))
     with pytest.raises(ValueError, match="W"):
         kernels.weighted_code_sums(X, np.array([0, 1, 0, 1]), 2, np.ones((2, 5)))
+
+
+def test_threaded_shuffle_is_the_single_thread_shuffle_and_the_lexsort_permutation():
+    rng = np.random.default_rng(5)
+    n = 3 * kernels.CHUNK
+    groups = rng.integers(0, 300, n)
+    values, keys = rng.normal(size=n), rng.random(n)
+    keys[:50] = keys[50:100]  # ties in the keys: the stable order decides
+    by_group = np.argsort(groups, kind="stable")
+    starts = np.searchsorted(groups[by_group], np.arange(301)).astype(np.int64)
+    single = kernels.shuffle_within(values, keys, by_group, starts, threads=1)
+    threaded = kernels.shuffle_within(values, keys, by_group, starts, threads=2)
+    np.testing.assert_array_equal(threaded, single)
+    want = np.empty(n)
+    want[by_group] = values[np.lexsort((keys, groups))]
+    np.testing.assert_array_equal(single, want)
+
+
+def reference_ivf(X, Zs, order, start, gs, q_rows, probed, k, rerank, need):
+    """ivf_rank written out in numpy: candidates in probe order, the reduced-distance cut keeping ties
+    first met, then a stable sort by exact distance."""
+    at = np.argsort(order)
+    sqs = (Zs.astype(np.float64) ** 2).sum(axis=1)
+    out = np.full((len(q_rows), k), -1, np.int64)
+    short = np.zeros(len(q_rows), bool)
+    for j, (qi, cells) in enumerate(zip(q_rows, probed)):
+        qa = at[qi]
+        ids = np.concatenate([np.arange(start[c], start[c + 1]) for c in cells])
+        ids = ids[(ids != qa) & ((gs[ids] != gs[qa]) if gs is not None else True)]
+        if len(ids) < need:
+            short[j] = True
+            continue
+        dz = sqs[ids] - 2 * (Zs[ids].astype(np.float64) @ Zs[qa])
+        if len(ids) > rerank:
+            cut = np.sort(dz)[rerank - 1]
+            ids = np.concatenate([ids[dz < cut], ids[dz == cut]])[:rerank]
+        full = ((X[order[ids]].astype(np.float64) - X[qi]) ** 2).sum(axis=1)
+        best = order[ids[np.argsort(full, kind="stable")]][:k]
+        out[j, :len(best)] = best
+    return out, short
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("k, rerank, need", [(5, 20, 0), (5, 12, 30), (40, 400, 0), (3, 3, 0)])
+def test_ivf_rank_equals_the_numpy_search_with_ties_and_duplicates(grouped, k, rerank, need):
+    rng = np.random.default_rng(k + rerank)
+    n, n_cells = 700, 12
+    X = rng.integers(0, 3, size=(n, 5)).astype(np.float32)  # small integers: exact sums, many exact ties
+    cell = rng.choice(n_cells, n, p=np.arange(1, n_cells + 1) ** 2 / 650)  # cells of ~1 to ~150 points
+    order = np.argsort(cell, kind="stable")
+    start = np.searchsorted(cell[order], np.arange(n_cells + 1)).astype(np.int64)
+    Zs = np.ascontiguousarray(X[order][:, :3])
+    at = np.argsort(order)
+    gs = rng.integers(0, 9, n)[order] if grouped else None
+    q_rows = rng.choice(n, 150, replace=False)
+    probed = np.stack([rng.choice(n_cells, 2, replace=False) for _ in q_rows])
+    want = reference_ivf(X, Zs, order, start, gs, q_rows, probed, k, rerank, need)
+    sqs = (Zs * Zs).sum(axis=1)
+    for threads in (1, 2):
+        got = kernels.ivf_rank(X, Zs, sqs, order, at, start, gs, q_rows, probed, k, rerank, need, threads=threads)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+    if k == 40:
+        assert (want[0] == -1).any()  # some queries run out of candidates: the -1 padding is tested
+    if need == 30:
+        assert want[1].any() and not want[1].all()  # some queries short of candidates, some answered
+
+
+def test_ivf_rank_refuses_what_it_would_read_out_of_bounds():
+    X = np.ones((4, 3), np.float32)
+    Zs, sqs, order, start = X[:, :2].copy(), np.ones(4, np.float32), np.arange(4), np.array([0, 2, 4])
+    ok = dict(gs=None, q_rows=np.array([0, 1]), probed=np.array([[0], [1]]), k=2, rerank=4, need=0)
+    kernels.ivf_rank(X, Zs, sqs, order, order, start, **ok)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.ivf_rank(X.astype(np.float64), Zs, sqs, order, order, start, **ok)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.ivf_rank(X, Zs, sqs, order, order, np.array([0, 2, 3]), **ok)
+    with pytest.raises(ValueError, match="probed cells"):
+        kernels.ivf_rank(X, Zs, sqs, order, order, start, **{**ok, "probed": np.array([[0], [2]])})
+    with pytest.raises(ValueError, match="query rows"):
+        kernels.ivf_rank(X, Zs, sqs, order, order, start, **{**ok, "q_rows": np.array([0, 4])})

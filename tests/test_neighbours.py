@@ -53,6 +53,17 @@ def test_hnsw_graph_is_the_same_on_every_build(tree):
     np.testing.assert_array_equal(neighbours.knn_graph(Y, 15)[0], neighbours.knn_graph(Y, 15)[0])
 
 
+def test_graph_from_an_index_the_caller_built_equals_the_graph_that_builds_its_own(tree):
+    t, _ = tree
+    Y = np.ascontiguousarray(P.pca_reduce(t.X, 50), dtype=np.float32)
+    own = neighbours.knn_graph(Y, 15)
+    shared = neighbours.knn_graph(Y, 15, index=neighbours.Index(Y))
+    np.testing.assert_array_equal(shared[0], own[0])
+    np.testing.assert_array_equal(shared[1], own[1])
+    with pytest.raises(ValueError, match="index holds"):
+        neighbours.knn_graph(Y[:100], 15, index=neighbours.Index(Y))
+
+
 def test_exact_path_for_small_n():
     rng = np.random.default_rng(1)
     Y = rng.normal(size=(500, 8)).astype(np.float32)
