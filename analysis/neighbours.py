@@ -25,6 +25,11 @@ EXACT_QUERY_MAX = 20_000  # metrics: sampled queries search all points exactly u
 CONNECTIVITY, EXPANSION_ADD, EXPANSION_SEARCH = 12, 48, 48  # recall@15 >= 0.99 on PCA-50 synthetic trees
 CELL_SIZE = 128  # metrics above EXACT_QUERY_MAX: average points per inverted-list cell
 REDUCED_DIMS = 64  # ... ranked in a PCA space of this width, then re-ranked exactly in the full space
+N_PROBE = 64  # cells a query walks first
+RERANK_PER_K = 128  # candidates re-ranked exactly per neighbour asked: 4 per k kept recall@10 at 0.54 on
+#   1M residuals at d=640 (PCA-64 distances rank the nearest few poorly there), 128 per k gives 0.97
+EXACT_CELLS_MAX = 2048  # up to this many cells, every point's cell is its exact nearest landmark; above,
+ASSIGN_EXPANSION = 8  # ... HNSW at this search breadth (1M points: 23 s at 48, 7 s at 8; recall above)
 
 
 def _threads() -> int:
@@ -132,7 +137,8 @@ class Cells:
     """Inverted lists for the metrics' sampled queries over many points (IVF with landmark centroids).
 
     Every point belongs to the cell of its nearest landmark (a seeded sample of n / CELL_SIZE points),
-    found in a PCA space of REDUCED_DIMS dimensions. A query's candidates are the members of its nearest
+    found in a PCA space of REDUCED_DIMS dimensions (exactly up to EXACT_CELLS_MAX cells, by a narrow HNSW
+    search above). A query's candidates are the members of its nearest
     cells, walked until enough of them qualify; they are ranked in the reduced space and the best are
     re-ranked with exact distances in the full space (analysis.kernels.ivf_rank). The reduced coordinates
     are kept sorted by cell, so a cell's members are one contiguous slice.
@@ -148,8 +154,9 @@ class Cells:
             Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
         n_cells = max(1, n // cell_size)
         rng = np.random.default_rng(seed)
-        self.landmarks = Index(Z[np.sort(rng.choice(n, n_cells, replace=False))])
-        cell = self.landmarks.search(Z, 1)[0][:, 0]  # (n,)
+        self.landmarks = Index(Z[np.sort(rng.choice(n, n_cells, replace=False))], exact_max=EXACT_CELLS_MAX)
+        # A point in a near (not the nearest) cell is still found by the queries that probe that cell.
+        cell = self.landmarks.search(Z, 1, ASSIGN_EXPANSION)[0][:, 0]  # (n,)
         self.order = np.argsort(cell, kind="stable")  # members of cell c: order[start[c]:start[c + 1]]
         self.start = np.searchsorted(cell[self.order], np.arange(n_cells + 1))
         self.Zs = Z[self.order]  # (n, r) sorted by cell
@@ -193,13 +200,13 @@ def cells_for(X: np.ndarray, seed: int = 0) -> Cells:
 
 def search(
     X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndarray | None = None,
-    exact_max: int | None = None, n_probe: int = 16, min_candidates: int = 64, rerank: int | None = None,
+    exact_max: int | None = None, n_probe: int = N_PROBE, min_candidates: int = 64, rerank: int | None = None,
 ) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest points of X (n, d), the query itself excluded
     and, when groups are given, every point of its group too; rows with fewer than k such points end in -1.
 
     Exact (blocked brute force) up to exact_max points (default EXACT_QUERY_MAX). Above: candidates from Cells (at least
-    `min_candidates` qualifying ones, walking up to 16x n_probe cells), the best `rerank` (default 4k) by
+    `min_candidates` qualifying ones, walking up to 16x n_probe cells), the best `rerank` (default RERANK_PER_K * k) by
     reduced distance re-ranked exactly; a query still short of k falls back to brute force.
     """
     X = np.asarray(X, dtype=np.float32)
@@ -209,7 +216,7 @@ def search(
     from analysis.kernels import ivf_rank  # numba: imported by the first approximate search
 
     cells = cells_for(X)
-    rerank = rerank or 4 * k
+    rerank = rerank or RERANK_PER_K * k
     gs = None
     if groups is not None:
         groups = np.asarray(groups)

@@ -95,6 +95,28 @@ def test_approximate_metric_search_recall(tree, by):
     assert not ((approx if groups is None else groups[approx]) == own).any()  # excluded points never come back
 
 
+@pytest.fixture(scope="module")
+def residual_tree():
+    """~13k unit residuals (per-position means removed) at d=256: what the metrics search after a removal,
+    where a PCA-64 space keeps little of the distances and ranks the nearest few poorly."""
+    t = branch_tree(n_prompts=12, branches_per_prompt=10, length=200, d=256, seed=5, sinks=False)
+    X = t.X.astype(np.float64)
+    for p in np.unique(t.position):
+        X[t.position == p] -= X[t.position == p].mean(axis=0)
+    return t.with_X((X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32))
+
+
+@pytest.mark.parametrize("by", ["branch", None])
+def test_approximate_search_recall_where_the_reduced_space_ranks_poorly(residual_tree, by):
+    t = residual_tree
+    groups = None if by is None else t.branch
+    q = np.sort(np.random.default_rng(2).choice(len(t), 300, replace=False))
+    exact = neighbours.search(t.X, q, 10, groups)
+    # re-ranking 4 candidates per neighbour (the old default) found 0.75 of them here
+    assert recall(neighbours.search(t.X, q, 10, groups, exact_max=0, rerank=40), exact) < 0.9
+    assert recall(neighbours.search(t.X, q, 10, groups, exact_max=0), exact) >= 0.97
+
+
 def test_metrics_with_approximate_neighbours_agree_with_exact_within_their_bands(tree, monkeypatch):
     t, token_id = tree
     exact = {
@@ -154,3 +176,13 @@ def test_projection_switches_to_landmarks_only_above_the_cut(monkeypatch):
     d = ((coords[:, None] - coords[None]) ** 2).sum(-1)
     np.fill_diagonal(d, np.inf)
     assert ((d.argmin(1) < 300) == (np.arange(600) < 300)).mean() > 0.99
+
+
+def test_cells_assigned_by_the_narrow_hnsw_search_keep_the_recall(residual_tree, monkeypatch):
+    t = residual_tree
+    X = t.X.copy()  # a new array: cells of its own (they are kept per array)
+    monkeypatch.setattr(neighbours, "EXACT_CELLS_MAX", 0)
+    q = np.sort(np.random.default_rng(4).choice(len(t), 300, replace=False))
+    approx = neighbours.search(X, q, 10, t.branch, exact_max=0)
+    assert not neighbours.cells_for(X).landmarks.exact
+    assert recall(approx, neighbours.search(X, q, 10, t.branch)) >= 0.95
