@@ -152,14 +152,16 @@ def _weighted_sums(Z, codes, W, out):  # pragma: no cover - compiled
 
 def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.ndarray) -> np.ndarray:
     """(b, G, d) float64: for each row of weights W (b, n), the weighted per-code sums of the rows of Z (n, d)
-    (codes (n,) in 0..G-1): one pass over Z for all b weightings (a bootstrap's resamples at once)."""
+    (codes (n,) in 0..G-1): one pass over Z for all b weightings (a bootstrap's resamples at once).
+    Z is read in its own dtype when float32 or float64 (sums in float64 either way)."""
     codes = np.ascontiguousarray(codes, dtype=np.int64)
     if Z.ndim != 2 or W.ndim != 2 or not len(codes) == len(Z) == W.shape[1]:
         raise ValueError(f"need Z (n, d), codes (n,) and W (b, n): got {Z.shape}, {codes.shape}, {W.shape}")
     if len(codes) and (codes.min() < 0 or codes.max() >= n_codes):  # the loop does not check bounds
         raise ValueError(f"codes must lie in 0..{n_codes - 1}")
     out = np.zeros((W.shape[0], n_codes, Z.shape[1]))
-    _weighted_sums(np.ascontiguousarray(Z, dtype=np.float64), codes, np.ascontiguousarray(W, dtype=np.float64), out)
+    Z = np.ascontiguousarray(Z, dtype=Z.dtype if Z.dtype in (np.float32, np.float64) else np.float64)
+    _weighted_sums(Z, codes, np.ascontiguousarray(W, dtype=np.float64), out)
     return out
 
 
@@ -271,7 +273,8 @@ def warm_up() -> None:
     rows = np.ones((4, 3), np.float32)
     rows.flags.writeable = False
     code_sums(rows, [(codes, 2)])
-    weighted_code_sums(np.ones((4, 3)), codes, 2, np.ones((2, 4)))
+    for dtype in (np.float32, np.float64):
+        weighted_code_sums(np.ones((4, 3), dtype), codes, 2, np.ones((2, 4)))
     X = np.ones((4, 3), np.float32)
     cells = (X[:, :2].copy(), np.ones(4, np.float32), np.arange(4), np.arange(4), np.array([0, 2, 4]))
     for gs in (None, codes):

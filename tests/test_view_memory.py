@@ -56,7 +56,7 @@ def reference_r2_pos(X: np.ndarray, position: np.ndarray, groups: np.ndarray, n_
     Z = X @ (rng.normal(size=(X.shape[1], dims)) / np.sqrt(dims)) if X.shape[1] > dims else X
     boot = []
     for _ in range(n_boot):
-        w = rng.multinomial(n, np.full(n, 1 / n)).astype(np.float64)
+        w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)  # a multinomial resample
         g = (w @ Z) / w.sum()
         boot.append(ssb(pos, Z, w) / float(w @ ((Z - g) ** 2).sum(axis=1)))
     return {"r2": ssb(pos, X, ones) / sst, "chance": float(np.mean(shuffled)), "chance_sd": float(np.std(shuffled)),
@@ -73,7 +73,8 @@ def test_r2_pos_read_in_float64_blocks_equals_its_definition_on_a_float64_copy(s
         assert len(tree) > 2 * BLOCK  # several blocks of sums, several chunks of groups for the held-out part
     got = r2_pos(tree.X, tree.position, groups=tree.prompt)
     for key, value in reference_r2_pos(tree.X, tree.position, tree.prompt).items():
-        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        band = key in ("sd", "lo", "hi")  # the band's projection is float32: its values to ~1e-7
+        assert got[key] == pytest.approx(value, rel=1e-6 if band else 1e-9, abs=1e-12), key
 
 
 @pytest.mark.parametrize("method", ["per_position", "projection", "per_token"])
