@@ -152,6 +152,8 @@ class TreeBuilder:
         self.eos_check_every = 1 if lm.device.type == "cpu" else EOS_CHECK_EVERY
         params = inspect.signature(lm.model.forward).parameters
         self._can_keep_logits = "logits_to_keep" in params
+        # whether output_hidden_states takes a list of layers (checked on the first prefill; None = not yet)
+        self._select_layers: bool | None = None
 
     @property
     def prompts_per_group(self) -> int:
@@ -361,13 +363,28 @@ class TreeBuilder:
         extra = {"logits_to_keep": 1} if keep_last_logits and self._can_keep_logits else {}
         # A list selects hidden states: transformers records only those layers (others are None);
         # models without that support return all of them, indexed the same way.
-        return self.lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True, attention_mask=mask,
-                             position_ids=positions, output_hidden_states=list(self.layers), return_dict=True,
-                             **extra)
+        def run(select):
+            return self.lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True, attention_mask=mask,
+                                 position_ids=positions, output_hidden_states=select, return_dict=True, **extra)
+
+        if self._select_layers is False:
+            return run(True)
+        out = run(list(self.layers))
+        if self._select_layers is None and cache is None:  # the first forward (a prefill): check the selection
+            n_states = self.lm.model.config.get_text_config().num_hidden_layers + 1
+            self._select_layers = len(out.hidden_states) in (n_states, len(self.layers))
+            if not self._select_layers:  # this version gives a list another meaning: ask for all of them
+                out = run(True)  # safe to repeat: a prefill starts from no cache
+        return out
 
     def _hidden(self, out) -> torch.Tensor:
         """The chosen layers' hidden states: (n_layers_sel, batch, seq, d)."""
-        return torch.stack([out.hidden_states[layer] for layer in self.layers])
+        states = out.hidden_states
+        if len(states) > max(self.layers):  # every layer (None where not selected), indexed by layer
+            return torch.stack([states[layer] for layer in self.layers])
+        if len(states) == len(self.layers):  # some transformers versions return only the selected ones, in order
+            return torch.stack(list(states))
+        raise RuntimeError(f"the model returned {len(states)} hidden states for layers {self.layers}")
 
     def _record(self, b: Built) -> BranchRecord:
         plan, tok = self.plan, self.lm.tokenizer
