@@ -96,17 +96,17 @@ def _decode_step_seconds(lm: LoadedModel, prompt: list[int], rows: int = 1, step
     """Median time of one decode step of `rows` rows after a prefill of the first prompt."""
     ids = torch.tensor([prompt], device=lm.device)
     out = lm.model(input_ids=ids, use_cache=True)
-    past = kvcache.repeat_rows(out.past_key_values, rows)
+    past = kvcache.repeat_rows(kvcache.returned(out), rows)
     token = out.logits[:, -1:].argmax(-1).expand(rows, 1)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = lm.model(input_ids=token, past_key_values=past, use_cache=True)
+        out = lm.model(input_ids=token, use_cache=True, **{kvcache.cache_kwarg(lm.model): past})
         token = out.logits[:, -1:].argmax(-1)
         if lm.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        past = out.past_key_values
+        past = kvcache.returned(out)
     return sorted(times)[len(times) // 2]
 
 

@@ -152,8 +152,10 @@ class TreeBuilder:
         self.eos_check_every = 1 if lm.device.type == "cpu" else EOS_CHECK_EVERY
         params = inspect.signature(lm.model.forward).parameters
         self._can_keep_logits = "logits_to_keep" in params
-        # whether output_hidden_states takes a list of layers (checked on the first prefill; None = not yet)
-        self._select_layers: bool | None = None
+        self._cache_kwarg = kvcache.cache_kwarg(lm.model)
+        # how a list given to output_hidden_states indexes what comes back ("by layer", "in order"), False
+        # where it gives other states (then all states are asked for), None until the first prefill checks
+        self._selection: str | bool | None = None
 
     @property
     def prompts_per_group(self) -> int:
@@ -226,7 +228,7 @@ class TreeBuilder:
             nan = np.full(1, np.nan, np.float32)
             root = Built(self.plan.slots[0], 0, list(prompt_ids), np.concatenate([nan, logprobs.cpu().numpy()]),
                          np.concatenate([nan, entropies.cpu().numpy()]), HostArray(self._hidden(out)), 0, False,
-                         list(prompt_ids), Batch(out.past_key_values, mask, [0]), prompt_id,
+                         list(prompt_ids), Batch(kvcache.returned(out), mask, [0]), prompt_id,
                          n_prompt + self.cfg.max_new_tokens - 1)
         return root, out.logits[:, -1].clone()  # a view would keep the whole (1, n, vocab) logits alive
 
@@ -355,36 +357,59 @@ class TreeBuilder:
         positions = torch.clamp(mask.cumsum(dim=1) - 1, min=0)  # (rows, width)
         out = self._forward(ids, None, mask, positions, keep_last_logits=True)
         self.stats.prefix_recomputed += len(kids)
-        return Batch(out.past_key_values, mask, pad), out.logits[:, -1]
+        return Batch(kvcache.returned(out), mask, pad), out.logits[:, -1]
 
     def _forward(self, input_ids: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor,
                  keep_last_logits: bool = False):
         self.stats.forward_calls += 1
         extra = {"logits_to_keep": 1} if keep_last_logits and self._can_keep_logits else {}
-        # A list selects hidden states: transformers records only those layers (others are None);
-        # models without that support return all of them, indexed the same way.
-        def run(select):
-            return self.lm.model(input_ids=input_ids, past_key_values=cache, use_cache=True, attention_mask=mask,
-                                 position_ids=positions, output_hidden_states=select, return_dict=True, **extra)
 
-        if self._select_layers is False:
+        def run(select):
+            return self.lm.model(input_ids=input_ids, use_cache=True, attention_mask=mask, position_ids=positions,
+                                 output_hidden_states=select, return_dict=True, **{self._cache_kwarg: cache}, **extra)
+
+        if not self._selection:
+            if self._selection is None and cache is None:  # the first prefill: safe to run twice (no cache)
+                return self._check_selection(run(list(self.layers)), run(True))
             return run(True)
-        out = run(list(self.layers))
-        if self._select_layers is None and cache is None:  # the first forward (a prefill): check the selection
-            n_states = self.lm.model.config.get_text_config().num_hidden_layers + 1
-            self._select_layers = len(out.hidden_states) in (n_states, len(self.layers))
-            if not self._select_layers:  # this version gives a list another meaning: ask for all of them
-                out = run(True)  # safe to repeat: a prefill starts from no cache
-        return out
+        return run(list(self.layers))
+
+    def _check_selection(self, selected, full):
+        """Decide how to read a list selection of hidden states from one prefill run both ways.
+
+        A list asks transformers to record only those layers, but its meaning changed between versions:
+        5.25 returns n_layers + 1 states indexed by layer (None where not asked), 5.17 returns n_layers
+        states of the decoder layers' outputs (its index i is layer i + 1 here), models without the support
+        return them all. So the selection is kept only where it gives exactly the states of
+        output_hidden_states=True; otherwise every later forward asks for all states. Returns the run the
+        later forwards are read like."""
+        want = self._pick(full.hidden_states, "by layer")
+        if want is None:
+            raise RuntimeError(f"the model returned {len(full.hidden_states)} hidden states; layers {self.layers} "
+                               "need one per layer plus the embeddings")
+        self._selection = False
+        for mode in ("by layer", "in order"):
+            got = self._pick(selected.hidden_states, mode)
+            if got is not None and all(torch.equal(g, w) for g, w in zip(got, want)):
+                self._selection = mode
+                return selected
+        return full
+
+    def _pick(self, states, mode: str) -> list[torch.Tensor] | None:
+        """The chosen layers' states read from `states` as `mode` says (by layer index, or the selected
+        ones in order), or None where one of them is missing."""
+        if mode == "by layer":
+            picked = [states[layer] if layer < len(states) else None for layer in self.layers]
+        else:
+            picked = list(states) if len(states) == len(self.layers) else [None]
+        return None if any(p is None for p in picked) else picked
 
     def _hidden(self, out) -> torch.Tensor:
         """The chosen layers' hidden states: (n_layers_sel, batch, seq, d)."""
-        states = out.hidden_states
-        if len(states) > max(self.layers):  # every layer (None where not selected), indexed by layer
-            return torch.stack([states[layer] for layer in self.layers])
-        if len(states) == len(self.layers):  # some transformers versions return only the selected ones, in order
-            return torch.stack(list(states))
-        raise RuntimeError(f"the model returned {len(states)} hidden states for layers {self.layers}")
+        picked = self._pick(out.hidden_states, self._selection or "by layer")
+        if picked is None:
+            raise RuntimeError(f"the model returned {len(out.hidden_states)} hidden states for layers {self.layers}")
+        return torch.stack(picked)
 
     def _record(self, b: Built) -> BranchRecord:
         plan, tok = self.plan, self.lm.tokenizer

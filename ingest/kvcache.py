@@ -8,6 +8,7 @@ window has dropped nothing yet. Anything else is refused (`holds_all`) and the c
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,17 @@ class RowCut:
     row: int
     start: int
     length: int
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes a cache by: `cache` from transformers 5.2x (`past_key_values` there
+    warns on every call and goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned(out) -> DynamicCache:
+    """The cache a forward returned (`out.cache` in newer transformers, `out.past_key_values` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
 
 
 def repeat_rows(cache: DynamicCache, times: int) -> DynamicCache:

@@ -30,8 +30,11 @@ ROPE = {
     "gemma3_text", "phi3", "gpt_neox", "olmo", "olmo2", "stablelm", "starcoder2", "granite", "cohere",
     "smollm3", "ministral",
 }
-# model_type -> what computes the ALiBi slopes or bias: a module-level function or a model method
-ALIBI = {"bloom": "transformers.models.bloom.modeling_bloom:_get_alibi_slopes", "mpt": "build_mpt_alibi_tensor"}
+# model_type -> what computes the ALiBi slopes or bias: a module-level function or a model method; where
+# transformers versions differ, candidates separated by "|", the first one found is used (Bloom's forward
+# calls _get_alibi_slopes in 5.25, its build_alibi_tensor method in 5.17)
+ALIBI = {"bloom": "transformers.models.bloom.modeling_bloom:_get_alibi_slopes|build_alibi_tensor",
+         "mpt": "build_mpt_alibi_tensor"}
 
 
 @dataclass(frozen=True)
@@ -108,15 +111,19 @@ def adapter_for(config: object) -> PositionAdapter:
 @contextlib.contextmanager
 def _zeroed(model: torch.nn.Module, target: str, family: str) -> Iterator[None]:
     """Make `target` return zeros of its usual shape: 'package.module:function' or a method name on the
-    model's submodules."""
-    if ":" in target:
-        module_name, name = target.split(":")
-        owners = [importlib.import_module(module_name)]
-    else:
-        name = target
-        owners = [m for m in model.modules() if callable(getattr(m, name, None))]
+    model's submodules, or several such candidates joined by '|' (the first one found)."""
+    owners: list = []
+    for candidate in target.split("|"):
+        if ":" in candidate:
+            module_name, name = candidate.split(":")
+            owners = [m for m in [importlib.import_module(module_name)] if callable(getattr(m, name, None))]
+        else:
+            name = candidate
+            owners = [m for m in model.modules() if callable(getattr(m, name, None))]
+        if owners:
+            break
     if not owners:
-        raise IngestError(f"model family '{family}': no {name}() found to neutralize ALiBi")
+        raise IngestError(f"model family '{family}': none of {target.replace('|', ', ')} found to neutralize ALiBi")
     originals = [(owner, getattr(owner, name), name in vars(owner)) for owner in owners]
     for owner, original, _ in originals:
         setattr(owner, name, lambda *a, _f=original, **k: torch.zeros_like(_f(*a, **k)))

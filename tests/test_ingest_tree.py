@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import dump, ingest
+from ingest.generate import TreeBuilder
+from ingest.models import load_model
+from ingest.tree import TreePlan
 from store import reading
 from store.queries import branch_sequence, branch_vectors, branches, run_summary
 
@@ -80,6 +85,55 @@ def test_latents_equal_a_fresh_forward_pass(tiny_cfg, family, model_dirs):
         assert report.prefix_recomputed > 0
     else:
         assert report.prefix_reused > 0 and report.prefix_recomputed == 0
+
+
+def _list_selection_as(lm, meaning: str) -> None:
+    """Make lm's forward answer output_hidden_states=[layers] as other transformers versions do, from the
+    states of output_hidden_states=True (n_layers + 1, index 0 = embeddings):
+    "5.17": n_layers states, index i = decoder layer i's output (state i + 1), None where not asked;
+    "only selected": the asked states alone, in order."""
+    forward = lm.model.forward
+
+    @functools.wraps(forward)  # keeps the signature the builder inspects
+    def patched(*args, output_hidden_states=None, **kwargs):
+        if not isinstance(output_hidden_states, list):
+            return forward(*args, output_hidden_states=output_hidden_states, **kwargs)
+        out = forward(*args, output_hidden_states=True, **kwargs)
+        full, asked = out.hidden_states, set(output_hidden_states)
+        if meaning == "5.17":
+            out.hidden_states = tuple(full[i + 1] if i in asked else None for i in range(len(full) - 1))
+        else:
+            out.hidden_states = tuple(full[i] for i in output_hidden_states)
+        return out
+
+    lm.model.forward = patched
+
+
+@pytest.mark.parametrize("meaning", ["5.17", "only selected"])
+def test_other_meanings_of_a_layer_list_give_the_same_latents(tiny_cfg, meaning):
+    """transformers 5.17 (a GPU image's) reads output_hidden_states=[0, 4, ...] as decoder layers' outputs,
+    one index off the states this store holds; the builder must notice on its first prefill and store the
+    states output_hidden_states=True gives, not shifted or missing ones."""
+    cfg = tiny_cfg("llama", samples=2, forks=1, max_new_tokens=6, stop_at_eos=False)
+    plan = TreePlan(cfg.samples, cfg.forks, cfg.depth)
+    reference_lm = load_model(cfg.model, torch.device("cpu"), torch.float32, log=lambda _m: None)
+    ids = list(reference_lm.tokenizer(cfg.prompts[0])["input_ids"])
+    n_layers = reference_lm.model.config.num_hidden_layers
+    # 5.17: as many layers as it returns states, so a shifted read finds a tensor for every one (the check
+    # by length alone let that through); "only selected": two, so reading them by layer index fails
+    layers = list(range(n_layers)) if meaning == "5.17" else [0, n_layers]
+    reference = TreeBuilder(reference_lm, cfg, layers, plan)
+    want = reference.build(0, ids)  # what the installed transformers gives (test_latents_equal_a_fresh_...)
+
+    other_lm = load_model(cfg.model, torch.device("cpu"), torch.float32, log=lambda _m: None)
+    _list_selection_as(other_lm, meaning)
+    other = TreeBuilder(other_lm, cfg, layers, plan)
+    got = other.build(0, ids)
+    # 5.17's list gives other states: all states are asked for; the selected ones alone, in order, are right
+    assert other._selection == (False if meaning == "5.17" else "in order")
+    assert [r.token_ids.tolist() for r in got] == [r.token_ids.tolist() for r in want]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.latents, b.latents)
 
 
 def test_depth_two_forks_fork_off_forks(tiny_cfg):

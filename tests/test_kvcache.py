@@ -44,7 +44,7 @@ def prefill(lm: LoadedModel, rows: list[list[int]]):
     positions = torch.clamp(mask.cumsum(dim=1) - 1, min=0)  # (rows, width)
     with torch.no_grad():
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return out.past_key_values, pad
+    return kvcache.returned(out), pad
 
 
 def fresh(lm: LoadedModel, ids: list[int]):
@@ -63,7 +63,7 @@ def test_a_fork_batch_assembled_from_cut_rows_equals_fresh_forward_passes(lm):
     assert child_pad == [0, 2, 3, 4]
 
     for c, (row, n) in enumerate(children):  # the assembled rows hold what a prefill of the prefix holds
-        reference = fresh(lm, PARENTS[row][:n]).past_key_values
+        reference = kvcache.returned(fresh(lm, PARENTS[row][:n]))
         for got, want in zip(cache.layers, reference.layers):
             torch.testing.assert_close(got.keys[c, :, child_pad[c]:], want.keys[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(got.values[c, :, child_pad[c]:], want.values[0], rtol=1e-5, atol=1e-5)
@@ -72,7 +72,7 @@ def test_a_fork_batch_assembled_from_cut_rows_equals_fresh_forward_passes(lm):
     mask = torch.cat([mask, mask.new_ones(len(children), 1)], dim=1)  # (rows, width + 1)
     positions = torch.tensor([[n] for _, n in children])  # (rows, 1)
     with torch.no_grad():
-        out = lm.model(input_ids=feed, past_key_values=cache, attention_mask=mask, position_ids=positions,
+        out = lm.model(input_ids=feed, **{kvcache.cache_kwarg(lm.model): cache}, attention_mask=mask, position_ids=positions,
                        use_cache=True, output_hidden_states=True)
     for c, (row, n) in enumerate(children):
         want = fresh(lm, PARENTS[row][:n + 1])
