@@ -165,7 +165,7 @@ def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.nda
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})  # lets the distance sums vectorize
 def _ivf_rank(X, Zs, sqs, order, start, gs, use_groups, q_rows, q_at, probed, k, rerank, need,
               out, short, lo, hi):  # pragma: no cover - compiled
     r, d = Zs.shape[1], X.shape[1]
@@ -228,7 +228,9 @@ def ivf_rank(X: np.ndarray, Zs: np.ndarray, sqs: np.ndarray, order: np.ndarray, 
     order[...] of X (row i of X is sorted row at[i]); Zs (n, r) and sqs = |z|^2 (n,) are their reduced
     coordinates, gs (n,) their integer group codes, in that order. A query's candidates are the members of
     its probed cells (q, p), less itself and (with gs) its group; the best `rerank` by reduced distance
-    (ties at the cut: the first met) are re-ranked by exact distance in X (ties: the first met).
+    (ties at the cut: the first met) are re-ranked by exact distance in X (ties: the first met). Both
+    distances are summed in a vectorized order (reassociated), so they may differ from numpy's in the last
+    bits: exact where the sums are (the tests' small integers), a near-tie elsewhere may rank either way.
     Returns (indices (q, k) of X, -1 where fewer; short (q,): the queries with fewer than `need`
     candidates, left unanswered). Queries split over threads (the loop releases the GIL); each answer
     depends on its query alone."""
