@@ -21,6 +21,7 @@ TOOLTIP = [
     alt.Tooltip("prompt_label:N", title="prompt"), alt.Tooltip("context:N", title="text around"),
 ]
 HEIGHT = 460
+LEGEND_MAX = 12  # prompts named in a legend (the ones with most tokens drawn); more would squeeze the plot
 NEAREST_HOVER_MAX = 6000  # points up to which hovering near a point (not only on it) shows its branch
 # Drag draws a box; shift-drag pans, the wheel zooms, a double-click resets (Vega-Lite event streams).
 DRAG = "[pointerdown[!event.shiftKey], window:pointerup] > window:pointermove!"
@@ -37,9 +38,21 @@ def _axes(prefix: str) -> tuple[alt.X, alt.Y]:
                   scale=alt.Scale(zero=False, nice=False, padding=8)))
 
 
-def _prompt_legend(points: pl.DataFrame) -> alt.Scale:
-    labels = points.select("prompt_label", "prompt_color").unique().sort("prompt_label")
-    return alt.Scale(domain=labels["prompt_label"].to_list(), range=labels["prompt_color"].to_list())
+def prompt_legend(rows: pl.DataFrame, label: str, colour: str, count: str | None = None,
+                  title: str = "prompt") -> tuple[alt.Scale, alt.Legend]:
+    """The colour scale of prompts (rows: prompt_id, `label`, `colour`, optional `count` of tokens) in
+    prompt order, and its legend: every prompt up to LEGEND_MAX, else the LEGEND_MAX with most tokens,
+    said in the title (a hundred entries would leave the plot a strip)."""
+    by_prompt = rows.group_by("prompt_id").agg(pl.col(label).first(), pl.col(colour).first(),
+                                               (pl.col(count).sum() if count else pl.len()).alias("_n"))
+    by_prompt = by_prompt.sort("prompt_id")
+    named = by_prompt
+    if len(by_prompt) > LEGEND_MAX:
+        named = by_prompt.sort(["_n", "prompt_id"], descending=[True, False]).head(LEGEND_MAX).sort("prompt_id")
+        title = f"{title}: {LEGEND_MAX} of {len(by_prompt)} named (most tokens)"
+    scale = alt.Scale(domain=by_prompt[label].to_list(), range=by_prompt[colour].to_list())
+    return scale, alt.Legend(title=title, titleLimit=480, orient="bottom", columns=3, labelLimit=150,
+                             symbolOpacity=1, symbolType="circle", values=named[label].to_list())
 
 
 def projection(
@@ -71,13 +84,12 @@ def projection(
         # comes from an invisible layer with one row per prompt, clicking it keeps that prompt lit.
         color = alt.Color(f"{field}:N", scale=None, legend=None)
         legend_pick = alt.selection_point(name=f"legend_{prefix}", fields=["prompt_label"], bind="legend")
-        keys = points.group_by("prompt_label", maintain_order=True).first().select(
-            "prompt_label", "prompt_color", f"{prefix}_x", f"{prefix}_y").sort("prompt_label")
+        keys = points.group_by("prompt_id", maintain_order=True).agg(
+            pl.col("prompt_label", "prompt_color", f"{prefix}_x", f"{prefix}_y").first(),
+            pl.len().alias("tokens")).sort("prompt_id")
+        scale, key = prompt_legend(keys, "prompt_label", "prompt_color", "tokens")
         legend = alt.Chart(keys).mark_point(opacity=0, filled=True).encode(
-            x=x, y=y, color=alt.Color("prompt_label:N", title="prompt", scale=_prompt_legend(keys),
-                                      legend=alt.Legend(orient="bottom", columns=2, labelLimit=170,
-                                                        symbolOpacity=1, symbolType="circle")),
-        )
+            x=x, y=y, color=alt.Color("prompt_label:N", scale=scale, legend=key))
         legend = legend.add_params(legend_pick) if interactive else legend
     elif kind == "quantitative":
         color = alt.Color(f"{field}:Q", title=color_by, scale=alt.Scale(scheme="viridis"))
@@ -108,7 +120,8 @@ def projection(
     if legend is not None:
         layers.append(legend)
     chart = alt.layer(*layers).properties(title=title, height=HEIGHT, width="container" if interactive else 560)
-    return chart.resolve_scale(color="independent") if legend is not None else chart
+    # independent: the lines' identity colours (no legend) would otherwise take the dots' legend away
+    return chart.resolve_scale(color="independent") if len(layers) > 1 else chart
 
 
 def density_bins(points: pl.DataFrame, prefix: str, color_by: str, bins: int = 70) -> pl.DataFrame:
@@ -124,11 +137,11 @@ def density_bins(points: pl.DataFrame, prefix: str, color_by: str, bins: int = 7
     )
     out = cells.group_by("bx", "by").agg(pl.len().alias("tokens"), pl.col("position").mean().alias("mean_position"))
     # the majority prompt of a cell with its own colour (label and colour taken from the same rows; ties:
-    # the first label in sort order, so a cell reads the same on every rerun)
-    top = cells.group_by("bx", "by", "prompt_label", "prompt_color").len().sort(
-        ["bx", "by", "len", "prompt_label"], descending=[False, False, True, False]).group_by(
+    # the lowest prompt id, so a cell reads the same on every rerun)
+    top = cells.group_by("bx", "by", "prompt_id", "prompt_label", "prompt_color").len().sort(
+        ["bx", "by", "len", "prompt_id"], descending=[False, False, True, False]).group_by(
         "bx", "by", maintain_order=True).first()
-    out = out.join(top.select("bx", "by", pl.col("prompt_label").alias("majority_prompt"),
+    out = out.join(top.select("bx", "by", "prompt_id", pl.col("prompt_label").alias("majority_prompt"),
                               pl.col("prompt_color").alias("majority_color"), pl.col("len").alias("_top")),
                    on=["bx", "by"]).with_columns((pl.col("_top") / pl.col("tokens")).alias("majority_share")).drop("_top")
     return out.with_columns(
@@ -151,11 +164,8 @@ def density(points: pl.DataFrame, prefix: str, title: str, color_by: str = "bran
     if color_by == "position":
         color = alt.Color("mean_position:Q", title="mean position", scale=alt.Scale(scheme="viridis"))
     else:
-        labels = cells.select("majority_prompt", "majority_color").unique().sort("majority_prompt")
-        color = alt.Color("majority_prompt:N", title="majority prompt",
-                          scale=alt.Scale(domain=labels["majority_prompt"].to_list(),
-                                          range=labels["majority_color"].to_list()),
-                          legend=alt.Legend(orient="bottom", columns=2, labelLimit=170))
+        scale, key = prompt_legend(cells, "majority_prompt", "majority_color", "tokens", title="majority prompt")
+        color = alt.Color("majority_prompt:N", scale=scale, legend=key)
     zoom = alt.selection_interval(name=f"zoom_{prefix}", bind="scales", zoom="wheel!", translate=PAN)
     region = alt.selection_interval(name=f"region_{prefix}", encodings=["x", "y"], on=DRAG, translate=DRAG,
                                     zoom=False)

@@ -14,7 +14,7 @@ import streamlit as st
 from dashboard import charts
 from views.clusters import Clusters
 from views.errors import SqlError, StoreBusy, StoreError
-from views.present import metric_rows, removal_note, verdict, warnings
+from views.present import layout_note, metric_rows, removal_note, verdict, warnings
 from views.sql import LIMITS, query
 
 T = TypeVar("T")
@@ -76,6 +76,9 @@ def metrics_panel(raw: dict, res: dict) -> None:
     note = removal_note(res.get("removal"))
     if note:
         st.info(note)
+    loose = layout_note(raw, res)
+    if loose:
+        st.warning(loose)
 
 
 def verdict_panel(raw: dict, res: dict) -> None:

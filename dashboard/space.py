@@ -12,7 +12,6 @@ from dashboard.palette import branch_colors
 from dashboard.trajectories import anchor_rows, trajectory_lines
 
 PANELS = (("raw", "raw"), ("res", "position removed"))
-CHART_KEYS = {prefix: f"proj_{prefix}" for prefix, _ in PANELS}
 DIM, SHOWN, FOCUSED = 0.07, 0.8, 0.95
 # Two panels side by side from ~1200 px, stacked below (Streamlit's own columns stack only below 640 px).
 RESPONSIVE_CSS = """<style>
@@ -70,21 +69,28 @@ def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tup
     return chosen, lit
 
 
+def chart_key(kind: str, prefix: str, view_id: str) -> str:
+    """A chart's widget key: per view, so a box drawn on one projection is not applied to the next one's
+    coordinates (Streamlit keeps a keyed chart's selection across reruns)."""
+    return f"{kind}_{prefix}_{view_id}"
+
+
 def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, ctl, raw_metrics: dict,
-           res_metrics: dict, name: str) -> None:
-    """The tab's whole body."""
+           res_metrics: dict, name: str, view_id: str) -> None:
+    """The tab's whole body. view_id: what the projections' coordinates depend on (tokens, layer, method),
+    as a short digest."""
     table = text.branch_table(branches, lineage)
     table_rows = _table_rows("branch_table")
     picked_in_table = {int(table["branch"][i]) for i in table_rows if i < len(table)}
     picked = picked_in_table.copy()
     for prefix, _ in PANELS:
-        picked |= charts.picked_branches(_chart_selection(CHART_KEYS[prefix]))
+        picked |= charts.picked_branches(_chart_selection(chart_key("proj", prefix, view_id)))
     first = min(picked_in_table) if picked_in_table else (min(picked) if picked else None)
     pill_key = f"tokens_of_{first}"
     token_sel = {(first, int(p)) for p in (st.session_state.get(pill_key) or [])} if first is not None else set()
     brushes = {}
     for prefix, _ in PANELS:
-        brushes |= _brushes(_chart_selection(CHART_KEYS[prefix]))
+        brushes |= _brushes(_chart_selection(chart_key("proj", prefix, view_id)))
     chosen, lit = focus(points, brushes, picked, token_sel)
 
     drawn = points
@@ -106,9 +112,10 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
         with st.container(key="bl-density"):
             for col, (prefix, title) in zip(st.columns(2), PANELS):
                 with col:
+                    key = chart_key("density", prefix, view_id)
                     st.altair_chart(charts.density(points, prefix, title, ctl.color_by), width="stretch",
-                                    key=f"density_{prefix}", on_select="rerun", selection_mode=[f"region_{prefix}"])
-                    found = charts.region_rows(points, prefix, _chart_selection(f"density_{prefix}"))
+                                    key=key, on_select="rerun", selection_mode=[f"region_{prefix}"])
+                    found = charts.region_rows(points, prefix, _chart_selection(key))
                     region = found if found is not None else region
         st.caption(f"Density of all {len(points):,} tokens: colour = "
                    f"{'mean position' if ctl.color_by == 'position' else 'majority prompt'} per cell, opacity = "
@@ -120,7 +127,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             st.caption(f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
                        f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}.")
     if drawn is not None:
-        static = _draw_panels(drawn, chosen, lit, branches, ctl)
+        static = _draw_panels(drawn, chosen, lit, branches, ctl, view_id)
         st.caption(charts.HOW_TO)
 
     st.subheader("How much position is left")
@@ -145,7 +152,8 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
         panels.downloads(points.drop("context"), f"points-{name}")
 
 
-def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branches: pl.DataFrame, ctl) -> dict:
+def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branches: pl.DataFrame, ctl,
+                 view_id: str) -> dict:
     """The two projection panels of `drawn` (selection dimming, lines of lit branches); returns each
     panel's arguments for the static export."""
     keyed = chosen.select("branch_id", "position").with_columns(pl.lit(True).alias("_on"))
@@ -167,7 +175,7 @@ def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branc
                     forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
                         .with_columns(lit_col)
                 static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
-                st.altair_chart(charts.projection(*static[prefix]), width="stretch", key=CHART_KEYS[prefix],
+                st.altair_chart(charts.projection(*static[prefix]), width="stretch", key=chart_key("proj", prefix, view_id),
                                 on_select="rerun", selection_mode=[f"brush_{prefix}", f"pick_{prefix}"])
     return static
 

@@ -68,6 +68,7 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -109,6 +110,30 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         shot = Path(os.environ.get("BRANCHLENS_SCREENSHOT", tmp_path / "dashboard.png"))
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 20_000  # a real, non-blank picture
+
+        # Another layer is another projection: the box drawn on this one must not select by its coordinates
+        # there (Streamlit keeps a keyed chart's selection across reruns).
+        layer_box = driver.find_element(By.CSS_SELECTOR, '.st-key-layer [role="combobox"]')
+        current = layer_box.get_attribute("value")
+        layer_box.click()
+        option = wait.until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, '[role="option"]')
+                                       if o.text.strip() and o.text.strip() != current])
+        other = option[0].text.strip()
+        option[0].click()
+
+        def redrawn(d) -> bool:
+            """The other layer's view is drawn: its header, no spinner, both panels and the text below."""
+            try:
+                return (any(f"layer {other} of" in e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]'))
+                        and not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"]')
+                        and len(projections(d)) == 2
+                        and any("tokens selected" in e.text for e in d.find_elements(By.TAG_NAME, small)))
+            except StaleElementReferenceException:
+                return False
+
+        wait.until(redrawn)
+        caption = next(e.text for e in driver.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text)
+        assert caption.startswith("0 tokens selected") and not driver.find_elements(By.TAG_NAME, "mark")
         # 1000 px: the panels stack, each as wide as the main area.
         driver.set_window_size(1000, 1300)
         wait.until(lambda d: len(projections(d)) == 2 and projections(d)[1].location["y"] > projections(d)[0].location["y"]

@@ -158,6 +158,55 @@ def test_density_keeps_the_majority_prompts_colour_and_the_mean_position():
     assert "region_raw" in {p["name"] for p in spec["params"]}
 
 
+def _many_prompts(n_prompts: int) -> pl.DataFrame:
+    """Tokens of n_prompts prompts, prompt p holding p + 1 tokens, in the columns the panels read."""
+    from dashboard.palette import branch_colors
+
+    prompt = np.repeat(np.arange(n_prompts), np.arange(1, n_prompts + 1))
+    rows = pl.DataFrame({"prompt_id": prompt, "branch_id": prompt, "position": np.arange(len(prompt)),
+                         "raw_x": np.sin(np.arange(len(prompt))), "raw_y": np.cos(np.arange(len(prompt)))})
+    rows = rows.with_columns(pl.format("{}: prompt", "prompt_id").alias("prompt_label"), pl.lit("t").alias("token_text"),
+                             pl.lit("").alias("context"), pl.lit(0.8).alias("alpha"))
+    return rows.join(branch_colors(rows.select("branch_id", "prompt_id").unique()), on="branch_id")
+
+
+@pytest.mark.parametrize("n_prompts", [11, 40])
+def test_legends_name_prompts_in_id_order_and_at_most_legend_max(n_prompts):
+    """Over LEGEND_MAX prompts a legend names the LEGEND_MAX with most tokens and says so (150 prompts
+    left the plot a 76 px strip above its legend); prompts go by id (10 after 9, not after 1)."""
+    from dashboard.charts import LEGEND_MAX, density, projection
+
+    pts = _many_prompts(n_prompts)
+    spec = projection(pts, None, None, "raw", "raw", "prompt").to_dict()
+    legend_layer = next(layer for layer in spec["layer"] if layer["mark"].get("opacity") == 0)
+    key = legend_layer["encoding"]["color"]
+    named = key["legend"]["values"]
+    ids = [int(v.split(":")[0]) for v in named]
+    assert key["scale"]["domain"] == [f"{p}: prompt" for p in range(n_prompts)]  # every prompt keeps its colour
+    if n_prompts <= LEGEND_MAX:
+        assert ids == list(range(n_prompts)) and "named" not in key["legend"]["title"]
+    else:  # prompt p has p + 1 tokens: the last LEGEND_MAX have most
+        assert ids == list(range(n_prompts - LEGEND_MAX, n_prompts))
+        assert key["legend"]["title"] == f"prompt: {LEGEND_MAX} of {n_prompts} named (most tokens)"
+    cells = density(pts, "raw", "raw", "prompt").to_dict()["encoding"]["color"]
+    assert len(cells["legend"]["values"]) == min(n_prompts, LEGEND_MAX)
+    assert [int(v.split(":")[0]) for v in cells["legend"]["values"]] == sorted(int(v.split(":")[0]) for v in cells["legend"]["values"])
+
+
+def test_a_colour_scale_keeps_its_legend_beside_the_lines():
+    """Lines take identity colours without a legend; resolved together with the dots, they took the dots'
+    position legend away (the drill-down panels had no key)."""
+    from dashboard.charts import projection
+
+    pts, branches = _points()
+    lines = pts.select("branch_id", pl.col("position").alias("order"), "raw_x", "raw_y", "shade").with_columns(
+        pl.lit(True).alias("lit"))
+    spec = projection(pts, lines, None, "raw", "raw", "position").to_dict()
+    assert spec["resolve"]["scale"]["color"] == "independent"
+    dots = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "circle")
+    assert dots["encoding"]["color"]["field"] == "position" and dots["encoding"]["color"].get("legend", {}) is not None
+
+
 def test_a_box_on_the_density_draws_the_tokens_inside_it():
     from dashboard.charts import region_rows
 

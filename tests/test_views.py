@@ -282,3 +282,24 @@ def test_the_dashboard_reaches_store_and_maths_only_through_views():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("store", "analysis", "ingest")]
     assert not offenders, offenders
+
+
+def test_a_loose_layout_is_named_on_screen_and_a_faithful_one_is_not():
+    """The app warns under the metrics when a picture keeps few true neighbours (trustworthiness below 0.8
+    beyond its band): a random layout (~0.5) is named, the data's own plane (1.0) is not."""
+    from analysis.metrics import trustworthiness
+    from views.present import TRUST_CAUTION, layout_note
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 2))
+    faithful = {"projection": trustworthiness(X, X, k=10)}
+    loose = {"projection": trustworthiness(X, rng.normal(size=(600, 2)), k=10)}
+    assert faithful["projection"]["trustworthiness"] > 0.99 and loose["projection"]["trustworthiness"] < 0.6
+    assert layout_note(faithful, faithful) == ""
+    note = layout_note(faithful, loose)
+    assert "position-removed picture" in note and "raw picture" not in note and f"below {TRUST_CAUTION}" in note
+    assert f"{loose['projection']['trustworthiness']:.3f}" in note
+    assert "raw picture" in layout_note(loose, loose)
+    # within its band of the threshold: no warning (the band says it may not be below)
+    near = {"projection": {"trustworthiness": TRUST_CAUTION - 0.01, "sd": 0.01}}
+    assert layout_note(faithful, near) == ""

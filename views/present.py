@@ -10,9 +10,10 @@ from analysis.guard import Warning, check
 from analysis.measures import MEASURES
 from analysis.verdict import p_value_text, verdict
 
-__all__ = ["MetricRow", "Warning", "metric_rows", "removal_note", "verdict", "warnings"]
+__all__ = ["MetricRow", "Warning", "layout_note", "metric_rows", "removal_note", "verdict", "warnings"]
 
 Z = 1.96
+TRUST_CAUTION = 0.8  # trustworthiness below which distances in a picture are read with care (its help says so)
 HELD_OUT_HELP = ("R2 of each token predicted by the other prompts' mean at its position, against their overall "
                  "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
                  "fit only noise or content.")
@@ -83,6 +84,23 @@ def metric_rows(raw: dict, removed: dict) -> list[MetricRow]:
 def warnings(raw: dict, removed: dict) -> list[Warning]:
     """The guard's warnings: numbers the removal moved the wrong way beyond their band."""
     return check(raw, removed)
+
+
+def layout_note(raw: dict, removed: dict) -> str:
+    """A caution for each picture whose layout keeps few of its true neighbours (trustworthiness below
+    TRUST_CAUTION beyond its band), or "". After a removal the residuals spread over many directions, so
+    the position-removed picture is often the looser one: the numbers still hold, distances in it less."""
+    loose = []
+    for name, m in (("raw", raw), ("position-removed", removed)):
+        t = (m.get("projection") or {})
+        value, sd = t.get("trustworthiness"), t.get("sd") or 0.0
+        if isinstance(value, (int, float)) and math.isfinite(value) and value + Z * sd < TRUST_CAUTION:
+            loose.append(f"the {name} picture {value:.3f} ±{Z * sd:.3f}")
+    if not loose:
+        return ""
+    return ("Layout trustworthiness (1: every neighbour in the picture is a true one; 0.5: a random layout): "
+            + " and ".join(loose) + f", below {TRUST_CAUTION}. Read the numbers above, not distances in that "
+            "picture; fewer tokens (sidebar: Prompts) usually give a picture that keeps more of them.")
 
 
 def removal_note(removal: dict | None) -> str:
