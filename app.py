@@ -14,7 +14,6 @@ import polars as pl
 import streamlit as st
 
 from dashboard import data, panels, sidebar, space
-from views.cache import key_digest
 from views.errors import StoreBusy, StoreError, StoreMissing
 from views.service import store_to_open
 from views.specs import raw_of
@@ -111,8 +110,7 @@ with tabs["Latent space"]:
                                      on=["branch_id", "position"], how="left")
         if "cluster" not in points.columns:
             points = points.with_columns(pl.lit(None, pl.Int64).alias("cluster"))
-        space.render(points, branches, lineage, ctl, raw_metrics, res_metrics, f"{run_id}-layer{sel.layer}",
-                     key_digest({"store": path, "version": version, "selection": sel.key(), "spec": spec_json})[:12])
+        space.render(points, branches, lineage, ctl, raw_metrics, res_metrics, f"{run_id}-layer{sel.layer}")
 
 with tabs["Where branches go apart"]:
     if tabs["Where branches go apart"].open:

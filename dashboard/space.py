@@ -4,6 +4,7 @@ follow a branch or a box across both, the branch text with picking, the metrics 
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import polars as pl
 import streamlit as st
 
@@ -75,23 +76,59 @@ def chart_key(kind: str, prefix: str, view_id: str) -> str:
     return f"{kind}_{prefix}_{view_id}"
 
 
+def view_id(points: pl.DataFrame) -> str:
+    """A digest of both panels' coordinates: it changes exactly when a box drawn on them would mean other
+    tokens (another layer, method or token set, a refit as prompts arrive), not on a colour change."""
+    hashes = points.select("branch_id", "position", "raw_x", "raw_y", "res_x", "res_y").hash_rows(seed=0)
+    return f"{int(hashes.to_numpy().sum(dtype=np.uint64)):016x}"[-12:]
+
+
+def carry_picks(last_view: str | None, view: str, clicked_before: set[int], carried: set[int],
+                clicked_here: set[int], brushed_here: bool) -> set[int]:
+    """The branches clicked in the charts of earlier views that this view keeps following: on a change of
+    view, those clicked in the last one (or, with none clicked there, what it carried itself); dropped
+    once a chart of this view is clicked or brushed."""
+    if clicked_here or brushed_here:
+        return set()
+    if last_view is not None and last_view != view:
+        return set(clicked_before) or set(carried)
+    return set(carried)
+
+
+def _chart_picks(view: str) -> tuple[set[int], dict]:
+    """The branches clicked and the boxes drawn in the projection charts of a view."""
+    clicked, brushes = set(), {}
+    for prefix, _ in PANELS:
+        selection = _chart_selection(chart_key("proj", prefix, view))
+        clicked |= charts.picked_branches(selection)
+        brushes |= _brushes(selection)
+    return clicked, brushes
+
+
 def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, ctl, raw_metrics: dict,
-           res_metrics: dict, name: str, view_id: str) -> None:
-    """The tab's whole body. view_id: what the projections' coordinates depend on (tokens, layer, method),
-    as a short digest."""
+           res_metrics: dict, name: str) -> None:
+    """The tab's whole body."""
+    view = view_id(points)
     table = text.branch_table(branches, lineage)
     table_rows = _table_rows("branch_table")
     picked_in_table = {int(table["branch"][i]) for i in table_rows if i < len(table)}
-    picked = picked_in_table.copy()
-    for prefix, _ in PANELS:
-        picked |= charts.picked_branches(_chart_selection(chart_key("proj", prefix, view_id)))
+    clicked, brushes = _chart_picks(view)
+    state = st.session_state
+    before = _chart_picks(state["bl_view"])[0] if state.get("bl_view") not in (None, view) else set()
+    carried = carry_picks(state.get("bl_view"), view, before, state.get("bl_carried", set()), clicked, bool(brushes))
+    state["bl_view"], state["bl_carried"] = view, carried
+    picked = picked_in_table | clicked | carried
     first = min(picked_in_table) if picked_in_table else (min(picked) if picked else None)
     pill_key = f"tokens_of_{first}"
-    token_sel = {(first, int(p)) for p in (st.session_state.get(pill_key) or [])} if first is not None else set()
-    brushes = {}
-    for prefix, _ in PANELS:
-        brushes |= _brushes(_chart_selection(chart_key("proj", prefix, view_id)))
+    token_sel = {(first, int(p)) for p in (state.get(pill_key) or [])} if first is not None else set()
     chosen, lit = focus(points, brushes, picked, token_sel)
+    if carried:
+        note, forget = st.columns([5, 1])
+        note.caption(f"Following {len(carried)} branch{'es' if len(carried) > 1 else ''} clicked in the previous "
+                     "view (branch ids hold in every view; a box drawn there does not carry over).")
+        if forget.button("Forget them", key="bl_forget"):
+            state["bl_carried"] = set()
+            st.rerun()
 
     drawn = points
     big = len(points) > ctl.max_points
@@ -112,7 +149,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
         with st.container(key="bl-density"):
             for col, (prefix, title) in zip(st.columns(2), PANELS):
                 with col:
-                    key = chart_key("density", prefix, view_id)
+                    key = chart_key("density", prefix, view)
                     st.altair_chart(charts.density(points, prefix, title, ctl.color_by), width="stretch",
                                     key=key, on_select="rerun", selection_mode=[f"region_{prefix}"])
                     found = charts.region_rows(points, prefix, _chart_selection(key))
@@ -127,7 +164,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             st.caption(f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
                        f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}.")
     if drawn is not None:
-        static = _draw_panels(drawn, chosen, lit, branches, ctl, view_id)
+        static = _draw_panels(drawn, chosen, lit, branches, ctl, view)
         st.caption(charts.HOW_TO)
 
     st.subheader("How much position is left")

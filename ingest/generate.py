@@ -364,13 +364,16 @@ class TreeBuilder:
         self.stats.forward_calls += 1
         extra = {"logits_to_keep": 1} if keep_last_logits and self._can_keep_logits else {}
 
-        def run(select):
+        def run(select, keep=extra):
             return self.lm.model(input_ids=input_ids, use_cache=True, attention_mask=mask, position_ids=positions,
-                                 output_hidden_states=select, return_dict=True, **{self._cache_kwarg: cache}, **extra)
+                                 output_hidden_states=select, return_dict=True, **{self._cache_kwarg: cache}, **keep)
 
         if not self._selection:
             if self._selection is None and cache is None:  # the first prefill: safe to run twice (no cache)
-                return self._check_selection(run(list(self.layers)), run(True))
+                selected = run(list(self.layers))
+                # only its states are compared: its logits, (1, n, vocab), would double the prefill's peak
+                full = run(True, {"logits_to_keep": 1} if self._can_keep_logits else extra)
+                return self._check_selection(selected, full)
             return run(True)
         return run(list(self.layers))
 
@@ -381,11 +384,11 @@ class TreeBuilder:
         5.25 returns n_layers + 1 states indexed by layer (None where not asked), 5.17 returns n_layers
         states of the decoder layers' outputs (its index i is layer i + 1 here), models without the support
         return them all. So the selection is kept only where it gives exactly the states of
-        output_hidden_states=True; otherwise every later forward asks for all states. Returns the run the
-        later forwards are read like."""
+        output_hidden_states=True; otherwise every later forward asks for all states. Returns `selected`
+        (its logits and cache are those of any run), with all of `full`'s states where the selection fails."""
         want = self._pick(full.hidden_states, "by layer")
         if want is None:
-            raise RuntimeError(f"the model returned {len(full.hidden_states)} hidden states; layers {self.layers} "
+            raise RuntimeError(f"the model returned {len(full.hidden_states or ())} hidden states; layers {self.layers} "
                                "need one per layer plus the embeddings")
         self._selection = False
         for mode in ("by layer", "in order"):
@@ -393,11 +396,14 @@ class TreeBuilder:
             if got is not None and all(torch.equal(g, w) for g, w in zip(got, want)):
                 self._selection = mode
                 return selected
-        return full
+        selected.hidden_states = full.hidden_states  # read by layer from now on
+        return selected
 
     def _pick(self, states, mode: str) -> list[torch.Tensor] | None:
         """The chosen layers' states read from `states` as `mode` says (by layer index, or the selected
         ones in order), or None where one of them is missing."""
+        if states is None:  # a model that answers a list with no states at all
+            return None
         if mode == "by layer":
             picked = [states[layer] if layer < len(states) else None for layer in self.layers]
         else:
@@ -408,7 +414,7 @@ class TreeBuilder:
         """The chosen layers' hidden states: (n_layers_sel, batch, seq, d)."""
         picked = self._pick(out.hidden_states, self._selection or "by layer")
         if picked is None:
-            raise RuntimeError(f"the model returned {len(out.hidden_states)} hidden states for layers {self.layers}")
+            raise RuntimeError(f"the model returned {len(out.hidden_states or ())} hidden states for layers {self.layers}")
         return torch.stack(picked)
 
     def _record(self, b: Built) -> BranchRecord:

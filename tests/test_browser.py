@@ -121,18 +121,19 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         other = option[0].text.strip()
         option[0].click()
 
-        def redrawn(d) -> bool:
-            """The other layer's view is drawn: its header, no spinner, both panels and the text below."""
+        def redrawn(d) -> str | None:
+            """The other layer's view, drawn and no longer stale (Streamlit marks what the rerun has not
+            redrawn yet): its "N tokens selected" line, else None."""
             try:
-                return (any(f"layer {other} of" in e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]'))
-                        and not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"]')
-                        and len(projections(d)) == 2
-                        and any("tokens selected" in e.text for e in d.find_elements(By.TAG_NAME, small)))
+                if (not any(f"layer {other} of" in e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]'))
+                        or d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
+                        or len(projections(d)) != 2):
+                    return None
+                return next((e.text for e in d.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text), None)
             except StaleElementReferenceException:
-                return False
+                return None
 
-        wait.until(redrawn)
-        caption = next(e.text for e in driver.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text)
+        caption = wait.until(redrawn)
         assert caption.startswith("0 tokens selected") and not driver.find_elements(By.TAG_NAME, "mark")
         # 1000 px: the panels stack, each as wide as the main area.
         driver.set_window_size(1000, 1300)
