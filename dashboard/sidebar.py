@@ -42,7 +42,8 @@ def _prompts(store: str, run: dict) -> tuple[tuple[int, ...] | None, list[int]]:
         st.session_state[known_key] = ids
 
     chosen = st.sidebar.multiselect("Prompts", ids, default=default, key=f"prompts::{scope}::{len(ids)}",
-                                    format_func=lambda i: f"{i}: {prompts[i][:40]}", on_change=remember)
+                                    format_func=lambda i: f"{i}: {prompts[i][:40]}", on_change=remember,
+                                    placeholder=f"all {len(ids)} prompts (pick some to narrow)")
     st.session_state[chosen_key] = chosen
     new = [i for i in ids if i not in known and i not in chosen]
     if not chosen or set(chosen) == set(ids):

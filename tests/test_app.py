@@ -438,6 +438,7 @@ def test_another_store_shows_its_own_prompts(store, tmp_path):
     assert box.options == [f"{i}: {t[:40]}" for i, t in enumerate(texts)]
     assert box.value == [0, 1, 2]
     assert set(projection(at)["points"].column("prompt_id").to_pylist()) == {0, 1, 2}
+    assert box.proto.placeholder == "all 3 prompts (pick some to narrow)"  # an empty box says it means all
 
 
 def test_exports(store):
