@@ -211,7 +211,9 @@ def profile_panel(rows: pl.DataFrame, value: str, band: str, chance: str, chance
         y=alt.Y("chance_lo:Q", title=None), y2="chance_hi:Q")
     methods = data["method"].unique(maintain_order=True).to_list()
     scale = alt.Scale(domain=methods, range=[RAW_COLOUR if m == "raw" else REMOVED_COLOUR for m in methods])
-    color = alt.Color("method:N", title=None, scale=scale, legend=alt.Legend(orient="top", symbolType="stroke"))
+    color = alt.Color("method:N", title=None, scale=scale,
+                      legend=alt.Legend(orient="top", symbolType="stroke", symbolStrokeWidth=3))
+    # the bands' colours resolve apart from the lines': sharing the scale, legend=None took the lines' key away
     bands = base.mark_area(opacity=0.18).encode(y="lo:Q", y2="hi:Q",
                                                  color=alt.Color("method:N", scale=scale, legend=None))
     line = base.mark_line(point=True).encode(
@@ -219,7 +221,8 @@ def profile_panel(rows: pl.DataFrame, value: str, band: str, chance: str, chance
         tooltip=["layer:Q", "method:N", alt.Tooltip(f"{value}:Q", format="+.3f", title="value"),
                  alt.Tooltip("lo:Q", format="+.3f"), alt.Tooltip("hi:Q", format="+.3f"),
                  alt.Tooltip("chance_hi:Q", format="+.3f", title="chance up to")])
-    return alt.layer(chance_band_, bands, line).properties(title=title, height=260, width="container")
+    return alt.layer(chance_band_, bands, line).resolve_scale(color="independent").properties(
+        title=title, height=260, width="container")
 
 
 def divergence(rows: pl.DataFrame) -> alt.LayerChart:

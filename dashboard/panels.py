@@ -14,7 +14,7 @@ import streamlit as st
 from dashboard import charts
 from views.clusters import Clusters
 from views.errors import SqlError, StoreBusy, StoreError
-from views.present import layout_note, metric_rows, removal_note, verdict, warnings
+from views.present import layout_note, metric_rows, profile_columns, removal_note, verdict, warnings
 from views.sql import LIMITS, query
 
 T = TypeVar("T")
@@ -155,7 +155,8 @@ def layers_panel(profile: pl.DataFrame) -> None:
                "tainted by position: compare raw with the removed line and with chance. Learned absolute positions "
                "(GPT-2) are strongest in early layers; RoPE models have none at layer 0 (token embeddings). "
                "A probe well above chance with R2_pos near chance: position is decodable but small.")
-    st.dataframe(profile, hide_index=True, width="stretch")
+    config = {c: st.column_config.Column(label, help=text) for c, (label, text) in profile_columns(profile.columns).items()}
+    st.dataframe(profile, hide_index=True, width="stretch", column_config=config)
 
 
 def sql_panel(store: str, run_id: str) -> None:

@@ -295,3 +295,19 @@ def test_printable_makes_byte_tokens_safe_for_svg():
 
     chart = alt.Chart(pl.DataFrame({"t": [printable("x\x1d\x00y")], "v": [1]})).mark_text().encode(text="t:N")
     assert vlc.vegalite_to_svg(chart.to_json()).startswith("<svg")
+
+
+def test_layer_profile_charts_carry_a_raw_and_removed_key():
+    """The lines' legend names raw and the method; the bands' colours resolve apart (sharing the scale,
+    their legend=None left the Layers tab without a key)."""
+    from dashboard.charts import REMOVED_COLOUR, RAW_COLOUR, profile_panel
+
+    rows = pl.DataFrame({"layer": [0, 1, 0, 1], "method": ["raw", "raw", "per-position mean", "per-position mean"],
+                         "r2": [0.8, 0.7, 0.01, 0.0], "r2_band": [0.02] * 4, "chance": [0.001] * 4,
+                         "chance_band": [0.001] * 4})
+    spec = profile_panel(rows, "r2", "r2_band", "chance", "chance_band", "R2_pos").to_dict()
+    assert spec["resolve"]["scale"]["color"] == "independent"
+    line = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "line")
+    colour = line["encoding"]["color"]
+    assert colour["legend"] is not None and colour["legend"]["orient"] == "top"
+    assert colour["scale"]["domain"] == ["raw", "per-position mean"] and colour["scale"]["range"] == [RAW_COLOUR, REMOVED_COLOUR]

@@ -303,3 +303,16 @@ def test_a_loose_layout_is_named_on_screen_and_a_faithful_one_is_not():
     # within its band of the threshold: no warning (the band says it may not be below)
     near = {"projection": {"trustworthiness": TRUST_CAUTION - 0.01, "sd": 0.01}}
     assert layout_note(faithful, near) == ""
+
+
+def test_every_layer_profile_column_has_a_header_and_help():
+    """The Layers tab's table names its columns in words (it showed r2_band, leak_chance_hi)."""
+    from views.present import profile_columns
+    from views.service import profile_row
+
+    columns = list(profile_row(0, "raw", {"pcs": [{"pos_r2": 0.1, "var_share": 0.2}] * 5}).keys())
+    named = profile_columns(columns)
+    assert set(named) == set(columns)
+    headers = [h for h, _ in named.values()]
+    assert len(set(headers)) == len(headers) and all(text for _, text in named.values())
+    assert named["pc5_variance"][0] == "PC5 variance" and named["r2_band"][0] == "R2_pos ±"
