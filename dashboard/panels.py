@@ -155,7 +155,8 @@ def layers_panel(profile: pl.DataFrame) -> None:
                "tainted by position: compare raw with the removed line and with chance. Learned absolute positions "
                "(GPT-2) are strongest in early layers; RoPE models have none at layer 0 (token embeddings). "
                "A probe well above chance with R2_pos near chance: position is decodable but small.")
-    config = {c: st.column_config.Column(label, help=text) for c, (label, text) in profile_columns(profile.columns).items()}
+    config = {c: st.column_config.Column(label, help=text)
+              for c, (label, text) in profile_columns(profile.columns).items()}
     st.dataframe(profile, hide_index=True, width="stretch", column_config=config)
 
 
