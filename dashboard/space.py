@@ -83,16 +83,15 @@ def view_id(points: pl.DataFrame) -> str:
     return f"{int(hashes.to_numpy().sum(dtype=np.uint64)):016x}"[-12:]
 
 
-def carry_picks(last_view: str | None, view: str, clicked_before: set[int], carried: set[int],
-                clicked_here: set[int], brushed_here: bool) -> set[int]:
-    """The branches clicked in the charts of earlier views that this view keeps following: on a change of
-    view, those clicked in the last one (or, with none clicked there, what it carried itself); dropped
-    once a chart of this view is clicked or brushed."""
+def carry_picks(clicked_before: set[int] | None, carried: set[int], clicked_here: set[int],
+                brushed_here: bool) -> set[int]:
+    """The branches clicked in the charts of earlier views that this view keeps following. clicked_before:
+    on a change of view, those clicked in the last view's charts (None when the view did not change);
+    with none clicked there, the last view's own carried ones stay. Dropped once a chart of this view is
+    clicked or brushed."""
     if clicked_here or brushed_here:
         return set()
-    if last_view is not None and last_view != view:
-        return set(clicked_before) or set(carried)
-    return set(carried)
+    return set(clicked_before or carried)
 
 
 def _chart_picks(view: str) -> tuple[set[int], dict]:
@@ -114,8 +113,8 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     picked_in_table = {int(table["branch"][i]) for i in table_rows if i < len(table)}
     clicked, brushes = _chart_picks(view)
     state = st.session_state
-    before = _chart_picks(state["bl_view"])[0] if state.get("bl_view") not in (None, view) else set()
-    carried = carry_picks(state.get("bl_view"), view, before, state.get("bl_carried", set()), clicked, bool(brushes))
+    before = _chart_picks(state["bl_view"])[0] if state.get("bl_view") not in (None, view) else None
+    carried = carry_picks(before, state.get("bl_carried", set()), clicked, bool(brushes))
     state["bl_view"], state["bl_carried"] = view, carried
     picked = picked_in_table | clicked | carried
     first = min(picked_in_table) if picked_in_table else (min(picked) if picked else None)

@@ -116,7 +116,8 @@ def _zeroed(model: torch.nn.Module, target: str, family: str) -> Iterator[None]:
     for candidate in target.split("|"):
         if ":" in candidate:
             module_name, name = candidate.split(":")
-            owners = [m for m in [importlib.import_module(module_name)] if callable(getattr(m, name, None))]
+            module = importlib.import_module(module_name)
+            owners = [module] if callable(getattr(module, name, None)) else []
         else:
             name = candidate
             owners = [m for m in model.modules() if callable(getattr(m, name, None))]

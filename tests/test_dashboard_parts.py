@@ -144,13 +144,13 @@ def test_clicked_branches_follow_a_change_of_view_and_boxes_do_not():
     pts, _ = _points()
     a, b = view_id(pts), view_id(pts.with_columns(pl.col("res_x") + 1.0))
     assert a != b and view_id(pts.reverse()) == a and view_id(pts.with_columns(pl.lit(3).alias("cluster"))) == a
-    assert carry_picks(None, a, set(), set(), set(), False) == set()  # first view
-    carried = carry_picks(a, b, {2, 3}, set(), set(), False)  # layer switch after clicking 2 and 3
+    assert carry_picks(None, set(), set(), False) == set()  # first view
+    carried = carry_picks({2, 3}, set(), set(), False)  # layer switch after clicking 2 and 3
     assert carried == {2, 3}
-    assert carry_picks(b, b, set(), carried, set(), False) == {2, 3}  # reruns of the new view keep them
-    assert carry_picks(b, a, set(), carried, set(), False) == {2, 3}  # another switch without a click
-    assert carry_picks(b, b, set(), carried, {1}, False) == set()  # a click in the new view takes over
-    assert carry_picks(b, b, set(), carried, set(), True) == set()  # so does a box
+    assert carry_picks(None, carried, set(), False) == {2, 3}  # reruns of the new view keep them
+    assert carry_picks(set(), carried, set(), False) == {2, 3}  # another switch without a click
+    assert carry_picks(None, carried, {1}, False) == set()  # a click in the new view takes over
+    assert carry_picks(None, carried, set(), True) == set()  # so does a box
 
 
 def test_density_keeps_the_majority_prompts_colour_and_the_mean_position():
