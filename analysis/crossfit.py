@@ -14,19 +14,18 @@ which keeps its permutations cheap; the removal itself is in the full space.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from analysis.groups import blocks, code_sums64, f64_blocks, group_sums, onehot, row_sq
+from analysis.groups import blocks, branch_centred, code_sums64, f64_blocks, onehot, row_sq
 from analysis.metrics import WithinShuffler
+from analysis.nuisances import NUISANCES
 from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
                                   branch_offsets, make_residualizer)
 from analysis.tokens import TokenSet
 
-ONE_NUISANCE = {"position": "per_position", "token": "per_token"}  # a method for one detected covariate
 TEST_DIMS = 64  # width of the random projection the detection test runs in
-MAX_RANK = 10  # projection: largest k tried when k is chosen from the data
 
 
 @dataclass
@@ -35,9 +34,11 @@ class RemovalReport:
 
     method: str
     nuisance: str
+    removes: list[str] = field(default_factory=list)  # the nuisance keys the method removes
     detected: bool = True
     p_value: float = float("nan")
     p_min: float = float("nan")  # the smallest p the permutations can give: 1 / (n_perm + 1)
+    alpha: float = 0.05  # the tests' level
     r2_oof: float = float("nan")  # out-of-fold R2 of the nuisance estimate
     null_r2: float = float("nan")  # its mean under permutation
     null_hi: float = float("nan")  # and the 95th percentile
@@ -47,9 +48,17 @@ class RemovalReport:
     folds: int = 0
     fold_by: str = ""
     k: int | None = None  # projection: directions removed
-    rank_r2: list[float] = field(default_factory=list)  # projection: out-of-fold R2 per rank 1..MAX_RANK
+    rank_r2: list[float] = field(default_factory=list)  # projection: out-of-fold R2 per rank 1..analysis.rank.MAX_RANK
     crossfit_share: float = 0.0  # share of plotted tokens whose estimate never saw their prompt (branch)
     detected_covariates: list[str] = field(default_factory=list)
+    tests: dict = field(default_factory=dict)  # per nuisance: MeansTest.to_dict()
+    deciding: str = ""  # the nuisance whose test the top-level p_value / r2_oof quote
+    linear_test: dict = field(default_factory=dict)  # the linear probe test of position, where one ran
+    erased: bool = False  # position erased linearly (LEACE)
+    removed: list[str] = field(default_factory=list)  # what was removed, in words ("position", "token identity", ...)
+    removed_keys: list[str] | None = None  # the nuisance keys removed (None: those detected, or all when forced)
+    weights: dict = field(default_factory=dict)  # joint estimators: mean weight removed per nuisance
+    noise_share: float = float("nan")  # joint estimators: share of the removed position part that is estimate noise
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -57,11 +66,25 @@ class RemovalReport:
 
 
 def covariates(tokens: TokenSet) -> dict[str, np.ndarray | None]:
-    return {"position": tokens.position, "token": tokens.extra.get("token_id")}
+    """Every registered nuisance's column of these tokens (None where they do not carry it)."""
+    return {key: n.values(tokens) for key, n in NUISANCES.items()}
 
 
 def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
                independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+    """Residual vectors of `plot` (n, d) and a report of what was removed: the method's own removal (a
+    classmethod `remove` on its class) or, by default, crossfit_remove."""
+    own = getattr(RESIDUALIZERS[spec.method], "remove", None)
+    return (own or crossfit_remove)(plot, spec, reference, independent, seed, in_place)
+
+
+def new_report(spec: ResidualSpec) -> RemovalReport:
+    cls = RESIDUALIZERS[spec.method]
+    return RemovalReport(spec.method, cls.nuisance_words(), list(cls.removes), alpha=spec.alpha)
+
+
+def crossfit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
+                    independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
     """Residual vectors of `plot` (n, d) and a report of what was removed.
 
     reference: the tokens the nuisance is estimated from (default: plot). With `independent`, the
@@ -71,7 +94,7 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
     over plot.X (float32) and returned: no copy of the vectors is made.
     """
     cls = RESIDUALIZERS[spec.method]
-    report = RemovalReport(spec.method, cls.nuisance)
+    report = new_report(spec)
     if not cls.covariates:
         report.detected, report.weight = False, 0.0
         return _raw(plot, spec, in_place), report
@@ -87,23 +110,19 @@ def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = 
         ref_scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
         Zr = ref_scaler.transform(ref.X)
 
-    unit_name, ref_units, plot_units = _units(ref, plot, independent)
+    unit_name, ref_units, plot_units = units(ref, plot, independent, cls.fold_unit)
     folds = _fold_of(ref_units, plot_units, spec.folds, seed)
     report.fold_by = unit_name
     Zt = _project(Zr, seed)  # what the tests and the choice of rank run on
-    if spec.method == "projection" and spec.k is None:
-        spec = replace(spec, k=_choose_rank(Zt, ref, folds[0], report))
-        report.k = spec.k
-    elif spec.method == "projection":
-        report.k = spec.k
+    spec = cls.tune(spec, Zt, ref, folds[0], report)
     _detect(Zt, ref, folds[0], spec, cls, seed, report)
-    if spec.gate and report.detected and 0 < len(report.detected_covariates) < len(cls.covariates):
+    if spec.gate and report.detected and 0 < len(report.detected_covariates) < len(cls.removes):
         # e.g. position + token where only token identity is there: remove that alone, since a fitted
         # but absent positional part would be noise subtracted by position (an invented leak)
-        single = ONE_NUISANCE[report.detected_covariates[0]]
-        report.note = f"only {report.detected_covariates[0]} detected: removed as {RESIDUALIZERS[single].describe(spec)}"
-        spec, cls = replace(spec, method=single), RESIDUALIZERS[single]
-        report.method, report.nuisance = single, cls.nuisance
+        spec = cls.reduce(spec, report.detected_covariates)
+        cls = RESIDUALIZERS[spec.method]
+        report.note = f"only {NUISANCES[report.detected_covariates[0]].words} detected: removed as {spec.label()}"
+        report.method, report.nuisance, report.removes = spec.method, cls.nuisance_words(), list(cls.removes)
         _weigh(Zt, ref, folds[0], spec, report)
     del Zt
     if not spec.gate:
@@ -153,9 +172,9 @@ def _fold_models(Zr: np.ndarray, ref: TokenSet, cls: type[Residualizer], spec: R
     none where those are empty; with crossfit=False one model, key 0, fitted on all of Zr). Every model is fitted before any residual is written, since
     Zr may be the buffer the residuals go to. Single-covariate methods fit from per-(fold, value) sums,
     the branch offsets taken out by algebra (no (n, d) temporary); the others from rows."""
-    if len(cls.covariates) == 1 and hasattr(cls, "fit_stats"):
+    if len(cls.covariates) == 1 and cls.sufficient:
         label = _cov(ref, cls)[cls.covariates[0]]
-        helper = make_residualizer(spec) if cls.additive else PerPositionMean(spec)
+        helper = make_residualizer(spec) if cls.additive else PerPositionMean(spec.with_method("per_position"))
         stats = fold_label_stats(Zr, label, ref.branch, fold, helper if backfit else None)
         if not crossfit:
             return {0: make_residualizer(spec).fit_stats(stats[0])}
@@ -234,7 +253,7 @@ class FoldCells:
             # sum |x - o_b|^2 = sum |x|^2 - 2 <S_b, o_b> + n_b |o_b|^2, per branch
             helper.fit_stats(LabelStats(self.lab_uniq[labs], S_l - N.T @ o, n_l,
                                         sq - 2 * float((S_b * o).sum()) + float((n_b * (o**2).sum(1)).sum()), n))
-            fitted = helper._component(None, {name: self.lab_uniq[labs]}).astype(np.float64)  # (L', d)
+            fitted = helper.component_of(None, {name: self.lab_uniq[labs]}).astype(np.float64)  # (L', d)
             branch_means = (S_b - N @ fitted) / n_b[:, None]  # (B', d) branch means of x - fitted
             branch_means -= np.average(branch_means, axis=0, weights=n_b)
             per = branch_means.astype(np.float32)
@@ -311,9 +330,10 @@ def _cov_rows(tokens: TokenSet, cls: type[Residualizer], rows: np.ndarray) -> di
     return {name: values[rows] for name, values in _cov(tokens, cls).items()}
 
 
-def _units(ref: TokenSet, plot: TokenSet, independent: bool) -> tuple[str, np.ndarray, np.ndarray]:
-    """The unit folds are made of: prompts, or branches when the reference has one prompt."""
-    if len(np.unique(ref.prompt)) >= 2:
+def units(ref: TokenSet, plot: TokenSet, independent: bool, unit: str = "prompt") -> tuple[str, np.ndarray, np.ndarray]:
+    """The unit folds are made of: prompts (unit 'prompt'), or branches when the reference has one prompt
+    or the method holds out branches (unit 'branch')."""
+    if unit == "prompt" and len(np.unique(ref.prompt)) >= 2:
         return "prompt", ref.prompt, (plot.prompt if not independent else np.full(len(plot), -1))
     return "branch", ref.branch, (plot.branch if not independent else np.full(len(plot), -1))
 
@@ -349,7 +369,7 @@ def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
     """Out-of-fold (R2, least-squares weight) of the method's estimate of E[x | covariates], over the
     held-out tokens whose covariates the training folds cover (as in the removal)."""
     cls = RESIDUALIZERS[spec.method]
-    if len(cls.covariates) == 1 and hasattr(cls, "fit_stats") and cls.additive:  # the model is its own helper
+    if len(cls.covariates) == 1 and cls.sufficient and cls.additive:  # the model is its own helper
         return _oof_from_cells(Z, ref, fold, spec, cov[cls.covariates[0]])
     return _oof_rows(Z, ref, fold, spec, cov)
 
@@ -404,7 +424,7 @@ def _oof_from_cells(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: Residu
         offsets = cells.offsets(model, train) if backfit else cells.no_offsets()
         model.fit_stats(cells.train_stats(train, offsets))
         base = S_fold[train].sum(axis=0) / n_fold[train].sum()  # (m,) the training rows' mean
-        pred = model._component(None, {name: labels[ok]}).astype(np.float64)  # (c, m) at each test label
+        pred = model.component_of(None, {name: labels[ok]}).astype(np.float64)  # (c, m) at each test label
         S, c, sq = cells.S_fl[test][ok], cells.fl_n[test][ok], cells.sq_fl[test][ok]
         dev = pred - base
         # sums over a cell's rows z: |z - p|^2 = sq - 2 <S, p> + c |p|^2, <z - b, p - b> = <S - c b, p - b>
@@ -414,17 +434,6 @@ def _oof_from_cells(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: Residu
         den += float((c * (dev**2).sum(axis=1)).sum())
     r2 = 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
     return r2, (float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0)
-
-
-def _centered(Z: np.ndarray, branch: np.ndarray) -> np.ndarray:
-    """Z minus each branch's mean: a branch's content, constant along it, no longer looks like position."""
-    _, inverse, counts = np.unique(branch, return_inverse=True, return_counts=True)
-    _, sums, _ = group_sums(Z, branch)
-    means, inverse = sums / counts[:, None], inverse.ravel()
-    out = np.empty(Z.shape, np.float32)
-    for rows in blocks(len(Z)):  # no (n, m) float64 temporaries
-        out[rows] = Z[rows] - means[inverse[rows]]
-    return out
 
 
 def _fold_sq(Zc: np.ndarray, fold: np.ndarray, n_folds: int) -> np.ndarray:
@@ -464,38 +473,98 @@ def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds:
     return 1 - sse_m / sse_0 if sse_0 > 0 else 0.0
 
 
+@dataclass
+class MeansTest:
+    """One nuisance's detection test: the out-of-fold R2 of its per-label means, against the same with
+    the labels shuffled as the nuisance says (analysis.nuisances)."""
+
+    key: str
+    r2: float
+    null: np.ndarray
+    alpha: float
+
+    @property
+    def p_value(self) -> float:
+        return float((1 + (self.null >= self.r2).sum()) / (1 + len(self.null)))
+
+    @property
+    def detected(self) -> bool:
+        """Significant and an estimate that predicts held-out tokens (R2 above 0)."""
+        return self.p_value <= self.alpha and self.r2 > 0
+
+    def to_dict(self) -> dict:
+        return {"r2_oof": float(self.r2), "null_r2": float(self.null.mean()), "null_hi": float(np.quantile(self.null, 0.95)),
+                "p_value": self.p_value, "detected": self.detected}
+
+
+def shuffler(how: str, tokens: TokenSet):
+    """A callable (codes (n,), rng) -> codes permuted as `how` says: 'within:UNIT' (among each unit's rows)
+    or 'between:UNIT' (each unit's label moved whole to another unit; labels constant within a unit)."""
+    kind, unit = how.split(":")
+    groups = getattr(tokens, unit)
+    if kind == "within":
+        return WithinShuffler(groups)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    inverse = inverse.ravel()
+    return lambda codes, rng: codes[first][rng.permutation(len(first))][inverse]
+
+
+def test_means(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, keys: tuple[str, ...], n_perm: int, alpha: float,
+               seed: int) -> dict[str, MeansTest]:
+    """Each nuisance's MeansTest on Zt (the reference on the tests' projection): its per-label means of
+    the latents centred within the nuisance's unit, out of fold, against n_perm shuffles (one grouped sum
+    each)."""
+    n_folds = int(fold.max()) + 1
+    cov = covariates(ref)
+    rng = np.random.default_rng(seed + 1)
+    centred: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
+    out = {}
+    for key in keys:
+        n = NUISANCES[key]
+        if n.centre not in centred:
+            Zc = branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
+            centred[n.centre] = (Zc, _fold_sq(Zc, fold, n_folds))
+        Zc, sq = centred[n.centre]
+        shuffle = shuffler(n.shuffle, ref)
+        uniq, codes = np.unique(np.asarray(cov[key]), return_inverse=True)  # a shuffle of codes = of labels
+        codes, L = codes.ravel(), len(uniq)
+        r2 = _oof_group_r2(Zc, codes, fold, n_folds, sq, L)
+        null = np.array([_oof_group_r2(Zc, shuffle(codes, rng), fold, n_folds, sq, L) for _ in range(n_perm)])
+        out[key] = MeansTest(key, float(r2), null, alpha)
+    return out
+
+
+def deciding(tests: dict[str, MeansTest]) -> MeansTest:
+    """The test whose numbers a sentence should quote: the detected one clearest above its null (its R2 over
+    the null's 95th percentile), else the one nearest to detection."""
+    detected = [t for t in tests.values() if t.detected]
+    pool = detected or list(tests.values())
+    return max(pool, key=lambda t: (t.r2 - float(np.quantile(t.null, 0.95)), -t.p_value))
+
+
+def record_tests(report: RemovalReport, tests: dict[str, MeansTest], n_perm: int) -> None:
+    """Copy the tests into the report: per nuisance (report.tests), and the deciding one's numbers."""
+    report.tests = {k: t.to_dict() for k, t in tests.items()}
+    report.detected_covariates = [k for k, t in tests.items() if t.detected]
+    t = deciding(tests)
+    report.r2_oof, report.null_r2 = t.r2, float(t.null.mean())
+    report.null_hi = float(np.quantile(t.null, 0.95))
+    report.p_value, report.p_min = t.p_value, 1 / (n_perm + 1)
+    report.deciding = t.key
+    report.detected = bool(report.detected_covariates)
+
+
 def _detect(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: ResidualSpec,
             cls: type[Residualizer], seed: int, report: RemovalReport) -> None:
-    """Out-of-fold test of the nuisance; sets detected, p_value, r2_oof, null band and weight.
-
-    Zt: the reference's latents on the test projection (_project). The test statistic is the
-    out-of-fold R2 of per-label means of branch-centred latents (fast: one
-    grouped sum per permutation); its null shuffles the label within branches. With two nuisances
-    (position + token) each is tested and the smaller p counts. The weight is the out-of-fold
-    least-squares weight of the method's own estimate.
-    """
+    """Out-of-fold test of each nuisance the method removes (test_means); sets detected, the deciding
+    test's p_value, r2_oof and null band, and the weight: the out-of-fold least-squares weight of the
+    method's own estimate (1 for a projection)."""
     if fold is None:
         report.detected, report.weight = False, 0.0
         report.note = ("one prompt and one branch: the nuisance cannot be tested out of fold, so nothing is "
                        "removed (Force removal removes it as fitted)")
         return
-    Zc = _centered(Zt, ref.branch)
-    n_folds = int(fold.max()) + 1
-    cov = covariates(ref)
-    rng = np.random.default_rng(seed + 1)
-    shuffle, sq = WithinShuffler(ref.branch), _fold_sq(Zc, fold, n_folds)
-    tests = {}
-    for name in cls.covariates:
-        uniq, codes = np.unique(np.asarray(cov[name]), return_inverse=True)  # a shuffle of codes = of labels
-        codes, L = codes.ravel(), len(uniq)
-        r2 = _oof_group_r2(Zc, codes, fold, n_folds, sq, L)
-        null = np.array([_oof_group_r2(Zc, shuffle(codes, rng), fold, n_folds, sq, L) for _ in range(spec.n_perm)])
-        tests[name] = (float((1 + (null >= r2).sum()) / (1 + len(null))), r2, null)
-    report.detected_covariates = [n for n, (p, r2, _) in tests.items() if p <= spec.alpha and r2 > 0]
-    p, r2, null = min(tests.values(), key=lambda t: t[0])
-    report.r2_oof, report.null_r2, report.null_hi = float(r2), float(null.mean()), float(np.quantile(null, 0.95))
-    report.p_value, report.p_min = p, 1 / (spec.n_perm + 1)
-    report.detected = bool(report.detected_covariates)
+    record_tests(report, test_means(Zt, ref, fold, cls.removes, spec.n_perm, spec.alpha, seed), spec.n_perm)
     if not report.detected:
         report.weight = 0.0
     elif cls.additive:
@@ -511,36 +580,3 @@ def _weigh(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, 
     if report.weight == 0.0:
         report.detected = False
         report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"
-
-
-def _choose_rank(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, report: RemovalReport) -> int:
-    """The rank where the out-of-fold R2 of rank-r per-position means (of branch-centred latents) stops
-    rising: the first r whose next rank adds less than 0.1% of the best R2."""
-    if fold is None:
-        return 2
-    Z = _centered(Zt, ref.branch)
-    r_max = min(MAX_RANK, Z.shape[1])
-    sse = np.zeros(r_max)
-    sse_0 = 0.0
-    for f in np.unique(fold):
-        train, test = fold != f, fold == f
-        base = Z[train].mean(axis=0)
-        uniq, sums, counts = group_sums(Z[train], ref.position[train])
-        dev = sums / counts[:, None] - base  # (T, m)
-        _, _, vt = np.linalg.svd(dev * np.sqrt(counts)[:, None], full_matrices=False)
-        idx = np.searchsorted(uniq, ref.position[test])
-        seen = (idx < len(uniq)) & (uniq[np.minimum(idx, len(uniq) - 1)] == ref.position[test])
-        mu = np.zeros((int(test.sum()), Z.shape[1]))
-        mu[seen] = dev[idx[seen]]
-        resid0 = Z[test] - base
-        sse_0 += float((resid0**2).sum())
-        for r in range(1, r_max + 1):
-            V = vt[:r]  # (r, m)
-            sse[r - 1] += float(((resid0 - (mu @ V.T) @ V) ** 2).sum())
-    r2 = 1 - sse / sse_0 if sse_0 > 0 else np.zeros(r_max)
-    report.rank_r2 = [float(v) for v in r2]
-    best = float(r2.max())
-    if best <= 0:
-        return 1
-    gains = np.diff(np.concatenate([r2, [r2[-1]]]))
-    return int(np.argmax(gains < 0.001 * best) + 1)

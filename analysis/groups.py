@@ -70,3 +70,14 @@ def code_sums64(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.
 
     sums, sq = code_sums(X, codings, shift)
     return (sums, sq) if with_sq else sums
+
+
+def branch_centred(Z: np.ndarray, branch: np.ndarray) -> np.ndarray:
+    """Z minus each branch's mean: a branch's content, constant along it, no longer looks like position."""
+    _, inverse, counts = np.unique(branch, return_inverse=True, return_counts=True)
+    _, sums, _ = group_sums(Z, branch)
+    means, inverse = sums / counts[:, None], inverse.ravel()
+    out = np.empty(Z.shape, np.float32)
+    for rows in blocks(len(Z)):  # no (n, m) float64 temporaries
+        out[rows] = Z[rows] - means[inverse[rows]]
+    return out

@@ -1,9 +1,12 @@
 """The guard on every view: a removal that moved a number the wrong way, beyond its noise band, is named.
 
-After removal a position leak should move toward chance (0). Moving farther from it is a fault of the
-method, not a finding: up means position was invented (e.g. a smooth fit of noise subtracted from
-identical tokens breaks their ties by position), down means tokens at the same position were pushed
-apart (means fitted on few branches hold their content). A matched-position separability that falls
+Signed, and over every nuisance whatever was removed. After a removal a leak of the removed nuisance
+should move toward chance. It is named when it ends beyond chance's band on the far side of chance from
+raw (tokens at the same position pushed apart: a raw +0.31 that ends at -0.40 is named however large raw
+was), or farther from chance than raw beyond the band of the change (invented). A leak of a nuisance that
+was not removed and rose is named too: after token identity goes, a position leak that rises while the
+leak across prompts (which share no content) stays at chance is content the tokens hid, not position;
+one that rises across prompts too is position the tokens hid. A matched-position separability that falls
 means content was removed with the nuisance.
 """
 
@@ -13,10 +16,13 @@ import math
 from dataclasses import asdict, dataclass
 
 from analysis.measures import MEASURES
+from analysis.stats import Z
 
 LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:position"}
+TOKEN_LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:token"}
 SEPARABILITY = {k: m.label for k, m in MEASURES.items() if m.guard == "separability"}
-Z = 1.96
+NUISANCE_OF = {"leak:position": "position", "leak:token": "token"}
+CROSS_PROMPT = "leak_prompt"  # the position leak among prompts, which share no content
 
 
 @dataclass(frozen=True)
@@ -27,15 +33,29 @@ class Warning:
     after: float
     band: float  # half-width of the 95% band of the change (raw and after taken as independent: they share
     # their query tokens, so the true band is narrower and the guard errs on the quiet side)
-    kind: str  # 'invented', 'pushed apart', 'content removed'
+    kind: str  # 'invented', 'pushed apart', 'content removed', 'content unmasked', 'position unmasked'
+    chance: float = 0.0
+    chance_band: float = 0.0  # half-width of the band a value at chance falls in
+    context: str = ""  # the cross-prompt leak quoted beside an unmasked one
 
     @property
     def message(self) -> str:
-        what = {"invented": "rose away from chance: the removal invented position",
-                "pushed apart": "fell below chance: the removal pushed tokens at the same position apart",
-                "content removed": "fell: the removal took content away with the nuisance"}[self.kind]
         fmt = "{:+.3f}" if self.metric in LEAKS else "{:.3f}"
-        return f"{self.label} {what} ({fmt.format(self.raw)} -> {fmt.format(self.after)}, band ±{self.band:.3f})"
+        moved = f"({fmt.format(self.raw)} -> {fmt.format(self.after)}, band of the change ±{self.band:.3f}"
+        moved += f"; chance {fmt.format(self.chance)} ±{self.chance_band:.3f})"
+        what = {
+            "invented": "ended above chance, farther than raw or past chance's band from raw's side: the removal "
+                        "invented it",
+            "pushed apart": "ended below chance, farther than raw or past chance's band from raw's side: the removal "
+                            "pushed tokens that share it apart",
+            "content removed": "fell: the removal took content away with the nuisance",
+            "content unmasked": "rose after token identity was removed, but not across prompts "
+                                f"({self.context}): content the tokens hid (siblings near their forks), not position",
+            "position unmasked": "rose after token identity was removed, across prompts too "
+                                 f"({self.context}): position-dependent structure the tokens hid (position itself, "
+                                 "or which tokens sit at which positions)",
+        }[self.kind]
+        return f"{self.label} {what} {moved}"
 
     def to_dict(self) -> dict:
         return asdict(self) | {"message": self.message}
@@ -46,36 +66,64 @@ def _sd(m: dict) -> float:
     return 0.0 if sd is None or math.isnan(sd) else float(sd)
 
 
-def check(raw: dict, after: dict) -> list[Warning]:
-    """Warnings for metric dicts of the raw and the residualized view (as analysis.view.measure gives).
+def _chance(m: dict) -> tuple[float, float]:
+    """(chance level, half-width of the band a value at chance falls in) of a leak's dict."""
+    if "chance_leak" in m:  # a position leak: 0, with the band of the shuffles
+        return float(m["chance_leak"]), float(m.get("chance_hi", 0.0))
+    c = float(m.get("chance", 0.0))
+    if "chance_hi" in m:  # a share (same-token neighbours): its chance interval
+        return c, max(float(m["chance_hi"]) - c, 0.0)
+    return c, Z * float(m.get("chance_sd", 0.0) or 0.0)
 
-    Position leaks are checked when the removal took out position, the token-identity leak when it took
-    out token identity (removing token identity may reveal position that it hid: not a fault)."""
-    out = []
-    nuisance = after.get("removal", {}).get("nuisance", "position")
-    leaks = dict(LEAKS) if "position" in nuisance else {}
-    if "token" in nuisance:
-        leaks |= {k: m.label for k, m in MEASURES.items() if m.guard == "leak:token"}
-    for key, label in leaks.items():
+
+def removed_nuisances(removal: dict) -> set[str]:
+    """The nuisance keys a removal actually took out (nothing when it removed nothing)."""
+    if not removal or not removal.get("weight"):
+        return set()
+    if removal.get("removed_keys") is not None:
+        return set(removal["removed_keys"])
+    keys = set(removal.get("removes", []))
+    if not removal.get("forced"):
+        keys &= set(removal.get("detected_covariates", []))
+    return keys
+
+
+def check(raw: dict, after: dict) -> list[Warning]:
+    """Warnings for metric dicts of the raw and the residualized view (as analysis.view.measure gives)."""
+    out: list[Warning] = []
+    removed = removed_nuisances(after.get("removal", {}))
+    if not removed:
+        return out
+    for key, m in MEASURES.items():
+        if m.guard not in NUISANCE_OF:
+            continue
         r, a = raw.get(key), after.get(key)
-        if not r or not a or not all(math.isfinite(m.get("leak", math.nan)) for m in (r, a)):
+        if not r or not a or not all(math.isfinite(x.get("leak", math.nan)) for x in (r, a)):
             continue
-        # Farther from chance than raw, beyond the band of the change. (A leak that drops from +0.9 to
-        # -0.05 moved toward chance: on data whose content is tied to position, e.g. forks that start
-        # late, even a perfect removal lands a little below the shuffle's chance.)
+        c, half = _chance(a)
         band = Z * math.hypot(_sd(r), _sd(a))
-        if key == "token_leak":  # a share with a chance level above 0: farther from that chance
-            if abs(a["leak"] - a.get("chance", 0)) > abs(r["leak"] - r.get("chance", 0)) + band:
-                out.append(Warning(key, label, r["leak"], a["leak"], band,
-                                   "invented" if a["leak"] > a.get("chance", 0) else "pushed apart"))
-            continue
-        if abs(a["leak"]) > abs(r["leak"]) + band:
-            out.append(Warning(key, label, r["leak"], a["leak"], band, "invented" if a["leak"] > 0 else "pushed apart"))
+        dr, da = r["leak"] - c, a["leak"] - c
+        if NUISANCE_OF[m.guard] in removed:
+            crossed = dr > 0 > da + half or dr < 0 < da - half  # past chance's band, on the other side from raw
+            if crossed or abs(da) > abs(dr) + band:
+                out.append(Warning(key, m.label, r["leak"], a["leak"], band,
+                                   "invented" if da > 0 else "pushed apart", c, half))
+        elif m.guard == "leak:position" and "token" in removed and da > dr + band and da > half:
+            cross = after.get(CROSS_PROMPT) or {}
+            kind, context = "content unmasked", "no other prompts to compare"
+            if math.isfinite(cross.get("leak", math.nan)):
+                cc, ch = _chance(cross)
+                context = f"across prompts {cross['leak']:+.3f}, chance band ±{ch:.3f}"
+                if key != CROSS_PROMPT and cross["leak"] - cc > ch:
+                    kind = "position unmasked"
+                elif key == CROSS_PROMPT:
+                    kind = "position unmasked"
+            out.append(Warning(key, m.label, r["leak"], a["leak"], band, kind, c, half, context))
     for key, label in SEPARABILITY.items():
         r, a = raw.get(key), after.get(key)
         if not r or not a or not all(math.isfinite(m.get("purity", math.nan)) for m in (r, a)):
             continue
         band = Z * math.hypot(_sd(r), _sd(a))
         if a["purity"] < r["purity"] - band:
-            out.append(Warning(key, label, r["purity"], a["purity"], band, "content removed"))
+            out.append(Warning(key, label, r["purity"], a["purity"], band, "content removed", float(a.get("chance", 0))))
     return out

@@ -11,60 +11,130 @@ cache pick it up from RESIDUALIZERS.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from analysis.basis import PositionBasis, fit_smooth
+from analysis.basis import BASES, PositionBasis, fit_smooth
 from analysis.groups import blocks, group_sums
+from analysis.nuisances import NUISANCES, Param, words
 
 RESIDUALIZERS: dict[str, type[Residualizer]] = {}
+BUILTIN_MODULES = ("analysis.estimators",)  # register auto, position, token, linear_erase (they import this module)
+
+
+def registry() -> dict[str, type[Residualizer]]:
+    """RESIDUALIZERS with the built-in methods of other modules registered (imported on first use)."""
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return RESIDUALIZERS
 
 
 def register(cls: type[Residualizer]) -> type[Residualizer]:
-    """Make a residualizer class available by its `name` (specs, app, report, cache)."""
+    """Make a residualizer class available by its `name`: specs, the app's method menu and controls, the
+    report and the cache pick it up from RESIDUALIZERS, its settings from `cls.params`."""
+    for nuisance in cls.removes:
+        if nuisance not in NUISANCES:
+            raise ValueError(f"{cls.__name__} removes {nuisance!r}, which is not a registered nuisance")
     RESIDUALIZERS[cls.name] = cls
     return cls
 
 
-@dataclass(frozen=True)
+# Settings every method shares (spec fields); the method's own are declared in its `params`.
+COMMON = (
+    Param("center", True, "Centre", "Subtract the reference's mean first.", "bool", ui=False),
+    Param("l2", False, "Unit rows", "Scale each latent to unit length first.", "bool", ui=False),
+    Param("standardize", False, "Standardize dimensions",
+          "Divide each dimension by its spread on the reference (against a few rogue dimensions).", "bool"),
+    Param("crossfit", True, "Cross-fit",
+          "Methods that fit per fold: the estimate removed from a token never saw that token's prompt "
+          "(its branch, with one prompt).", "bool"),
+    Param("folds", 5, "Folds", "Folds of prompts (branches, with one prompt) for the tests and cross-fits.",
+          "int", 2, 20, ui=False),
+    Param("gate", True, "Remove only what is detected",
+          "Off (Force removal): remove the estimate whole even when the test finds no component.", "bool"),
+    Param("alpha", 0.05, "Test level", "The detection tests' level.", "float", 0.001, 0.5, ui=False),
+    Param("n_perm", 19, "Permutations", "Permutations behind each test's p-value (smallest p = 1 / (n + 1)).",
+          "int", 1, 999, ui=False),
+    Param("within_branch", True, "Net of branch content",
+          "Estimate the nuisance net of each branch's mean (its content).", "bool", ui=False),
+)
+_COMMON_NAMES = tuple(p.name for p in COMMON)
+
+
+@dataclass(frozen=True, init=False)
 class ResidualSpec:
-    """Which residualizer and its parameters; hashable and serializable (cache keys)."""
+    """Which residualizer, the settings every method shares, and the method's own declared parameters
+    (`params`, a sorted tuple of (name, value); read them as attributes: spec.k). Hashable and
+    serializable (cache keys).
 
-    method: str = "per_position"
-    center: bool = True
-    l2: bool = False
-    standardize: bool = False
-    shrink: float | None = None  # group means: pseudo-count toward the smooth fit / grand mean; None = estimated
-    basis: str = "spline"  # per_position (smooth fit) and regression
-    degree: int = 3
-    n_knots: int = 12
-    n_freq: int = 4
-    k: int | None = None  # projection: directions removed; None = chosen from the data (out-of-fold R2)
-    crossfit: bool = True  # the estimate removed from a token never saw that token's prompt (or branch)
-    folds: int = 5
-    gate: bool = True  # remove only a component detected out of fold (p <= alpha), shrunk; False = force
-    alpha: float = 0.05
-    n_perm: int = 19  # permutations behind the detection p-value (smallest p = 1 / (n_perm + 1))
-    within_branch: bool = True  # estimate the nuisance net of each branch's mean (content), by backfitting
+    ResidualSpec(method="projection", k=3): keyword arguments other than the shared settings are the
+    method's parameters and must be declared by it. `params=` carries another spec's values over (those
+    the method does not declare are dropped, so replace(spec, method=...) works)."""
 
-    def __post_init__(self) -> None:
-        if self.method not in RESIDUALIZERS:
-            raise ValueError(f"unknown residualizer {self.method!r}; choose one of {', '.join(RESIDUALIZERS)}")
-        if self.k is not None and self.k < 1:
-            raise ValueError("projection needs k >= 1 directions to remove")
-        if self.shrink is not None and self.shrink < 0:
-            raise ValueError("shrink must be >= 0")
-        if self.folds < 2:
-            raise ValueError("cross-fitting needs folds >= 2")
-        if not 0 < self.alpha < 1:
-            raise ValueError("alpha must be between 0 and 1")
-        if self.n_perm < 1:
-            raise ValueError("n_perm must be >= 1")
-        PositionBasis(self.basis, self.degree, self.n_knots, self.n_freq)  # validates the basis settings
+    method: str
+    center: bool
+    l2: bool
+    standardize: bool
+    crossfit: bool
+    folds: int
+    gate: bool
+    alpha: float
+    n_perm: int
+    within_branch: bool
+    params: tuple[tuple[str, Any], ...]
+
+    def __init__(self, method: str = "auto", center: bool = True, l2: bool = False, standardize: bool = False,
+                 crossfit: bool = True, folds: int = 5, gate: bool = True, alpha: float = 0.05, n_perm: int = 19,
+                 within_branch: bool = True, params: tuple | dict = (), **method_params: Any):
+        if method not in registry():
+            raise ValueError(f"unknown residualizer {method!r}; choose one of {', '.join(RESIDUALIZERS)}")
+        cls = RESIDUALIZERS[method]
+        common = dict(center=center, l2=l2, standardize=standardize, crossfit=crossfit, folds=folds, gate=gate,
+                      alpha=alpha, n_perm=n_perm, within_branch=within_branch)
+        for p in COMMON:
+            p.check(common[p.name], cls.label)
+        declared = {p.name: p for p in cls.params}
+        unknown = [k for k in method_params if k not in declared]
+        if unknown:
+            takes = ", ".join(declared) or "no parameters"
+            raise ValueError(f"{cls.label}: no parameter {unknown[0]!r} (it takes {takes})")
+        carried = {k: v for k, v in dict(params).items() if k in declared}
+        values = {name: method_params.get(name, carried.get(name, p.default)) for name, p in declared.items()}
+        for name, value in values.items():
+            declared[name].check(value, cls.label)
+        object.__setattr__(self, "method", method)
+        for name, value in common.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "params", tuple(sorted(values.items())))
+        cls.validate(self)
+
+    def __getattr__(self, name: str) -> Any:
+        for key, value in object.__getattribute__(self, "params"):
+            if key == name:
+                return value
+        raise AttributeError(f"{type(self).__name__} of {object.__getattribute__(self, 'method')!r} has no {name!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"method": self.method, **{n: getattr(self, n) for n in _COMMON_NAMES}, "params": dict(self.params)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResidualSpec:
+        d = dict(d)
+        params = d.pop("params", {})
+        method = d.pop("method", "auto")
+        common = {k: d.pop(k) for k in list(d) if k in _COMMON_NAMES}
+        return cls(method, **common, **params, **d)
+
+    def with_method(self, method: str, **params: Any) -> ResidualSpec:
+        """The same shared settings with another method (its parameters: these, else carried, else defaults)."""
+        return ResidualSpec(method, **{n: getattr(self, n) for n in _COMMON_NAMES}, params=self.params, **params)
+
+    def with_params(self, **params: Any) -> ResidualSpec:
+        return ResidualSpec(self.method, **{n: getattr(self, n) for n in _COMMON_NAMES}, params=self.params, **params)
 
     def label(self) -> str:
         """A short human name, e.g. 'per-position mean' or 'regression (spline)'."""
@@ -113,23 +183,65 @@ class Scaler:
 
 
 class Residualizer:
-    """Base, and the `none` method: scaling, then removal of the fitted component (none here)."""
+    """Base, and the `none` method: scaling, then removal of the fitted component (none here).
+
+    The contract of a residualizer, all on its class:
+    - name, label (menus), help (what it does, and where it cannot reach exact subtraction);
+    - removes: the nuisances (analysis.nuisances) it removes, each tested before removal; covariates:
+      the per-token columns it reads (by default what it removes);
+    - params: its own settings as Params (the sidebar, the report and the spec's checks use them);
+    - fold_unit: what cross-fitting and the tests hold out ('prompt': prompts, or branches with one);
+    - additive: component() estimates E[x | covariates] (so it can be shrunk) rather than a projection;
+      sufficient: it fits from LabelStats of its one covariate (fit_stats), so folds fit by algebra;
+    - hooks: validate(spec), tune(spec, ...) (data-driven parameters, e.g. a rank), reduce(spec, detected)
+      (the method for the nuisances actually detected); a classmethod remove(plot, spec, reference,
+      independent, seed, in_place) -> (residuals, RemovalReport), where defined, is the whole removal (by
+      default analysis.crossfit's cross-fitted, tested and shrunk one).
+    """
 
     name = "none"
-    covariates: tuple[str, ...] = ()  # what the method needs per token: 'position', 'token'
-    nuisance = "nothing"  # what it removes, in words
-    additive = True  # component() is an estimate of E[x | covariates] (shrinkable), not a projection
+    label = "none (centre only)"
+    help = "No removal: the latents centred (and scaled, if asked), as the raw panel shows them."
+    removes: tuple[str, ...] = ()
+    covariates: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()
+    fold_unit = "prompt"
+    additive = True
+    sufficient = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "covariates" not in cls.__dict__:
+            cls.covariates = tuple(cls.removes)
 
     def __init__(self, spec: ResidualSpec):
         self.spec = spec
         self.scaler = Scaler(spec.center, spec.l2, spec.standardize)
 
     @classmethod
+    def nuisance_words(cls) -> str:
+        return words(cls.removes)
+
+    @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
-        return "raw"
+        return "raw" if cls.name == "none" else cls.label
+
+    @classmethod
+    def validate(cls, spec: ResidualSpec) -> None:
+        """Checks across parameters (each one alone is checked by its Param)."""
+
+    @classmethod
+    def tune(cls, spec: ResidualSpec, Zt: np.ndarray, ref, fold: np.ndarray | None, report) -> ResidualSpec:
+        """The spec with its data-driven parameters chosen (Zt: the reference on the tests' projection)."""
+        return spec
+
+    @classmethod
+    def reduce(cls, spec: ResidualSpec, detected: list[str]) -> ResidualSpec:
+        """The spec to run when only `detected` of the nuisances it removes were found (at least one)."""
+        return spec
 
     def fit(self, X: np.ndarray, position: np.ndarray | None = None, token: np.ndarray | None = None,
-            branch: np.ndarray | None = None, scale: bool = True) -> Residualizer:
+            branch: np.ndarray | None = None, scale: bool = True, **columns: np.ndarray) -> Residualizer:
         """Fit on X (n, d); with scale=False, X is taken as already scaled (cross-fitting scales once).
 
         With `branch` (and spec.within_branch), the nuisance is estimated net of each branch's mean: the
@@ -138,7 +250,7 @@ class Residualizer:
         mix of content changes with position), and subtracting it would add that content back, as a
         function of position, to every other token.
         """
-        X, cov = self._check(X, position, token)
+        X, cov = self._check(X, dict(position=position, token=token, **columns))
         if len(X) == 0:
             raise ValueError("cannot fit a residualizer on zero tokens")
         if scale:
@@ -146,42 +258,42 @@ class Residualizer:
             X = self.scaler.transform(X)
         if branch is not None and self.spec.within_branch and self.covariates and len(np.unique(branch)) > 1:
             X = X - branch_offsets(self, X, cov, np.asarray(branch))
-        self._fit(X, cov)
+        self.fit_cov(X, cov)
         return self
 
-    def component(self, X: np.ndarray, position: np.ndarray | None = None,
-                  token: np.ndarray | None = None) -> np.ndarray:
+    def component(self, X: np.ndarray, position: np.ndarray | None = None, token: np.ndarray | None = None,
+                  **columns: np.ndarray) -> np.ndarray:
         """(n, d): what this method removes from already scaled X."""
-        X, cov = self._check(X, position, token)
-        return self._component(X, cov)
+        X, cov = self._check(X, dict(position=position, token=token, **columns))
+        return self.component_of(X, cov)
 
     def transform(self, X: np.ndarray, position: np.ndarray | None = None, token: np.ndarray | None = None,
-                  weight: float = 1.0) -> np.ndarray:
+                  weight: float = 1.0, **columns: np.ndarray) -> np.ndarray:
         """Scaled X minus `weight` times the fitted component."""
-        X, cov = self._check(X, position, token)
+        X, cov = self._check(X, dict(position=position, token=token, **columns))
         Z = self.scaler.transform(X)
         if not self.covariates or weight == 0:
             return Z
-        return (Z - weight * self._component(Z, cov)).astype(np.float32)
+        return (Z - weight * self.component_of(Z, cov)).astype(np.float32)
 
     def fit_transform(self, X: np.ndarray, position: np.ndarray | None = None,
-                      token: np.ndarray | None = None) -> np.ndarray:
-        return self.fit(X, position, token).transform(X, position, token)
+                      token: np.ndarray | None = None, **columns: np.ndarray) -> np.ndarray:
+        return self.fit(X, position, token, **columns).transform(X, position, token, **columns)
 
-    def _fit(self, X: np.ndarray, cov: dict[str, np.ndarray]) -> None:
-        pass
+    def fit_cov(self, X: np.ndarray, cov: dict[str, np.ndarray]) -> None:
+        """Fit on scaled X (n, d) with the covariates by name."""
 
-    def _component(self, X: np.ndarray, cov: dict[str, np.ndarray]) -> np.ndarray:
+    def component_of(self, X: np.ndarray | None, cov: dict[str, np.ndarray]) -> np.ndarray:
+        """(n, d) the fitted component at the covariates `cov` (X: the scaled rows, for projections)."""
         return np.zeros_like(X)
 
-    def _check(self, X, position, token) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def _check(self, X, given: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2:
             raise ValueError(f"need X of shape (n, d), got {X.shape}")
-        given = {"position": position, "token": token}
         cov = {}
         for name in self.covariates:
-            if given[name] is None:
+            if given.get(name) is None:
                 raise ValueError(f"the {self.describe(self.spec)} residualizer needs each token's {name}")
             arr = np.asarray(given[name])
             if arr.shape != (len(X),):
@@ -224,13 +336,13 @@ def branch_offsets(model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray
     """(n, d) per-token offset a_branch of the backfitted model x = a_branch + m(cov) + e, with the a's
     weighted mean zero (so the nuisance keeps the overall level). A projection backfits with
     per-position means, then finds its directions in what is left."""
-    helper = model if model.additive else PerPositionMean(model.spec)
+    helper = model if model.additive else PerPositionMean(model.spec.with_method("per_position"))
     _, inverse, counts = np.unique(branch, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     offsets = np.zeros_like(X)
     for _ in range(sweeps):
-        helper._fit(X - offsets, cov)
-        _, sums, _ = group_sums(X - helper._component(X, cov), branch)
+        helper.fit_cov(X - offsets, cov)
+        _, sums, _ = group_sums(X - helper.component_of(X, cov), branch)
         per_branch = sums / counts[:, None]  # (B, d)
         per_branch -= np.average(per_branch, axis=0, weights=counts)
         offsets = per_branch[inverse].astype(np.float32)
@@ -296,20 +408,49 @@ class _Smooth:
         return (self.basis.transform(uniq) @ self.coef).astype(np.float32)[inverse.ravel()]
 
 
+SMOOTH_PARAMS = (
+    Param("basis", "spline", "Smooth basis", "The smooth curve of position: B-spline, Legendre polynomial or sinusoids.",
+          "choice", choices=BASES),
+    Param("n_knots", 12, "Spline knots", "Knots of the spline basis (fewer: smoother).", "int", 2, 40),
+    Param("degree", 3, "Degree", "Degree of the spline or polynomial basis.", "int", 1, 6),
+    Param("n_freq", 4, "Frequencies", "Sine/cosine pairs of the sinusoid basis.", "int", 1, 16, ui=False),
+)
+SHRINK = Param("shrink", None, "Shrink (pseudo-count)",
+               "Group means are pulled toward their prior (the smooth fit, or the grand mean) by this many "
+               "tokens' worth; estimated from the data (empirical Bayes) when automatic.",
+               "float", 0.0, 1e6, auto="estimated from the data")
+
+
+def smooth_basis(spec: ResidualSpec) -> PositionBasis:
+    return PositionBasis(spec.basis, spec.degree, spec.n_knots, spec.n_freq)
+
+
+class _SmoothChecked(Residualizer):
+    @classmethod
+    def validate(cls, spec: ResidualSpec) -> None:
+        smooth_basis(spec)  # the basis settings together
+
+
 @register
-class PerPositionMean(Residualizer):
+class PerPositionMean(_SmoothChecked):
     """x - mu_p, with mu_p shrunk toward a smooth fit f(p) where few tokens share p (GroupMeans).
     Positions never seen at fit time get f(p)."""
 
     name = "per_position"
-    covariates = ("position",)
-    nuisance = "position"
+    label = "position: per-position mean"
+    help = ("Subtracts the mean latent at each position (shrunk toward a smooth curve where few tokens share "
+            "a position), cross-fitted over prompts. Cannot reach exact subtraction where the tokens at a "
+            "position vary a lot (token identity, content): that spread is noise shared by every token at the "
+            "position, and subtracting it is itself a position signal. Use `position` for the joint estimate.")
+    removes = ("position",)
+    params = (*SMOOTH_PARAMS, SHRINK)
+    sufficient = True
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
         return "per-position mean"
 
-    def _fit(self, X, cov):
+    def fit_cov(self, X, cov):
         self.fit_stats(LabelStats.of(X, cov["position"]))
 
     def fit_stats(self, stats: LabelStats) -> PerPositionMean:
@@ -318,30 +459,35 @@ class PerPositionMean(Residualizer):
         self.lam_ = self.means_.lam_
         return self
 
-    def _component(self, X, cov):
+    def component_of(self, X, cov):
         return self.means_.lookup(cov["position"], self.smooth_)
 
 
 @register
-class PositionRegression(Residualizer):
+class PositionRegression(_SmoothChecked):
     """x - f(p) with f a least-squares fit on a smooth basis of position (spline, polynomial or sinusoid)."""
 
     name = "regression"
-    covariates = ("position",)
-    nuisance = "position"
+    label = "position: regression"
+    help = ("Subtracts a smooth curve of position (least squares on a spline, polynomial or sinusoid basis). "
+            "Cannot reach exact subtraction of a position table that is not smooth (learned position "
+            "embeddings often are not): the part between the curve and the table stays.")
+    removes = ("position",)
+    params = SMOOTH_PARAMS
+    sufficient = True
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
         return f"regression ({spec.basis})"
 
-    def _fit(self, X, cov):
+    def fit_cov(self, X, cov):
         self.fit_stats(LabelStats.of(X, cov["position"]))
 
     def fit_stats(self, stats: LabelStats) -> PositionRegression:
         self.smooth_ = _Smooth(self.spec, stats)
         return self
 
-    def _component(self, X, cov):
+    def component_of(self, X, cov):
         return self.smooth_(cov["position"])
 
 
@@ -351,15 +497,31 @@ class PositionProjection(Residualizer):
     count-weighted per-position means. Removes everything along them, content included."""
 
     name = "projection"
-    covariates = ("position",)
-    nuisance = "position"
+    label = "position: project out top directions"
+    help = ("Projects out the k directions along which the per-position means vary most, content along them "
+            "included. Cannot reach exact subtraction: position outside those k directions stays, and the "
+            "content along them goes.")
+    removes = ("position",)
+    params = (Param("k", None, "Directions removed", "How many directions to project out; chosen where the "
+                    "out-of-fold R2 of rank-k per-position means stops rising when automatic.", "int", 1, 64,
+                    auto="chosen from the data"),)
     additive = False
+    sufficient = True
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
         return f"projection (k={spec.k})" if spec.k is not None else "projection (k from data)"
 
-    def _fit(self, X, cov):
+    @classmethod
+    def tune(cls, spec, Zt, ref, fold, report):
+        from analysis.rank import choose_rank
+
+        if spec.k is None:
+            spec = spec.with_params(k=choose_rank(Zt, ref, fold, report))
+        report.k = spec.k
+        return spec
+
+    def fit_cov(self, X, cov):
         self.fit_stats(LabelStats.of(X, cov["position"]))
 
     def fit_stats(self, stats: LabelStats) -> PositionProjection:
@@ -373,7 +535,7 @@ class PositionProjection(Residualizer):
         self.explained_ratio_ = (sv[:k] ** 2 / total) if total > 0 else np.zeros(k)
         return self
 
-    def _component(self, X, cov):
+    def component_of(self, X, cov):
         return ((X - self.center_) @ self.components_.T) @ self.components_
 
 
@@ -383,14 +545,18 @@ class PerTokenMean(Residualizer):
     Shows branches by context rather than by which token sits there."""
 
     name = "per_token"
-    covariates = ("token",)
-    nuisance = "token identity"
+    label = "token identity: per-token mean"
+    help = ("Subtracts the mean latent of each token id (shrunk toward the grand mean for rare ids), "
+            "cross-fitted: ids never seen in the other folds are left as they are.")
+    removes = ("token",)
+    params = (SHRINK,)
+    sufficient = True
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
         return "per-token mean"
 
-    def _fit(self, X, cov):
+    def fit_cov(self, X, cov):
         self.fit_stats(LabelStats.of(X, cov["token"]))
 
     def fit_stats(self, stats: LabelStats) -> PerTokenMean:
@@ -399,43 +565,51 @@ class PerTokenMean(Residualizer):
         self.lam_ = self.means_.lam_
         return self
 
-    def _component(self, X, cov):
+    def component_of(self, X, cov):
         return self.means_.lookup(cov["token"], lambda unseen: self.grand_)
 
 
 @register
-class PositionAndToken(Residualizer):
+class PositionAndToken(_SmoothChecked):
     """x - (grand + a_p + b_w): an additive two-way fit of position and token identity (backfitting:
     position effects smoothed as in per_position, token effects shrunk as in per_token)."""
 
     name = "position_token"
-    covariates = ("position", "token")
-    nuisance = "position and token identity"
+    label = "position + token identity (backfitted means)"
+    help = ("An additive fit of per-position and per-token means by backfitting, both subtracted; where the "
+            "test finds only one of them, that one alone is removed.")
+    removes = ("position", "token")
+    params = (*SMOOTH_PARAMS, SHRINK)
     sweeps = 4
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
         return "position + token"
 
-    def _fit(self, X, cov):
+    @classmethod
+    def reduce(cls, spec, detected):
+        return spec.with_method("per_position" if detected == ["position"] else "per_token")
+
+    def fit_cov(self, X, cov):
         self.grand_ = X.mean(axis=0)
         Z = X - self.grand_
         tok_part = np.zeros_like(Z)
         for _ in range(self.sweeps):
-            pos_fit = PerPositionMean(self.spec)
-            pos_fit._fit(Z - tok_part, {"position": cov["position"]})
-            pos_part = pos_fit._component(Z, {"position": cov["position"]})
-            tok_fit = PerTokenMean(self.spec)
-            tok_fit._fit(Z - pos_part, {"token": cov["token"]})
-            tok_part = tok_fit._component(Z, {"token": cov["token"]})
+            pos_fit = PerPositionMean(self.spec.with_method("per_position"))
+            pos_fit.fit_cov(Z - tok_part, {"position": cov["position"]})
+            pos_part = pos_fit.component_of(Z, {"position": cov["position"]})
+            tok_fit = PerTokenMean(self.spec.with_method("per_token"))
+            tok_fit.fit_cov(Z - pos_part, {"token": cov["token"]})
+            tok_part = tok_fit.component_of(Z, {"token": cov["token"]})
         self.pos_, self.tok_ = pos_fit, tok_fit
 
-    def _component(self, X, cov):
-        return (self.grand_ + self.pos_._component(X, {"position": cov["position"]})
-                + self.tok_._component(X, {"token": cov["token"]}))
+    def component_of(self, X, cov):
+        return (self.grand_ + self.pos_.component_of(X, {"position": cov["position"]})
+                + self.tok_.component_of(X, {"token": cov["token"]}))
 
 
 def make_residualizer(spec: ResidualSpec | None = None, **params) -> Residualizer:
     """The residualizer for a spec (or for keyword parameters, e.g. method='regression', basis='poly')."""
     spec = spec or ResidualSpec(**params)
     return RESIDUALIZERS[spec.method](spec)
+

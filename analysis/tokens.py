@@ -57,16 +57,28 @@ class TokenSet:
         return TokenSet(**kw)
 
 
-def find_sinks(X: np.ndarray, position: np.ndarray, z: float = 6.0, include_first: bool = True) -> np.ndarray:
-    """Boolean mask of attention-sink tokens: position 0 (BOS) and any token whose norm is an outlier.
+def find_sinks(X: np.ndarray, position: np.ndarray, z: float = 6.0, include_first: bool = True,
+               token_id: np.ndarray | None = None) -> np.ndarray:
+    """Boolean mask of attention-sink tokens: a BOS at position 0, and any token whose norm is an outlier.
 
-    Massive activations sit on the first token and sometimes on the first '.' or newline, so position
-    alone is not enough: a token is a sink when its log-norm lies more than z robust standard deviations
-    (median absolute deviation) above the median.
+    In a causal model the latent at position 0 depends on the first token alone. Where the tokenizer adds
+    a BOS every prompt starts with the same id, so those rows are copies of one vector (and often a
+    massive activation): dropped. Where it adds none (GPT-2), position 0 holds each prompt's first word:
+    kept unless its norm marks it. Without `token_id` (or with one position-0 token) position 0 counts as
+    BOS when include_first. Massive activations sit on the first token and sometimes on the first '.' or
+    newline, so position alone is not enough: a token is a sink when its log-norm lies more than z robust
+    standard deviations (median absolute deviation) above the median.
     """
     X = np.asarray(X)
     position = np.asarray(position)
-    mask = position == 0 if include_first else np.zeros(len(X), bool)
+    first = position == 0
+    if not include_first:
+        mask = np.zeros(len(X), bool)
+    elif token_id is not None and first.sum() >= 2:
+        ids = np.asarray(token_id)[first]
+        mask = first if (ids == ids[0]).all() else np.zeros(len(X), bool)
+    else:
+        mask = first
     if len(X) < 3:
         return mask
     lognorm = np.log(np.sqrt(row_sq(X)) + 1e-12)  # (n,)

@@ -72,17 +72,64 @@ def verdict(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> str:
         parts.append(f"This layer is organized by **{factor}**.")
     elif factor != "nothing measured":
         parts.append("No single factor (position, token, prompt, branch) organizes this layer's neighbourhoods.")
-    rem = (removed or {}).get("removal")
-    if rem and rem.get("method") != "none":
-        what = rem.get("nuisance", "nuisance")
-        p_text = p_value_text(rem)
-        if rem.get("forced"):
-            parts.append(f"Removal of {what} forced ({p_text}).")
-        elif not rem.get("detected"):
-            parts.append(f"No {what} component detected at this layer ({p_text}): nothing was removed.")
-        else:
-            leak_r, leak_a = raw.get("leak", {}).get("leak"), removed.get("leak", {}).get("leak")
-            moved = f"; kNN position leak {leak_r:+.3f} -> {leak_a:+.3f}" if _finite(leak_r, leak_a) else ""
-            parts.append(f"A {what} component was detected ({p_text}) and {rem.get('weight', 1):.0%} of it "
-                         f"removed{moved}.")
+    parts += removal_sentences(raw, removed)
     return " ".join(parts)
+
+
+def removal_title(removal: dict[str, Any] | None) -> str:
+    """What the right panel shows, in words: 'position removed', 'token identity and position (linear)
+    removed', 'nothing removed (none detected)', 'raw'."""
+    if not removal or removal.get("method") == "none":
+        return "raw (no removal)"
+    what = removal.get("removed") or ([removal.get("nuisance")] if removal.get("weight") else [])
+    if not what:
+        return "nothing removed (none detected)"
+    return f"{' and '.join(what)} removed"
+
+
+def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> list[str]:
+    """One sentence per test the removal ran, each quoting its own numbers, then what the removal did to
+    the position leak. Under one rule: 'detected' is significant (p <= alpha) with an out-of-fold estimate
+    that predicts held-out tokens (R2 above 0); a significant test whose estimate does not predict is said
+    to be so, not 'not detected'."""
+    from analysis.guard import removed_nuisances
+    from analysis.nuisances import NUISANCES
+
+    rem = (removed or {}).get("removal")
+    if not rem or rem.get("method") == "none":
+        return []
+    alpha = rem.get("alpha", 0.05)
+    took = removed_nuisances(rem)
+    # removed as means: the joint estimators list them with their weights; a linear erasure is not one
+    as_means = set(rem["weights"]) if rem.get("weights") else (set() if rem.get("erased") else took)
+    out = []
+    for key, t in (rem.get("tests") or {}).items():
+        name = NUISANCES[key].words
+        nums = (f"{p_value_text(t | {'p_min': rem.get('p_min')})}, held-out R2 {t['r2_oof']:+.3f} against "
+                f"{t['null_r2']:+.3f} by chance")
+        significant = _finite(t.get("p_value")) and t["p_value"] <= alpha
+        if key in as_means:
+            out.append(f"A {name} component was detected ({nums}) and removed.")
+        elif significant and t["r2_oof"] <= 0:
+            out.append(f"The {name} test was significant ({nums}), but its estimate is too small to predict held-out "
+                       "tokens, so it was not removed as means.")
+        elif t.get("detected"):
+            out.append(f"A {name} component was detected ({nums}) but not removed: {rem.get('note') or 'see the note'}.")
+        else:
+            out.append(f"No {name} component detected at this layer ({nums}): not removed.")
+    lin = rem.get("linear_test") or {}
+    if lin:
+        nums = (f"{p_value_text(lin)} at level {lin.get('alpha', alpha):.3f}, probe R2 {lin['r2_oof']:+.3f} against "
+                f"{lin['null_hi']:+.3f} at most by chance")
+        if rem.get("erased"):
+            out.append(f"Position that a linear probe reads across prompts was erased ({nums}).")
+        else:
+            out.append(f"A linear probe finds no position to erase across prompts ({nums}).")
+    if rem.get("forced"):
+        out.append(f"Removal of {rem.get('nuisance', 'the nuisance')} forced, whatever the tests found.")
+    if rem.get("note") and not any(rem["note"] in o for o in out):
+        out.append(rem["note"][0].upper() + rem["note"][1:] + ".")
+    leak_r, leak_a = raw.get("leak", {}).get("leak"), (removed or {}).get("leak", {}).get("leak")
+    if rem.get("weight") and _finite(leak_r, leak_a):
+        out.append(f"kNN position leak {leak_r:+.3f} -> {leak_a:+.3f}.")
+    return out

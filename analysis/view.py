@@ -65,13 +65,14 @@ def residualize(
     tokens with residual vectors, the removal report). `independent`: the reference is another run.
     in_place: plot.X (float32, writeable) becomes the buffer of the residuals (no copy of the vectors;
     the caller must not read plot.X afterwards)."""
-    keep = ~find_sinks(plot.X, plot.position, spec.sink_z) if spec.exclude_sinks else np.ones(len(plot), bool)
+    keep = (~find_sinks(plot.X, plot.position, spec.sink_z, token_id=plot.extra.get("token_id")) if spec.exclude_sinks
+            else np.ones(len(plot), bool))
     index = np.flatnonzero(keep)
     tokens = _kept(plot, index) if in_place and plot.X.flags.writeable and plot.X.flags.c_contiguous \
         else plot.subset(index)  # either way the vectors are ours to overwrite
     ref = tokens if reference is None else reference
     if reference is not None and spec.exclude_sinks:
-        ref = ref.subset(~find_sinks(ref.X, ref.position, spec.sink_z))
+        ref = ref.subset(~find_sinks(ref.X, ref.position, spec.sink_z, token_id=ref.extra.get("token_id")))
     if len(tokens) < 3:
         raise ValueError(f"only {len(tokens)} tokens left to plot (after dropping attention sinks); pick more")
     if ref.dim != tokens.dim:

@@ -85,8 +85,11 @@ def verdict_panel(raw: dict, res: dict) -> None:
     """The verdict on top of the view, and a red line for each number the removal made worse."""
     st.markdown(verdict(raw, res))
     for warning in warnings(raw, res):
-        st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
-                 "smoother method, or keep the raw view.")
+        if warning.kind.endswith("unmasked"):
+            st.warning(f"{warning.message}.")
+        else:
+            st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
+                     "smoother method, or keep the raw view.")
 
 
 def text_panel(html_text: str, n_selected: int) -> None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import streamlit as st
 
 from dashboard.charts import COLOR_BY
-from views.specs import METHOD_LABELS, ProjectionSpec, ResidualSpec, Selection, ViewSpec, methods
+from views.specs import (Param, ProjectionSpec, ResidualSpec, Selection, ViewSpec, method_help, method_label,
+                         method_params, methods)
 
 
 @dataclass
@@ -65,26 +66,17 @@ def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
                              help="Tokens with norms 10x+ the rest; they squash everything else when kept")
 
     sb.subheader("Nuisance removal")
-    method = sb.selectbox("Method", methods(), format_func=lambda m: METHOD_LABELS.get(m, m), key="method")
-    params: dict = {}
+    names = methods()
+    if st.session_state.get("method") not in names:
+        st.session_state.pop("method", None)
+    method = sb.selectbox("Method", names, format_func=method_label, key="method", help=method_help(names[0]))
+    if method == "auto":
+        sb.button("Remove position only", key="position_only", on_click=_choose, args=("position",),
+                  help="The joint position estimate alone, keeping token identity")
+    elif method != "none":
+        sb.caption(method_help(method))
     with sb.expander("Method parameters"):
-        if method in ("per_position", "regression"):
-            params["basis"] = st.selectbox("Smooth basis", ["spline", "poly", "sinusoid"], key="basis")
-            params["n_knots"] = st.slider("Spline knots", 2, 40, 12, key="n_knots")
-            params["degree"] = st.slider("Degree", 1, 6, 3, key="degree")
-        if method in ("per_position", "per_token", "position_token"):
-            auto = st.checkbox("Estimate shrinkage", value=True, key="shrink_auto")
-            params["shrink"] = None if auto else st.slider("Shrink (pseudo-count)", 0.0, 50.0, 5.0, key="shrink")
-        if method == "projection":
-            auto_k = st.checkbox("Choose the number of directions from the data", value=True, key="k_auto")
-            params["k"] = None if auto_k else st.slider("Directions removed", 1, 20, 2, key="k")
-        params["standardize"] = st.checkbox("Standardize dimensions", value=False, key="standardize")
-        params["crossfit"] = st.checkbox(
-            "Cross-fit", value=True, key="crossfit",
-            help="The estimate removed from a token never saw that token's prompt (its branch, with one prompt)")
-        params["gate"] = not st.checkbox(
-            "Force removal", value=False, key="force",
-            help="Remove the estimate whole even when the test finds no component (p > 0.05)")
+        params = {p.name: _control(p, method) for p in method_params(method)}
     scopes = {"run": "all tokens of this run", "plotted": "plotted tokens",
               **{r: f"run {r}" for r in other_runs}}
     fit_scope = sb.selectbox("Fit on", list(scopes), format_func=scopes.get, key="fit_scope")
@@ -113,3 +105,29 @@ def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
                     exclude_sinks=not keep_sinks)
     return Controls(selection, spec, color_by, trajectories, all_lines and trajectories, int(max_points),
                     new_prompts)
+
+
+def _choose(method: str) -> None:
+    st.session_state["method"] = method
+
+
+def _control(p: Param, method: str):
+    """The widget a declared parameter asks for (keyed per method, so each keeps its own value); a
+    parameter with an automatic choice gets a checkbox for it first. 'gate' shows as Force removal."""
+    key = f"{method}::{p.name}"
+    if p.name == "gate":
+        return not st.checkbox("Force removal", value=not p.default, key=key,
+                               help="Remove the estimate whole even when its test finds nothing")
+    if p.auto and st.checkbox(f"{p.label}: {p.auto}", value=p.default is None, key=f"{key}::auto", help=p.help):
+        return None
+    default = p.default if p.default is not None else (p.low or 0)
+    if p.kind == "bool":
+        return st.checkbox(p.label, value=bool(default), key=key, help=p.help)
+    if p.kind == "choice":
+        return st.selectbox(p.label, list(p.choices), index=list(p.choices).index(default), key=key, help=p.help)
+    if p.kind == "int":
+        hi = int(p.high if p.high is not None and p.high <= 200 else max(default * 4, 10))
+        return st.slider(p.label, int(p.low or 0), hi, int(default), key=key, help=p.help)
+    hi = float(p.high if p.high is not None and p.high <= 1000 else max(default * 4, 50.0))
+    return st.slider(p.label, float(p.low or 0.0), hi, float(default if p.default is not None else min(5.0, hi)),
+                     key=key, help=p.help)

@@ -1,4 +1,4 @@
-"""The "Latent space" tab: raw and position-removed projections that fill the width, selections that
+"""The "Latent space" tab: raw and residualized projections that fill the width, selections that
 follow a branch or a box across both, the branch text with picking, the metrics and the exports."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import streamlit as st
 from dashboard import charts, panels, text
 from dashboard.palette import branch_colors
 from dashboard.trajectories import anchor_rows, trajectory_lines
+from views.present import removal_title
 
-PANELS = (("raw", "raw"), ("res", "position removed"))
+PANELS = (("raw", "raw"), ("res", "removed"))  # titles: panel_titles
 DIM, SHOWN, FOCUSED = 0.07, 0.8, 0.95
 # Two panels side by side from ~1200 px, stacked below (Streamlit's own columns stack only below 640 px).
 RESPONSIVE_CSS = """<style>
@@ -104,6 +105,11 @@ def _chart_picks(view: str) -> tuple[set[int], dict]:
     return clicked, brushes
 
 
+def panel_titles(res_metrics: dict) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(prefix, title) of the two panels: raw, and what the removal actually took out."""
+    return ("raw", "raw"), ("res", removal_title(res_metrics.get("removal")))
+
+
 def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, ctl, raw_metrics: dict,
            res_metrics: dict, name: str) -> None:
     """The tab's whole body."""
@@ -146,7 +152,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     if big and mode == "density":
         region = None
         with st.container(key="bl-density"):
-            for col, (prefix, title) in zip(st.columns(2), PANELS):
+            for col, (prefix, title) in zip(st.columns(2), panel_titles(res_metrics)):
                 with col:
                     key = chart_key("density", prefix, view)
                     st.altair_chart(charts.density(points, prefix, title, ctl.color_by), width="stretch",
@@ -163,7 +169,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             st.caption(f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
                        f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}.")
     if drawn is not None:
-        static = _draw_panels(drawn, chosen, lit, branches, ctl, view)
+        static = _draw_panels(drawn, chosen, lit, branches, ctl, view, panel_titles(res_metrics))
         st.caption(charts.HOW_TO)
 
     st.subheader("How much position is left")
@@ -189,7 +195,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
 
 
 def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branches: pl.DataFrame, ctl,
-                 view_id: str) -> dict:
+                 view_id: str, titles: tuple) -> dict:
     """The two projection panels of `drawn` (selection dimming, lines of lit branches); returns each
     panel's arguments for the static export."""
     keyed = chosen.select("branch_id", "position").with_columns(pl.lit(True).alias("_on"))
@@ -198,7 +204,7 @@ def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branc
         .otherwise(SHOWN).alias("alpha")).drop("_on")
     static = {}
     with st.container(key="bl-panels"):
-        for col, (prefix, title) in zip(st.columns(2), PANELS):
+        for col, (prefix, title) in zip(st.columns(2), titles):
             with col:
                 lines = forks = None
                 if ctl.trajectories:

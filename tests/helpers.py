@@ -130,3 +130,42 @@ def app_charts(at) -> list[tuple[dict, list]]:
 
     return [(json.loads(el.proto.spec), [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
             for el in walk(at.main) if getattr(el, "type", None) == "vega_lite_chart"]
+
+
+ORACLE_WORDS = ("the cat sat on mat and looked at moon branches of a story go apart tokens where model is unsure "
+                "def add return numbers letters position dominates content hidden states small language models").split()
+
+
+def oracle_prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts of 3-7 words from the tokenizer's corpus (distinct first words, so no BOS-like start)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(ORACLE_WORDS, size=int(rng.integers(3, 8)))) for _ in range(n)]
+
+
+def gpt2_with_positions(kind: str, scale: float, d: int = 64, n_positions: int = 128, seed: int = 0):
+    """A tiny random-init GPT-2 whose position table is known: 'random' (unstructured) or 'smooth' (a
+    low-rank helix of two periods and a drift), with a mean row norm `scale` times the token embeddings'.
+    Its layer 0 is exactly wte[token] + wpe[position]. Returns (model, wpe as numpy (n_positions, d))."""
+    import numpy as np
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=d, n_layer=2, n_head=2, n_positions=n_positions, vocab_size=VOCAB,
+                                       bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    rng = np.random.default_rng(seed + 5)
+    if kind == "random":
+        table = rng.normal(size=(n_positions, d))
+    elif kind == "smooth":
+        t = np.arange(n_positions)
+        feats = np.stack([np.cos(2 * np.pi * t / 60), np.sin(2 * np.pi * t / 60), np.cos(2 * np.pi * t / 17),
+                          np.sin(2 * np.pi * t / 17), t / n_positions], 1)
+        table = feats @ rng.normal(size=(feats.shape[1], d))
+    else:
+        raise ValueError(kind)
+    token_norm = float(model.transformer.wte.weight.detach().norm(dim=1).mean())
+    table = table / np.linalg.norm(table, axis=1).mean() * token_norm * scale
+    with torch.no_grad():
+        model.transformer.wpe.weight.copy_(torch.tensor(table, dtype=torch.float32))
+    return model, table.astype(np.float32)

@@ -86,14 +86,27 @@ def test_trustworthiness_equals_sklearn_and_its_band_matches_the_spread_over_sam
 def test_guard_names_invented_pushed_apart_and_removed_content():
     from analysis.guard import check
 
-    def leak(v, sd=0.01):
-        return {"leak": v, "sd": sd}
+    def leak(v, sd=0.01, chance_hi=0.03):
+        return {"leak": v, "sd": sd, "chance_leak": 0.0, "chance_lo": -chance_hi, "chance_hi": chance_hi}
 
-    assert [w.kind for w in check({"leak": leak(0.01)}, {"leak": leak(0.30)})] == ["invented"]
-    assert [w.kind for w in check({"leak_prompt": leak(-0.08)}, {"leak_prompt": leak(-0.23)})] == ["pushed apart"]
-    assert check({"leak": leak(0.90)}, {"leak": leak(-0.05)}) == []  # toward chance, a little past it
-    assert check({"leak": leak(0.01)}, {"leak": leak(0.03)}) == []  # within the band of the change
-    drop = check({"nn_branch": {"purity": 0.8, "sd": 0.01}}, {"nn_branch": {"purity": 0.6, "sd": 0.01}})
+    pos = {"removal": {"removes": ["position"], "detected_covariates": ["position"], "weight": 1.0}}
+    tok = {"removal": {"removes": ["token"], "detected_covariates": ["token"], "weight": 1.0}}
+    assert [w.kind for w in check({"leak": leak(0.01)}, pos | {"leak": leak(0.30)})] == ["invented"]
+    assert [w.kind for w in check({"leak_prompt": leak(-0.08)}, pos | {"leak_prompt": leak(-0.23)})] == ["pushed apart"]
+    assert check({"leak": leak(0.90)}, pos | {"leak": leak(-0.02)}) == []  # toward chance, within its band past it
+    assert check({"leak": leak(0.01)}, pos | {"leak": leak(0.03)}) == []  # within the band of the change
+    # A large raw leak does not blind it: one prompt, three branches, +0.308 -> -0.397 (chance band 0.11).
+    few = check({"leak": leak(0.308, 0.03, 0.11)}, pos | {"leak": leak(-0.397, 0.03, 0.11)})
+    assert [w.kind for w in few] == ["pushed apart"] and "+0.308 -> -0.397" in few[0].message
+    # Nothing removed: nothing to guard.
+    assert check({"leak": leak(0.01)}, {"removal": {"removes": ["position"], "weight": 0.0}, "leak": leak(0.30)}) == []
+    # The position leak after a token removal: content unmasked when prompts stay at chance, else position.
+    raw = {"leak": leak(0.03), "leak_prompt": leak(-0.01)}
+    content = check(raw, tok | {"leak": leak(0.21), "leak_prompt": leak(0.01)})
+    assert [w.kind for w in content] == ["content unmasked"] and "across prompts +0.010" in content[0].message
+    revealed = check(raw, tok | {"leak": leak(0.21), "leak_prompt": leak(0.20)})
+    assert sorted(w.kind for w in revealed) == ["position unmasked", "position unmasked"]
+    drop = check({"nn_branch": {"purity": 0.8, "sd": 0.01}}, pos | {"nn_branch": {"purity": 0.6, "sd": 0.01}})
     assert [w.kind for w in drop] == ["content removed"] and "0.800 -> 0.600" in drop[0].message
 
 
@@ -174,8 +187,12 @@ def test_scaling_options():
 def test_bad_specs_name_the_problem():
     with pytest.raises(ValueError, match="unknown residualizer 'mean'"):
         ResidualSpec(method="mean")
-    with pytest.raises(ValueError, match="unknown position basis"):
-        ResidualSpec(basis="wavelet")
+    with pytest.raises(ValueError, match="unknown basis 'wavelet'; choose one of spline, poly, sinusoid"):
+        ResidualSpec(method="per_position", basis="wavelet")
+    with pytest.raises(ValueError, match="no parameter 'basis' \\(it takes n_knots, linear\\)"):
+        ResidualSpec(method="auto", basis="spline")  # a parameter the method does not declare
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        ResidualSpec(method="projection", k=0)
     with pytest.raises(ValueError, match="unknown projection"):
         ProjectionSpec(method="tsne")
     with pytest.raises(ValueError, match="at least 3 tokens"):

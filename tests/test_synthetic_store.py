@@ -248,7 +248,7 @@ def test_the_app_opens_it(tmp_path, monkeypatch, capsys):
     from streamlit.testing.v1 import AppTest
 
     path = tmp_path / "small.duckdb"
-    assert main(["synthetic", str(path), "--prompts", "3", "--branches", "4", "--length", "24"]) == 0
+    assert main(["synthetic", str(path), "--prompts", "4", "--branches", "4", "--length", "24"]) == 0
     monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
     monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)

@@ -86,7 +86,7 @@ def test_fold_statistics_by_algebra_equal_statistics_of_the_offset_rows(method):
     fold = tree.prompt % 3
     Z = tree.X - tree.X.mean(axis=0)
     spec = ResidualSpec(method=method)
-    helper = make_residualizer(spec) if method != "projection" else PerPositionMean(spec)
+    helper = make_residualizer(spec) if method != "projection" else PerPositionMean(spec.with_method("per_position"))
     cov = {"token": token} if method == "per_token" else {"position": tree.position}
     got = fold_label_stats(Z, labels, tree.branch, fold, helper)
     rows = Z - branch_offsets(make_residualizer(spec), Z, cov, tree.branch)  # (n, d): what the algebra avoids
@@ -98,8 +98,9 @@ def test_fold_statistics_by_algebra_equal_statistics_of_the_offset_rows(method):
         assert got[f].sq == pytest.approx(want.sq, rel=1e-5) and got[f].n == want.n
 
 
-@pytest.mark.parametrize("params", [{}, {"method": "projection"}, {"method": "position_token"},
-                                    {"crossfit": False}, {"standardize": True}])
+@pytest.mark.parametrize("params", [{}, {"method": "per_position"}, {"method": "projection"},
+                                    {"method": "position_token"}, {"method": "per_position", "crossfit": False},
+                                    {"standardize": True}, {"method": "linear_erase", "gate": False}])
 def test_removal_in_place_writes_the_same_residuals_over_the_input(params):
     tree = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, seed=11)
     tree.extra["token_id"] = np.random.default_rng(1).integers(0, 40, len(tree))
@@ -172,7 +173,7 @@ def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(para
     token[tree.prompt == 1] += 30 * (rng.random(int((tree.prompt == 1).sum())) < 0.2)  # ids only prompt 1 has
     tree.extra["token_id"] = token
     tree = tree.with_X(tree.X + 3 * rng.normal(size=(60, tree.dim)).astype(np.float32)[token])
-    spec = ResidualSpec(**params)
+    spec = ResidualSpec(**({"method": "per_position"} | params))
     # prompt 0 alone reaches past position 30: its fold's late tokens have no support elsewhere
     tree = tree.subset(np.flatnonzero((tree.prompt == 0) | (tree.position <= 30)))
     fold, _ = _fold_of(tree.prompt, tree.prompt, spec.folds, 0)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 from analysis.guard import Warning, check
 from analysis.measures import MEASURES
-from analysis.verdict import p_value_text, verdict
+from analysis.verdict import removal_title, verdict
 
-__all__ = ["MetricRow", "Warning", "layout_note", "metric_rows", "profile_columns", "removal_note", "verdict",
-           "warnings"]
+__all__ = ["MetricRow", "Warning", "layout_note", "metric_rows", "profile_columns", "removal_note", "removal_title",
+           "verdict", "warnings"]
 
 Z = 1.96
 TRUST_CAUTION = 0.8  # trustworthiness below which distances in a picture are read with care (its help says so)
@@ -90,9 +90,10 @@ def warnings(raw: dict, removed: dict) -> list[Warning]:
 def layout_note(raw: dict, removed: dict) -> str:
     """A caution for each picture whose layout keeps few of its true neighbours (trustworthiness below
     TRUST_CAUTION beyond its band), or "". After a removal the residuals spread over many directions, so
-    the position-removed picture is often the looser one: the numbers still hold, distances in it less."""
+    the right-hand picture is often the looser one: the numbers still hold, distances in it less."""
     loose = []
-    for name, m in (("raw", raw), ("position-removed", removed)):
+    right = "right-hand" + (f" ({removal_title(removed['removal'])})" if removed.get("removal") else "")
+    for name, m in (("raw", raw), (right, removed)):
         t = (m.get("projection") or {})
         value, sd = t.get("trustworthiness"), t.get("sd") or 0.0
         if isinstance(value, (int, float)) and math.isfinite(value) and value + Z * sd < TRUST_CAUTION:
@@ -149,28 +150,28 @@ def profile_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def removal_note(removal: dict | None) -> str:
-    """One line on what the removal did: detected or not (p), how much, cross-fitted or not."""
+    """One line on how the removal was fitted (what its tests found is in the verdict): what went, one
+    vector per level or cross-fitted, the weights against the estimate's own noise, its noise share."""
     if not removal or removal.get("method") == "none":
         return ""
-    what = removal.get("nuisance", "nuisance")
-    p_text = p_value_text(removal)
-    r2 = removal.get("r2_oof")
-    r2_text = f", held-out R2 {r2:.3f} vs {removal.get('null_hi', float('nan')):.3f} by chance" \
-        if r2 is not None and not math.isnan(r2) else ""
-    if removal.get("forced"):
-        head = f"Removal forced: the {what} component was removed whole ({p_text}{r2_text})."
-    elif not removal.get("detected"):
-        head = (f"No {what} component detected at this layer ({p_text}{r2_text}): nothing was removed, "
-                "the right panel is the raw view.")
-    else:
-        head = (f"{what.capitalize()} component detected ({p_text}{r2_text}); "
-                f"{removal.get('weight', 1):.0%} of its estimate removed")
-        if removal.get("k"):
-            head += f", {removal['k']} directions"
-        head += "."
-    if removal.get("crossfit"):
+    head = f"Right panel: {removal_title(removal)}."
+    weights = removal.get("weights") or {}
+    if weights:
+        shares = ", ".join(f"{k} {w:.0%}" for k, w in weights.items())
+        head += (" Each removed part is one vector per position (per token id), fitted on the whole reference, so "
+                 f"tokens at the same position keep their distances; removed at weight {shares} (mean over tokens), "
+                 "the rest left to balance what the estimate holds of the tokens themselves.")
+        noise = removal.get("noise_share")
+        if isinstance(noise, (int, float)) and math.isfinite(noise):
+            head += f" Estimate noise: {noise:.1%} of the removed position part."
+    elif removal.get("crossfit"):
         head += (f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
-                 "removed from a token never saw its own " + str(removal.get("fold_by")) + ".")
-    if removal.get("note"):
-        head += f" {removal['note'].capitalize()}."
+                 "removed from a token never saw its own " + str(removal.get("fold_by")) + f"; "
+                 f"{removal.get('weight', 1):.0%} of it removed.")
+    if removal.get("erased"):
+        head += " Linear erasure: what a probe of position reads is projected out (no per-position offset)."
+    if removal.get("k"):
+        head += f" {removal['k']} directions projected out."
+    if removal.get("fold_by") and removal.get("folds"):
+        head += f" Tests held out by {removal['fold_by']} ({removal['folds']} folds)."
     return head

@@ -1,0 +1,377 @@
+"""The joint estimators: `position`, `token`, `linear_erase` and `auto` (the default).
+
+They share one removal (joint_remove), built on three measured facts (docs/removal.md has the numbers):
+
+1. Estimate nuisances together. A per-position mean also averages whichever tokens sat at that position;
+   that spread is noise shared by every token at the position, so subtracting it is itself a position
+   signal. Position effects fitted net of token identity and branch content (analysis.effects) carry
+   none of it where the latents are additive (layer 0 of a learned-position model comes out exact).
+2. One translation per level, fitted on the whole reference. A cross-fitted per-position estimate gives
+   each fold's tokens another vector, so two tokens at the same position in different folds move apart
+   (for per-position means the cross-fitted residual is the in-sample one times n_t / (n_t - 1)): it
+   pushed tokens at the same position apart (leak -0.4 with three branches). One vector per position
+   leaves every same-position distance exactly as it was.
+3. Balance what the estimate holds of each token. An estimate fitted on the tokens it is subtracted from
+   holds 1/n_t of each one's own content, which draws tokens at other positions closer (a push-apart of
+   2 v / n_t in squared distance, v the within-position variance); leaving (1 - w) of a position effect
+   of spread D adds (1 - w)^2 D back. Each level's weight w is the largest that keeps the sum at or above
+   0: w = 1 - sqrt(2 / (n R + 2)) for R = D / v. Where the fit is exact (v = 0) w = 1; with many tokens
+   per position w -> 1; with three branches about 0.6.
+
+The tests that decide what is removed stay out of fold (prompts, or branches with one prompt): the
+per-label means test of analysis.crossfit for position and token identity, and a linear probe of
+position (analysis.erase) for position that a probe reads but means do not reach; that part is erased
+(LEACE) instead of subtracted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from analysis.basis import PositionBasis
+from analysis.crossfit import (RemovalReport, _fold_of, _oof, _project, _raw, _recentred, covariates, new_report,
+                               record_tests, test_means, units)
+from analysis.effects import Effects, FoldSums, fit_effects
+from analysis.erase import LinearEraser, Moments, linear_test, position_features
+from analysis.groups import blocks
+from analysis.metrics import WithinShuffler
+from analysis.nuisances import NUISANCES, Param, words
+from analysis.residualize import Residualizer, ResidualSpec, Scaler, register
+from analysis.tokens import TokenSet
+
+LINEAR_ROWS = 8192  # rows the linear test samples (its power needs no more; its cost grows with rows x d^2)
+NOTHING_LEFT = 1e-3  # auto keeps token identity when removing it too would leave less than this share
+
+
+def balance_weight(counts: np.ndarray, own: np.ndarray, R: float) -> np.ndarray:
+    """(L,) per level: the largest w in [0, 1] with (1 - w)^2 R >= 2 w own (2 - w n own), i.e. where
+    subtracting w times an estimate that holds `own` of each of its n tokens (n = counts) draws tokens of
+    other levels no closer than the part it leaves keeps them apart. R: the effect's spread between two
+    random tokens' levels over the within-level variance (inf where the fit is exact)."""
+    n = np.asarray(counts, np.float64)
+    own = np.asarray(own, np.float64)
+    if not np.isfinite(R):
+        return np.ones(len(n))
+    a = R + 2 * n * own**2  # (R + 2 n w^2) w^2 - (2R + 4 w) w + R >= 0: the smaller root
+    b = 2 * R + 4 * own
+    disc = np.clip(b**2 - 4 * a * R, 0, None)
+    w = (b - np.sqrt(disc)) / (2 * np.where(a > 0, a, 1))
+    return np.clip(np.where(a > 0, w, 1.0), 0.0, 1.0)
+
+
+def _spread(values: np.ndarray, counts: np.ndarray) -> float:
+    """E|e_i - e_j|^2 over two random tokens: twice the count-weighted variance of the effect table."""
+    mean = np.average(values, axis=0, weights=counts)
+    return 2 * float(np.average(((values - mean) ** 2).sum(axis=1), weights=counts))
+
+
+class JointRemoval:
+    """The effects to subtract (one vector per level, weighted) and the eraser to apply."""
+
+    def __init__(self):
+        self.effects: Effects | None = None
+        self.weights: dict[str, np.ndarray] = {}
+        self.removed: list[str] = []
+        self.eraser: LinearEraser | None = None
+
+    def subtract(self, Z: np.ndarray, tokens: TokenSet, lo: float, hi: float) -> np.ndarray:
+        """Z (n, d) minus the weighted effects at the tokens' levels, in place, a block at a time; returns
+        (n,) True where the token's position lies outside [lo, hi] (the reference's range: left as it is)."""
+        cov = covariates(tokens)
+        outside = np.zeros(len(Z), bool)
+        if "position" in self.removed:
+            outside = (tokens.position < lo) | (tokens.position > hi)
+        for rows in blocks(len(Z)):
+            for key in self.removed:
+                labels = np.asarray(cov[key])[rows]
+                part = self.effects.lookup(key, labels) * self._weight(key, labels)[:, None]
+                if key == "position":
+                    part[outside[rows]] = 0.0
+                Z[rows] -= part
+        return outside
+
+    def _weight(self, key: str, labels: np.ndarray) -> np.ndarray:
+        known = self.effects.labels[key]
+        idx = np.minimum(np.searchsorted(known, labels), len(known) - 1)
+        w = self.weights[key][idx]
+        return np.where(known[idx] == labels, w, float(np.median(self.weights[key]))).astype(np.float32)
+
+
+def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
+                 independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+    """Residuals of plot (n, d) and the report, for a joint estimator `cls` (see the module docstring)."""
+    report = new_report(spec)
+    ref = plot if reference is None else reference
+    cov_ref, cov_plot = covariates(ref), covariates(plot)
+    have = {k for k in NUISANCES if cov_ref.get(k) is not None and cov_plot.get(k) is not None}
+    for key in cls.required:
+        if key not in have:
+            raise ValueError(f"{spec.label()} needs each token's {NUISANCES[key].words}, which these tokens do not carry")
+    candidates = tuple(k for k in cls.removes if k in have)
+    if ref is plot:
+        Zr = _raw(plot, spec, in_place)
+        scaler = None
+    else:
+        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
+        Zr = scaler.transform(ref.X)
+    unit_name, ref_units, plot_units = units(ref, plot, independent, cls.fold_unit)
+    fold = _fold_of(ref_units, plot_units, spec.folds, seed)[0]
+    report.fold_by, report.crossfit = unit_name, False
+    report.folds = 0 if fold is None else int(fold.max()) + 1
+
+    subtract_keys: list[str] = []
+    erase = False
+    if fold is None:
+        report.detected, report.weight = False, 0.0
+        report.note = ("one prompt and one branch: nothing can be tested out of fold, so nothing is removed "
+                       "(Force removal removes it as fitted)")
+        if not spec.gate:
+            subtract_keys = list(candidates)
+    else:
+        Zt = _project(Zr, seed)
+        tests = test_means(Zt, ref, fold, candidates, spec.n_perm, spec.alpha, seed)
+        record_tests(report, tests, spec.n_perm)
+        subtract_keys = [k for k in candidates if not spec.gate or (tests[k].detected and _predicts(Zt, ref, fold, k, spec))]
+        del Zt
+        if spec.gate and len(subtract_keys) < len(report.detected_covariates):
+            report.note = ("significant, but the estimate does not predict held-out tokens better than their mean: "
+                           f"{words([k for k in report.detected_covariates if k not in subtract_keys])} not removed")
+        report.detected = bool(subtract_keys) if spec.gate else report.detected
+        if "position" in candidates and cls.linear(spec) and "position" not in subtract_keys and unit_name != "prompt":
+            report.note = report.note or ("one prompt: a probe held out by branch cannot tell position from the content "
+                                          "its branches share, so nothing is erased linearly")
+        elif "position" in candidates and cls.linear(spec) and "position" not in subtract_keys:
+            lt, level = _linear_test(Zr, ref, fold, spec, seed, second=True)
+            report.linear_test = {"r2_oof": lt.r2, "null_r2": float(lt.null.mean()),
+                                  "null_hi": float(np.quantile(lt.null, 0.95)), "p_value": lt.p_value,
+                                  "alpha": level, "p_min": 1 / (len(lt.null) + 1),
+                                  "detected": bool(lt.p_value <= level and lt.r2 > 0)}
+            erase = report.linear_test["detected"]
+            report.detected = report.detected or erase
+    if not spec.gate:
+        report.forced = True
+    if not subtract_keys and not erase:
+        report.weight = 0.0
+        return Zr if ref is plot else _raw(plot, spec, in_place), report
+
+    plan = JointRemoval()
+    factors = {"position": np.asarray(ref.position)}
+    if "token" in have:
+        factors["token"] = np.asarray(cov_ref["token"])
+    if spec.within_branch and len(np.unique(ref.branch)) > 1:
+        factors["branch"] = ref.branch
+    if subtract_keys:
+        sums = FoldSums(Zr, factors, np.zeros(len(Zr), np.int64), np.zeros(Zr.shape[1])).pooled(np.array([True]))
+        plan.effects = fit_effects(sums, PositionBasis("spline", 3, spec.n_knots))
+        rss, sst = plan.effects.info["rss"], plan.effects.info["sst"]
+        if cls.keep_something and len(subtract_keys) == len(candidates) > 1 and sst > 0 and rss / sst < NOTHING_LEFT:
+            subtract_keys = [k for k in subtract_keys if k != "token"]
+            report.note = (f"position and token identity explain {1 - rss / sst:.2%} of this layer: nothing else is "
+                           "left to show, so token identity is kept")
+        v = plan.effects.sigma2 * Zr.shape[1]  # within-level variance of a token, all dimensions
+        for key in subtract_keys:
+            values, counts = plan.effects.values[key], sums.counts[key].astype(np.float64)
+            R = _spread(values, counts) / v if v > 0 else np.inf
+            own = 1.0 / (counts + (plan.effects.lam_token if key == "token" else 0.0))
+            plan.weights[key] = balance_weight(counts, own, R)
+        plan.removed = subtract_keys
+    Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)  # ours to overwrite from here on
+    if plan.removed:
+        lo, hi = float(ref.position.min()), float(ref.position.max())
+        outside = plan.subtract(Zp, plot, lo, hi)
+        report.crossfit_share = float(1 - outside.mean())
+        if outside.any():
+            report.note = (f"{outside.mean():.0%} of tokens sit outside the reference's positions: their position "
+                           "is left as it is")
+        share = {k: float(np.average(plan.weights[k], weights=sums.counts[k])) for k in plan.removed}
+        report.weights = share
+        report.weight = float(np.mean(list(share.values())))
+        report.noise_share = _noise_share(plan, sums)
+    if erase:
+        ref_res = Zp if ref is plot else _residual_copy(Zr, ref, plan)
+        F = position_features(ref.position)
+        plan.eraser = LinearEraser().fit(Moments.of(ref_res, F))
+        plan.eraser.transform(Zp)
+        report.erased = True
+        report.weight = report.weight if plan.removed else 1.0
+    report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (linear)"] if erase else [])]
+    report.removed_keys = sorted(set(plan.removed) | ({"position"} if erase else set()))
+    return _recentred(Zp, spec), report
+
+
+def _predicts(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, key: str, spec: ResidualSpec) -> bool:
+    """Whether the nuisance's per-label means, fitted out of fold (net of branch content), predict held-out
+    tokens better than their mean: a positive out-of-fold least-squares weight (analysis.crossfit._oof)."""
+    single = {"position": "per_position", "token": "per_token"}[key]
+    return _oof(Zt, ref, fold, spec.with_method(single), {key: covariates(ref)[key]})[1] > 0
+
+
+def _residual_copy(Zr: np.ndarray, ref: TokenSet, plan: JointRemoval) -> np.ndarray:
+    """A copy of the reference's scaled rows with the plan's effects subtracted (for the eraser's fit)."""
+    out = Zr.copy()
+    plan.subtract(out, ref, float(ref.position.min()), float(ref.position.max()))
+    return out
+
+
+def _noise_share(plan: JointRemoval, sums) -> float:
+    """The share of the subtracted position component's variance that is its estimate's own noise
+    (standard errors of the effects, weighted as removed); 0 where the fit is exact."""
+    e = plan.effects
+    if "position" not in plan.removed or e.se2 is None:
+        return 0.0
+    counts = sums.counts["position"].astype(np.float64)
+    w = plan.weights["position"]
+    values = e.values["position"]
+    signal = _spread(values * w[:, None], counts) / 2
+    noise = float(np.average(w**2 * e.se2 * e.weight**2 * values.shape[1], weights=counts))
+    return float(min(noise / signal, 1.0)) if signal > 0 else 0.0
+
+
+def _linear_test(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, seed: int,
+                 second: bool = False):
+    """(linear_test on at most LINEAR_ROWS rows of the reference, position shuffled within branches, its
+    level). As the second test of position (after the means test) it runs at alpha / 2 (Bonferroni), with
+    enough shuffles for a p-value that small (its refits are cheap: only X^T y changes)."""
+    level = spec.alpha / 2 if second else spec.alpha
+    n_perm = max(spec.n_perm, int(np.ceil(1 / level)) - 1)
+    rng = np.random.default_rng(seed + 23)
+    rows = np.arange(len(Zr)) if len(Zr) <= LINEAR_ROWS else np.sort(rng.choice(len(Zr), LINEAR_ROWS, replace=False))
+    pos, br = ref.position[rows], ref.branch[rows]
+    shuffle = WithinShuffler(br)
+    return linear_test(Zr[rows], pos, fold[rows], [shuffle(pos, rng) for _ in range(n_perm)]), level
+
+
+KNOTS = Param("n_knots", 12, "Spline knots",
+              "Knots of the smooth curve that positions seen by few tokens are shrunk toward (fewer: smoother).",
+              "int", 2, 40)
+LINEAR = Param("linear", True, "Erase linearly decodable position",
+               "Where per-position means find no position but a prompt-held-out linear probe reads it, erase what "
+               "the probe reads (LEACE of a smooth basis of position).", "bool")
+
+
+class _Joint(Residualizer):
+    """Shared by the joint estimators: their removal is joint_remove."""
+
+    required: tuple[str, ...] = ("position",)
+    keep_something = False
+    params = (KNOTS, LINEAR)
+
+    @classmethod
+    def linear(cls, spec: ResidualSpec) -> bool:
+        return bool(getattr(spec, "linear", False))
+
+    @classmethod
+    def remove(cls, plot, spec, reference=None, independent=False, seed=0, in_place=False):
+        return joint_remove(cls, plot, spec, reference, independent, seed, in_place)
+
+
+@register
+class Auto(_Joint):
+    name = "auto"
+    label = "auto: remove what the tests find"
+    help = ("Tests position and token identity out of fold and removes each one found: both estimated together "
+            "(position net of token identity and branch content), one vector per position and per token id, "
+            "weighted so the estimate's own noise cannot push tokens apart; position that a linear probe reads "
+            "but means do not reach is erased (LEACE). Keeps token identity when position and token together "
+            "are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md).")
+    removes = ("position", "token")
+    keep_something = True
+
+    @classmethod
+    def describe(cls, spec):
+        return "auto"
+
+
+@register
+class Position(_Joint):
+    name = "position"
+    label = "position only (joint estimate)"
+    help = ("Removes position alone, when its test finds it: position effects estimated net of token identity "
+            "and branch content, one vector per position, weighted against the estimate's own noise; position "
+            "that only a linear probe reads is erased (LEACE). Token identity is kept.")
+    removes = ("position",)
+
+    @classmethod
+    def describe(cls, spec):
+        return "position (joint)"
+
+
+@register
+class Token(_Joint):
+    name = "token"
+    label = "token identity only (joint estimate)"
+    help = ("Removes token identity alone, when its test finds it: per-token effects estimated net of position "
+            "and branch content (random effects: rare ids shrunk toward nothing), one vector per id, weighted "
+            "against the estimate's own noise. Ids the reference never saw are left as they are.")
+    removes = ("token",)
+    required = ("position", "token")
+    params = (KNOTS,)
+
+    @classmethod
+    def describe(cls, spec):
+        return "token (joint)"
+
+
+@register
+class LinearErase(_Joint):
+    name = "linear_erase"
+    label = "position: linear erasure (LEACE)"
+    help = ("Erases what a linear probe of position reads (LEACE of a smooth basis of position: a projection of "
+            "rank ~6, no per-position offset), when the prompt-held-out probe test finds it. Cannot reach exact "
+            "subtraction of position that is not linear in those features (a helix of many turns, a random "
+            "table).")
+    removes = ("position",)
+    params = ()
+
+    @classmethod
+    def describe(cls, spec):
+        return "linear erasure"
+
+    @classmethod
+    def remove(cls, plot, spec, reference=None, independent=False, seed=0, in_place=False):
+        return erase_remove(plot, spec, reference, independent, seed, in_place)
+
+
+def erase_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None, independent: bool = False,
+                 seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+    """LEACE of position alone: tested with the linear probe (forced: erased whatever it finds)."""
+    report = new_report(spec)
+    ref = plot if reference is None else reference
+    if ref is plot:
+        Zr, scaler = _raw(plot, spec, in_place), None
+    else:
+        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
+        Zr = scaler.transform(ref.X)
+    unit_name, ref_units, plot_units = units(ref, plot, independent, "prompt")
+    fold = _fold_of(ref_units, plot_units, spec.folds, seed)[0]
+    report.fold_by, report.folds = unit_name, 0 if fold is None else int(fold.max()) + 1
+    detected = False
+    if fold is not None and unit_name != "prompt":
+        report.note = ("one prompt: a probe held out by branch cannot tell position from the content its branches "
+                       "share, so nothing is erased (Force removal erases it)")
+    elif fold is not None:
+        lt, level = _linear_test(Zr, ref, fold, spec, seed)
+        detected = bool(lt.p_value <= level and lt.r2 > 0)
+        report.linear_test = {"r2_oof": lt.r2, "null_r2": float(lt.null.mean()),
+                              "null_hi": float(np.quantile(lt.null, 0.95)), "p_value": lt.p_value, "alpha": level,
+                              "p_min": 1 / (len(lt.null) + 1), "detected": detected}
+        report.p_value, report.p_min, report.r2_oof = lt.p_value, 1 / (len(lt.null) + 1), lt.r2
+        report.null_r2, report.null_hi = report.linear_test["null_r2"], report.linear_test["null_hi"]
+        report.deciding = "position"
+    else:
+        report.note = "one prompt and one branch: the probe cannot be tested out of fold, so nothing is erased"
+    report.forced = not spec.gate
+    report.detected = detected
+    report.detected_covariates = ["position"] if detected else []
+    if not (detected or report.forced):
+        report.weight = 0.0
+        return Zr if ref is plot else _raw(plot, spec, in_place), report
+    eraser = LinearEraser().fit(Moments.of(Zr, position_features(ref.position)))
+    Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)
+    eraser.transform(Zp)
+    report.weight, report.erased, report.removed = 1.0, True, ["position (linear)"]
+    report.removed_keys = ["position"]
+    return _recentred(Zp, spec), report
+
+
+__all__ = ["Auto", "LinearErase", "Position", "Token", "balance_weight", "joint_remove", "words"]
