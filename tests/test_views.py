@@ -109,7 +109,7 @@ def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "bl-cache"))
     assert views_main(["report", str(store), "--projection", "pca"]) == 0
     table = capsys.readouterr().out
-    for label in ("raw", "per-position mean", "regression (spline)", "projection (k from data)", "warning", "p "):
+    for label in ("raw", "auto", "position (joint)", "per-position mean", "took out", "warning", "p "):
         assert label in table
     assert views_main(["report", str(store), "--methods", "none,per_position", "--projection", "pca", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

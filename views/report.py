@@ -9,13 +9,14 @@ from typing import Any
 from analysis.project import ProjectionSpec
 from analysis.residualize import ResidualSpec
 from analysis.guard import check
+from analysis.verdict import removal_title
 from analysis.view import ViewSpec
 from store import queries
 from store.sources import reading
 from views.cache import ViewCache
 from views.service import Selection, compute
 
-DEFAULT_METHODS = ("none", "per_position", "regression", "projection")  # any of analysis.residualize.RESIDUALIZERS
+DEFAULT_METHODS = ("none", "auto", "position", "per_position")  # any of analysis.residualize.RESIDUALIZERS
 COLUMNS = (
     ("layer", "layer", "{}"), ("method", "method", "{}"), ("tokens", "tokens", "{}"),
     ("R2_pos", "r2", "{:.3f}"), ("chance", "r2_chance", "{:.3f}"), ("adj", "r2_adjusted", "{:.3f}"),
@@ -23,7 +24,8 @@ COLUMNS = (
     ("leak /prompt", "leak_prompt", "{:+.3f}"),
     ("branch kNN", "purity_branch", "{:.3f}"), ("(chance)", "purity_branch_chance", "{:.3f}"),
     ("prompt kNN", "purity_prompt", "{:.3f}"), ("trust", "trustworthiness", "{:.3f}"),
-    ("p", "p_value", "{:.2f}"), ("removed", "weight", "{:.0%}"), ("warning", "warning", "{}"),
+    ("p", "p_value", "{:.2f}"), ("removed", "weight", "{:.0%}"), ("took out", "took_out", "{}"),
+    ("warning", "warning", "{}"),
 )
 
 
@@ -74,6 +76,7 @@ def _row(layer: int, method: str, m: dict[str, Any]) -> dict[str, Any]:
         "purity_prompt": get("purity_prompt", "purity"), "trustworthiness": get("projection", "trustworthiness"),
         "p_value": m.get("removal", {}).get("p_value", nan), "weight": m.get("removal", {}).get("weight", nan),
         "detected": m.get("removal", {}).get("detected"), "k": m.get("removal", {}).get("k"),
+        "took_out": removal_title(m.get("removal")).removesuffix(" removed") if method != "raw" else "",
         "nn_branch": get("nn_branch", "purity"), "nn_prompt": get("nn_prompt", "purity"),
     }
 

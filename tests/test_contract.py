@@ -1,0 +1,131 @@
+"""The residualizer contract: a new method is one class. A toy residualizer (per-prompt means, a nuisance
+registered here too) defined in this file, and nothing else edited, is offered by the app with its declared
+parameter, runs through the removal's tests and cross-fit, names what it removed on screen, appears in the
+per-layer report and is cached under its own key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.nuisances import NUISANCES, Nuisance, Param, register_nuisance
+from analysis.residualize import RESIDUALIZERS, LabelStats, Residualizer, ResidualSpec, register
+
+ROOT_APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+class PromptMean(Residualizer):
+    """x - s * (mean latent of the token's prompt), the means fitted on other branches (folds of branches)."""
+
+    name = "toy_prompt_mean"
+    label = "toy: per-prompt mean"
+    help = "Subtracts each prompt's mean latent (a toy for the contract test). Cannot reach exact subtraction."
+    removes = ("prompt",)
+    params = (Param("strength", 1.0, "Strength", "Share of the prompt mean subtracted.", "float", 0.0, 1.0),)
+    fold_unit = "branch"
+    sufficient = True
+
+    @classmethod
+    def describe(cls, spec):
+        return f"prompt mean x{spec.strength:g}"
+
+    def fit_cov(self, X, cov):
+        self.fit_stats(LabelStats.of(X, cov["prompt"]))
+
+    def fit_stats(self, stats: LabelStats) -> PromptMean:
+        self.labels_, self.means_ = stats.labels, (stats.sums / stats.counts[:, None]).astype(np.float32)
+        return self
+
+    def component_of(self, X, cov):
+        idx = np.minimum(np.searchsorted(self.labels_, cov["prompt"]), len(self.labels_) - 1)
+        return self.spec.strength * self.means_[idx]
+
+
+@pytest.fixture
+def toy():
+    """Register the toy and its nuisance for one test, and take them away after it."""
+    register_nuisance(Nuisance("prompt", "prompt", "prompt content", guard=None, centre=None, shuffle="between:branch"))
+    register(PromptMean)
+    yield PromptMean
+    RESIDUALIZERS.pop(PromptMean.name, None)
+    NUISANCES.pop("prompt", None)
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    from views.__main__ import main
+
+    path = tmp_path_factory.mktemp("contract") / "s.duckdb"
+    assert main(["synthetic", str(path), "--prompts", "4", "--branches", "4", "--length", "24", "--d", "32"]) == 0
+    return path
+
+
+def test_the_spec_checks_the_toys_declared_parameter(toy):
+    assert ResidualSpec(method=toy.name).strength == 1.0
+    assert ResidualSpec(method=toy.name, strength=0.5).to_dict()["params"] == {"strength": 0.5}
+    with pytest.raises(ValueError, match="strength must be <= 1"):
+        ResidualSpec(method=toy.name, strength=2.0)
+    with pytest.raises(ValueError, match="no parameter 'k'"):
+        ResidualSpec(method=toy.name, k=3)
+
+
+def test_the_toy_is_tested_cross_fitted_and_removes_prompt_content(toy):
+    from analysis import ViewSpec, compute_view
+    from analysis.project import ProjectionSpec
+    from analysis.synthetic import branch_tree
+
+    tree = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, pos_scale=0.0, content_scale=2.0, seed=1)
+    spec = ViewSpec(residual=ResidualSpec(method=toy.name), projection=ProjectionSpec(method="pca"))
+    result = compute_view(tree, spec)
+    m, rem = result.metrics, result.metrics["removal"]
+    assert rem["removes"] == ["prompt"] and rem["tests"]["prompt"]["detected"] and rem["fold_by"] == "branch"
+    assert rem["crossfit"] and rem["weight"] > 0.5
+    raw = compute_view(tree, ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca")))
+
+    def prompt_share(X, prompt):  # share of the variance between the prompts' means
+        means = np.stack([X[prompt == p].mean(axis=0) for p in np.unique(prompt)])
+        counts = np.bincount(prompt)[np.unique(prompt)]
+        return float((counts * ((means - X.mean(axis=0)) ** 2).sum(axis=1)).sum() / ((X - X.mean(axis=0)) ** 2).sum())
+
+    prompt = tree.prompt[result.index]
+    assert prompt_share(result.residual, prompt) < 0.2 * prompt_share(raw.residual, tree.prompt[raw.index])
+
+
+def test_the_app_offers_the_toy_with_its_control_and_names_what_it_removed(toy, synthetic_store, monkeypatch,
+                                                                           tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(ROOT_APP, default_timeout=240)
+    at.session_state["store_path"] = str(synthetic_store)
+    at.run()
+    assert toy.label in at.selectbox(key="method").options  # shown by its label
+    at.selectbox(key="method").set_value(toy.name).run()
+    assert not at.exception, [e.value for e in at.exception]
+    slider = at.slider(key=f"{toy.name}::strength")
+    assert slider.value == 1.0 and slider.label == "Strength"
+    text = " ".join(m.value for m in at.markdown)
+    assert "prompt content component was detected" in text or "No prompt content component detected" in text
+
+
+def test_the_report_and_the_cache_take_the_toy(toy, synthetic_store, tmp_path):
+    from analysis import ViewSpec
+    from analysis.project import ProjectionSpec
+    from views.cache import ViewCache
+    from views.report import layer_report
+    from views.service import Selection, compute
+
+    cache = ViewCache(tmp_path / "cache")
+    rows = layer_report(synthetic_store, methods=("none", toy.name), projection="pca", cache=cache)
+    assert {r["method"] for r in rows} == {"raw", "prompt mean x1"}
+    sel = Selection("run-synthetic-helix", 1)
+    half = ViewSpec(residual=ResidualSpec(method=toy.name, strength=0.5), projection=ProjectionSpec(method="pca"))
+    first = compute(synthetic_store, sel, half, cache)
+    again = compute(synthetic_store, sel, half, cache)
+    other = compute(synthetic_store, sel, ViewSpec(residual=ResidualSpec(method=toy.name), projection=half.projection),
+                    cache)
+    assert first.timings["cached"] == 0.0 and again.timings["cached"] == 1.0 and other.timings["cached"] == 1.0
+    np.testing.assert_array_equal(first.result.coords, again.result.coords)
