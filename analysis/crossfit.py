@@ -513,25 +513,36 @@ def test_means(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, keys: tuple[str,
                seed: int) -> dict[str, MeansTest]:
     """Each nuisance's MeansTest on Zt (the reference on the tests' projection): its per-label means of
     the latents centred within the nuisance's unit, out of fold, against n_perm shuffles (one grouped sum
-    each)."""
+    each). Tested in order, each net of those found before it: a nuisance found has its per-label means
+    taken out of the latents the next ones are tested on, so a strong one (a helix) does not drown a weaker
+    one (token identity) in its variance."""
     n_folds = int(fold.max()) + 1
     cov = covariates(ref)
     rng = np.random.default_rng(seed + 1)
-    centred: dict[str | None, tuple[np.ndarray, np.ndarray]] = {}
+    found: list[np.ndarray] = []  # codes of the nuisances detected so far
     out = {}
     for key in keys:
         n = NUISANCES[key]
-        if n.centre not in centred:
-            Zc = branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
-            centred[n.centre] = (Zc, _fold_sq(Zc, fold, n_folds))
-        Zc, sq = centred[n.centre]
+        Zc = branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
+        for codes_found in found:
+            Zc = Zc - _label_means(Zc, codes_found)
+        sq = _fold_sq(Zc, fold, n_folds)
         shuffle = shuffler(n.shuffle, ref)
         uniq, codes = np.unique(np.asarray(cov[key]), return_inverse=True)  # a shuffle of codes = of labels
         codes, L = codes.ravel(), len(uniq)
         r2 = _oof_group_r2(Zc, codes, fold, n_folds, sq, L)
         null = np.array([_oof_group_r2(Zc, shuffle(codes, rng), fold, n_folds, sq, L) for _ in range(n_perm)])
         out[key] = MeansTest(key, float(r2), null, alpha)
+        if out[key].detected:
+            found.append(codes)
     return out
+
+
+def _label_means(Z: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """(n, m) each row's label mean (codes 0..L-1)."""
+    L = int(codes.max()) + 1
+    sums = code_sums64(Z, [(codes, L)])[0]
+    return (sums / np.maximum(np.bincount(codes, minlength=L), 1)[:, None])[codes]
 
 
 def deciding(tests: dict[str, MeansTest]) -> MeansTest:

@@ -40,7 +40,7 @@ from analysis.residualize import Residualizer, ResidualSpec, Scaler, register
 from analysis.tokens import TokenSet
 
 LINEAR_ROWS = 8192  # rows the linear test samples (its power needs no more; its cost grows with rows x d^2)
-NOTHING_LEFT = 1e-3  # auto keeps token identity when removing it too would leave less than this share
+NOTHING_LEFT = 1e-3  # auto keeps token identity where position, token and branch leave less than this share
 
 
 def balance_weight(counts: np.ndarray, own: np.ndarray, R: float) -> np.ndarray:
@@ -164,10 +164,10 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         sums = FoldSums(Zr, factors, np.zeros(len(Zr), np.int64), np.zeros(Zr.shape[1])).pooled(np.array([True]))
         plan.effects = fit_effects(sums, PositionBasis("spline", 3, spec.n_knots))
         rss, sst = plan.effects.info["rss"], plan.effects.info["sst"]
-        if cls.keep_something and len(subtract_keys) == len(candidates) > 1 and sst > 0 and rss / sst < NOTHING_LEFT:
+        if cls.keep_something and "token" in subtract_keys and sst > 0 and rss / sst < NOTHING_LEFT:
             subtract_keys = [k for k in subtract_keys if k != "token"]
-            report.note = (f"position and token identity explain {1 - rss / sst:.2%} of this layer: nothing else is "
-                           "left to show, so token identity is kept")
+            report.note = (f"position, token identity and branch content explain {1 - rss / sst:.2%} of this layer's "
+                           "variance: nothing else is left to show, so token identity is kept")
         v = plan.effects.sigma2 * Zr.shape[1]  # within-level variance of a token, all dimensions
         for key in subtract_keys:
             values, counts = plan.effects.values[key], sums.counts[key].astype(np.float64)
@@ -175,6 +175,9 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
             own = 1.0 / (counts + (plan.effects.lam_token if key == "token" else 0.0))
             plan.weights[key] = balance_weight(counts, own, R)
         plan.removed = subtract_keys
+    if not plan.removed and not erase:  # the tests found only what is kept
+        report.weight, report.removed_keys = 0.0, []
+        return Zr if ref is plot else _raw(plot, spec, in_place), report
     Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)  # ours to overwrite from here on
     if plan.removed:
         lo, hi = float(ref.position.min()), float(ref.position.max())

@@ -82,9 +82,12 @@ def removal_title(removal: dict[str, Any] | None) -> str:
     if not removal or removal.get("method") == "none":
         return "raw (no removal)"
     what = removal.get("removed") or ([removal.get("nuisance")] if removal.get("weight") else [])
-    if not what:
-        return "nothing removed (none detected)"
-    return f"{' and '.join(what)} removed"
+    if what:
+        return f"{' and '.join(what)} removed"
+    from analysis.nuisances import NUISANCES
+
+    kept = [NUISANCES[k].words for k, t in (removal.get("tests") or {}).items() if t.get("detected") and k in NUISANCES]
+    return f"nothing removed ({' and '.join(kept)} found but kept)" if kept else "nothing removed (none detected)"
 
 
 def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> list[str]:
