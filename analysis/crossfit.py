@@ -23,6 +23,7 @@ from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES
 from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
                                   branch_offsets, make_residualizer)
+from analysis.stats import PermutationTest
 from analysis.tokens import TokenSet
 
 TEST_DIMS = 64  # width of the random projection the detection test runs in
@@ -474,18 +475,12 @@ def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds:
 
 
 @dataclass
-class MeansTest:
+class MeansTest(PermutationTest):
     """One nuisance's detection test: the out-of-fold R2 of its per-label means, against the same with
     the labels shuffled as the nuisance says (analysis.nuisances)."""
 
-    key: str
-    r2: float
-    null: np.ndarray
-    alpha: float
-
-    @property
-    def p_value(self) -> float:
-        return float((1 + (self.null >= self.r2).sum()) / (1 + len(self.null)))
+    key: str = ""
+    alpha: float = 0.05
 
     @property
     def detected(self) -> bool:
@@ -532,7 +527,7 @@ def test_means(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, keys: tuple[str,
         codes, L = codes.ravel(), len(uniq)
         r2 = _oof_group_r2(Zc, codes, fold, n_folds, sq, L)
         null = np.array([_oof_group_r2(Zc, shuffle(codes, rng), fold, n_folds, sq, L) for _ in range(n_perm)])
-        out[key] = MeansTest(key, float(r2), null, alpha)
+        out[key] = MeansTest(float(r2), null, key=key, alpha=alpha)
         if out[key].detected:
             found.append(codes)
     return out

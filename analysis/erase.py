@@ -21,6 +21,7 @@ import numpy as np
 
 from analysis.basis import PositionBasis
 from analysis.groups import blocks
+from analysis.stats import PermutationTest
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge, relative to the mean eigenvalue of the covariance
 FEATURE_KNOTS = 5  # a cubic spline basis of position with this many knots: 7 functions, 6 after centring
@@ -100,18 +101,12 @@ def sse(m: Moments, W: np.ndarray, b0: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class LinearTest:
+class LinearTest(PermutationTest):
     """Out-of-fold R2 of a ridge probe of position, against refits with position shuffled within
     branches (each branch keeps its own positions, so content that only tells branches apart reads as
-    chance)."""
+    chance); alpha: the ridge the real target chose."""
 
-    r2: float
-    null: np.ndarray
-    alpha: float
-
-    @property
-    def p_value(self) -> float:
-        return float((1 + (self.null >= self.r2).sum()) / (1 + len(self.null)))
+    alpha: float = 0.0
 
 
 def linear_test(X: np.ndarray, position: np.ndarray, fold: np.ndarray, shuffled: list[np.ndarray]) -> LinearTest:

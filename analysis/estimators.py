@@ -277,32 +277,27 @@ class Auto(_Joint):
             "weighted so the estimate's own noise cannot push tokens apart; position that a linear probe reads "
             "but means do not reach is erased (LEACE). Keeps token identity when position and token together "
             "are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md).")
+    short = "auto"
     removes = ("position", "token")
     keep_something = True
-
-    @classmethod
-    def describe(cls, spec):
-        return "auto"
 
 
 @register
 class Position(_Joint):
     name = "position"
     label = "position only (joint estimate)"
+    short = "position (joint)"
     help = ("Removes position alone, when its test finds it: position effects estimated net of token identity "
             "and branch content, one vector per position, weighted against the estimate's own noise; position "
             "that only a linear probe reads is erased (LEACE). Token identity is kept.")
     removes = ("position",)
-
-    @classmethod
-    def describe(cls, spec):
-        return "position (joint)"
 
 
 @register
 class Token(_Joint):
     name = "token"
     label = "token identity only (joint estimate)"
+    short = "token (joint)"
     help = ("Removes token identity alone, when its test finds it: per-token effects estimated net of position "
             "and branch content (random effects: rare ids shrunk toward nothing), one vector per id, weighted "
             "against the estimate's own noise. Ids the reference never saw are left as they are.")
@@ -310,25 +305,18 @@ class Token(_Joint):
     required = ("position", "token")
     params = (KNOTS,)
 
-    @classmethod
-    def describe(cls, spec):
-        return "token (joint)"
-
 
 @register
 class LinearErase(_Joint):
     name = "linear_erase"
     label = "position: linear erasure (LEACE)"
+    short = "linear erasure"
     help = ("Erases what a linear probe of position reads (LEACE of a smooth basis of position: a projection of "
             "rank ~6, no per-position offset), when the prompt-held-out probe test finds it. Cannot reach exact "
             "subtraction of position that is not linear in those features (a helix of many turns, a random "
             "table).")
     removes = ("position",)
     params = ()
-
-    @classmethod
-    def describe(cls, spec):
-        return "linear erasure"
 
     @classmethod
     def remove(cls, plot, spec, reference=None, independent=False, seed=0, in_place=False):

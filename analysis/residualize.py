@@ -201,6 +201,7 @@ class Residualizer:
 
     name = "none"
     label = "none (centre only)"
+    short = ""  # the name in tables and titles (describe); default: the label
     help = "No removal: the latents centred (and scaled, if asked), as the raw panel shows them."
     removes: tuple[str, ...] = ()
     covariates: tuple[str, ...] = ()
@@ -224,7 +225,7 @@ class Residualizer:
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:
-        return "raw" if cls.name == "none" else cls.label
+        return "raw" if cls.name == "none" else (cls.short or cls.label)
 
     @classmethod
     def validate(cls, spec: ResidualSpec) -> None:

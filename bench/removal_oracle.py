@@ -30,6 +30,7 @@ from analysis import ResidualSpec, ViewSpec, compute_view  # noqa: E402
 from analysis.project import ProjectionSpec  # noqa: E402
 from analysis.regimes import generate  # noqa: E402
 from analysis.residualize import registry  # noqa: E402
+from helpers import gpt2_layer0, table_error  # noqa: E402
 
 PCA = ProjectionSpec(method="pca")
 ORACLES = [("random", 1.0), ("random", 0.2), ("smooth", 1.0), ("smooth", 0.2)]
@@ -41,39 +42,13 @@ def view(tokens, method):
     return compute_view(tokens, ViewSpec(residual=ResidualSpec(method=method), projection=PCA))
 
 
-def gpt2_layer0(kind: str, scale: float, workdir: Path):
-    from helpers import build_tokenizer, gpt2_with_positions, ingest, oracle_prompts
-    from ingest.config import build_config
-    from store import queries, reading
-    from views.service import to_token_set
-
-    model, table = gpt2_with_positions(kind, scale)
-    path = workdir / f"{kind}-{scale}"
-    model.save_pretrained(path / "model")
-    build_tokenizer(add_bos=False).save_pretrained(path / "model")
-    cfg = build_config(dict(model=str(path / "model"), prompts=oracle_prompts(16), samples=4, forks=2, depth=1,
-                            max_new_tokens=40, layers=[0], device="cpu", store=str(path / "s.duckdb")))
-    ingest(cfg)
-    with reading(cfg.store) as con:
-        keys, X = queries.token_rows(con, queries.list_runs(con)["run_id"][0], 0)
-    return to_token_set(keys, X), table
-
-
-def table_error(tokens, result, table) -> float:
-    kept = tokens.subset(result.index)
-    removed = (kept.X - kept.X.mean(axis=0)) - result.residual
-    removed -= removed.mean(axis=0)
-    true = table[kept.position] - table[kept.position].mean(axis=0)
-    return float(np.sqrt(((removed - true) ** 2).sum() / (true**2).sum()))
-
-
 def oracle_table(methods: list[str]) -> None:
     print("## GPT-2 layer 0 against exact subtraction of wpe\n")
     print("| table | scale | tokens | method | leak | gap to exact | leak, other prompts | gap | table error | removed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind, scale in ORACLES:
-            tokens, table = gpt2_layer0(kind, scale, Path(tmp))
+            tokens, table = gpt2_layer0(kind, scale, Path(tmp))  # tests/helpers.py
             exact = view(tokens.with_X((tokens.X - table[tokens.position]).astype(np.float32)), "none").metrics
             for method in ["none", "exact", *methods]:
                 if method == "exact":

@@ -169,3 +169,34 @@ def gpt2_with_positions(kind: str, scale: float, d: int = 64, n_positions: int =
     with torch.no_grad():
         model.transformer.wpe.weight.copy_(torch.tensor(table, dtype=torch.float32))
     return model, table.astype(np.float32)
+
+
+def gpt2_layer0(kind: str, scale: float, workdir: Path):
+    """(layer-0 TokenSet of an ingest on gpt2_with_positions(kind, scale), the true position table): 16
+    prompts x 4 samples x 2 forks x 40 new tokens through the normal ingest and store, read back."""
+    from ingest.config import build_config
+    from store import queries, reading
+    from views.service import to_token_set
+
+    model, table = gpt2_with_positions(kind, scale)
+    path = workdir / f"gpt2-{kind}-{scale}"
+    model.save_pretrained(path / "model")
+    build_tokenizer(add_bos=False).save_pretrained(path / "model")
+    cfg = build_config(dict(model=str(path / "model"), prompts=oracle_prompts(16), samples=4, forks=2, depth=1,
+                            max_new_tokens=40, layers=[0], device="cpu", store=str(path / "s.duckdb")))
+    ingest(cfg)
+    with reading(cfg.store) as con:
+        keys, X = queries.token_rows(con, queries.list_runs(con)["run_id"][0], 0)
+    return to_token_set(keys, X), table
+
+
+def table_error(tokens, result, table) -> float:
+    """RMS distance between what a view's removal subtracted and the true position table (both about their
+    means), over the true table's RMS: 0 = the exact table, 1 = nothing of it."""
+    import numpy as np
+
+    kept = tokens.subset(result.index)
+    removed = (kept.X - kept.X.mean(axis=0)) - result.residual
+    removed = removed - removed.mean(axis=0)
+    true = table[kept.position] - table[kept.position].mean(axis=0)
+    return float(np.sqrt(((removed - true) ** 2).sum() / (true**2).sum()))

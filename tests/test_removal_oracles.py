@@ -18,7 +18,7 @@ from analysis.guard import LEAKS, check
 from analysis.project import ProjectionSpec
 from analysis.regimes import generate
 from analysis.residualize import registry
-from helpers import build_tokenizer, gpt2_with_positions, ingest, oracle_prompts
+from helpers import gpt2_layer0, table_error
 
 PCA = ProjectionSpec(method="pca")  # the maths under test is the removal; PCA keeps these fast
 TOLERANCE = 0.03  # issue 34: within 0.03 of exact subtraction's leak
@@ -32,37 +32,12 @@ def view(tokens, method: str = "auto", **params):
 @pytest.fixture(scope="module")
 def oracle_layers(tmp_path_factory):
     """(kind, scale) -> (layer-0 TokenSet read back from the store, the true position table)."""
-    from ingest.config import build_config
-    from store import queries, reading
-    from views.service import to_token_set
-
-    out = {}
-    for kind, scale in ORACLES:
-        path = tmp_path_factory.mktemp(f"gpt2-{kind}-{scale}")
-        model, table = gpt2_with_positions(kind, scale)
-        model.save_pretrained(path / "model")
-        build_tokenizer(add_bos=False).save_pretrained(path / "model")
-        cfg = build_config(dict(model=str(path / "model"), prompts=oracle_prompts(16), samples=4, forks=2, depth=1,
-                                max_new_tokens=40, layers=[0], device="cpu", store=str(path / "s.duckdb")))
-        ingest(cfg)
-        with reading(cfg.store) as con:
-            keys, X = queries.token_rows(con, queries.list_runs(con)["run_id"][0], 0)
-        out[kind, scale] = (to_token_set(keys, X), table)
-    return out
+    workdir = tmp_path_factory.mktemp("oracles")
+    return {oracle: gpt2_layer0(*oracle, workdir) for oracle in ORACLES}
 
 
 def exact_view(tokens, table):
     return view(tokens.with_X((tokens.X - table[tokens.position]).astype(np.float32)), "none")
-
-
-def table_error(tokens, result, table) -> float:
-    """RMS distance between what the removal subtracted and the true table (both about their means), over
-    the true table's RMS: 0 = the exact table."""
-    kept = tokens.subset(result.index)
-    removed = (kept.X - kept.X.mean(axis=0)) - result.residual
-    true = table[kept.position] - table[kept.position].mean(axis=0)
-    removed = removed - removed.mean(axis=0)
-    return float(np.sqrt(((removed - true) ** 2).sum() / (true**2).sum()))
 
 
 @pytest.mark.parametrize("oracle", ORACLES, ids=lambda o: f"{o[0]}-{o[1]}")
