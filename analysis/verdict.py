@@ -45,7 +45,8 @@ def p_value_text(removal: dict[str, Any]) -> str:
     p, p_min = removal.get("p_value"), removal.get("p_min")
     if not _finite(p):
         return "not tested"
-    return f"p <= {p_min:.2f}" if _finite(p_min) and p <= p_min + 1e-12 else f"p = {p:.2f}"
+    fmt = (lambda v: f"{v:.3f}") if _finite(p_min) and p_min < 0.05 - 1e-12 else (lambda v: f"{v:.2f}")
+    return f"p <= {fmt(p_min)}" if _finite(p_min) and p <= p_min + 1e-12 else f"p = {fmt(p)}"
 
 
 def verdict(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> str:

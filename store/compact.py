@@ -5,8 +5,10 @@ and the blocks it leaves behind stay in the file as free space: a store written 
 ~1.7x the size of its data (bench/store_read.py). The rewrite drops that space and stores each
 (run, variant, layer) contiguously, ordered by (branch_id, position), so a layer is read as one range.
 
-The source is held with a read lock throughout: readers (the app) go on, a writer waits; the new file
-replaces the old one atomically, so a reader sees either the old or the new store, both complete.
+The compaction is the store's one writing job throughout (the claim an ingest or a merge takes, so two
+compactions never overlap) and holds a read lock on the file: readers (the app) go on, a writer waits;
+the new file replaces the old one atomically, so a reader sees either the old or the new store, both
+complete, and only if the file is still the one that was copied.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from store.errors import StoreError, StoreMissing, reason
 from store.faults import fault_point
 from store.leftovers import compact_copy, remove_stale_copies
 from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
-from store.writer import STORAGE_COMPATIBILITY
+from store.writer import STORAGE_COMPATIBILITY, StoreWriter
 
 _ORDER = {"runs": "run_id", "prompts": "run_id, prompt_id", "branches": "run_id, branch_id",
           "tokens": "run_id, branch_id, position"}
@@ -54,12 +56,25 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
     path = Path(path)
     if not path.is_file():
         raise StoreMissing(f"store {path} does not exist")
+    # The one writing job of the store for the whole rewrite: another compaction, an ingest or a merge
+    # waits (an ingest that compacts at its end already holds it). Without it two overlapping compactions
+    # each put their own copy in place, and rows committed by a merge between them were lost.
+    claim = StoreWriter(path, created_by="branchlens compact")
+    claim.claim()
+    try:
+        return _compact_claimed(path, lock_timeout)
+    finally:
+        claim.release()
+
+
+def _compact_claimed(path: Path, lock_timeout: float) -> CompactReport:
     remove_stale_copies(path)
     tmp = compact_copy(path, os.getpid())
     t0 = time.perf_counter()
     before = path.stat().st_size
     try:
         _merge_wal(path, lock_timeout)
+        copied_from = _identity(path)
         with reading(path, lock_timeout=lock_timeout) as con:
             meta = read_meta(con, str(path))
             source = first_row(con, "SELECT current_database()")[0]
@@ -94,7 +109,10 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
                 con.execute("DETACH packed")
             if Path(f"{tmp}.wal").exists():
                 raise StoreError(f"the compacted copy's write-ahead log was not merged ({tmp.name}.wal left behind)")
-            os.replace(tmp, path)  # still under the read lock: no writer can slip in between
+            if _identity(path) != copied_from:  # replaced or rewritten underneath (not by a branchlens job)
+                raise StoreError(f"cannot compact store {path}: the file changed while it was being compacted "
+                                 "(replaced by another process); the copy was discarded, the file left as it is now")
+            os.replace(tmp, path)  # still under the read lock and the claim: no writer can slip in between
     except (OSError, duckdb.Error) as exc:
         raise StoreError(f"cannot compact store {path}: {reason(exc)}; the store is unchanged") from exc
     finally:
@@ -133,6 +151,13 @@ def _merge_wal(path: Path, lock_timeout: float) -> None:
         con.close()
     if Path(f"{path}.wal").exists():
         raise StoreError(f"the write-ahead log {path}.wal could not be merged into the store")
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What tells this file's content apart from another's or from a later version: (device, inode, size,
+    modification time)."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _check_counts(con: duckdb.DuckDBPyConnection, source: str) -> None:

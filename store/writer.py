@@ -45,8 +45,9 @@ class StoreWriter:
         self._claim_fd: int | None = None
 
     def claim(self) -> None:
-        """Become the one writing job of this store (an ingest, a merge) until release(): an advisory lock
-        on `STORE.ingest-lock`, which the kernel drops when the holder dies. Another process holding it:
+        """Become the one writing job of this store (an ingest, a merge, a compaction) until release(): an
+        advisory lock on `STORE.ingest-lock` beside the resolved file (a symlink to the store shares it),
+        which the kernel drops when the holder dies. Another process holding it:
         one StoreError line naming it, nothing written. Writers of one process share the claim."""
         if self._claim_fd is not None:
             return
@@ -56,7 +57,8 @@ class StoreWriter:
             _CLAIMS[key] = (fd, count + 1)
             self._claim_fd = fd
             return
-        lock = self.path.with_name(self.path.name + ".ingest-lock")
+        resolved = Path(key)  # through a symlink, the lock beside the file itself: one lock per store file
+        lock = resolved.with_name(resolved.name + ".ingest-lock")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -67,8 +69,8 @@ class StoreWriter:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise StoreError(f"another ingest (pid {holder}) is writing to {self.path}; wait until it ends "
-                             "(then run this command again: it resumes), or use another --store") from None
+            raise StoreError(f"another ingest, merge or compaction (pid {holder}) is writing to {self.path}; wait "
+                             "until it ends (then run this command again: it resumes), or use another --store") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._claim_fd = fd

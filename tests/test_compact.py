@@ -117,3 +117,84 @@ def test_compaction_merges_a_leftover_wal_first_and_the_store_opens_after(tmp_pa
         assert con.execute("SELECT value FROM meta WHERE key = 'left'").fetchall() == [("in the wal",)]
         assert con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run_id]).fetchall()[0][0] == 1
     StoreWriter(store, created_by="test").prepare(8)  # a writer (resume) opens it too
+
+
+def paused_compaction(store, tmp_path) -> subprocess.Popen:
+    """`python -m store compact STORE` held by the fault hook inside its copy (the copy written, not yet in
+    place); a line on its stdin lets it go on."""
+    proc = subprocess.Popen([PYTHON, "-m", "store", "compact", str(store)],
+                            env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "compact:1:pause"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "fault: compact 1 paused" in line:
+            return proc
+    raise AssertionError(f"the compaction ended before its copy (exit {proc.wait()})")
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    proc.stdin.write("\n")
+    proc.stdin.close()
+    err = proc.stderr.read()
+    return proc.wait(timeout=600), err
+
+
+def test_overlapping_compactions_cannot_both_swap_and_lose_nothing(tmp_path):
+    """Two compactions at once (issue 36, 1): the second is refused with one line while the first holds the
+    store's one-writer claim, so no copy of an older file can replace rows written in between."""
+    store = tmp_path / "s.duckdb"
+    run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
+    before = dump(store, run_id)
+    first = paused_compaction(store, tmp_path)
+    try:
+        second = subprocess.run([PYTHON, "-m", "store", "compact", str(store)], env=cli_env(tmp_path),
+                                capture_output=True, text=True)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1
+        assert f"another ingest, merge or compaction (pid {first.pid}) is writing to {store}" in second.stderr
+        code, err = finish(first)
+    finally:
+        first.kill()
+        first.wait()
+    assert code == 0, err[-2000:]
+    assert dump(store, run_id) == before
+
+
+def test_a_compaction_refuses_to_swap_a_file_that_changed_underneath(tmp_path):
+    """A store replaced by another file while its compaction copies the old one (not through branchlens):
+    the compaction's copy is discarded, not put in place of the new file."""
+    import shutil
+
+    store = tmp_path / "s.duckdb"
+    run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
+    other = tmp_path / "other.duckdb"
+    other_run = write_tree(other, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8, seed=5),
+                           run_id="run-other")
+    first = paused_compaction(store, tmp_path)
+    try:
+        shutil.copy(other, tmp_path / "swap.duckdb")
+        os.replace(tmp_path / "swap.duckdb", store)
+        code, err = finish(first)
+    finally:
+        first.kill()
+        first.wait()
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        f"error: cannot compact store {store}: the file changed while it was being compacted (replaced by another "
+        "process); the copy was discarded, the file left as it is now")
+    assert dump(store, "run-other") == dump(other, other_run) and not list(tmp_path.glob("s.duckdb.compact-*"))
+    assert run_id != "run-other"
+
+
+def test_the_writer_claim_holds_through_a_symlink(tmp_path):
+    """The one-writer lock belongs to the store file, not to the path typed: a compaction through a symlink
+    waits for a claim taken on the real path."""
+    store = tmp_path / "s.duckdb"
+    write_tree(store, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8))
+    link = tmp_path / "link.duckdb"
+    link.symlink_to(store)
+    writer = StoreWriter(store, created_by="test")
+    writer.claim()
+    try:
+        held = subprocess.run([PYTHON, "-m", "store", "compact", str(link)], env=cli_env(tmp_path),
+                              capture_output=True, text=True)
+    finally:
+        writer.release()
+    assert held.returncode == 2 and f"(pid {os.getpid()}) is writing to {link}" in held.stderr

@@ -150,7 +150,7 @@ def test_a_second_ingest_on_a_busy_store_exits_with_one_line_then_resumes(model_
         second = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert second.returncode == 2 and len(errors) == 1, second.stderr[-2000:]
-        assert f"another ingest (pid {first.pid}) is writing to {store}" in errors[0]
+        assert f"another ingest, merge or compaction (pid {first.pid}) is writing to {store}" in errors[0]
         assert "Traceback" not in second.stderr and not store.exists()
         first.stdin.write("\n")
         first.stdin.close()
