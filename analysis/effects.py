@@ -14,9 +14,8 @@ The model:
 - token effects b_v: random effects (ridge lambda = sigma^2 / tau_v^2 by EM), 0 for ids never seen;
 - branch offsets g_b: each branch's content, fitted so it is not taken for position, never removed.
 
-Everything is solved from per-(fold, level) sums and per-(fold, level, level) counts made in one pass
-over the rows, so every fold's fit (its training folds' totals minus its own cells) costs no pass over
-the data: eliminating the token effects leaves a positions x positions system.
+Everything is solved from per-level sums and per-(level, level) counts made in one pass over the rows:
+eliminating the token effects leaves a (positions + branches) square system.
 """
 
 from __future__ import annotations
@@ -36,57 +35,31 @@ MAX_JOINT = 3000  # positions + branches up to which position and branch effects
 
 @dataclass
 class FactorSums:
-    """Sums of rows (about a common shift) grouped by each factor, pooled over some folds."""
+    """Sums of the rows of Z (n, d) grouped by each factor, and counts of rows in each pair of levels."""
 
-    levels: dict[str, np.ndarray]  # factor -> (L,) sorted distinct labels present
+    levels: dict[str, np.ndarray]  # factor -> (L,) sorted distinct labels
     sums: dict[str, np.ndarray]  # factor -> (L, d) float64
     counts: dict[str, np.ndarray]  # factor -> (L,)
     pairs: dict[tuple[str, str], object]  # (f, g) -> sparse (L_f, L_g) counts of rows in both levels
-    sq: float  # sum of squared norms of the rows (about the shift)
+    sq: float  # sum of squared norms of the rows
     n: int
 
-
-class FoldSums:
-    """Per-(fold, level) sums and per-(fold, level, level) counts of the rows of Z (n, d), for every
-    factor and pair of factors: `pooled(folds)` gives the FactorSums of any set of folds by algebra."""
-
-    def __init__(self, Z: np.ndarray, labels: dict[str, np.ndarray], fold: np.ndarray, shift: np.ndarray):
+    @classmethod
+    def of(cls, Z: np.ndarray, labels: dict[str, np.ndarray]) -> FactorSums:
+        """One compiled pass over Z for every factor's sums (no copy of Z)."""
         from scipy import sparse
 
-        self.names = tuple(labels)
-        self.n_folds = int(fold.max()) + 1 if len(fold) else 0
-        self.shift = shift
-        self.uniq, codes = {}, {}
+        names = tuple(labels)
+        levels, codes = {}, {}
         for name, lab in labels.items():
             u, c = np.unique(np.asarray(lab), return_inverse=True)
-            self.uniq[name], codes[name] = u, c.ravel()
-        F = self.n_folds
-        codings = [(fold * len(self.uniq[f]) + codes[f], F * len(self.uniq[f])) for f in self.names]
-        sums, sq = code_sums64(Z, codings, shift=shift, with_sq=True)
-        self.sums = {f: s.reshape(F, len(self.uniq[f]), -1) for f, s in zip(self.names, sums)}  # (F, L, d)
-        self.counts = {f: np.bincount(c, minlength=m).reshape(F, -1) for f, (c, m) in zip(self.names, codings)}
-        self.sq = np.bincount(fold, weights=sq, minlength=F)
-        self.pairs = {}
-        for i, f in enumerate(self.names):
-            for g in self.names[i + 1:]:
-                Lf, Lg = len(self.uniq[f]), len(self.uniq[g])
-                self.pairs[f, g] = [sparse.csr_matrix((np.ones(int(m.sum())), (codes[f][m], codes[g][m])),
-                                                      shape=(Lf, Lg)) for m in (fold == k for k in range(F))]
-
-    def pooled(self, folds: np.ndarray) -> FactorSums:
-        """The sums of the rows of the folds marked True in `folds` (F,); levels absent there dropped."""
-        folds = np.asarray(folds, bool)
-        keep, sums, counts = {}, {}, {}
-        for f in self.names:
-            c = self.counts[f][folds].sum(axis=0)
-            keep[f] = c > 0
-            sums[f], counts[f] = self.sums[f][folds].sum(axis=0)[keep[f]], c[keep[f]]
-        pairs = {}
-        for (f, g), mats in self.pairs.items():
-            total = sum(m for m, on in zip(mats, folds) if on)
-            pairs[f, g] = total[np.flatnonzero(keep[f])][:, np.flatnonzero(keep[g])].tocsr()
-        return FactorSums({f: self.uniq[f][keep[f]] for f in self.names}, sums, counts, pairs,
-                          float(self.sq[folds].sum()), int(counts[self.names[0]].sum()))
+            levels[name], codes[name] = u, c.ravel()
+        sums, sq = code_sums64(Z, [(codes[f], len(levels[f])) for f in names], with_sq=True)
+        counts = {f: np.bincount(codes[f], minlength=len(levels[f])) for f in names}
+        ones = np.ones(len(Z))
+        pairs = {(f, g): sparse.csr_matrix((ones, (codes[f], codes[g])), shape=(len(levels[f]), len(levels[g])))
+                 for i, f in enumerate(names) for g in names[i + 1:]}
+        return cls(levels, dict(zip(names, sums)), counts, pairs, float(sq.sum()), len(Z))
 
 
 class SmoothCurve:

@@ -31,7 +31,7 @@ import numpy as np
 from analysis.basis import PositionBasis
 from analysis.crossfit import (RemovalReport, _fold_of, _oof, _project, _raw, _recentred, covariates, new_report,
                                record_tests, test_means, units)
-from analysis.effects import Effects, FoldSums, fit_effects
+from analysis.effects import Effects, FactorSums, fit_effects
 from analysis.erase import LinearEraser, Moments, linear_test, position_features
 from analysis.groups import blocks
 from analysis.metrics import WithinShuffler
@@ -161,7 +161,7 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
     if spec.within_branch and len(np.unique(ref.branch)) > 1:
         factors["branch"] = ref.branch
     if subtract_keys:
-        sums = FoldSums(Zr, factors, np.zeros(len(Zr), np.int64), np.zeros(Zr.shape[1])).pooled(np.array([True]))
+        sums = FactorSums.of(Zr, factors)
         plan.effects = fit_effects(sums, PositionBasis("spline", 3, spec.n_knots))
         rss, sst = plan.effects.info["rss"], plan.effects.info["sst"]
         if cls.keep_something and "token" in subtract_keys and sst > 0 and rss / sst < NOTHING_LEFT:
