@@ -515,10 +515,13 @@ def test_means(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, keys: tuple[str,
     cov = covariates(ref)
     rng = np.random.default_rng(seed + 1)
     found: list[np.ndarray] = []  # codes of the nuisances detected so far
+    centred: dict[str | None, np.ndarray] = {}  # per centring unit, once
     out = {}
     for key in keys:
         n = NUISANCES[key]
-        Zc = branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
+        if n.centre not in centred:
+            centred[n.centre] = branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
+        Zc = centred[n.centre]
         for codes_found in found:
             Zc = Zc - _label_means(Zc, codes_found)
         sq = _fold_sq(Zc, fold, n_folds)

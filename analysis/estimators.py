@@ -108,16 +108,7 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         if key not in have:
             raise ValueError(f"{spec.label()} needs each token's {NUISANCES[key].words}, which these tokens do not carry")
     candidates = tuple(k for k in cls.removes if k in have)
-    if ref is plot:
-        Zr = _raw(plot, spec, in_place)
-        scaler = None
-    else:
-        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
-        Zr = scaler.transform(ref.X)
-    unit_name, ref_units, plot_units = units(ref, plot, independent, cls.fold_unit)
-    fold = _fold_of(ref_units, plot_units, spec.folds, seed)[0]
-    report.fold_by, report.crossfit = unit_name, False
-    report.folds = 0 if fold is None else int(fold.max()) + 1
+    Zr, scaler, unit_name, fold = _prepare(plot, ref, spec, independent, seed, in_place, cls.fold_unit, report)
 
     subtract_keys: list[str] = []
     erase = False
@@ -141,11 +132,7 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
             report.note = report.note or ("one prompt: a probe held out by branch cannot tell position from the content "
                                           "its branches share, so nothing is erased linearly")
         elif "position" in candidates and cls.linear(spec) and "position" not in subtract_keys:
-            lt, level = _linear_test(Zr, ref, fold, spec, seed, second=True)
-            report.linear_test = {"r2_oof": lt.r2, "null_r2": float(lt.null.mean()),
-                                  "null_hi": float(np.quantile(lt.null, 0.95)), "p_value": lt.p_value,
-                                  "alpha": level, "p_min": 1 / (len(lt.null) + 1),
-                                  "detected": bool(lt.p_value <= level and lt.r2 > 0)}
+            report.linear_test = _linear_test(Zr, ref, fold, spec, seed, second=True)
             erase = report.linear_test["detected"]
             report.detected = report.detected or erase
     if not spec.gate:
@@ -230,18 +217,38 @@ def _noise_share(plan: JointRemoval, sums) -> float:
     return float(min(noise / signal, 1.0)) if signal > 0 else 0.0
 
 
+def _prepare(plot: TokenSet, ref: TokenSet, spec: ResidualSpec, independent: bool, seed: int, in_place: bool,
+             unit: str, report: RemovalReport):
+    """(the reference's scaled rows Zr, the reference's scaler or None when it is the plot (then Zr is the
+    plot's buffer), the fold unit's name, the reference's folds or None); the report gets the folds."""
+    if ref is plot:
+        Zr, scaler = _raw(plot, spec, in_place), None
+    else:
+        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
+        Zr = scaler.transform(ref.X)
+    unit_name, ref_units, plot_units = units(ref, plot, independent, unit)
+    fold = _fold_of(ref_units, plot_units, spec.folds, seed)[0]
+    report.fold_by, report.crossfit = unit_name, False
+    report.folds = 0 if fold is None else int(fold.max()) + 1
+    return Zr, scaler, unit_name, fold
+
+
 def _linear_test(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, seed: int,
-                 second: bool = False):
-    """(linear_test on at most LINEAR_ROWS rows of the reference, position shuffled within branches, its
-    level). As the second test of position (after the means test) it runs at alpha / 2 (Bonferroni), with
-    enough shuffles for a p-value that small (its refits are cheap: only X^T y changes)."""
+                 second: bool = False) -> dict:
+    """The report's linear_test: linear_test on at most LINEAR_ROWS rows of the reference, position
+    shuffled within branches, at its level. As the second test of position (after the means test) it runs
+    at alpha / 2 (Bonferroni), with enough shuffles for a p-value that small (its refits are cheap: only
+    X^T y changes)."""
     level = spec.alpha / 2 if second else spec.alpha
     n_perm = max(spec.n_perm, int(np.ceil(1 / level)) - 1)
     rng = np.random.default_rng(seed + 23)
     rows = np.arange(len(Zr)) if len(Zr) <= LINEAR_ROWS else np.sort(rng.choice(len(Zr), LINEAR_ROWS, replace=False))
     pos, br = ref.position[rows], ref.branch[rows]
     shuffle = WithinShuffler(br)
-    return linear_test(Zr[rows], pos, fold[rows], [shuffle(pos, rng) for _ in range(n_perm)]), level
+    lt = linear_test(Zr[rows], pos, fold[rows], [shuffle(pos, rng) for _ in range(n_perm)])
+    return {"r2_oof": lt.r2, "null_r2": float(lt.null.mean()), "null_hi": float(np.quantile(lt.null, 0.95)),
+            "p_value": lt.p_value, "alpha": level, "p_min": 1 / (len(lt.null) + 1),
+            "detected": bool(lt.p_value <= level and lt.r2 > 0)}
 
 
 KNOTS = Param("n_knots", 12, "Spline knots",
@@ -328,26 +335,16 @@ def erase_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None 
     """LEACE of position alone: tested with the linear probe (forced: erased whatever it finds)."""
     report = new_report(spec)
     ref = plot if reference is None else reference
-    if ref is plot:
-        Zr, scaler = _raw(plot, spec, in_place), None
-    else:
-        scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
-        Zr = scaler.transform(ref.X)
-    unit_name, ref_units, plot_units = units(ref, plot, independent, "prompt")
-    fold = _fold_of(ref_units, plot_units, spec.folds, seed)[0]
-    report.fold_by, report.folds = unit_name, 0 if fold is None else int(fold.max()) + 1
+    Zr, scaler, unit_name, fold = _prepare(plot, ref, spec, independent, seed, in_place, "prompt", report)
     detected = False
     if fold is not None and unit_name != "prompt":
         report.note = ("one prompt: a probe held out by branch cannot tell position from the content its branches "
                        "share, so nothing is erased (Force removal erases it)")
     elif fold is not None:
-        lt, level = _linear_test(Zr, ref, fold, spec, seed)
-        detected = bool(lt.p_value <= level and lt.r2 > 0)
-        report.linear_test = {"r2_oof": lt.r2, "null_r2": float(lt.null.mean()),
-                              "null_hi": float(np.quantile(lt.null, 0.95)), "p_value": lt.p_value, "alpha": level,
-                              "p_min": 1 / (len(lt.null) + 1), "detected": detected}
-        report.p_value, report.p_min, report.r2_oof = lt.p_value, 1 / (len(lt.null) + 1), lt.r2
-        report.null_r2, report.null_hi = report.linear_test["null_r2"], report.linear_test["null_hi"]
+        lt = report.linear_test = _linear_test(Zr, ref, fold, spec, seed)
+        detected = lt["detected"]
+        report.p_value, report.p_min, report.r2_oof = lt["p_value"], lt["p_min"], lt["r2_oof"]
+        report.null_r2, report.null_hi = lt["null_r2"], lt["null_hi"]
         report.deciding = "position"
     else:
         report.note = "one prompt and one branch: the probe cannot be tested out of fold, so nothing is erased"

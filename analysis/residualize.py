@@ -134,7 +134,8 @@ class ResidualSpec:
         return ResidualSpec(method, **{n: getattr(self, n) for n in _COMMON_NAMES}, params=self.params, **params)
 
     def with_params(self, **params: Any) -> ResidualSpec:
-        return ResidualSpec(self.method, **{n: getattr(self, n) for n in _COMMON_NAMES}, params=self.params, **params)
+        """The same spec with some of its method's parameters changed."""
+        return self.with_method(self.method, **params)
 
     def label(self) -> str:
         """A short human name, e.g. 'per-position mean' or 'regression (spline)'."""
