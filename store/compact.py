@@ -16,12 +16,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
-from store.connect import JOB_LOCK_WAIT, connect_with_retry, reading
+from store.connect import (
+    ATTACHING,
+    JOB_LOCK_WAIT,
+    connect_with_retry,
+    open_read,
+    reading,
+)
 from store.errors import StoreError, StoreMissing, reason
 from store.faults import fault_point
 from store.leftovers import compact_copy, remove_stale_copies
@@ -75,7 +82,8 @@ def _compact_claimed(path: Path, lock_timeout: float) -> CompactReport:
     try:
         _merge_wal(path, lock_timeout)
         copied_from = _identity(path)
-        with reading(path, lock_timeout=lock_timeout) as con:
+        # its own errors name the compaction (below), not a read
+        with closing(open_read(path, lock_timeout=lock_timeout, config=ATTACHING)) as con:
             meta = read_meta(con, str(path))
             source = first_row(con, "SELECT current_database()")[0]
             con.execute(f"ATTACH '{_quoted(tmp)}' AS packed (READ_WRITE, STORAGE_VERSION '{STORAGE_COMPATIBILITY}')")

@@ -22,6 +22,14 @@ def _is_lock_error(exc: Exception) -> bool:
 # No connection of this project may fetch or load DuckDB extensions (a SQLite file would otherwise make
 # DuckDB download sqlite_scanner from the network).
 NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# Every read connection (app, report, views, SQL tab): a store file is data, not code with our rights. Its
+# views and macros run inside the reader, so with file access on, a view over read_text('/etc/passwd')
+# would show a server file as a prompt. DuckDB refuses every file and network function when external
+# access is off (the store file itself stays readable), and the locked configuration cannot be changed
+# back by any statement.
+READ_CONFIG = NO_EXTENSIONS | {"enable_external_access": False, "lock_configuration": True}
+# Compaction reads the store and attaches its copy beside it: the one reader that needs a file of its own.
+ATTACHING = {"enable_external_access": True}
 JOB_LOCK_WAIT = 30.0  # seconds a job (ingest, compaction, a synthetic write) waits for readers to let go
 DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
 
@@ -67,13 +75,14 @@ def connect_with_retry(
 
 
 def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None = None) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to an existing store whose schema version this code reads."""
+    """A read-only, locked-down (READ_CONFIG, plus `config`) connection to an existing store whose schema
+    version this code reads."""
     path = Path(path)
     if path.is_dir():
         raise StoreError(f"store {path} is a directory, not a DuckDB file")
     if not path.is_file():
         raise StoreMissing(f"store {path} does not exist")
-    con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=config)
+    con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=READ_CONFIG | (config or {}))
     try:
         check_version(read_meta(con, str(path)), str(path))
     except Exception:
@@ -83,10 +92,24 @@ def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None =
 
 
 @contextmanager
-def reading(path: str | Path, lock_timeout: float = 0.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """open_read as a context manager that closes the connection."""
-    con = open_read(path, lock_timeout)
+def reading(
+    path: str | Path, lock_timeout: float = 0.0, config: dict | None = None
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """open_read as a context manager that closes the connection; a DuckDB error raised while reading (a
+    view of the store that reaches for a file, a missing table or column, a damaged block) becomes one
+    StoreError line naming the store."""
+    con = open_read(path, lock_timeout, config)
     try:
-        yield con
+        with read_errors(path):
+            yield con
     finally:
         con.close()
+
+
+@contextmanager
+def read_errors(path: str | Path) -> Iterator[None]:
+    """Turn a DuckDB error inside the block into StoreError('cannot read store PATH: <first line>')."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise StoreError(f"cannot read store {path}: {reason(exc)}") from exc

@@ -16,7 +16,9 @@ reach the point creates PATH and faults; the others (and a restarted worker) go 
 Phases: `load` (model loaded, nothing written yet), `generate` (after each branch is generated),
 `commit` (inside a prompt's write transaction, rows inserted but not committed), `compact` (inside
 compaction, the copy written but not yet in place), `shard` (a task's shard files written but not yet
-committed: before the rename, or before the marker object on S3). Without the variable every call is a no-op.
+committed: before the rename, or before the marker object on S3), `sql` (in the SQL tab's query process,
+after the first batch of a result: a sort has spilled by then), `sql-wait` (in the app, once its query's process
+has said the query started). Without the variable every call is a no-op.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections import Counter
 
 ENV = "BRANCHLENS_FAULT"
 ONCE_ENV = "BRANCHLENS_FAULT_ONCE"
-PHASES = ("load", "generate", "commit", "compact", "shard")
+PHASES = ("load", "generate", "commit", "compact", "shard", "sql", "sql-wait")
 _reached: Counter[str] = Counter()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.dataset as pads
 
-from store.connect import NO_EXTENSIONS
+from store.connect import NO_EXTENSIONS, READ_CONFIG
 from store.errors import StoreError
 from store.objectstore import locate, storage_error
 from store.records import RunRecord
@@ -77,6 +77,10 @@ def open_shards(*run_paths: str | Path) -> duckdb.DuckDBPyConnection:
                 con.execute(schema_statements(dim, (name,))[0])  # an empty table of the right shape
         for sql in schema_statements(dim, CONTRACT_VIEWS):
             con.execute(sql)
+        # the shards are read by pyarrow through the registered datasets; DuckDB itself needs no file access
+        for key, value in READ_CONFIG.items():
+            if key not in NO_EXTENSIONS:
+                con.execute(f"SET {key} = {str(value).lower()}")
     except BaseException:
         con.close()
         raise

@@ -4,15 +4,34 @@ Each query runs in a child process of its own (`python -m store.sandbox`, nothin
 DuckDB's interrupt cannot stop some work inside one expression (`list_sort(range(6e7))` ran 35 s
 through it), but a process can always be killed. The parent waits for the answer until the time
 limit, then kills the child; the page never waits longer.
+
+Every protection is a setting DuckDB or the kernel enforces, not a reading of the query's text (text can
+be assembled at run time: `query('SELECT ... duckdb_' || 'settings()')`):
+
+- DuckDB: external access off (no file or network function; a store's views over files fail too), no
+  extensions, a memory limit, one thread, the configuration locked against `SET`;
+- a fresh private folder per query is the child's home, secret, extension and spill folder, so
+  `duckdb_settings()` and error messages name no folder of the server's but that one, and its environment
+  is emptied. The store's own path stays visible (`duckdb_databases()`, as in the DuckDB CLI): DuckDB
+  resolves links to it, and hiding it would take a file-system namespace;
+- the kernel: an address-space limit on the child holds where DuckDB's own memory limit does not
+  (`list_sort(range(3e8))` reached 7 GB through it);
+- the child's answer travels on its own descriptor, so anything DuckDB prints (its progress bar after
+  2 s) cannot corrupt it; the child ends when the parent does (it watches its standard input), and the
+  private folder, spill files included, is removed after each query.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,23 +40,25 @@ import duckdb
 import pyarrow as pa
 
 from store.errors import StoreBusy, StoreError, reason
+from store.faults import ENV as FAULT_ENV
+from store.faults import ONCE_ENV, fault_point
 
-# Enforced by DuckDB itself: no file system or network access (read_csv, COPY, ATTACH, INSTALL all
-# fail), a memory limit, and the settings cannot be changed back by a query.
+MEMORY_LIMIT_GB = 1
+# DuckDB's limit, enforced by DuckDB itself together with the settings that keep a query off the server's
+# files; the per-query folders are added in the child.
 SANDBOX_CONFIG = {
     "enable_external_access": False,
     "autoload_known_extensions": False,
     "autoinstall_known_extensions": False,
-    "memory_limit": "1GB",
+    "memory_limit": f"{MEMORY_LIMIT_GB}GB",
     "threads": 1,
     "lock_configuration": True,
 }
+# The child's address space: DuckDB's limit plus what Python, pyarrow and DuckDB map at start (~1 GB) and
+# room for one result; an allocation past it fails inside the child ("out of memory"), not on the server.
+ADDRESS_SPACE = (MEMORY_LIMIT_GB + 2) * 2**30
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}  # SELECT covers DESCRIBE/SHOW/SUMMARIZE
 MAX_BYTES = 64 * 1024 * 1024  # of a result, as Arrow buffers
-# System functions that name the server's paths (the store's, the home folder, extension and secret
-# directories): refused by name (case and quoting do not change an identifier's letters).
-SERVER_PATHS = ("duckdb_databases", "database_list", "duckdb_settings", "current_setting", "duckdb_extensions",
-                "duckdb_secrets", "which_secret", "duckdb_temporary_files", "duckdb_memory", "getenv")
 ROOT = Path(__file__).resolve().parents[1]  # so the child imports this checkout's store package
 
 
@@ -71,30 +92,35 @@ def run_query(
     kind = statements[0].type
     if kind not in ALLOWED:
         raise SqlError(f"read-only: {kind.name} statements are not allowed here (use SELECT, DESCRIBE, SHOW)")
-    named = [f for f in SERVER_PATHS if f in sql.lower()]
-    if named:
-        raise SqlError(f"{named[0]} is not available here: it names paths on the server")
 
-    request = json.dumps({"store": str(store), "sql": sql, "max_rows": max_rows, "max_bytes": max_bytes,
-                          "lock_timeout": lock_timeout}).encode()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "store.sandbox"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, bufsize=0)
-    payload = b""
+    private = Path(tempfile.mkdtemp(prefix="branchlens-sql-"))
+    status, text, payload = "eof", "", b""
     try:
-        child.stdin.write(request)
-        child.stdin.close()
-        # the child's start and its wait for a writer's lock do not count against the query's time
-        status, text = _line(child.stdout, lock_timeout + 60)
-        if status == "started":
-            status, text = _line(child.stdout, timeout_s)
-        if status == "ok":
-            payload = _read_all(child.stdout, timeout_s)
+        request = json.dumps({"store": str(store), "folder": str(private), "sql": sql, "max_rows": max_rows,
+                              "max_bytes": max_bytes, "lock_timeout": lock_timeout}).encode() + b"\n"
+        child = subprocess.Popen([sys.executable, "-m", "store.sandbox"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(), bufsize=0)
+        try:
+            try:
+                child.stdin.write(request)  # stdin stays open: the child ends when it closes (we do, or die)
+            except BrokenPipeError:
+                pass  # the child ended at once; its (missing) answer says so below
+            # the child's start and its wait for a writer's lock do not count against the query's time
+            status, text = _line(child.stdout, lock_timeout + 60)
+            if status == "started":
+                fault_point("sql-wait")
+                status, text = _line(child.stdout, timeout_s)
+            if status == "ok":
+                payload = _read_all(child.stdout, timeout_s)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            child.stdin.close()
+            child.stdout.close()
     finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait()
+        shutil.rmtree(private, ignore_errors=True)
     if status == "timeout" or payload is None:
         raise SqlError(f"stopped after {timeout_s:g} s (time limit)")
     if status == "busy":
@@ -108,6 +134,13 @@ def run_query(
     except pa.ArrowInvalid as exc:
         raise SqlError("the query's process ended before its whole result arrived") from exc
     return QueryResult(table, text != "", time.perf_counter() - start, text)
+
+
+def _child_env() -> dict[str, str]:
+    """The child's whole environment: where Python and this checkout are, nothing else of the server's."""
+    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", FAULT_ENV, ONCE_ENV) if k in os.environ}
+    return keep | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
+                   "PYTHONNOUSERSITE": "1"}
 
 
 def _read_all(stream, seconds: float) -> bytes | None:
@@ -142,19 +175,27 @@ def _line(stream, seconds: float) -> tuple[str, str]:
 
 
 def _child() -> None:
-    """The query's process (python -m store.sandbox): a JSON request on stdin; status lines, then the
-    result as an Arrow IPC stream, on stdout."""
+    """The query's process (python -m store.sandbox): one JSON request line on stdin; status lines, then the
+    result as an Arrow IPC stream, on what was its stdout (fd 1 itself then goes to /dev/null)."""
     from store.connect import open_read
 
-    out = sys.stdout.buffer
-    req = json.loads(sys.stdin.buffer.read())
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # DuckDB's progress bar and any other print
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+    req = json.loads(sys.stdin.buffer.readline())
+    threading.Thread(target=_end_with_parent, daemon=True).start()
+    folder = Path(req["folder"])
+    (folder / "spill").mkdir()
+    config = SANDBOX_CONFIG | {"home_directory": str(folder), "temp_directory": str(folder / "spill"),
+                               "secret_directory": str(folder / "secrets"),
+                               "extension_directory": str(folder / "extensions")}
 
     def say(status: str, text: str = "") -> None:
         out.write(f"{status}\t{' '.join(text.split())}\n".encode())
         out.flush()
 
     try:
-        con = open_read(req["store"], lock_timeout=req["lock_timeout"], config=SANDBOX_CONFIG)
+        con = open_read(req["store"], lock_timeout=req["lock_timeout"], config=config)
     except StoreBusy as exc:
         return say("busy", str(exc))
     except StoreError as exc:
@@ -173,6 +214,7 @@ def _child() -> None:
                 cut_by = "bytes"
                 break
             batches.append(batch)
+            fault_point("sql")
             rows += batch.num_rows
             size += batch.nbytes
             if rows > max_rows:
@@ -192,6 +234,13 @@ def _child() -> None:
         say("error", "out of memory")
     finally:
         con.close()
+
+
+def _end_with_parent() -> None:
+    """Exit at once when stdin reaches its end: the parent closed it, or died (the kernel closed it)."""
+    while sys.stdin.buffer.read(1 << 16):
+        pass
+    os._exit(3)
 
 
 if __name__ == "__main__":

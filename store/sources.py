@@ -32,6 +32,7 @@ def reading(path: str | Path, lock_timeout: float = 0.0) -> Iterator[duckdb.Duck
         return
     con = open_shards(str(path))
     try:
-        yield con
+        with connect.read_errors(path):
+            yield con
     finally:
         con.close()
