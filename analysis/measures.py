@@ -37,6 +37,15 @@ class Context:
     def several_prompts(self) -> bool:
         return len(np.unique(self.tokens.prompt)) > 1
 
+    @property
+    def units(self) -> np.ndarray:
+        """What a band resamples (analysis.resample): prompts, or a lone prompt's branches."""
+        return self.tokens.prompt if self.several_prompts else self.tokens.branch
+
+    @property
+    def unit_name(self) -> str:
+        return "prompt" if self.several_prompts else "branch"
+
 
 @dataclass(frozen=True)
 class Measure:
@@ -75,7 +84,8 @@ def _leak(groups: str, space: str = "space") -> Callable[[Context], dict | None]
         X = c.coords if space == "coords" else c.space
         if X is None:
             return None
-        return M.knn_position_leak(X, c.tokens.position, getattr(c.tokens, groups), k=c.k, n_queries=c.n_queries)
+        return M.knn_position_leak(X, c.tokens.position, getattr(c.tokens, groups), k=c.k, n_queries=c.n_queries,
+                                   units=c.units)
     return compute
 
 
@@ -84,18 +94,19 @@ def _purity(label: str, k: int | None, window: bool) -> Callable[[Context], dict
         if label == "prompt" and not c.several_prompts:
             return None
         return M.label_purity(c.space, c.tokens.position, getattr(c.tokens, label), k=k or c.k,
-                              window=c.window if window else None, n_queries=c.n_queries)
+                              window=c.window if window else None, n_queries=c.n_queries, units=c.units)
     return compute
 
 
 def _r2(c: Context) -> dict:
-    return M.r2_pos(c.tokens.X, c.tokens.position, groups=c.tokens.prompt if c.several_prompts else c.tokens.branch)
+    return M.r2_pos(c.tokens.X, c.tokens.position, groups=c.units, within=c.tokens.branch, units=c.units)
 
 
 def _token_leak(c: Context) -> dict | None:
     if not c.several_branches or "token_id" not in c.tokens.extra:
         return None
-    return P.token_identity_leak(c.space, c.tokens.extra["token_id"], c.tokens.branch, k=c.k, n_queries=c.n_queries)
+    return P.token_identity_leak(c.space, c.tokens.extra["token_id"], c.tokens.branch, k=c.k, n_queries=c.n_queries,
+                                 units=c.units)
 
 
 def _trust(c: Context) -> dict | None:
@@ -103,7 +114,7 @@ def _trust(c: Context) -> dict | None:
 
 
 register(Measure("r2_pos", "R2_pos (variance explained by position)", _r2, "r2", reads_vectors=True,
-                 help="Share of the latents' variance that per-position means explain. Chance: the same with positions shuffled (more positions than tokens per position inflate it). High: position is a large part of the geometry. Near chance: position adds little variance, though it may still be decodable (see the layer's probe)."))
+                 help="Share of the latents' variance that per-position means explain. Chance: the same with positions shuffled within each branch (more positions than tokens per position inflate it). High: position is a large part of the geometry. Near chance: position adds little variance, though it may still be decodable (see the layer's probe)."))
 register(Measure("leak", "kNN position leak, full space", _leak("branch"), "leak", "leak", True, "leak:position",
                  help="Do a token's nearest neighbours from other branches sit at its position? 0: no more than chance (positions shuffled within branches); 1: always the same position; negative: neighbours farther apart in position than chance, which after a removal means it pushed tokens at the same position apart."))
 register(Measure("leak_2d", "kNN position leak, 2-D", _leak("branch", "coords"), "leak", "leak", True,

@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis import neighbours
+from analysis import neighbours, resample
 from analysis.blas import one_thread
 from analysis.groups import BLOCK, blocks, code_sums64, row_sq
 
 
 def r2_pos(
     X: np.ndarray, position: np.ndarray, groups: np.ndarray | None = None,
-    n_shuffles: int = 5, seed: int = 0,
+    n_shuffles: int = 5, seed: int = 0, within: np.ndarray | None = None, units: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Share of variance explained by per-position means, with its chance level and corrected forms.
 
     - r2: sum_t n_t |mu_t - mu|^2 / sum_i |x_i - mu|^2.
-    - chance: r2 under shuffled positions (mean of n_shuffles); analytically (T-1)/(N-1).
+    - chance: r2 under shuffled positions (mean of n_shuffles), shuffled within each of the `within`
+      groups (branches: each keeps its span, as the leak's chance does) when given; chance_sd their
+      spread. chance_analytic: (T-1)/(N-1), a shuffle over all tokens.
     - adjusted: 1 - (SS_within/(N-T)) / (SS_total/(N-1)); ~0 at chance, so few tokens per position
       do not inflate it.
     - heldout (when groups are given): leave-one-group-out; each token is predicted by the other
       groups' mean at its position, against their overall mean. ~0 when no position signal
       generalizes across groups, negative when per-position means only fit noise or content.
       `heldout_coverage` is the share of tokens whose position has other groups.
+
+    - sd, lo, hi: bootstrap band over the tokens, or with `units` (n,) (prompts) the delete-one-unit
+      jackknife, so it carries what another set of prompts would give.
 
     Sums are float64, made by one compiled pass over X in its own dtype (float32 input is never copied).
     """
@@ -41,7 +46,11 @@ def r2_pos(
     n_pos = len(pos_counts)
     rng = np.random.default_rng(seed)
     # a permutation of the codes is the same draw as of the positions (it depends on n only)
-    codings = [(pos_code, n_pos)] + [(rng.permutation(pos_code), n_pos) for _ in range(n_shuffles)]
+    if within is None:
+        codings = [(pos_code, n_pos)] + [(rng.permutation(pos_code), n_pos) for _ in range(n_shuffles)]
+    else:
+        shuffle = WithinShuffler(within)
+        codings = [(pos_code, n_pos)] + [(shuffle(pos_code, rng), n_pos) for _ in range(n_shuffles)]
     if groups is not None:
         _, g_code = np.unique(np.asarray(groups), return_inverse=True)
         g_code = g_code.ravel()
@@ -66,7 +75,7 @@ def r2_pos(
     }
     out.update(_heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1], grand) if groups is not None else
                {"heldout": float("nan"), "heldout_coverage": 0.0})
-    out.update(_r2_band(X, pos_code, n_pos, rng, grand))
+    out.update(_r2_band(X, pos_code, n_pos, rng, grand, units=units, estimate=out["r2"]))
     return out
 
 
@@ -77,8 +86,10 @@ def _between_ss(sums: np.ndarray, counts: np.ndarray, grand: np.ndarray) -> floa
 
 
 def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator, grand: np.ndarray,
-             n_boot: int = 30, dims: int = 64, chunk: int = 10) -> dict[str, float]:
-    """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), on a seeded random projection
+             n_boot: int = 30, dims: int = 64, chunk: int = 10, units: np.ndarray | None = None,
+             estimate: float | None = None) -> dict[str, float]:
+    """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), or with units by the delete-one
+    unit jackknife (_jackknife_r2), on a seeded random projection
     to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap.
 
     The projection Z of the rows less their mean `grand` (d,) is float32 (a band needs no more; half the
@@ -99,7 +110,40 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
         else:
             Z[rows] = xb
     sq = row_sq(Z)  # (n,) float64
+    if units is not None:
+        return _jackknife_r2(Z, sq, pos_code, n_pos, units, estimate)
     return _band(_boot_r2(Z, sq, pos_code, n_pos, rng, n_boot, chunk))
+
+
+def _jackknife_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, units: np.ndarray,
+                  estimate: float | None) -> dict[str, float]:
+    """sd / lo / hi of r2 by the delete-one-unit jackknife (estimate +- Student's t sds), from per-(unit, position)
+    sums of the centred projection Z (n, m). R2 is smooth in these sums, so the jackknife is consistent;
+    a unit bootstrap is not usable here: a prompt drawn twice doubles its per-position means' overfit, and
+    its band was 5-10x the spread across seeds."""
+    _, u_code = np.unique(np.asarray(units), return_inverse=True)
+    u_code = u_code.ravel()
+    n_units = int(u_code.max()) + 1
+    if n_units < 2:
+        return {"sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    cell = u_code * n_pos + pos_code
+    (S,) = code_sums64(Z, [(cell, n_units * n_pos)])
+    S = S.reshape(n_units, n_pos, -1)  # (U, T, m)
+    C = np.bincount(cell, minlength=n_units * n_pos).reshape(n_units, n_pos).astype(np.float64)  # (U, T)
+    Q = np.bincount(u_code, weights=sq, minlength=n_units)  # (U,)
+    S_t, C_t = S.sum(axis=0), C.sum(axis=0)  # (T, m), (T,)
+    values = np.empty(n_units)
+    for u in range(n_units):
+        St, Ct = S_t - S[u], C_t - C[u]
+        n = Ct.sum()
+        G = St.sum(axis=0)
+        sst = Q.sum() - Q[u] - (G @ G) / n
+        ok = Ct > 0
+        ssb = ((St[ok] ** 2).sum(axis=1) / Ct[ok]).sum() - (G @ G) / n
+        values[u] = ssb / sst if sst > 0 else np.nan
+    values = values[np.isfinite(values)]
+    sd = float(np.sqrt((len(values) - 1) / len(values) * ((values - values.mean()) ** 2).sum()))
+    return resample.unit_band(estimate if estimate is not None else float(values.mean()), sd, n_units)
 
 
 def _boot_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator,
@@ -221,7 +265,9 @@ class WithinShuffler:
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """values (n,) permuted at random within each group."""
-        from analysis.kernels import shuffle_within as within  # numba: imported by the first shuffle
+        from analysis.kernels import (
+            shuffle_within as within,  # numba: imported by the first shuffle
+        )
 
         return within(np.asarray(values), rng.random(self.n), self.by_group, self.starts)
 
@@ -233,7 +279,7 @@ def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Genera
 
 def knn_position_leak(
     X: np.ndarray, position: np.ndarray, groups: np.ndarray, k: int = 10,
-    n_queries: int | None = 1000, n_shuffles: int = 20, seed: int = 0,
+    n_queries: int | None = 1000, n_shuffles: int = 20, seed: int = 0, units: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean |t_i - t_j| over each token's k nearest neighbours from other groups (branches), vs shuffled.
 
@@ -242,8 +288,9 @@ def knn_position_leak(
     that keeps each branch's span (forks start late, branches end early), so content that picks a
     late-starting branch as neighbour is not counted as position. `leak` = 1 - observed / chance:
     0 at chance, 1 when neighbours sit at the very same position, below 0 when farther than chance.
-    Band: sd, lo, hi of the leak over bootstrap resamples of the queries; chance_lo / chance_hi: the
-    interval a leak at chance would fall in.
+    Band: sd, lo, hi of the leak over bootstrap resamples of the queries, or with `units` (n,) (prompts)
+    of whole units, so it carries what another set of prompts would give (analysis.resample); chance_lo /
+    chance_hi: the interval a leak at chance would fall in.
     """
     position = np.asarray(position, dtype=np.float64)
     rng = np.random.default_rng(seed)
@@ -270,13 +317,17 @@ def knn_position_leak(
         "mean_abs_dpos": observed, "chance": chance, "chance_sd": float(np.std(shuffled)),
         "leak": 1 - observed / chance if chance > 0 else float("nan"), "k": k, "n_queries": len(queries),
     }
-    # Bands: resample the query tokens (what a new sample of queries would give); at chance, the
-    # leak of each shuffle against the rest.
+    # Bands: resample the query tokens (what a new sample of queries would give), or whole units; at
+    # chance, the leak of each shuffle against the rest.
     expected_q = shuffled_q.mean(axis=0)
-    boot = rng.integers(0, len(queries), size=(N_BOOT, len(queries)))
-    leaks = 1 - observed_q[boot].mean(axis=1) / np.maximum(expected_q[boot].mean(axis=1), 1e-12)
+    if units is None:
+        boot = rng.integers(0, len(queries), size=(N_BOOT, len(queries)))
+        leaks = 1 - observed_q[boot].mean(axis=1) / np.maximum(expected_q[boot].mean(axis=1), 1e-12)
+    else:
+        W = resample.counts(N_BOOT, len(queries), rng, np.asarray(units)[queries])  # (B, q)
+        leaks = 1 - (W @ observed_q) / np.maximum(W @ expected_q, 1e-12)
     null = 1 - shuffled / chance if chance > 0 else np.zeros(1)
-    out.update(_band(leaks))
+    out.update(_band(leaks) if units is None else _unit_band(leaks, out["leak"], units[queries]))
     half = 1.96 * float(np.hypot(out["sd"], out_sd(null)))  # query sampling and shuffle noise together
     out.update(chance_leak=0.0, chance_lo=-half, chance_hi=half)
     return out
@@ -298,16 +349,26 @@ def _band(boot: np.ndarray) -> dict[str, float]:
     return {"sd": out_sd(boot), "lo": float(np.quantile(boot, 0.025)), "hi": float(np.quantile(boot, 0.975))}
 
 
+def _unit_band(boot: np.ndarray, estimate: float, units: np.ndarray) -> dict[str, float]:
+    """The band of a value that depends on the other tokens (its neighbours), from a unit bootstrap:
+    its sd widened by resample.REFERENCE_FACTOR, estimate +- Student's t for that many units."""
+    boot = np.asarray(boot, dtype=np.float64)
+    boot = boot[np.isfinite(boot)]
+    if len(boot) == 0:
+        return {"sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    return resample.unit_band(estimate, resample.REFERENCE_FACTOR * out_sd(boot), resample.n_units(units))
+
+
 def label_purity(
     X: np.ndarray, position: np.ndarray, labels: np.ndarray, k: int = 10, window: int | None = 2,
-    n_queries: int | None = 1000, seed: int = 0,
+    n_queries: int | None = 1000, seed: int = 0, units: np.ndarray | None = None,
 ) -> dict[str, float]:
     """kNN agreement of labels (branch or prompt): the share of a token's k nearest neighbours with its label.
 
     window=w compares only tokens at |t_j - t_i| <= w (matched positions: position cannot help),
     window=None pools all tokens (then n_queries sampled tokens ask, all tokens answer; with branch
     labels, a branch's own neighbours in time count too). `chance` is the share a random pick from the same candidates would
-    give. Subtracting the exact per-position mean shifts every candidate at t by the same vector, so at
+    give. Band over the queries, or with `units` (n,) over whole units (prompts). Subtracting the exact per-position mean shifts every candidate at t by the same vector, so at
     window=0 it leaves this number unchanged: a method that lowers it removed content.
     """
     X = np.asarray(X, dtype=np.float32)
@@ -315,7 +376,7 @@ def label_purity(
     labels = np.asarray(labels)
     if window is None:
         queries = _sample(len(X), n_queries, np.random.default_rng(seed))
-        return _purity_summary(*_purity_pooled(X, labels, queries, k), seed)
+        return _purity_summary(*_purity_pooled(X, labels, queries, k), seed, _of(units, queries))
     # Matched positions: every token asks up to EXACT_QUERY_MAX tokens, n_queries sampled ones above
     # (the band then carries the sampling); candidates within the window, exact either way.
     sample = None if len(X) <= neighbours.EXACT_QUERY_MAX else n_queries
@@ -326,7 +387,12 @@ def label_purity(
     valid = cols >= 0
     has = valid.any(axis=1)
     hits = ((labels[np.where(valid, cols, 0)] == labels[asks, None]) & valid).sum(axis=1)[has] / valid.sum(axis=1)[has]
-    return _purity_summary(hits, _window_label_share(position, labels, asks[has], window), seed)
+    return _purity_summary(hits, _window_label_share(position, labels, asks[has], window), seed,
+                           _of(units, asks[has]))
+
+
+def _of(units: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    return None if units is None else np.asarray(units)[rows]
 
 
 MATCHED_DEPTH = 10
@@ -409,14 +475,20 @@ def _purity_pooled(X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: in
     return same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1), chance
 
 
-def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int) -> dict[str, float]:
-    """Mean purity and chance over queries, with a bootstrap band over the queries."""
+def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int,
+                    units: np.ndarray | None = None) -> dict[str, float]:
+    """Mean purity and chance over queries, with a bootstrap band over the queries (or their units)."""
     if len(hits) == 0:
         return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0, "sd": float("nan"),
                 "lo": float("nan"), "hi": float("nan")}
-    boot = np.random.default_rng(seed + 3).integers(0, len(hits), size=(N_BOOT, len(hits)))
-    return {"purity": float(hits.mean()), "chance": float(chances.mean()), "n_queries": int(len(hits)),
-            **_band(hits[boot].mean(axis=1))}
+    rng = np.random.default_rng(seed + 3)
+    if units is None:
+        boot = hits[rng.integers(0, len(hits), size=(N_BOOT, len(hits)))].mean(axis=1)
+    else:
+        W = resample.counts(N_BOOT, len(hits), rng, units)  # (B, q)
+        boot = (W @ hits) / np.maximum(W.sum(axis=1), 1)
+    band = _band(boot) if units is None else _unit_band(boot, float(hits.mean()), units)
+    return {"purity": float(hits.mean()), "chance": float(chances.mean()), "n_queries": int(len(hits)), **band}
 
 
 def _untrusted_penalties(X: np.ndarray, Y: np.ndarray, k: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from analysis import resample
 from analysis.metrics import WithinShuffler, knn_other_groups
 
 if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
@@ -99,7 +100,7 @@ def _inner_cv_alpha(
 def position_probe(
     X: np.ndarray, position: np.ndarray, groups: np.ndarray, n_folds: int = 5,
     alphas: tuple[float, ...] = DEFAULT_ALPHAS, n_permutations: int = 10, n_boot: int = 200,
-    n_pcs: int | None = None, nested: bool = False, seed: int = 0,
+    n_pcs: int | None = None, nested: bool = False, seed: int = 0, units: np.ndarray | None = None,
 ) -> dict[str, float | int | list | str]:
     """How well a linear (ridge) probe reads position from X on groups (prompts) it never saw, and how
     much of X's variance that decodable position accounts for.
@@ -117,11 +118,12 @@ def position_probe(
     top k principal components of each standardized training set (for d in the thousands), which can
     miss position that lives in low-variance directions.
 
-    Keys: r2 (pooled out-of-fold R2) with sd, lo, hi (bootstrap over tokens, predictions fixed);
+    Keys: r2 (pooled out-of-fold R2) with sd, lo, hi (bootstrap over whole groups, or over `units` (n,)
+    when given, predictions fixed: a token bootstrap gave a fourteenth of the spread across prompts);
     chance, chance_sd, chance_lo, chance_hi (refits with position permuted within groups; band = mean
     +- 1.96 sd); rmse and position_sd (in positions); pos_var_share: the share of X's total variance
     that is position (per-position means) along the probe's pattern direction (decodable but small:
-    r2 high, pos_var_share tiny), with pos_var_share_sd, _lo, _hi (bootstrap over tokens) and
+    r2 high, pos_var_share tiny), with pos_var_share_sd, _lo, _hi (the same bootstrap) and
     pos_var_share_chance, _chance_sd (the permutation refits); alphas (chosen, per fold), n,
     n_groups, n_folds, n_dims, selection ("pooled" or "nested"), note.
     Drop attention sinks first: a few huge-norm tokens dominate the standardization.
@@ -162,18 +164,20 @@ def position_probe(
         test = fold == f
         pred[test] = Xc[test] @ W[bf, :, cols].T + b0[bf, cols]
     r2 = _r2(Y, pred)  # (1 + P,)
-    counts = _resample_counts(n, n_boot, rng)
+    units = groups if units is None else np.asarray(units)
+    counts = resample.counts(n_boot, n, rng, units)
     boot = _boot_r2(y, pred[:, 0], counts)
+    m = resample.n_units(units)  # each held-out prediction depends on the other prompts: widened
     onehot = _onehot(y)
     share, share_boot = _position_var_share(Xc, pred, onehot, counts)
     chance = r2[1:]
     c_mean, c_sd = (float(chance.mean()), float(chance.std())) if len(chance) else (nan, nan)
     s_mean, s_sd = (float(share[1:].mean()), float(share[1:].std())) if len(chance) else (nan, nan)
     return out | {
-        "r2": float(r2[0]), **_band("", boot, r2[0]),
+        "r2": float(r2[0]), **_band("", boot, r2[0], n_units=m),
         "chance": c_mean, "chance_sd": c_sd, "chance_lo": c_mean - 1.96 * c_sd, "chance_hi": c_mean + 1.96 * c_sd,
         "rmse": float(np.sqrt(((y - pred[:, 0]) ** 2).mean())),
-        "pos_var_share": float(share[0]), **_band("pos_var_share", share_boot, share[0], floor=0.0),
+        "pos_var_share": float(share[0]), **_band("pos_var_share", share_boot, share[0], floor=0.0, n_units=m),
         "pos_var_share_chance": s_mean, "pos_var_share_chance_sd": s_sd,
         "alphas": [float(alpha_grid[bf[0]]) for bf in best],
     }
@@ -267,14 +271,6 @@ def _between_share(scores: np.ndarray, onehot: sparse.csr_matrix, weights: np.nd
     return out
 
 
-def _resample_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_boot, n) times each token is drawn in each bootstrap resample."""
-    counts = np.zeros((n_boot, n))
-    for b in range(n_boot):
-        counts[b] = np.bincount(rng.integers(n, size=n), minlength=n)
-    return counts
-
-
 def pc_position_share(
     X: np.ndarray, position: np.ndarray, n_components: int = 5, groups: np.ndarray | None = None,
     n_shuffles: int = 20, n_boot: int = 200, seed: int = 0,
@@ -307,7 +303,7 @@ def pc_position_share(
     r2 = _between_share(scores, onehot, ones)[0]
     shuffled_t = _shuffled_columns_t(Xc, rng)  # (d, n) parallel analysis
     lam_null = np.linalg.eigvalsh((shuffled_t @ shuffled_t.T).astype(np.float64) / n)[::-1][:k]
-    counts = _resample_counts(n, n_boot, rng)
+    counts = resample.counts(n_boot, n, rng)
     boot_r2 = _between_share(scores, onehot, counts)  # (B, k)
     tot = counts.sum(axis=1)[:, None]
     boot_var = counts @ scores ** 2 / tot - (counts @ scores / tot) ** 2  # (B, k) variance along each axis
@@ -343,27 +339,33 @@ def pc_position_share(
     return out
 
 
-def _band(prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.inf) -> dict[str, float]:
+def _band(prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.inf,
+          n_units: int = 0) -> dict[str, float]:
     """{prefix_sd, prefix_lo, prefix_hi} (sd, lo, hi when prefix is empty): bootstrap sd and the 95%
     percentile interval moved to centre on the estimate. Resampled tokens come with duplicates, which
     inflate per-group statistics such as a per-position R2; the shift takes that bias out of the band
-    (lo is kept at or above floor, e.g. 0 for a share)."""
+    (lo is kept at or above floor, e.g. 0 for a share). With n_units (a unit bootstrap): the sd widened by
+    resample.REFERENCE_FACTOR, estimate +- Student's t sds (resample.unit_band)."""
     name = (lambda s: f"{prefix}_{s}") if prefix else (lambda s: s)
     boots = boots[np.isfinite(boots)]
     if len(boots) == 0:
         return {name(s): float("nan") for s in ("sd", "lo", "hi")}
+    if n_units:
+        band = resample.unit_band(estimate, resample.REFERENCE_FACTOR * float(boots.std()), n_units)
+        return {name("sd"): band["sd"], name("lo"): max(band["lo"], floor), name("hi"): band["hi"]}
     lo, hi = np.quantile(boots - boots.mean() + estimate, [0.025, 0.975])
     return {name("sd"): float(boots.std()), name("lo"): float(max(lo, floor)), name("hi"): float(hi)}
 
 
 def token_identity_leak(
     X: np.ndarray, token_id: np.ndarray, groups: np.ndarray, k: int = 10, n_queries: int | None = 1000,
-    n_boot: int = 200, seed: int = 0,
+    n_boot: int = 200, seed: int = 0, units: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Share of a token's k nearest neighbours from other groups (branches) that are the same token id.
 
     chance: per query, the share of other-group tokens with its id (what a random pick among the same
-    candidates gives), averaged over queries. Keys: leak, sd, lo, hi (bootstrap over queries); chance,
+    candidates gives), averaged over queries. Keys: leak, sd, lo, hi (bootstrap over queries, or over
+    their `units` (n,), e.g. prompts); chance,
     chance_lo, chance_hi; excess = leak - chance with excess_lo, excess_hi (paired bootstrap); k,
     n_queries (queries with at least one neighbour). When token ids stay this close in every
     layer, per-token-id means are a nuisance to remove alongside position.
@@ -381,8 +383,25 @@ def token_identity_leak(
     chance = _same_id_share_elsewhere(token_id, groups)[queries][has]  # (q,)
     if len(observed) == 0:
         raise ValueError("token_identity_leak needs tokens from at least two groups")
-    idx = rng.integers(len(observed), size=(n_boot, len(observed)))
-    bo, bc = observed[idx].mean(axis=1), chance[idx].mean(axis=1)  # (n_boot,)
+    if units is None:
+        idx = rng.integers(len(observed), size=(n_boot, len(observed)))
+        bo, bc = observed[idx].mean(axis=1), chance[idx].mean(axis=1)  # (n_boot,)
+    else:
+        q_units = np.asarray(units)[queries][has]
+        W = resample.counts(n_boot, len(observed), rng, q_units)  # (B, q)
+        tot = np.maximum(W.sum(axis=1), 1)
+        bo, bc = W @ observed / tot, W @ chance / tot
+        # about the estimates, widened: the neighbours are drawn from the same prompts (REFERENCE_FACTOR);
+        # a normal band with Student's t for that many units
+        f, t = resample.REFERENCE_FACTOR, resample.t_quantile(resample.n_units(q_units))
+        leak, ch, ex = observed.mean(), chance.mean(), observed.mean() - chance.mean()
+        sd, c_sd, e_sd = (f * float(v.std()) for v in (bo, bc, bo - bc))
+        return {
+            "leak": float(leak), "sd": sd, "lo": float(leak - t * sd), "hi": float(leak + t * sd),
+            "chance": float(ch), "chance_lo": float(ch - t * c_sd), "chance_hi": float(ch + t * c_sd),
+            "excess": float(ex), "excess_lo": float(ex - t * e_sd), "excess_hi": float(ex + t * e_sd),
+            "k": k, "n_queries": int(has.sum()),
+        }
     (lo, hi), (c_lo, c_hi), (e_lo, e_hi) = (np.quantile(v, [0.025, 0.975]) for v in (bo, bc, bo - bc))
     return {
         "leak": float(observed.mean()), "sd": float(bo.std()), "lo": float(lo), "hi": float(hi),

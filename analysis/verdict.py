@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from analysis.stats import half_width
+
 
 def _finite(*values: Any) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
@@ -49,20 +51,29 @@ def p_value_text(removal: dict[str, Any]) -> str:
     return f"p <= {fmt(p_min)}" if _finite(p_min) and p <= p_min + 1e-12 else f"p = {fmt(p)}"
 
 
+def probe_clause(probe: dict[str, Any]) -> str:
+    """What the prompt-held-out probe says, no stronger than its band: "decodable" only when the whole
+    band clears chance's top, "not decodable" only when the band's top is under it, else undecided."""
+    if not _finite(probe.get("r2"), probe.get("chance_hi"), probe.get("lo"), probe.get("hi")):
+        return ""
+    top = max(probe["chance_hi"], 0.0)
+    numbers = f"probe R2 {probe['r2']:.2f}, band {probe['lo']:.2f} to {probe['hi']:.2f}, chance at most {top:.2f}"
+    if probe["lo"] > top:
+        return f" and is linearly decodable across prompts ({numbers})"
+    if probe["hi"] <= top:
+        return f" and is not linearly decodable across prompts ({numbers})"
+    return f" and its linear decodability across prompts is undecided: the band reaches chance ({numbers})"
+
+
 def verdict(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> str:
     """Two or three sentences with their numbers, chance levels and bands (markdown)."""
     parts = []
     r2 = raw.get("r2_pos", {})
     if _finite(r2.get("r2"), r2.get("chance")):
-        band = f" ±{1.96 * r2['sd']:.1%}" if _finite(r2.get("sd")) else ""
+        half = half_width(r2)
+        band = f" ±{half:.1%}" if _finite(half) else ""
         text = f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%})"
-        probe = raw.get("probe", {})
-        if _finite(probe.get("r2"), probe.get("chance_hi")):
-            if probe["r2"] > max(probe["chance_hi"], 0.0):
-                text += (f" and is linearly decodable across prompts (probe R2 **{probe['r2']:.2f}**, "
-                         f"chance at most {max(probe['chance_hi'], 0.0):.2f})")
-            else:
-                text += f" and is not linearly decodable across prompts (probe R2 {probe['r2']:.2f}, at chance)"
+        text += probe_clause(raw.get("probe", {}))
         parts.append(text + ".")
     tok = raw.get("token_leak", {})
     if _finite(tok.get("leak"), tok.get("chance")):

@@ -181,7 +181,8 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_plac
         neighbours.share_pca(space, pca)
     try:
         ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
-        out: dict[str, Any] = {"heldout_by": "prompt" if ctx.several_prompts else "branch"}
+        out: dict[str, Any] = {"heldout_by": ctx.unit_name, "band_over": ctx.unit_name,
+                               "band_units": int(len(np.unique(ctx.units)))}
         for key, m in MEASURES.items():
             value = early[key] if key in early else m.compute(ctx)
             if value is not None:

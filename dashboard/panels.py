@@ -14,7 +14,15 @@ import streamlit as st
 from dashboard import charts
 from views.clusters import Clusters
 from views.errors import SqlError, StoreBusy, StoreError
-from views.present import layout_note, metric_rows, profile_columns, removal_note, verdict, warnings
+from views.present import (
+    band_caption,
+    layout_note,
+    metric_rows,
+    profile_columns,
+    removal_note,
+    verdict,
+    warnings,
+)
 from views.sql import LIMITS, query
 
 T = TypeVar("T")
@@ -69,7 +77,7 @@ def metrics_html(raw: dict, res: dict) -> str:
 
 def metrics_panel(raw: dict, res: dict) -> None:
     st.markdown(metrics_html(raw, res), unsafe_allow_html=True)
-    st.caption("± : the 95% band (resampled query tokens). Leaks: 0 = chance (positions shuffled within "
+    st.caption(f"{band_caption(res)}. Leaks: 0 = chance (positions shuffled within "
                "branches), 1 = neighbours at the same position, below 0 = farther apart in position than chance "
                "(after a removal: tokens at the same position pushed apart). Hover ? for what each number "
                f"means. {res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")

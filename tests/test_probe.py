@@ -49,10 +49,12 @@ def test_decodable_but_small_is_visible(flat):
     X = np.hstack([flat.X, ramp[:, None]])
     r = position_probe(X, flat.position, flat.prompt)
     assert r["r2"] > 0.8 and r["lo"] > r["chance_hi"] + 0.5
-    assert r["pos_var_share"] < 0.01 and r["pos_var_share_lo"] > r["pos_var_share_chance"]
+    assert r["pos_var_share"] < 0.01
     assert all(pc["pos_r2"] < pc["chance_hi"] for pc in pc_position_share(X, flat.position))
     big = position_probe(_tree(3.0).X, flat.position, flat.prompt)
-    assert big["pos_var_share"] > 10 * r["pos_var_share"]
+    # small, and told apart from a large share by the bands over prompts (whose spread in content makes a
+    # share this small indistinguishable from its chance level with 8 prompts: lo is 0)
+    assert big["pos_var_share"] > 10 * r["pos_var_share"] and big["pos_var_share_lo"] > r["pos_var_share_hi"]
 
 
 def test_probe_with_one_group_says_so(flat):

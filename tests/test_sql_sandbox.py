@@ -4,9 +4,7 @@ reading the query's text (issue 36, items 2-5 and 10)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,9 +12,9 @@ from pathlib import Path
 import duckdb
 import psutil
 import pytest
+from helpers import PYTHON
 
 from analysis.synthetic import branch_tree
-from helpers import PYTHON
 from store.connect import open_read, reading
 from store.errors import StoreError
 from store.sandbox import SqlError, run_query
@@ -59,14 +57,12 @@ def hostile_store(sql_store, tmp_path):
 def test_a_store_view_over_a_server_file_reads_nothing_and_says_one_line(hostile_store):
     """The store's own views and macros run inside every read connection (app, report, views): file access
     is off there, so they fail with one StoreError line; nothing of the file comes out."""
-    path, secret = hostile_store
-    with pytest.raises(StoreError, match="file system operations are disabled") as caught:
-        with reading(path) as con:
-            con.sql("SELECT text FROM prompts").fetchall()
+    path, _ = hostile_store
+    with pytest.raises(StoreError, match="file system operations are disabled") as caught, reading(path) as con:
+        con.sql("SELECT text FROM prompts").fetchall()
     assert "TOP-SECRET" not in str(caught.value) and "\n" not in str(caught.value)
-    with pytest.raises(StoreError, match="file system operations are disabled"):
-        with reading(path) as con:
-            con.sql("SELECT secret()").fetchall()
+    with pytest.raises(StoreError, match="file system operations are disabled"), reading(path) as con:
+        con.sql("SELECT secret()").fetchall()
     con = open_read(path)
     try:
         with pytest.raises(duckdb.Error, match="configuration has been locked"):
@@ -159,7 +155,7 @@ def test_the_query_process_ends_with_the_app(sql_store, tmp_path):
         stderr = app.communicate()[1]
         assert "fault: sql-wait 1" in stderr, stderr  # the app died after the query had started
         assert seen, "the query's process was never seen"
-        gone, alive = psutil.wait_procs(seen, timeout=120)  # a bound for a stalled machine, not a race
+        _, alive = psutil.wait_procs(seen, timeout=120)  # a bound for a stalled machine, not a race
         assert not alive, "the query's process outlived the app"
     finally:
         if app.poll() is None:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from analysis.guard import Warning, check
 from analysis.measures import MEASURES
+from analysis.stats import Z, half_width
 from analysis.verdict import removal_title, verdict
 
 __all__ = ["MetricRow", "Warning", "layout_note", "metric_rows", "profile_columns", "removal_note", "removal_title",
            "verdict", "warnings"]
 
-Z = 1.96
 TRUST_CAUTION = 0.8  # trustworthiness below which distances in a picture are read with care (its help says so)
 HELD_OUT_HELP = ("R2 of each token predicted by the other prompts' mean at its position, against their overall "
                  "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
@@ -44,8 +44,20 @@ def _fmt(value, signed: bool = False) -> str:
 
 
 def _band(m: dict) -> str:
-    sd = m.get("sd")
-    return f"±{Z * sd:.3f}" if isinstance(sd, (int, float)) and math.isfinite(sd) else ""
+    half = half_width(m)
+    return f"±{half:.3f}" if math.isfinite(half) else ""
+
+
+def band_caption(metrics: dict) -> str:
+    """What the ± of the metrics table covers, from what the view resampled."""
+    unit, n = metrics.get("band_over"), metrics.get("band_units")
+    if unit == "prompt":
+        return (f"± : the 95% band over prompts (the {n} prompts resampled, with Student's t for {n}): what "
+                "another set of prompts would give")
+    if unit == "branch":
+        return (f"± : the 95% band over this prompt's {n} branches only; another prompt may differ by more "
+                "than it says")
+    return "± : the 95% band (resampled query tokens)"
 
 
 def _chance(kind: str, raw: dict, removed: dict, signed: bool) -> tuple[str, str]:

@@ -9,13 +9,22 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from analysis.stats import Z, half_width
 from analysis.tokens import TokenSet
-from analysis.view import ViewResult, ViewSpec, compute_view, layer_stats, measure, residualize
+from analysis.view import (
+    ViewResult,
+    ViewSpec,
+    compute_view,
+    layer_stats,
+    measure,
+    residualize,
+)
 from store import queries
 from store.connect import is_duckdb_file
-from store.sources import is_shard_run, reading
 from store.errors import StoreMissing
+from store.sources import is_shard_run, reading
 from views.cache import ViewCache
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -216,7 +225,9 @@ def profile_row(layer: int, method: str, m: dict) -> dict:
         return nan if value is None else float(value)
 
     def band(name: str, field: str = "sd") -> float:
-        return 1.96 * get(name, field)
+        if field == "sd":
+            return half_width(m.get(name) or {})
+        return Z * get(name, field)
 
     probe = m.get("probe") or {}
     rem = m.get("removal") or {}
@@ -231,7 +242,7 @@ def profile_row(layer: int, method: str, m: dict) -> dict:
         "leak_prompt_chance_band": get("leak_prompt", "chance_hi"),
         "token_leak": get("token_leak", "leak"), "token_chance": get("token_leak", "chance"),
         "probe_r2": get("probe", "r2"), "probe_band": band("probe"), "probe_chance": get("probe", "chance"),
-        "probe_chance_band": 1.96 * float(probe.get("chance_sd", nan) if probe.get("chance_sd") is not None else nan),
+        "probe_chance_band": Z * float(probe.get("chance_sd", nan) if probe.get("chance_sd") is not None else nan),
         "probe_chance_hi": get("probe", "chance_hi"),
         **{f"pc{i + 1}_position": pc["pos_r2"] for i, pc in enumerate(m.get("pcs", []))},
         **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(m.get("pcs", []))},
@@ -250,7 +261,8 @@ def divergence(
     'by_prompt' (the same per prompt), 'by_prompt_offset' (per prompt and offset), 'has_baseline' and
     'note'.
     """
-    from analysis.divergence import divergence as pairs_apart, divergence_summary
+    from analysis.divergence import divergence as pairs_apart
+    from analysis.divergence import divergence_summary
 
     with reading(store, lock_timeout) as con:
         keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
