@@ -64,6 +64,39 @@ def test_a_growing_run_is_recomputed(tmp_path, tree):
     assert refit.timings["cached"] == 0.0 and len(refit.points) == len(before.points)
 
 
+def test_the_layer_profile_of_a_growing_run_is_recomputed(tmp_path, tree):
+    """The Layers tab's key left out the reference: with the fit on the whole run and one prompt plotted,
+    a run grown by two prompts was served its old numbers."""
+    from views.service import layer_profile
+
+    store = tmp_path / "growing.duckdb"
+    run_id = write_tree(store, tree.subset(tree.prompt < 2))
+    cache = ViewCache(tmp_path / "cache")
+    one_prompt = Selection(run_id, 0, prompt_ids=(0,), fit_scope="run")
+    spec = ViewSpec(residual=ResidualSpec(method="position"))
+    before = layer_profile(store, one_prompt, spec, [0], cache)
+    write_tree(store, tree.subset(tree.prompt >= 2), run_id=run_id)
+    served = layer_profile(store, one_prompt, spec, [0], cache)
+    fresh = layer_profile(store, one_prompt, spec, [0], None)
+    def rows(profile: list[dict], raw: bool) -> str:  # NaN-aware equality
+        return json.dumps([r for r in profile if (r["method"] == "raw") == raw], sort_keys=True)
+
+    assert rows(served, raw=False) == rows(fresh, raw=False) != rows(before, raw=False)
+    assert rows(served, raw=True) == rows(before, raw=True)  # the plotted prompt did not change
+
+
+def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, monkeypatch):
+    """A cached view computed by other code (another digest of analysis/*.py) is not served."""
+    import views.cache
+
+    store, run_id = synthetic_store
+    cache = ViewCache(tmp_path / "cache")
+    compute(store, Selection(run_id, 0), FAST, cache)
+    assert compute(store, Selection(run_id, 0), FAST, cache).timings["cached"] == 1.0
+    monkeypatch.setattr(views.cache, "code_version", lambda: "another version of the maths")
+    assert compute(store, Selection(run_id, 0), FAST, cache).timings["cached"] == 0.0
+
+
 def test_prompt_subset_fitted_on_the_whole_run(synthetic_store, tree):
     store, run_id = synthetic_store
     plotted = compute(store, Selection(run_id, 0, prompt_ids=(1,)), FAST)

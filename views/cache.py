@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,18 @@ import numpy as np
 from analysis.view import ViewResult
 
 CACHE_FORMAT = 2  # 2: removal report, bands, content hash in the key
+MATHS = Path(__file__).resolve().parents[1] / "analysis"  # the code that decides every cached number
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """A digest of the maths' source (analysis/*.py): a changed metric or method is another key, so a
+    number computed by older code is never served (a bumped CACHE_FORMAT was once forgotten: a changed
+    metric was served as 0.9451 where it now is 0.1235)."""
+    digest = hashlib.sha256()
+    for path in sorted(MATHS.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -24,7 +37,7 @@ def default_cache_dir() -> Path:
 
 def key_digest(key: dict[str, Any]) -> str:
     """A stable hex digest of a JSON-able key."""
-    blob = json.dumps({"format": CACHE_FORMAT, **key}, sort_keys=True, default=str)
+    blob = json.dumps({"format": CACHE_FORMAT, "code": code_version(), **key}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

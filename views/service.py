@@ -194,6 +194,10 @@ def layer_profile(
                                           _list(selection.prompt_ids), selection.generated_only)
             keys_ = [{"profile": sel.key(), "spec": s.to_dict(), "store": _identity(store), "rows": digest[0],
                       "content": digest[1]} for sel, s in zip(sels, specs)]
+            for sel, key in zip(sels, keys_):  # what the removal is fitted on decides its numbers too
+                ref_run = _reference_run(sel)
+                if ref_run is not None and key["spec"]["residual"]["method"] != "none":
+                    key["reference"] = queries.token_digest(con, ref_run, layer, selection.variant)
             hits = [cache.get(k) if cache is not None else None for k in keys_]
             if any(h is None for h in hits):  # one read of the layer serves both methods
                 keys, X = queries.token_rows(con, selection.run_id, layer, selection.variant,
