@@ -109,6 +109,13 @@ def _token_leak(c: Context) -> dict | None:
                                  units=c.units)
 
 
+def _probe(c: Context) -> dict | None:
+    n_units = len(np.unique(c.units))
+    if n_units < 2 or len(c.tokens) < 20:
+        return None
+    return P.position_probe(c.tokens.X, c.tokens.position, c.units, n_folds=min(5, n_units))
+
+
 def _trust(c: Context) -> dict | None:
     return None if c.coords is None else M.trustworthiness(c.space, c.coords, k=c.k)
 
@@ -143,5 +150,7 @@ register(Measure("purity_branch_pooled", "branch kNN purity, all positions", _pu
                  "purity", shown=False))
 register(Measure("purity_prompt_pooled", "prompt kNN purity, all positions", _purity("prompt", None, False),
                  "purity", shown=False))
+register(Measure("probe", "position probe R2, prompts held out", _probe, "r2", signed=True, reads_vectors=True,
+                 help="How well a linear (ridge) probe, trained on other prompts (a lone prompt's other branches), reads each token's position: 1 = exactly, 0 = no better than the mean position. Chance: the same with positions permuted within prompts. Above chance's band: position is linearly decodable here, however little variance it takes (compare R2_pos); after a removal, what is left of it."))
 register(Measure("projection", "trustworthiness of the 2-D layout", _trust, "trustworthiness", "half",
                  help="Trustworthiness of the 2-D layout: are the layout's neighbours true neighbours in the full space? 1: all are; 0.5: a random layout. Below ~0.8, read distances in the picture with care."))

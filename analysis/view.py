@@ -10,10 +10,10 @@ import numpy as np
 
 from analysis import neighbours
 from analysis import probe as P
-from analysis.measures import MEASURES, Context
-from analysis.project import ProjectionSpec, project, unit_pca_fit
 from analysis.crossfit import RemovalReport, fit_remove
 from analysis.groups import blocks, row_norms
+from analysis.measures import MEASURES, Context
+from analysis.project import ProjectionSpec, project, unit_pca_fit
 from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet, find_sinks
 
@@ -140,12 +140,10 @@ def _shared_pca(X: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, np.ndarray] 
 
 
 def layer_stats(tokens: TokenSet) -> dict[str, Any]:
-    """What a layer holds before any removal, beside R2_pos: the prompt-held-out linear probe of position
-    ("decodable") and the share of each top principal component that position explains ("large")."""
+    """What a layer holds before any removal, beside the measures (the probe of position is one): the
+    share of each top principal component that position explains ("large")."""
     out: dict[str, Any] = {}
-    groups = tokens.prompt if len(np.unique(tokens.prompt)) > 1 else tokens.branch
-    if len(np.unique(groups)) >= 2 and len(tokens) >= 20:
-        out["probe"] = P.position_probe(tokens.X, tokens.position, groups, n_folds=min(5, len(np.unique(groups))))
+    if len(np.unique(tokens.branch)) >= 2 and len(tokens) >= 20:
         out["pcs"] = P.pc_position_share(tokens.X, tokens.position, n_components=min(5, tokens.dim),
                                          groups=tokens.branch)
     return out
