@@ -21,7 +21,7 @@ from analysis.stats import Z
 LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:position"}
 TOKEN_LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:token"}
 SEPARABILITY = {k: m.label for k, m in MEASURES.items() if m.guard == "separability"}
-NUISANCE_OF = {"leak:position": "position", "leak:token": "token", "probe:position": "position"}
+NUISANCE_OF = {"leak:position": "position", "leak:token": "token"}
 CROSS_PROMPT = "leak_prompt"  # the position leak among prompts, which share no content
 
 
@@ -33,15 +33,14 @@ class Warning:
     after: float
     band: float  # half-width of the 95% band of the change (raw and after taken as independent: they share
     # their query tokens, so the true band is narrower and the guard errs on the quiet side)
-    kind: str  # 'invented', 'pushed apart', 'over-corrected', 'content removed', 'content unmasked',
-    # 'position unmasked'
+    kind: str  # 'invented', 'pushed apart', 'content removed', 'content unmasked', 'position unmasked'
     chance: float = 0.0
     chance_band: float = 0.0  # half-width of the band a value at chance falls in
     context: str = ""  # the cross-prompt leak quoted beside an unmasked one
 
     @property
     def message(self) -> str:
-        fmt = "{:+.3f}" if self.metric in MEASURES and MEASURES[self.metric].signed else "{:.3f}"
+        fmt = "{:+.3f}" if self.metric in LEAKS else "{:.3f}"
         moved = f"({fmt.format(self.raw)} -> {fmt.format(self.after)}, band of the change ±{self.band:.3f}"
         moved += f"; chance {fmt.format(self.chance)} ±{self.chance_band:.3f})"
         what = {
@@ -49,8 +48,6 @@ class Warning:
                         "invented it",
             "pushed apart": "ended below chance, farther than raw or past chance's band from raw's side: the removal "
                             "pushed tokens that share it apart",
-            "over-corrected": "ended below chance with its whole band: a probe now reads position reversed, so the "
-                              "removal took more than was there (over-corrected)",
             "content removed": "fell: the removal took content away with the nuisance",
             "content unmasked": "rose after token identity was removed, but not across prompts "
                                 f"({self.context}): content the tokens hid (siblings near their forks), not position",
@@ -91,21 +88,6 @@ def removed_nuisances(removal: dict) -> set[str]:
     return keys
 
 
-def _probe_check(key: str, label: str, r: dict, a: dict, removed: bool) -> list[Warning]:
-    """The probe of position after its removal: named when its whole band ends below chance's band (read
-    reversed: over-corrected), or above raw's beyond the band of the change (invented). Its chance band
-    holds the permutations only, so the after value's own band (over prompts) must clear it too."""
-    if not removed or not all(math.isfinite(a.get(f, math.nan)) for f in ("lo", "hi", "chance", "chance_lo")):
-        return []
-    band = Z * math.hypot(_sd(r), _sd(a))
-    c, half = float(a["chance"]), max(float(a["chance_hi"]) - float(a["chance"]), 0.0)
-    if a["hi"] < a["chance_lo"]:
-        return [Warning(key, label, r["r2"], a["r2"], band, "over-corrected", c, half)]
-    if a["r2"] - c > max(r["r2"] - c, 0.0) + band and a["lo"] > a["chance_hi"]:
-        return [Warning(key, label, r["r2"], a["r2"], band, "invented", c, half)]
-    return []
-
-
 def check(raw: dict, after: dict) -> list[Warning]:
     """Warnings for metric dicts of the raw and the residualized view (as analysis.view.measure gives)."""
     out: list[Warning] = []
@@ -116,10 +98,7 @@ def check(raw: dict, after: dict) -> list[Warning]:
         if m.guard not in NUISANCE_OF:
             continue
         r, a = raw.get(key), after.get(key)
-        if not r or not a or not all(math.isfinite(x.get(m.field, math.nan)) for x in (r, a)):
-            continue
-        if m.guard == "probe:position":
-            out.extend(_probe_check(key, m.label, r, a, "position" in removed))
+        if not r or not a or not all(math.isfinite(x.get("leak", math.nan)) for x in (r, a)):
             continue
         c, half = _chance(a)
         band = Z * math.hypot(_sd(r), _sd(a))

@@ -53,7 +53,7 @@ class Measure:
 
     field: the dict's value shown; chance: how the table reads chance ('field' = the dict's `chance`,
     'leak' = 0 with the shuffles' band `chance_hi`, 'zero', 'half'); signed: shown with a sign; guard:
-    what the guard checks ('leak:position', 'leak:token', 'probe:position', 'separability', or None); shown: in the table;
+    what the guard checks ('leak:position', 'leak:token', 'separability', or None); shown: in the table;
     help: what high, low and (for signed ones) negative values mean, shown beside the number;
     reads_vectors: compute reads c.tokens.X (the residuals); every other measure reads c.space only."""
 
@@ -151,7 +151,6 @@ register(Measure("purity_branch_pooled", "branch kNN purity, all positions", _pu
 register(Measure("purity_prompt_pooled", "prompt kNN purity, all positions", _purity("prompt", None, False),
                  "purity", shown=False))
 register(Measure("probe", "position probe R2, prompts held out", _probe, "r2", signed=True, reads_vectors=True,
-                 guard="probe:position",
                  help="How well a linear (ridge) probe, trained on other prompts (a lone prompt's other branches), reads each token's position: 1 = exactly, 0 = no better than the mean position. Chance: the same with positions permuted within prompts. Above chance's band: position is linearly decodable here, however little variance it takes (compare R2_pos); after a removal, what is left of it."))
 register(Measure("projection", "trustworthiness of the 2-D layout", _trust, "trustworthiness", "half",
                  help="Trustworthiness of the 2-D layout: are the layout's neighbours true neighbours in the full space? 1: all are; 0.5: a random layout. Below ~0.8, read distances in the picture with care."))

@@ -110,26 +110,6 @@ def test_guard_names_invented_pushed_apart_and_removed_content():
     assert [w.kind for w in drop] == ["content removed"] and "0.800 -> 0.600" in drop[0].message
 
 
-def test_guard_names_a_probe_read_reversed_only_when_its_whole_band_is_below_chance():
-    """The probe after a position removal (demo layer 4: +0.097 -> -0.200, chance -0.053): named
-    over-corrected only when its band over prompts clears chance's band below; above raw: invented."""
-    from analysis.guard import check
-
-    def probe(r2, half, chance=-0.05, chance_half=0.01):
-        return {"r2": r2, "lo": r2 - half, "hi": r2 + half, "sd": half / 2.5, "chance": chance,
-                "chance_lo": chance - chance_half, "chance_hi": chance + chance_half}
-
-    pos = {"removal": {"removes": ["position"], "detected_covariates": ["position"], "weight": 1.0}}
-    tok = {"removal": {"removes": ["token"], "detected_covariates": ["token"], "weight": 1.0}}
-    raw = {"probe": probe(0.097, 0.05)}
-    reversed_ = check(raw, pos | {"probe": probe(-0.200, 0.10)})
-    assert [w.kind for w in reversed_] == ["over-corrected"] and "+0.097 -> -0.200" in reversed_[0].message
-    assert check(raw, pos | {"probe": probe(-0.200, 0.20)}) == []  # its band reaches chance's: undecided
-    assert check(raw, tok | {"probe": probe(-0.200, 0.10)}) == []  # position was not removed
-    assert [w.kind for w in check(raw, pos | {"probe": probe(0.40, 0.05)})] == ["invented"]
-    assert check(raw, pos | {"probe": probe(-0.04, 0.05)}) == []  # to chance: what a removal should do
-
-
 def test_per_position_mean_exact_without_shrinkage():
     X = np.array([[1.0, 0.0], [3.0, 2.0], [10.0, 10.0]])
     pos = np.array([0, 0, 1])
