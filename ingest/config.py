@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import IngestError
+from store.records import is_run_name
 
 DEFAULT_MODEL = "gemma-3-270m"
 FORK_RULES = ("entropy", "offsets")
@@ -249,6 +250,9 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
         raise IngestError(f"'device' must be a string like auto, cpu, cuda or cuda:1, got {cfg.device!r}")
     if cfg.run_id is not None and (not isinstance(cfg.run_id, str) or not cfg.run_id.strip()):
         raise IngestError("'run_id' must be a non-empty string")
+    if cfg.run_id is not None and not is_run_name(cfg.run_id):
+        raise IngestError(f"'run_id' must be a name: letters, digits, '.', '_' or '-', starting with a letter or "
+                          f"digit, at most 128 characters (it names the run's shard folder), got {cfg.run_id!r}")
     return cfg
 
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+# A run id names the run's shard folder (STORE.shards/<run_id>): a name, never a path (`../../x` wrote a
+# shard outside the store's folder).
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_run_name(run_id: object) -> bool:
+    """True for a run id that is a plain name: letters, digits, '.', '_', '-', not '..', <= 128 chars."""
+    return isinstance(run_id, str) and RUN_NAME.fullmatch(run_id) is not None and ".." not in run_id
 
 
 @dataclass(frozen=True)

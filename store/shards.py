@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from store.errors import StoreError, reason
 from store.faults import fault_point
 from store.objectstore import Location, check_bucket, locate, storage_error
-from store.records import BranchRecord, RunRecord
+from store.records import BranchRecord, RunRecord, is_run_name
 from store.writer import SHARD_TABLES, StoreWriter, arrow_tables
 
 _SHARD = re.compile(r"^shard-(\d{5,})$")
@@ -68,6 +68,9 @@ class Shard:
 
 def run_dir(store: str | Path, run_id: str, root: str | Path | None = None) -> str:
     """Where a run's shards go: ROOT/<run_id>, ROOT defaulting to STORE.shards (a path or an s3:// URL)."""
+    if not is_run_name(run_id):
+        raise StoreError(f"run id {run_id!r} is not a name (letters, digits, '.', '_', '-'): it would name a "
+                         "folder outside the run's shards")
     return locate(root if root else f"{store}.shards").join(run_id).url
 
 

@@ -76,12 +76,16 @@ def bad_inputs(model_dirs, tmp_path):
         "temperature nan": (["--model", tiny, "--temperature", "nan"], "'temperature' must be a finite number"),
         "temperature inf": (["--model", tiny, "--temperature", "inf"], "'temperature' must be a finite number"),
         "top-p nan": (["--model", tiny, "--top-p", "nan"], "'top_p' must be a finite number"),
+        # it wrote run.json and a shard outside STORE.shards/
+        "run id a path": (["--model", tiny, "--run-id", "../../../escaped-run", "--workers", "1"],
+                          "'run_id' must be a name"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown model", "layer out of range", "empty prompt file", "missing prompt file",
                                   "malformed config", "unknown setting", "wrong type", "bad flag value",
-                                  "model path missing", "temperature nan", "temperature inf", "top-p nan"])
+                                  "model path missing", "temperature nan", "temperature inf", "top-p nan",
+                                  "run id a path"])
 def test_bad_input_is_one_clear_line_and_leaves_the_store_alone(case, model_dirs, existing_store, tmp_path):
     (tmp_path / "p.txt").write_text("The cat sat on\n")
     args, message = bad_inputs(model_dirs, tmp_path)[case]
@@ -94,6 +98,7 @@ def test_bad_input_is_one_clear_line_and_leaves_the_store_alone(case, model_dirs
         assert "Traceback" not in result.stderr
     assert digest(existing_store) == before
     assert not (tmp_path / "fresh.duckdb").exists()
+    assert not list(tmp_path.parent.parent.glob("**/escaped-run"))
 
 
 def test_store_of_another_model_width_is_refused_before_writing(model_dirs, existing_store, tmp_path):
