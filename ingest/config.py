@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 import hashlib
 import json
+import math
+import os
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,10 +38,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
             raise IngestError(f"prompt file {path} has no 'prompts' list")
         return _check_prompts(prompts, str(path))
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise IngestError(f"prompt file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_whole(path, "prompt file").decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise IngestError(f"cannot read prompt file {path}: {exc}") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -48,13 +47,37 @@ def read_prompt_file(path: str | Path) -> list[str]:
     return prompts
 
 
-def _read_structured(path: Path) -> dict[str, Any]:
+MAX_INPUT_BYTES = 64 * 2**20  # a prompt or config file is read whole
+
+
+def read_whole(path: Path, what: str) -> bytes:
+    """A regular file's bytes, at most MAX_INPUT_BYTES; IngestError otherwise. Opened without waiting and
+    its type checked on the open file: `--prompts` on a FIFO hung, on /dev/zero grew to 21 GB."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise IngestError(f"config file {path} does not exist") from None
+        raise IngestError(f"{what} {path} does not exist") from None
     except OSError as exc:
-        raise IngestError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise IngestError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "directory" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else \
+                "device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "special file"
+            raise IngestError(f"{what} {path} is a {kind}, not a regular file")
+        if info.st_size > MAX_INPUT_BYTES:
+            raise IngestError(f"{what} {path} is {info.st_size / 2**20:.0f} MB; at most "
+                              f"{MAX_INPUT_BYTES // 2**20} MB is read")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(MAX_INPUT_BYTES + 1)[:MAX_INPUT_BYTES]
+    except OSError as exc:
+        raise IngestError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_structured(path: Path) -> dict[str, Any]:
+    raw = read_whole(path, "config file")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(raw.decode("utf-8"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,12 +37,32 @@ DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
 
 
 def is_duckdb_file(path: str | Path) -> bool:
-    """True when path is a readable regular file with DuckDB's header (no connection is opened)."""
+    """True when path is a readable regular file with DuckDB's header (no connection is opened). Opened
+    without waiting and its type checked on the open file: a FIFO typed in the Store box hung the session
+    in open(), /dev/zero is no file of ours either."""
     try:
-        with open(path, "rb") as f:
-            return f.read(12)[8:12] == DUCKDB_MAGIC
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 12, 0)[8:12] == DUCKDB_MAGIC
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def file_kind(path: str | Path) -> str:
+    """'regular file', 'directory', 'FIFO', 'device', 'socket', 'missing' (links followed; nothing opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "missing"
+    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
 
 
 def _connect(path: Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
@@ -78,10 +100,11 @@ def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None =
     """A read-only, locked-down (READ_CONFIG, plus `config`) connection to an existing store whose schema
     version this code reads."""
     path = Path(path)
-    if path.is_dir():
-        raise StoreError(f"store {path} is a directory, not a DuckDB file")
-    if not path.is_file():
+    kind = file_kind(path)
+    if kind == "missing":
         raise StoreMissing(f"store {path} does not exist")
+    if kind != "regular file":
+        raise StoreError(f"store {path} is a {kind}, not a DuckDB file")
     con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=READ_CONFIG | (config or {}))
     try:
         check_version(read_meta(con, str(path)), str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,9 +12,8 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import streamlit as st
-from streamlit.testing.v1 import AppTest
-
 from helpers import PROMPTS, PYTHON, app_charts, ingest
+from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
@@ -374,7 +374,6 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     commit (holding the write lock), the app shows the busy note; let go, the run completes and the app
     shows it whole."""
     import tomli_w
-
     from helpers import cli_env, paused_ingest
 
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
@@ -492,7 +491,7 @@ def test_verdict_and_where_branches_go_apart_on_the_known_positive_store(tmp_pat
 
 
 def test_the_store_box_tells_nothing_about_other_files_and_loads_no_extension(store, tmp_path, monkeypatch):
-    """Missing, non-DuckDB (a text file, a SQLite file, /etc/passwd, /proc/self/environ) and outside-the-root
+    """Missing, non-DuckDB (a text file, a SQLite file, /etc/passwd, /proc/self/environ, a FIFO, /dev/zero) and outside-the-root
     paths all get the same note; no DuckDB extension is downloaded or loaded for a SQLite file."""
     import sqlite3
 
@@ -502,7 +501,9 @@ def test_the_store_box_tells_nothing_about_other_files_and_loads_no_extension(st
     sqlite3.connect(lite).execute("CREATE TABLE t(a)").connection.commit()
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    for probe in (tmp_path / "missing.duckdb", text, lite, "/etc/passwd", "/proc/self/environ"):
+    fifo = tmp_path / "store.duckdb"  # a FIFO hung the session in open(), waiting for a writer
+    os.mkfifo(fifo)
+    for probe in (tmp_path / "missing.duckdb", text, lite, "/etc/passwd", "/proc/self/environ", fifo, "/dev/zero"):
         at = AppTest.from_file(APP, default_timeout=240)
         at.session_state["store_path"] = str(probe)
         at.run()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 
 import pytest
 import tomli_w
-
 from helpers import PROMPTS, PYTHON, cli_env, ingest
+
 from store import reading
 
 
@@ -61,6 +62,9 @@ def bad_inputs(model_dirs, tmp_path):
     unknown.write_text('prompts = ["a"]\nsampels = 3\n')
     wrong_type = tmp_path / "wrong.toml"
     wrong_type.write_text('prompts = ["a"]\nsamples = "three"\n')
+    fifo = tmp_path / "fifo.txt"
+    if not fifo.exists():
+        os.mkfifo(fifo)
     tiny = str(model_dirs["llama"])
     return {
         "unknown model": (["--model", "nobody/no-such-model-xyz", "--prompts", str(tmp_path / "p.txt")],
@@ -79,13 +83,16 @@ def bad_inputs(model_dirs, tmp_path):
         # it wrote run.json and a shard outside STORE.shards/
         "run id a path": (["--model", tiny, "--run-id", "../../../escaped-run", "--workers", "1"],
                           "'run_id' must be a name"),
+        # a FIFO hung in open(); /dev/zero grew to 21 GB until the kernel killed the process
+        "prompts a fifo": (["--model", tiny, "--prompts", str(fifo)], "is a FIFO, not a regular file"),
+        "prompts /dev/zero": (["--model", tiny, "--prompts", "/dev/zero"], "is a device, not a regular file"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown model", "layer out of range", "empty prompt file", "missing prompt file",
                                   "malformed config", "unknown setting", "wrong type", "bad flag value",
                                   "model path missing", "temperature nan", "temperature inf", "top-p nan",
-                                  "run id a path"])
+                                  "run id a path", "prompts a fifo", "prompts /dev/zero"])
 def test_bad_input_is_one_clear_line_and_leaves_the_store_alone(case, model_dirs, existing_store, tmp_path):
     (tmp_path / "p.txt").write_text("The cat sat on\n")
     args, message = bad_inputs(model_dirs, tmp_path)[case]
