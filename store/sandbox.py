@@ -14,8 +14,8 @@ be assembled at run time: `query('SELECT ... duckdb_' || 'settings()')`):
   `duckdb_settings()` and error messages name no folder of the server's but that one, and its environment
   is emptied. The store's own path stays visible (`duckdb_databases()`, as in the DuckDB CLI): DuckDB
   resolves links to it, and hiding it would take a file-system namespace;
-- the kernel: an address-space limit on the child holds where DuckDB's own memory limit does not
-  (`list_sort(range(3e8))` reached 7 GB through it);
+- the kernel: an address-space limit on the child (what it maps once the store is open, plus 2 GB)
+  holds where DuckDB's own memory limit does not (`list_sort(range(3e8))` reached 7 GB through it);
 - the child's answer travels on its own descriptor, so anything DuckDB prints (its progress bar after
   2 s) cannot corrupt it; the child ends when the parent does (it watches its standard input), and the
   private folder, spill files included, is removed after each query.
@@ -54,9 +54,10 @@ SANDBOX_CONFIG = {
     "threads": 1,
     "lock_configuration": True,
 }
-# The child's address space: DuckDB's limit plus what Python, pyarrow and DuckDB map at start (~1 GB) and
-# room for one result; an allocation past it fails inside the child ("out of memory"), not on the server.
-ADDRESS_SPACE = (MEMORY_LIMIT_GB + 2) * 2**30
+# The child's address space: what it maps once its store is open (Python, pyarrow, DuckDB: ~1 GB here,
+# more on a machine with many cores) plus DuckDB's limit and room for one result; an allocation past it
+# fails inside the child ("out of memory"), not on the server.
+HEADROOM = (MEMORY_LIMIT_GB + 1) * 2**30
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}  # SELECT covers DESCRIBE/SHOW/SUMMARIZE
 MAX_BYTES = 64 * 1024 * 1024  # of a result, as Arrow buffers
 ROOT = Path(__file__).resolve().parents[1]  # so the child imports this checkout's store package
@@ -139,7 +140,8 @@ def run_query(
 def _child_env() -> dict[str, str]:
     """The child's whole environment: where Python and this checkout are, nothing else of the server's."""
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", FAULT_ENV, ONCE_ENV) if k in os.environ}
-    return keep | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
+    # one thread's worth of allocator arenas and Arrow workers: their reservations count against the limit
+    return keep | {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1","PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
                    "PYTHONNOUSERSITE": "1"}
 
 
@@ -181,7 +183,6 @@ def _child() -> None:
 
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # DuckDB's progress bar and any other print
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     req = json.loads(sys.stdin.buffer.readline())
     threading.Thread(target=_end_with_parent, daemon=True).start()
     folder = Path(req["folder"])
@@ -200,6 +201,8 @@ def _child() -> None:
         return say("busy", str(exc))
     except StoreError as exc:
         return say("store", str(exc))
+    limit = _mapped_bytes() + HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     say("started")
     try:
         max_rows, max_bytes = req["max_rows"], req["max_bytes"]
@@ -234,6 +237,15 @@ def _child() -> None:
         say("error", "out of memory")
     finally:
         con.close()
+
+
+def _mapped_bytes() -> int:
+    """This process's address space now (VmSize), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 2**30
 
 
 def _end_with_parent() -> None:
