@@ -23,7 +23,7 @@ from views.present import (
     verdict,
     warnings,
 )
-from views.sql import LIMITS, query
+from views.sql import LIMITS, displayable, query
 
 T = TypeVar("T")
 
@@ -190,9 +190,10 @@ def sql_panel(store: str, run_id: str) -> None:
     except StoreError as exc:  # the store itself (missing, another schema): a message, not a traceback
         st.error(str(exc))
         return
-    frame = pl.from_arrow(result.table)
+    table, changes = displayable(result.table)
+    frame = pl.from_arrow(table)
     note = {"rows": " (cut at 10,000 rows)", "bytes": " (cut at 64 MB of results)"}.get(result.cut_by, "")
-    st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}")
+    st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}" + "".join(f"; {c}" for c in changes))
     st.dataframe(frame, width="stretch")
     downloads(frame, "query")
 
@@ -207,9 +208,11 @@ def csv_columns(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
 def downloads(frame: pl.DataFrame, name: str) -> None:
     c1, c2 = st.columns(2)
     flat, nested = csv_columns(frame)
-    c1.download_button("CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv")
+    if flat.width:
+        c1.download_button("CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv")
     if nested:
-        c1.caption(f"CSV leaves out {', '.join(nested)} (nested or binary); Parquet keeps every column.")
+        c1.caption(f"CSV {'leaves out' if flat.width else 'cannot hold'} {', '.join(nested)} (nested or binary); "
+                   "Parquet keeps every column.")
     buf = io.BytesIO()
     frame.write_parquet(buf)
     c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq")

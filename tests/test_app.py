@@ -517,6 +517,26 @@ def test_the_store_box_tells_nothing_about_other_files_and_loads_no_extension(st
     assert [i.value.split("`")[0] for i in at.info] == ["No store at "]  # a real store, outside the root
 
 
+@pytest.mark.parametrize("sql, columns, said", [
+    # each crashed the tab: duplicate names (a join's too), INTERVAL (completed_at - created_at), UNION
+    ("SELECT 1 AS a, 2 AS a, INTERVAL 3 DAY AS i, union_value(k := 'x') AS u, MAP {'k': 1} AS m",
+     ["a", "a (2)", "i", "u", "m"], ["repeated column names made unique: a", "shown as text (intervals, unions and maps): i, u, m"]),
+    ("SELECT completed_at - created_at AS took FROM runs", ["took"], ["shown as text (intervals, unions and maps): took"]),
+    ("SELECT vec FROM latents LIMIT 2", ["vec"], ["CSV cannot hold vec"]),  # only nested columns: no CSV
+])
+def test_every_sql_result_type_displays_and_downloads(store, sql, columns, said):
+    path, _ = store
+    at = open_tab(open_app(path), "SQL")
+    at.text_area(key="sql").set_value(sql)
+    at.button(key="sql_run").click().run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert list(at.dataframe[-1].value.columns) == columns
+    captions = " ".join(c.value for c in at.caption)
+    assert all(s in captions for s in said), captions
+    assert "Parquet" in [b.label for b in at.get("download_button")]
+    assert ("CSV" in [b.label for b in at.get("download_button")]) == (columns != ["vec"])
+
+
 def test_sql_results_with_vectors_display_and_download(store):
     from dashboard.panels import csv_columns
     from store.sandbox import run_query
