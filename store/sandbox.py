@@ -141,8 +141,8 @@ def _child_env() -> dict[str, str]:
     """The child's whole environment: where Python and this checkout are, nothing else of the server's."""
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", FAULT_ENV, ONCE_ENV) if k in os.environ}
     # one thread's worth of allocator arenas and Arrow workers: their reservations count against the limit
-    return keep | {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1","PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
-                   "PYTHONNOUSERSITE": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return keep | {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONNOUSERSITE": "1"}
 
 
 def _read_all(stream, seconds: float) -> bytes | None:
