@@ -1,10 +1,15 @@
-"""Files a killed process leaves beside a store, and their clean-up by the next writer."""
+"""Files a killed process leaves beside a store (or a SQL query's folder), and their clean-up by the next
+writer (or query)."""
 
 from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 from pathlib import Path
+
+SQL_FOLDER = "branchlens-sql-"  # + the app's pid + '-': a query's private folder in the temp directory
 
 
 def compact_copy(store: Path, pid: int) -> Path:
@@ -41,4 +46,21 @@ def remove_stale_copies(store: str | Path) -> list[Path]:
                     removed.append(leftover)
                 except OSError:
                     pass
+    return removed
+
+
+def query_folder() -> Path:
+    """A fresh private folder for one SQL query, named for this process so another can tell it is stale."""
+    return Path(tempfile.mkdtemp(prefix=f"{SQL_FOLDER}{os.getpid()}-"))
+
+
+def remove_stale_query_folders() -> list[Path]:
+    """Delete the query folders (spill files included) of app processes that are no longer running: a
+    killed app cannot remove its own."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{SQL_FOLDER}*-*"):
+        pid = folder.name.removeprefix(SQL_FOLDER).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
     return removed

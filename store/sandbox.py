@@ -30,7 +30,6 @@ import select
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ import pyarrow as pa
 from store.errors import StoreBusy, StoreError, reason
 from store.faults import ENV as FAULT_ENV
 from store.faults import ONCE_ENV, fault_point
+from store.leftovers import query_folder, remove_stale_query_folders
 
 MEMORY_LIMIT_GB = 1
 # DuckDB's limit, enforced by DuckDB itself together with the settings that keep a query off the server's
@@ -95,7 +95,8 @@ def run_query(
         raise SqlError(f"read-only: {kind.name} statements are not allowed here (use SELECT, DESCRIBE, SHOW)")
 
     start = time.perf_counter()
-    private = Path(tempfile.mkdtemp(prefix="branchlens-sql-"))
+    remove_stale_query_folders()
+    private = query_folder()
     status, text, payload = "eof", "", b""
     try:
         request = json.dumps({"store": str(store), "folder": str(private), "sql": sql, "max_rows": max_rows,

@@ -138,7 +138,7 @@ def test_spill_files_of_a_killed_query_are_removed(sql_store, private_tmp, monke
     assert list(private_tmp.iterdir()) == []
 
 
-def test_the_query_process_ends_with_the_app(sql_store, tmp_path):
+def test_the_query_process_ends_with_the_app(sql_store, tmp_path, monkeypatch):
     """Killing the app (kill -9) mid-query left the query's process at 98% CPU forever: now it ends. The
     app here is a process that kills itself once its query's process said the query started (fault hook)."""
     script = ("import sys; from store.sandbox import run_query; "
@@ -146,7 +146,8 @@ def test_the_query_process_ends_with_the_app(sql_store, tmp_path):
               "timeout_s=3600)")
     seen: list[psutil.Process] = []
     app = subprocess.Popen([PYTHON, "-c", script, str(sql_store)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT), BRANCHLENS_FAULT="sql-wait:1"))
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), BRANCHLENS_FAULT="sql-wait:1",
+                                    TMPDIR=str(tmp_path)))
     try:
         parent = psutil.Process(app.pid)
         while not seen and app.poll() is None:  # the query's process, seen while its parent lives
@@ -157,6 +158,12 @@ def test_the_query_process_ends_with_the_app(sql_store, tmp_path):
         assert seen, "the query's process was never seen"
         _, alive = psutil.wait_procs(seen, timeout=120)  # a bound for a stalled machine, not a race
         assert not alive, "the query's process outlived the app"
+        # the killed app could not remove its query's folder; the next query does
+        left = list(tmp_path.glob(f"branchlens-sql-{app.pid}-*"))
+        assert left, "the killed app left no query folder: the sweep below would check nothing"
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where this process's queries look
+        run_query(sql_store, "SELECT 1")
+        assert not any(f.exists() for f in left)
     finally:
         if app.poll() is None:
             app.kill()
