@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,12 @@ class Context:
     window: int
     n_queries: int
 
-    @property
+    # cached: every measure asks (a frozen dataclass keeps them in its __dict__)
+    @cached_property
     def several_branches(self) -> bool:
         return len(np.unique(self.tokens.branch)) > 1
 
-    @property
+    @cached_property
     def several_prompts(self) -> bool:
         return len(np.unique(self.tokens.prompt)) > 1
 

@@ -265,9 +265,7 @@ class WithinShuffler:
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """values (n,) permuted at random within each group."""
-        from analysis.kernels import (
-            shuffle_within as within,  # numba: imported by the first shuffle
-        )
+        from analysis.kernels import shuffle_within as within  # numba: imported by the first shuffle
 
         return within(np.asarray(values), rng.random(self.n), self.by_group, self.starts)
 
@@ -327,7 +325,8 @@ def knn_position_leak(
         W = resample.counts(N_BOOT, len(queries), rng, np.asarray(units)[queries])  # (B, q)
         leaks = 1 - (W @ observed_q) / np.maximum(W @ expected_q, 1e-12)
     null = 1 - shuffled / chance if chance > 0 else np.zeros(1)
-    out.update(_band(leaks) if units is None else _unit_band(leaks, out["leak"], units[queries]))
+    out.update(_band(leaks) if units is None else
+               resample.widened_band(leaks, out["leak"], resample.n_units(np.asarray(units)[queries])))
     half = 1.96 * float(np.hypot(out["sd"], out_sd(null)))  # query sampling and shuffle noise together
     out.update(chance_leak=0.0, chance_lo=-half, chance_hi=half)
     return out
@@ -347,16 +346,6 @@ def _band(boot: np.ndarray) -> dict[str, float]:
     if len(boot) == 0:
         return {"sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
     return {"sd": out_sd(boot), "lo": float(np.quantile(boot, 0.025)), "hi": float(np.quantile(boot, 0.975))}
-
-
-def _unit_band(boot: np.ndarray, estimate: float, units: np.ndarray) -> dict[str, float]:
-    """The band of a value that depends on the other tokens (its neighbours), from a unit bootstrap:
-    its sd widened by resample.REFERENCE_FACTOR, estimate +- Student's t for that many units."""
-    boot = np.asarray(boot, dtype=np.float64)
-    boot = boot[np.isfinite(boot)]
-    if len(boot) == 0:
-        return {"sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
-    return resample.unit_band(estimate, resample.REFERENCE_FACTOR * out_sd(boot), resample.n_units(units))
 
 
 def label_purity(
@@ -487,7 +476,7 @@ def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int,
     else:
         W = resample.counts(N_BOOT, len(hits), rng, units)  # (B, q)
         boot = (W @ hits) / np.maximum(W.sum(axis=1), 1)
-    band = _band(boot) if units is None else _unit_band(boot, float(hits.mean()), units)
+    band = _band(boot) if units is None else resample.widened_band(boot, float(hits.mean()), resample.n_units(units))
     return {"purity": float(hits.mean()), "chance": float(chances.mean()), "n_queries": int(len(hits)), **band}
 
 

@@ -351,7 +351,7 @@ def _band(prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.in
     if len(boots) == 0:
         return {name(s): float("nan") for s in ("sd", "lo", "hi")}
     if n_units:
-        band = resample.unit_band(estimate, resample.REFERENCE_FACTOR * float(boots.std()), n_units)
+        band = resample.widened_band(boots, estimate, n_units)
         return {name("sd"): band["sd"], name("lo"): max(band["lo"], floor), name("hi"): band["hi"]}
     lo, hi = np.quantile(boots - boots.mean() + estimate, [0.025, 0.975])
     return {name("sd"): float(boots.std()), name("lo"): float(max(lo, floor)), name("hi"): float(hi)}
@@ -391,15 +391,14 @@ def token_identity_leak(
         W = resample.counts(n_boot, len(observed), rng, q_units)  # (B, q)
         tot = np.maximum(W.sum(axis=1), 1)
         bo, bc = W @ observed / tot, W @ chance / tot
-        # about the estimates, widened: the neighbours are drawn from the same prompts (REFERENCE_FACTOR);
-        # a normal band with Student's t for that many units
-        f, t = resample.REFERENCE_FACTOR, resample.t_quantile(resample.n_units(q_units))
-        leak, ch, ex = observed.mean(), chance.mean(), observed.mean() - chance.mean()
-        sd, c_sd, e_sd = (f * float(v.std()) for v in (bo, bc, bo - bc))
+        # about the estimates, widened: the neighbours are drawn from the same prompts
+        m = resample.n_units(q_units)
+        leak, ch = float(observed.mean()), float(chance.mean())
+        b, c, e = (resample.widened_band(v, est, m) for v, est in ((bo, leak), (bc, ch), (bo - bc, leak - ch)))
         return {
-            "leak": float(leak), "sd": sd, "lo": float(leak - t * sd), "hi": float(leak + t * sd),
-            "chance": float(ch), "chance_lo": float(ch - t * c_sd), "chance_hi": float(ch + t * c_sd),
-            "excess": float(ex), "excess_lo": float(ex - t * e_sd), "excess_hi": float(ex + t * e_sd),
+            "leak": leak, "sd": b["sd"], "lo": b["lo"], "hi": b["hi"],
+            "chance": ch, "chance_lo": c["lo"], "chance_hi": c["hi"],
+            "excess": leak - ch, "excess_lo": e["lo"], "excess_hi": e["hi"],
             "k": k, "n_queries": int(has.sum()),
         }
     (lo, hi), (c_lo, c_hi), (e_lo, e_hi) = (np.quantile(v, [0.025, 0.975]) for v in (bo, bc, bo - bc))

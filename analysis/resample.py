@@ -54,3 +54,13 @@ def unit_band(estimate: float, sd: float, n_units: int) -> dict[str, float]:
     """sd, lo, hi: estimate +- t_quantile(n_units) sd."""
     half = t_quantile(n_units) * sd
     return {"sd": float(sd), "lo": float(estimate - half), "hi": float(estimate + half)}
+
+
+def widened_band(boots: np.ndarray, estimate: float, n_units: int) -> dict[str, float]:
+    """The band of a value that depends on the other tokens (its neighbours, a probe's training prompts),
+    from its unit-bootstrap values: their sd widened by REFERENCE_FACTOR, estimate +- Student's t sds."""
+    boots = np.asarray(boots, dtype=np.float64)
+    boots = boots[np.isfinite(boots)]
+    if len(boots) == 0:
+        return {"sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    return unit_band(estimate, REFERENCE_FACTOR * float(boots.std()), n_units)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ingest.errors import IngestError
+from store.connect import mode_kind
 from store.records import is_run_name
 
 DEFAULT_MODEL = "gemma-3-270m"
@@ -62,14 +63,12 @@ def read_whole(path: Path, what: str) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = "directory" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else \
-                "device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "special file"
-            raise IngestError(f"{what} {path} is a {kind}, not a regular file")
+            raise IngestError(f"{what} {path} is a {mode_kind(info.st_mode)}, not a regular file")
         if info.st_size > MAX_INPUT_BYTES:
             raise IngestError(f"{what} {path} is {info.st_size / 2**20:.0f} MB; at most "
                               f"{MAX_INPUT_BYTES // 2**20} MB is read")
         with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read(MAX_INPUT_BYTES + 1)[:MAX_INPUT_BYTES]
+            return f.read(MAX_INPUT_BYTES)
     except OSError as exc:
         raise IngestError(f"cannot read {what} {path}: {exc.strerror}") from None
     finally:

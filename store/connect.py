@@ -52,17 +52,21 @@ def is_duckdb_file(path: str | Path) -> bool:
         os.close(fd)
 
 
-def file_kind(path: str | Path) -> str:
-    """'regular file', 'directory', 'FIFO', 'device', 'socket', 'missing' (links followed; nothing opened)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return "missing"
+def mode_kind(mode: int) -> str:
+    """'regular file', 'directory', 'FIFO', 'device', 'socket' or 'special file', of an st_mode."""
     for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
                        (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"), (stat.S_ISSOCK, "socket")):
         if test(mode):
             return kind
     return "special file"
+
+
+def file_kind(path: str | Path) -> str:
+    """mode_kind of what path names (links followed; nothing opened), or 'missing'."""
+    try:
+        return mode_kind(os.stat(path).st_mode)
+    except OSError:
+        return "missing"
 
 
 def _connect(path: Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
