@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import duckdb
@@ -139,25 +138,28 @@ def test_spill_files_of_a_killed_query_are_removed(sql_store, private_tmp, monke
 
 
 def test_the_query_process_ends_with_the_app(sql_store, tmp_path, monkeypatch):
-    """Killing the app (kill -9) mid-query left the query's process at 98% CPU forever: now it ends. The
-    app here is a process that kills itself once its query's process said the query started (fault hook)."""
+    """Killing the app (kill -9) mid-query left the query's process at 98% CPU forever: now it ends. The app
+    here is a process held by the fault hook once its query's process said the query started; the test
+    kills it there, then waits for the query's process to end (a regression hangs here, whatever the speed)."""
     script = ("import sys; from store.sandbox import run_query; "
               "run_query(sys.argv[1], 'SELECT count(*) FROM range(100000000000) a, range(1000000) b', "
               "timeout_s=3600)")
-    seen: list[psutil.Process] = []
-    app = subprocess.Popen([PYTHON, "-c", script, str(sql_store)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT), BRANCHLENS_FAULT="sql-wait:1",
+    app = subprocess.Popen([PYTHON, "-c", script, str(sql_store)], cwd=ROOT, stdin=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT), BRANCHLENS_FAULT="sql-wait:1:pause",
                                     TMPDIR=str(tmp_path)))
+    children: list[psutil.Process] = []
     try:
-        parent = psutil.Process(app.pid)
-        while not seen and app.poll() is None:  # the query's process, seen while its parent lives
-            seen = [c for c in parent.children() if "store.sandbox" in _cmdline(c)]
-            time.sleep(0.005)
-        stderr = app.communicate()[1]
-        assert "fault: sql-wait 1" in stderr, stderr  # the app died after the query had started
-        assert seen, "the query's process was never seen"
-        _, alive = psutil.wait_procs(seen, timeout=120)  # a bound for a stalled machine, not a race
-        assert not alive, "the query's process outlived the app"
+        for line in app.stderr:
+            if "fault: sql-wait 1 paused" in line:
+                break
+        else:
+            raise AssertionError(f"the app ended before its query started (exit {app.wait()})")
+        children = [c for c in psutil.Process(app.pid).children() if "store.sandbox" in _cmdline(c)]
+        assert len(children) == 1, children
+        app.kill()  # kill -9, mid-query
+        app.wait()
+        children[0].wait()  # ends because its stdin closed with the app
         # the killed app could not remove its query's folder; the next query does
         left = list(tmp_path.glob(f"branchlens-sql-{app.pid}-*"))
         assert left, "the killed app left no query folder: the sweep below would check nothing"
@@ -167,7 +169,7 @@ def test_the_query_process_ends_with_the_app(sql_store, tmp_path, monkeypatch):
     finally:
         if app.poll() is None:
             app.kill()
-        for process in seen:
+        for process in children:
             if process.is_running():
                 process.kill()
 
