@@ -157,7 +157,8 @@ def crossfit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | No
     report.crossfit, report.folds = True, int(len(np.unique(ref_fold)))
     report.crossfit_share = float(crossfitted.mean())
     if report.crossfit_share < 1:
-        report.note = (f"{1 - report.crossfit_share:.0%} of tokens sit where the other folds have no data "
+        left = int(len(plot) - crossfitted.sum())
+        report.note = (f"{left} of {len(plot)} tokens sit where the other folds have no data "
                        "(position or token unseen there): they are left as they are")
     return _recentred(Zp, spec), report
 

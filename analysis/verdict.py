@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from analysis.stats import half_width
+from analysis.stats import Z, half_width
 
 
 def _finite(*values: Any) -> bool:
@@ -23,23 +23,73 @@ def _excess(value: float, chance: float) -> float:
     return (value - chance) / (1 - chance) if chance < 1 else 0.0
 
 
-def dominant_factor(raw: dict[str, Any]) -> tuple[str, float]:
-    """(factor, score) with the largest above-chance score among position (kNN leak across branches),
-    token identity (same-token neighbours), prompt (pooled kNN purity) and branch (the same); score 0..1."""
+ORGANIZING = 0.2  # an above-chance score (0..1) from which a factor is said to organize a layer
+
+
+def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """Each factor's above-chance score (0 = chance, 1 = perfect) with its 95% half-width: position (kNN
+    leak across branches), token identity (same-token neighbours), prompt and branch (pooled kNN purity)."""
     scores = {}
-    if _finite(raw.get("leak", {}).get("leak")):
-        scores["position"] = raw["leak"]["leak"]
+    leak = raw.get("leak", {})
+    if _finite(leak.get("leak")):
+        scores["position"] = (float(leak["leak"]), _half(leak))
     tok = raw.get("token_leak", {})
-    if _finite(tok.get("leak"), tok.get("chance")):
-        scores["token identity"] = _excess(tok["leak"], tok["chance"])
+    if _finite(tok.get("leak"), tok.get("chance")) and tok["chance"] < 1:
+        scores["token identity"] = (_excess(tok["leak"], tok["chance"]), _half(tok) / (1 - tok["chance"]))
     for label, key in (("prompt", "purity_prompt_pooled"), ("branch", "purity_branch_pooled")):
         m = raw.get(key, {})
-        if _finite(m.get("purity"), m.get("chance")):
-            scores[label] = _excess(m["purity"], m["chance"])
+        if _finite(m.get("purity"), m.get("chance")) and m["chance"] < 1:
+            scores[label] = (_excess(m["purity"], m["chance"]), _half(m) / (1 - m["chance"]))
+    return scores
+
+
+def _half(m: dict[str, Any]) -> float:
+    h = half_width(m)
+    return h if math.isfinite(h) else 0.0
+
+
+def dominant_factor(raw: dict[str, Any]) -> tuple[str, float]:
+    """(factor, score) with the largest above-chance score (factor_scores), or ('nothing measured', 0)."""
+    scores = factor_scores(raw)
     if not scores:
         return "nothing measured", 0.0
-    factor = max(scores, key=scores.get)
-    return factor, float(scores[factor])
+    factor = max(scores, key=lambda f: scores[f][0])
+    return factor, scores[factor][0]
+
+
+def factor_sentence(raw: dict[str, Any]) -> str:
+    """Which factor organizes the neighbourhoods, no stronger than the bands: one factor only when its band
+    clears ORGANIZING and the runner-up's band; none when every band stays under ORGANIZING; else says
+    which factors it cannot tell apart."""
+    scores = factor_scores(raw)
+    if not scores:
+        return ""
+    ranked = sorted(scores, key=lambda f: -scores[f][0])
+    show = lambda f: f"{f} {scores[f][0]:.2f} ±{scores[f][1]:.2f}"  # noqa: E731
+    quoted = "above-chance scores, 0 chance to 1 perfect: " + ", ".join(show(f) for f in ranked)
+    best, rest = ranked[0], ranked[1:]
+    s, h = scores[best]
+    if all(scores[f][0] + scores[f][1] < ORGANIZING for f in ranked):
+        return f"No single factor organizes this layer's neighbourhoods ({quoted}; each band under {ORGANIZING})."
+    if s - h >= ORGANIZING and all(s - h > scores[f][0] + scores[f][1] for f in rest):
+        return f"This layer is organized by **{best}** ({quoted})."
+    tied = [f for f in ranked if scores[f][0] + scores[f][1] >= max(s - h, ORGANIZING)]
+    if len(tied) > 1:
+        names = f"{', '.join(tied[:-1])} and {tied[-1]}"
+        return f"No factor clearly leads: the bands of **{names}** overlap and reach {ORGANIZING} ({quoted})."
+    return (f"**{best}** leads, but its band reaches below {ORGANIZING}, the score from which this verdict calls a "
+            f"factor organizing ({quoted}).")
+
+
+def token_sentence(raw: dict[str, Any]) -> str:
+    """How often other branches' nearest neighbours share the current token, with both bands."""
+    tok = raw.get("token_leak", {})
+    if not _finite(tok.get("leak"), tok.get("chance")):
+        return ""
+    band = f" ±{_half(tok):.0%}" if _half(tok) else ""
+    chance_hi = tok.get("chance_hi")
+    chance = f"chance {tok['chance']:.0%}" + (f", up to {chance_hi:.0%}" if _finite(chance_hi) else "")
+    return f"Nearest neighbours in other branches share the current token **{tok['leak']:.0%}**{band} of the time ({chance})."
 
 
 def p_value_text(removal: dict[str, Any]) -> str:
@@ -67,25 +117,23 @@ def probe_clause(probe: dict[str, Any]) -> str:
 
 def verdict(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> str:
     """Two or three sentences with their numbers, chance levels and bands (markdown)."""
+    return " ".join(sentences(raw, removed))
+
+
+def sentences(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> list[str]:
+    """The verdict's sentences, each generated from the numbers it quotes."""
     parts = []
     r2 = raw.get("r2_pos", {})
     if _finite(r2.get("r2"), r2.get("chance")):
         half = half_width(r2)
         band = f" ±{half:.1%}" if _finite(half) else ""
-        text = f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%})"
+        cband = f" ±{Z * r2['chance_sd']:.1%}" if _finite(r2.get("chance_sd")) else ""
+        text = f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%}{cband})"
         text += probe_clause(raw.get("probe", {}))
         parts.append(text + ".")
-    tok = raw.get("token_leak", {})
-    if _finite(tok.get("leak"), tok.get("chance")):
-        parts.append(f"Nearest neighbours in other branches share the current token **{tok['leak']:.0%}** of the "
-                     f"time (chance {tok['chance']:.0%}).")
-    factor, score = dominant_factor(raw)
-    if score >= 0.2:
-        parts.append(f"This layer is organized by **{factor}**.")
-    elif factor != "nothing measured":
-        parts.append("No single factor (position, token, prompt, branch) organizes this layer's neighbourhoods.")
+    parts += [t for t in (token_sentence(raw), factor_sentence(raw)) if t]
     parts += removal_sentences(raw, removed)
-    return " ".join(parts)
+    return parts
 
 
 def removal_title(removal: dict[str, Any] | None) -> str:
@@ -98,8 +146,15 @@ def removal_title(removal: dict[str, Any] | None) -> str:
         return f"{' and '.join(what)} removed"
     from analysis.nuisances import NUISANCES
 
-    kept = [NUISANCES[k].words for k, t in (removal.get("tests") or {}).items() if t.get("detected") and k in NUISANCES]
-    return f"nothing removed ({' and '.join(kept)} found but kept)" if kept else "nothing removed (none detected)"
+    tests = {k: t for k, t in (removal.get("tests") or {}).items() if k in NUISANCES}
+    kept = [NUISANCES[k].words for k, t in tests.items() if t.get("detected")]
+    if kept:
+        return f"nothing removed ({' and '.join(kept)} found but kept)"
+    alpha = removal.get("alpha", 0.05)
+    small = [NUISANCES[k].words for k, t in tests.items() if _finite(t.get("p_value")) and t["p_value"] <= alpha]
+    if small:
+        return f"nothing removed ({' and '.join(small)} significant, too small to estimate)"
+    return "nothing removed (none detected)"
 
 
 def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> list[str]:
@@ -120,7 +175,8 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
     out = []
     for key, t in (rem.get("tests") or {}).items():
         name = NUISANCES[key].words
-        nums = (f"{p_value_text(t | {'p_min': rem.get('p_min')})}, held-out R2 {t['r2_oof']:+.3f} against "
+        level = "" if abs(alpha - 0.05) < 1e-12 else f" at level {alpha:.3f}"
+        nums = (f"{p_value_text(t | {'p_min': rem.get('p_min')})}{level}, held-out R2 {t['r2_oof']:+.3f} against "
                 f"{t['null_r2']:+.3f} by chance")
         significant = _finite(t.get("p_value")) and t["p_value"] <= alpha
         if key in as_means:
@@ -144,7 +200,70 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
         out.append(f"Removal of {rem.get('nuisance', 'the nuisance')} forced, whatever the tests found.")
     if rem.get("note") and not any(rem["note"] in o for o in out):
         out.append(rem["note"][0].upper() + rem["note"][1:] + ".")
-    leak_r, leak_a = raw.get("leak", {}).get("leak"), (removed or {}).get("leak", {}).get("leak")
-    if rem.get("weight") and _finite(leak_r, leak_a):
-        out.append(f"kNN position leak {leak_r:+.3f} -> {leak_a:+.3f}.")
+    if rem.get("weight"):
+        after = removed or {}
+        out += [t for t in (variance_sentence(raw, after), leak_sentence(raw, after)) if t]
+        if "token" in took and (t := token_removed_sentence(raw, after)):
+            out.append(t)
     return out
+
+
+def token_removed_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
+    """What a token-identity removal did to the same-token share: 'down to chance' only when the band
+    after reaches chance's interval, else how much of the above-chance part is left."""
+    r, a = raw.get("token_leak", {}), removed.get("token_leak", {})
+    if not _finite(r.get("leak"), a.get("leak"), a.get("chance")):
+        return ""
+    top = a.get("chance_hi", a["chance"])
+    head = (f"After removing {_what(removed)}, neighbours in other branches share the current token "
+            f"{r['leak']:.1%} ±{_half(r):.1%} -> {a['leak']:.1%} ±{_half(a):.1%} of the time (chance {a['chance']:.1%}, "
+            f"up to {top:.1%})")
+    if a["leak"] - _half(a) <= top:
+        return head + ": down to chance."
+    if r["leak"] - a["chance"] <= 0:
+        return head + "."
+    left = (a["leak"] - a["chance"]) / (r["leak"] - a["chance"])
+    return head + f": {left:.0%} of its above-chance part is left."
+
+
+def _what(removed: dict[str, Any]) -> str:
+    return removal_title(removed.get("removal")).removesuffix(" removed")
+
+
+def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
+    """What the removal did to position's share of the variance (R2_pos), the one measure of how much
+    position went (a method's weight is the share of its own estimate it subtracted, not of position):
+    'down to chance' when the band after reaches chance's band, 'unchanged' within the band of the change,
+    'rose' beyond it, else the share of the above-chance part that went, with its band."""
+    r, a = raw.get("r2_pos", {}), removed.get("r2_pos", {})
+    if not _finite(r.get("r2"), r.get("chance"), a.get("r2"), a.get("chance")):
+        return ""
+    hr, ha = _half(r), _half(a)
+    cr, ca = (Z * (m.get("chance_sd") or 0.0) for m in (r, a))
+    change = math.hypot(hr, ha)
+    nums = (f"{r['r2']:.1%} ±{hr:.1%} (chance {r['chance']:.1%} ±{cr:.1%}) -> {a['r2']:.1%} ±{ha:.1%} "
+            f"(chance {a['chance']:.1%} ±{ca:.1%}), band of the change ±{change:.1%}")
+    head = f"After removing {_what(removed)}, position's share of the variance went {nums}"
+    if a["r2"] > r["r2"] + change:
+        return head + ": it rose."
+    if r["r2"] - hr <= r["chance"] + cr:
+        return head + ": it was at chance before."
+    if a["r2"] - ha <= a["chance"] + ca:
+        return head + ": down to chance."
+    if abs(a["r2"] - r["r2"]) <= change:
+        return head + ": unchanged within its band."
+    above_r, above_a = r["r2"] - r["chance"], a["r2"] - a["chance"]
+    gone = 1 - above_a / above_r
+    gone_half = math.hypot(ha, hr * above_a / above_r) / above_r
+    return head + f": {gone:.0%} ±{gone_half:.0%} of its above-chance part went."
+
+
+def leak_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
+    """The kNN position leak before and after, with bands (the guard says when it moved the wrong way)."""
+    r, a = raw.get("leak", {}), removed.get("leak", {})
+    if not _finite(r.get("leak"), a.get("leak")):
+        return ""
+    chance = a.get("chance_hi", r.get("chance_hi"))
+    cband = f", chance 0 ±{chance:.3f}" if _finite(chance) else ""
+    return (f"After removing {_what(removed)}, the kNN position leak went {r['leak']:+.3f} ±{_half(r):.3f} -> "
+            f"{a['leak']:+.3f} ±{_half(a):.3f}{cband}.")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from claims import read_all
 from helpers import PROMPTS, PYTHON, ingest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,15 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         assert int(caption.split()[0]) == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         assert "branchlens" in driver.find_element(By.TAG_NAME, "h1").text
+        # Every sentence of the verdict as the browser shows it follows from the numbers it prints (issue 35),
+        # and the note's right-panel title is the one the chart carries.
+        texts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stMarkdownContainer"]')]
+        said = next(t for t in texts if t.startswith("Position explains"))
+        claims = read_all(said)
+        assert len(claims) >= 3 and not [(c.sentence, c.problems) for c in claims if c.problems]
+        note = next(t for t in texts if t.startswith("Right panel: "))
+        title = note.removeprefix("Right panel: ").split(".")[0]
+        assert "of it removed" not in note and title in driver.page_source
         shot = Path(os.environ.get("BRANCHLENS_SCREENSHOT", tmp_path / "dashboard.png"))
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 20_000  # a real, non-blank picture

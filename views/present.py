@@ -144,7 +144,8 @@ PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": th
     "probe_chance_hi": ("probe chance up to", "upper end of that band"),
     "detected": ("detected", "whether the removal's test found a component at this layer"),
     "p": ("p", "the removal test's p-value"),
-    "removed": ("removed", "share of the estimated component removed"),
+    "removed": ("weight", "share of the method's own estimate subtracted (its out-of-fold shrinkage), not a share of "
+                          "position: compare R2_pos raw and after for how much of position's variance went"),
 }
 
 
@@ -161,6 +162,15 @@ def profile_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
     return out
 
 
+def share_text(x: float) -> str:
+    """A share as a whole percent that never rounds a few to none or all: '<1%', '>99%'."""
+    if 0 < x < 0.005:
+        return "<1%"
+    if 0.995 <= x < 1:
+        return ">99%"
+    return f"{x:.0%}"
+
+
 def removal_note(removal: dict | None) -> str:
     """One line on how the removal was fitted (what its tests found is in the verdict): what went, one
     vector per level or cross-fitted, the weights against the estimate's own noise, its noise share."""
@@ -174,16 +184,19 @@ def removal_note(removal: dict | None) -> str:
                  f"tokens at the same position keep their distances; removed at weight {shares} (mean over tokens), "
                  "the rest left to balance what the estimate holds of the tokens themselves.")
         noise = removal.get("noise_share")
-        if isinstance(noise, (int, float)) and math.isfinite(noise):
+        if "position" in weights and isinstance(noise, (int, float)) and math.isfinite(noise):
             head += f" Estimate noise: {noise:.1%} of the removed position part."
     elif removal.get("crossfit"):
         head += (f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
-                 "removed from a token never saw its own " + str(removal.get("fold_by")) + f"; "
-                 f"{removal.get('weight', 1):.0%} of it removed.")
+                 "removed from a token never saw its own " + str(removal.get("fold_by")) + "; subtracted at weight "
+                 f"{removal.get('weight', 1):.0%} (the out-of-fold shrinkage of the method's own estimate, not a share "
+                 f"of position: the verdict says how much of position's variance went) from "
+                 f"{share_text(removal.get('crossfit_share', 1.0))} of the tokens.")
     if removal.get("erased"):
         head += " Linear erasure: what a probe of position reads is projected out (no per-position offset)."
-    if removal.get("k"):
-        head += f" {removal['k']} directions projected out."
+    if removal.get("k") and removal.get("weight"):
+        k = removal["k"]
+        head += f" {k} direction{'s' if k != 1 else ''} projected out."
     if removal.get("fold_by") and removal.get("folds"):
         head += f" Tests held out by {removal['fold_by']} ({removal['folds']} folds)."
     return head

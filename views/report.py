@@ -24,7 +24,7 @@ COLUMNS = (
     ("leak /prompt", "leak_prompt", "{:+.3f}"), ("probe", "probe", "{:+.3f}"), ("(chance to)", "probe_chance_hi", "{:+.3f}"),
     ("branch kNN", "purity_branch", "{:.3f}"), ("(chance)", "purity_branch_chance", "{:.3f}"),
     ("prompt kNN", "purity_prompt", "{:.3f}"), ("trust", "trustworthiness", "{:.3f}"),
-    ("p", "p_value", "{:.2f}"), ("removed", "weight", "{:.0%}"), ("took out", "took_out", "{}"),
+    ("p", "p_value", "{:.2f}"), ("weight", "weight", "{:.0%}"), ("took out", "took_out", "{}"),
     ("warning", "warning", "{}"),
 )
 
