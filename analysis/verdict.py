@@ -65,7 +65,7 @@ def factor_sentence(raw: dict[str, Any]) -> str:
     if not scores:
         return ""
     ranked = sorted(scores, key=lambda f: -scores[f][0])
-    show = lambda f: f"{f} {scores[f][0]:.2f} ±{scores[f][1]:.2f}"  # noqa: E731
+    show = lambda f: f"{f} {scores[f][0]:.2f} ±{scores[f][1]:.2f}"
     quoted = "above-chance scores, 0 chance to 1 perfect: " + ", ".join(show(f) for f in ranked)
     best, rest = ranked[0], ranked[1:]
     s, h = scores[best]

@@ -59,7 +59,7 @@ def _probe(c: Claim, clause: str) -> None:
         return
     r2, lo, hi, top = (_f(g) for g in m.groups())
     t = _tol(m.group(4))
-    c.numbers["probe"] = dict(r2=r2, lo=lo, hi=hi, top=top)
+    c.numbers["probe"] = {"r2": r2, "lo": lo, "hi": hi, "top": top}
     if not lo - t <= r2 <= hi + t:
         c.problems.append("probe R2 outside its own band")
     if "is linearly decodable" in clause and not lo >= top - 2 * t:
@@ -75,7 +75,7 @@ def _position(c: Claim, s: str) -> None:
     if not m:
         c.problems.append("R2 sentence without its band or chance's band")
         return
-    c.numbers["r2_pos"] = dict(r2=_f(m.group(1)) / 100, half=_f(m.group(2)) / 100, chance=_f(m.group(3)) / 100)
+    c.numbers["r2_pos"] = {"r2": _f(m.group(1)) / 100, "half": _f(m.group(2)) / 100, "chance": _f(m.group(3)) / 100}
     if m.group(5):
         _probe(c, m.group(5))
 
@@ -86,7 +86,7 @@ def _token(c: Claim, s: str) -> None:
     if not m:
         c.problems.append("same-token sentence without its band or chance's")
         return
-    c.numbers["token_leak"] = dict(leak=_f(m.group(1)) / 100, chance=_f(m.group(3)) / 100)
+    c.numbers["token_leak"] = {"leak": _f(m.group(1)) / 100, "chance": _f(m.group(3)) / 100}
 
 
 def _factors(c: Claim, s: str) -> None:
@@ -138,7 +138,7 @@ def _means_test(c: Claim, s: str) -> None:
     p, _ = _p(m.group(1))
     alpha = _f(m.group(2)) if m.group(2) else ALPHA
     r2, null = _f(m.group(3)), _f(m.group(4))
-    c.numbers["test"] = dict(p=p, alpha=alpha, r2=r2, null=null)
+    c.numbers["test"] = {"p": p, "alpha": alpha, "r2": r2, "null": null}
     significant = p <= alpha + 1e-9
     if s.startswith("No ") and significant:
         c.problems.append("'not detected' beside a significant p")
@@ -170,7 +170,7 @@ def _change(c: Claim, s: str) -> None:
         return
     r, hr, cr, ccr, a, ha, ca, cca, ch = (_f(g) for g in m.groups()[:9])
     word, t = m.group(10), 0.1  # percent points: two values printed at 0.1
-    c.numbers["variance"] = dict(raw=r, after=a)
+    c.numbers["variance"] = {"raw": r, "after": a}
     rose, unchanged = a > r + ch - t, abs(a - r) <= ch + t
     at_chance_before, at_chance = r - hr <= cr + ccr + t, a - ha <= ca + cca + t
     if word == "it rose" and not rose:

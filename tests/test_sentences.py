@@ -11,6 +11,7 @@ import math
 import re
 
 import pytest
+from claims import read_all, split
 
 from analysis.guard import LEAKS, check, removed_nuisances
 from analysis.nuisances import NUISANCES
@@ -19,7 +20,6 @@ from analysis.regimes import generate
 from analysis.residualize import ResidualSpec
 from analysis.verdict import sentences, verdict
 from analysis.view import ViewSpec, compute_view
-from claims import read_all, split
 from views.present import band_caption, metric_rows, removal_note, removal_title
 
 REGIMES = ("no_position", "helix", "one_prompt_3", "token_only", "weak_linear")
@@ -135,14 +135,14 @@ def test_the_metrics_table_flags_what_the_guard_names_and_says_what_its_bands_co
         caption = band_caption(removed)
         n_prompts = 1 if key[0].startswith("one_prompt") else 6
         assert ("over prompts" in caption) == (n_prompts > 1), (key, caption)
-        assert (f"this prompt's" in caption) == (n_prompts == 1), (key, caption)
+        assert ("this prompt's" in caption) == (n_prompts == 1), (key, caption)
 
 
 # The six contradictions of issue 35, each on the numbers it was found with.
 
 def _removal(**kw) -> dict:
-    base = dict(method="auto", nuisance="position", removes=["position"], detected=False, p_value=0.05, p_min=0.0476,
-                alpha=0.05, weight=0.0, tests={}, removed=[], removed_keys=[], weights={}, crossfit=False, note="")
+    base = {"method": "auto", "nuisance": "position", "removes": ["position"], "detected": False, "p_value": 0.05, "p_min": 0.0476,
+                "alpha": 0.05, "weight": 0.0, "tests": {}, "removed": [], "removed_keys": [], "weights": {}, "crossfit": False, "note": ""}
     return base | kw
 
 

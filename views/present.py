@@ -144,8 +144,8 @@ PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": th
     "probe_chance_hi": ("probe chance up to", "upper end of that band"),
     "detected": ("detected", "whether the removal's test found a component at this layer"),
     "p": ("p", "the removal test's p-value"),
-    "removed": ("weight", "share of the method's own estimate subtracted (its out-of-fold shrinkage), not a share of "
-                          "position: compare R2_pos raw and after for how much of position's variance went"),
+    "removed": ("weight", ("share of the method's own estimate subtracted (its out-of-fold shrinkage), not a share of "
+                           "position: compare R2_pos raw and after for how much of position's variance went")),
 }
 
 
