@@ -9,6 +9,8 @@ Layout of a run directory `ROOT/<run_id>/` (ROOT is `STORE.shards` unless given;
         branches.parquet     the `branches` columns without run_id
         tokens.parquet       the `tokens` columns without run_id
         latents.parquet      the `latents` columns without run_id (vec as a fixed-size list of float32)
+        commit.json          the commit record: run id, the run's config hash, task, and each file's rows,
+                             bytes and SHA-256 (on S3 the marker object holds it)
 
 When a shard counts (is committed):
 - local: a shard is written into a hidden temporary directory and renamed into place, so a shard
@@ -19,13 +21,17 @@ When a shard counts (is committed):
   counts, and two attempts of one task never mix their files. Objects of attempts that never committed
   are garbage: `sweep()` removes them once the run is complete.
 A task that runs again (a retried worker, a resumed run) finds its shard committed and writes nothing.
-The merge imports each committed shard in one transaction, skipping shards already imported, and marks
+The merge checks each committed shard against its commit record (run id and config hash of the run it
+merges, each file's bytes, SHA-256 and rows, latents = tokens x layers) and refuses, in one line and before
+importing any of it, a shard that does not match: a file rewritten, truncated or copied from another run.
+It imports each shard that matches in one transaction, skipping shards already imported, and marks
 the run complete when every planned prompt is in; the store then answers the same SQL as a
 single-process run. `store.inplace` reads the committed shards without a merge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -47,6 +53,7 @@ from store.writer import SHARD_TABLES, StoreWriter, arrow_tables
 
 _SHARD = re.compile(r"^shard-(\d{5,})$")
 MARKER = ".committed"  # S3: shard-NNNNN/<attempt>.committed, written after shard-NNNNN/<attempt>/*.parquet
+RECORD = "commit.json"  # local: the commit record inside the shard directory
 
 
 def _shard_name(task: int) -> str:
@@ -60,10 +67,74 @@ class Shard:
     task: int
     fs: pafs.FileSystem
     files: dict[str, str]
+    record: str = ""  # the commit record's path (commit.json, or the S3 marker)
+
+    @property
+    def where(self) -> str:
+        return self.files["prompts"].rsplit("/", 1)[0]
 
     def dataset(self, name: str) -> pads.Dataset:
         """One table of the shard as an Arrow dataset (read lazily, by column and batch)."""
         return pads.dataset(self.files[name], filesystem=self.fs, format="parquet")
+
+    def verify(self, run: dict) -> None:
+        """Check the shard against its commit record and the run it is merged into (`run`: the manifest's
+        run record); one StoreError line naming what differs, reading nothing into a store."""
+        def bad(what: str) -> StoreError:
+            return StoreError(f"shard {self.where} does not match its commit record ({what}); nothing of it was "
+                              "merged: write that task again (delete the shard directory and rerun the same "
+                              "ingest command) or remove it")
+        try:
+            with self.fs.open_input_stream(self.record) as f:
+                record = json.loads(f.read())
+        except FileNotFoundError:
+            raise bad("no commit record") from None
+        except OSError as exc:
+            raise storage_error(exc, "read shard", self.where) from None
+        except ValueError:
+            raise bad("the record is not JSON") from None
+        if record.get("run_id") != run["run_id"] or record.get("config_hash") != run["config_hash"]:
+            raise bad(f"it belongs to run '{record.get('run_id')}' with config {record.get('config_hash')}, not "
+                      f"'{run['run_id']}' with config {run['config_hash']}")
+        if record.get("task") != self.task:
+            raise bad(f"it was written for task {record.get('task')}, not {self.task}")
+        rows = {}
+        for name in SHARD_TABLES:
+            want = (record.get("files") or {}).get(name) or {}
+            try:
+                with self.fs.open_input_stream(self.files[name]) as f:
+                    digest, size = _digest(f)
+            except OSError as exc:
+                raise storage_error(exc, "read shard", self.where) from None
+            if size != want.get("bytes") or digest != want.get("sha256"):
+                raise bad(f"{name}.parquet has {size} bytes and SHA-256 {digest[:12]}..., the record "
+                          f"{want.get('bytes')} and {str(want.get('sha256'))[:12]}...")
+            rows[name] = want.get("rows")
+        layers = len((run.get("config") or {}).get("layers") or []) or None
+        if layers and rows["latents"] != rows["tokens"] * layers:
+            raise bad(f"{rows['latents']} latents for {rows['tokens']} tokens x {layers} layers")
+
+
+def _digest(stream) -> tuple[str, int]:
+    """(SHA-256 hex, bytes) of a readable stream, read in 8 MiB blocks."""
+    h, n = hashlib.sha256(), 0
+    while block := stream.read(8 << 20):
+        h.update(block)
+        n += len(block)
+    return h.hexdigest(), n
+
+
+def _encoded(tables: dict[str, pa.Table], run: dict, task: int) -> tuple[dict[str, bytes], bytes]:
+    """Each table as Parquet bytes, and the commit record that names them (JSON bytes)."""
+    files, described = {}, {}
+    for name, table in tables.items():
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        files[name] = sink.getvalue().to_pybytes()
+        described[name] = {"rows": table.num_rows, "bytes": len(files[name]),
+                           "sha256": hashlib.sha256(files[name]).hexdigest()}
+    record = {"run_id": run["run_id"], "config_hash": run["config_hash"], "task": task, "files": described}
+    return files, json.dumps(record, indent=1, sort_keys=True).encode()
 
 
 def run_dir(store: str | Path, run_id: str, root: str | Path | None = None) -> str:
@@ -131,7 +202,8 @@ def finished_shards(run_path: str | Path) -> dict[int, Shard]:
             match = _SHARD.match(entry.name)
             if match and entry.is_dir():
                 out[int(match.group(1))] = Shard(int(match.group(1)), loc.fs,
-                                                 {name: str(entry / f"{name}.parquet") for name in SHARD_TABLES})
+                                                 {name: str(entry / f"{name}.parquet") for name in SHARD_TABLES},
+                                                 str(entry / RECORD))
         return dict(sorted(out.items()))
     return _committed_objects(loc, loc.path)
 
@@ -159,7 +231,8 @@ def _committed_objects(loc: Location, under: str) -> dict[int, Shard]:
             shard_dir = f"{loc.path}/{rel[0]}/{attempt}"
             if all(f"{shard_dir}/{name}.parquet" in objects for name in SHARD_TABLES):
                 markers.setdefault(int(_SHARD.match(rel[0]).group(1)), []).append(shard_dir)
-    return {task: Shard(task, loc.fs, {name: f"{min(dirs)}/{name}.parquet" for name in SHARD_TABLES})
+    return {task: Shard(task, loc.fs, {name: f"{min(dirs)}/{name}.parquet" for name in SHARD_TABLES},
+                        min(dirs) + MARKER)
             for task, dirs in sorted(markers.items())}
 
 
@@ -179,16 +252,18 @@ def write_shard(run_path: str | Path, task: int, prompts: list[tuple[int, str, i
         tables["tokens"].append(token_tbl)
         tables["latents"].append(latent_tbl)
     merged = {name: pa.concat_tables(parts) for name, parts in tables.items()}
-    return (_commit_object_shard if loc.remote else _commit_local_shard)(loc, task, merged)
+    files, record = _encoded(merged, read_manifest(loc.url)["run"], task)
+    return (_commit_object_shard if loc.remote else _commit_local_shard)(loc, task, files, record)
 
 
-def _commit_local_shard(loc: Location, task: int, tables: dict[str, pa.Table]) -> bool:
+def _commit_local_shard(loc: Location, task: int, files: dict[str, bytes], record: bytes) -> bool:
     final = Path(loc.path, _shard_name(task))
     tmp = Path(loc.path, f".{_shard_name(task)}.tmp-{uuid.uuid4().hex}")
     try:
         tmp.mkdir(parents=True)
-        for name, table in tables.items():
-            pq.write_table(table, tmp / f"{name}.parquet")
+        for name, data in files.items():
+            (tmp / f"{name}.parquet").write_bytes(data)
+        (tmp / RECORD).write_bytes(record)
         fault_point("shard")
         try:
             os.rename(tmp, final)  # atomic; fails when another attempt already put the shard there
@@ -203,19 +278,18 @@ def _commit_local_shard(loc: Location, task: int, tables: dict[str, pa.Table]) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _commit_object_shard(loc: Location, task: int, tables: dict[str, pa.Table]) -> bool:
+def _commit_object_shard(loc: Location, task: int, files: dict[str, bytes], record: bytes) -> bool:
     shard = loc.join(_shard_name(task))
     attempt = f"attempt-{uuid.uuid4().hex[:12]}"
     data = shard.join(attempt)
     try:
-        for name, table in tables.items():
-            pq.write_table(table, f"{data.path}/{name}.parquet", filesystem=loc.fs)
+        for name, payload in files.items():
+            _put(data.join(f"{name}.parquet"), payload)
         fault_point("shard")
         if shard_exists(loc.url, task):  # another attempt committed while this one wrote: drop ours
             loc.fs.delete_dir(data.path)
             return False
-        rows = {name: table.num_rows for name, table in tables.items()}
-        _put(shard.join(attempt + MARKER), json.dumps({"attempt": attempt, "rows": rows}).encode())
+        _put(shard.join(attempt + MARKER), record)
         return True
     except OSError as exc:
         raise storage_error(exc, "write shard", shard) from None
@@ -282,10 +356,11 @@ def merge(run_path: str | Path, store: str | Path, created_by: str) -> tuple[int
         writer.start_run(run)
         imported = skipped = 0
         for shard in shards.values():
+            shard.verify(manifest["run"])
             try:
                 sources = {name: shard.dataset(name) for name in SHARD_TABLES}
-            except OSError as exc:
-                raise storage_error(exc, "read shard", shard.files["prompts"].rsplit("/", 1)[0]) from None
+            except (OSError, pa.ArrowException) as exc:
+                raise StoreError(f"cannot read shard {shard.where}: {str(exc).splitlines()[0]}") from None
             if writer.import_shard(run.run_id, sources):
                 imported += 1
             else:

@@ -74,7 +74,8 @@ def test_s3_shards_commit_with_a_marker_and_merge_to_the_same_rows_as_local_shar
         assert sorted(k for k in keys if k.startswith(attempt + "/")) == [
             f"{attempt}/{name}.parquet" for name in ("branches", "latents", "prompts", "tokens")]
         marker = json.loads(s3.fs.open_input_stream(f"{s3.bucket}/{markers[0]}").read())
-        assert marker["rows"]["prompts"] == len(task(t))
+        assert marker["files"]["prompts"]["rows"] == len(task(t))
+        assert marker["run_id"] == RUN.run_id and marker["task"] == t
     assert read_manifest(remote)["run"]["run_id"] == RUN.run_id
     assert sorted(finished_shards(remote)) == [0, 1, 2] and shard_exists(remote, 2)
 
