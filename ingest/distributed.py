@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +29,35 @@ from ingest.errors import IngestError
 from store.errors import reason
 
 RESTARTS = 4  # per actor, and retries per task: a worker may die this many times before the run fails
+CONNECT_WAIT = float(os.environ.get("BRANCHLENS_RAY_CONNECT_WAIT", 60))  # seconds a Ray address has to answer
+_GCS_PROBE = "import sys, ray._raylet as r; r.GcsClient(address=sys.argv[1]).internal_kv_get(b'branchlens', None)"
+
+
+def check_ray_address(address: str | None, wait: float = CONNECT_WAIT) -> None:
+    """One IngestError line, within about `wait` seconds, when HOST:PORT is no Ray cluster: nothing
+    listening, or something that is not Ray's GCS (ray.init would retry for minutes, printing warnings).
+    The GCS is asked in a child process, whose C++ warnings are kept off the terminal. 'auto' and ray://
+    addresses are left to ray.init, which answers those at once."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise IngestError(f"--ray-address must be auto, local, ray://HOST:PORT or HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=wait).close()
+    except OSError as exc:
+        raise IngestError(f"cannot reach Ray at {address}: {reason(exc)} (is `ray start --head` running there? "
+                          "the port is the GCS port, 6379 by default)") from None
+    try:
+        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
+                               timeout=wait)
+    except subprocess.TimeoutExpired:
+        raise IngestError(f"no Ray cluster answers at {address} within {wait:.0f} s (something listens there, "
+                          "but not Ray's GCS)") from None
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no answer"])[-1]
+        raise IngestError(f"no Ray cluster answers at {address} (something listens there, but not Ray's GCS: "
+                          f"{last[-200:]})")
 
 
 @dataclass
@@ -123,6 +154,7 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     t0 = time.perf_counter()
     started_here = not ray.is_initialized()
     if started_here:
+        check_ray_address(address)
         init: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
         if address:
             init["address"] = address

@@ -154,3 +154,53 @@ def _comparable(rows: list[tuple]) -> list[tuple]:
         return float(f"{v:.6g}") if isinstance(v, float) else "<time>" if isinstance(v, datetime) else v
 
     return sorted((tuple(value(v) for v in row) for row in rows), key=repr)
+
+
+def _silent_server():
+    """A TCP server on a local port that accepts connections and never answers (not Ray's GCS)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+
+    def accept():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["nothing-listens", "not-ray-listens"])
+def test_a_bad_ray_address_ends_with_one_line_and_writes_nothing(model_dirs, tmp_path, listening):
+    """Tried: --ray-address 127.0.0.1:1 printed Ray's warnings for 400+ s and no error line. Now nothing
+    listening is said at once; a server that is not Ray's GCS within BRANCHLENS_RAY_CONNECT_WAIT."""
+    import socket
+
+    server = _silent_server() if listening else None
+    if server:
+        port = server.getsockname()[1]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]  # closed again: nothing listens there
+    store = tmp_path / "store.duckdb"
+    try:
+        out = subprocess.run([PYTHON, "-m", "ingest", "--config", str(_config(model_dirs, tmp_path, 2)), "--store",
+                              str(store), "--ray-address", f"127.0.0.1:{port}", "--no-progress"],
+                             env=_env(tmp_path) | {"BRANCHLENS_RAY_CONNECT_WAIT": "10"}, capture_output=True, text=True,
+                             timeout=600)
+    finally:
+        if server:
+            server.close()
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    expected = "no Ray cluster answers at" if listening else "cannot reach Ray at"
+    assert lines[0].startswith(f"error: {expected} 127.0.0.1:{port}"), lines
+    assert not store.exists() and not Path(f"{store}.shards").exists()
