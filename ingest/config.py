@@ -85,6 +85,8 @@ def _read_structured(path: Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
         raise IngestError(f"config file {path} is not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise IngestError(f"config file {path} nests too deeply to be a run config") from None
     if not isinstance(data, dict):
         raise IngestError(f"config file {path} must hold a table of settings at the top level")
     return data
@@ -243,6 +245,8 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     cfg.prompts = _check_prompts(cfg.prompts, "run config") if cfg.prompts else []
     if not isinstance(cfg.model, str) or not cfg.model.strip():
         raise IngestError("'model' must be a non-empty string")
+    if not isinstance(cfg.store, str) or not cfg.store.strip() or "\0" in cfg.store:
+        raise IngestError(f"'store' must be a file path (a non-empty string), got {cfg.store!r}")
     cfg.samples = _int("samples", cfg.samples, 1)
     cfg.forks = _int("forks", cfg.forks, 0)
     cfg.depth = _int("depth", cfg.depth, 0)

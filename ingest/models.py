@@ -75,6 +75,8 @@ def resolve_device(spec: str) -> torch.device:
             raise IngestError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise IngestError("device 'mps' asked for, but MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: no real tensors to store
+        raise IngestError(f"device {spec!r} cannot run a model for ingest (use auto, cpu, cuda, cuda:N or mps)")
     return device
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from store.errors import StoreBusy, StoreError, StoreMissing, reason
-from store.schema import check_version, read_meta
+from store.schema import check_version, check_whole, read_meta
 
 LOCK_MESSAGE = "Could not set lock"
 
@@ -62,11 +62,17 @@ def mode_kind(mode: int) -> str:
 
 
 def file_kind(path: str | Path) -> str:
-    """mode_kind of what path names (links followed; nothing opened), or 'missing'."""
+    """mode_kind of what path names (links followed; nothing opened), or 'missing'; a path the system
+    cannot look up (a name too long, a loop of links, no permission) is one StoreError line."""
     try:
         return mode_kind(os.stat(path).st_mode)
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return "missing"
+    except OSError as exc:
+        raise StoreError(f"cannot use store {str(path)[:200]}{'...' if len(str(path)) > 200 else ''}: "
+                         f"{reason(exc)}") from None
+    except ValueError as exc:  # a NUL in the path
+        raise StoreError(f"cannot use store {str(path)!r}: {exc}") from None
 
 
 def _connect(path: Path, read_only: bool, config: dict | None = None) -> duckdb.DuckDBPyConnection:
@@ -111,7 +117,9 @@ def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None =
         raise StoreError(f"store {path} is a {kind}, not a DuckDB file")
     con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=READ_CONFIG | (config or {}))
     try:
-        check_version(read_meta(con, str(path)), str(path))
+        meta = read_meta(con, str(path))
+        check_version(meta, str(path))
+        check_whole(con, path, meta)
     except Exception:
         con.close()
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from importlib.resources import files
+from pathlib import Path
 
 import duckdb
 
@@ -75,3 +76,34 @@ def check_version(meta: dict[str, str], path: str) -> None:
             f"{path} has store schema version {found}, this branchlens reads version {SCHEMA_VERSION}; "
             "re-ingest into a new store file or use the branchlens release that wrote it"
         )
+
+
+HEADER_BYTES = 3 * 4096  # DuckDB's file header and two database headers, before the first block
+
+
+def check_whole(con: duckdb.DuckDBPyConnection, path: str | Path | None, meta: dict[str, str]) -> None:
+    """Raise one StoreError line for a store that is damaged where its meta cannot see: a contract table
+    missing, a vector width in meta that its latents column does not have, or (for a file with no
+    write-ahead log beside it) a file shorter than the blocks its header counts, i.e. truncated. Cheap:
+    catalog and header only, no data read."""
+    where = str(path) if path is not None else "store"
+    tables = {r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    missing = [t for t in CONTRACT_TABLES if t not in tables]
+    if missing:
+        raise StoreError(f"{where} is a damaged branchlens store: table(s) {', '.join(missing)} missing; "
+                         "re-ingest into a new store file")
+    declared = first_row(con, "SELECT data_type FROM duckdb_columns() WHERE schema_name = 'main' AND "
+                              "table_name = 'latents' AND column_name = 'vec'")
+    width = re.fullmatch(r"FLOAT\[(\d+)\]", declared[0]) if declared else None
+    if width is None or meta.get("vector_dim") != width.group(1):
+        raise StoreError(f"{where} is a damaged branchlens store: its meta says vector_dim "
+                         f"{meta.get('vector_dim')!r}, its latents column is {declared[0] if declared else 'missing'}; "
+                         "re-ingest into a new store file")
+    if path is None or not Path(path).is_file() or Path(f"{path}.wal").exists():
+        return
+    size = first_row(con, "SELECT block_size, total_blocks FROM pragma_database_size()")
+    if size and Path(path).stat().st_size < HEADER_BYTES + size[0] * size[1]:
+        raise StoreError(f"{where} is damaged: the file has {Path(path).stat().st_size} bytes, its header counts "
+                         f"{HEADER_BYTES + size[0] * size[1]} (truncated by a copy or a full disk?); "
+                         "restore it from a copy or re-ingest into a new store file")

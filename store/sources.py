@@ -19,7 +19,10 @@ from store.inplace import open_shards
 def is_shard_run(path: str | Path) -> bool:
     """A distributed run's shard directory (local, holding run.json) or an s3:// URL of one."""
     text = str(path)
-    return text.startswith("s3://") or (Path(text).is_dir() and (Path(text) / "run.json").is_file())
+    try:
+        return text.startswith("s3://") or (Path(text).is_dir() and (Path(text) / "run.json").is_file())
+    except (OSError, ValueError):  # a name too long, a NUL: no shard run; the store path says why in one line
+        return False
 
 
 @contextmanager

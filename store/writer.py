@@ -3,6 +3,7 @@ branch and readers can open the file between commits."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -16,7 +17,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from store.connect import NO_EXTENSIONS, connect_with_retry, reading
+from store.connect import NO_EXTENSIONS, connect_with_retry, file_kind, reading
 from store.errors import StoreError, reason
 from store.faults import fault_point
 from store.leftovers import creating_copy, remove_stale_copies
@@ -63,7 +64,13 @@ class StoreWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise StoreError(f"cannot create store {self.path}: {reason(exc)}") from exc
+            what = "create store" if file_kind(self.path) == "missing" else "write to store"
+            hint = ""
+            if exc.errno == errno.ENAMETOOLONG and len(resolved.name) < 255:
+                hint = f" (the store's file name must leave {len('.ingest-lock')} characters for '.ingest-lock')"
+            elif self.path.is_symlink() and not resolved.parent.is_dir():
+                hint = f" (it is a link to {resolved}, whose folder does not exist)"
+            raise StoreError(f"cannot {what} {self.path}: cannot create its lock file: {reason(exc)}{hint}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -109,16 +116,16 @@ class StoreWriter:
 
         Cheap and read-only: ingest calls it before loading a model, so a wrong file fails fast.
         """
-        if not self.path.exists():
+        if file_kind(self.path) == "missing":
             return None
-        with reading(self.path, lock_timeout=self.lock_timeout) as con:  # checks the version
+        with reading(self.path, lock_timeout=self.lock_timeout) as con:  # checks the version and the whole
             return read_meta(con, str(self.path))
 
     def prepare(self, dim: int) -> None:
         """Create the store if missing (atomically), else check its version and vector width; remove what
         a killed compaction left beside it."""
         self.claim()
-        remove_stale_copies(self.path)
+        remove_stale_copies(Path(os.path.realpath(self.path)))
         meta = self.check_existing()
         if meta is None:
             self._create(dim)
@@ -130,10 +137,13 @@ class StoreWriter:
             )
 
     def _create(self, dim: int) -> None:
-        tmp = creating_copy(self.path, os.getpid())  # one per process: no clobbering
+        # Through a symlink to a file not made yet, the store is made where the link points (a link is a
+        # name that exists, so linking onto it would fail and leave DuckDB to make an empty file there).
+        target = Path(os.path.realpath(self.path))
+        tmp = creating_copy(target, os.getpid())  # one per process: no clobbering
         wal = tmp.with_name(tmp.name + ".wal")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
             con = duckdb.connect(str(tmp), config=NO_EXTENSIONS | {"storage_compatibility_version": STORAGE_COMPATIBILITY})
             try:
@@ -146,12 +156,12 @@ class StoreWriter:
             if wal.exists():
                 raise OSError(f"the new store's write-ahead log was not merged ({wal.name} left behind)")
             try:
-                os.link(tmp, self.path)  # atomic and never over an existing file: the first creator wins
+                os.link(tmp, target)  # atomic and never over an existing file: the first creator wins
             except FileExistsError:
                 pass  # another process created it meanwhile; its store is checked like any existing one
             except OSError:  # a file system without hard links
-                if not self.path.exists():
-                    os.replace(tmp, self.path)
+                if not target.exists():
+                    os.replace(tmp, target)
         except (OSError, duckdb.Error) as exc:
             raise StoreError(f"cannot create store {self.path}: {reason(exc)}") from exc
         finally:

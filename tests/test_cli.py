@@ -62,6 +62,8 @@ def bad_inputs(model_dirs, tmp_path):
     unknown.write_text('prompts = ["a"]\nsampels = 3\n')
     wrong_type = tmp_path / "wrong.toml"
     wrong_type.write_text('prompts = ["a"]\nsamples = "three"\n')
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
     fifo = tmp_path / "fifo.txt"
     if not fifo.exists():
         os.mkfifo(fifo)
@@ -86,13 +88,15 @@ def bad_inputs(model_dirs, tmp_path):
         # a FIFO hung in open(); /dev/zero grew to 21 GB until the kernel killed the process
         "prompts a fifo": (["--model", tiny, "--prompts", str(fifo)], "is a FIFO, not a regular file"),
         "prompts /dev/zero": (["--model", tiny, "--prompts", "/dev/zero"], "is a device, not a regular file"),
+        # RecursionError and TypeError tracebacks
+        "config nested 10^5 deep": (["--config", str(deep)], "nests too deeply to be a run config"),
     }
 
 
 @pytest.mark.parametrize("case", ["unknown model", "layer out of range", "empty prompt file", "missing prompt file",
                                   "malformed config", "unknown setting", "wrong type", "bad flag value",
                                   "model path missing", "temperature nan", "temperature inf", "top-p nan",
-                                  "run id a path", "prompts a fifo", "prompts /dev/zero"])
+                                  "run id a path", "prompts a fifo", "prompts /dev/zero", "config nested 10^5 deep"])
 def test_bad_input_is_one_clear_line_and_leaves_the_store_alone(case, model_dirs, existing_store, tmp_path):
     (tmp_path / "p.txt").write_text("The cat sat on\n")
     args, message = bad_inputs(model_dirs, tmp_path)[case]
@@ -167,3 +171,99 @@ def test_dry_run_prints_the_plan_and_writes_nothing(model_dirs, existing_store, 
     # The dry run names the run id the real run will use.
     run = cli([*args[:-1], "--store", str(fresh)], tmp_path)
     assert run.returncode == 0 and out.split()[2] in run.stdout
+
+
+def _damage(kind: str, good, tmp_path):
+    """A copy of a good store, damaged one way (what the issue tried), or an unusable store name."""
+    import duckdb
+
+    if kind == "name too long":
+        return tmp_path / ("a" * 300 + ".duckdb")
+    if kind == "no room for the lock":
+        return tmp_path / ("b" * 246 + ".duckdb")
+    path = tmp_path / f"{kind.replace(' ', '_')}.duckdb"
+    path.write_bytes(good.read_bytes())
+    if kind == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+        return path
+    with duckdb.connect(str(path)) as con:
+        if kind == "wrong vector_dim":
+            con.execute("UPDATE meta SET value = '640' WHERE key = 'vector_dim'")
+            return path
+        for view in ("branch_latents", "branch_tokens", "branch_lineage"):
+            con.execute(f"DROP VIEW {view}")
+        tables = ["tokens"] if kind == "a table missing" else ["latents", "tokens", "branches", "prompts", "runs"]
+        for table in tables:
+            con.execute(f"DROP TABLE {table}")
+    return path
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("only meta", "is a damaged branchlens store: table(s) runs, prompts, branches, tokens, latents missing"),
+    ("a table missing", "is a damaged branchlens store: table(s) tokens missing"),
+    ("truncated", "is damaged: the file has"),
+    ("wrong vector_dim", "its meta says vector_dim '640', its latents column is FLOAT[32]"),
+    ("name too long", "File name too long"),
+    ("no room for the lock", "must leave 12 characters for '.ingest-lock'"),
+])
+def test_a_damaged_or_unusable_store_is_one_line_before_the_model_loads(kind, message, existing_store, tmp_path):
+    """Tried: tracebacks (CatalogException, ConversionException, OSError), a 'free space' hint for a truncated
+    file after the model had loaded, a numpy reshape message for a wrong width. The model named here does not
+    exist, so the store's line coming out shows the store is checked first; the store is left as it was,
+    and `views report` says the same in one line."""
+    store = _damage(kind, existing_store, tmp_path)
+    exists = os.path.exists(store)  # False for a name the system cannot look up
+    before = digest(store) if exists else None
+    (tmp_path / "p.txt").write_text("The cat sat on\n")
+    result = cli(["--model", "./no/such/model", "--prompts", str(tmp_path / "p.txt"), "--store", str(store)], tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (digest(store) if exists else None) == before and os.path.exists(store) == exists
+    if exists:
+        report = subprocess.run([PYTHON, "-m", "views", "report", str(store)], env=cli_env(tmp_path),
+                                capture_output=True, text=True, timeout=300)
+        assert report.returncode == 2 and report.stderr.strip().count("\n") == 0, report.stderr
+        assert message in report.stderr and "Traceback" not in report.stderr
+
+
+def test_a_store_named_through_a_link_to_no_file_yet_is_made_where_the_link_points(model_dirs, tmp_path):
+    """Tried: the link counted as an existing name, the store was never made and DuckDB made an empty file at
+    the target that blocked every later run. A link into a missing folder is one line, nothing made."""
+    (tmp_path / "p.txt").write_text("The cat sat on\n")
+    target, link = tmp_path / "disk" / "real.duckdb", tmp_path / "link.duckdb"
+    target.parent.mkdir()
+    link.symlink_to(target)
+    args = ["--model", str(model_dirs["llama"]), "--prompts", str(tmp_path / "p.txt"), "--samples", "1", "--forks",
+            "0", "--max-new-tokens", "3", "--device", "cpu", "--store", str(link)]
+    done = cli(args, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and target.is_file()
+    with reading(link) as con:
+        assert con.execute("SELECT count(*) FROM prompts").fetchall() == [(1,)]
+    nowhere = tmp_path / "nowhere.duckdb"
+    nowhere.symlink_to(tmp_path / "missing-folder" / "x.duckdb")
+    refused = cli([*args[:-1], str(nowhere)], tmp_path)
+    assert refused.returncode == 2 and "whose folder does not exist" in refused.stderr, refused.stderr
+    assert not (tmp_path / "missing-folder").exists()
+
+
+def test_device_meta_is_refused_before_a_run_is_registered(model_dirs, tmp_path):
+    """Tried: --device meta loaded the model, failed in generation with a traceback and left a 'running' run."""
+    (tmp_path / "p.txt").write_text("The cat sat on\n")
+    store = tmp_path / "meta.duckdb"
+    result = cli(["--model", str(model_dirs["llama"]), "--prompts", str(tmp_path / "p.txt"), "--device", "meta",
+                  "--store", str(store)], tmp_path)
+    assert result.returncode == 2 and "device 'meta' cannot run a model for ingest" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not store.exists()
+
+
+def test_a_store_setting_that_is_no_path_is_one_line(tmp_path):
+    """Tried: `store = 5` in a config gave a TypeError traceback; a NUL in it a ValueError one."""
+    for value, shown in ((5, "got 5"), ("a\u0000b.duckdb", "got 'a\\x00b.duckdb'")):
+        config = tmp_path / "run.json"
+        config.write_text(json.dumps({"prompts": ["a"], "store": value}))
+        result = cli(["--config", str(config)], tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == f"error: 'store' must be a file path (a non-empty string), {shown}"
