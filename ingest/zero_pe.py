@@ -47,16 +47,20 @@ def add_zero_pe(
     with reading(store, lock_timeout=JOB_LOCK_WAIT) as con:
         todo = queries.prompts_without_variant(con, run_id, VARIANT)
     writer = StoreWriter(store, created_by="branchlens zero-pe")
-    for prompt_id in tqdm(todo, desc="zero-PE", unit="prompt", disable=not progress, file=sys.stderr):
-        with reading(store, lock_timeout=JOB_LOCK_WAIT) as con:
-            branches = queries.prompt_sequences(con, run_id, prompt_id)
-        items = []
-        for branch_id, fork, token_ids in branches:
-            hidden = encode(lm, token_ids, layers)
-            items.append((branch_id, np.arange(fork, len(token_ids), dtype=np.int32), hidden[:, fork:, :]))
-        writer.write_variant(run_id, prompt_id, items, layers, VARIANT)
-        if not progress:
-            log(f"zero-PE: prompt {prompt_id} written ({len(items)} branches)")
+    writer.claim()  # the one writing job of the store: no compaction swaps the file under these writes
+    try:
+        for prompt_id in tqdm(todo, desc="zero-PE", unit="prompt", disable=not progress, file=sys.stderr):
+            with reading(store, lock_timeout=JOB_LOCK_WAIT) as con:
+                branches = queries.prompt_sequences(con, run_id, prompt_id)
+            items = []
+            for branch_id, fork, token_ids in branches:
+                hidden = encode(lm, token_ids, layers)
+                items.append((branch_id, np.arange(fork, len(token_ids), dtype=np.int32), hidden[:, fork:, :]))
+            writer.write_variant(run_id, prompt_id, items, layers, VARIANT)
+            if not progress:
+                log(f"zero-PE: prompt {prompt_id} written ({len(items)} branches)")
+    finally:
+        writer.release()
     return len(todo)
 
 

@@ -84,7 +84,7 @@ HEADER_BYTES = 3 * 4096  # DuckDB's file header and two database headers, before
 def check_whole(con: duckdb.DuckDBPyConnection, path: str | Path | None, meta: dict[str, str]) -> None:
     """Raise one StoreError line for a store that is damaged where its meta cannot see: a contract table
     missing, a vector width in meta that its latents column does not have, or (for a file with no
-    write-ahead log beside it) a file shorter than the blocks its header counts, i.e. truncated. Cheap:
+    write-ahead log beside it) a file shorter than the blocks in use need, i.e. truncated. Cheap:
     catalog and header only, no data read."""
     where = str(path) if path is not None else "store"
     tables = {r[0] for r in con.execute(
@@ -102,8 +102,10 @@ def check_whole(con: duckdb.DuckDBPyConnection, path: str | Path | None, meta: d
                          "re-ingest into a new store file")
     if path is None or not Path(path).is_file() or Path(f"{path}.wal").exists():
         return
-    size = first_row(con, "SELECT block_size, total_blocks FROM pragma_database_size()")
+    # Used blocks sit at their own offsets, so the file holds at least that many (free ones at the end may
+    # have been cut off by a checkpoint: the total count is no bound).
+    size = first_row(con, "SELECT block_size, used_blocks FROM pragma_database_size()")
     if size and Path(path).stat().st_size < HEADER_BYTES + size[0] * size[1]:
-        raise StoreError(f"{where} is damaged: the file has {Path(path).stat().st_size} bytes, its header counts "
-                         f"{HEADER_BYTES + size[0] * size[1]} (truncated by a copy or a full disk?); "
+        raise StoreError(f"{where} is damaged: the file has {Path(path).stat().st_size} bytes, its blocks in use "
+                         f"need {HEADER_BYTES + size[0] * size[1]} (truncated by a copy or a full disk?); "
                          "restore it from a copy or re-ingest into a new store file")

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -30,10 +31,33 @@ from store.schema import create_schema, first_row, read_meta
 STORAGE_COMPATIBILITY = "v1.5.0"
 SHARD_TABLES = ("prompts", "branches", "tokens", "latents")
 _CLAIMS: dict[str, tuple[int, int]] = {}  # store path -> (lock file descriptor, writers of this process holding it)
+_FILE_LOCKS: dict[str, int] = {}  # store path -> a descriptor of the store file itself, flocked for the claim
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _lock_file_itself(key: str) -> None:
+    """flock the store file itself (its inode) for the claim of `key`, so a hard link, which names the same
+    file beside another lock file, is refused too. DuckDB's own locks are fcntl locks, which flock does not
+    touch. Nothing to lock while the file does not exist yet (creation is guarded by the lock file)."""
+    if key in _FILE_LOCKS:
+        return
+    try:
+        fd = os.open(key, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"another ingest, merge or compaction is writing to {key} under another name (a hard "
+                         "link); wait until it ends, then run this command again") from None
+    _FILE_LOCKS[key] = fd
 
 
 class StoreWriter:
@@ -80,6 +104,11 @@ class StoreWriter:
                              "until it ends (then run this command again: it resumes), or use another --store") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            _lock_file_itself(key)
+        except StoreError:
+            os.close(fd)
+            raise
         self._claim_fd = fd
         _CLAIMS[key] = (fd, 1)
 
@@ -91,6 +120,8 @@ class StoreWriter:
         fd, count = _CLAIMS.get(key, (self._claim_fd, 1))
         if count <= 1:
             _CLAIMS.pop(key, None)
+            if key in _FILE_LOCKS:
+                os.close(_FILE_LOCKS.pop(key))
             os.close(fd)  # closing the file drops the flock
         else:
             _CLAIMS[key] = (fd, count - 1)
@@ -170,6 +201,8 @@ class StoreWriter:
                     leftover.unlink(missing_ok=True)
                 except OSError:
                     pass
+        if str(self.path.resolve()) in _CLAIMS:
+            _lock_file_itself(str(self.path.resolve()))  # the new file is this claim's too
 
     def start_run(self, run: RunRecord) -> set[int]:
         """Register the run (or find it again) and return the prompt ids already written."""

@@ -198,3 +198,25 @@ def test_the_writer_claim_holds_through_a_symlink(tmp_path):
     finally:
         writer.release()
     assert held.returncode == 2 and f"(pid {os.getpid()}) is writing to {link}" in held.stderr
+
+
+def test_the_writer_claim_holds_through_a_hard_link(tmp_path):
+    """A hard link names the same file beside another lock file: the claim also locks the file itself, so a
+    compaction through the link is refused in one line while a claim on the first name is held, and runs
+    once it is released."""
+    store = tmp_path / "s.duckdb"
+    write_tree(store, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8))
+    other = tmp_path / "other.duckdb"
+    os.link(store, other)
+    writer = StoreWriter(store, created_by="test")
+    writer.claim()
+    try:
+        held = subprocess.run([PYTHON, "-m", "store", "compact", str(other)], env=cli_env(tmp_path),
+                              capture_output=True, text=True)
+    finally:
+        writer.release()
+    assert held.returncode == 2 and "under another name (a hard link)" in held.stderr, held.stderr
+    assert len(held.stderr.strip().splitlines()) == 1
+    free = subprocess.run([PYTHON, "-m", "store", "compact", str(other)], env=cli_env(tmp_path),
+                          capture_output=True, text=True)
+    assert free.returncode == 0, free.stderr
