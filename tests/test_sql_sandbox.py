@@ -53,12 +53,38 @@ def hostile_store(sql_store, tmp_path):
     return path, secret
 
 
-def test_a_store_view_over_a_server_file_reads_nothing_and_says_one_line(hostile_store):
+@pytest.fixture
+def sneaky_store(sql_store, tmp_path):
+    """A store whose contract tables are all there, with the contract view `branch_tokens` redefined over a
+    server file and a macro reading it: what the open-time check cannot see, the locked config stops."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LINE\n")
+    path = tmp_path / "sneaky.duckdb"
+    path.write_bytes(sql_store.read_bytes())
+    with duckdb.connect(str(path)) as con:
+        con.execute("DROP VIEW branch_latents")
+        con.execute("DROP VIEW branch_tokens")
+        con.execute(f"CREATE VIEW branch_tokens AS SELECT content AS text FROM read_text('{secret}')")
+        con.execute(f"CREATE MACRO secret() AS (SELECT content FROM read_text('{secret}'))")
+    return path, secret
+
+
+def test_a_contract_table_replaced_by_a_view_is_refused_on_open(hostile_store):
+    """Tried: `prompts` a view over /etc/passwd showed the file in the Prompts picker. The open-time check
+    finds the table missing, so no view of the store runs at all."""
+    path, _ = hostile_store
+    with pytest.raises(StoreError, match="is a damaged branchlens store: table.s. prompts missing") as caught:
+        with reading(path):
+            pass
+    assert "TOP-SECRET" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_store_view_over_a_server_file_reads_nothing_and_says_one_line(sneaky_store):
     """The store's own views and macros run inside every read connection (app, report, views): file access
     is off there, so they fail with one StoreError line; nothing of the file comes out."""
-    path, _ = hostile_store
+    path, _ = sneaky_store
     with pytest.raises(StoreError, match="file system operations are disabled") as caught, reading(path) as con:
-        con.sql("SELECT text FROM prompts").fetchall()
+        con.sql("SELECT text FROM branch_tokens").fetchall()
     assert "TOP-SECRET" not in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(StoreError, match="file system operations are disabled"), reading(path) as con:
         con.sql("SELECT secret()").fetchall()
@@ -69,20 +95,23 @@ def test_a_store_view_over_a_server_file_reads_nothing_and_says_one_line(hostile
     finally:
         con.close()
     with pytest.raises(SqlError, match="file system operations are disabled"):
-        run_query(path, "SELECT text FROM prompts")
+        run_query(path, "SELECT text FROM branch_tokens")
 
 
-def test_the_app_shows_one_line_not_the_file_for_a_hostile_store(hostile_store, monkeypatch, tmp_path):
+@pytest.mark.parametrize("which, message", [("hostile", "table(s) prompts missing"),
+                                            ("sneaky", "file system operations are disabled")])
+def test_the_app_shows_one_line_not_the_file_for_a_hostile_store(which, message, hostile_store, sneaky_store,
+                                                                monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
     monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
-    path, _ = hostile_store
+    path, _ = hostile_store if which == "hostile" else sneaky_store
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=240)
     at.session_state["store_path"] = str(path)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    assert [e.value for e in at.error] and "file system operations are disabled" in at.error[0].value
+    assert [e.value for e in at.error] and message in at.error[0].value, [e.value for e in at.error]
     shown = " ".join(str(e) for e in [*at.main, *at.sidebar])
     assert "TOP-SECRET" not in shown
 
