@@ -81,8 +81,7 @@ if ctl.new_prompts:
 spec_json, raw_json = json.dumps(spec.to_dict()), json.dumps(raw_of(spec).to_dict())
 what = f"{'all prompts' if sel.prompt_ids is None else f'{len(sel.prompt_ids)} prompts'}, layer {sel.layer}"
 waiting = f"Residualizing and projecting {what} (raw and removed)…"
-if data.compiling():
-    waiting += " This server's first UMAP is still compiling its kernels (once per machine, up to ~30 s)."
+waiting += data.kernel_note()
 try:
     with st.spinner(waiting):
         raw_points, raw_metrics = data.view(path, version, sel, raw_json)
@@ -110,7 +109,8 @@ with tabs["Latent space"]:
                                      on=["branch_id", "position"], how="left")
         if "cluster" not in points.columns:
             points = points.with_columns(pl.lit(None, pl.Int64).alias("cluster"))
-        space.render(points, branches, lineage, ctl, raw_metrics, res_metrics, f"{run_id}-layer{sel.layer}")
+        space.render(points, branches, lineage, ctl, raw_metrics, res_metrics, f"{run_id}-layer{sel.layer}",
+                     space.export_title(path, run, sel, spec, res_metrics))
 
 with tabs["Where branches go apart"]:
     if tabs["Where branches go apart"].open:

@@ -1,4 +1,4 @@
-"""Compiled loops (numba, compiled once per machine: on-disk cache): per-code row sums, within-group
+"""Compiled loops (numba, compiled once per installation: on-disk cache): per-code row sums, within-group
 shuffles, and the bootstrap's weighted per-code sums.
 
 A per-position (or per-branch, per-cell) sum of rows is the inner loop of the removal, its detection

@@ -13,7 +13,8 @@ import streamlit as st
 
 from views import catalog
 from views.cache import ViewCache
-from views.clusters import Clusters, clusters as compute_clusters
+from views.clusters import Clusters
+from views.clusters import clusters as compute_clusters
 from views.service import Selection, compute, divergence, layer_profile
 from views.specs import ViewSpec
 
@@ -66,6 +67,7 @@ def warm_up_in_background() -> threading.Thread:
     """Compile (or load) the UMAP kernels once per server process, while the user looks at the sidebar."""
     from views.warmup import warm_up
 
+    _warm_at_start()  # looked at before the warm-up writes its marker
     thread = threading.Thread(target=warm_up, name="branchlens-warm-up", daemon=True)
     if os.environ.get("BRANCHLENS_NO_WARMUP") != "1":
         thread.start()
@@ -73,5 +75,20 @@ def warm_up_in_background() -> threading.Thread:
 
 
 def compiling() -> bool:
-    """True while the first UMAP of this server process may still be compiling its kernels."""
+    """True while the first UMAP of this server process may still be getting its kernels."""
     return warm_up_in_background().is_alive()
+
+
+@st.cache_resource(show_spinner=False)
+def _warm_at_start() -> bool:
+    """Whether the kernels were on disk when this server started (before its warm-up wrote them)."""
+    from views.warmup import is_warm
+
+    return is_warm()
+
+
+def kernel_note() -> str:
+    """The spinner's words on the kernels: '' once they are in, else loading or compiling, truthfully."""
+    from views.warmup import waiting_note
+
+    return waiting_note(compiling(), _warm_at_start())

@@ -172,28 +172,40 @@ def layers_panel(profile: pl.DataFrame) -> None:
 
 
 def sql_panel(store: str, run_id: str) -> None:
-    """A read-only query box; a busy store gives the note and a Retry that runs the query again."""
+    """A read-only query box; a busy store gives the note and a Retry that runs the query again. The last
+    result stays on screen through reruns (another widget, a download) until the query or the store
+    changes; the example query follows the store and run shown."""
     st.caption(LIMITS)
+    state = st.session_state
     default = (f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
                f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20")
-    sql = st.text_area("SQL", value=default, height=140, key="sql")
-    if not (st.button("Run query", key="sql_run") or st.session_state.get("retry_sql")):
+    if state.get("sql_default") != default:  # another store or run: its own example, not the last one's
+        if state.get("sql") in (None, state.get("sql_default")):
+            state["sql"] = default
+        state["sql_default"] = default
+    sql = st.text_area("SQL", height=140, key="sql")
+    if st.button("Run query", key="sql_run") or state.get("retry_sql"):
+        try:
+            result = query(store, sql)
+        except StoreBusy:
+            busy_note(store, "sql")
+            return
+        except SqlError as exc:
+            st.error(f"Query refused or failed: {exc}")
+            return
+        except StoreError as exc:  # the store itself (missing, another schema): a message, not a traceback
+            st.error(str(exc))
+            return
+        state["sql_result"] = (store, sql, result)
+    last = state.get("sql_result")
+    if not last or last[0] != store or last[1] != sql:
         return
-    try:
-        result = query(store, sql)
-    except StoreBusy:
-        busy_note(store, "sql")
-        return
-    except SqlError as exc:
-        st.error(f"Query refused or failed: {exc}")
-        return
-    except StoreError as exc:  # the store itself (missing, another schema): a message, not a traceback
-        st.error(str(exc))
-        return
+    result = last[2]
     table, changes = displayable(result.table)
     frame = pl.from_arrow(table)
     note = {"rows": " (cut at 10,000 rows)", "bytes": " (cut at 64 MB of results)"}.get(result.cut_by, "")
-    st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}" + "".join(f"; {c}" for c in changes))
+    empty = f" (the run shown is '{run_id}': check the run id a WHERE clause names)" if not len(frame) else ""
+    st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}{empty}" + "".join(f"; {c}" for c in changes))
     st.dataframe(frame, width="stretch")
     downloads(frame, "query")
 
@@ -209,26 +221,42 @@ def downloads(frame: pl.DataFrame, name: str) -> None:
     c1, c2 = st.columns(2)
     flat, nested = csv_columns(frame)
     if flat.width:
-        c1.download_button("CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv")
+        c1.download_button("CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv", on_click="ignore")
     if nested:
         c1.caption(f"CSV {'leaves out' if flat.width else 'cannot hold'} {', '.join(nested)} (nested or binary); "
                    "Parquet keeps every column.")
     buf = io.BytesIO()
     frame.write_parquet(buf)
-    c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq")
+    c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq",
+                       on_click="ignore")
 
 
-def chart_exports(build: Callable[[], alt.TopLevelMixin], name: str) -> None:
-    """PNG and SVG of the chart `build()` returns, built and rendered on request (vl-convert)."""
-    if not st.button("Prepare PNG / SVG", key=f"{name}_render"):
+def export_spec(chart: alt.TopLevelMixin, title: list[str]) -> dict:
+    """The chart as a Vega-Lite spec for a file: a fixed width, and a title that says what it shows (the
+    first line) and where it comes from (the others: store, run, model, layer, method)."""
+    spec = chart.to_dict()
+    _fixed_width(spec, 560)
+    if title:
+        spec["title"] = {"text": title[0], "subtitle": title[1:], "anchor": "start"}
+    return spec
+
+
+def chart_exports(build: Callable[[], alt.TopLevelMixin], name: str, title: list[str] | None = None) -> None:
+    """PNG and SVG of the chart `build()` returns, titled, built and rendered on request (vl-convert); the
+    buttons stay after a download (they do not rerun the page)."""
+    state = st.session_state
+    if st.button("Prepare PNG / SVG", key=f"{name}_render"):
+        state["export_ready"] = name
+    if state.get("export_ready") != name:
         return
     import vl_convert as vlc
 
-    spec = build().to_dict()
-    _fixed_width(spec, 560)
+    spec = export_spec(build(), title or [])
     c1, c2 = st.columns(2)
-    c1.download_button("PNG", vlc.vegalite_to_png(spec, scale=2), f"{name}.png", "image/png", key=f"{name}_png")
-    c2.download_button("SVG", vlc.vegalite_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{name}_svg")
+    c1.download_button("PNG", vlc.vegalite_to_png(spec, scale=2), f"{name}.png", "image/png", key=f"{name}_png",
+                       on_click="ignore")
+    c2.download_button("SVG", vlc.vegalite_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{name}_svg",
+                       on_click="ignore")
 
 
 def _fixed_width(spec: dict, width: int) -> None:

@@ -110,9 +110,23 @@ def panel_titles(res_metrics: dict) -> tuple[tuple[str, str], tuple[str, str]]:
     return ("raw", "raw"), ("res", removal_title(res_metrics.get("removal")))
 
 
+def export_title(store: str, run: dict, selection, spec, res_metrics: dict) -> list[str]:
+    """What an exported picture shows and where it comes from, as title lines: the two panels, then the
+    store, run and model, then layer, method, projection and token count."""
+    from pathlib import Path
+
+    from views.specs import method_label
+
+    prompts = "all prompts" if selection.prompt_ids is None else f"prompts {', '.join(map(str, selection.prompt_ids))}"
+    return [f"raw | {removal_title(res_metrics.get('removal'))}",
+            f"store {Path(str(store)).name} · run {run['run_id']} · model {run['model']}",
+            f"layer {selection.layer} ({selection.variant}) · method {method_label(spec.residual.method)} · "
+            f"{spec.projection.method.upper()} · {res_metrics.get('n_tokens', 0):,} tokens · {prompts}"]
+
+
 def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, ctl, raw_metrics: dict,
-           res_metrics: dict, name: str) -> None:
-    """The tab's whole body."""
+           res_metrics: dict, name: str, title: list[str] | None = None) -> None:
+    """The tab's whole body; `title`: the lines an exported picture carries (what and where from)."""
     view = view_id(points)
     table = text.branch_table(branches, lineage)
     table_rows = _table_rows("branch_table")
@@ -190,7 +204,7 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     with st.expander("Export"):
         if static:  # the two panels as one picture, without the interactive parts
             panels.chart_exports(lambda: alt.hconcat(*(charts.projection(*a, interactive=False)
-                                                       for a in static.values())), f"branchlens-{name}")
+                                                       for a in static.values())), f"branchlens-{name}", title)
         panels.downloads(points.drop("context"), f"points-{name}")
 
 

@@ -25,7 +25,6 @@ from store.leftovers import creating_copy, remove_stale_copies
 from store.records import BranchRecord, RunRecord
 from store.schema import create_schema, first_row, read_meta
 
-
 # Written in an older storage format on purpose: the DuckDB CLI on PyPI (duckdb-cli 1.5) cannot read the
 # 2.0 default, and DuckDB 2 reads and writes this one without upgrading it.
 STORAGE_COMPATIBILITY = "v1.5.0"

@@ -443,7 +443,15 @@ def test_another_store_shows_its_own_prompts(store, tmp_path):
     assert box.proto.placeholder == "all 3 prompts (pick some to narrow)"  # an empty box says it means all
 
 
-def test_exports(store):
+def test_exports(store, monkeypatch):
+    """PNG and SVG on request, titled with what the picture shows and where it comes from (tried: the PNG named
+    no store, run, layer, method or model); no download button reruns the page, and the export buttons stay
+    through a rerun (tried: after the PNG the SVG button vanished)."""
+    import vl_convert
+
+    rendered = []
+    real = vl_convert.vegalite_to_png
+    monkeypatch.setattr(vl_convert, "vegalite_to_png", lambda spec, **kw: rendered.append(spec) or real(spec, **kw))
     path, run_id = store
     at = open_app(path)
     downloads = {b.proto.label for b in at.get("download_button")}
@@ -452,6 +460,45 @@ def test_exports(store):
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
     assert {"PNG", "SVG"} <= {b.proto.label for b in at.get("download_button")}
+    assert all(b.proto.ignore_rerun for b in at.get("download_button"))
+    title = rendered[-1]["title"]
+    words = " ".join([title["text"], *title["subtitle"]])
+    for part in (path.name, run_id, "layer 1", model_name(path), "method", "raw |"):
+        assert part in words, (part, words)
+    at.run()  # any rerun: the picture's buttons are still there
+    assert {"PNG", "SVG"} <= {b.proto.label for b in at.get("download_button")}
+
+
+def model_name(path) -> str:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute("SELECT model FROM runs").fetchall()[0][0]
+
+
+def test_the_sql_result_stays_through_reruns_and_the_example_follows_the_store(store, tmp_path):
+    """Tried: after the CSV download the result and the Parquet button vanished; after switching store the
+    example query still named the previous store's run and answered '0 rows' with no hint."""
+    path, run_id = store
+    at = open_tab(open_app(path), "SQL")
+    assert f"run_id = '{run_id}'" in at.text_area(key="sql").value
+    at.button(key="sql_run").click().run()
+    rows = len(at.dataframe[-1].value)
+    assert rows > 0 and {"CSV", "Parquet"} <= {b.proto.label for b in at.get("download_button")}
+    at.run()  # a rerun with no click (what a download used to cause)
+    assert len(at.dataframe[-1].value) == rows and "Parquet" in {b.proto.label for b in at.get("download_button")}
+    other = tmp_path / "other.duckdb"
+    made = subprocess.run([PYTHON, "-m", "views", "synthetic", str(other), "--prompts", "2", "--branches", "2",
+                           "--length", "12", "--d", "8"], capture_output=True, text=True, timeout=600)
+    assert made.returncode == 0, made.stderr[-2000:]
+    with duckdb.connect(str(other), read_only=True) as con:
+        other_run = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
+    at.text_input(key="store_path").set_value(str(other)).run()
+    at = open_tab(at, "SQL")
+    assert f"run_id = '{other_run}'" in at.text_area(key="sql").value
+    assert not [d for d in at.dataframe if "token_text" in getattr(d.value, "columns", [])]  # no stale result
+    at.text_area(key="sql").set_value(f"SELECT * FROM tokens WHERE run_id = '{run_id}'")
+    at.button(key="sql_run").click().run()
+    caption = " ".join(c.value for c in at.caption)
+    assert "0 rows" in caption and f"the run shown is '{other_run}'" in caption
 
 
 def test_zero_pe_variant_is_offered_when_stored(model_dirs, tmp_path):

@@ -163,17 +163,29 @@ def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
     """A second process loads umap's layout kernels from the disk cache instead of compiling them."""
     script = (
         "import warnings; warnings.simplefilter('ignore')\n"
-        "from analysis import jit; jit.warm_up()\n"
+        "from analysis import jit; before = jit.is_warm(); jit.warm_up()\n"
         "import umap.layouts as L, umap.umap_ as U\n"
-        "print(sum(sum(f._cache_hits.values()) for f in "
+        "print(before, jit.is_warm(), sum(sum(f._cache_hits.values()) for f in "
         "(L._nb_optimize_layout_euclidean_single_epoch, U.smooth_knn_dist)))\n"
     )
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "BRANCHLENS_CACHE": str(tmp_path / "cache")}
     run = lambda: subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True,  # noqa: E731
-                                 check=True).stdout.split()[-1]
-    assert run() == "0"  # empty cache: compiled
+                                 check=True).stdout.split()[-3:]
+    assert run() == ["False", "True", "0"]  # empty cache: compiled, and the marker says so afterwards
     assert list((tmp_path / "numba").rglob("*.nbi"))
-    assert int(run()) >= 2  # both kernels loaded from disk
+    before, after, hits = run()
+    assert before == after == "True" and int(hits) >= 2  # both kernels loaded from disk
+
+
+def test_the_spinner_says_loading_or_compiling_as_it_is():
+    """Tried: "compiling (once per machine, up to ~30 s)" on warm restarts, and a first start of 132 s."""
+    from views.warmup import waiting_note
+
+    assert waiting_note(False, False) == waiting_note(False, True) == ""
+    assert "Loading the compiled projection kernels" in waiting_note(True, True)
+    compiling = waiting_note(True, False)
+    assert "compiling" in compiling and "first start of this installation" in compiling
+    assert "once per machine" not in compiling + waiting_note(True, True)
 
 
 def test_learned_positions_show_and_go_but_rope_embeddings_have_none(tiny_cfg):

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--variant", default="normal", help="normal (default) or zero_pe")
     rep.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     rep.add_argument("--no-cache", action="store_true", help="recompute instead of reading the view cache")
-    sub.add_parser("warm-up", help="compile UMAP's and the row-sum kernels into numba's disk cache (once per machine, ~30 s)")
+    sub.add_parser("warm-up", help="compile UMAP's and the row-sum kernels into numba's disk cache (once per installation, about "
+                                     "1-2 min on 2 cores; later starts load them in seconds)")
     syn = sub.add_parser(
         "synthetic", help="write a synthetic run with a known positional helix into a store (opens in the app)",
         description="Write one synthetic run (id run-synthetic-helix) into STORE, as an ingest would: prompts "
