@@ -27,7 +27,8 @@ NEAREST_HOVER_MAX = 6000  # points up to which hovering near a point (not only o
 DRAG = "[pointerdown[!event.shiftKey], window:pointerup] > window:pointermove!"
 PAN = "[pointerdown[event.shiftKey], window:pointerup] > window:pointermove!"
 HOW_TO = ("Drag: select a box · click a point: follow its branch (shift-click adds) · hover: its branch's line · "
-          "wheel: zoom · shift-drag: pan · double-click: reset · click a prompt in the legend: only its branches")
+          "wheel: zoom · shift-drag: pan · double-click: reset · click a prompt in the legend: only its branches "
+          "lit, in both panels")
 
 
 def _axes(prefix: str) -> tuple[alt.X, alt.Y]:
@@ -225,11 +226,19 @@ def profile_panel(rows: pl.DataFrame, value: str, band: str, chance: str, chance
         title=title, height=260, width="container")
 
 
+def view_colour(rows: pl.DataFrame, legend: bool = True) -> alt.Color:
+    """Raw and removed in the Layers tab's two colours (the same two things, the same two colours)."""
+    views = rows["view"].unique(maintain_order=True).to_list() if "view" in rows.columns else []
+    scale = alt.Scale(domain=views, range=[RAW_COLOUR if v == "raw" else REMOVED_COLOUR for v in views])
+    return alt.Color("view:N", title=None, scale=scale,
+                     legend=alt.Legend(orient="top", symbolType="stroke", symbolStrokeWidth=3) if legend else None)
+
+
 def divergence(rows: pl.DataFrame) -> alt.LayerChart:
     """Median distance ratio (related branches / unrelated prompts) per offset since the fork, raw vs
     removed, with its band; the dashed line at 1 is chance (as far apart as unrelated prompts)."""
     base = alt.Chart(rows.fill_nan(None).drop_nulls("median")).encode(
-        x=alt.X("offset:Q", title="tokens since the branches parted"), color=alt.Color("view:N", title=None))
+        x=alt.X("offset:Q", title="tokens since the branches parted"), color=view_colour(rows))
     band = base.mark_area(opacity=0.2).encode(y="lo:Q", y2="hi:Q")
     line = base.mark_line(point=True).encode(
         y=alt.Y("median:Q", title="distance / unrelated prompts", scale=alt.Scale(zero=False)),
@@ -242,8 +251,7 @@ def divergence(rows: pl.DataFrame) -> alt.LayerChart:
 def divergence_per_prompt(rows: pl.DataFrame) -> alt.FacetChart:
     """The divergence chart, one small panel per prompt."""
     data = rows.fill_nan(None).drop_nulls("median")
-    base = alt.Chart(data).encode(x=alt.X("offset:Q", title="tokens since parting"),
-                                  color=alt.Color("view:N", title=None))
+    base = alt.Chart(data).encode(x=alt.X("offset:Q", title="tokens since parting"), color=view_colour(rows))
     layered = alt.layer(
         base.mark_area(opacity=0.2).encode(y="lo:Q", y2="hi:Q"),
         base.mark_line().encode(y=alt.Y("median:Q", title="distance / unrelated", scale=alt.Scale(zero=False))),
@@ -271,6 +279,15 @@ def selected_rows(points: pl.DataFrame, selection: dict) -> pl.DataFrame:
                 cond = pl.col(field).is_between(lo, hi)
                 mask = cond if mask is None else mask & cond
     return points.filter(mask) if mask is not None else points
+
+
+def legend_prompts(selection: dict) -> set[str]:
+    """Prompt labels clicked in a chart's legend, as a Streamlit selection event reports them."""
+    out: set[str] = set()
+    for name, value in selection.items():
+        if name.startswith("legend_") and isinstance(value, list):
+            out |= {str(v["prompt_label"]) for v in value if isinstance(v, dict) and v.get("prompt_label") is not None}
+    return out
 
 
 def picked_branches(selection: dict) -> set[int]:

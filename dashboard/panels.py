@@ -280,5 +280,11 @@ def divergence_panel(found: dict) -> None:
     st.altair_chart(charts.divergence(found["by_offset"]), width="stretch")
     st.caption("Per prompt:")
     st.altair_chart(charts.divergence_per_prompt(found["by_prompt_offset"]))
-    table = found["by_prompt"].pivot(on="view", index="prompt", values="median")
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(per_prompt_table(found["by_prompt"]), hide_index=True, width="stretch")
+
+
+def per_prompt_table(by_prompt: pl.DataFrame) -> pl.DataFrame:
+    """Per prompt, the median distance ratio raw and removed, named as such, at one precision (3 decimals)."""
+    table = by_prompt.pivot(on="view", index="prompt", values="median")
+    return table.with_columns(pl.col(c).round(3) for c in table.columns if c != "prompt").rename(
+        {c: f"median ratio, {c}" for c in table.columns if c != "prompt"})

@@ -55,11 +55,16 @@ def _brushes(selection: dict) -> dict:
     return {k: v for k, v in selection.items() if isinstance(v, dict) and v}
 
 
-def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tuple[int, int]]
-          ) -> tuple[pl.DataFrame, set[int]]:
+MAX_BOX_LINES = 8  # branches of a box's tokens whose lines are drawn (all of 156 tokens' made a mesh)
+
+
+def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tuple[int, int]],
+          prompts: set[str] = frozenset()) -> tuple[pl.DataFrame, set[int]]:
     """The selected tokens and the branches whose lines are drawn. Selected: the tokens inside every
     brush ({param: {field: [lo, hi]}}, from either chart) and the picked tokens; with neither, every token
-    of the picked branches. Lines: the picked branches and those of the selected tokens."""
+    of the picked branches; of those (or of all tokens), only the prompts clicked in either legend when
+    there are some. Lines: the picked branches, and the MAX_BOX_LINES branches with most selected tokens
+    (ties by branch id)."""
     chosen = charts.selected_rows(points, brushes) if brushes else points.head(0)
     if tokens:
         keys = pl.DataFrame(list(tokens), schema={"branch_id": pl.Int64, "position": pl.Int64}, orient="row")
@@ -67,7 +72,10 @@ def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tup
             ["branch_id", "position"], maintain_order=True)
     if not len(chosen) and picked:
         chosen = points.filter(pl.col("branch_id").is_in(list(picked)))
-    lit = set(picked) | set(chosen["branch_id"].unique().to_list())
+    if prompts:
+        chosen = (chosen if len(chosen) else points).filter(pl.col("prompt_label").is_in(list(prompts)))
+    counts = chosen.group_by("branch_id").len().sort(["len", "branch_id"], descending=[True, False])
+    lit = set(picked) | set(counts["branch_id"].head(MAX_BOX_LINES).to_list())
     return chosen, lit
 
 
@@ -105,6 +113,11 @@ def _chart_picks(view: str) -> tuple[set[int], dict]:
     return clicked, brushes
 
 
+def _legend_picks(view: str) -> set[str]:
+    """The prompts clicked in either projection's legend: lit in both panels, not only the clicked one."""
+    return set().union(*(charts.legend_prompts(_chart_selection(chart_key("proj", p, view))) for p, _ in PANELS))
+
+
 def panel_titles(res_metrics: dict) -> tuple[tuple[str, str], tuple[str, str]]:
     """(prefix, title) of the two panels: raw, and what the removal actually took out."""
     return ("raw", "raw"), ("res", removal_title(res_metrics.get("removal")))
@@ -140,7 +153,11 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     first = min(picked_in_table) if picked_in_table else (min(picked) if picked else None)
     pill_key = f"tokens_of_{first}"
     token_sel = {(first, int(p)) for p in (state.get(pill_key) or [])} if first is not None else set()
-    chosen, lit = focus(points, brushes, picked, token_sel)
+    chosen, lit = focus(points, brushes, picked, token_sel, _legend_picks(view))
+    touched = chosen["branch_id"].n_unique()
+    if touched > MAX_BOX_LINES and not set(chosen["branch_id"].unique().to_list()) <= lit:
+        st.caption(f"Lines drawn for the {MAX_BOX_LINES} branches with most selected tokens, of the {touched} "
+                   "the selection touches; click a branch, or pick it in the branch table, to follow it.")
     if carried:
         note, forget = st.columns([5, 1])
         note.caption(f"Following {len(carried)} branch{'es' if len(carried) > 1 else ''} clicked in the previous "
@@ -231,8 +248,9 @@ def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branc
                     forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
                         .with_columns(lit_col)
                 static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
+                legend = [f"legend_{prefix}"] if charts.COLOR_BY[ctl.color_by][1] == "hue" else []
                 st.altair_chart(charts.projection(*static[prefix]), width="stretch", key=chart_key("proj", prefix, view_id),
-                                on_select="rerun", selection_mode=[f"brush_{prefix}", f"pick_{prefix}"])
+                                on_select="rerun", selection_mode=[f"brush_{prefix}", f"pick_{prefix}", *legend])
     return static
 
 

@@ -598,3 +598,26 @@ def test_sql_results_with_vectors_display_and_download(store):
     at.button(key="sql_run").click().run()
     assert not at.exception and not at.error
     assert any("CSV leaves out vec" in c.value for c in at.caption)
+
+
+def test_where_branches_go_apart_uses_the_layers_colours_and_names_its_numbers(store):
+    """Tried: raw and removed were two blues (the removed swatch almost white) while the Layers tab used another
+    pair for the same two things; the per-prompt table did not say its numbers are a median ratio, and mixed
+    decimals (0.979 vs 0.9452)."""
+    from dashboard.charts import RAW_COLOUR, REMOVED_COLOUR
+
+    path, _ = store
+    at = open_tab(open_app(path), "Where branches go apart")
+    ranges = []
+    for spec, _ in charts(at):
+        for layer in spec.get("layer", []) + spec.get("spec", {}).get("layer", []):
+            scale = layer.get("encoding", {}).get("color", {}).get("scale", {})
+            if scale.get("domain"):
+                ranges.append(dict(zip(scale["domain"], scale["range"], strict=True)))
+    assert ranges and all(r.get("raw") == RAW_COLOUR and set(r.values()) <= {RAW_COLOUR, REMOVED_COLOUR}
+                          for r in ranges), ranges
+    table = at.dataframe[-1].value
+    ratios = [c for c in table.columns if c.startswith("median ratio, ")]
+    assert ratios and "median ratio, raw" in ratios
+    for c in ratios:
+        assert all(round(v, 3) == v for v in table[c].dropna()), table[c]

@@ -151,5 +151,28 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
                    + projections(d)[0].size["height"] - 5)
         raw, res = projections(driver)
         assert abs(raw.location["x"] - res.location["x"]) < 5 and raw.size["width"] > 500
+
+        # A prompt clicked in the raw panel's legend is reported to the app, which lights its tokens in both
+        # panels and marks them in the branch text (it used to dim the others in the clicked panel only).
+        def legend_entry(d):
+            found = [e for e in d.find_elements(By.CSS_SELECTOR, ".vega-embed .role-legend-symbol path, "
+                                                                 ".vega-embed .role-legend-label text")
+                     if e.is_displayed()]
+            return found[0] if found else None
+
+        wait.until(legend_entry).click()
+
+        def lit_count(d) -> int | None:
+            try:
+                if d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]'):
+                    return None
+                text = next((e.text for e in d.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text), "")
+                n = int(text.split()[0]) if text else 0
+                return n or None
+            except StaleElementReferenceException:
+                return None
+
+        lit = wait.until(lit_count)
+        assert lit == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
     finally:
         driver.quit()

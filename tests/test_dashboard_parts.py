@@ -136,6 +136,18 @@ def test_focus_selects_brushed_or_picked_tokens_and_lights_their_branches():
     assert len(chosen) == 0 and lit == set()
 
 
+def test_a_box_over_many_branches_draws_the_lines_of_the_few_it_holds_most_of():
+    """Tried: a box over 156 tokens drew every touched branch's line, a mesh that hid the lit points."""
+    from dashboard.space import MAX_BOX_LINES, focus
+
+    rows = [(b, p, float(p), float(b)) for b in range(30) for p in range(b % 5 + 1)]  # branch b: b % 5 + 1 tokens
+    pts = pl.DataFrame(rows, schema=["branch_id", "position", "raw_x", "raw_y"], orient="row")
+    chosen, lit = focus(pts, {"brush_raw": {"raw_x": [-1, 10], "raw_y": [-1, 100]}}, {0}, set())
+    assert len(chosen) == len(pts) and chosen["branch_id"].n_unique() == 30
+    most = sorted(range(30), key=lambda b: (-(b % 5 + 1), b))[:MAX_BOX_LINES]
+    assert lit == {0} | set(most) and len(lit) <= MAX_BOX_LINES + 1
+
+
 def test_clicked_branches_follow_a_change_of_view_and_boxes_do_not():
     """Chart keys are per view (a box's coordinates mean other tokens in another projection), so the
     branches clicked in the last view are carried: until a chart of the new view is clicked or brushed."""
@@ -307,3 +319,20 @@ def test_layer_profile_charts_carry_a_raw_and_removed_key():
     colour = line["encoding"]["color"]
     assert colour["legend"] is not None and colour["legend"]["orient"] == "top"
     assert colour["scale"]["domain"] == ["raw", "per-position mean"] and colour["scale"]["range"] == [RAW_COLOUR, REMOVED_COLOUR]
+
+
+def test_a_prompt_clicked_in_either_legend_lights_its_tokens_in_both_panels():
+    """Tried: clicking a prompt in the legend dimmed the others in that panel only, while boxes and clicked
+    branches lit both. The legend's selection is reported to the app, which lights the same tokens in both."""
+    from dashboard.charts import legend_prompts
+    from dashboard.space import focus
+
+    rows = [(b, p, float(p), float(b), f"{b // 3}: prompt") for b in range(6) for p in range(4)]
+    pts = pl.DataFrame(rows, schema=["branch_id", "position", "raw_x", "raw_y", "prompt_label"], orient="row")
+    event = {"legend_res": [{"prompt_label": "1: prompt"}], "pick_res": [], "brush_res": {}}
+    assert legend_prompts(event) == {"1: prompt"} and legend_prompts({"pick_raw": [{"branch_id": 1}]}) == set()
+    chosen, lit = focus(pts, {}, set(), set(), legend_prompts(event))
+    assert set(chosen["branch_id"].to_list()) == {3, 4, 5} and len(chosen) == 12 and lit == {3, 4, 5}
+    # with a box too: the box's tokens of that prompt only
+    chosen, _ = focus(pts, {"brush_raw": {"raw_x": [1.5, 3.5], "raw_y": [-1, 10]}}, set(), set(), {"0: prompt"})
+    assert set(chosen["branch_id"].to_list()) == {0, 1, 2} and set(chosen["position"].to_list()) == {2, 3}
