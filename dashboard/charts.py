@@ -121,6 +121,10 @@ def projection(
     if legend is not None:
         layers.append(legend)
     chart = alt.layer(*layers).properties(title=title, height=HEIGHT, width="container" if interactive else 560)
+    if interactive:
+        # Streamlit draws a chart of over 2,000 rows on canvas, where the wheel scrolled the page instead of
+        # zooming (measured in Chromium); SVG keeps wheel zoom (and the legend click) working.
+        chart = chart.properties(usermeta={"embedOptions": {"renderer": "svg"}})
     # independent: the lines' identity colours (no legend) would otherwise take the dots' legend away
     return chart.resolve_scale(color="independent") if len(layers) > 1 else chart
 

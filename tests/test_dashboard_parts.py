@@ -114,6 +114,9 @@ def test_projection_draws_lines_only_for_lit_hovered_or_clicked_branches():
     legend = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "point" and layer["mark"].get("opacity") == 0)
     assert legend["encoding"]["color"]["scale"]["domain"] == ["0: prompt", "1: prompt"]
     assert spec["width"] == "container"
+    # Streamlit draws over 2,000 rows on canvas, where the wheel scrolled the page instead of zooming
+    # (measured in Chromium on a 5k-point view): the projection asks for SVG, which zooms
+    assert spec["usermeta"]["embedOptions"]["renderer"] == "svg"
     every = projection(pts, lines, forks, "raw", "raw", draw_all_lines=True).to_dict()
     assert "transform" not in next(layer for layer in every["layer"] if layer["mark"]["type"] == "line")
     import vl_convert as vlc
