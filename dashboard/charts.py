@@ -21,6 +21,7 @@ TOOLTIP = [
     alt.Tooltip("prompt_label:N", title="prompt"), alt.Tooltip("context:N", title="text around"),
 ]
 HEIGHT = 460
+SVG = {"embedOptions": {"renderer": "svg"}}  # charts that zoom: on canvas (Streamlit's choice past 2,000 rows) the wheel scrolled the page
 LEGEND_MAX = 12  # prompts named in a legend (the ones with most tokens drawn); more would squeeze the plot
 NEAREST_HOVER_MAX = 6000  # points up to which hovering near a point (not only on it) shows its branch
 # Drag draws a box; shift-drag pans, the wheel zooms, a double-click resets (Vega-Lite event streams).
@@ -124,7 +125,7 @@ def projection(
     if interactive:
         # Streamlit draws a chart of over 2,000 rows on canvas, where the wheel scrolled the page instead of
         # zooming (measured in Chromium); SVG keeps wheel zoom (and the legend click) working.
-        chart = chart.properties(usermeta={"embedOptions": {"renderer": "svg"}})
+        chart = chart.properties(usermeta=SVG)
     # independent: the lines' identity colours (no legend) would otherwise take the dots' legend away
     return chart.resolve_scale(color="independent") if len(layers) > 1 else chart
 
@@ -175,7 +176,7 @@ def density(points: pl.DataFrame, prefix: str, title: str, color_by: str = "bran
     region = alt.selection_interval(name=f"region_{prefix}", encodings=["x", "y"], on=DRAG, translate=DRAG,
                                     zoom=False)
     return alt.Chart(cells).mark_rect().encode(color=color, **common).add_params(zoom, region).properties(
-        title=title, height=HEIGHT, width="container")
+        title=title, height=HEIGHT, width="container", usermeta=SVG)
 
 
 def region_rows(points: pl.DataFrame, prefix: str, selection: dict) -> pl.DataFrame | None:
