@@ -23,6 +23,9 @@ TOOLTIP = [
 HEIGHT = 460
 SVG = {"embedOptions": {"renderer": "svg"}}  # charts that zoom: on canvas (Streamlit's choice past 2,000 rows) the wheel scrolled the page
 LEGEND_MAX = 12  # prompts named in a legend (the ones with most tokens drawn); more would squeeze the plot
+# Two columns of labels cut at 200 px fit a panel half of a 1366 px window (~560 px); three cut the third
+LEGEND_COLUMNS, LEGEND_LABEL_PX = 2, 200
+FACET_COLUMNS, FACET_WIDTH = 3, 200  # per-prompt panels: 3 x 200 px fit the main area at 1366 px
 NEAREST_HOVER_MAX = 6000  # points up to which hovering near a point (not only on it) shows its branch
 # Drag draws a box; shift-drag pans, the wheel zooms, a double-click resets (Vega-Lite event streams).
 DRAG = "[pointerdown[!event.shiftKey], window:pointerup] > window:pointermove!"
@@ -53,8 +56,9 @@ def prompt_legend(rows: pl.DataFrame, label: str, colour: str, count: str | None
         named = by_prompt.sort(["_n", "prompt_id"], descending=[True, False]).head(LEGEND_MAX).sort("prompt_id")
         title = f"{title}: {LEGEND_MAX} of {len(by_prompt)} named (most tokens)"
     scale = alt.Scale(domain=by_prompt[label].to_list(), range=by_prompt[colour].to_list())
-    return scale, alt.Legend(title=title, titleLimit=480, orient="bottom", columns=3, labelLimit=150,
-                             symbolOpacity=1, symbolType="circle", values=named[label].to_list())
+    return scale, alt.Legend(title=title, titleLimit=480, orient="bottom", columns=LEGEND_COLUMNS,
+                             labelLimit=LEGEND_LABEL_PX, symbolOpacity=1, symbolType="circle",
+                             values=named[label].to_list())
 
 
 def projection(
@@ -260,8 +264,8 @@ def divergence_per_prompt(rows: pl.DataFrame) -> alt.FacetChart:
     layered = alt.layer(
         base.mark_area(opacity=0.2).encode(y="lo:Q", y2="hi:Q"),
         base.mark_line().encode(y=alt.Y("median:Q", title="distance / unrelated", scale=alt.Scale(zero=False))),
-    ).properties(width=220, height=140)
-    return layered.facet(facet=alt.Facet("prompt:N", title="prompt"), columns=4)
+    ).properties(width=FACET_WIDTH, height=140)
+    return layered.facet(facet=alt.Facet("prompt:N", title="prompt"), columns=FACET_COLUMNS)
 
 
 def sample_branches(points: pl.DataFrame, max_points: int, seed: int = 0) -> pl.DataFrame:
