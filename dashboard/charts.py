@@ -23,8 +23,8 @@ TOOLTIP = [
 HEIGHT = 460
 SVG = {"embedOptions": {"renderer": "svg"}}  # charts that zoom: on canvas (Streamlit's choice past 2,000 rows) the wheel scrolled the page
 LEGEND_MAX = 12  # prompts named in a legend (the ones with most tokens drawn); more would squeeze the plot
-# Two columns of labels cut at 200 px fit a panel half of a 1366 px window (~560 px); three cut the third
-LEGEND_COLUMNS, LEGEND_LABEL_PX = 2, 200
+# Two columns of labels cut at 160 px fit a panel of a 1366 px window with the sidebar open (~430 px); three cut the third
+LEGEND_COLUMNS, LEGEND_LABEL_PX = 2, 160
 FACET_COLUMNS, FACET_WIDTH = 3, 200  # per-prompt panels: 3 x 200 px fit the main area at 1366 px
 NEAREST_HOVER_MAX = 6000  # points up to which hovering near a point (not only on it) shows its branch
 # Drag draws a box; shift-drag pans, the wheel zooms, a double-click resets (Vega-Lite event streams).
