@@ -77,6 +77,8 @@ def metrics_html(raw: dict, res: dict) -> str:
 
 def metrics_panel(raw: dict, res: dict) -> None:
     st.markdown(metrics_html(raw, res), unsafe_allow_html=True)
+    with st.expander("What each number means"):  # the ? tooltips are mouse-only; this is for keyboards and reading
+        st.markdown("\n".join(f"- **{r.label}**: {r.help}" for r in metric_rows(raw, res) if r.help))
     st.caption(f"{band_caption(res)}. Leaks: 0 = chance (positions shuffled within "
                "branches), 1 = neighbours at the same position, below 0 = farther apart in position than chance "
                "(after a removal: tokens at the same position pushed apart). Hover ? for what each number "

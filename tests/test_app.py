@@ -111,6 +111,12 @@ def test_opens_the_store_with_both_projections_trajectories_and_numbers(store):
     assert parts["forks"].num_rows == n_children
     table = next(m.value for m in at.markdown if "bl-metrics" in m.value)
     assert "R2_pos (variance explained by position)" in table and "<abbr title=" in table
+    # the ? help is a mouse-only tooltip: every row's help is also in an expander, readable by keyboard
+    meaning = next(e for e in at.expander if e.label == "What each number means")
+    listed = " ".join(m.value for m in meaning.markdown)
+    from analysis.measures import MEASURES
+
+    assert "**R2_pos (variance explained by position)**" in listed and MEASURES["r2_pos"].help in listed
     assert text_caption(at).startswith("<small>0 tokens selected")
     assert not any("<mark" in m.value for m in at.markdown)  # nothing selected yet
     res = projection(at, "res")["points"]
