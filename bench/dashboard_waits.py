@@ -2,6 +2,7 @@
 synthetic store, with plain UMAP on the same tokens measured in the same run as the yardstick.
 
     python bench/dashboard_waits.py            # --prompts 8 --branches 18 --length 40 --d 640
+    python bench/dashboard_waits.py --store branchlens.duckdb   # an existing store (the demo), read only
 
 The store: `python -m views synthetic` (known positional helix, branch content); fresh view cache;
 numba kernels compiled or loaded from disk once before the first step (as the app's warm-up does).
@@ -21,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [  # (what the user does, how AppTest does it)
     ("first view (4 prompts)", lambda at: None),
-    ("layer change", lambda at: at.selectbox(key="layer").set_value(1)),
+    ("layer change", lambda at: at.selectbox(key="layer").set_value(
+        next(int(o) for o in at.selectbox(key="layer").options if int(o) != at.selectbox(key="layer").value))),
     ("method change (regression)", lambda at: at.selectbox(key="method").set_value("regression")),
     ("all prompts", lambda at: next(m for m in at.multiselect if m.label == "Prompts").set_value(
         list(range(len(next(m for m in at.multiselect if m.label == "Prompts").options))))),
@@ -39,13 +41,15 @@ def main() -> None:
     p.add_argument("--branches", type=int, default=18)
     p.add_argument("--length", type=int, default=40)
     p.add_argument("--d", type=int, default=640)
+    p.add_argument("--store", help="measure this store (read only) instead of a new synthetic one")
     args = p.parse_args()
     warnings.simplefilter("ignore")
     tmp = Path(tempfile.mkdtemp())
-    store = tmp / "bench.duckdb"
-    subprocess.run([sys.executable, "-m", "views", "synthetic", str(store), "--prompts", str(args.prompts),
-                    "--branches", str(args.branches), "--length", str(args.length), "--d", str(args.d)],
-                   cwd=ROOT, check=True, capture_output=True)
+    store = Path(args.store).resolve() if args.store else tmp / "bench.duckdb"
+    if not args.store:
+        subprocess.run([sys.executable, "-m", "views", "synthetic", str(store), "--prompts", str(args.prompts),
+                        "--branches", str(args.branches), "--length", str(args.length), "--d", str(args.d)],
+                       cwd=ROOT, check=True, capture_output=True)
     os.environ.update(BRANCHLENS_NO_WARMUP="1", BRANCHLENS_CACHE=str(tmp / "cache"))
     sys.path.insert(0, str(ROOT))
     from streamlit.testing.v1 import AppTest
@@ -55,8 +59,9 @@ def main() -> None:
     jit.warm_up()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=1800)
     at.session_state["store_path"] = str(store)
-    print(f"store: {args.prompts} prompts x {args.branches + 1} branches, length {args.length}, d={args.d}; "
-          f"{os.cpu_count()} CPUs")
+    what = str(store) if args.store else (f"{args.prompts} prompts x {args.branches + 1} branches, length "
+                                          f"{args.length}, d={args.d}")
+    print(f"store: {what}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
     waits = []
     for name, act in STEPS:
         act(at)
@@ -71,7 +76,7 @@ def main() -> None:
     from store.connect import reading
 
     with reading(store) as con:
-        _, X = queries.token_rows(con, at.selectbox(key="run").value, 1)
+        _, X = queries.token_rows(con, at.selectbox(key="run").value, int(at.selectbox(key="layer").value))
     umap.UMAP().fit_transform(X[:500])
     t = time.perf_counter()
     umap.UMAP().fit_transform(X)
