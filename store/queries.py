@@ -37,6 +37,11 @@ def run_config(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     return json.loads(row[0])
 
 
+def run_state(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[str, str] | None:
+    """(config_hash, status) of a run, or None when the store has no such run."""
+    return first_row(con, "SELECT config_hash, status FROM runs WHERE run_id = ?", [run_id])
+
+
 def run_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     """Counts for one run: prompts, branches, tokens (all / generated), latent vectors, layers, status."""
     row = first_row(

@@ -114,3 +114,24 @@ def test_token_module_loads_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_sql_lives_in_store_only():
+    """All SQL in store/ (issue 31 item 3: views/synthetic.py held a query): outside it, no string passed to
+    a connection's execute/sql starts with a SQL verb. The SQL tab's example query is user text, shown in a
+    text box and run through the sandbox."""
+    import re
+
+    verb = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH|COPY|ATTACH|PRAGMA|SET)\b", re.I)
+    found = []
+    for pkg in ("ingest", "analysis", "views", "dashboard"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr in ("execute", "sql", "executemany") and node.args
+                        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                        and verb.match(node.args[0].value)):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "first_row"):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} (first_row)")
+    assert not found, found

@@ -23,9 +23,8 @@ from analysis.tokens import TokenSet
 from store.compact import compact_if_worth
 from store.connect import JOB_LOCK_WAIT, reading
 from store.errors import StoreError
-from store.queries import run_summary
+from store.queries import run_state, run_summary
 from store.records import BranchRecord, RunRecord
-from store.schema import first_row
 from store.writer import StoreWriter
 
 
@@ -169,7 +168,7 @@ def _existing(path: Path, run_id: str) -> tuple[str, str] | None:
     if not path.exists():
         return None
     with reading(path, lock_timeout=JOB_LOCK_WAIT) as con:
-        return first_row(con, "SELECT config_hash, status FROM runs WHERE run_id = ?", [run_id])
+        return run_state(con, run_id)
 
 
 def write_helix_run(path: str | Path, n_prompts: int = 8, branches: int = 12, length: int = 96, d: int = 128,
