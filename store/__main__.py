@@ -1,4 +1,4 @@
-"""`python -m store compact STORE`: store maintenance from the command line."""
+"""`python -m store compact|merge|import|export`: store maintenance and exchange from the command line."""
 
 from __future__ import annotations
 
@@ -23,8 +23,32 @@ def main(argv: list[str] | None = None) -> int:
                                    "s3://bucket/prefix/run-... (AWS settings from the environment)")
     m.add_argument("--store", default="branchlens.duckdb", help="the DuckDB store to merge into (default "
                    "branchlens.duckdb; created if missing)")
+    i = sub.add_parser("import", help="write a run into a store from a token table and per-layer latents computed "
+                                      "elsewhere (README: Latents from elsewhere)")
+    i.add_argument("--tokens", required=True, help="token table: .parquet or .csv (columns in store/exchange.py)")
+    i.add_argument("--latents", required=True, help="latents: .npz or .safetensors, one (tokens, d) array per "
+                                                    "layer named layer_<L>")
+    i.add_argument("--store", default="branchlens.duckdb", help="the store to write (created if missing)")
+    i.add_argument("--run-id", help="default: import-<digest of the two files>")
+    i.add_argument("--model", default="imported", help="what computed the latents (shown in the app)")
+    i.add_argument("--pe-type", default="unknown", help="learned_absolute, rope, alibi or unknown")
+    e = sub.add_parser("export", help="write a run's tokens (tokens.parquet) and latents (latents.npz) for other "
+                                      "tools, in the format `import` reads")
+    e.add_argument("store", help="the DuckDB store file")
+    e.add_argument("--run", required=True, help="the run id")
+    e.add_argument("--to", required=True, help="the folder to write into")
     args = p.parse_args(argv)
     try:
+        if args.command == "import":
+            from store.exchange import import_arrays
+
+            print(import_arrays(args.store, args.tokens, args.latents, args.run_id, args.model, args.pe_type).summary())
+            return 0
+        if args.command == "export":
+            from store.exchange import export_arrays
+
+            print(f"wrote {export_arrays(args.store, args.run, args.to)}: tokens.parquet, latents.npz, run.json")
+            return 0
         if args.command == "merge":
             from store.shards import merge
 

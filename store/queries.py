@@ -305,3 +305,26 @@ def prompt_sequences(con: duckdb.DuckDBPyConnection, run_id: str, prompt_id: int
         params={"run": run_id, "prompt": prompt_id},
     ).fetchall()
     return [(int(b), int(f), list(ids)) for b, f, ids in rows]
+
+
+def exchange_tokens(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame:
+    """Every stored token of a run with its branch and prompt, ordered by (branch_id, position): the table
+    store.exchange writes and reads (prompt_id, prompt_text, branch_id, parent_branch_id, position,
+    token_id, token_text, is_prompt, logprob, entropy, branch_kind, branch_path, ended_with_eos)."""
+    return con.sql(
+        """
+        SELECT b.prompt_id, p.text AS prompt_text, t.branch_id, b.parent_branch_id, t.position, t.token_id,
+               t.token_text, t.is_prompt, t.logprob, t.entropy, b.kind AS branch_kind, b.path AS branch_path,
+               b.ended_with_eos
+        FROM tokens t JOIN branches b USING (run_id, branch_id) JOIN prompts p USING (run_id, prompt_id)
+        WHERE t.run_id = $run ORDER BY t.branch_id, t.position
+        """, params={"run": run_id}).pl()
+
+
+def run_row(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
+    """A run's record (model, n_layers, d_model, pe_type, config, status), or None."""
+    row = first_row(con, "SELECT model, n_layers, d_model, pe_type, config, status FROM runs WHERE run_id = ?",
+                    [run_id])
+    if row is None:
+        return None
+    return dict(zip(("model", "n_layers", "d_model", "pe_type", "config", "status"), row, strict=True))

@@ -1,0 +1,143 @@
+"""Latents from elsewhere (issue 33): a run exported as plain arrays and imported into another store is the
+same run, row for row and number for number; malformed inputs are refused in one line with nothing
+written; an import cut short resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import polars as pl
+import pytest
+
+from helpers import PROMPTS, PYTHON, dump, ingest
+from store import StoreError
+from store.exchange import export_arrays, import_arrays
+
+
+@pytest.fixture(scope="module")
+def source(model_dirs, tmp_path_factory):
+    """A real ingest of the tiny Llama (3 prompts, samples and forks, layers 0-2), exported as arrays."""
+    from ingest.config import build_config
+
+    folder = tmp_path_factory.mktemp("exchange")
+    store = folder / "source.duckdb"
+    run_id = ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=list(PROMPTS), samples=2, forks=1,
+                                      depth=1, max_new_tokens=8, layers=[0, 1, 2], device="cpu",
+                                      store=str(store)))).run_id
+    out = export_arrays(store, run_id, folder / "arrays")
+    return store, run_id, out
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "store", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+
+
+def test_export_then_import_is_the_same_run_row_for_row_and_view_for_view(source, tmp_path):
+    from analysis.project import ProjectionSpec
+    from analysis.residualize import ResidualSpec
+    from analysis.view import ViewSpec
+    from views.service import Selection, compute
+
+    store, run_id, arrays = source
+    target = tmp_path / "target.duckdb"
+    done = _cli("import", "--tokens", str(arrays / "tokens.parquet"), "--latents", str(arrays / "latents.npz"),
+                "--store", str(target), "--run-id", "again", cwd=tmp_path)
+    assert done.returncode == 0 and "3 prompts imported" in done.stdout, done.stderr
+    assert dump(target, "again") == dump(store, run_id)  # prompts, branches, tokens, latents: every row
+    pca = ProjectionSpec(method="pca")
+    for method in ("none", "auto"):
+        spec = ViewSpec(residual=ResidualSpec(method=method), projection=pca)
+        a = compute(store, Selection(run_id, 1, fit_scope="run"), spec).result.metrics
+        b = compute(target, Selection("again", 1, fit_scope="run"), spec).result.metrics
+        for key in ("r2_pos", "leak", "leak_prompt", "token_leak", "probe", "purity_branch_pooled"):
+            assert a[key] == b[key], (method, key)
+        assert a["removal"] == b["removal"]
+    again = _cli("import", "--tokens", str(arrays / "tokens.parquet"), "--latents", str(arrays / "latents.npz"),
+                 "--store", str(target), "--run-id", "again", cwd=tmp_path)
+    assert again.returncode == 0 and "0 prompts imported" in again.stdout and "(3 there before)" in again.stdout
+
+
+def test_an_import_cut_after_one_prompt_resumes_to_the_same_run(source, tmp_path):
+    """A prompt is one transaction: a store holding the first prompt only (what a killed import leaves)
+    gets the others from the same command, and equals an import that was never cut."""
+    store, run_id, arrays = source
+    tokens = pl.read_parquet(arrays / "tokens.parquet")
+    first = tokens["prompt_id"].min()
+    keep = (tokens["prompt_id"] == first).to_numpy()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    tokens.filter(pl.Series(keep)).write_parquet(cut / "tokens.parquet")
+    with np.load(arrays / "latents.npz") as f:
+        np.savez(cut / "latents.npz", **{k: f[k][keep] for k in f.files})
+    target = tmp_path / "t.duckdb"
+    import_arrays(target, cut / "tokens.parquet", cut / "latents.npz", run_id="r")
+    with pytest.raises(StoreError, match="already exists in .* with other settings"):  # other content: refused
+        import_arrays(target, arrays / "tokens.parquet", arrays / "latents.npz", run_id="r")
+    whole = tmp_path / "whole.duckdb"
+    import_arrays(whole, arrays / "tokens.parquet", arrays / "latents.npz", run_id="r")
+    assert dump(whole, "r") == dump(store, run_id)
+
+
+def _broken(arrays, tmp_path, how: str):
+    tokens = pl.read_parquet(arrays / "tokens.parquet")
+    with np.load(arrays / "latents.npz") as f:
+        latents = {k: f[k].copy() for k in f.files}
+    if how == "shape":
+        latents["layer_1"] = latents["layer_1"][:-1]
+    elif how == "width":
+        latents["layer_2"] = latents["layer_2"][:, :-1]
+    elif how == "duplicate":
+        tokens = tokens.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(pl.col("position").first())
+                                     .otherwise(pl.col("position")).alias("position"))
+    elif how == "parent":
+        child = tokens.filter(pl.col("parent_branch_id").is_not_null())["branch_id"][0]
+        tokens = tokens.with_columns(pl.when(pl.col("branch_id") == child).then(9999)
+                                     .otherwise(pl.col("parent_branch_id")).alias("parent_branch_id"))
+    elif how == "nan":
+        latents["layer_0"][5, 3] = np.nan
+    elif how == "column":
+        tokens = tokens.drop("token_text")
+    elif how == "gap":
+        root = tokens["branch_id"][0]
+        tokens = tokens.with_columns(pl.when((pl.col("branch_id") == root) & (pl.int_range(pl.len()) == 0))
+                                     .then(-1).otherwise(pl.col("position")).alias("position"))
+    tokens.write_parquet(tmp_path / "tokens.parquet")
+    np.savez(tmp_path / "latents.npz", **latents)
+    return tmp_path / "tokens.parquet", tmp_path / "latents.npz"
+
+
+@pytest.mark.parametrize("how, message", [
+    ("shape", "layer 1 has"),
+    ("width", "the layers have different widths"),
+    ("duplicate", "more than once"),
+    ("parent", "parent branch 9999 is not in the table"),
+    ("nan", "layer 0 holds NaN or infinite values (first at token row 5)"),
+    ("column", "lacks column(s) token_text"),
+    ("gap", "are not contiguous"),
+])
+def test_malformed_input_is_one_line_and_writes_nothing(source, tmp_path, how, message):
+    _, _, arrays = source
+    tokens, latents = _broken(arrays, tmp_path, how)
+    target = tmp_path / "target.duckdb"
+    out = _cli("import", "--tokens", str(tokens), "--latents", str(latents), "--store", str(target), cwd=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and not target.exists()
+
+
+def test_independent_samples_import_as_single_level_trees(tmp_path):
+    """Branches without a tree: each sample a root of its own prompt (no parent), from a CSV table."""
+    rng = np.random.default_rng(0)
+    rows = [(p, p, None, t, int(rng.integers(0, 50)), f"w{t}") for p in range(3) for t in range(6)]
+    table = pl.DataFrame(rows, schema=["prompt_id", "branch_id", "parent_branch_id", "position", "token_id",
+                                       "token_text"], orient="row")
+    table.write_csv(tmp_path / "tokens.csv")
+    np.savez(tmp_path / "latents.npz", layer_3=rng.normal(size=(len(table), 8)).astype(np.float32))
+    report = import_arrays(tmp_path / "s.duckdb", tmp_path / "tokens.csv", tmp_path / "latents.npz", run_id="ind")
+    assert report.prompts_written == 3 and report.layers == [3]
+    got = dump(tmp_path / "s.duckdb", "ind")
+    assert [(b[0], b[1], b[2], b[3], b[4]) for b in got["branches"]] == [(p, p, None, 0, 0) for p in range(3)]
+    assert len(got["latents"]) == 18
