@@ -10,8 +10,8 @@ import subprocess
 import numpy as np
 import polars as pl
 import pytest
-
 from helpers import PROMPTS, PYTHON, dump, ingest
+
 from store import StoreError
 from store.exchange import export_arrays, import_arrays
 
@@ -141,3 +141,26 @@ def test_independent_samples_import_as_single_level_trees(tmp_path):
     got = dump(tmp_path / "s.duckdb", "ind")
     assert [(b[0], b[1], b[2], b[3], b[4]) for b in got["branches"]] == [(p, p, None, 0, 0) for p in range(3)]
     assert len(got["latents"]) == 18
+
+
+def test_a_view_exports_as_parquet_that_pandas_opens_with_both_projections_and_the_verdict(source, tmp_path):
+    import json
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    store, run_id, _ = source
+    out = tmp_path / "view.parquet"
+    done = subprocess.run([PYTHON, "-m", "views", "export", str(store), "--layer", "1", "--projection", "pca",
+                           "--to", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "BRANCHLENS_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_parquet(out)
+    assert {"x", "y", "raw_x", "raw_y", "token_text", "branch_id", "prompt_id", "position"} <= set(frame.columns)
+    assert frame[["x", "y", "raw_x", "raw_y"]].notna().all().all()
+    meta = json.loads(pq.read_schema(out).metadata[b"branchlens"])
+    assert meta["selection"]["run"] == run_id and meta["verdict"].startswith("Position explains")
+    assert meta["removed"]["n_tokens"] == len(frame)
+    bad = subprocess.run([PYTHON, "-m", "views", "export", str(tmp_path / "nope.duckdb"), "--layer", "1", "--to",
+                          str(out)], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr

@@ -47,7 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("--run-id", default="run-synthetic-helix",
                      help="run id (default run-synthetic-helix; another id puts a second run in the same store)")
     syn.add_argument("--no-compact", action="store_true", help="skip rewriting the store without free space")
+    exp = sub.add_parser("export", help="write one view (both projections, labels, text, numbers, verdict) as "
+                                        "Parquet for Embedding Atlas, latent-scope or pandas")
+    exp.add_argument("store", help="DuckDB store written by `python -m ingest` (or `python -m store import`)")
+    exp.add_argument("--run", help="run id (default: the newest run)")
+    exp.add_argument("--layer", type=int, required=True, help="layer to export")
+    exp.add_argument("--method", default="auto", help="removal method (default auto)")
+    exp.add_argument("--projection", default="umap", choices=["umap", "pca"], help="umap (default) or pca")
+    exp.add_argument("--to", required=True, help="the Parquet file to write")
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return _export(args)
     if args.command == "warm-up":
         return _warm_up()
     if args.command == "synthetic":
@@ -89,6 +99,26 @@ def _synthetic(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
+    return 0
+
+
+def _export(args) -> int:
+    from analysis.project import ProjectionSpec
+    from analysis.residualize import ResidualSpec
+    from analysis.view import ViewSpec
+    from views import catalog
+    from views.errors import StoreError
+    from views.export import export_view
+    from views.service import Selection
+
+    try:
+        run = args.run or catalog.newest_run(args.store)
+        spec = ViewSpec(residual=ResidualSpec(method=args.method), projection=ProjectionSpec(method=args.projection))
+        out = export_view(args.store, Selection(run, args.layer, fit_scope="run"), spec, args.to)
+    except (StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: open it with pandas.read_parquet, or `embedding-atlas {out} --x x --y y --text token_text`")
     return 0
 
 

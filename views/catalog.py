@@ -46,3 +46,12 @@ def branches_and_text(
     if prompt_ids is not None:
         branches = branches.filter(pl.col("prompt_id").is_in(list(prompt_ids)))
     return branches, lineage
+
+
+def newest_run(path: str | Path, lock_timeout: float = 0.0) -> str:
+    """The id of the store's newest run; ValueError when it holds none."""
+    with reading(path, lock_timeout) as con:
+        runs = queries.list_runs(con)
+    if runs.is_empty():
+        raise ValueError(f"{path} holds no runs")
+    return str(runs["run_id"][0])
