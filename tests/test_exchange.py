@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -32,7 +33,7 @@ def source(model_dirs, tmp_path_factory):
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, "-m", "store", *args], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
 
 
 def test_export_then_import_is_the_same_run_row_for_row_and_view_for_view(source, tmp_path):
