@@ -37,8 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("store", help="the DuckDB store file")
     e.add_argument("--run", required=True, help="the run id")
     e.add_argument("--to", required=True, help="the folder to write into")
+    cp = sub.add_parser("copy", help="copy a run from one store into another (the same rows; model and "
+                                     "positional encoding kept)")
+    cp.add_argument("source", help="the store holding the run")
+    cp.add_argument("--run", required=True, help="the run id")
+    cp.add_argument("--store", required=True, help="the store to copy into (created if missing)")
+    cp.add_argument("--run-id", help="the id in the target store (default: the same)")
     args = p.parse_args(argv)
     try:
+        if args.command == "copy":
+            from store.exchange import copy_run
+
+            print(copy_run(args.source, args.run, args.store, args.run_id).summary())
+            return 0
         if args.command == "import":
             from store.exchange import import_arrays
 

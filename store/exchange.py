@@ -264,3 +264,17 @@ def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str 
     finally:
         writer.release()
     return ImportReport(run_id, Path(store), written, len(done), len(tokens), layers)
+
+
+def copy_run(source: str | Path, run_id: str, target: str | Path, new_id: str | None = None) -> ImportReport:
+    """Copy a run (every variant-`normal` latent, token, branch and prompt) from one store into another,
+    through the exchange files in a temporary folder, keeping its model, positional encoding and layer
+    count; the target run id is the source's unless new_id is given."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="branchlens-copy-") as tmp:
+        folder = export_arrays(source, run_id, tmp)
+        run = json.loads((folder / "run.json").read_text())
+        return import_arrays(target, folder / "tokens.parquet", folder / "latents.npz", new_id or run_id,
+                             model=run["model"], pe_type=run["pe_type"] if run["pe_type"] in PE_TYPES else "unknown",
+                             n_layers=run["n_layers"], created_by="branchlens copy")

@@ -165,3 +165,17 @@ def test_a_view_exports_as_parquet_that_pandas_opens_with_both_projections_and_t
     bad = subprocess.run([PYTHON, "-m", "views", "export", str(tmp_path / "nope.duckdb"), "--layer", "1", "--to",
                           str(out)], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+
+
+def test_a_run_copied_across_stores_is_the_same_run(source, tmp_path):
+    store, run_id, _ = source
+    target = tmp_path / "copy.duckdb"
+    done = _cli("copy", str(store), "--run", run_id, "--store", str(target), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert dump(target, run_id) == dump(store, run_id)
+    from store import queries, reading
+
+    with reading(store) as a, reading(target) as b:
+        ra, rb = queries.run_row(a, run_id), queries.run_row(b, run_id)
+    assert (ra["model"], ra["pe_type"], ra["n_layers"]) == (rb["model"], rb["pe_type"], rb["n_layers"])
+    assert rb["status"] == "complete" and '"source": "import"' in rb["config"]
