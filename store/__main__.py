@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--run-id", help="default: import-<digest of the two files>")
     i.add_argument("--model", default="imported", help="what computed the latents (shown in the app)")
     i.add_argument("--pe-type", default="unknown", help="learned_absolute, rope, alibi or unknown")
+    i.add_argument("--sequences", action="store_true", help="the table holds whole sequences (sequence_id, each "
+                                                            "from position 0): shared prefixes become forks")
     e = sub.add_parser("export", help="write a run's tokens (tokens.parquet) and latents (latents.npz) for other "
                                       "tools, in the format `import` reads")
     e.add_argument("store", help="the DuckDB store file")
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             from store.exchange import import_arrays
 
-            print(import_arrays(args.store, args.tokens, args.latents, args.run_id, args.model, args.pe_type).summary())
+            print(import_arrays(args.store, args.tokens, args.latents, args.run_id, args.model, args.pe_type,
+                                sequences=args.sequences).summary())
             return 0
         if args.command == "export":
             from store.exchange import export_arrays

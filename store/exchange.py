@@ -8,7 +8,8 @@ The exchange format is two files that NumPy, pandas, polars and Arrow read as th
     latents.npz (or .safetensors)   one (tokens, d) float array per layer, named layer_<L>
 
 A branch holds its own tokens only (positions fork_position .. end, contiguous), as in the store: a fork
-starts where it leaves its parent, a root at position 0. Independent samples are roots of their own
+starts where it leaves its parent, a root at position 0. Whole sequences with shared prefixes (a
+sequence_id column instead of branch_id/parent_branch_id, `--sequences`) are turned into such a tree. Independent samples are roots of their own
 prompts, or siblings with one parent. Import checks the whole input before writing anything (one
 StoreError line naming the first problem), then writes one transaction per prompt, like ingest, so a
 killed import resumes with the same command; the run record says `"source": "import"` in its config.
@@ -76,8 +77,9 @@ def export_arrays(store: str | Path, run_id: str, out_dir: str | Path, variant: 
     return out
 
 
-def read_tokens(path: str | Path) -> pl.DataFrame:
-    """The token table of a Parquet or CSV file, its required columns checked."""
+def read_tokens(path: str | Path, sequences: bool = False) -> pl.DataFrame:
+    """The token table of a Parquet or CSV file, its required columns checked (a tree's, or with
+    sequences=True whole sequences')."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".parquet":
@@ -88,9 +90,10 @@ def read_tokens(path: str | Path) -> pl.DataFrame:
             raise StoreError(f"token table {path} must be .parquet or .csv")
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise StoreError(f"cannot read token table {path}: {str(exc).splitlines()[0]}") from None
-    missing = [c for c in REQUIRED if c not in table.columns]
+    need = SEQUENCE_COLUMNS if sequences else REQUIRED
+    missing = [c for c in need if c not in table.columns]
     if missing:
-        raise StoreError(f"token table {path} lacks column(s) {', '.join(missing)} (needs {', '.join(REQUIRED)})")
+        raise StoreError(f"token table {path} lacks column(s) {', '.join(missing)} (needs {', '.join(need)})")
     return table
 
 
@@ -120,6 +123,58 @@ def read_latents(path: str | Path) -> dict[int, np.ndarray]:
     if not out:
         raise StoreError(f"latents {path} holds no arrays")
     return dict(sorted(out.items()))
+
+
+SEQUENCE_COLUMNS = ("prompt_id", "sequence_id", "position", "token_id", "token_text")
+
+
+def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+    """Whole sequences (one row per token of each sequence, from position 0: prompt_id, sequence_id,
+    position, token_id, token_text; latents rows in the table's order) as the exchange's tree: per
+    prompt, sequences in order of first appearance; each sequence forks off the earlier one it shares the
+    longest prefix of, where they part, and stores only its tokens from there (the shared prefix's
+    latents are the earlier sequence's, as a causal model computes the same ones); a sequence that is a
+    prefix of an earlier one adds nothing; one that shares nothing is another root of its prompt."""
+    missing = [c for c in SEQUENCE_COLUMNS if c not in table.columns]
+    if missing:
+        raise StoreError(f"sequence table lacks column(s) {', '.join(missing)} (needs {', '.join(SEQUENCE_COLUMNS)})")
+    for layer, array in latents.items():
+        if array.shape[0] != len(table):
+            raise StoreError(f"layer {layer} has {array.shape[0]} rows, the sequence table {len(table)}")
+    table = table.with_row_index("_src")
+    rows, keep, next_id = [], [], 0
+    for (prompt_id,), prompt in table.group_by(["prompt_id"], maintain_order=True):
+        done: list[tuple[list[int], list[tuple[int, int]]]] = []  # (token ids, lineage [(start, branch)])
+        for (_seq,), seq in prompt.group_by(["sequence_id"], maintain_order=True):
+            seq = seq.sort("position")
+            if seq["position"].to_list() != list(range(len(seq))):
+                raise StoreError(f"sequence {_seq} of prompt {prompt_id} does not hold positions 0..{len(seq) - 1} once each")
+            ids = seq["token_id"].to_list()
+            best, k = None, 0
+            for other in done:  # the earlier sequence sharing the longest prefix
+                n = 0
+                while n < min(len(ids), len(other[0])) and ids[n] == other[0][n]:
+                    n += 1
+                if n > k:
+                    best, k = other, n
+            if best is not None and k == len(ids):
+                continue  # a prefix of an earlier sequence: already stored
+            parent = None
+            lineage: list[tuple[int, int]] = []
+            if best is not None:
+                lineage = [(start, b) for start, b in best[1] if start < k]
+                parent = lineage[-1][1]
+            branch = next_id
+            next_id += 1
+            own = seq[k:]
+            rows.append(own.select(pl.lit(prompt_id).alias("prompt_id"), pl.lit(branch).alias("branch_id"),
+                                   pl.lit(parent, pl.Int64).alias("parent_branch_id"), "position", "token_id",
+                                   "token_text", *[c for c in ("prompt_text",) if c in own.columns]))
+            keep.append(own["_src"].to_numpy())
+            done.append((ids, [*lineage, (k, branch)]))
+    out = pl.concat(rows, how="vertical_relaxed")
+    index = np.concatenate(keep)
+    return out, {layer: array[index] for layer, array in latents.items()}
 
 
 def check(tokens: pl.DataFrame, latents: dict[int, np.ndarray]) -> None:
@@ -227,17 +282,20 @@ def _digest(*paths: Path) -> str:
 
 def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str | Path, run_id: str | None = None,
                   model: str = "imported", pe_type: str = "unknown", n_layers: int | None = None,
-                  created_by: str = "branchlens import") -> ImportReport:
+                  created_by: str = "branchlens import", sequences: bool = False) -> ImportReport:
     """Import a run from a token table and per-layer latents (see the module docstring) into `store`
-    (created if missing). Checks everything first; then one transaction per prompt, skipping prompts
-    already there, so the same command resumes."""
+    (created if missing); sequences=True: the table holds whole sequences (from_sequences). Checks
+    everything first; then one transaction per prompt, skipping prompts already there, so the same
+    command resumes."""
     from store.writer import StoreWriter
 
     tokens_path, latents_path = Path(tokens_path), Path(latents_path)
     if pe_type not in PE_TYPES:
         raise StoreError(f"pe_type must be one of {', '.join(PE_TYPES)}, got {pe_type!r}")
-    tokens = read_tokens(tokens_path)
+    tokens = read_tokens(tokens_path, sequences)
     latents = read_latents(latents_path)
+    if sequences:
+        tokens, latents = from_sequences(tokens, latents)
     check(tokens, latents)
     digest = _digest(tokens_path, latents_path)
     run_id = run_id or f"import-{digest[:12]}"

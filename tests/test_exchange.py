@@ -179,3 +179,32 @@ def test_a_run_copied_across_stores_is_the_same_run(source, tmp_path):
         ra, rb = queries.run_row(a, run_id), queries.run_row(b, run_id)
     assert (ra["model"], ra["pe_type"], ra["n_layers"]) == (rb["model"], rb["pe_type"], rb["n_layers"])
     assert rb["status"] == "complete" and '"source": "import"' in rb["config"]
+
+
+def test_sequences_with_shared_prefixes_become_a_tree_of_forks(tmp_path):
+    """Whole sequences in, parent/fork records out: each forks off the earlier sequence it shares the
+    longest prefix of, where they part; a prefix of an earlier one adds nothing; one sharing nothing is
+    another root. The stored latents are each sequence's own rows from its fork on."""
+    seqs = {(0, "A"): [1, 2, 3, 4, 5], (0, "B"): [1, 2, 3, 9, 9, 9], (0, "C"): [1, 2, 7], (0, "D"): [1, 2, 3],
+            (1, "E"): [5, 6], (1, "F"): [8, 8]}
+    rows = [(p, s, i, t, f"t{t}") for (p, s), ids in seqs.items() for i, t in enumerate(ids)]
+    table = pl.DataFrame(rows, schema=["prompt_id", "sequence_id", "position", "token_id", "token_text"],
+                         orient="row")
+    table.write_parquet(tmp_path / "seqs.parquet")
+    vec = np.arange(len(table) * 4, dtype=np.float32).reshape(len(table), 4)  # row r holds 4r .. 4r+3
+    np.savez(tmp_path / "latents.npz", layer_0=vec)
+    done = _cli("import", "--sequences", "--tokens", str(tmp_path / "seqs.parquet"), "--latents",
+                str(tmp_path / "latents.npz"), "--store", str(tmp_path / "s.duckdb"), "--run-id", "seq", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    got = dump(tmp_path / "s.duckdb", "seq")
+    assert [b[:4] for b in got["branches"]] == [(0, 0, None, 0), (1, 0, 0, 3), (2, 0, 0, 2), (3, 1, None, 0),
+                                                (4, 1, None, 0)]
+    row = {(p, s, i): r for r, (p, s, i, _, _) in enumerate(rows)}
+    expected = {0: [row[0, "A", i] for i in range(5)], 1: [row[0, "B", i] for i in (3, 4, 5)], 2: [row[0, "C", 2]],
+                3: [row[1, "E", i] for i in range(2)], 4: [row[1, "F", i] for i in range(2)]}
+    stored = {}
+    for branch_id, position, _, _, v in got["latents"]:
+        stored.setdefault(branch_id, []).append((position, list(v)))
+    for branch_id, src in expected.items():
+        assert [v for _, v in sorted(stored[branch_id])] == [vec[r].tolist() for r in src], branch_id
+    assert len(got["tokens"]) == 5 + 3 + 1 + 2 + 2  # D, a prefix of A, added nothing
