@@ -27,19 +27,19 @@ ORGANIZING = 0.2  # an above-chance score (0..1) from which a factor is said to 
 
 
 def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
-    """Each factor's above-chance score (0 = chance, 1 = perfect) with its 95% half-width: position (kNN
+    """Each factor's above-chance score (0 = chance, 1 = perfect) with its 95% half-width (nan: none): position (kNN
     leak across branches), token identity (same-token neighbours), prompt and branch (pooled kNN purity)."""
     scores = {}
     leak = raw.get("leak", {})
     if _finite(leak.get("leak")):
-        scores["position"] = (float(leak["leak"]), _half(leak))
+        scores["position"] = (float(leak["leak"]), half_width(leak))
     tok = raw.get("token_leak", {})
     if _finite(tok.get("leak"), tok.get("chance")) and tok["chance"] < 1:
-        scores["token identity"] = (_excess(tok["leak"], tok["chance"]), _half(tok) / (1 - tok["chance"]))
+        scores["token identity"] = (_excess(tok["leak"], tok["chance"]), half_width(tok) / (1 - tok["chance"]))
     for label, key in (("prompt", "purity_prompt_pooled"), ("branch", "purity_branch_pooled")):
         m = raw.get(key, {})
         if _finite(m.get("purity"), m.get("chance")) and m["chance"] < 1:
-            scores[label] = (_excess(m["purity"], m["chance"]), _half(m) / (1 - m["chance"]))
+            scores[label] = (_excess(m["purity"], m["chance"]), half_width(m) / (1 - m["chance"]))
     return scores
 
 
@@ -58,27 +58,30 @@ def dominant_factor(raw: dict[str, Any]) -> tuple[str, float]:
 
 
 def factor_sentence(raw: dict[str, Any]) -> str:
-    """Which factor organizes the neighbourhoods, no stronger than the bands: one factor only when its band
-    clears ORGANIZING and the runner-up's band; none when every band stays under ORGANIZING; else says
-    which factors it cannot tell apart."""
+    """Which factor organizes the neighbourhoods, no stronger than the bands (a factor without a band counts
+    as one whose band covers everything): one factor only when its band clears ORGANIZING and every other
+    factor's band; 'leads' when it clears the others' but not ORGANIZING; none when every band stays
+    under ORGANIZING; else which factors' bands overlap the leader's."""
     scores = factor_scores(raw)
     if not scores:
         return ""
     ranked = sorted(scores, key=lambda f: -scores[f][0])
-    show = lambda f: f"{f} {scores[f][0]:.2f} ±{scores[f][1]:.2f}"
+    lo = {f: v[0] - v[1] if math.isfinite(v[1]) else -math.inf for f, v in scores.items()}
+    hi = {f: v[0] + v[1] if math.isfinite(v[1]) else math.inf for f, v in scores.items()}
+    show = lambda f: f"{f} {scores[f][0]:.2f} " + (f"±{scores[f][1]:.2f}" if math.isfinite(scores[f][1])  # noqa: E731
+                                                    else "(no band)")
     quoted = "above-chance scores, 0 chance to 1 perfect: " + ", ".join(show(f) for f in ranked)
     best, rest = ranked[0], ranked[1:]
-    s, h = scores[best]
-    if all(scores[f][0] + scores[f][1] < ORGANIZING for f in ranked):
+    if all(hi[f] < ORGANIZING for f in ranked):
         return f"No single factor organizes this layer's neighbourhoods ({quoted}; each band under {ORGANIZING})."
-    if s - h >= ORGANIZING and all(s - h > scores[f][0] + scores[f][1] for f in rest):
-        return f"This layer is organized by **{best}** ({quoted})."
-    tied = [f for f in ranked if scores[f][0] + scores[f][1] >= max(s - h, ORGANIZING)]
-    if len(tied) > 1:
-        names = f"{', '.join(tied[:-1])} and {tied[-1]}"
-        return f"No factor clearly leads: the bands of **{names}** overlap and reach {ORGANIZING} ({quoted})."
-    return (f"**{best}** leads, but its band reaches below {ORGANIZING}, the score from which this verdict calls a "
-            f"factor organizing ({quoted}).")
+    if all(lo[best] > hi[f] for f in rest):
+        if lo[best] >= ORGANIZING:
+            return f"This layer is organized by **{best}** ({quoted})."
+        return (f"**{best}** leads, but its band reaches below {ORGANIZING}, the score from which this verdict calls "
+                f"a factor organizing ({quoted}).")
+    tied = [best] + [f for f in rest if hi[f] >= lo[best]]
+    names = f"{', '.join(tied[:-1])} and {tied[-1]}"
+    return f"No factor clearly leads: the bands of **{names}** overlap ({quoted})."
 
 
 def token_sentence(raw: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import io
+import json
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -251,14 +252,20 @@ def chart_exports(build: Callable[[], alt.TopLevelMixin], name: str, title: list
         state["export_ready"] = name
     if state.get("export_ready") != name:
         return
+    png, svg = _rendered(json.dumps(export_spec(build(), title or []), sort_keys=True))
+    c1, c2 = st.columns(2)
+    c1.download_button("PNG", png, f"{name}.png", "image/png", key=f"{name}_png", on_click="ignore")
+    c2.download_button("SVG", svg, f"{name}.svg", "image/svg+xml", key=f"{name}_svg", on_click="ignore")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _rendered(spec_json: str) -> tuple[bytes, str]:
+    """PNG (2x) and SVG of a spec, rendered once per spec: the buttons stay through reruns (a box, a click)
+    without vl-convert running again."""
     import vl_convert as vlc
 
-    spec = export_spec(build(), title or [])
-    c1, c2 = st.columns(2)
-    c1.download_button("PNG", vlc.vegalite_to_png(spec, scale=2), f"{name}.png", "image/png", key=f"{name}_png",
-                       on_click="ignore")
-    c2.download_button("SVG", vlc.vegalite_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{name}_svg",
-                       on_click="ignore")
+    spec = json.loads(spec_json)
+    return vlc.vegalite_to_png(spec, scale=2), vlc.vegalite_to_svg(spec)
 
 
 def _fixed_width(spec: dict, width: int) -> None:

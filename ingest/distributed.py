@@ -29,7 +29,16 @@ from ingest.errors import IngestError
 from store.errors import reason
 
 RESTARTS = 4  # per actor, and retries per task: a worker may die this many times before the run fails
-CONNECT_WAIT = float(os.environ.get("BRANCHLENS_RAY_CONNECT_WAIT", 60))  # seconds a Ray address has to answer
+def _seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment, else the default (a typo must not break imports)."""
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+CONNECT_WAIT = _seconds("BRANCHLENS_RAY_CONNECT_WAIT", 60.0)  # seconds a Ray address has to answer
 _GCS_PROBE = "import sys, ray._raylet as r; r.GcsClient(address=sys.argv[1]).internal_kv_get(b'branchlens', None)"
 
 
@@ -41,6 +50,7 @@ def check_ray_address(address: str | None, wait: float = CONNECT_WAIT) -> None:
     if not address or address in ("auto", "local") or "://" in address:
         return
     host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:6379
     if not host or not port.isdigit():
         raise IngestError(f"--ray-address must be auto, local, ray://HOST:PORT or HOST:PORT, got {address!r}")
     try:

@@ -69,7 +69,9 @@ def compact(path: str | Path, lock_timeout: float = 120.0) -> CompactReport:
     claim = StoreWriter(path, created_by="branchlens compact")
     claim.claim()
     try:
-        return _compact_claimed(path, lock_timeout)
+        # The file itself, not a symlink naming it: the copy goes beside it and replaces it, so the link
+        # keeps pointing at the compacted store (replacing the link made it a copy and left the store stale).
+        return _compact_claimed(Path(os.path.realpath(path)), lock_timeout)
     finally:
         claim.release()
 

@@ -31,6 +31,7 @@ from store.errors import StoreError
 from store.records import BranchRecord, RunRecord, is_run_name
 
 REQUIRED = ("prompt_id", "branch_id", "parent_branch_id", "position", "token_id", "token_text")
+OPTIONAL = ("prompt_text", "is_prompt", "logprob", "entropy")  # carried from whole sequences into the tree
 PE_TYPES = ("learned_absolute", "rope", "alibi", "unknown")
 
 
@@ -110,8 +111,11 @@ def read_latents(path: str | Path) -> dict[int, np.ndarray]:
             raw = load_file(str(path))
         else:
             raise StoreError(f"latents {path} must be .npz or .safetensors")
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read latents {path}: {str(exc).splitlines()[0]}") from None
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, a truncated zip (BadZipFile), a corrupt safetensors header
+        text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreError(f"cannot read latents {path}: {text}") from None
     out = {}
     for name, array in raw.items():
         layer = name.removeprefix("layer_")
@@ -141,7 +145,10 @@ def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple
     for layer, array in latents.items():
         if array.shape[0] != len(table):
             raise StoreError(f"layer {layer} has {array.shape[0]} rows, the sequence table {len(table)}")
+    if table.is_empty():
+        raise StoreError("the sequence table holds no rows")
     table = table.with_row_index("_src")
+    optional = [c for c in OPTIONAL if c in table.columns]
     rows, keep, next_id = [], [], 0
     for (prompt_id,), prompt in table.group_by(["prompt_id"], maintain_order=True):
         done: list[tuple[list[int], list[tuple[int, int]]]] = []  # (token ids, lineage [(start, branch)])
@@ -169,12 +176,42 @@ def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple
             own = seq[k:]
             rows.append(own.select(pl.lit(prompt_id).alias("prompt_id"), pl.lit(branch).alias("branch_id"),
                                    pl.lit(parent, pl.Int64).alias("parent_branch_id"), "position", "token_id",
-                                   "token_text", *[c for c in ("prompt_text",) if c in own.columns]))
+                                   "token_text", *optional))
             keep.append(own["_src"].to_numpy())
             done.append((ids, [*lineage, (k, branch)]))
     out = pl.concat(rows, how="vertical_relaxed")
     index = np.concatenate(keep)
     return out, {layer: array[index] for layer, array in latents.items()}
+
+
+def split_roots(tokens: pl.DataFrame) -> pl.DataFrame:
+    """A root branch whose rows say is_prompt = false from some position on holds a prompt and what was
+    generated after it: the store keeps those apart (a root's tokens are its prompt), so the generated
+    part becomes a child branch (a new id, kind sample) forking where the prompt ends, and the root's
+    children that fork later hang from it. Without an is_prompt column a root's tokens are its prompt."""
+    if "is_prompt" not in tokens.columns or tokens.is_empty():
+        return tokens
+    roots = tokens.filter(pl.col("parent_branch_id").is_null())
+    gen = roots.filter(~pl.col("is_prompt").fill_null(False)).group_by("branch_id").agg(
+        pl.col("position").min().alias("k"))
+    if gen.is_empty():
+        return tokens
+    next_id = int(tokens["branch_id"].max()) + 1
+    for root, k in gen.sort("branch_id").iter_rows():
+        new = next_id
+        next_id += 1
+        after = (pl.col("branch_id") == root) & (pl.col("position") >= k)
+        later_child = (pl.col("parent_branch_id") == root) & (pl.col("branch_id").is_in(
+            tokens.filter(pl.col("parent_branch_id") == root).group_by("branch_id").agg(pl.col("position").min())
+            .filter(pl.col("position") > k)["branch_id"].implode()))
+        tokens = tokens.with_columns(
+            pl.when(after).then(pl.lit(root)).when(later_child).then(pl.lit(new))
+            .otherwise(pl.col("parent_branch_id")).alias("parent_branch_id"),
+            pl.when(after).then(pl.lit(new)).otherwise(pl.col("branch_id")).alias("branch_id"))
+        if "branch_kind" in tokens.columns:
+            tokens = tokens.with_columns(pl.when(pl.col("branch_id") == new).then(pl.lit("sample"))
+                                         .otherwise(pl.col("branch_kind")).alias("branch_kind"))
+    return tokens
 
 
 def check(tokens: pl.DataFrame, latents: dict[int, np.ndarray]) -> None:
@@ -296,6 +333,9 @@ def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str 
     latents = read_latents(latents_path)
     if sequences:
         tokens, latents = from_sequences(tokens, latents)
+    if tokens.is_empty():
+        raise StoreError(f"token table {tokens_path} holds no rows")
+    tokens = split_roots(tokens)
     check(tokens, latents)
     digest = _digest(tokens_path, latents_path)
     run_id = run_id or f"import-{digest[:12]}"

@@ -88,11 +88,13 @@ class Shard:
             with self.fs.open_input_stream(self.record) as f:
                 record = json.loads(f.read())
         except FileNotFoundError:
-            raise bad("no commit record") from None
+            raise bad("no commit record: written by a branchlens from before 2026-12-07, or not by branchlens") from None
         except OSError as exc:
             raise storage_error(exc, "read shard", self.where) from None
         except ValueError:
             raise bad("the record is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+            raise bad("the record names no files: written by a branchlens from before 2026-12-07, or damaged")
         if record.get("run_id") != run["run_id"] or record.get("config_hash") != run["config_hash"]:
             raise bad(f"it belongs to run '{record.get('run_id')}' with config {record.get('config_hash')}, not "
                       f"'{run['run_id']}' with config {run['config_hash']}")
@@ -100,7 +102,8 @@ class Shard:
             raise bad(f"it was written for task {record.get('task')}, not {self.task}")
         rows = {}
         for name in SHARD_TABLES:
-            want = (record.get("files") or {}).get(name) or {}
+            want = record["files"].get(name)
+            want = want if isinstance(want, dict) else {}
             try:
                 with self.fs.open_input_stream(self.files[name]) as f:
                     digest, size = _digest(f)
@@ -110,7 +113,10 @@ class Shard:
                 raise bad(f"{name}.parquet has {size} bytes and SHA-256 {digest[:12]}..., the record "
                           f"{want.get('bytes')} and {str(want.get('sha256'))[:12]}...")
             rows[name] = want.get("rows")
-        layers = len((run.get("config") or {}).get("layers") or []) or None
+        listed = (run.get("config") or {}).get("layers")
+        layers = len(listed) if isinstance(listed, list) and listed else None
+        if not all(isinstance(rows[t], int) for t in ("latents", "tokens")):
+            raise bad("the record gives no row counts")
         if layers and rows["latents"] != rows["tokens"] * layers:
             raise bad(f"{rows['latents']} latents for {rows['tokens']} tokens x {layers} layers")
 

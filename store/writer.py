@@ -40,7 +40,10 @@ def _now() -> datetime:
 def _lock_file_itself(key: str) -> None:
     """flock the store file itself (its inode) for the claim of `key`, so a hard link, which names the same
     file beside another lock file, is refused too. DuckDB's own locks are fcntl locks, which flock does not
-    touch. Nothing to lock while the file does not exist yet (creation is guarded by the lock file)."""
+    touch on a local file system (on NFS flock is emulated with fcntl: keep stores on local disks). Closing
+    this descriptor drops this process's fcntl locks on the file, so a claim is released only after the
+    process's own connections to it are closed (every writer connection is short-lived). Nothing to lock
+    while the file does not exist yet (creation is guarded by the lock file)."""
     if key in _FILE_LOCKS:
         return
     try:
@@ -67,6 +70,7 @@ class StoreWriter:
         self.created_by = created_by
         self.lock_timeout = lock_timeout
         self._claim_fd: int | None = None
+        self._key = ""  # the resolved store path the claim holds
 
     def claim(self) -> None:
         """Become the one writing job of this store (an ingest, a merge, a compaction) until release(): an
@@ -75,7 +79,7 @@ class StoreWriter:
         one StoreError line naming it, nothing written. Writers of one process share the claim."""
         if self._claim_fd is not None:
             return
-        key = str(self.path.resolve())
+        key = self._key = str(self.path.resolve())  # kept: release() must not depend on the working directory
         if key in _CLAIMS:
             fd, count = _CLAIMS[key]
             _CLAIMS[key] = (fd, count + 1)
@@ -115,7 +119,7 @@ class StoreWriter:
         """End this writer's claim (the lock goes when the process's last writer of the store releases)."""
         if self._claim_fd is None:
             return
-        key = str(self.path.resolve())
+        key = self._key
         fd, count = _CLAIMS.get(key, (self._claim_fd, 1))
         if count <= 1:
             _CLAIMS.pop(key, None)
@@ -200,8 +204,8 @@ class StoreWriter:
                     leftover.unlink(missing_ok=True)
                 except OSError:
                     pass
-        if str(self.path.resolve()) in _CLAIMS:
-            _lock_file_itself(str(self.path.resolve()))  # the new file is this claim's too
+        if self._key in _CLAIMS:
+            _lock_file_itself(self._key)  # the new file is this claim's too
 
     def start_run(self, run: RunRecord) -> set[int]:
         """Register the run (or find it again) and return the prompt ids already written."""

@@ -96,19 +96,21 @@ def _factors(c: Claim, s: str) -> None:
         return
     scores = {}
     for part in listed.group(1).split(", "):
-        m = re.fullmatch(rf"(position|token identity|prompt|branch) ({NUM}) ±({NUM})", part)
+        m = re.fullmatch(rf"(position|token identity|prompt|branch) ({NUM}) (?:±({NUM})|\(no band\))", part)
         if not m:
             c.problems.append(f"unreadable score {part!r}")
             return
-        scores[m.group(1)] = (_f(m.group(2)), _f(m.group(3)))
+        scores[m.group(1)] = (_f(m.group(2)), _f(m.group(3)) if m.group(3) else float("inf"))
     c.numbers["factors"] = scores
     t = 0.01  # two printed values at 2 decimals
     ranked = sorted(scores, key=lambda f: -scores[f][0])
     lo = {f: v[0] - v[1] for f, v in scores.items()}
     hi = {f: v[0] + v[1] for f, v in scores.items()}
+    leader = ranked[0]
+    clears_others = all(lo[leader] > hi[f] - t for f in ranked[1:])
     if s.startswith("This layer is organized by"):
         best = re.match(r"This layer is organized by (position|token identity|prompt|branch) \(", s).group(1)
-        if best != ranked[0] and scores[best][0] < scores[ranked[0]][0] - t:
+        if best != leader and scores[best][0] < scores[leader][0] - t:
             c.problems.append(f"names {best}, not the top score")
         if lo[best] < ORGANIZING - t:
             c.problems.append(f"'organized by {best}' while its band reaches {lo[best]:.2f} < {ORGANIZING}")
@@ -119,12 +121,15 @@ def _factors(c: Claim, s: str) -> None:
             c.problems.append("'no single factor' while a band reaches the organizing level")
     elif s.startswith("No factor clearly leads"):
         named = re.split(r", | and ", re.match(r"No factor clearly leads: the bands of (.*?) overlap", s).group(1))
-        if len(named) < 2 or any(hi[f] < ORGANIZING - t for f in named):
-            c.problems.append("'no clear leader' among factors whose bands stay under the organizing level")
-        if any(hi[f] < lo[ranked[0]] - t for f in named):
-            c.problems.append("'bands overlap' while one named band stays under the leader's")
+        if len(named) < 2 or any(hi[f] < lo[leader] - t for f in named):
+            c.problems.append("'bands overlap' while a named band stays under the leader's")
+        if clears_others and all(f == leader or hi[f] < lo[leader] - t for f in scores):
+            c.problems.append("'no clear leader' while the leader's band clears every other")
     elif " leads, but its band reaches below" in s:
-        if lo[ranked[0]] > ORGANIZING + t:
+        best = re.match(r"(position|token identity|prompt|branch) leads", s).group(1)
+        if best != leader or not clears_others:
+            c.problems.append(f"'{best} leads' while another factor's band overlaps its own")
+        if lo[leader] > ORGANIZING + t:
             c.problems.append("'band reaches below' while it does not")
     else:
         c.problems.append("factor sentence with an unknown claim")

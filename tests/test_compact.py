@@ -198,6 +198,12 @@ def test_the_writer_claim_holds_through_a_symlink(tmp_path):
     finally:
         writer.release()
     assert held.returncode == 2 and f"(pid {os.getpid()}) is writing to {link}" in held.stderr
+    # Released: the compaction through the link rewrites the store itself and the link still names it
+    # (replacing the link with the copy left the real store stale behind a regular file).
+    done = subprocess.run([PYTHON, "-m", "store", "compact", str(link)], env=cli_env(tmp_path),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert link.is_symlink() and link.resolve() == store.resolve() and store.is_file()
 
 
 def test_the_writer_claim_holds_through_a_hard_link(tmp_path):

@@ -208,3 +208,35 @@ def test_sequences_with_shared_prefixes_become_a_tree_of_forks(tmp_path):
     for branch_id, src in expected.items():
         assert [v for _, v in sorted(stored[branch_id])] == [vec[r].tolist() for r in src], branch_id
     assert len(got["tokens"]) == 5 + 3 + 1 + 2 + 2  # D, a prefix of A, added nothing
+
+
+def test_a_root_holding_its_prompt_and_what_followed_is_split_where_the_prompt_ends(tmp_path):
+    """Reviewed: a root whose rows said is_prompt T,T,T,F,F was stored as five prompt tokens (the store
+    marks a root's tokens as its prompt). The generated part becomes a sample forking at position 3; the
+    root's child forking later hangs from that sample; logprobs come through."""
+    rows = [(0, 0, None, p, 10 + p, f"w{p}", p < 3, -float(p)) for p in range(5)] + \
+           [(0, 1, 0, p, 20 + p, f"v{p}", False, -1.0) for p in (4, 5)]  # forks at 4: after the prompt's end
+    table = pl.DataFrame(rows, schema=["prompt_id", "branch_id", "parent_branch_id", "position", "token_id",
+                                       "token_text", "is_prompt", "logprob"], orient="row")
+    table.write_parquet(tmp_path / "t.parquet")
+    np.savez(tmp_path / "l.npz", layer_0=np.arange(len(table) * 2, dtype=np.float32).reshape(-1, 2))
+    import_arrays(tmp_path / "s.duckdb", tmp_path / "t.parquet", tmp_path / "l.npz", run_id="r")
+    got = dump(tmp_path / "s.duckdb", "r")
+    assert [b[:6] for b in got["branches"]] == [(0, 0, None, 0, 0, "prompt"), (1, 0, 2, 4, 2, "fork"),
+                                                (2, 0, 0, 3, 1, "sample")]
+    assert got["prompts"][0][2] == 3  # the prompt's length
+    prompt_flags = {(t[0], t[1]): t[6] for t in got["tokens"]}
+    assert [prompt_flags[0, p] for p in range(3)] == [True] * 3 and prompt_flags[2, 3] is False
+    assert [t[4] for t in got["tokens"] if t[0] == 2] == [-3.0, -4.0]  # logprobs kept
+
+
+def test_broken_latents_files_are_one_line(source, tmp_path):
+    _, _, arrays = source
+    data = (arrays / "latents.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 3])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    for name in ("cut.npz", "bad.safetensors"):
+        out = _cli("import", "--tokens", str(arrays / "tokens.parquet"), "--latents", str(tmp_path / name),
+                   "--store", str(tmp_path / "s.duckdb"), cwd=tmp_path)
+        assert out.returncode == 2 and out.stderr.startswith("error: cannot read latents"), out.stderr
+        assert "Traceback" not in out.stderr and not (tmp_path / "s.duckdb").exists()

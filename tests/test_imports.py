@@ -118,20 +118,27 @@ def test_token_module_loads_no_heavy_library():
 
 def test_sql_lives_in_store_only():
     """All SQL in store/ (issue 31 item 3: views/synthetic.py held a query): outside it, no string passed to
-    a connection's execute/sql starts with a SQL verb. The SQL tab's example query is user text, shown in a
-    text box and run through the sandbox."""
+    a connection's execute/sql/query (a constant or an f-string) starts with a SQL verb, in the packages and
+    app.py. The SQL tab's example query is user text, shown in a text box and run through the sandbox."""
     import re
 
     verb = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH|COPY|ATTACH|PRAGMA|SET)\b", re.I)
     found = []
-    for pkg in ("ingest", "analysis", "views", "dashboard"):
-        for path in (ROOT / pkg).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                        and node.func.attr in ("execute", "sql", "executemany") and node.args
-                        and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
-                        and verb.match(node.args[0].value)):
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "first_row"):
-                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} (first_row)")
+    def text(arg) -> str:
+        """The literal start of a string argument: a constant, or an f-string's first literal part."""
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            return arg.value
+        if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+            return str(arg.values[0].value)
+        return ""
+
+    paths = [p for pkg in ("ingest", "analysis", "views", "dashboard") for p in (ROOT / pkg).rglob("*.py")]
+    for path in [*paths, ROOT / "app.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("execute", "sql", "executemany", "query") and node.args
+                    and verb.match(text(node.args[0]))):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "first_row":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} (first_row)")
     assert not found, found

@@ -235,3 +235,23 @@ def test_the_reader_catches_a_claim_stronger_than_its_numbers(true, false):
     assert true in text
     assert not [c.problems for c in read_all(text) if c.problems]
     assert [c.problems for c in read_all(text.replace(true, false)) if c.problems]
+
+
+def test_no_leader_is_named_when_another_band_holds_its_score_or_a_band_is_missing():
+    """Reviewed: position 0.15 ±0.01 beside prompt 0.10 ±0.15 was said to lead; a factor with no band was
+    printed ±0.00 and decided on its point estimate."""
+    from analysis.verdict import factor_sentence
+
+    raw = {"leak": {"leak": 0.15, "lo": 0.14, "hi": 0.16},
+           "purity_prompt_pooled": {"purity": 0.10, "chance": 0.0, "lo": -0.05, "hi": 0.25}}
+    said = factor_sentence(raw)
+    assert said.startswith("No factor clearly leads: the bands of **position and prompt** overlap"), said
+    assert not [c.problems for c in read_all(said) if c.problems]
+    wrong = said.replace("No factor clearly leads: the bands of **position and prompt** overlap",
+                         "**position** leads, but its band reaches below 0.2, the score from which this verdict "
+                         "calls a factor organizing")
+    assert [c.problems for c in read_all(wrong) if c.problems]
+    unbanded = {"leak": {"leak": 0.9, "lo": 0.89, "hi": 0.91}, "purity_branch_pooled": {"purity": 0.3, "chance": 0.0}}
+    said = factor_sentence(unbanded)
+    assert "branch 0.30 (no band)" in said and "organized by" not in said, said
+    assert not [c.problems for c in read_all(said) if c.problems]
