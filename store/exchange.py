@@ -188,12 +188,13 @@ def split_roots(tokens: pl.DataFrame) -> pl.DataFrame:
     """A root branch whose rows say is_prompt = false from some position on holds a prompt and what was
     generated after it: the store keeps those apart (a root's tokens are its prompt), so the generated
     part becomes a child branch (a new id, kind sample) forking where the prompt ends, and the root's
-    children that fork later hang from it. Without an is_prompt column a root's tokens are its prompt."""
+    children that fork later hang from it. Without an is_prompt column, or with no prompt row in a root,
+    a root's tokens are its prompt."""
     if "is_prompt" not in tokens.columns or tokens.is_empty():
         return tokens
     roots = tokens.filter(pl.col("parent_branch_id").is_null())
     gen = roots.filter(~pl.col("is_prompt").fill_null(False)).group_by("branch_id").agg(
-        pl.col("position").min().alias("k"))
+        pl.col("position").min().alias("k")).filter(pl.col("k") > 0)  # no prompt rows at all: left whole
     if gen.is_empty():
         return tokens
     next_id = int(tokens["branch_id"].max()) + 1

@@ -228,6 +228,12 @@ def test_a_root_holding_its_prompt_and_what_followed_is_split_where_the_prompt_e
     prompt_flags = {(t[0], t[1]): t[6] for t in got["tokens"]}
     assert [prompt_flags[0, p] for p in range(3)] == [True] * 3 and prompt_flags[2, 3] is False
     assert [t[4] for t in got["tokens"] if t[0] == 2] == [-3.0, -4.0]  # logprobs kept
+    # a root with no prompt row at all is left whole (its tokens count as its prompt), not split into nothing
+    table.filter(pl.col("branch_id") == 0).with_columns(pl.lit(False).alias("is_prompt")).write_parquet(
+        tmp_path / "u.parquet")
+    np.savez(tmp_path / "u.npz", layer_0=np.zeros((5, 2), np.float32))
+    import_arrays(tmp_path / "u.duckdb", tmp_path / "u.parquet", tmp_path / "u.npz", run_id="u")
+    assert [b[:4] for b in dump(tmp_path / "u.duckdb", "u")["branches"]] == [(0, 0, None, 0)]
 
 
 def test_broken_latents_files_are_one_line(source, tmp_path):
