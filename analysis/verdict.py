@@ -68,9 +68,9 @@ def factor_sentence(raw: dict[str, Any]) -> str:
     ranked = sorted(scores, key=lambda f: -scores[f][0])
     lo = {f: v[0] - v[1] if math.isfinite(v[1]) else -math.inf for f, v in scores.items()}
     hi = {f: v[0] + v[1] if math.isfinite(v[1]) else math.inf for f, v in scores.items()}
-    show = lambda f: f"{f} {scores[f][0]:.2f} " + (f"±{scores[f][1]:.2f}" if math.isfinite(scores[f][1])  # noqa: E731
-                                                    else "(no band)")
-    quoted = "above-chance scores, 0 chance to 1 perfect: " + ", ".join(show(f) for f in ranked)
+    shown = [f"{f} {scores[f][0]:.2f} " + (f"±{scores[f][1]:.2f}" if math.isfinite(scores[f][1]) else "(no band)")
+             for f in ranked]
+    quoted = "above-chance scores, 0 chance to 1 perfect: " + ", ".join(shown)
     best, rest = ranked[0], ranked[1:]
     if all(hi[f] < ORGANIZING for f in ranked):
         return f"No single factor organizes this layer's neighbourhoods ({quoted}; each band under {ORGANIZING})."
