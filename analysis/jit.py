@@ -8,14 +8,10 @@ cache (closures over other functions, as in pynndescent) are avoided by the proj
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
-import os
-import sys
 import threading
 import warnings
-from pathlib import Path
 
 import numpy as np
 
@@ -73,29 +69,6 @@ def umap_fit(Y: np.ndarray, idx: np.ndarray, dist: np.ndarray, n_components: int
     return np.asarray(coords, dtype=np.float32)
 
 
-def warm_marker() -> Path:
-    """The file that says this installation's kernels are in numba's disk cache: under $BRANCHLENS_CACHE (or
-    ~/.cache/branchlens), named for what the cache entries depend on (Python, numba and umap-learn versions,
-    and where and when the project's kernel sources were written: numba keys its cache by source path, so
-    each checkout compiles once)."""
-    from importlib.metadata import version
-
-    here = Path(__file__).resolve().parent
-    sources = [here / "kernels.py", here / "jit.py"]
-    key = repr((sys.version, version("numba"), version("umap-learn"),
-                [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources]))
-    root = Path(os.environ.get("BRANCHLENS_CACHE") or Path.home() / ".cache" / "branchlens").expanduser()
-    return root / "kernels" / f"warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def is_warm() -> bool:
-    """True when warm_up() has run to its end for this installation (the kernels load in seconds)."""
-    try:
-        return warm_marker().exists()
-    except OSError:
-        return False
-
-
 def warm_up(seed: int = 0) -> None:
     """Compile (or load from the disk cache) every kernel a default view uses, on a tiny input.
 
@@ -111,9 +84,3 @@ def warm_up(seed: int = 0) -> None:
         X = rng.normal(size=(n, 16)).astype(np.float32)
         idx, dist = knn_graph(X, 15)
         umap_fit(X, idx, dist, n_epochs=5, seed=seed)
-    try:
-        marker = warm_marker()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    except OSError as exc:  # an unwritable cache only costs a truthful "compiling" note next time
-        log.debug("kernel warm marker not written: %s", exc)

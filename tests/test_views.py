@@ -163,9 +163,9 @@ def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
     """A second process loads umap's layout kernels from the disk cache instead of compiling them."""
     script = (
         "import warnings; warnings.simplefilter('ignore')\n"
-        "from analysis import jit; before = jit.is_warm(); jit.warm_up()\n"
+        "from views import warmup; before = warmup.is_warm(); warmup.warm_up()\n"
         "import umap.layouts as L, umap.umap_ as U\n"
-        "print(before, jit.is_warm(), sum(sum(f._cache_hits.values()) for f in "
+        "print(before, warmup.is_warm(), sum(sum(f._cache_hits.values()) for f in "
         "(L._nb_optimize_layout_euclidean_single_epoch, U.smooth_knn_dist)))\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "BRANCHLENS_CACHE": str(tmp_path / "cache")}

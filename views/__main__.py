@@ -125,12 +125,12 @@ def _export(args) -> int:
 def _warm_up() -> int:
     import time
 
-    from analysis import jit
+    from views.warmup import warm_up
 
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        jit.warm_up()
+        warm_up()
     print(f"projection kernels ready in {time.perf_counter() - start:.1f} s (numba disk cache)")
     return 0
 

@@ -29,10 +29,14 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_root() -> Path:
+    """$BRANCHLENS_CACHE, else ~/.cache/branchlens: where the app keeps what it computed."""
+    return Path(os.environ.get("BRANCHLENS_CACHE") or Path.home() / ".cache" / "branchlens")
+
+
 def default_cache_dir() -> Path:
     """$BRANCHLENS_CACHE/views, else ~/.cache/branchlens/views."""
-    root = os.environ.get("BRANCHLENS_CACHE") or Path.home() / ".cache" / "branchlens"
-    return Path(root) / "views"
+    return cache_root() / "views"
 
 
 def key_digest(key: dict[str, Any]) -> str:
@@ -60,7 +64,7 @@ class ViewCache:
         return ViewResult(found["index"], found["coords"], None, meta["metrics"], meta["timings"])
 
     def put(self, key: dict[str, Any], result: ViewResult) -> None:
-        meta = json.dumps({"metrics": result.metrics, "timings": result.timings}, default=_jsonable)
+        meta = json.dumps({"metrics": result.metrics, "timings": result.timings}, default=jsonable)
         self.put_arrays(key, index=result.index, coords=result.coords, meta=np.array(meta))
 
     def get_arrays(self, key: dict[str, Any]) -> dict[str, np.ndarray] | None:
@@ -86,7 +90,8 @@ class ViewCache:
                 pass
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """json.dumps' default for the metrics: numpy scalars as Python numbers."""
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"not JSON-serializable: {type(obj).__name__}")

@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from analysis.verdict import verdict
+from views.cache import jsonable
 from views.errors import StoreError
 from views.service import Selection, compute
 from views.specs import ViewSpec, raw_of
@@ -28,14 +29,9 @@ def export_view(store: str | Path, selection: Selection, spec: ViewSpec, out: st
             "raw": raw.result.metrics, "removed": removed.result.metrics}
     table = points.to_arrow()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"branchlens": json.dumps(meta, default=_plain).encode()})
+                                           b"branchlens": json.dumps(meta, default=jsonable).encode()})
     try:
         pq.write_table(table, str(out))
     except OSError as exc:
         raise StoreError(f"cannot write {out}: {exc.strerror or exc}") from None
     return Path(out)
-
-
-def _plain(value):
-    """JSON for numpy scalars and arrays in the metrics."""
-    return value.tolist() if hasattr(value, "tolist") else str(value)

@@ -1,17 +1,52 @@
-"""Compile (or load from numba's disk cache) the projection's kernels before the first view needs them."""
+"""Compile (or load from numba's disk cache) the projection's kernels before the first view needs them, and
+remember that this installation has them (for the app's spinner)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def warm_up() -> None:
+    """analysis.jit.warm_up, then the marker that says this installation's kernels are on disk."""
     from analysis import jit
 
     jit.warm_up()
+    try:
+        marker = warm_marker()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    except OSError as exc:  # an unwritable cache only costs a truthful "compiling" note next time
+        log.debug("kernel warm marker not written: %s", exc)
+
+
+def warm_marker() -> Path:
+    """The file that says this installation's kernels are in numba's disk cache: under the app's cache root,
+    named for what the cache entries depend on (Python, numba and umap-learn versions, and where and when
+    the project's kernel sources were written: numba keys its cache by source path, so each checkout
+    compiles once)."""
+    from importlib.metadata import version
+
+    import analysis
+    from views.cache import cache_root
+
+    here = Path(analysis.__file__).resolve().parent
+    sources = [here / "kernels.py", here / "jit.py"]
+    key = repr((sys.version, version("numba"), version("umap-learn"),
+                [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources]))
+    return cache_root() / "kernels" / f"warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def is_warm() -> bool:
     """Whether this installation's kernels were compiled to disk already (a start then loads them)."""
-    from analysis import jit
-
-    return jit.is_warm()
+    try:
+        return warm_marker().exists()
+    except OSError:
+        return False
 
 
 def waiting_note(compiling: bool, warm: bool) -> str:
