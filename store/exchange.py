@@ -310,11 +310,13 @@ def _records(tokens: pl.DataFrame, latents: dict[int, np.ndarray], prompt_ids: l
 
 
 def _digest(*paths: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the files' bytes, one after the other."""
+    from store.shards import sha256_of
+
     h = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
-            while block := f.read(8 << 20):
-                h.update(block)
+            sha256_of(f, h)
     return h.hexdigest()[:16]
 
 

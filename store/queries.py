@@ -37,11 +37,6 @@ def run_config(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     return json.loads(row[0])
 
 
-def run_state(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[str, str] | None:
-    """(config_hash, status) of a run, or None when the store has no such run."""
-    return first_row(con, "SELECT config_hash, status FROM runs WHERE run_id = ?", [run_id])
-
-
 def run_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     """Counts for one run: prompts, branches, tokens (all / generated), latent vectors, layers, status."""
     row = first_row(
@@ -321,10 +316,10 @@ def exchange_tokens(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame
         """, params={"run": run_id}).pl()
 
 
+RUN_FIELDS = ("model", "n_layers", "d_model", "pe_type", "config", "config_hash", "status")
+
+
 def run_row(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any] | None:
-    """A run's record (model, n_layers, d_model, pe_type, config, status), or None."""
-    row = first_row(con, "SELECT model, n_layers, d_model, pe_type, config, status FROM runs WHERE run_id = ?",
-                    [run_id])
-    if row is None:
-        return None
-    return dict(zip(("model", "n_layers", "d_model", "pe_type", "config", "status"), row, strict=True))
+    """A run's record (RUN_FIELDS), or None when the store has no such run."""
+    row = first_row(con, f"SELECT {', '.join(RUN_FIELDS)} FROM runs WHERE run_id = ?", [run_id])
+    return dict(zip(RUN_FIELDS, row, strict=True)) if row is not None else None

@@ -106,7 +106,7 @@ class Shard:
             want = want if isinstance(want, dict) else {}
             try:
                 with self.fs.open_input_stream(self.files[name]) as f:
-                    digest, size = _digest(f)
+                    digest, size = sha256_of(f)
             except OSError as exc:
                 raise storage_error(exc, "read shard", self.where) from None
             if size != want.get("bytes") or digest != want.get("sha256"):
@@ -121,9 +121,10 @@ class Shard:
             raise bad(f"{rows['latents']} latents for {rows['tokens']} tokens x {layers} layers")
 
 
-def _digest(stream) -> tuple[str, int]:
-    """(SHA-256 hex, bytes) of a readable stream, read in 8 MiB blocks."""
-    h, n = hashlib.sha256(), 0
+def sha256_of(stream, h=None) -> tuple[str, int]:
+    """(SHA-256 hex, bytes read) of a readable stream, read in 8 MiB blocks; with `h`, a running hash to
+    continue (the hex then covers everything it was fed)."""
+    h, n = h if h is not None else hashlib.sha256(), 0
     while block := stream.read(8 << 20):
         h.update(block)
         n += len(block)

@@ -23,7 +23,7 @@ from analysis.tokens import TokenSet
 from store.compact import compact_if_worth
 from store.connect import JOB_LOCK_WAIT, reading
 from store.errors import StoreError
-from store.queries import run_state, run_summary
+from store.queries import run_row, run_summary
 from store.records import BranchRecord, RunRecord
 from store.writer import StoreWriter
 
@@ -168,7 +168,8 @@ def _existing(path: Path, run_id: str) -> tuple[str, str] | None:
     if not path.exists():
         return None
     with reading(path, lock_timeout=JOB_LOCK_WAIT) as con:
-        return run_state(con, run_id)
+        row = run_row(con, run_id)
+    return (row["config_hash"], row["status"]) if row is not None else None
 
 
 def write_helix_run(path: str | Path, n_prompts: int = 8, branches: int = 12, length: int = 96, d: int = 128,
