@@ -183,25 +183,32 @@ def test_a_compaction_refuses_to_swap_a_file_that_changed_underneath(tmp_path):
     assert run_id != "run-other"
 
 
-def test_the_writer_claim_holds_through_a_symlink(tmp_path):
-    """The one-writer lock belongs to the store file, not to the path typed: a compaction through a symlink
-    waits for a claim taken on the real path."""
+def _store_and_another_name(tmp_path, make_name) -> tuple:
+    """A small store, a second name for it made by make_name(target, name) (a symlink or a hard link), and
+    `python -m store compact` through that name run twice: while a claim on the first name is held, then
+    after it is released."""
     store = tmp_path / "s.duckdb"
     write_tree(store, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8))
-    link = tmp_path / "link.duckdb"
-    link.symlink_to(store)
+    other = tmp_path / "other.duckdb"
+    make_name(store, other)
+    compact = lambda: subprocess.run([PYTHON, "-m", "store", "compact", str(other)],
+                                     env=cli_env(tmp_path), capture_output=True, text=True)
     writer = StoreWriter(store, created_by="test")
     writer.claim()
     try:
-        held = subprocess.run([PYTHON, "-m", "store", "compact", str(link)], env=cli_env(tmp_path),
-                              capture_output=True, text=True)
+        held = compact()
     finally:
         writer.release()
+    return store, other, held, compact()
+
+
+def test_the_writer_claim_holds_through_a_symlink(tmp_path):
+    """The one-writer lock belongs to the store file, not to the path typed: a compaction through a symlink
+    waits for a claim taken on the real path."""
+    store, link, held, done = _store_and_another_name(tmp_path, lambda target, name: name.symlink_to(target))
     assert held.returncode == 2 and f"(pid {os.getpid()}) is writing to {link}" in held.stderr
     # Released: the compaction through the link rewrites the store itself and the link still names it
     # (replacing the link with the copy left the real store stale behind a regular file).
-    done = subprocess.run([PYTHON, "-m", "store", "compact", str(link)], env=cli_env(tmp_path),
-                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert link.is_symlink() and link.resolve() == store.resolve() and store.is_file()
 
@@ -210,19 +217,7 @@ def test_the_writer_claim_holds_through_a_hard_link(tmp_path):
     """A hard link names the same file beside another lock file: the claim also locks the file itself, so a
     compaction through the link is refused in one line while a claim on the first name is held, and runs
     once it is released."""
-    store = tmp_path / "s.duckdb"
-    write_tree(store, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8))
-    other = tmp_path / "other.duckdb"
-    os.link(store, other)
-    writer = StoreWriter(store, created_by="test")
-    writer.claim()
-    try:
-        held = subprocess.run([PYTHON, "-m", "store", "compact", str(other)], env=cli_env(tmp_path),
-                              capture_output=True, text=True)
-    finally:
-        writer.release()
+    _, _, held, free = _store_and_another_name(tmp_path, os.link)
     assert held.returncode == 2 and "under another name (a hard link)" in held.stderr, held.stderr
     assert len(held.stderr.strip().splitlines()) == 1
-    free = subprocess.run([PYTHON, "-m", "store", "compact", str(other)], env=cli_env(tmp_path),
-                          capture_output=True, text=True)
     assert free.returncode == 0, free.stderr

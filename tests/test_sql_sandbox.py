@@ -38,35 +38,35 @@ def private_tmp(tmp_path, monkeypatch):
     return where
 
 
+def _store_reaching_for(sql_store, tmp_path, name: str, statements: list[str]):
+    """A copy of sql_store changed by `statements` ({secret} stands for a server file's path) and carrying a
+    macro that reads that file; (path, secret)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LINE\n")
+    path = tmp_path / f"{name}.duckdb"
+    path.write_bytes(sql_store.read_bytes())
+    with duckdb.connect(str(path)) as con:
+        for sql in [*statements, "CREATE MACRO secret() AS (SELECT content FROM read_text('{secret}'))"]:
+            con.execute(sql.format(secret=secret))
+    return path, secret
+
+
 @pytest.fixture
 def hostile_store(sql_store, tmp_path):
     """A store whose `prompts` is a view over a server file and which carries a macro reading another."""
-    secret = tmp_path / "secret.txt"
-    secret.write_text("TOP-SECRET-LINE\n")
-    path = tmp_path / "hostile.duckdb"
-    path.write_bytes(sql_store.read_bytes())
-    with duckdb.connect(str(path)) as con:
-        con.execute("ALTER TABLE prompts RENAME TO prompts_kept")
-        con.execute(f"CREATE VIEW prompts AS SELECT p.run_id, p.prompt_id, f.content AS text, p.n_tokens "
-                    f"FROM prompts_kept p, read_text('{secret}') f")
-        con.execute(f"CREATE MACRO secret() AS (SELECT content FROM read_text('{secret}'))")
-    return path, secret
+    return _store_reaching_for(sql_store, tmp_path, "hostile", [
+        "ALTER TABLE prompts RENAME TO prompts_kept",
+        "CREATE VIEW prompts AS SELECT p.run_id, p.prompt_id, f.content AS text, p.n_tokens "
+        "FROM prompts_kept p, read_text('{secret}') f"])
 
 
 @pytest.fixture
 def sneaky_store(sql_store, tmp_path):
     """A store whose contract tables are all there, with the contract view `branch_tokens` redefined over a
     server file and a macro reading it: what the open-time check cannot see, the locked config stops."""
-    secret = tmp_path / "secret.txt"
-    secret.write_text("TOP-SECRET-LINE\n")
-    path = tmp_path / "sneaky.duckdb"
-    path.write_bytes(sql_store.read_bytes())
-    with duckdb.connect(str(path)) as con:
-        con.execute("DROP VIEW branch_latents")
-        con.execute("DROP VIEW branch_tokens")
-        con.execute(f"CREATE VIEW branch_tokens AS SELECT content AS text FROM read_text('{secret}')")
-        con.execute(f"CREATE MACRO secret() AS (SELECT content FROM read_text('{secret}'))")
-    return path, secret
+    return _store_reaching_for(sql_store, tmp_path, "sneaky", [
+        "DROP VIEW branch_latents", "DROP VIEW branch_tokens",
+        "CREATE VIEW branch_tokens AS SELECT content AS text FROM read_text('{secret}')"])
 
 
 def test_a_contract_table_replaced_by_a_view_is_refused_on_open(hostile_store):
