@@ -56,6 +56,7 @@ class RemovalReport:
     deciding: str = ""  # the nuisance whose test the top-level p_value / r2_oof quote
     linear_test: dict = field(default_factory=dict)  # the linear probe test of position, where one ran
     erased: bool = False  # position erased linearly (LEACE)
+    lowrank: dict = field(default_factory=dict)  # joint: the smooth low-rank part for probe-found position (rank, weight, gain)
     removed: list[str] = field(default_factory=list)  # what was removed, in words ("position", "token identity", ...)
     removed_keys: list[str] | None = None  # the nuisance keys removed (None: those detected, or all when forced)
     weights: dict = field(default_factory=dict)  # joint estimators: mean weight removed per nuisance

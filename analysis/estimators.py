@@ -33,6 +33,7 @@ from analysis.crossfit import (RemovalReport, _fold_of, _oof, _project, _raw, _r
                                record_tests, test_means, units)
 from analysis.effects import Effects, FactorSums, fit_effects
 from analysis.erase import LinearEraser, Moments, linear_test, position_features
+from analysis.lowrank import SmoothLowRank
 from analysis.groups import blocks
 from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES, Param, words
@@ -179,12 +180,20 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         report.noise_share = _noise_share(plan, sums)
     if erase:
         ref_res = Zp if ref is plot else _residual_copy(Zr, ref, plan)
-        F = position_features(ref.position)
-        plan.eraser = LinearEraser().fit(Moments.of(ref_res, F))
-        plan.eraser.transform(Zp)
-        report.erased = True
-        report.weight = report.weight if plan.removed else 1.0
-    report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (linear)"] if erase else [])]
+        smooth = SmoothLowRank().fit(ref_res, ref.position, ref.branch, fold)
+        report.lowrank = {"rank": smooth.rank_, "weight": smooth.weight_, "gain": float(smooth.gains_.max())}
+        if smooth.rank_ and smooth.weight_ > 0:
+            for rows in blocks(len(Zp)):
+                Zp[rows] -= smooth.component(plot.position[rows])
+            report.weight = report.weight if plan.removed else smooth.weight_
+        else:
+            erase = False
+            report.note = ("a linear probe reads position, but no smooth estimate of it predicts held-out prompts: "
+                           "not removed")
+            if not plan.removed:
+                report.weight, report.removed_keys = 0.0, []
+                return _recentred(Zp, spec), report
+    report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (low rank)"] if erase else [])]
     report.removed_keys = sorted(set(plan.removed) | ({"position"} if erase else set()))
     return _recentred(Zp, spec), report
 

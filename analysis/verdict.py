@@ -174,7 +174,8 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
     alpha = rem.get("alpha", 0.05)
     took = removed_nuisances(rem)
     # removed as means: the joint estimators list them with their weights; a linear erasure is not one
-    as_means = set(rem["weights"]) if rem.get("weights") else (set() if rem.get("erased") else took)
+    by_probe = bool(rem.get("erased") or (rem.get("lowrank") or {}).get("weight"))
+    as_means = set(rem["weights"]) if rem.get("weights") else (set() if by_probe else took)
     out = []
     for key, t in (rem.get("tests") or {}).items():
         name = NUISANCES[key].words
@@ -195,8 +196,12 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
     if lin:
         nums = (f"{p_value_text(lin)} at level {lin.get('alpha', alpha):.3f}, probe R2 {lin['r2_oof']:+.3f} against "
                 f"{lin['null_hi']:+.3f} at most by chance")
+        low = rem.get("lowrank") or {}
         if rem.get("erased"):
             out.append(f"Position that a linear probe reads across prompts was erased ({nums}).")
+        elif low.get("weight"):
+            out.append(f"Position that a linear probe reads across prompts was subtracted as a smooth rank-{low['rank']} "
+                       f"component at weight {low['weight']:.2f}, its out-of-fold least-squares weight ({nums}).")
         else:
             out.append(f"A linear probe finds no position to erase across prompts ({nums}).")
     if rem.get("forced"):

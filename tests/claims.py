@@ -163,6 +163,12 @@ def _linear(c: Claim, s: str) -> None:
     passed = p <= level + 1e-9 and r2 > 0
     if "was erased" in s and not passed:
         c.problems.append("'erased' without a passed linear test")
+    if "was subtracted" in s:
+        w = re.search(rf"rank-\d+ component at weight ({NUM})", s)
+        if not passed:
+            c.problems.append("'subtracted' without a passed linear test")
+        if not w or not 0 < _f(w.group(1)) <= 1:
+            c.problems.append("a low-rank subtraction without a weight in (0, 1]")
     if "finds no position" in s and passed and r2 > top:
         c.problems.append("'finds no position' beside a passed linear test")
 

@@ -132,34 +132,51 @@ def test_token_only_is_removed_and_the_unmasked_content_is_named():
     assert [w.kind for w in named] == ["content unmasked"] and "across prompts" in named[0].message
 
 
-def test_weak_linear_position_is_erased_where_means_see_nothing():
-    """Position a probe reads but per-position means do not reach: the default erases it (LEACE) and the
-    prompt-held-out probe no longer reads it; the position leak moves most of the way to exact's."""
+def test_weak_linear_position_is_subtracted_where_means_see_nothing():
+    """Position a probe reads but per-position means do not reach: the default subtracts a smooth low-rank
+    component (rank and weight chosen on held-out prompts); the prompt-held-out probe no longer reads it
+    and the position leak moves most of the way to exact's."""
     from analysis.probe import position_probe
 
     for seed in range(3):
         run = generate("weak_linear", seed)
         raw, after, exact = view(run.tokens, "none"), view(run.tokens, "position"), view(run.exact(), "none")
         rem = after.metrics["removal"]
-        assert rem["erased"] and rem["linear_test"]["detected"] and not rem["tests"]["position"]["detected"]
+        assert rem["linear_test"]["detected"] and not rem["tests"]["position"]["detected"]
+        assert rem["lowrank"]["rank"] >= 1 and 0 < rem["lowrank"]["weight"] <= 1 and not rem["erased"]
+        assert rem["removed"] == ["position (low rank)"]
         kept = run.tokens.subset(after.index)
         probe = position_probe(after.residual, kept.position, kept.prompt)
         assert probe["hi"] < 0.05 and probe["r2"] <= probe["chance_hi"] + 0.01
         r, a, e = (v.metrics["leak"]["leak"] for v in (raw, after, exact))
         assert abs(a - e) < abs(r - e) / 2
         print(f"\nweak linear seed {seed}: probe {probe['r2']:+.3f} (chance up to {probe['chance_hi']:+.3f}); "
-              f"leak raw {r:+.3f}, exact {e:+.3f}, erased {a:+.3f}")
+              f"leak raw {r:+.3f}, exact {e:+.3f}, subtracted {a:+.3f}")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 34, not met: the in-sample erasure also takes position-correlated "
-                   "content and the probe ends a little below chance (docs/removal.md)")
-def test_weak_linear_erasure_ends_within_the_bands_of_chance_and_of_exact():
+WEAK_SEEDS = range(10)
+
+
+def test_weak_linear_leak_ends_within_the_band_of_exact_in_every_seed():
+    """LEACE zeroed the sample's whole covariance with position and ended 0.04-0.07 below exact; the
+    smooth low-rank component, weighted out of fold, ends within the band of the difference."""
+    gaps = []
+    for seed in WEAK_SEEDS:
+        run = generate("weak_linear", seed)
+        a, e = leak_of(view(run.tokens, "position")), leak_of(view(run.exact(), "none"))
+        gaps.append((round(a["leak"] - e["leak"], 3), round(1.96 * float(np.hypot(a["sd"], e["sd"])), 3)))
+    print(f"\nweak linear, (leak gap to exact, band) per seed: {gaps}")
+    assert all(abs(g) <= b for g, b in gaps), gaps
+
+
+@pytest.mark.xfail(strict=True, reason="issue 34, not met: in 4 of 10 seeds the probe after the low-rank subtraction "
+                   "ends 0.001-0.002 R2 below chance's band (docs/removal.md)")
+def test_weak_linear_probe_ends_within_the_band_of_chance_in_every_seed():
     from analysis.probe import position_probe
 
-    run = generate("weak_linear", 0)
-    after, exact = view(run.tokens, "position"), view(run.exact(), "none")
-    kept = run.tokens.subset(after.index)
-    probe = position_probe(after.residual, kept.position, kept.prompt)
-    assert probe["hi"] >= probe["chance_lo"] and probe["lo"] <= probe["chance_hi"]
-    a, e = after.metrics["leak"], exact.metrics["leak"]
-    assert abs(a["leak"] - e["leak"]) <= 1.96 * np.hypot(a["sd"], e["sd"])
+    for seed in WEAK_SEEDS:
+        run = generate("weak_linear", seed)
+        after = view(run.tokens, "position")
+        kept = run.tokens.subset(after.index)
+        probe = position_probe(after.residual, kept.position, kept.prompt)
+        assert probe["hi"] >= probe["chance_lo"] and probe["lo"] <= probe["chance_hi"], (seed, probe)

@@ -194,6 +194,10 @@ def removal_note(removal: dict | None) -> str:
                  f"{share_text(removal.get('crossfit_share', 1.0))} of the tokens.")
     if removal.get("erased"):
         head += " Linear erasure: what a probe of position reads is projected out (no per-position offset)."
+    low = removal.get("lowrank") or {}
+    if low.get("weight"):
+        head += (f" Position found only by the probe: a smooth rank-{low['rank']} component of position, fitted within "
+                 f"branches, subtracted at weight {low['weight']:.0%} (rank and weight chosen on held-out prompts).")
     if removal.get("k") and removal.get("weight"):
         k = removal["k"]
         head += f" {k} direction{'s' if k != 1 else ''} projected out."
