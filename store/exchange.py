@@ -327,27 +327,40 @@ def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str 
     (created if missing); sequences=True: the table holds whole sequences (from_sequences). Checks
     everything first; then one transaction per prompt, skipping prompts already there, so the same
     command resumes."""
-    from store.writer import StoreWriter
-
     tokens_path, latents_path = Path(tokens_path), Path(latents_path)
     if pe_type not in PE_TYPES:
         raise StoreError(f"pe_type must be one of {', '.join(PE_TYPES)}, got {pe_type!r}")
     tokens = read_tokens(tokens_path, sequences)
     latents = read_latents(latents_path)
+    if tokens.is_empty():
+        raise StoreError(f"token table {tokens_path} holds no rows")
+    digest = _digest(tokens_path, latents_path)
+    return import_tables(store, tokens, latents, digest, run_id, model, pe_type, n_layers, created_by, sequences,
+                         {"tokens": str(tokens_path), "latents": str(latents_path)})
+
+
+def import_tables(store: str | Path, tokens: pl.DataFrame, latents: dict[int, np.ndarray], digest: str,
+                  run_id: str | None = None, model: str = "imported", pe_type: str = "unknown",
+                  n_layers: int | None = None, created_by: str = "branchlens import", sequences: bool = False,
+                  origin: dict | None = None) -> ImportReport:
+    """import_arrays on a token table and latents already in memory; `digest` names the content (the run
+    id's default and the run's config hash), `origin` goes into the run's config."""
+    from store.writer import StoreWriter
+
+    if pe_type not in PE_TYPES:
+        raise StoreError(f"pe_type must be one of {', '.join(PE_TYPES)}, got {pe_type!r}")
     if sequences:
         tokens, latents = from_sequences(tokens, latents)
     if tokens.is_empty():
-        raise StoreError(f"token table {tokens_path} holds no rows")
+        raise StoreError("the token table holds no rows")
     tokens = split_roots(tokens)
     check(tokens, latents)
-    digest = _digest(tokens_path, latents_path)
     run_id = run_id or f"import-{digest[:12]}"
     if not is_run_name(run_id):
         raise StoreError(f"run id must be a name (letters, digits, '.', '_' or '-'), got {run_id!r}")
     layers = list(latents)
     d = next(iter(latents.values())).shape[1]
-    config = {"source": "import", "tokens": str(tokens_path), "latents": str(latents_path), "layers": layers,
-              "content": digest}
+    config = {"source": "import", **(origin or {}), "layers": layers, "content": digest}
     run = RunRecord(run_id, model, config, digest, n_layers if n_layers is not None else max(layers), d, pe_type,
                     "none", "float32")
     tokens = tokens.with_row_index("_row")
