@@ -20,8 +20,8 @@ They share one removal (joint_remove), built on three measured facts (docs/remov
 
 The tests that decide what is removed stay out of fold (prompts, or branches with one prompt): the
 per-label means test of analysis.crossfit for position and token identity, and a linear probe of
-position (analysis.erase) for position that a probe reads but means do not reach; that part is erased
-(LEACE) instead of subtracted.
+position (analysis.erase) for position that a probe reads but means do not reach; that part is subtracted
+as a smooth low-rank component with its rank and weight chosen out of fold (analysis.lowrank).
 """
 
 from __future__ import annotations
@@ -67,13 +67,12 @@ def _spread(values: np.ndarray, counts: np.ndarray) -> float:
 
 
 class JointRemoval:
-    """The effects to subtract (one vector per level, weighted) and the eraser to apply."""
+    """The effects to subtract (one vector per level, weighted)."""
 
     def __init__(self):
         self.effects: Effects | None = None
         self.weights: dict[str, np.ndarray] = {}
         self.removed: list[str] = []
-        self.eraser: LinearEraser | None = None
 
     def subtract(self, Z: np.ndarray, tokens: TokenSet, lo: float, hi: float) -> np.ndarray:
         """Z (n, d) minus the weighted effects at the tokens' levels, in place, a block at a time; returns
@@ -112,7 +111,7 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
     Zr, scaler, unit_name, fold = _prepare(plot, ref, spec, independent, seed, in_place, cls.fold_unit, report)
 
     subtract_keys: list[str] = []
-    erase = False
+    low_rank = False
     if fold is None:
         report.detected, report.weight = False, 0.0
         report.note = ("one prompt and one branch: nothing can be tested out of fold, so nothing is removed "
@@ -131,14 +130,14 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         report.detected = bool(subtract_keys) if spec.gate else report.detected
         if "position" in candidates and cls.linear(spec) and "position" not in subtract_keys and unit_name != "prompt":
             report.note = report.note or ("one prompt: a probe held out by branch cannot tell position from the content "
-                                          "its branches share, so nothing is erased linearly")
+                                          "its branches share, so nothing is removed for the probe")
         elif "position" in candidates and cls.linear(spec) and "position" not in subtract_keys:
             report.linear_test = _linear_test(Zr, ref, fold, spec, seed, second=True)
-            erase = report.linear_test["detected"]
-            report.detected = report.detected or erase
+            low_rank = report.linear_test["detected"]
+            report.detected = report.detected or low_rank
     if not spec.gate:
         report.forced = True
-    if not subtract_keys and not erase:
+    if not subtract_keys and not low_rank:
         report.weight = 0.0
         return Zr if ref is plot else _raw(plot, spec, in_place), report
 
@@ -163,7 +162,7 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
             own = 1.0 / (counts + (plan.effects.lam_token if key == "token" else 0.0))
             plan.weights[key] = balance_weight(counts, own, R)
         plan.removed = subtract_keys
-    if not plan.removed and not erase:  # the tests found only what is kept
+    if not plan.removed and not low_rank:  # the tests found only what is kept
         report.weight, report.removed_keys = 0.0, []
         return Zr if ref is plot else _raw(plot, spec, in_place), report
     Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)  # ours to overwrite from here on
@@ -178,7 +177,7 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         report.weights = share
         report.weight = float(np.mean(list(share.values())))
         report.noise_share = _noise_share(plan, sums)
-    if erase:
+    if low_rank:
         ref_res = Zp if ref is plot else _residual_copy(Zr, ref, plan)
         smooth = SmoothLowRank().fit(ref_res, ref.position, ref.branch, fold)
         report.lowrank = {"rank": smooth.rank_, "weight": smooth.weight_, "gain": float(smooth.gains_.max())}
@@ -187,14 +186,14 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
                 Zp[rows] -= smooth.component(plot.position[rows])
             report.weight = report.weight if plan.removed else smooth.weight_
         else:
-            erase = False
+            low_rank = False
             report.note = ("a linear probe reads position, but no smooth estimate of it predicts held-out prompts: "
                            "not removed")
             if not plan.removed:
                 report.weight, report.removed_keys = 0.0, []
                 return _recentred(Zp, spec), report
-    report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (low rank)"] if erase else [])]
-    report.removed_keys = sorted(set(plan.removed) | ({"position"} if erase else set()))
+    report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (low rank)"] if low_rank else [])]
+    report.removed_keys = sorted(set(plan.removed) | ({"position"} if low_rank else set()))
     return _recentred(Zp, spec), report
 
 
@@ -206,7 +205,7 @@ def _predicts(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, key: str, spec: R
 
 
 def _residual_copy(Zr: np.ndarray, ref: TokenSet, plan: JointRemoval) -> np.ndarray:
-    """A copy of the reference's scaled rows with the plan's effects subtracted (for the eraser's fit)."""
+    """A copy of the reference's scaled rows with the plan's effects subtracted (for the low-rank part's fit)."""
     out = Zr.copy()
     plan.subtract(out, ref, float(ref.position.min()), float(ref.position.max()))
     return out
@@ -263,9 +262,10 @@ def _linear_test(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: Residual
 KNOTS = Param("n_knots", 12, "Spline knots",
               "Knots of the smooth curve that positions seen by few tokens are shrunk toward (fewer: smoother).",
               "int", 2, 40)
-LINEAR = Param("linear", True, "Erase linearly decodable position",
-               "Where per-position means find no position but a prompt-held-out linear probe reads it, erase what "
-               "the probe reads (LEACE of a smooth basis of position).", "bool")
+LINEAR = Param("linear", True, "Remove linearly decodable position",
+               "Where per-position means find no position but a prompt-held-out linear probe reads it, remove what "
+               "the probe reads, as a smooth low-rank component of position (rank and weight chosen on held-out "
+               "prompts).", "bool")
 
 
 class _Joint(Residualizer):
@@ -291,7 +291,8 @@ class Auto(_Joint):
     help = ("Tests position and token identity out of fold and removes each one found: both estimated together "
             "(position net of token identity and branch content), one vector per position and per token id, "
             "weighted so the estimate's own noise cannot push tokens apart; position that a linear probe reads "
-            "but means do not reach is erased (LEACE). Keeps token identity when position and token together "
+            "but means do not reach is subtracted as a smooth low-rank part, weighted out of fold. Keeps token "
+            "identity when position and token together "
             "are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md).")
     short = "auto"
     removes = ("position", "token")
@@ -305,7 +306,7 @@ class Position(_Joint):
     short = "position (joint)"
     help = ("Removes position alone, when its test finds it: position effects estimated net of token identity "
             "and branch content, one vector per position, weighted against the estimate's own noise; position "
-            "that only a linear probe reads is erased (LEACE). Token identity is kept.")
+            "that only a linear probe reads is subtracted as a smooth low-rank part. Token identity is kept.")
     removes = ("position",)
 
 

@@ -200,8 +200,8 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
         if rem.get("erased"):
             out.append(f"Position that a linear probe reads across prompts was erased ({nums}).")
         elif low.get("weight"):
-            out.append(f"Position that a linear probe reads across prompts was subtracted as a smooth rank-{low['rank']} "
-                       f"component at weight {low['weight']:.2f}, its out-of-fold least-squares weight ({nums}).")
+            out.append("Position that a linear probe reads across prompts was subtracted as a smooth "
+                       f"rank-{low['rank']} component at weight {low['weight']:.2f}, its out-of-fold least-squares weight ({nums}).")
         else:
             out.append(f"A linear probe finds no position to erase across prompts ({nums}).")
     if rem.get("forced"):

@@ -87,7 +87,8 @@ def lens_tables(sequences: Sequence[Any], caches: Sequence[Any], layers: Sequenc
         for layer in layers:
             array = _layer_of(cache, layer)
             if array.shape[0] != len(tok):
-                raise StoreError(f"sequence {s}: layer {layer} holds {array.shape[0]} positions, the sequence {len(tok)}")
+                raise StoreError(f"sequence {s}: layer {layer} holds {array.shape[0]} positions, "
+                                 f"the sequence {len(tok)}")
             arrays[layer].append(array)
         rows += [(int(prompt), s, p, t, token_text(t), p < n) for p, t in enumerate(tok)]
     table = pl.DataFrame(rows, schema={"prompt_id": pl.Int64, "sequence_id": pl.Int64, "position": pl.Int64,

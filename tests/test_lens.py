@@ -16,7 +16,8 @@ from store import StoreError
 SEQUENCES = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8, 9], [1, 2, 3, 10], [1, 2, 3, 4, 5, 6, 11], [1, 2, 3, 4],
              [20, 21, 22, 23], [20, 21, 22, 24, 25]]
 PROMPT_LEN = 3
-HOOKS = {0: "blocks.0.hook_resid_pre", 1: "blocks.0.hook_resid_post", 2: "blocks.1.hook_resid_post"}  # layer L = hidden_states[L]
+# branchlens layer L is HF's hidden_states[L]: the embeddings, then each block's output
+HOOKS = {0: "blocks.0.hook_resid_pre", 1: "blocks.0.hook_resid_post", 2: "blocks.1.hook_resid_post"}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,8 @@ def test_the_run_record_names_the_model_its_positions_and_the_hooks(bridge, tmp_
     assert '"blocks.0.hook_resid_pre"' in config and '"blocks.1.hook_resid_post"' in config and '"import"' in config
     again = import_transformer_lens(tmp_path / "tl.duckdb", bridge, SEQUENCES[:3], prompt_len=PROMPT_LEN,
                                     layers=[0, 2], model_name="tiny-tl")
-    assert again.run_id == report.run_id and again.prompts_written == 0 and again.prompts_before == 1  # the same content resumes, writes nothing
+    # the same content is the same run: it resumes and writes nothing
+    assert again.run_id == report.run_id and again.prompts_written == 0 and again.prompts_before == 1
 
 
 @pytest.mark.parametrize("how, message", [
