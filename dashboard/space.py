@@ -8,12 +8,13 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from dashboard import charts, panels, text
+from dashboard import charts, panels, text, webgl
 from dashboard.palette import branch_colors
 from dashboard.trajectories import anchor_rows, trajectory_lines
 from views.present import removal_title
 
 PANELS = (("raw", "raw"), ("res", "removed"))  # titles: panel_titles
+GL_MODE = "every point (WebGL)"
 DIM, SHOWN, FOCUSED = 0.07, 0.8, 0.95
 # Two panels side by side from ~1200 px, stacked below (Streamlit's own columns stack only below 640 px).
 RESPONSIVE_CSS = """<style>
@@ -104,13 +105,29 @@ def carry_picks(clicked_before: set[int] | None, carried: set[int], clicked_here
 
 
 def _chart_picks(view: str) -> tuple[set[int], dict]:
-    """The branches clicked and the boxes drawn in the projection charts of a view."""
-    clicked, brushes = set(), {}
+    """The branches clicked and the boxes drawn in the projection charts of a view (WebGL clicks as
+    _gl_picks last found them)."""
+    clicked, brushes = set(st.session_state.get(f"gl_picked_{view}", set())), {}
     for prefix, _ in PANELS:
         selection = _chart_selection(chart_key("proj", prefix, view))
         clicked |= charts.picked_branches(selection)
         brushes |= _brushes(selection)
     return clicked, brushes
+
+
+def gl_key(prefix: str, view: str, color_by: str) -> str:
+    """A WebGL panel's widget key: per view and colouring (a click is a (layer, index) of that colouring)."""
+    return chart_key("gl", f"{prefix}-{color_by.replace(' ', '_')}", view)
+
+
+def _gl_picks(points: pl.DataFrame, color_by: str, view: str) -> set[int]:
+    """The branches of the points clicked in the WebGL panels of this view; remembered for _chart_picks."""
+    out: set[int] = set()
+    for prefix, _ in PANELS:
+        rows = webgl.clicked_rows(points, color_by, prefix, _chart_selection(gl_key(prefix, view, color_by)))
+        out |= set(points[rows]["branch_id"].to_list()) if rows else set()
+    st.session_state[f"gl_picked_{view}"] = out
+    return out
 
 
 def _legend_picks(view: str) -> set[str]:
@@ -144,7 +161,11 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     table = text.branch_table(branches, lineage)
     table_rows = _table_rows("branch_table")
     picked_in_table = {int(table["branch"][i]) for i in table_rows if i < len(table)}
+    big = len(points) > ctl.max_points
+    gl = big and st.session_state.get("big_mode", GL_MODE) == GL_MODE
     clicked, brushes = _chart_picks(view)
+    if gl:
+        clicked |= _gl_picks(points, ctl.color_by, view)
     state = st.session_state
     before = _chart_picks(state["bl_view"])[0] if state.get("bl_view") not in (None, view) else None
     carried = carry_picks(before, state.get("bl_carried", set()), clicked, bool(brushes))
@@ -167,13 +188,13 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             st.rerun()
 
     drawn = points
-    big = len(points) > ctl.max_points
     mode = "draw all"
     if big:
-        mode = st.radio(f"{len(points):,} tokens is more than {ctl.max_points:,} to draw:",
-                        ["sample branches", "density", "draw all"], horizontal=True, key="big_mode")
-        st.warning("Large views slow the browser down; sampling keeps whole branches, density bins the plane "
-                   "and keeps the colour of the majority prompt (or the mean position).")
+        mode = st.radio(f"{len(points):,} tokens is more than {ctl.max_points:,} to draw with Vega:",
+                        [GL_MODE, "sample branches", "density", "draw all"], horizontal=True, key="big_mode")
+        if mode != GL_MODE:
+            st.warning("Large views slow the browser down; sampling keeps whole branches, density bins the plane "
+                       "and keeps the colour of the majority prompt (or the mean position).")
         if mode == "sample branches":
             drawn = charts.sample_branches(points, ctl.max_points)
             st.caption(f"Drawn: {len(drawn):,} of {len(points):,} tokens "
@@ -199,6 +220,9 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             drawn = region if len(region) <= ctl.max_points else charts.sample_branches(region, ctl.max_points)
             st.caption(f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
                        f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}.")
+    if big and mode == GL_MODE:
+        _draw_gl(points, chosen, lit if ctl.trajectories else set(), ctl, view, panel_titles(res_metrics))
+        drawn = None
     if drawn is not None:
         static = _draw_panels(drawn, chosen, lit, branches, ctl, view, panel_titles(res_metrics))
         st.caption(charts.HOW_TO)
@@ -252,6 +276,24 @@ def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branc
                 st.altair_chart(charts.projection(*static[prefix]), width="stretch", key=chart_key("proj", prefix, view_id),
                                 on_select="rerun", selection_mode=[f"brush_{prefix}", f"pick_{prefix}", *legend])
     return static
+
+
+def _draw_gl(points: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], ctl, view: str, titles: tuple) -> None:
+    """The two panels as WebGL scatters of every point: the selected tokens ringed, lit branches' lines."""
+    rows = None
+    if len(chosen):
+        rows = points.with_row_index("_row").join(chosen.select("branch_id", "position"),
+                                                  on=["branch_id", "position"], how="semi")["_row"].to_numpy()
+    legend = ""
+    with st.container(key="bl-panels"):
+        for col, (prefix, title) in zip(st.columns(2), titles):
+            with col:
+                st.markdown(f"**{title}**")
+                deck, _, legend = webgl.deck(points, prefix, ctl.color_by, rows, lit)
+                st.pydeck_chart(deck, on_select="rerun", selection_mode="multi-object", height=charts.HEIGHT,
+                                key=gl_key(prefix, view, ctl.color_by))
+    st.caption(f"Every one of the {len(points):,} tokens drawn (WebGL){'; ' + legend if legend else ''}. "
+               + webgl.HOW_TO)
 
 
 def _table_rows(key: str) -> list[int]:

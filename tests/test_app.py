@@ -72,6 +72,19 @@ def projection(at: AppTest, panel: str = "raw") -> dict[str, pa.Table]:
     raise AssertionError(f"no {panel} projection on the page")
 
 
+def deck_specs(at: AppTest) -> list[dict]:
+    """The deck.gl specs (JSON) of the page's WebGL charts."""
+    def walk(node):
+        children = getattr(node, "children", None)
+        if isinstance(children, dict):
+            for child in children.values():
+                yield from walk(child)
+        else:
+            yield node
+
+    return [json.loads(el.proto.json) for el in walk(at.main) if getattr(el, "type", None) == "deck_gl_json_chart"]
+
+
 def dots_layer(spec: dict) -> dict:
     return next(layer for layer in spec["layer"] if layer["mark"]["type"] == "circle")
 
@@ -228,9 +241,19 @@ def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
 def test_too_many_points_are_sampled_by_branch_or_binned(store):
     path, run_id = store
     at = open_app(path)
-    total = projection(at)["points"].num_rows
+    projection_before = pl.from_arrow(projection(at)["points"])
+    total = len(projection_before)
     at.number_input(key="max_points").set_value(100).run()
     assert total > 100 and any("more than 100 to draw" in r.label for r in at.radio)
+    # the default past the limit: every point, drawn by WebGL in both panels, each token once per panel
+    decks = deck_specs(at)
+    assert len(decks) == 2 and not at.warning and not at.exception
+    for spec in decks:
+        dots = [layer for layer in spec["layers"] if layer["@@type"] == "ScatterplotLayer" and layer.get("pickable")]
+        assert sum(len(layer["data"]) for layer in dots) == total
+        assert {tuple(row[3:5]) for layer in dots for row in layer["data"]} == set(
+            projection_before[["branch_id", "position"]].iter_rows())
+    at.radio(key="big_mode").set_value("sample branches").run()
     assert at.warning and "slow the browser" in at.warning[0].value
     sampled = projection(at)["points"]
     assert 0 < sampled.num_rows <= 100

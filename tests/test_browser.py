@@ -65,20 +65,26 @@ def served_app(model_dirs, tmp_path):
     log.close()
 
 
-def test_dashboard_draws_in_chromium(served_app, tmp_path):
+def chromium():
+    """Headless Chromium at 1600 x 1300; WebGL through SwiftShader (software), as on a machine without a GPU."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1300",
+                "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_dashboard_draws_in_chromium(served_app, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1600,1300"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium()
     try:
         driver.get(served_app)
         wait = WebDriverWait(driver, 240, poll_frequency=0.5)
@@ -174,5 +180,82 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
 
         lit = wait.until(lit_count)
         assert lit == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
+    finally:
+        driver.quit()
+
+
+def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_app, tmp_path):
+    """Past "Max points drawn" the default is every point in WebGL (deck.gl, rendered here by SwiftShader):
+    both panels draw dots, and a click on one is reported to the app, which follows its branch: its tokens
+    are marked in the branch text and counted as selected."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium()
+    try:
+        driver.get(served_app)
+        wait = WebDriverWait(driver, 240, poll_frequency=0.5)
+        box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".st-key-max_points input"))
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("100", Keys.ENTER)
+
+        def settled(d) -> bool:
+            return not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
+
+        def decks(d) -> list:
+            found = [c for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stDeckGlJsonChart"] canvas')
+                     if c.is_displayed() and c.size["width"] > 300]
+            return found if len(found) >= 2 and settled(d) else []
+
+        def dots(canvas) -> np.ndarray:
+            """(k, 2) pixel offsets (x, y) of the canvas where something other than the background is drawn."""
+            rgb = np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB"), dtype=int)
+            background = np.median(rgb.reshape(-1, 3), axis=0)
+            ys, xs = np.nonzero(np.abs(rgb - background).sum(axis=2) > 120)
+            return np.column_stack([xs, ys])
+
+        raw = wait.until(lambda d: (c := decks(d)) and len(dots(c[0])) > 50 and len(dots(c[1])) > 50 and c)[0]
+        assert any("drawn (WebGL)" in e.text for e in driver.find_elements(By.CSS_SELECTOR,
+                                                                        '[data-testid="stCaptionContainer"]'))
+        assert not driver.find_elements(By.TAG_NAME, "mark")
+        # Click dots (pixels with drawn neighbours on every side). Under SwiftShader deck.gl drops a click that
+        # lands while it is still busy after the first draw, so while the app is idle and has nothing picked
+        # another dot is clicked on each look (a different one: a late click cannot undo an earlier one).
+        found = dots(raw)
+        on = {tuple(p) for p in found.tolist()}
+        inner = [p for p in found.tolist() if all((p[0] + dx, p[1] + dy) in on for dx in (-1, 1) for dy in (-1, 1))]
+        targets = inner[:: max(1, len(inner) // 40)]
+        w, h = raw.size["width"], raw.size["height"]
+        clicks = []
+
+        def selected(d) -> int:
+            text = next((e.text for e in d.find_elements(By.TAG_NAME, "small") if "tokens selected" in e.text), "")
+            return int(text.split()[0]) if text else 0
+
+        def marked(d) -> int | None:
+            try:
+                if not settled(d):
+                    return None
+                if n := selected(d):
+                    return n
+                x, y = targets[len(clicks) % len(targets)]
+                clicks.append((x, y))
+                canvas = decks(d)[0] if decks(d) else None
+                if canvas is not None:
+                    ActionChains(d).move_to_element_with_offset(canvas, int(x - w / 2), int(y - h / 2)).click().perform()
+                return None
+            except StaleElementReferenceException:
+                return None
+
+        n = wait.until(marked)
+        assert n == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
+        assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     finally:
         driver.quit()
