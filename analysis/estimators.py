@@ -162,6 +162,10 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
             own = 1.0 / (counts + (plan.effects.lam_token if key == "token" else 0.0))
             plan.weights[key] = balance_weight(counts, own, R)
         plan.removed = subtract_keys
+    smooth = None
+    if low_rank and not plan.removed:  # fitted before the plot's rows are touched: finding nothing returns raw
+        smooth = _smooth_part(Zr, ref, fold, report)
+        low_rank = smooth is not None
     if not plan.removed and not low_rank:  # the tests found only what is kept
         report.weight, report.removed_keys = 0.0, []
         return Zr if ref is plot else _raw(plot, spec, in_place), report
@@ -177,24 +181,24 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         report.weights = share
         report.weight = float(np.mean(list(share.values())))
         report.noise_share = _noise_share(plan, sums)
+    if low_rank and smooth is None:  # fitted on the reference net of the effects just subtracted
+        smooth = _smooth_part(Zp if ref is plot else _residual_copy(Zr, ref, plan), ref, fold, report)
+        low_rank = smooth is not None
     if low_rank:
-        ref_res = Zp if ref is plot else _residual_copy(Zr, ref, plan)
-        smooth = SmoothLowRank().fit(ref_res, ref.position, ref.branch, fold)
-        report.lowrank = {"rank": smooth.rank_, "weight": smooth.weight_, "gain": float(smooth.gains_.max())}
-        if smooth.rank_ and smooth.weight_ > 0:
-            for rows in blocks(len(Zp)):
-                Zp[rows] -= smooth.component(plot.position[rows])
-            report.weight = report.weight if plan.removed else smooth.weight_
-        else:
-            low_rank = False
-            report.note = ("a linear probe reads position, but no smooth estimate of it predicts held-out prompts: "
-                           "not removed")
-            if not plan.removed:
-                report.weight, report.removed_keys = 0.0, []
-                return _recentred(Zp, spec), report
+        for rows in blocks(len(Zp)):
+            Zp[rows] -= smooth.component(plot.position[rows])
+        report.weight = report.weight if plan.removed else smooth.weight_
     report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (low rank)"] if low_rank else [])]
     report.removed_keys = sorted(set(plan.removed) | ({"position"} if low_rank else set()))
     return _recentred(Zp, spec), report
+
+
+def _smooth_part(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, report: RemovalReport) -> SmoothLowRank | None:
+    """The smooth low-rank part of the reference's rows Z (analysis.lowrank), recorded in the report (the
+    verdict says when it is None: no rank predicts held-out prompts)."""
+    smooth = SmoothLowRank().fit(Z, ref.position, ref.branch, fold)
+    report.lowrank = {"rank": smooth.rank_, "weight": smooth.weight_, "gain": float(smooth.gains_.max())}
+    return smooth if smooth.rank_ and smooth.weight_ > 0 else None
 
 
 def _predicts(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, key: str, spec: ResidualSpec) -> bool:
@@ -292,8 +296,7 @@ class Auto(_Joint):
             "(position net of token identity and branch content), one vector per position and per token id, "
             "weighted so the estimate's own noise cannot push tokens apart; position that a linear probe reads "
             "but means do not reach is subtracted as a smooth low-rank part, weighted out of fold. Keeps token "
-            "identity when position and token together "
-            "are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md).")
+            "identity when position and token together are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md).")
     short = "auto"
     removes = ("position", "token")
     keep_something = True

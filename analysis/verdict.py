@@ -201,7 +201,11 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
             out.append(f"Position that a linear probe reads across prompts was erased ({nums}).")
         elif low.get("weight"):
             out.append("Position that a linear probe reads across prompts was subtracted as a smooth "
-                       f"rank-{low['rank']} component at weight {low['weight']:.2f}, its out-of-fold least-squares weight ({nums}).")
+                       f"rank-{low['rank']} component at weight {low['weight']:.2f}, its out-of-fold least-squares "
+                       f"weight ({nums}).")
+        elif lin.get("detected"):
+            out.append(f"A linear probe reads position across prompts ({nums}), but no smooth estimate of it predicts "
+                       "held-out prompts, so it was not removed.")
         else:
             out.append(f"A linear probe finds no position to erase across prompts ({nums}).")
     if rem.get("forced"):

@@ -169,6 +169,8 @@ def _linear(c: Claim, s: str) -> None:
             c.problems.append("'subtracted' without a passed linear test")
         if not w or not 0 < _f(w.group(1)) <= 1:
             c.problems.append("a low-rank subtraction without a weight in (0, 1]")
+    if "reads position across prompts" in s and not passed:
+        c.problems.append("'reads position' without a passed linear test")
     if "finds no position" in s and passed and r2 > top:
         c.problems.append("'finds no position' beside a passed linear test")
 
@@ -226,7 +228,7 @@ RULES: list[tuple[str, object]] = [
     (r"^(This layer is organized by|No single factor|No factor clearly leads|\w[\w ]* leads, but)", _factors),
     (r"^(A|An) [\w ]+ component was detected \(|^The [\w ]+ test was significant \(|^No [\w ]+ component detected ",
      _means_test),
-    (r"^(Position that a linear probe reads|A linear probe finds no position)", _linear),
+    (r"^(Position that a linear probe reads|A linear probe finds no position|A linear probe reads position)", _linear),
     (r"^After removing .*, position's share of the variance went ", _change),
     (r"^After removing .*, the kNN position leak went ", _leak),
     (r"^After removing .*, neighbours in other branches share the current token ", _token_after),

@@ -150,6 +150,29 @@ def _test(p, r2, null, key="position"):
     return {"key": key, "r2_oof": r2, "null_r2": null, "null_hi": null + 0.02, "p_value": p, "detected": p <= 0.05 and r2 > 0}
 
 
+def test_the_probe_found_part_is_named_as_subtracted_only_when_a_weight_was_subtracted():
+    """Position only the probe reads: 'subtracted as a smooth rank-r component' with the weight quoted when
+    the low-rank part was subtracted; 'reads position ... not removed' when no rank predicted held-out
+    prompts (nothing subtracted); each read back against the probe test's own numbers."""
+    lin = {"r2_oof": 0.31, "null_r2": -0.01, "null_hi": 0.02, "p_value": 0.0125, "p_min": 0.0125, "alpha": 0.025,
+           "detected": True}
+    tests = {"position": _test(0.5, -0.07, -0.075)}
+    took = _removal(detected=True, weight=0.78, linear_test=lin, tests=tests, removed=["position (low rank)"],
+                    removed_keys=["position"], lowrank={"rank": 1, "weight": 0.78, "gain": 0.03})
+    text = verdict({}, {"removal": took})
+    assert "subtracted as a smooth rank-1 component at weight 0.78" in text and "so it was not removed" not in text
+    assert removal_title(took) == "position (low rank) removed" and "rank-1" in removal_note(took)
+    left = _removal(detected=True, linear_test=lin, tests=tests, lowrank={"rank": 0, "weight": 0.0, "gain": 0.0})
+    text = verdict({}, {"removal": left})
+    assert "reads position across prompts" in text and "so it was not removed" in text and "subtracted" not in text
+    assert removal_title(left).startswith("nothing removed")
+    for said in (took, left):
+        assert not [c.problems for c in read_all(verdict({}, {"removal": said})) if c.problems]
+    failed = lin | {"p_value": 0.2, "detected": False}
+    wrong = verdict({}, {"removal": took | {"linear_test": failed}})
+    assert any(c.problems for c in read_all(wrong))  # 'subtracted' beside a failed probe test is caught
+
+
 def test_contradiction_1_no_not_detected_beside_a_significant_p():
     rem = _removal(tests={"position": _test(0.0476, -0.012, -0.05)})
     text = verdict({}, {"removal": rem})
