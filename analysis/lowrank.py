@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.basis import PositionBasis
-from analysis.groups import blocks
+from analysis.groups import f64_blocks, group_sums, row_sq
 
 KNOTS = 5  # cubic spline knots: 7 functions, 6 after the within-branch centring
 
@@ -39,37 +39,27 @@ class SmoothLowRank:
     def __init__(self, n_knots: int = KNOTS):
         self.n_knots = n_knots
 
-    def _design(self, position: np.ndarray, branch: np.ndarray) -> np.ndarray:
-        """(n, k) the basis centred within each branch."""
+    def _design(self, position: np.ndarray, codes: np.ndarray, n_branches: int) -> np.ndarray:
+        """(n, k) the basis centred within each branch (codes: each token's branch, 0..n_branches-1)."""
         Phi = self.basis_.transform(position)  # (n, k)
-        _, inv = np.unique(branch, return_inverse=True)
-        sums = np.zeros((inv.max() + 1, Phi.shape[1]))
-        np.add.at(sums, inv, Phi)
-        return Phi - (sums / np.bincount(inv)[:, None])[inv]
+        sums = np.zeros((n_branches, Phi.shape[1]))
+        np.add.at(sums, codes, Phi)
+        return Phi - (sums / np.bincount(codes, minlength=n_branches)[:, None])[codes]
 
     def fit(self, X: np.ndarray, position: np.ndarray, branch: np.ndarray, fold: np.ndarray) -> SmoothLowRank:
         """X (n, d) float32 rows; position, branch, fold (n,): branches must nest in folds."""
         self.basis_ = PositionBasis("spline", 3, self.n_knots).fit(position)
-        F = self._design(position, branch)  # (n, k)
+        _, bsum, counts = group_sums(X, branch)  # (G, d) float64 per-branch sums, (G,)
+        codes = np.unique(branch, return_inverse=True)[1].ravel()
+        F = self._design(position, codes, len(counts))  # (n, k)
         n_folds = int(fold.max()) + 1
-        A = np.zeros((n_folds, F.shape[1], F.shape[1]))  # per fold: F^T F
+        A = np.stack([F[fold == f].T @ F[fold == f] for f in range(n_folds)])  # per fold: F^T F (k, k)
         B = np.zeros((n_folds, F.shape[1], X.shape[1]))  # per fold: F^T X (= F^T X_centred: F sums to 0 per branch)
-        ss = np.zeros(n_folds)  # per fold: the within-branch sum of squares of X
-        _, inv = np.unique(branch, return_inverse=True)
-        bsum = np.zeros((inv.max() + 1, X.shape[1]))
-        for rows in blocks(len(X)):
-            xb = np.asarray(X[rows], np.float64)
-            np.add.at(bsum, inv[rows], xb)
+        for rows, xb in f64_blocks(X):
             for f in np.unique(fold[rows]):
                 sel = fold[rows] == f
-                A[f] += F[rows][sel].T @ F[rows][sel]
                 B[f] += F[rows][sel].T @ xb[sel]
-                ss[f] += float((xb[sel] ** 2).sum())
-        counts = np.bincount(inv)
-        bfold = np.zeros(len(counts), int)
-        bfold[inv] = fold
-        for b in range(len(counts)):  # within-branch: minus n_b |mean_b|^2
-            ss[bfold[b]] -= float((bsum[b] ** 2).sum()) / counts[b]
+        within_ss = float(row_sq(X).sum()) - float(((bsum ** 2).sum(axis=1) / counts).sum())
         k = F.shape[1]
         num, den = np.zeros(k), np.zeros(k)
         A_all, B_all = A.sum(axis=0), B.sum(axis=0)
@@ -80,7 +70,7 @@ class SmoothLowRank:
             num += np.einsum("rkd,kd->r", paths, B[f])
             den += np.einsum("rkd,kj,rjd->r", paths, A[f], paths)
         w = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
-        gains = np.where(num > 0, num * w, 0.0) / max(float(ss.sum()), 1e-300)
+        gains = np.where(num > 0, num * w, 0.0) / max(within_ss, 1e-300)
         self.gains_ = gains
         best = int(np.argmax(gains))
         self.rank_ = best + 1 if gains[best] > 0 else 0

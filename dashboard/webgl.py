@@ -104,23 +104,21 @@ class FastDeck(pdk.Deck):
 
 def _rows_json(frame: pl.DataFrame, text: bool) -> str:
     """[[qx, qy], ...] or, with text, [[qx, qy, token, branch, position], ...] as one JSON string."""
-    cols = ["qx", "qy"] + (["token_text", "branch_id", "position"] if text else [])
-    packed = frame.select(pl.concat_list(pl.col("qx", "qy")).alias("r")) if not text else None
-    if packed is not None:
-        body = packed.write_ndjson()
-        return "[" + ",".join(line[5:-1] for line in body.splitlines()) + "]"  # each line is {"r":[x,y]}
-    return json.dumps(frame.select(cols).rows(), separators=(",", ":"))
+    if text:  # mixed types: Python's json (HOVER_TEXT_MAX rows at most)
+        return json.dumps(frame.select("qx", "qy", "token_text", "branch_id", "position").rows(), separators=(",", ":"))
+    body = frame.select(pl.concat_list(pl.col("qx", "qy")).alias("r")).write_ndjson()
+    return "[" + ",".join(line[5:-1] for line in body.splitlines()) + "]"  # each line is {"r":[x,y]}
 
 
-def point_layers(points: pl.DataFrame, prefix: str, color_by: str, faint: bool = False
+def point_layers(frame: pl.DataFrame, prefix: str, color_by: str, faint: bool = False
                  ) -> tuple[list[pdk.Layer], dict[str, str], dict[str, np.ndarray], str]:
-    """(layers, placeholder -> data JSON, layer id -> the row numbers of `points` it draws in order,
+    """frame: a panel's points with grid coordinates (quantize). (layers, placeholder -> data JSON, layer id
+    -> the row numbers of `frame` it draws in order,
     legend text). One pickable layer per colour bin; which layers exist and what they hold depends on the
     points and the colouring only, so a click's (layer, index) keeps meaning the same token while the
     selection changes. faint: drawn pale (a selection is shown on top)."""
-    frame = quantize(points, prefix)
-    bins, rgb, legend = colour_bins(points, color_by)
-    text = len(points) <= HOVER_TEXT_MAX
+    bins, rgb, legend = colour_bins(frame, color_by)
+    text = len(frame) <= HOVER_TEXT_MAX
     layers, payloads, rows = [], {}, {}
     for b, drawn in layer_rows(bins).items():
         sub = frame[drawn]
@@ -152,7 +150,7 @@ def clicked_rows(points: pl.DataFrame, color_by: str, prefix: str, selection: di
     return picked_rows(selection, {f"{prefix}-{b}": rows for b, rows in layer_rows(bins).items()})
 
 
-def chosen_layer(points: pl.DataFrame, prefix: str, chosen_rows: np.ndarray) -> tuple[pdk.Layer, str, str] | None:
+def chosen_layer(frame: pl.DataFrame, prefix: str, chosen_rows: np.ndarray) -> tuple[pdk.Layer, str, str] | None:
     """The selected tokens drawn again on top, ringed (not pickable: clicks go to the stable layers
     below): (layer, its data placeholder, the data JSON)."""
     if not len(chosen_rows):
@@ -161,14 +159,14 @@ def chosen_layer(points: pl.DataFrame, prefix: str, chosen_rows: np.ndarray) -> 
     layer = pdk.Layer("ScatterplotLayer", data=placeholder, id=f"{prefix}-chosen", get_position="-",
                       get_fill_color=[255, 255, 255, 0], stroked=True, get_line_color=[0, 0, 0, 230],
                       line_width_min_pixels=1.2, get_radius=POINT_PX + 1.5, radius_units="pixels", pickable=False)
-    return layer, placeholder, _rows_json(quantize(points, prefix)[chosen_rows], text=False)
+    return layer, placeholder, _rows_json(frame[chosen_rows], text=False)
 
 
-def line_layer(points: pl.DataFrame, prefix: str, branches: set[int]) -> pdk.Layer | None:
+def line_layer(frame: pl.DataFrame, prefix: str, branches: set[int]) -> pdk.Layer | None:
     """The trajectories of `branches` (their tokens in position order) as one PathLayer, black."""
     if not branches:
         return None
-    q = quantize(points, prefix).filter(pl.col("branch_id").is_in(list(branches))).sort("branch_id", "position")
+    q = frame.filter(pl.col("branch_id").is_in(list(branches))).sort("branch_id", "position")
     paths = [{"path": [[int(a), int(b)] for a, b in zip(g["qx"], g["qy"])], "branch": int(k[0])}
              for k, g in q.group_by(["branch_id"], maintain_order=True) if len(g) > 1]
     if not paths:
@@ -183,12 +181,13 @@ def deck(points: pl.DataFrame, prefix: str, color_by: str, chosen_rows: np.ndarr
     turns a click back into a token, and the colour legend's text. chosen_rows: row numbers of the
     selected tokens (ringed on top, the rest pale); lit: branches whose lines are drawn."""
     chosen_rows = np.asarray([] if chosen_rows is None else chosen_rows, dtype=np.int64)
-    layers, payloads, rows, legend = point_layers(points, prefix, color_by, faint=len(chosen_rows) > 0)
-    ring = chosen_layer(points, prefix, chosen_rows)
+    frame = quantize(points, prefix)  # the panel's grid coordinates, once for every layer
+    layers, payloads, rows, legend = point_layers(frame, prefix, color_by, faint=len(chosen_rows) > 0)
+    ring = chosen_layer(frame, prefix, chosen_rows)
     if ring is not None:
         layers.append(ring[0])
         payloads[ring[1]] = ring[2]
-    lines = line_layer(points, prefix, lit or set())
+    lines = line_layer(frame, prefix, lit or set())
     if lines is not None:
         layers.append(lines)
     text = len(points) <= HOVER_TEXT_MAX

@@ -29,7 +29,7 @@ import polars as pl
 
 from store.errors import StoreError
 
-PE_TYPES = {"standard": "learned_absolute", "rotary": "rope", "alibi": "alibi"}  # TL cfg -> store pe_type
+TL_PE_TYPES = {"standard": "learned_absolute", "rotary": "rope", "alibi": "alibi"}  # TL cfg -> store pe_type
 
 
 def hook_name(layer: int) -> str:
@@ -133,6 +133,6 @@ def import_transformer_lens(store: str | Path, model: Any, sequences: Sequence[A
     for layer in layers:
         h.update(latents[layer].tobytes())
     name = model_name or str(getattr(cfg, "model_name", None) or "transformer-lens")
-    pe = PE_TYPES.get(str(getattr(cfg, "positional_embedding_type", "")), "unknown")
+    pe = TL_PE_TYPES.get(str(getattr(cfg, "positional_embedding_type", "")), "unknown")
     return import_tables(store, table, latents, h.hexdigest()[:16], run_id, name, pe, n_layers, "branchlens lens",
                          sequences=True, origin={"from": "transformer-lens", "hooks": [hook_name(x) for x in layers]})

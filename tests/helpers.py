@@ -114,11 +114,8 @@ def dump_rows(con, run_id: str) -> dict[str, list]:
     }
 
 
-def app_charts(at) -> list[tuple[dict, list]]:
-    """Per Vega-Lite chart an AppTest page holds: its spec and its datasets as Arrow tables."""
-    import json
-
-    import pyarrow as pa
+def app_elements(at, kind: str) -> list:
+    """The elements of type `kind` (e.g. "vega_lite_chart", "deck_gl_json_chart") an AppTest page holds."""
 
     def walk(node):
         children = getattr(node, "children", None)
@@ -128,8 +125,17 @@ def app_charts(at) -> list[tuple[dict, list]]:
         else:
             yield node
 
+    return [el for el in walk(at.main) if getattr(el, "type", None) == kind]
+
+
+def app_charts(at) -> list[tuple[dict, list]]:
+    """Per Vega-Lite chart an AppTest page holds: its spec and its datasets as Arrow tables."""
+    import json
+
+    import pyarrow as pa
+
     return [(json.loads(el.proto.spec), [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
-            for el in walk(at.main) if getattr(el, "type", None) == "vega_lite_chart"]
+            for el in app_elements(at, "vega_lite_chart")]
 
 
 ORACLE_WORDS = ("the cat sat on mat and looked at moon branches of a story go apart tokens where model is unsure "

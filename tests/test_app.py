@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import streamlit as st
-from helpers import PROMPTS, PYTHON, app_charts, ingest
+from helpers import PROMPTS, PYTHON, app_charts, app_elements, ingest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -74,15 +74,7 @@ def projection(at: AppTest, panel: str = "raw") -> dict[str, pa.Table]:
 
 def deck_specs(at: AppTest) -> list[dict]:
     """The deck.gl specs (JSON) of the page's WebGL charts."""
-    def walk(node):
-        children = getattr(node, "children", None)
-        if isinstance(children, dict):
-            for child in children.values():
-                yield from walk(child)
-        else:
-            yield node
-
-    return [json.loads(el.proto.json) for el in walk(at.main) if getattr(el, "type", None) == "deck_gl_json_chart"]
+    return [json.loads(el.proto.json) for el in app_elements(at, "deck_gl_json_chart")]
 
 
 def dots_layer(spec: dict) -> dict:
