@@ -328,8 +328,6 @@ def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str 
     everything first; then one transaction per prompt, skipping prompts already there, so the same
     command resumes."""
     tokens_path, latents_path = Path(tokens_path), Path(latents_path)
-    if pe_type not in PE_TYPES:
-        raise StoreError(f"pe_type must be one of {', '.join(PE_TYPES)}, got {pe_type!r}")
     tokens = read_tokens(tokens_path, sequences)
     latents = read_latents(latents_path)
     if tokens.is_empty():
