@@ -22,7 +22,10 @@ _EXPORTS = {
     "ViewResult": "analysis.view", "ViewSpec": "analysis.view", "compute_view": "analysis.view",
 }
 
-__all__ = sorted([*_EXPORTS, "ProjectionSpec", "project"])
+__all__ = [
+    "ProjectionSpec", "ResidualSpec", "TokenSet", "ViewResult", "ViewSpec",
+    "compute_view", "find_sinks", "make_residualizer", "project",
+]
 
 if TYPE_CHECKING:
     from analysis.residualize import ResidualSpec, make_residualizer

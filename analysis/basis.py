@@ -33,7 +33,9 @@ class PositionBasis:
         self.degree_ = int(max(1, min(self.degree, budget - 1)))
         self.n_freq_ = int(max(0, min(self.n_freq, (budget - 2) // 2)))
         if self.kind == "spline":
-            from sklearn.preprocessing import SplineTransformer  # ~0.8 s to import: only when a spline is fitted
+            from sklearn.preprocessing import (
+                SplineTransformer,  # ~0.8 s to import: only when a spline is fitted
+            )
 
             n_knots = int(max(2, min(self.n_knots, budget - self.degree_ + 1)))
             self.spline_ = SplineTransformer(

@@ -21,8 +21,16 @@ import numpy as np
 from analysis.groups import blocks, branch_centred, code_sums64, f64_blocks, onehot, row_sq
 from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES
-from analysis.residualize import (RESIDUALIZERS, LabelStats, PerPositionMean, Residualizer, ResidualSpec, Scaler,
-                                  branch_offsets, make_residualizer)
+from analysis.residualize import (
+    RESIDUALIZERS,
+    LabelStats,
+    PerPositionMean,
+    Residualizer,
+    ResidualSpec,
+    Scaler,
+    branch_offsets,
+    make_residualizer,
+)
 from analysis.stats import PermutationTest
 from analysis.tokens import TokenSet
 

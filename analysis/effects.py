@@ -135,7 +135,7 @@ def fit_effects(s: FactorSums, basis: PositionBasis | None) -> Effects:
     lam = LAMBDA_FLOOR if fe_dof > 0 else (float(max(n_v.mean(), 1.0)) if has_tok else np.inf)
     steps = (2 if fe_dof > 0 else EM_STEPS) if has_tok else 1
     a = b = Kinv = None
-    for sweep in range(1 if joint or not has_br else SWEEPS):
+    for _sweep in range(1 if joint or not has_br else SWEEPS):
         for step in range(steps):
             inv = 1.0 / (n_v + lam) if has_tok else None  # (V,)
             if joint:

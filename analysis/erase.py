@@ -123,7 +123,7 @@ def linear_test(X: np.ndarray, position: np.ndarray, fold: np.ndarray, shuffled:
         total = total + p
     alphas = np.asarray(ALPHAS)
     errs = np.zeros((len(alphas), Y.shape[1]))
-    for f, part in enumerate(parts):
+    for part in parts:
         if part.n == 0:
             continue
         W, b0 = ridge_path(total - part, alphas)

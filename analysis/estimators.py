@@ -29,12 +29,23 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.basis import PositionBasis
-from analysis.crossfit import (RemovalReport, _fold_of, _oof, _project, _raw, _recentred, covariates, new_report,
-                               record_tests, test_means, units)
+from analysis.crossfit import (
+    RemovalReport,
+    _fold_of,
+    _oof,
+    _project,
+    _raw,
+    _recentred,
+    covariates,
+    new_report,
+    record_tests,
+    test_means,
+    units,
+)
 from analysis.effects import Effects, FactorSums, fit_effects
 from analysis.erase import LinearEraser, Moments, linear_test, position_features
-from analysis.lowrank import SmoothLowRank
 from analysis.groups import blocks
+from analysis.lowrank import SmoothLowRank
 from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES, Param, words
 from analysis.residualize import Residualizer, ResidualSpec, Scaler, register

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
 from analysis import jit
 from analysis.groups import code_sums64, row_norms
 from analysis.neighbours import Index, knn_graph, pca_fit

@@ -38,8 +38,15 @@ ARCHS = {
 
 def build(arch: str, where: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM, PreTrainedTokenizerFast)
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     family, shape = ARCHS[arch]
     torch.manual_seed(0)

@@ -26,11 +26,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from helpers import gpt2_layer0, table_error  # noqa: E402
+
 from analysis import ResidualSpec, ViewSpec, compute_view  # noqa: E402
 from analysis.project import ProjectionSpec  # noqa: E402
 from analysis.regimes import generate  # noqa: E402
 from analysis.residualize import registry  # noqa: E402
-from helpers import gpt2_layer0, table_error  # noqa: E402
 
 PCA = ProjectionSpec(method="pca")
 ORACLES = [("random", 1.0), ("random", 0.2), ("smooth", 1.0), ("smooth", 0.2)]

@@ -22,7 +22,7 @@ def prompt_color(index: int) -> str:
 
 def shades(base: str, n: int) -> list[str]:
     """n shades of one hue, dark to light (lightness 0.28-0.72), the base's hue and saturation kept."""
-    h, l, s = colorsys.rgb_to_hls(*(int(base[i:i + 2], 16) / 255 for i in (1, 3, 5)))
+    h, _lightness, s = colorsys.rgb_to_hls(*(int(base[i:i + 2], 16) / 255 for i in (1, 3, 5)))
     s = max(s, 0.45)
     if n == 1:
         return [base]

@@ -7,8 +7,17 @@ from dataclasses import dataclass
 import streamlit as st
 
 from dashboard.charts import COLOR_BY
-from views.specs import (Param, ProjectionSpec, ResidualSpec, Selection, ViewSpec, method_help, method_label,
-                         method_params, methods)
+from views.specs import (
+    Param,
+    ProjectionSpec,
+    ResidualSpec,
+    Selection,
+    ViewSpec,
+    method_help,
+    method_label,
+    method_params,
+    methods,
+)
 
 
 @dataclass

@@ -149,7 +149,15 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     from store.compact import compact_if_worth
     from store.connect import JOB_LOCK_WAIT, reading
     from store.queries import run_summary
-    from store.shards import check_location, finished_shards, merge, run_dir, sweep, task_prompts, write_manifest
+    from store.shards import (
+        check_location,
+        finished_shards,
+        merge,
+        run_dir,
+        sweep,
+        task_prompts,
+        write_manifest,
+    )
     from store.writer import StoreWriter
 
     require_prompts(cfg)

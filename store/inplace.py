@@ -11,7 +11,7 @@ new connection. `store.queries` works on it as on a store file.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -95,5 +95,5 @@ def _created_at(where: str | Path) -> datetime:
     except OSError as exc:
         raise storage_error(exc, "read", manifest) from None
     if mtime is None:
-        return datetime.now(timezone.utc).replace(tzinfo=None)
-    return mtime.astimezone(timezone.utc).replace(tzinfo=None) if mtime.tzinfo else mtime
+        return datetime.now(UTC).replace(tzinfo=None)
+    return mtime.astimezone(UTC).replace(tzinfo=None) if mtime.tzinfo else mtime

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from helpers import FAMILIES, PROMPTS, build_model, build_tokenizer, cli_env
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 CORPUS = [
     "The cat sat on the mat and looked at the moon.",
     "Branches of a story go apart at the tokens where the model is unsure.",
@@ -35,8 +36,14 @@ def build_tokenizer(add_bos: bool):
 
 
 def build_model(family: str):
-    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers import dump, ingest
+
 from ingest.generate import TreeBuilder, planned_batches
 from ingest.models import load_model
 from ingest.tree import TreePlan

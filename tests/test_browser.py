@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from claims import read_all
 from helpers import PROMPTS, PYTHON, ingest
 
@@ -79,8 +78,8 @@ def chromium():
 
 
 def test_dashboard_draws_in_chromium(served_app, tmp_path):
-    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -6,9 +6,9 @@ import os
 import subprocess
 
 import numpy as np
+from helpers import PYTHON, cli_env, dump, ingest
 
 from analysis.synthetic import branch_tree
-from helpers import PYTHON, cli_env, dump, ingest
 from store import reading
 from store.compact import compact, free_fraction
 from store.queries import layer_vectors, token_rows

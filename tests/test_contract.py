@@ -79,7 +79,7 @@ def test_the_toy_is_tested_cross_fitted_and_removes_prompt_content(toy):
     tree = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, pos_scale=0.0, content_scale=2.0, seed=1)
     spec = ViewSpec(residual=ResidualSpec(method=toy.name), projection=ProjectionSpec(method="pca"))
     result = compute_view(tree, spec)
-    m, rem = result.metrics, result.metrics["removal"]
+    rem = result.metrics["removal"]
     assert rem["removes"] == ["prompt"] and rem["tests"]["prompt"]["detected"] and rem["fold_by"] == "branch"
     assert rem["crossfit"] and rem["weight"] > 0.5
     raw = compute_view(tree, ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca")))

@@ -311,7 +311,7 @@ def test_printable_makes_byte_tokens_safe_for_svg():
 def test_layer_profile_charts_carry_a_raw_and_removed_key():
     """The lines' legend names raw and the method; the bands' colours resolve apart (sharing the scale,
     their legend=None left the Layers tab without a key)."""
-    from dashboard.charts import REMOVED_COLOUR, RAW_COLOUR, profile_panel
+    from dashboard.charts import RAW_COLOUR, REMOVED_COLOUR, profile_panel
 
     rows = pl.DataFrame({"layer": [0, 1, 0, 1], "method": ["raw", "raw", "per-position mean", "per-position mean"],
                          "r2": [0.8, 0.7, 0.01, 0.0], "r2_band": [0.02] * 4, "chance": [0.001] * 4,

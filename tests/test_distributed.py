@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-
 from helpers import PROMPTS, PYTHON, cli_env, dump, dump_rows
+
 from store import reading
 
 if os.environ.get("BRANCHLENS_REQUIRE_RAY") != "1":
@@ -98,9 +98,9 @@ def test_s3_sharded_run_on_two_workers_survives_a_kill_mid_upload(model_dirs, tm
     are swept, and the store equals the single-process run. The shards read in place answer the SQL
     cookbook like the merged store, and `python -m store merge` rebuilds the store from the bucket."""
     import pyarrow.fs as pafs
+    from test_sql_cookbook import cookbook, personalize
 
     from store.inplace import open_shards
-    from test_sql_cookbook import cookbook, personalize
 
     config = _config(model_dirs, tmp_path, 9, batch_rows=4)  # tasks of 2 = whole groups, as above
     store = tmp_path / "dist.duckdb"

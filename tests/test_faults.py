@@ -11,8 +11,8 @@ import signal
 import subprocess
 
 import tomli_w
-
 from helpers import PROMPTS, PYTHON, cli_env, dump
+
 from store import reading
 
 

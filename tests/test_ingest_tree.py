@@ -7,9 +7,9 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import dump, ingest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import dump, ingest
 from ingest.generate import TreeBuilder
 from ingest.models import load_model
 from ingest.tree import TreePlan

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import gpt2_layer0, table_error
 
 from analysis import ResidualSpec, ViewSpec, compute_view
 from analysis.guard import LEAKS, check
 from analysis.project import ProjectionSpec
 from analysis.regimes import generate
 from analysis.residualize import registry
-from helpers import gpt2_layer0, table_error
 
 PCA = ProjectionSpec(method="pca")  # the maths under test is the removal; PCA keeps these fast
 TOLERANCE = 0.03  # issue 34: within 0.03 of exact subtraction's leak

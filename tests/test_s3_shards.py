@@ -12,14 +12,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
-
 from helpers import PYTHON, app_charts, dump, dump_rows
+
 from store import StoreError
 from store.inplace import open_shards
 from store.queries import layer_vectors, run_summary
 from store.records import BranchRecord, RunRecord
-from store.shards import (finished_shards, merge, read_manifest, run_dir, shard_exists, sweep, write_manifest,
-                          write_shard)
+from store.shards import (
+    finished_shards,
+    merge,
+    read_manifest,
+    run_dir,
+    shard_exists,
+    sweep,
+    write_manifest,
+    write_shard,
+)
 
 DIM = 8
 LAYERS = [0, 3]

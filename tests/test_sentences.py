@@ -81,7 +81,7 @@ def test_the_numbers_a_sentence_quotes_are_the_measures_it_names(views):
 def test_titles_and_notes_name_what_went_and_how_much(views):
     """Contradictions 4 and 5 in general: the right panel's title names exactly the nuisances removed
     (or says why nothing was), and no note calls a method's weight a share 'removed'."""
-    for key, (raw, removed) in views.items():
+    for key, (_raw, removed) in views.items():
         rem = removed["removal"]
         title, note = removal_title(rem), removal_note(rem)
         took = removed_nuisances(rem)

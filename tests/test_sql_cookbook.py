@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import ingest
+
 from store import reading
 
 README = Path(__file__).resolve().parents[1] / "README.md"

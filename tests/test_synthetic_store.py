@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import PYTHON, cli_env, dump
 
 from analysis.metrics import label_purity, r2_pos
 from analysis.residualize import make_residualizer
 from analysis.synthetic import branch_tree
 from analysis.tokens import find_sinks
-from helpers import PYTHON, cli_env, dump
 from store import reading
 from store.queries import run_summary, token_rows
 from views.__main__ import main

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from ingest.errors import IngestError
-from ingest.sampling import branch_seed, choose_next, row_uniforms, sample_step, step_back_from_zero, token_stats
+from ingest.sampling import (
+    branch_seed,
+    choose_next,
+    row_uniforms,
+    sample_step,
+    step_back_from_zero,
+    token_stats,
+)
 from ingest.tree import TreePlan, fork_positions
 
 

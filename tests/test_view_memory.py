@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from analysis import ResidualSpec, ViewSpec, compute_view
-from analysis.crossfit import fit_remove, fold_label_stats
 from analysis import groups as G
+from analysis.crossfit import fit_remove, fold_label_stats
 from analysis.groups import BLOCK
 from analysis.metrics import r2_pos
 from analysis.project import ProjectionSpec

@@ -12,9 +12,9 @@ import pytest
 from analysis import ViewSpec, compute_view, neighbours
 from analysis import metrics as M
 from analysis.blas import one_thread
+from analysis.groups import row_norms
 from analysis.metrics import WithinShuffler, shuffle_within
 from analysis.synthetic import branch_tree
-from analysis.groups import row_norms
 from analysis.view import _shared_pca, measure, residualize
 
 P = importlib.import_module("analysis.project")  # `analysis.project` the attribute is the function

@@ -8,10 +8,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from helpers import PYTHON, ingest
 
 from analysis import ProjectionSpec, ResidualSpec, ViewSpec
 from analysis.synthetic import branch_tree
-from helpers import PYTHON, ingest
 from views.__main__ import main as views_main
 from views.cache import ViewCache
 from views.service import Selection, compute

@@ -8,8 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from helpers import PYTHON, cli_env, ingest
+
 from ingest.errors import IngestError
 from ingest.models import load_model
 from ingest.positions import PositionAdapter, adapter_for

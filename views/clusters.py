@@ -14,8 +14,16 @@ from analysis.view import ViewSpec, residualize
 from store import queries
 from store.sources import reading
 from views.cache import ViewCache
-from views.service import Selection, _independent, _list, _raw_is_raw, _reference, _reference_run, content_key, \
-    to_token_set
+from views.service import (
+    Selection,
+    _independent,
+    _list,
+    _raw_is_raw,
+    _reference,
+    _reference_run,
+    content_key,
+    to_token_set,
+)
 
 DOMINANT = 0.5  # a cluster holding more than this share of the tokens says little: the app says so
 

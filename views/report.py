@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from analysis.guard import check
 from analysis.project import ProjectionSpec
 from analysis.residualize import ResidualSpec
-from analysis.guard import check
 from analysis.verdict import removal_title
 from analysis.view import ViewSpec
 from store import queries
