@@ -1,7 +1,7 @@
 """branchlens dashboard: where do branches go apart, once position is taken out?
 
-    streamlit run app.py                       # opens ./branchlens.duckdb (or $BRANCHLENS_STORE)
-    streamlit run app.py -- path/to/store.duckdb
+streamlit run app.py                       # opens ./branchlens.duckdb (or $BRANCHLENS_STORE)
+streamlit run app.py -- path/to/store.duckdb
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ try:
     version = data.version(path)
     info = data.overview(path, version)
 except StoreMissing:
-    st.info(f"No store at `{path}`. Create one with `python -m ingest` (the demo), or enter a path on the left.")
+    st.info(
+        f"No store at `{path}`. Create one with `python -m ingest` (the demo), or enter a path on the left."
+    )
     st.stop()
 except StoreBusy:
     panels.busy_note(path, "store")
@@ -55,8 +57,9 @@ runs = {r["run_id"]: r for r in info["runs"]}
 if not runs:
     st.info(f"`{path}` holds no runs yet. If an ingest is running, its first prompt appears once written.")
     st.stop()
-run_id = st.sidebar.selectbox("Run", list(runs), key="run",
-                              format_func=lambda r: f"{r} · {runs[r]['model']} · {runs[r]['status']}")
+run_id = st.sidebar.selectbox(
+    "Run", list(runs), key="run", format_func=lambda r: f"{r} · {runs[r]['model']} · {runs[r]['status']}"
+)
 run = runs[run_id]
 if not run["layers"]:
     st.info("This run has no latents yet; an ingest may still be writing its first prompt.")
@@ -74,9 +77,11 @@ st.caption(
 if run["status"] != "complete":
     st.info("This run is still being written: the views show the prompts committed so far.")
 if ctl.new_prompts:
-    st.info(f"{len(ctl.new_prompts)} prompts were committed since you opened this run and are not shown "
-            f"({', '.join(map(str, ctl.new_prompts[:10]))}{'…' if len(ctl.new_prompts) > 10 else ''}); "
-            "add them in the sidebar's Prompts.")
+    st.info(
+        f"{len(ctl.new_prompts)} prompts were committed since you opened this run and are not shown "
+        f"({', '.join(map(str, ctl.new_prompts[:10]))}{'…' if len(ctl.new_prompts) > 10 else ''}); "
+        "add them in the sidebar's Prompts."
+    )
 
 spec_json, raw_json = json.dumps(spec.to_dict()), json.dumps(raw_of(spec).to_dict())
 what = f"{'all prompts' if sel.prompt_ids is None else f'{len(sel.prompt_ids)} prompts'}, layer {sel.layer}"
@@ -102,15 +107,34 @@ tabs = dict(zip(TABS, st.tabs(TABS, key="tab", on_change="rerun")))  # a closed 
 with tabs["Latent space"]:
     if tabs["Latent space"].open:
         if ctl.color_by == "cluster":
-            found = panels.guarded(path, "clusters_colour", data.clusters, path, version, sel, spec_json,
-                                   *panels.cluster_controls("colour_clusters"))
+            found = panels.guarded(
+                path,
+                "clusters_colour",
+                data.clusters,
+                path,
+                version,
+                sel,
+                spec_json,
+                *panels.cluster_controls("colour_clusters"),
+            )
             if found is not None:
-                points = points.join(found.tokens.select("branch_id", "position", "cluster"),
-                                     on=["branch_id", "position"], how="left")
+                points = points.join(
+                    found.tokens.select("branch_id", "position", "cluster"),
+                    on=["branch_id", "position"],
+                    how="left",
+                )
         if "cluster" not in points.columns:
             points = points.with_columns(pl.lit(None, pl.Int64).alias("cluster"))
-        space.render(points, branches, lineage, ctl, raw_metrics, res_metrics, f"{run_id}-layer{sel.layer}",
-                     space.export_title(path, run, sel, spec, res_metrics))
+        space.render(
+            points,
+            branches,
+            lineage,
+            ctl,
+            raw_metrics,
+            res_metrics,
+            f"{run_id}-layer{sel.layer}",
+            space.export_title(path, run, sel, spec, res_metrics),
+        )
 
 with tabs["Where branches go apart"]:
     if tabs["Where branches go apart"].open:

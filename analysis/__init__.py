@@ -17,14 +17,25 @@ from typing import TYPE_CHECKING, Any
 from analysis.project import ProjectionSpec, project
 
 _EXPORTS = {
-    "ResidualSpec": "analysis.residualize", "make_residualizer": "analysis.residualize",
-    "TokenSet": "analysis.tokens", "find_sinks": "analysis.tokens",
-    "ViewResult": "analysis.view", "ViewSpec": "analysis.view", "compute_view": "analysis.view",
+    "ResidualSpec": "analysis.residualize",
+    "make_residualizer": "analysis.residualize",
+    "TokenSet": "analysis.tokens",
+    "find_sinks": "analysis.tokens",
+    "ViewResult": "analysis.view",
+    "ViewSpec": "analysis.view",
+    "compute_view": "analysis.view",
 }
 
 __all__ = [
-    "ProjectionSpec", "ResidualSpec", "TokenSet", "ViewResult", "ViewSpec",
-    "compute_view", "find_sinks", "make_residualizer", "project",
+    "ProjectionSpec",
+    "ResidualSpec",
+    "TokenSet",
+    "ViewResult",
+    "ViewSpec",
+    "compute_view",
+    "find_sinks",
+    "make_residualizer",
+    "project",
 ]
 
 if TYPE_CHECKING:

@@ -13,7 +13,12 @@ CLUSTERINGS = ("kmeans", "hdbscan")
 
 
 def cluster(
-    X: np.ndarray, method: str = "kmeans", k: int = 8, min_cluster_size: int = 10, pca_dims: int = 50, seed: int = 0,
+    X: np.ndarray,
+    method: str = "kmeans",
+    k: int = 8,
+    min_cluster_size: int = 10,
+    pca_dims: int = 50,
+    seed: int = 0,
 ) -> np.ndarray:
     """Cluster labels per row (HDBSCAN marks noise as -1), on a PCA pre-reduction of X."""
     if method not in CLUSTERINGS:
@@ -32,8 +37,12 @@ def cluster(
 
 
 def cluster_summary(
-    labels: np.ndarray, token_text: list[str] | np.ndarray, branch: np.ndarray, top: int = 5,
-    position: np.ndarray | None = None, prompt: np.ndarray | None = None,
+    labels: np.ndarray,
+    token_text: list[str] | np.ndarray,
+    branch: np.ndarray,
+    top: int = 5,
+    position: np.ndarray | None = None,
+    prompt: np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """Per cluster (largest first, noise last): size and share of the tokens, its most frequent tokens
     and the branches it holds (with counts), and when given, its positions (median, 10th-90th
@@ -56,6 +65,8 @@ def cluster_summary(
             p = np.asarray(position)[rows]
             row["position"] = (float(np.median(p)), float(np.quantile(p, 0.1)), float(np.quantile(p, 0.9)))
         if prompt is not None:
-            row["prompts"] = sorted(Counter(np.asarray(prompt)[rows].tolist()).items(), key=lambda kv: (-kv[1], kv[0]))
+            row["prompts"] = sorted(
+                Counter(np.asarray(prompt)[rows].tolist()).items(), key=lambda kv: (-kv[1], kv[0])
+            )
         out.append(row)
     return sorted(out, key=lambda r: (r["cluster"] == -1, -r["size"]))

@@ -46,8 +46,9 @@ def values(regime: str, seed: int, **overrides) -> dict[str, tuple[float, float,
     """metric -> (value, lo, hi, sd) for one run of a regime, raw latents, sinks dropped."""
     t = generate(regime, seed=seed, **overrides).tokens
     keep = ~t.extra["is_sink"]
-    t = TokenSet(t.X[keep], t.position[keep], t.branch[keep], t.prompt[keep],
-                 {k: v[keep] for k, v in t.extra.items()})
+    t = TokenSet(
+        t.X[keep], t.position[keep], t.branch[keep], t.prompt[keep], {k: v[keep] for k, v in t.extra.items()}
+    )
     out = measure(t, None, ViewSpec()) | layer_stats(t)
     found = {}
     for name, (key, field) in CHECKED.items():
@@ -65,6 +66,15 @@ def coverage(regime: str, n_seeds: int = 20, **overrides) -> list[Coverage]:
         v = np.array([r[metric] for r in runs if metric in r])  # (2n, 4)
         checked, truth = v[:n_seeds], float(v[n_seeds:, 0].mean())
         covered = int(((checked[:, 1] <= truth) & (truth <= checked[:, 2])).sum())
-        out.append(Coverage(regime, metric, truth, float(checked[:, 0].std()), float(checked[:, 3].mean()),
-                            covered, len(checked)))
+        out.append(
+            Coverage(
+                regime,
+                metric,
+                truth,
+                float(checked[:, 0].std()),
+                float(checked[:, 3].mean()),
+                covered,
+                len(checked),
+            )
+        )
     return out

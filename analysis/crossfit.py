@@ -57,18 +57,28 @@ class RemovalReport:
     folds: int = 0
     fold_by: str = ""
     k: int | None = None  # projection: directions removed
-    rank_r2: list[float] = field(default_factory=list)  # projection: out-of-fold R2 per rank 1..analysis.rank.MAX_RANK
+    rank_r2: list[float] = field(
+        default_factory=list
+    )  # projection: out-of-fold R2 per rank 1..analysis.rank.MAX_RANK
     crossfit_share: float = 0.0  # share of plotted tokens whose estimate never saw their prompt (branch)
     detected_covariates: list[str] = field(default_factory=list)
     tests: dict = field(default_factory=dict)  # per nuisance: MeansTest.to_dict()
     deciding: str = ""  # the nuisance whose test the top-level p_value / r2_oof quote
     linear_test: dict = field(default_factory=dict)  # the linear probe test of position, where one ran
     erased: bool = False  # position erased linearly (LEACE)
-    lowrank: dict = field(default_factory=dict)  # joint: the smooth low-rank part for probe-found position (rank, weight, gain)
-    removed: list[str] = field(default_factory=list)  # what was removed, in words ("position", "token identity", ...)
-    removed_keys: list[str] | None = None  # the nuisance keys removed (None: those detected, or all when forced)
+    lowrank: dict = field(
+        default_factory=dict
+    )  # joint: the smooth low-rank part for probe-found position (rank, weight, gain)
+    removed: list[str] = field(
+        default_factory=list
+    )  # what was removed, in words ("position", "token identity", ...)
+    removed_keys: list[str] | None = (
+        None  # the nuisance keys removed (None: those detected, or all when forced)
+    )
     weights: dict = field(default_factory=dict)  # joint estimators: mean weight removed per nuisance
-    noise_share: float = float("nan")  # joint estimators: share of the removed position part that is estimate noise
+    noise_share: float = float(
+        "nan"
+    )  # joint estimators: share of the removed position part that is estimate noise
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -80,8 +90,14 @@ def covariates(tokens: TokenSet) -> dict[str, np.ndarray | None]:
     return {key: n.values(tokens) for key, n in NUISANCES.items()}
 
 
-def fit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
-               independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+def fit_remove(
+    plot: TokenSet,
+    spec: ResidualSpec,
+    reference: TokenSet | None = None,
+    independent: bool = False,
+    seed: int = 0,
+    in_place: bool = False,
+) -> tuple[np.ndarray, RemovalReport]:
     """Residual vectors of `plot` (n, d) and a report of what was removed: the method's own removal (a
     classmethod `remove` on its class) or, by default, crossfit_remove."""
     own = getattr(RESIDUALIZERS[spec.method], "remove", None)
@@ -93,8 +109,14 @@ def new_report(spec: ResidualSpec) -> RemovalReport:
     return RemovalReport(spec.method, cls.nuisance_words(), list(cls.removes), alpha=spec.alpha)
 
 
-def crossfit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
-                    independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+def crossfit_remove(
+    plot: TokenSet,
+    spec: ResidualSpec,
+    reference: TokenSet | None = None,
+    independent: bool = False,
+    seed: int = 0,
+    in_place: bool = False,
+) -> tuple[np.ndarray, RemovalReport]:
     """Residual vectors of `plot` (n, d) and a report of what was removed.
 
     reference: the tokens the nuisance is estimated from (default: plot). With `independent`, the
@@ -131,7 +153,9 @@ def crossfit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | No
         # but absent positional part would be noise subtracted by position (an invented leak)
         spec = cls.reduce(spec, report.detected_covariates)
         cls = RESIDUALIZERS[spec.method]
-        report.note = f"only {NUISANCES[report.detected_covariates[0]].words} detected: removed as {spec.label()}"
+        report.note = (
+            f"only {NUISANCES[report.detected_covariates[0]].words} detected: removed as {spec.label()}"
+        )
         report.method, report.nuisance, report.removes = spec.method, cls.nuisance_words(), list(cls.removes)
         _weigh(Zt, ref, folds[0], spec, report)
     del Zt
@@ -149,8 +173,13 @@ def crossfit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | No
     backfit = spec.within_branch and len(np.unique(ref.branch)) > 1
     models = _fold_models(Zr, ref, cls, spec, ref_fold, np.unique(plot_fold), backfit, crossfit)
     if not crossfit:
-        report.note = report.note or ("fitted on another run" if independent else
-                                      "not cross-fitted (asked)" if not spec.crossfit else "one group: not cross-fitted")
+        report.note = report.note or (
+            "fitted on another run"
+            if independent
+            else "not cross-fitted (asked)"
+            if not spec.crossfit
+            else "one group: not cross-fitted"
+        )
         _subtract(Zp, np.arange(len(plot)), models[0], _cov(plot, cls), report.weight)
         return _recentred(Zp, spec), report
     # Where the other folds never saw a token's position (or token id), e.g. the tail of a prompt's one
@@ -167,8 +196,10 @@ def crossfit_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | No
     report.crossfit_share = float(crossfitted.mean())
     if report.crossfit_share < 1:
         left = int(len(plot) - crossfitted.sum())
-        report.note = (f"{left} of {len(plot)} tokens sit where the other folds have no data "
-                       "(position or token unseen there): they are left as they are")
+        report.note = (
+            f"{left} of {len(plot)} tokens sit where the other folds have no data "
+            "(position or token unseen there): they are left as they are"
+        )
     return _recentred(Zp, spec), report
 
 
@@ -177,31 +208,53 @@ def _raw(tokens: TokenSet, spec: ResidualSpec, in_place: bool) -> np.ndarray:
     return Scaler(spec.center, spec.l2, spec.standardize).fit(tokens.X).transform(tokens.X, in_place)
 
 
-def _fold_models(Zr: np.ndarray, ref: TokenSet, cls: type[Residualizer], spec: ResidualSpec, fold: np.ndarray,
-                 targets: np.ndarray, backfit: bool, crossfit: bool) -> dict[int, Residualizer]:
+def _fold_models(
+    Zr: np.ndarray,
+    ref: TokenSet,
+    cls: type[Residualizer],
+    spec: ResidualSpec,
+    fold: np.ndarray,
+    targets: np.ndarray,
+    backfit: bool,
+    crossfit: bool,
+) -> dict[int, Residualizer]:
     """The fitted model that serves each target fold's tokens (fitted on the reference's other folds;
     none where those are empty; with crossfit=False one model, key 0, fitted on all of Zr). Every model is fitted before any residual is written, since
     Zr may be the buffer the residuals go to. Single-covariate methods fit from per-(fold, value) sums,
     the branch offsets taken out by algebra (no (n, d) temporary); the others from rows."""
     if len(cls.covariates) == 1 and cls.sufficient:
         label = _cov(ref, cls)[cls.covariates[0]]
-        helper = make_residualizer(spec) if cls.additive else PerPositionMean(spec.with_method("per_position"))
+        helper = (
+            make_residualizer(spec) if cls.additive else PerPositionMean(spec.with_method("per_position"))
+        )
         stats = fold_label_stats(Zr, label, ref.branch, fold, helper if backfit else None)
         if not crossfit:
             return {0: make_residualizer(spec).fit_stats(stats[0])}
         total = _sum_stats(list(stats.values()))
-        return {int(f): make_residualizer(spec).fit_stats(total.minus(stats[f]) if f in stats else total)
-                for f in targets if (fold != f).any()}
+        return {
+            int(f): make_residualizer(spec).fit_stats(total.minus(stats[f]) if f in stats else total)
+            for f in targets
+            if (fold != f).any()
+        }
     if backfit:
         Zr = Zr - branch_offsets(make_residualizer(spec), Zr, _cov(ref, cls), ref.branch)  # a copy: (n, d)
     if not crossfit:
         return {0: make_residualizer(spec).fit(Zr, **_cov(ref, cls), scale=False)}
-    return {int(f): make_residualizer(spec).fit(Zr[fold != f], **_cov_rows(ref, cls, fold != f), scale=False)
-            for f in targets if (fold != f).any()}
+    return {
+        int(f): make_residualizer(spec).fit(Zr[fold != f], **_cov_rows(ref, cls, fold != f), scale=False)
+        for f in targets
+        if (fold != f).any()
+    }
 
 
-def fold_label_stats(Z: np.ndarray, labels: np.ndarray, branch: np.ndarray, fold: np.ndarray,
-                     helper: Residualizer | None = None, sweeps: int = 2) -> dict[int, LabelStats]:
+def fold_label_stats(
+    Z: np.ndarray,
+    labels: np.ndarray,
+    branch: np.ndarray,
+    fold: np.ndarray,
+    helper: Residualizer | None = None,
+    sweeps: int = 2,
+) -> dict[int, LabelStats]:
     """LabelStats (by `labels`) of each fold's rows of Z (n, d), each row minus its branch's offset when
     a helper is given: the offsets of residualize.branch_offsets (backfitted with the helper on all rows,
     weighted mean zero), here per branch (B, d), taken out of per-(fold, label) and per-(fold, branch)
@@ -235,9 +288,20 @@ class FoldCells:
         fl, fb = fl.ravel(), fb.ravel()
         (S_fl, S_fb), sq_rows = code_sums64(Z, [(fl, len(fl_keys)), (fb, len(fb_keys))], with_sq=True)
         counts = onehot(fl, len(fl_keys)) @ onehot(fb, len(fb_keys)).T
-        return cls(lab_uniq, fl_keys, fl_n, fb_keys, fb_n, S_fl, S_fb,
-                   np.bincount(fl, weights=sq_rows, minlength=len(fl_keys)),
-                   np.bincount(fb, weights=sq_rows, minlength=len(fb_keys)), counts, B, np.unique(fold))
+        return cls(
+            lab_uniq,
+            fl_keys,
+            fl_n,
+            fb_keys,
+            fb_n,
+            S_fl,
+            S_fb,
+            np.bincount(fl, weights=sq_rows, minlength=len(fl_keys)),
+            np.bincount(fb, weights=sq_rows, minlength=len(fb_keys)),
+            counts,
+            B,
+            np.unique(fold),
+        )
 
     def no_offsets(self) -> np.ndarray:
         return np.zeros((self.B, self.S_fl.shape[1]), np.float32)
@@ -262,8 +326,15 @@ class FoldCells:
         for _ in range(sweeps):
             o = per.astype(np.float64)
             # sum |x - o_b|^2 = sum |x|^2 - 2 <S_b, o_b> + n_b |o_b|^2, per branch
-            helper.fit_stats(LabelStats(self.lab_uniq[labs], S_l - N.T @ o, n_l,
-                                        sq - 2 * float((S_b * o).sum()) + float((n_b * (o**2).sum(1)).sum()), n))
+            helper.fit_stats(
+                LabelStats(
+                    self.lab_uniq[labs],
+                    S_l - N.T @ o,
+                    n_l,
+                    sq - 2 * float((S_b * o).sum()) + float((n_b * (o**2).sum(1)).sum()),
+                    n,
+                )
+            )
             fitted = helper.component_of(None, {name: self.lab_uniq[labs]}).astype(np.float64)  # (L', d)
             branch_means = (S_b - N @ fitted) / n_b[:, None]  # (B', d) branch means of x - fitted
             branch_means -= np.average(branch_means, axis=0, weights=n_b)
@@ -278,16 +349,24 @@ class FoldCells:
         o = offsets.astype(np.float64)[self.fb_branch[fb]]  # (FB_f, d) the offset of each of its branch cells
         S = self.S_fl[cells] - self.counts[cells][:, np.flatnonzero(fb)] @ o
         sq = self.sq_fb[fb] - 2 * (self.S_fb[fb] * o).sum(axis=1) + self.fb_n[fb] * (o**2).sum(axis=1)
-        return LabelStats(self.lab_uniq[self.fl_label[cells]], S, self.fl_n[cells], float(sq.sum()),
-                          int(self.fl_n[cells].sum()))
+        return LabelStats(
+            self.lab_uniq[self.fl_label[cells]],
+            S,
+            self.fl_n[cells],
+            float(sq.sum()),
+            int(self.fl_n[cells].sum()),
+        )
 
     def train_stats(self, folds: np.ndarray, offsets: np.ndarray) -> LabelStats:
         """LabelStats (by label) of the rows of the folds marked True in `folds` (F,), minus the offsets."""
-        return _sum_stats([self.fold_stats(int(f), offsets) for f in np.flatnonzero(folds) if (self.fl_fold == f).any()])
+        return _sum_stats(
+            [self.fold_stats(int(f), offsets) for f in np.flatnonzero(folds) if (self.fl_fold == f).any()]
+        )
 
 
-def _subtract(Z: np.ndarray, rows: np.ndarray, model: Residualizer, cov: dict[str, np.ndarray],
-              weight: float) -> None:
+def _subtract(
+    Z: np.ndarray, rows: np.ndarray, model: Residualizer, cov: dict[str, np.ndarray], weight: float
+) -> None:
     """Z[rows] -= weight * the model's component there, in place, a block of rows at a time."""
     for part in blocks(len(rows)):
         idx = rows[part]
@@ -341,7 +420,9 @@ def _cov_rows(tokens: TokenSet, cls: type[Residualizer], rows: np.ndarray) -> di
     return {name: values[rows] for name, values in _cov(tokens, cls).items()}
 
 
-def units(ref: TokenSet, plot: TokenSet, independent: bool, unit: str = "prompt") -> tuple[str, np.ndarray, np.ndarray]:
+def units(
+    ref: TokenSet, plot: TokenSet, independent: bool, unit: str = "prompt"
+) -> tuple[str, np.ndarray, np.ndarray]:
     """The unit folds are made of: prompts (unit 'prompt'), or branches when the reference has one prompt
     or the method holds out branches (unit 'branch')."""
     if unit == "prompt" and len(np.unique(ref.prompt)) >= 2:
@@ -349,8 +430,9 @@ def units(ref: TokenSet, plot: TokenSet, independent: bool, unit: str = "prompt"
     return "branch", ref.branch, (plot.branch if not independent else np.full(len(plot), -1))
 
 
-def _fold_of(ref_units: np.ndarray, plot_units: np.ndarray, n_folds: int,
-             seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _fold_of(
+    ref_units: np.ndarray, plot_units: np.ndarray, n_folds: int, seed: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Fold ids of reference and plot tokens (units spread over folds at random, seeded); None, None when
     there are fewer than 2 units."""
     units = np.unique(np.concatenate([ref_units, plot_units]))
@@ -375,8 +457,9 @@ def _project(Z: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
-def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
-         cov: dict[str, np.ndarray]) -> tuple[float, float]:
+def _oof(
+    Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, cov: dict[str, np.ndarray]
+) -> tuple[float, float]:
     """Out-of-fold (R2, least-squares weight) of the method's estimate of E[x | covariates], over the
     held-out tokens whose covariates the training folds cover (as in the removal)."""
     cls = RESIDUALIZERS[spec.method]
@@ -385,8 +468,9 @@ def _oof(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
     return _oof_rows(Z, ref, fold, spec, cov)
 
 
-def _oof_rows(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
-              cov: dict[str, np.ndarray]) -> tuple[float, float]:
+def _oof_rows(
+    Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, cov: dict[str, np.ndarray]
+) -> tuple[float, float]:
     """_oof by fitting each fold's model on its training rows (any method)."""
     cls = RESIDUALIZERS[spec.method]
     sse_m = sse_0 = num = den = 0.0
@@ -395,8 +479,9 @@ def _oof_rows(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec
         test = (fold == f) & _supported(_cov_rows(ref, cls, train), _cov(ref, cls))
         if not test.any():
             continue
-        model = make_residualizer(spec).fit(Z[train], **{n: cov[n][train] for n in cls.covariates},
-                                            branch=ref.branch[train], scale=False)
+        model = make_residualizer(spec).fit(
+            Z[train], **{n: cov[n][train] for n in cls.covariates}, branch=ref.branch[train], scale=False
+        )
         base = Z[train].mean(axis=0)
         pred = model.component(Z[test], **{n: cov[n][test] for n in cls.covariates})
         resid0 = Z[test] - base
@@ -409,8 +494,9 @@ def _oof_rows(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec
     return r2, (float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0)
 
 
-def _oof_from_cells(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec,
-                    label: np.ndarray) -> tuple[float, float]:
+def _oof_from_cells(
+    Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, label: np.ndarray
+) -> tuple[float, float]:
     """_oof for a single-covariate method that fits from LabelStats: every fold's fit (its branch offsets
     backfitted on the training folds, as fit(..., branch=) does on their rows) and every held-out error
     from FoldCells' sums, so Z (n, m) is read once instead of copied per fold."""
@@ -452,8 +538,14 @@ def _fold_sq(Zc: np.ndarray, fold: np.ndarray, n_folds: int) -> np.ndarray:
     return np.bincount(fold, weights=row_sq(Zc), minlength=n_folds)
 
 
-def _oof_group_r2(Zc: np.ndarray, labels: np.ndarray, fold: np.ndarray, n_folds: int,
-                  sq: np.ndarray | None = None, n_labels: int | None = None) -> float:
+def _oof_group_r2(
+    Zc: np.ndarray,
+    labels: np.ndarray,
+    fold: np.ndarray,
+    n_folds: int,
+    sq: np.ndarray | None = None,
+    n_labels: int | None = None,
+) -> float:
     """Out-of-fold R2 of per-label means: each token predicted by the mean of its label (position or
     token id) over the other folds, against the other folds' overall mean. From per-(fold, label) sums
     only: sum over a cell of |z - m|^2 = sum |z|^2 - 2 <S, m> + n |m|^2. labels: any values, or with
@@ -498,8 +590,13 @@ class MeansTest(PermutationTest):
         return self.p_value <= self.alpha and self.r2 > 0
 
     def to_dict(self) -> dict:
-        return {"r2_oof": float(self.r2), "null_r2": float(self.null.mean()), "null_hi": float(np.quantile(self.null, 0.95)),
-                "p_value": self.p_value, "detected": self.detected}
+        return {
+            "r2_oof": float(self.r2),
+            "null_r2": float(self.null.mean()),
+            "null_hi": float(np.quantile(self.null, 0.95)),
+            "p_value": self.p_value,
+            "detected": self.detected,
+        }
 
 
 def shuffler(how: str, tokens: TokenSet):
@@ -514,8 +611,15 @@ def shuffler(how: str, tokens: TokenSet):
     return lambda codes, rng: codes[first][rng.permutation(len(first))][inverse]
 
 
-def test_means(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, keys: tuple[str, ...], n_perm: int, alpha: float,
-               seed: int) -> dict[str, MeansTest]:
+def test_means(
+    Zt: np.ndarray,
+    ref: TokenSet,
+    fold: np.ndarray,
+    keys: tuple[str, ...],
+    n_perm: int,
+    alpha: float,
+    seed: int,
+) -> dict[str, MeansTest]:
     """Each nuisance's MeansTest on Zt (the reference on the tests' projection): its per-label means of
     the latents centred within the nuisance's unit, out of fold, against n_perm shuffles (one grouped sum
     each). Tested in order, each net of those found before it: a nuisance found has its per-label means
@@ -530,7 +634,9 @@ def test_means(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, keys: tuple[str,
     for key in keys:
         n = NUISANCES[key]
         if n.centre not in centred:
-            centred[n.centre] = branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
+            centred[n.centre] = (
+                branch_centred(Zt, getattr(ref, n.centre)) if n.centre else Zt - Zt.mean(axis=0)
+            )
         Zc = centred[n.centre]
         for codes_found in found:
             Zc = Zc - _label_means(Zc, codes_found)
@@ -573,15 +679,24 @@ def record_tests(report: RemovalReport, tests: dict[str, MeansTest], n_perm: int
     report.detected = bool(report.detected_covariates)
 
 
-def _detect(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: ResidualSpec,
-            cls: type[Residualizer], seed: int, report: RemovalReport) -> None:
+def _detect(
+    Zt: np.ndarray,
+    ref: TokenSet,
+    fold: np.ndarray | None,
+    spec: ResidualSpec,
+    cls: type[Residualizer],
+    seed: int,
+    report: RemovalReport,
+) -> None:
     """Out-of-fold test of each nuisance the method removes (test_means); sets detected, the deciding
     test's p_value, r2_oof and null band, and the weight: the out-of-fold least-squares weight of the
     method's own estimate (1 for a projection)."""
     if fold is None:
         report.detected, report.weight = False, 0.0
-        report.note = ("one prompt and one branch: the nuisance cannot be tested out of fold, so nothing is "
-                       "removed (Force removal removes it as fitted)")
+        report.note = (
+            "one prompt and one branch: the nuisance cannot be tested out of fold, so nothing is "
+            "removed (Force removal removes it as fitted)"
+        )
         return
     record_tests(report, test_means(Zt, ref, fold, cls.removes, spec.n_perm, spec.alpha, seed), spec.n_perm)
     if not report.detected:
@@ -592,7 +707,9 @@ def _detect(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray | None, spec: Residu
         report.weight = 1.0
 
 
-def _weigh(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, report: RemovalReport) -> None:
+def _weigh(
+    Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, report: RemovalReport
+) -> None:
     """Set the share of the estimate to remove: its out-of-fold least-squares weight; at 0 the component
     counts as not detected."""
     report.weight = _oof(Zt, ref, fold, spec, {k: v for k, v in covariates(ref).items() if v is not None})[1]

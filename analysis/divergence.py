@@ -63,7 +63,9 @@ class DivergenceResult:
 
 
 def _branch_table(
-    position: np.ndarray, branch: np.ndarray, parent: np.ndarray,
+    position: np.ndarray,
+    branch: np.ndarray,
+    parent: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(branch ids (B,), first position (B,), parent id (B,)), from per-token columns."""
     ids, inv = np.unique(branch, return_inverse=True)
@@ -76,7 +78,11 @@ def _branch_table(
 
 
 def branch_pairs(
-    position: np.ndarray, branch: np.ndarray, parent: np.ndarray, max_sibling_pairs: int | None = 50, seed: int = 0,
+    position: np.ndarray,
+    branch: np.ndarray,
+    parent: np.ndarray,
+    max_sibling_pairs: int | None = 50,
+    seed: int = 0,
 ) -> list[tuple[int, int, str, int]]:
     """Related branch pairs (a, b, kind, start), from per-token position, branch and parent (-1 at roots).
 
@@ -90,7 +96,9 @@ def branch_pairs(
     position, branch, parent = (np.asarray(a, dtype=np.int64) for a in (position, branch, parent))
     ids, first, par = _branch_table(position, branch, parent)
     present = set(ids.tolist())
-    pairs = [(int(b), int(p), "fork", int(f)) for b, p, f in zip(ids, par, first) if p >= 0 and int(p) in present]
+    pairs = [
+        (int(b), int(p), "fork", int(f)) for b, p, f in zip(ids, par, first) if p >= 0 and int(p) in present
+    ]
     rng = np.random.default_rng(seed)
     for p in np.unique(par[par >= 0]):
         kids = np.flatnonzero(par == p)  # indices into ids, sorted by branch id
@@ -104,7 +112,10 @@ def branch_pairs(
 
 
 def _matched_rows(
-    position: np.ndarray, branch: np.ndarray, pairs: list[tuple[int, int, str, int]], max_offset: int | None,
+    position: np.ndarray,
+    branch: np.ndarray,
+    pairs: list[tuple[int, int, str, int]],
+    max_offset: int | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(pair index, t, row of a at t, row of b at t) for every t >= start where both branches hold a token."""
     ids, inv = np.unique(branch, return_inverse=True)
@@ -140,13 +151,17 @@ def _distances(X: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray, block: int
     """|X[a] - X[b]| per pair of rows, in float64 so that shifting both rows by one vector changes nothing."""
     out = np.empty(len(rows_a))
     for s in range(0, len(rows_a), block):
-        diff = X[rows_a[s:s + block]].astype(np.float64) - X[rows_b[s:s + block]]  # (m, d)
-        out[s:s + block] = np.sqrt((diff * diff).sum(axis=1))
+        diff = X[rows_a[s : s + block]].astype(np.float64) - X[rows_b[s : s + block]]  # (m, d)
+        out[s : s + block] = np.sqrt((diff * diff).sum(axis=1))
     return out
 
 
 def _cross_prompt_pairs(
-    rows: np.ndarray, prompt: np.ndarray, n_pairs: int, rng: np.random.Generator, enumerate_below: int = 200,
+    rows: np.ndarray,
+    prompt: np.ndarray,
+    n_pairs: int,
+    rng: np.random.Generator,
+    enumerate_below: int = 200,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of rows (from `rows`, tokens at one position) whose prompts differ.
 
@@ -155,7 +170,7 @@ def _cross_prompt_pairs(
     """
     p = prompt[rows]
     _, counts = np.unique(p, return_counts=True)
-    n_cross = (len(rows) ** 2 - int((counts ** 2).sum())) // 2
+    n_cross = (len(rows) ** 2 - int((counts**2).sum())) // 2
     if n_cross == 0:
         return rows[:0], rows[:0]
     if n_cross <= n_pairs and len(rows) <= enumerate_below:
@@ -173,7 +188,9 @@ def _cross_prompt_pairs(
     return rows[i], rows[j]
 
 
-def _median_band(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+def _median_band(
+    values: np.ndarray, n_boot: int, rng: np.random.Generator
+) -> tuple[float, float, float, float]:
     """(median, bootstrap sd, 2.5% and 97.5% quantiles) of the median of values."""
     boots = np.median(values[rng.integers(len(values), size=(n_boot, len(values)))], axis=1)  # (n_boot,)
     lo, hi = np.quantile(boots, [0.025, 0.975])
@@ -181,8 +198,13 @@ def _median_band(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> t
 
 
 def _baseline(
-    X: np.ndarray, position: np.ndarray, prompt: np.ndarray, positions: np.ndarray,
-    n_pairs: int, n_boot: int, rng: np.random.Generator,
+    X: np.ndarray,
+    position: np.ndarray,
+    prompt: np.ndarray,
+    positions: np.ndarray,
+    n_pairs: int,
+    n_boot: int,
+    rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """Median distance between tokens of different prompts at each of `positions`, with a bootstrap band."""
     out = {k: np.full(len(positions), np.nan) for k in ("value", "sd", "lo", "hi")}
@@ -190,7 +212,7 @@ def _baseline(
     order = np.argsort(position, kind="stable")
     sorted_pos = position[order]
     for i, t in enumerate(positions):
-        rows = order[np.searchsorted(sorted_pos, t, "left"):np.searchsorted(sorted_pos, t, "right")]
+        rows = order[np.searchsorted(sorted_pos, t, "left") : np.searchsorted(sorted_pos, t, "right")]
         ra, rb = _cross_prompt_pairs(rows, prompt, n_pairs, rng)
         if len(ra) == 0:
             continue
@@ -207,9 +229,16 @@ def _row_of_branch(branch: np.ndarray, ids: list[int] | np.ndarray) -> np.ndarra
 
 
 def divergence(
-    X: np.ndarray, position: np.ndarray, branch: np.ndarray, prompt: np.ndarray, parent: np.ndarray,
-    max_offset: int | None = None, n_baseline_pairs: int = 200, max_sibling_pairs: int | None = 50,
-    n_boot: int = 200, seed: int = 0,
+    X: np.ndarray,
+    position: np.ndarray,
+    branch: np.ndarray,
+    prompt: np.ndarray,
+    parent: np.ndarray,
+    max_offset: int | None = None,
+    n_baseline_pairs: int = 200,
+    max_sibling_pairs: int | None = 50,
+    n_boot: int = 200,
+    seed: int = 0,
 ) -> DivergenceResult:
     """Distances between related branches (branch_pairs) at every matched position t >= their start,
     and their ratio to the typical distance between tokens of unrelated prompts at the same t.
@@ -222,7 +251,9 @@ def divergence(
     Drop attention sinks first if they should not count (they only matter for a fork at position 0).
     """
     X = np.asarray(X)
-    position, branch, prompt, parent = (np.asarray(a, dtype=np.int64) for a in (position, branch, prompt, parent))
+    position, branch, prompt, parent = (
+        np.asarray(a, dtype=np.int64) for a in (position, branch, prompt, parent)
+    )
     rng = np.random.default_rng(seed)
     pairs = branch_pairs(position, branch, parent, max_sibling_pairs, seed)
     if pairs:
@@ -237,22 +268,41 @@ def divergence(
     if has_baseline:
         base = _baseline(X, position, prompt, b_pos, n_baseline_pairs, n_boot, rng)
     else:
-        base = {k: np.full(len(b_pos), np.nan) for k in ("value", "sd", "lo", "hi")} | {"n": np.zeros(len(b_pos), np.int64)}
+        base = {k: np.full(len(b_pos), np.nan) for k in ("value", "sd", "lo", "hi")} | {
+            "n": np.zeros(len(b_pos), np.int64)
+        }
     baseline = base["value"][np.searchsorted(b_pos, t)] if len(t) else np.zeros(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = distance / baseline
-    note = "" if has_baseline else "one prompt: no unrelated prompts to compare with, so no baseline and no ratio"
+    note = (
+        ""
+        if has_baseline
+        else "one prompt: no unrelated prompts to compare with, so no baseline and no ratio"
+    )
     if not pairs:
         note = (note + "; " if note else "") + "no related branch pairs"
     return DivergenceResult(
-        pair_a=np.array([p[0] for p in pairs], np.int64), pair_b=np.array([p[1] for p in pairs], np.int64),
-        pair_kind=np.array([p[2] for p in pairs], dtype="<U8"), pair_start=start,
+        pair_a=np.array([p[0] for p in pairs], np.int64),
+        pair_b=np.array([p[1] for p in pairs], np.int64),
+        pair_kind=np.array([p[2] for p in pairs], dtype="<U8"),
+        pair_start=start,
         pair_prompt=prompt[_row_of_branch(branch, [p[0] for p in pairs])],
-        pair=pair, position=t, offset=t - start[pair], row_a=row_a, row_b=row_b,
-        distance=distance, baseline=baseline, ratio=ratio,
-        baseline_position=b_pos, baseline_value=base["value"], baseline_sd=base["sd"],
-        baseline_lo=base["lo"], baseline_hi=base["hi"], baseline_n=base["n"],
-        has_baseline=has_baseline, note=note,
+        pair=pair,
+        position=t,
+        offset=t - start[pair],
+        row_a=row_a,
+        row_b=row_b,
+        distance=distance,
+        baseline=baseline,
+        ratio=ratio,
+        baseline_position=b_pos,
+        baseline_value=base["value"],
+        baseline_sd=base["sd"],
+        baseline_lo=base["lo"],
+        baseline_hi=base["hi"],
+        baseline_n=base["n"],
+        has_baseline=has_baseline,
+        note=note,
     )
 
 
@@ -268,7 +318,11 @@ def _weighted_median(sorted_values: np.ndarray, weights: np.ndarray) -> np.ndarr
 
 
 def _dyadic_median_band(
-    values: np.ndarray, ca: np.ndarray, cb: np.ndarray, branch_w: np.ndarray, chunk: int = 25,
+    values: np.ndarray,
+    ca: np.ndarray,
+    cb: np.ndarray,
+    branch_w: np.ndarray,
+    chunk: int = 25,
 ) -> tuple[float, float, float, float]:
     """(median, sd, 2.5%, 97.5%) of the median of values measured on branch pairs (codes ca, cb).
 
@@ -282,8 +336,12 @@ def _dyadic_median_band(
         return (np.nan,) * 4
     order = np.argsort(values, kind="stable")
     v, ca, cb = values[order], ca[order], cb[order]
-    boots = np.concatenate([_weighted_median(v, w[:, ca] * w[:, cb])
-                            for w in np.split(branch_w, range(chunk, len(branch_w), chunk))])
+    boots = np.concatenate(
+        [
+            _weighted_median(v, w[:, ca] * w[:, cb])
+            for w in np.split(branch_w, range(chunk, len(branch_w), chunk))
+        ]
+    )
     boots = boots[np.isfinite(boots)]
     if len(boots) == 0:
         return float(np.median(v)), np.nan, np.nan, np.nan
@@ -292,7 +350,11 @@ def _dyadic_median_band(
 
 
 def divergence_summary(
-    result: DivergenceResult, by: str = "offset", kind: str | None = None, n_boot: int = 200, seed: int = 0,
+    result: DivergenceResult,
+    by: str = "offset",
+    kind: str | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
     prompt: int | None = None,
 ) -> dict[str, np.ndarray | float | bool | str]:
     """Median ratio (and median distance) per offset since the fork, per prompt or per pair kind.
@@ -315,11 +377,14 @@ def divergence_summary(
     labels = {"offset": result.offset, "prompt": result.prompt, "kind": result.kind}[by][keep]
     pair, ratio, distance = result.pair[keep], result.ratio[keep], result.distance[keep]
     _, codes = np.unique(np.concatenate([result.pair_a[pair], result.pair_b[pair]]), return_inverse=True)
-    ca, cb = codes[:len(pair)], codes[len(pair):]
+    ca, cb = codes[: len(pair)], codes[len(pair) :]
     # one set of branch weights for all groups: the bands of neighbouring offsets share their replicates
     branch_w = rng.poisson(1.0, size=(n_boot, int(codes.max()) + 1 if len(codes) else 0)).astype(np.float64)
     keys = np.unique(labels)
-    cols = {name: np.full(len(keys), np.nan) for name in ("median", "sd", "lo", "hi", "distance", "distance_lo", "distance_hi")}
+    cols = {
+        name: np.full(len(keys), np.nan)
+        for name in ("median", "sd", "lo", "hi", "distance", "distance_lo", "distance_hi")
+    }
     n_pairs = np.zeros(len(keys), np.int64)
     n_tokens = np.zeros(len(keys), np.int64)
     for g, key in enumerate(keys):
@@ -327,8 +392,18 @@ def divergence_summary(
         n_pairs[g], n_tokens[g] = len(np.unique(pair[m])), int(m.sum())
         fin = m & np.isfinite(ratio)
         cols["median"][g], cols["sd"][g], cols["lo"][g], cols["hi"][g] = _dyadic_median_band(
-            ratio[fin], ca[fin], cb[fin], branch_w)
+            ratio[fin], ca[fin], cb[fin], branch_w
+        )
         cols["distance"][g], _, cols["distance_lo"][g], cols["distance_hi"][g] = _dyadic_median_band(
-            distance[m], ca[m], cb[m], branch_w)
-    return {"by": by, "key": keys, **cols, "n_pairs": n_pairs, "n_tokens": n_tokens, "chance": 1.0,
-            "has_baseline": result.has_baseline, "note": result.note}
+            distance[m], ca[m], cb[m], branch_w
+        )
+    return {
+        "by": by,
+        "key": keys,
+        **cols,
+        "n_pairs": n_pairs,
+        "n_tokens": n_tokens,
+        "chance": 1.0,
+        "has_baseline": result.has_baseline,
+        "note": result.note,
+    }

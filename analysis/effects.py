@@ -29,7 +29,9 @@ from analysis.groups import code_sums64
 
 LAMBDA_FLOOR = 1e-4  # smallest token ridge: keeps the position system definite when tokens explain all
 EM_STEPS = 6  # EM updates of the token ridge where no fixed-effects fit has residual degrees of freedom
-SWEEPS = 20  # alternations between (position, token) and the branch offsets, where they are not solved together
+SWEEPS = (
+    20  # alternations between (position, token) and the branch offsets, where they are not solved together
+)
 MAX_JOINT = 3000  # positions + branches up to which position and branch effects are solved as one system
 
 
@@ -57,8 +59,11 @@ class FactorSums:
         sums, sq = code_sums64(Z, [(codes[f], len(levels[f])) for f in names], with_sq=True)
         counts = {f: np.bincount(codes[f], minlength=len(levels[f])) for f in names}
         ones = np.ones(len(Z))
-        pairs = {(f, g): sparse.csr_matrix((ones, (codes[f], codes[g])), shape=(len(levels[f]), len(levels[g])))
-                 for i, f in enumerate(names) for g in names[i + 1:]}
+        pairs = {
+            (f, g): sparse.csr_matrix((ones, (codes[f], codes[g])), shape=(len(levels[f]), len(levels[g])))
+            for i, f in enumerate(names)
+            for g in names[i + 1 :]
+        }
         return cls(levels, dict(zip(names, sums)), counts, pairs, float(sq.sum()), len(Z))
 
 
@@ -155,8 +160,21 @@ def fit_effects(s: FactorSums, basis: PositionBasis | None) -> Effects:
                     b = inv[:, None] * (S_v - N_tv.T @ a - (N_vb @ g if has_br else 0))
                 break
             b = inv[:, None] * (S_v - N_tv.T @ a - (N_vb @ g if has_br else 0))  # (V, d) posterior means
-            rss = _rss(sst, S_t - (N_tb @ g if has_br else 0), S_v - (N_vb @ g if has_br else 0), a, b, n_t, n_v,
-                       N_tv, g, S_b, n_b, N_tb, N_vb)
+            rss = _rss(
+                sst,
+                S_t - (N_tb @ g if has_br else 0),
+                S_v - (N_vb @ g if has_br else 0),
+                a,
+                b,
+                n_t,
+                n_v,
+                N_tv,
+                g,
+                S_b,
+                n_b,
+                N_tb,
+                N_vb,
+            )
             if fe_dof > 0:  # moments of the fixed-effects fit
                 sigma2 = max(rss, 0.0) / (d * fe_dof)
                 tau2 = float(np.average((b**2).sum(axis=1) / d - sigma2 / n_v, weights=n_v))
@@ -165,7 +183,9 @@ def fit_effects(s: FactorSums, basis: PositionBasis | None) -> Effects:
                 sigma2 = max(rss, 0.0) / (d * max(s.n - df, 1.0))
                 tau2 = float(((b**2).sum() / d + sigma2 * inv.sum()) / len(n_v))
             lam = max(sigma2 / tau2, LAMBDA_FLOOR) if tau2 > 0 else 1e12
-        if has_br and not joint:  # branch offsets given position and token: each branch's mean of what is left
+        if (
+            has_br and not joint
+        ):  # branch offsets given position and token: each branch's mean of what is left
             left = S_b - N_tb.T @ a - (N_vb.T @ b if has_tok else 0)  # (B, d)
             g = left / n_b[:, None]
     if has_br:  # offsets about zero: their level moves to the positions (a + g unchanged, so is the fit)
@@ -195,8 +215,9 @@ def fit_effects(s: FactorSums, basis: PositionBasis | None) -> Effects:
         values["token"], labels["token"] = b, s.levels["token"]
     if has_br:
         values["branch"], labels["branch"] = g, s.levels["branch"]
-    return Effects(labels, values, curve_at, sigma2, lam if has_tok else float("inf"), se2, w,
-                   {"rss": rss, "sst": sst})
+    return Effects(
+        labels, values, curve_at, sigma2, lam if has_tok else float("inf"), se2, w, {"rss": rss, "sst": sst}
+    )
 
 
 def _rss(sst, St, Sv, a, b, n_t, n_v, N_tv, g, S_b, n_b, N_tb, N_vb) -> float:
@@ -209,7 +230,11 @@ def _rss(sst, St, Sv, a, b, n_t, n_v, N_tv, g, S_b, n_b, N_tb, N_vb) -> float:
         fit_sq += float((n_v * (b**2).sum(axis=1)).sum()) + 2 * float((a * (N_tv @ b)).sum())
     if g is not None:
         # St, Sv hold -N g: add back <S_b, g> and the g terms of |fit|^2
-        fit_x += float((S_b * g).sum()) + float(((N_tb @ g) * a).sum()) + (float(((N_vb @ g) * b).sum()) if b is not None else 0)
+        fit_x += (
+            float((S_b * g).sum())
+            + float(((N_tb @ g) * a).sum())
+            + (float(((N_vb @ g) * b).sum()) if b is not None else 0)
+        )
         fit_sq += float((n_b * (g**2).sum(axis=1)).sum()) + 2 * float((a * (N_tb @ g)).sum())
         if b is not None:
             fit_sq += 2 * float((b * (N_vb @ g)).sum())

@@ -66,12 +66,24 @@ class Moments:
         return cls(G, s, XY, Y.sum(axis=0), (Y**2).sum(axis=0), len(X))
 
     def __add__(self, other: Moments) -> Moments:
-        return Moments(self.G + other.G, self.s + other.s, self.XY + other.XY, self.ysum + other.ysum,
-                       self.yss + other.yss, self.n + other.n)
+        return Moments(
+            self.G + other.G,
+            self.s + other.s,
+            self.XY + other.XY,
+            self.ysum + other.ysum,
+            self.yss + other.yss,
+            self.n + other.n,
+        )
 
     def __sub__(self, other: Moments) -> Moments:
-        return Moments(self.G - other.G, self.s - other.s, self.XY - other.XY, self.ysum - other.ysum,
-                       self.yss - other.yss, self.n - other.n)
+        return Moments(
+            self.G - other.G,
+            self.s - other.s,
+            self.XY - other.XY,
+            self.ysum - other.ysum,
+            self.yss - other.yss,
+            self.n - other.n,
+        )
 
     def cov(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(mean of x (d,), Cov(x) (d, d), Cov(x, y) (d, m), mean of y (m,))."""
@@ -109,7 +121,9 @@ class LinearTest(PermutationTest):
     alpha: float = 0.0
 
 
-def linear_test(X: np.ndarray, position: np.ndarray, fold: np.ndarray, shuffled: list[np.ndarray]) -> LinearTest:
+def linear_test(
+    X: np.ndarray, position: np.ndarray, fold: np.ndarray, shuffled: list[np.ndarray]
+) -> LinearTest:
     """The prompt-held-out (fold) ridge probe of standardized position from X (n, d), and the same probe
     refitted on each shuffled copy of position (each (n,)); the alpha with the least pooled held-out
     error on the real target serves the shuffles too (one choice, so the comparison stays fair)."""

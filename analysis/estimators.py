@@ -108,8 +108,15 @@ class JointRemoval:
         return np.where(known[idx] == labels, w, float(np.median(self.weights[key]))).astype(np.float32)
 
 
-def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None,
-                 independent: bool = False, seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+def joint_remove(
+    cls: type[Residualizer],
+    plot: TokenSet,
+    spec: ResidualSpec,
+    reference: TokenSet | None = None,
+    independent: bool = False,
+    seed: int = 0,
+    in_place: bool = False,
+) -> tuple[np.ndarray, RemovalReport]:
     """Residuals of plot (n, d) and the report, for a joint estimator `cls` (see the module docstring)."""
     report = new_report(spec)
     ref = plot if reference is None else reference
@@ -117,31 +124,50 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
     have = {k for k in NUISANCES if cov_ref.get(k) is not None and cov_plot.get(k) is not None}
     for key in cls.required:
         if key not in have:
-            raise ValueError(f"{spec.label()} needs each token's {NUISANCES[key].words}, which these tokens do not carry")
+            raise ValueError(
+                f"{spec.label()} needs each token's {NUISANCES[key].words}, which these tokens do not carry"
+            )
     candidates = tuple(k for k in cls.removes if k in have)
-    Zr, scaler, unit_name, fold = _prepare(plot, ref, spec, independent, seed, in_place, cls.fold_unit, report)
+    Zr, scaler, unit_name, fold = _prepare(
+        plot, ref, spec, independent, seed, in_place, cls.fold_unit, report
+    )
 
     subtract_keys: list[str] = []
     low_rank = False
     if fold is None:
         report.detected, report.weight = False, 0.0
-        report.note = ("one prompt and one branch: nothing can be tested out of fold, so nothing is removed "
-                       "(Force removal removes it as fitted)")
+        report.note = (
+            "one prompt and one branch: nothing can be tested out of fold, so nothing is removed "
+            "(Force removal removes it as fitted)"
+        )
         if not spec.gate:
             subtract_keys = list(candidates)
     else:
         Zt = _project(Zr, seed)
         tests = test_means(Zt, ref, fold, candidates, spec.n_perm, spec.alpha, seed)
         record_tests(report, tests, spec.n_perm)
-        subtract_keys = [k for k in candidates if not spec.gate or (tests[k].detected and _predicts(Zt, ref, fold, k, spec))]
+        subtract_keys = [
+            k
+            for k in candidates
+            if not spec.gate or (tests[k].detected and _predicts(Zt, ref, fold, k, spec))
+        ]
         del Zt
         if spec.gate and len(subtract_keys) < len(report.detected_covariates):
-            report.note = ("significant, but the estimate does not predict held-out tokens better than their mean: "
-                           f"{words([k for k in report.detected_covariates if k not in subtract_keys])} not removed")
+            report.note = (
+                "significant, but the estimate does not predict held-out tokens better than their mean: "
+                f"{words([k for k in report.detected_covariates if k not in subtract_keys])} not removed"
+            )
         report.detected = bool(subtract_keys) if spec.gate else report.detected
-        if "position" in candidates and cls.linear(spec) and "position" not in subtract_keys and unit_name != "prompt":
-            report.note = report.note or ("one prompt: a probe held out by branch cannot tell position from the content "
-                                          "its branches share, so nothing is removed for the probe")
+        if (
+            "position" in candidates
+            and cls.linear(spec)
+            and "position" not in subtract_keys
+            and unit_name != "prompt"
+        ):
+            report.note = report.note or (
+                "one prompt: a probe held out by branch cannot tell position from the content "
+                "its branches share, so nothing is removed for the probe"
+            )
         elif "position" in candidates and cls.linear(spec) and "position" not in subtract_keys:
             report.linear_test = _linear_test(Zr, ref, fold, spec, seed, second=True)
             low_rank = report.linear_test["detected"]
@@ -164,8 +190,10 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         rss, sst = plan.effects.info["rss"], plan.effects.info["sst"]
         if cls.keep_something and "token" in subtract_keys and sst > 0 and rss / sst < NOTHING_LEFT:
             subtract_keys = [k for k in subtract_keys if k != "token"]
-            report.note = (f"position, token identity and branch content explain {1 - rss / sst:.2%} of this layer's "
-                           "variance: nothing else is left to show, so token identity is kept")
+            report.note = (
+                f"position, token identity and branch content explain {1 - rss / sst:.2%} of this layer's "
+                "variance: nothing else is left to show, so token identity is kept"
+            )
         v = plan.effects.sigma2 * Zr.shape[1]  # within-level variance of a token, all dimensions
         for key in subtract_keys:
             values, counts = plan.effects.values[key], sums.counts[key].astype(np.float64)
@@ -174,7 +202,9 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
             plan.weights[key] = balance_weight(counts, own, R)
         plan.removed = subtract_keys
     smooth = None
-    if low_rank and not plan.removed:  # fitted before the plot's rows are touched: finding nothing returns raw
+    if (
+        low_rank and not plan.removed
+    ):  # fitted before the plot's rows are touched: finding nothing returns raw
         smooth = _smooth_part(Zr, ref, fold, report)
         low_rank = smooth is not None
     if not plan.removed and not low_rank:  # the tests found only what is kept
@@ -186,8 +216,10 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         outside = plan.subtract(Zp, plot, lo, hi)
         report.crossfit_share = float(1 - outside.mean())
         if outside.any():
-            report.note = (f"{outside.mean():.0%} of tokens sit outside the reference's positions: their position "
-                           "is left as it is")
+            report.note = (
+                f"{outside.mean():.0%} of tokens sit outside the reference's positions: their position "
+                "is left as it is"
+            )
         share = {k: float(np.average(plan.weights[k], weights=sums.counts[k])) for k in plan.removed}
         report.weights = share
         report.weight = float(np.mean(list(share.values())))
@@ -199,12 +231,17 @@ def joint_remove(cls: type[Residualizer], plot: TokenSet, spec: ResidualSpec, re
         for rows in blocks(len(Zp)):
             Zp[rows] -= smooth.component(plot.position[rows])
         report.weight = report.weight if plan.removed else smooth.weight_
-    report.removed = [*(NUISANCES[k].words for k in plan.removed), *(["position (low rank)"] if low_rank else [])]
+    report.removed = [
+        *(NUISANCES[k].words for k in plan.removed),
+        *(["position (low rank)"] if low_rank else []),
+    ]
     report.removed_keys = sorted(set(plan.removed) | ({"position"} if low_rank else set()))
     return _recentred(Zp, spec), report
 
 
-def _smooth_part(Z: np.ndarray, ref: TokenSet, fold: np.ndarray, report: RemovalReport) -> SmoothLowRank | None:
+def _smooth_part(
+    Z: np.ndarray, ref: TokenSet, fold: np.ndarray, report: RemovalReport
+) -> SmoothLowRank | None:
     """The smooth low-rank part of the reference's rows Z (analysis.lowrank), recorded in the report (the
     verdict says when it is None: no rank predicts held-out prompts)."""
     smooth = SmoothLowRank().fit(Z, ref.position, ref.branch, fold)
@@ -240,8 +277,16 @@ def _noise_share(plan: JointRemoval, sums) -> float:
     return float(min(noise / signal, 1.0)) if signal > 0 else 0.0
 
 
-def _prepare(plot: TokenSet, ref: TokenSet, spec: ResidualSpec, independent: bool, seed: int, in_place: bool,
-             unit: str, report: RemovalReport):
+def _prepare(
+    plot: TokenSet,
+    ref: TokenSet,
+    spec: ResidualSpec,
+    independent: bool,
+    seed: int,
+    in_place: bool,
+    unit: str,
+    report: RemovalReport,
+):
     """(the reference's scaled rows Zr, the reference's scaler or None when it is the plot (then Zr is the
     plot's buffer), the fold unit's name, the reference's folds or None); the report gets the folds."""
     if ref is plot:
@@ -256,8 +301,9 @@ def _prepare(plot: TokenSet, ref: TokenSet, spec: ResidualSpec, independent: boo
     return Zr, scaler, unit_name, fold
 
 
-def _linear_test(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, seed: int,
-                 second: bool = False) -> dict:
+def _linear_test(
+    Zr: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, seed: int, second: bool = False
+) -> dict:
     """The report's linear_test: linear_test on at most LINEAR_ROWS rows of the reference, position
     shuffled within branches, at its level. As the second test of position (after the means test) it runs
     at alpha / 2 (Bonferroni), with enough shuffles for a p-value that small (its refits are cheap: only
@@ -265,22 +311,43 @@ def _linear_test(Zr: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: Residual
     level = spec.alpha / 2 if second else spec.alpha
     n_perm = max(spec.n_perm, int(np.ceil(1 / level)) - 1)
     rng = np.random.default_rng(seed + 23)
-    rows = np.arange(len(Zr)) if len(Zr) <= LINEAR_ROWS else np.sort(rng.choice(len(Zr), LINEAR_ROWS, replace=False))
+    rows = (
+        np.arange(len(Zr))
+        if len(Zr) <= LINEAR_ROWS
+        else np.sort(rng.choice(len(Zr), LINEAR_ROWS, replace=False))
+    )
     pos, br = ref.position[rows], ref.branch[rows]
     shuffle = WithinShuffler(br)
     lt = linear_test(Zr[rows], pos, fold[rows], [shuffle(pos, rng) for _ in range(n_perm)])
-    return {"r2_oof": lt.r2, "null_r2": float(lt.null.mean()), "null_hi": float(np.quantile(lt.null, 0.95)),
-            "p_value": lt.p_value, "alpha": level, "p_min": 1 / (len(lt.null) + 1),
-            "detected": bool(lt.p_value <= level and lt.r2 > 0)}
+    return {
+        "r2_oof": lt.r2,
+        "null_r2": float(lt.null.mean()),
+        "null_hi": float(np.quantile(lt.null, 0.95)),
+        "p_value": lt.p_value,
+        "alpha": level,
+        "p_min": 1 / (len(lt.null) + 1),
+        "detected": bool(lt.p_value <= level and lt.r2 > 0),
+    }
 
 
-KNOTS = Param("n_knots", 12, "Spline knots",
-              "Knots of the smooth curve that positions seen by few tokens are shrunk toward (fewer: smoother).",
-              "int", 2, 40)
-LINEAR = Param("linear", True, "Remove linearly decodable position",
-               "Where per-position means find no position but a prompt-held-out linear probe reads it, remove what "
-               "the probe reads, as a smooth low-rank component of position (rank and weight chosen on held-out "
-               "prompts).", "bool")
+KNOTS = Param(
+    "n_knots",
+    12,
+    "Spline knots",
+    "Knots of the smooth curve that positions seen by few tokens are shrunk toward (fewer: smoother).",
+    "int",
+    2,
+    40,
+)
+LINEAR = Param(
+    "linear",
+    True,
+    "Remove linearly decodable position",
+    "Where per-position means find no position but a prompt-held-out linear probe reads it, remove what "
+    "the probe reads, as a smooth low-rank component of position (rank and weight chosen on held-out "
+    "prompts).",
+    "bool",
+)
 
 
 class _Joint(Residualizer):
@@ -303,11 +370,13 @@ class _Joint(Residualizer):
 class Auto(_Joint):
     name = "auto"
     label = "auto: remove what the tests find"
-    help = ("Tests position and token identity out of fold and removes each one found: both estimated together "
-            "(position net of token identity and branch content), one vector per position and per token id, "
-            "weighted so the estimate's own noise cannot push tokens apart; position that a linear probe reads "
-            "but means do not reach is subtracted as a smooth low-rank part, weighted out of fold. Keeps token "
-            "identity when position and token together are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md).")
+    help = (
+        "Tests position and token identity out of fold and removes each one found: both estimated together "
+        "(position net of token identity and branch content), one vector per position and per token id, "
+        "weighted so the estimate's own noise cannot push tokens apart; position that a linear probe reads "
+        "but means do not reach is subtracted as a smooth low-rank part, weighted out of fold. Keeps token "
+        "identity when position and token together are all the layer holds. Reached exact subtraction on learned-position layers 0 (see docs/removal.md)."
+    )
     short = "auto"
     removes = ("position", "token")
     keep_something = True
@@ -318,9 +387,11 @@ class Position(_Joint):
     name = "position"
     label = "position only (joint estimate)"
     short = "position (joint)"
-    help = ("Removes position alone, when its test finds it: position effects estimated net of token identity "
-            "and branch content, one vector per position, weighted against the estimate's own noise; position "
-            "that only a linear probe reads is subtracted as a smooth low-rank part. Token identity is kept.")
+    help = (
+        "Removes position alone, when its test finds it: position effects estimated net of token identity "
+        "and branch content, one vector per position, weighted against the estimate's own noise; position "
+        "that only a linear probe reads is subtracted as a smooth low-rank part. Token identity is kept."
+    )
     removes = ("position",)
 
 
@@ -329,9 +400,11 @@ class Token(_Joint):
     name = "token"
     label = "token identity only (joint estimate)"
     short = "token (joint)"
-    help = ("Removes token identity alone, when its test finds it: per-token effects estimated net of position "
-            "and branch content (random effects: rare ids shrunk toward nothing), one vector per id, weighted "
-            "against the estimate's own noise. Ids the reference never saw are left as they are.")
+    help = (
+        "Removes token identity alone, when its test finds it: per-token effects estimated net of position "
+        "and branch content (random effects: rare ids shrunk toward nothing), one vector per id, weighted "
+        "against the estimate's own noise. Ids the reference never saw are left as they are."
+    )
     removes = ("token",)
     required = ("position", "token")
     params = (KNOTS,)
@@ -342,10 +415,12 @@ class LinearErase(_Joint):
     name = "linear_erase"
     label = "position: linear erasure (LEACE)"
     short = "linear erasure"
-    help = ("Erases what a linear probe of position reads (LEACE of a smooth basis of position: a projection of "
-            "rank ~6, no per-position offset), when the prompt-held-out probe test finds it. Cannot reach exact "
-            "subtraction of position that is not linear in those features (a helix of many turns, a random "
-            "table).")
+    help = (
+        "Erases what a linear probe of position reads (LEACE of a smooth basis of position: a projection of "
+        "rank ~6, no per-position offset), when the prompt-held-out probe test finds it. Cannot reach exact "
+        "subtraction of position that is not linear in those features (a helix of many turns, a random "
+        "table)."
+    )
     removes = ("position",)
     params = ()
 
@@ -354,16 +429,24 @@ class LinearErase(_Joint):
         return erase_remove(plot, spec, reference, independent, seed, in_place)
 
 
-def erase_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None = None, independent: bool = False,
-                 seed: int = 0, in_place: bool = False) -> tuple[np.ndarray, RemovalReport]:
+def erase_remove(
+    plot: TokenSet,
+    spec: ResidualSpec,
+    reference: TokenSet | None = None,
+    independent: bool = False,
+    seed: int = 0,
+    in_place: bool = False,
+) -> tuple[np.ndarray, RemovalReport]:
     """LEACE of position alone: tested with the linear probe (forced: erased whatever it finds)."""
     report = new_report(spec)
     ref = plot if reference is None else reference
     Zr, scaler, unit_name, fold = _prepare(plot, ref, spec, independent, seed, in_place, "prompt", report)
     detected = False
     if fold is not None and unit_name != "prompt":
-        report.note = ("one prompt: a probe held out by branch cannot tell position from the content its branches "
-                       "share, so nothing is erased (Force removal erases it)")
+        report.note = (
+            "one prompt: a probe held out by branch cannot tell position from the content its branches "
+            "share, so nothing is erased (Force removal erases it)"
+        )
     elif fold is not None:
         lt = report.linear_test = _linear_test(Zr, ref, fold, spec, seed)
         detected = lt["detected"]
@@ -371,7 +454,9 @@ def erase_remove(plot: TokenSet, spec: ResidualSpec, reference: TokenSet | None 
         report.null_r2, report.null_hi = lt["null_r2"], lt["null_hi"]
         report.deciding = "position"
     else:
-        report.note = "one prompt and one branch: the probe cannot be tested out of fold, so nothing is erased"
+        report.note = (
+            "one prompt and one branch: the probe cannot be tested out of fold, so nothing is erased"
+        )
     report.forced = not spec.gate
     report.detected = detected
     report.detected_covariates = ["position"] if detected else []

@@ -25,7 +25,7 @@ def f64_blocks(X: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
     size = max(1, min(BLOCK, F64_BUFFER // (8 * max(d, 1))))
     buf = np.empty((min(size, n), d))
     for rows in blocks(n, size):
-        block = buf[:rows.stop - rows.start]
+        block = buf[: rows.stop - rows.start]
         np.copyto(block, X[rows])
         yield rows, block
 
@@ -60,8 +60,12 @@ def group_sums(X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return uniq, code_sums64(X, [(inverse.ravel(), len(uniq))])[0], counts
 
 
-def code_sums64(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.ndarray | None = None,
-                with_sq: bool = False) -> list[np.ndarray] | tuple[list[np.ndarray], np.ndarray]:
+def code_sums64(
+    X: np.ndarray,
+    codings: list[tuple[np.ndarray, int]],
+    shift: np.ndarray | None = None,
+    with_sq: bool = False,
+) -> list[np.ndarray] | tuple[list[np.ndarray], np.ndarray]:
     """Per-code row sums of X (n, d) in float64 for several codings at once (codes (n,) in 0..G-1, or -1
     for rows in no group; G), minus `shift` (d,) from every row when given: [(G, d), ...]. X is read once
     in its own dtype, each value added in float64 (as exact as on a float64 copy of X, without one).

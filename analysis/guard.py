@@ -45,15 +45,15 @@ class Warning:
         moved += f"; chance {fmt.format(self.chance)} ±{self.chance_band:.3f})"
         what = {
             "invented": "ended above chance, farther than raw or past chance's band from raw's side: the removal "
-                        "invented it",
+            "invented it",
             "pushed apart": "ended below chance, farther than raw or past chance's band from raw's side: the removal "
-                            "pushed tokens that share it apart",
+            "pushed tokens that share it apart",
             "content removed": "fell: the removal took content away with the nuisance",
             "content unmasked": "rose after token identity was removed, but not across prompts "
-                                f"({self.context}): content the tokens hid (siblings near their forks), not position",
+            f"({self.context}): content the tokens hid (siblings near their forks), not position",
             "position unmasked": "rose after token identity was removed, across prompts too "
-                                 f"({self.context}): position-dependent structure the tokens hid (position itself, "
-                                 "or which tokens sit at which positions)",
+            f"({self.context}): position-dependent structure the tokens hid (position itself, "
+            "or which tokens sit at which positions)",
         }[self.kind]
         return f"{self.label} {what} {moved}"
 
@@ -104,10 +104,22 @@ def check(raw: dict, after: dict) -> list[Warning]:
         band = Z * math.hypot(_sd(r), _sd(a))
         dr, da = r["leak"] - c, a["leak"] - c
         if NUISANCE_OF[m.guard] in removed:
-            crossed = dr > 0 > da + half or dr < 0 < da - half  # past chance's band, on the other side from raw
+            crossed = (
+                dr > 0 > da + half or dr < 0 < da - half
+            )  # past chance's band, on the other side from raw
             if crossed or abs(da) > abs(dr) + band:
-                out.append(Warning(key, m.label, r["leak"], a["leak"], band,
-                                   "invented" if da > 0 else "pushed apart", c, half))
+                out.append(
+                    Warning(
+                        key,
+                        m.label,
+                        r["leak"],
+                        a["leak"],
+                        band,
+                        "invented" if da > 0 else "pushed apart",
+                        c,
+                        half,
+                    )
+                )
         elif m.guard == "leak:position" and "token" in removed and da > dr + band and da > half:
             cross = after.get(CROSS_PROMPT) or {}
             kind, context = "content unmasked", "no other prompts to compare"
@@ -125,5 +137,9 @@ def check(raw: dict, after: dict) -> list[Warning]:
             continue
         band = Z * math.hypot(_sd(r), _sd(a))
         if a["purity"] < r["purity"] - band:
-            out.append(Warning(key, label, r["purity"], a["purity"], band, "content removed", float(a.get("chance", 0))))
+            out.append(
+                Warning(
+                    key, label, r["purity"], a["purity"], band, "content removed", float(a.get("chance", 0))
+                )
+            )
     return out

@@ -48,8 +48,15 @@ def enable_disk_cache() -> int:
         return count
 
 
-def umap_fit(Y: np.ndarray, idx: np.ndarray, dist: np.ndarray, n_components: int = 2, min_dist: float = 0.1,
-             n_epochs: int = 200, seed: int | None = 0) -> np.ndarray:
+def umap_fit(
+    Y: np.ndarray,
+    idx: np.ndarray,
+    dist: np.ndarray,
+    n_components: int = 2,
+    min_dist: float = 0.1,
+    n_epochs: int = 200,
+    seed: int | None = 0,
+) -> np.ndarray:
     """umap-learn's layout (n, n_components) of Y (n, r) on a precomputed kNN graph (idx, dist: (n, k),
     each point first in its own row), PCA-initialised. The only place that imports umap."""
     enable_disk_cache()  # before umap's kernels first compile in this process
@@ -57,9 +64,15 @@ def umap_fit(Y: np.ndarray, idx: np.ndarray, dist: np.ndarray, n_components: int
 
     n = len(Y)
     model = umap.UMAP(
-        n_neighbors=idx.shape[1], n_components=n_components, min_dist=min_dist, metric="euclidean",
-        precomputed_knn=(idx, dist, None), init="pca" if n > n_components + 1 else "random",
-        n_epochs=n_epochs, random_state=seed, n_jobs=1 if seed is not None else -1,
+        n_neighbors=idx.shape[1],
+        n_components=n_components,
+        min_dist=min_dist,
+        metric="euclidean",
+        precomputed_knn=(idx, dist, None),
+        init="pca" if n > n_components + 1 else "random",
+        n_epochs=n_epochs,
+        random_state=seed,
+        n_jobs=1 if seed is not None else -1,
     )
     with warnings.catch_warnings():
         # umap warns that precomputed kNN disables transform() and that a seed disables parallelism:

@@ -51,8 +51,12 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def code_sums(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.ndarray | None = None,
-              threads: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+def code_sums(
+    X: np.ndarray,
+    codings: list[tuple[np.ndarray, int]],
+    shift: np.ndarray | None = None,
+    threads: int | None = None,
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-code sums of the rows of X (n, d) minus `shift` (d,), in float64, for several codings at once
     (codes (n,) in 0..G-1, or -1 for rows outside every group; G): ([(G, d), ...], each row's squared norm
     after the shift (n,)). C-contiguous float32 / float64 rows are read in place, on up to `threads`
@@ -82,26 +86,40 @@ def code_sums(X: np.ndarray, codings: list[tuple[np.ndarray, int]], shift: np.nd
     parts = np.zeros((n_chunks, total, d))
     sq = np.empty(n)
     if not (X.dtype in (np.float32, np.float64) and X.flags.c_contiguous):
-        for start in range(0, n, CONVERT_BLOCK):  # e.g. float16 or a strided view: a block at a time, never whole
+        for start in range(
+            0, n, CONVERT_BLOCK
+        ):  # e.g. float16 or a strided view: a block at a time, never whole
             rows = slice(start, min(start + CONVERT_BLOCK, n))
-            _sums_chunk(np.ascontiguousarray(X[rows], np.float64), np.ascontiguousarray(codes[:, rows]), offsets,
-                        shift, parts[0], sq[rows], 0, rows.stop - rows.start)
-        return [parts[0][o:o + g] for o, g in zip(offsets, sizes)], sq
+            _sums_chunk(
+                np.ascontiguousarray(X[rows], np.float64),
+                np.ascontiguousarray(codes[:, rows]),
+                offsets,
+                shift,
+                parts[0],
+                sq[rows],
+                0,
+                rows.stop - rows.start,
+            )
+        return [parts[0][o : o + g] for o, g in zip(offsets, sizes)], sq
     bounds = np.linspace(0, n, n_chunks + 1).astype(np.int64)
     if n_chunks == 1:
         _sums_chunk(X, codes, offsets, shift, parts[0], sq, 0, n)
     else:  # the kernel releases the GIL; plain threads, so concurrent callers (app sessions) are safe
         with ThreadPoolExecutor(n_chunks) as pool:
-            list(pool.map(lambda c: _sums_chunk(X, codes, offsets, shift, parts[c], sq, bounds[c], bounds[c + 1]),
-                          range(n_chunks)))
+            list(
+                pool.map(
+                    lambda c: _sums_chunk(X, codes, offsets, shift, parts[c], sq, bounds[c], bounds[c + 1]),
+                    range(n_chunks),
+                )
+            )
     out = parts.sum(axis=0) if n_chunks > 1 else parts[0]
-    return [out[o:o + g] for o, g in zip(offsets, sizes)], sq
+    return [out[o : o + g] for o, g in zip(offsets, sizes)], sq
 
 
 @njit(cache=True, nogil=True)
 def _shuffle_within(values, keys, by_group, starts, out, g_lo, g_hi):  # pragma: no cover - compiled
     for g in range(g_lo, g_hi):
-        rows = by_group[starts[g]:starts[g + 1]]
+        rows = by_group[starts[g] : starts[g + 1]]
         k = keys[rows]
         order = np.argsort(k)  # quicksort: the keys are distinct but for ties, which take the stable sort
         for i in range(1, len(order)):
@@ -112,16 +130,21 @@ def _shuffle_within(values, keys, by_group, starts, out, g_lo, g_hi):  # pragma:
             out[rows[i]] = values[rows[order[i]]]
 
 
-def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, starts: np.ndarray,
-                   threads: int | None = None) -> np.ndarray:
+def shuffle_within(
+    values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, starts: np.ndarray, threads: int | None = None
+) -> np.ndarray:
     """values (n,) permuted within groups: the rows of group g, by_group[starts[g]:starts[g + 1]] in row
     order, receive the values of those rows sorted by `keys` (stable) - the permutation of
     np.lexsort((keys, groups)), one small sort per group instead of sorts of all n keys; groups split over
     up to `threads` threads (default: this process's CPUs) from CHUNK rows up."""
     values, keys = np.ascontiguousarray(values), np.ascontiguousarray(keys)
-    if not (values.ndim == 1 and len(values) == len(keys) == len(by_group) == (starts[-1] if len(starts) else 0)):
-        raise ValueError(f"need one value and one key per row: {len(values)} values, {len(keys)} keys, "
-                         f"{len(by_group)} rows")
+    if not (
+        values.ndim == 1 and len(values) == len(keys) == len(by_group) == (starts[-1] if len(starts) else 0)
+    ):
+        raise ValueError(
+            f"need one value and one key per row: {len(values)} values, {len(keys)} keys, "
+            f"{len(by_group)} rows"
+        )
     out = np.empty_like(values)
     n_groups = len(starts) - 1
     n_threads = max(1, min(threads or cores(), len(values) // CHUNK, n_groups))
@@ -132,8 +155,12 @@ def shuffle_within(values: np.ndarray, keys: np.ndarray, by_group: np.ndarray, s
     cuts = np.searchsorted(starts, np.linspace(0, len(values), n_threads + 1)).astype(np.int64)
     cuts[0], cuts[-1] = 0, n_groups
     with ThreadPoolExecutor(n_threads) as pool:
-        list(pool.map(lambda c: _shuffle_within(values, keys, by_group, starts, out, cuts[c], cuts[c + 1]),
-                      range(n_threads)))
+        list(
+            pool.map(
+                lambda c: _shuffle_within(values, keys, by_group, starts, out, cuts[c], cuts[c + 1]),
+                range(n_threads),
+            )
+        )
     return out
 
 
@@ -166,8 +193,9 @@ def weighted_code_sums(Z: np.ndarray, codes: np.ndarray, n_codes: int, W: np.nda
 
 
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})  # lets the distance sums vectorize
-def _ivf_rank(X, Zs, sqs, order, start, gs, use_groups, q_rows, q_at, probed, k, rerank, need,
-              out, short, lo, hi):  # pragma: no cover - compiled
+def _ivf_rank(
+    X, Zs, sqs, order, start, gs, use_groups, q_rows, q_at, probed, k, rerank, need, out, short, lo, hi
+):  # pragma: no cover - compiled
     r, d = Zs.shape[1], X.shape[1]
     for j in range(lo, hi):
         qi, qa = q_rows[j], q_at[j]
@@ -219,9 +247,21 @@ def _ivf_rank(X, Zs, sqs, order, start, gs, use_groups, q_rows, q_at, probed, k,
             out[j, i] = order[ids[best[i]]]
 
 
-def ivf_rank(X: np.ndarray, Zs: np.ndarray, sqs: np.ndarray, order: np.ndarray, at: np.ndarray,
-             start: np.ndarray, gs: np.ndarray | None, q_rows: np.ndarray, probed: np.ndarray, k: int, rerank: int,
-             need: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def ivf_rank(
+    X: np.ndarray,
+    Zs: np.ndarray,
+    sqs: np.ndarray,
+    order: np.ndarray,
+    at: np.ndarray,
+    start: np.ndarray,
+    gs: np.ndarray | None,
+    q_rows: np.ndarray,
+    probed: np.ndarray,
+    k: int,
+    rerank: int,
+    need: int,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The inverted-list search of analysis.neighbours for q queries, rows q_rows (q,) of X (n, d).
 
     Points are kept sorted by cell: cell c holds sorted rows start[c]:start[c + 1], which are rows
@@ -235,13 +275,25 @@ def ivf_rank(X: np.ndarray, Zs: np.ndarray, sqs: np.ndarray, order: np.ndarray, 
     candidates, left unanswered). Queries split over threads (the loop releases the GIL); each answer
     depends on its query alone."""
     n = len(order)
-    if not (X.dtype == Zs.dtype == np.float32 and X.flags.c_contiguous and Zs.flags.c_contiguous
-            and len(X) == len(Zs) == len(sqs) == len(at) == n and len(start) >= 2 and start[-1] == n):
-        raise ValueError(f"need float32 C-contiguous X (n, d) and Zs (n, r), sqs (n,), order (n,) and cell "
-                         f"starts ending at n: got {X.shape}, {Zs.shape}, {sqs.shape}, {order.shape}")
+    if not (
+        X.dtype == Zs.dtype == np.float32
+        and X.flags.c_contiguous
+        and Zs.flags.c_contiguous
+        and len(X) == len(Zs) == len(sqs) == len(at) == n
+        and len(start) >= 2
+        and start[-1] == n
+    ):
+        raise ValueError(
+            f"need float32 C-contiguous X (n, d) and Zs (n, r), sqs (n,), order (n,) and cell "
+            f"starts ending at n: got {X.shape}, {Zs.shape}, {sqs.shape}, {order.shape}"
+        )
     probed = np.ascontiguousarray(probed, np.int64)
     q_rows = np.ascontiguousarray(q_rows, np.int64)
-    if probed.ndim != 2 or len(probed) != len(q_rows) or (probed.size and (probed.min() < 0 or probed.max() >= len(start) - 1)):
+    if (
+        probed.ndim != 2
+        or len(probed) != len(q_rows)
+        or (probed.size and (probed.min() < 0 or probed.max() >= len(start) - 1))
+    ):
         raise ValueError(f"need one row of probed cells (0..{len(start) - 2}) per query")
     if len(q_rows) and (q_rows.min() < 0 or q_rows.max() >= n):
         raise ValueError(f"query rows must lie in 0..{n - 1}")
@@ -250,8 +302,23 @@ def ivf_rank(X: np.ndarray, Zs: np.ndarray, sqs: np.ndarray, order: np.ndarray, 
     gs = np.ascontiguousarray(gs if use_groups else np.zeros(1, np.int64), np.int64)
     out = np.full((len(q_rows), k), -1, np.int64)
     short = np.zeros(len(q_rows), np.bool_)
-    args = (X, Zs, np.ascontiguousarray(sqs, np.float32), order, np.ascontiguousarray(start, np.int64), gs,
-            use_groups, q_rows, q_at, probed, int(k), int(rerank), int(need), out, short)
+    args = (
+        X,
+        Zs,
+        np.ascontiguousarray(sqs, np.float32),
+        order,
+        np.ascontiguousarray(start, np.int64),
+        gs,
+        use_groups,
+        q_rows,
+        q_at,
+        probed,
+        int(k),
+        int(rerank),
+        int(need),
+        out,
+        short,
+    )
     n_threads = max(1, min(threads or cores(), len(q_rows) // 64))
     if n_threads == 1:
         _ivf_rank(*args, 0, len(q_rows))

@@ -54,12 +54,14 @@ class SmoothLowRank:
         F = self._design(position, codes, len(counts))  # (n, k)
         n_folds = int(fold.max()) + 1
         A = np.stack([F[fold == f].T @ F[fold == f] for f in range(n_folds)])  # per fold: F^T F (k, k)
-        B = np.zeros((n_folds, F.shape[1], X.shape[1]))  # per fold: F^T X (= F^T X_centred: F sums to 0 per branch)
+        B = np.zeros(
+            (n_folds, F.shape[1], X.shape[1])
+        )  # per fold: F^T X (= F^T X_centred: F sums to 0 per branch)
         for rows, xb in f64_blocks(X):
             for f in np.unique(fold[rows]):
                 sel = fold[rows] == f
                 B[f] += F[rows][sel].T @ xb[sel]
-        within_ss = float(row_sq(X).sum()) - float(((bsum ** 2).sum(axis=1) / counts).sum())
+        within_ss = float(row_sq(X).sum()) - float(((bsum**2).sum(axis=1) / counts).sum())
         k = F.shape[1]
         num, den = np.zeros(k), np.zeros(k)
         A_all, B_all = A.sum(axis=0), B.sum(axis=0)

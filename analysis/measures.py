@@ -86,8 +86,10 @@ def _leak(groups: str, space: str = "space") -> Callable[[Context], dict | None]
         X = c.coords if space == "coords" else c.space
         if X is None:
             return None
-        return M.knn_position_leak(X, c.tokens.position, getattr(c.tokens, groups), k=c.k, n_queries=c.n_queries,
-                                   units=c.units)
+        return M.knn_position_leak(
+            X, c.tokens.position, getattr(c.tokens, groups), k=c.k, n_queries=c.n_queries, units=c.units
+        )
+
     return compute
 
 
@@ -95,8 +97,16 @@ def _purity(label: str, k: int | None, window: bool) -> Callable[[Context], dict
     def compute(c: Context) -> dict | None:
         if label == "prompt" and not c.several_prompts:
             return None
-        return M.label_purity(c.space, c.tokens.position, getattr(c.tokens, label), k=k or c.k,
-                              window=c.window if window else None, n_queries=c.n_queries, units=c.units)
+        return M.label_purity(
+            c.space,
+            c.tokens.position,
+            getattr(c.tokens, label),
+            k=k or c.k,
+            window=c.window if window else None,
+            n_queries=c.n_queries,
+            units=c.units,
+        )
+
     return compute
 
 
@@ -107,8 +117,9 @@ def _r2(c: Context) -> dict:
 def _token_leak(c: Context) -> dict | None:
     if not c.several_branches or "token_id" not in c.tokens.extra:
         return None
-    return P.token_identity_leak(c.space, c.tokens.extra["token_id"], c.tokens.branch, k=c.k, n_queries=c.n_queries,
-                                 units=c.units)
+    return P.token_identity_leak(
+        c.space, c.tokens.extra["token_id"], c.tokens.branch, k=c.k, n_queries=c.n_queries, units=c.units
+    )
 
 
 def _probe(c: Context) -> dict | None:
@@ -122,37 +133,140 @@ def _trust(c: Context) -> dict | None:
     return None if c.coords is None else M.trustworthiness(c.space, c.coords, k=c.k)
 
 
-register(Measure("r2_pos", "R2_pos (variance explained by position)", _r2, "r2", reads_vectors=True,
-                 help="Share of the latents' variance that per-position means explain. Chance: the same with positions shuffled within each branch (more positions than tokens per position inflate it). High: position is a large part of the geometry. Near chance: position adds little variance, though it may still be decodable (see the layer's probe)."))
-register(Measure("leak", "kNN position leak, full space", _leak("branch"), "leak", "leak", True, "leak:position",
-                 help="Do a token's nearest neighbours from other branches sit at its position? 0: no more than chance (positions shuffled within branches); 1: always the same position; negative: neighbours farther apart in position than chance, which after a removal means it pushed tokens at the same position apart."))
-register(Measure("leak_2d", "kNN position leak, 2-D", _leak("branch", "coords"), "leak", "leak", True,
-                 "leak:position",
-                 help='The same leak measured in the 2-D layout you see: what the picture shows of position. Compare with the full-space leak to see what the projection adds or hides.'))
+register(
+    Measure(
+        "r2_pos",
+        "R2_pos (variance explained by position)",
+        _r2,
+        "r2",
+        reads_vectors=True,
+        help="Share of the latents' variance that per-position means explain. Chance: the same with positions shuffled within each branch (more positions than tokens per position inflate it). High: position is a large part of the geometry. Near chance: position adds little variance, though it may still be decodable (see the layer's probe).",
+    )
+)
+register(
+    Measure(
+        "leak",
+        "kNN position leak, full space",
+        _leak("branch"),
+        "leak",
+        "leak",
+        True,
+        "leak:position",
+        help="Do a token's nearest neighbours from other branches sit at its position? 0: no more than chance (positions shuffled within branches); 1: always the same position; negative: neighbours farther apart in position than chance, which after a removal means it pushed tokens at the same position apart.",
+    )
+)
+register(
+    Measure(
+        "leak_2d",
+        "kNN position leak, 2-D",
+        _leak("branch", "coords"),
+        "leak",
+        "leak",
+        True,
+        "leak:position",
+        help="The same leak measured in the 2-D layout you see: what the picture shows of position. Compare with the full-space leak to see what the projection adds or hides.",
+    )
+)
 # Sibling branches share their prompt and forks copy their parent's context, so other-branch neighbours
 # at nearby positions can be content; other-prompt neighbours cannot.
-register(Measure("leak_prompt", "kNN position leak, other prompts only", _leak("prompt"), "leak", "leak", True,
-                 "leak:position",
-                 help='Position leak counting only neighbours from other prompts: unlike sibling branches, they share no context, so a leak here is position (or token identity), not content.'))
-register(Measure("token_leak", "same-token neighbours, other branches", _token_leak, "leak", guard="leak:token",
-                 help="Share of a token's nearest neighbours from other branches that are the same token id, against the share a random pick would give. Far above chance: this layer is organized by the current token's identity."))
+register(
+    Measure(
+        "leak_prompt",
+        "kNN position leak, other prompts only",
+        _leak("prompt"),
+        "leak",
+        "leak",
+        True,
+        "leak:position",
+        help="Position leak counting only neighbours from other prompts: unlike sibling branches, they share no context, so a leak here is position (or token identity), not content.",
+    )
+)
+register(
+    Measure(
+        "token_leak",
+        "same-token neighbours, other branches",
+        _token_leak,
+        "leak",
+        guard="leak:token",
+        help="Share of a token's nearest neighbours from other branches that are the same token id, against the share a random pick would give. Far above chance: this layer is organized by the current token's identity.",
+    )
+)
 # 1-NN accuracy at matched positions: uncapped (k=10 purity of a branch with one token per position cannot
 # pass 2*window/k), and it can fall when a removal takes content away.
-register(Measure("nn_branch", "branch 1-NN accuracy, matched positions", _purity("branch", 1, True), "purity",
-                 guard="separability",
-                 help="Is a token's nearest neighbour at the same position (within the window) from its own branch? Chance: a random pick among those tokens. High: branches are separable by content. A removal must not lower it: if it falls, content was removed."))
-register(Measure("nn_prompt", "prompt 1-NN accuracy, matched positions", _purity("prompt", 1, True), "purity",
-                 guard="separability",
-                 help="As the branch 1-NN accuracy, for prompts: are tokens at the same position closer to their own prompt's tokens than to other prompts'?"))
-register(Measure("purity_branch", "branch kNN purity, matched positions", _purity("branch", None, True), "purity",
-                 shown=False))
-register(Measure("purity_prompt", "prompt kNN purity, matched positions", _purity("prompt", None, True), "purity",
-                 shown=False))
-register(Measure("purity_branch_pooled", "branch kNN purity, all positions", _purity("branch", None, False),
-                 "purity", shown=False))
-register(Measure("purity_prompt_pooled", "prompt kNN purity, all positions", _purity("prompt", None, False),
-                 "purity", shown=False))
-register(Measure("probe", "position probe R2, prompts held out", _probe, "r2", signed=True, reads_vectors=True,
-                 help="How well a linear (ridge) probe, trained on other prompts (a lone prompt's other branches), reads each token's position: 1 = exactly, 0 = no better than the mean position. Chance: the same with positions permuted within prompts. Above chance's band: position is linearly decodable here, however little variance it takes (compare R2_pos); after a removal, what is left of it."))
-register(Measure("projection", "trustworthiness of the 2-D layout", _trust, "trustworthiness", "half",
-                 help="Trustworthiness of the 2-D layout: are the layout's neighbours true neighbours in the full space? 1: all are; 0.5: a random layout. Below ~0.8, read distances in the picture with care."))
+register(
+    Measure(
+        "nn_branch",
+        "branch 1-NN accuracy, matched positions",
+        _purity("branch", 1, True),
+        "purity",
+        guard="separability",
+        help="Is a token's nearest neighbour at the same position (within the window) from its own branch? Chance: a random pick among those tokens. High: branches are separable by content. A removal must not lower it: if it falls, content was removed.",
+    )
+)
+register(
+    Measure(
+        "nn_prompt",
+        "prompt 1-NN accuracy, matched positions",
+        _purity("prompt", 1, True),
+        "purity",
+        guard="separability",
+        help="As the branch 1-NN accuracy, for prompts: are tokens at the same position closer to their own prompt's tokens than to other prompts'?",
+    )
+)
+register(
+    Measure(
+        "purity_branch",
+        "branch kNN purity, matched positions",
+        _purity("branch", None, True),
+        "purity",
+        shown=False,
+    )
+)
+register(
+    Measure(
+        "purity_prompt",
+        "prompt kNN purity, matched positions",
+        _purity("prompt", None, True),
+        "purity",
+        shown=False,
+    )
+)
+register(
+    Measure(
+        "purity_branch_pooled",
+        "branch kNN purity, all positions",
+        _purity("branch", None, False),
+        "purity",
+        shown=False,
+    )
+)
+register(
+    Measure(
+        "purity_prompt_pooled",
+        "prompt kNN purity, all positions",
+        _purity("prompt", None, False),
+        "purity",
+        shown=False,
+    )
+)
+register(
+    Measure(
+        "probe",
+        "position probe R2, prompts held out",
+        _probe,
+        "r2",
+        signed=True,
+        reads_vectors=True,
+        help="How well a linear (ridge) probe, trained on other prompts (a lone prompt's other branches), reads each token's position: 1 = exactly, 0 = no better than the mean position. Chance: the same with positions permuted within prompts. Above chance's band: position is linearly decodable here, however little variance it takes (compare R2_pos); after a removal, what is left of it.",
+    )
+)
+register(
+    Measure(
+        "projection",
+        "trustworthiness of the 2-D layout",
+        _trust,
+        "trustworthiness",
+        "half",
+        help="Trustworthiness of the 2-D layout: are the layout's neighbours true neighbours in the full space? 1: all are; 0.5: a random layout. Below ~0.8, read distances in the picture with care.",
+    )
+)

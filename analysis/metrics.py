@@ -14,8 +14,13 @@ from analysis.groups import BLOCK, blocks, code_sums64, row_sq
 
 
 def r2_pos(
-    X: np.ndarray, position: np.ndarray, groups: np.ndarray | None = None,
-    n_shuffles: int = 5, seed: int = 0, within: np.ndarray | None = None, units: np.ndarray | None = None,
+    X: np.ndarray,
+    position: np.ndarray,
+    groups: np.ndarray | None = None,
+    n_shuffles: int = 5,
+    seed: int = 0,
+    within: np.ndarray | None = None,
+    units: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Share of variance explained by per-position means, with its chance level and corrected forms.
 
@@ -59,10 +64,19 @@ def r2_pos(
     sums, sq = code_sums64(X, codings, shift=grand, with_sq=True)
     sst = float(sq.sum())
     if sst <= 0:
-        return {"r2": 0.0, "adjusted": 0.0, "chance": 0.0, "chance_sd": 0.0, "chance_analytic": 0.0,
-                "heldout": float("nan"), "heldout_coverage": 0.0, "n": n, "n_positions": n_pos}
+        return {
+            "r2": 0.0,
+            "adjusted": 0.0,
+            "chance": 0.0,
+            "chance_sd": 0.0,
+            "chance_analytic": 0.0,
+            "heldout": float("nan"),
+            "heldout_coverage": 0.0,
+            "n": n,
+            "n_positions": n_pos,
+        }
     centre = np.zeros_like(grand)  # the sums are about the grand mean already
-    between = [_between_ss(s, pos_counts, centre) for s in sums[:1 + n_shuffles]]
+    between = [_between_ss(s, pos_counts, centre) for s in sums[: 1 + n_shuffles]]
     ssb, shuffled = between[0], [b / sst for b in between[1:]]
     out = {
         "r2": ssb / sst,
@@ -73,8 +87,11 @@ def r2_pos(
         "n": n,
         "n_positions": n_pos,
     }
-    out.update(_heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1], grand) if groups is not None else
-               {"heldout": float("nan"), "heldout_coverage": 0.0})
+    out.update(
+        _heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1], grand)
+        if groups is not None
+        else {"heldout": float("nan"), "heldout_coverage": 0.0}
+    )
     out.update(_r2_band(X, pos_code, n_pos, rng, grand, units=units, estimate=out["r2"]))
     return out
 
@@ -85,9 +102,18 @@ def _between_ss(sums: np.ndarray, counts: np.ndarray, grand: np.ndarray) -> floa
     return float((counts * ((means - grand) ** 2).sum(axis=1)).sum())
 
 
-def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator, grand: np.ndarray,
-             n_boot: int = 30, dims: int = 64, chunk: int = 10, units: np.ndarray | None = None,
-             estimate: float | None = None) -> dict[str, float]:
+def _r2_band(
+    X: np.ndarray,
+    pos_code: np.ndarray,
+    n_pos: int,
+    rng: np.random.Generator,
+    grand: np.ndarray,
+    n_boot: int = 30,
+    dims: int = 64,
+    chunk: int = 10,
+    units: np.ndarray | None = None,
+    estimate: float | None = None,
+) -> dict[str, float]:
     """sd / lo / hi of r2 over bootstrap resamples of the tokens (weights), or with units by the delete-one
     unit jackknife (_jackknife_r2), on a seeded random projection
     to `dims` dimensions (R2 is a ratio of sums of squares, kept in expectation), so it stays cheap.
@@ -103,7 +129,7 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     # from row norms without cancellation (R2 does not change when every row moves by the same vector).
     buf = np.empty((min(BLOCK, n), d), np.float32)
     for rows in blocks(n):
-        xb = buf[:rows.stop - rows.start]
+        xb = buf[: rows.stop - rows.start]
         np.subtract(X[rows], shift, out=xb, casting="same_kind")
         if R is not None:
             np.matmul(xb, R, out=Z[rows])
@@ -115,8 +141,9 @@ def _r2_band(X: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Gen
     return _band(_boot_r2(Z, sq, pos_code, n_pos, rng, n_boot, chunk))
 
 
-def _jackknife_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, units: np.ndarray,
-                  estimate: float | None) -> dict[str, float]:
+def _jackknife_r2(
+    Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, units: np.ndarray, estimate: float | None
+) -> dict[str, float]:
     """sd / lo / hi of r2 by the delete-one-unit jackknife (estimate +- Student's t sds), from per-(unit, position)
     sums of the centred projection Z (n, m). R2 is smooth in these sums, so the jackknife is consistent;
     a unit bootstrap is not usable here: a prompt drawn twice doubles its per-position means' overfit, and
@@ -146,8 +173,15 @@ def _jackknife_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: in
     return resample.unit_band(estimate if estimate is not None else float(values.mean()), sd, n_units)
 
 
-def _boot_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, rng: np.random.Generator,
-             n_boot: int, chunk: int) -> np.ndarray:
+def _boot_r2(
+    Z: np.ndarray,
+    sq: np.ndarray,
+    pos_code: np.ndarray,
+    n_pos: int,
+    rng: np.random.Generator,
+    n_boot: int,
+    chunk: int,
+) -> np.ndarray:
     """_r2_band's resampled R2 values (n_boot,) of the centred projection Z (n, m): `chunk` resamples'
     per-position weighted sums from one compiled pass over Z. A resample's counts are the bincount of n
     uniform draws (the multinomial, 30x faster than rng.multinomial with n categories)."""
@@ -173,8 +207,15 @@ def _boot_r2(Z: np.ndarray, sq: np.ndarray, pos_code: np.ndarray, n_pos: int, rn
     return np.asarray(values)
 
 
-def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_counts: np.ndarray,
-                g_code: np.ndarray, g_sums: np.ndarray, shift: np.ndarray) -> dict[str, float]:
+def _heldout_r2(
+    X: np.ndarray,
+    pos_code: np.ndarray,
+    pos_sums: np.ndarray,
+    pos_counts: np.ndarray,
+    g_code: np.ndarray,
+    g_sums: np.ndarray,
+    shift: np.ndarray,
+) -> dict[str, float]:
     """Leave-one-group-out R2: predict each token by the mean of the other groups at its position, and
     compare with predicting it by the other groups' overall mean (so ~0 when position carries nothing
     that generalizes across groups). Per-position and per-group sums of x - shift come in. Every token
@@ -188,18 +229,24 @@ def _heldout_r2(X: np.ndarray, pos_code: np.ndarray, pos_sums: np.ndarray, pos_c
     pos_c = pos_sums - pos_counts[:, None] * grand  # (T, d) sums about the grand mean
     sorted_groups = bool((np.diff(g_code) >= 0).all())
     order = np.arange(n) if sorted_groups else np.argsort(g_code, kind="stable")
-    starts = np.searchsorted(g_code[order], np.arange(len(g_sums) + 1))  # rows of group g: order[starts[g]:starts[g+1]]
+    starts = np.searchsorted(
+        g_code[order], np.arange(len(g_sums) + 1)
+    )  # rows of group g: order[starts[g]:starts[g+1]]
     sse_pos = sse_all = 0.0
     n_ok = 0
     g = 0
     while g < len(g_sums):
-        h = max(g + 1, int(np.searchsorted(starts, starts[g] + BLOCK, "right")) - 1)  # whole groups, ~BLOCK rows
-        rows = slice(starts[g], starts[h]) if sorted_groups else order[starts[g]:starts[h]]
+        h = max(
+            g + 1, int(np.searchsorted(starts, starts[g] + BLOCK, "right")) - 1
+        )  # whole groups, ~BLOCK rows
+        rows = slice(starts[g], starts[h]) if sorted_groups else order[starts[g] : starts[h]]
         pair = g_code[rows] * len(pos_counts) + pos_code[rows]
         keys, pair_inv, c = np.unique(pair, return_inverse=True, return_counts=True)
         pair_inv = pair_inv.ravel()
         (S,), sq = code_sums64(X[rows], [(pair_inv, len(keys))], shift=shift + grand, with_sq=True)
-        S2 = np.bincount(pair_inv, weights=sq, minlength=len(keys))  # (P,) sums of squares about the grand mean
+        S2 = np.bincount(
+            pair_inv, weights=sq, minlength=len(keys)
+        )  # (P,) sums of squares about the grand mean
         gr, p = keys // len(pos_counts), keys % len(pos_counts)
         other = pos_counts[p] - c
         ok = (other > 0) & (g_counts[gr] < n)
@@ -261,7 +308,9 @@ class WithinShuffler:
         self.by_group = np.argsort(groups, kind="stable")  # (n,) rows of each group together, in row order
         g_sorted = groups[self.by_group]
         edges = np.flatnonzero(g_sorted[1:] != g_sorted[:-1]) + 1 if self.n else np.zeros(0, np.int64)
-        self.starts = np.concatenate([[0], edges, [self.n]]).astype(np.int64)  # group g: by_group[starts[g]:starts[g+1]]
+        self.starts = np.concatenate([[0], edges, [self.n]]).astype(
+            np.int64
+        )  # group g: by_group[starts[g]:starts[g+1]]
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """values (n,) permuted at random within each group."""
@@ -276,8 +325,14 @@ def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Genera
 
 
 def knn_position_leak(
-    X: np.ndarray, position: np.ndarray, groups: np.ndarray, k: int = 10,
-    n_queries: int | None = 1000, n_shuffles: int = 20, seed: int = 0, units: np.ndarray | None = None,
+    X: np.ndarray,
+    position: np.ndarray,
+    groups: np.ndarray,
+    k: int = 10,
+    n_queries: int | None = 1000,
+    n_shuffles: int = 20,
+    seed: int = 0,
+    units: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Mean |t_i - t_j| over each token's k nearest neighbours from other groups (branches), vs shuffled.
 
@@ -312,8 +367,12 @@ def knn_position_leak(
     observed, shuffled = float(observed_q.mean()), shuffled_q.mean(axis=1)
     chance = float(shuffled.mean())
     out = {
-        "mean_abs_dpos": observed, "chance": chance, "chance_sd": float(np.std(shuffled)),
-        "leak": 1 - observed / chance if chance > 0 else float("nan"), "k": k, "n_queries": len(queries),
+        "mean_abs_dpos": observed,
+        "chance": chance,
+        "chance_sd": float(np.std(shuffled)),
+        "leak": 1 - observed / chance if chance > 0 else float("nan"),
+        "k": k,
+        "n_queries": len(queries),
     }
     # Bands: resample the query tokens (what a new sample of queries would give), or whole units; at
     # chance, the leak of each shuffle against the rest.
@@ -325,8 +384,11 @@ def knn_position_leak(
         W = resample.counts(N_BOOT, len(queries), rng, np.asarray(units)[queries])  # (B, q)
         leaks = 1 - (W @ observed_q) / np.maximum(W @ expected_q, 1e-12)
     null = 1 - shuffled / chance if chance > 0 else np.zeros(1)
-    out.update(_band(leaks) if units is None else
-               resample.widened_band(leaks, out["leak"], resample.n_units(np.asarray(units)[queries])))
+    out.update(
+        _band(leaks)
+        if units is None
+        else resample.widened_band(leaks, out["leak"], resample.n_units(np.asarray(units)[queries]))
+    )
     half = 1.96 * float(np.hypot(out["sd"], out_sd(null)))  # query sampling and shuffle noise together
     out.update(chance_leak=0.0, chance_lo=-half, chance_hi=half)
     return out
@@ -349,8 +411,14 @@ def _band(boot: np.ndarray) -> dict[str, float]:
 
 
 def label_purity(
-    X: np.ndarray, position: np.ndarray, labels: np.ndarray, k: int = 10, window: int | None = 2,
-    n_queries: int | None = 1000, seed: int = 0, units: np.ndarray | None = None,
+    X: np.ndarray,
+    position: np.ndarray,
+    labels: np.ndarray,
+    k: int = 10,
+    window: int | None = 2,
+    n_queries: int | None = 1000,
+    seed: int = 0,
+    units: np.ndarray | None = None,
 ) -> dict[str, float]:
     """kNN agreement of labels (branch or prompt): the share of a token's k nearest neighbours with its label.
 
@@ -370,14 +438,20 @@ def label_purity(
     # (the band then carries the sampling); candidates within the window, exact either way.
     sample = None if len(X) <= neighbours.EXACT_QUERY_MAX else n_queries
     depth = max(k, MATCHED_DEPTH)  # one search serves k=1 and k=10, branch and prompt labels
-    asks, nbrs = neighbours.memo(X, ("matched", id(position), window, depth, sample, seed),
-                                 lambda: _matched_neighbours(X, position, window, depth, sample, seed))
+    asks, nbrs = neighbours.memo(
+        X,
+        ("matched", id(position), window, depth, sample, seed),
+        lambda: _matched_neighbours(X, position, window, depth, sample, seed),
+    )
     cols = nbrs[:, :k]
     valid = cols >= 0
     has = valid.any(axis=1)
-    hits = ((labels[np.where(valid, cols, 0)] == labels[asks, None]) & valid).sum(axis=1)[has] / valid.sum(axis=1)[has]
-    return _purity_summary(hits, _window_label_share(position, labels, asks[has], window), seed,
-                           _of(units, asks[has]))
+    hits = ((labels[np.where(valid, cols, 0)] == labels[asks, None]) & valid).sum(axis=1)[has] / valid.sum(
+        axis=1
+    )[has]
+    return _purity_summary(
+        hits, _window_label_share(position, labels, asks[has], window), seed, _of(units, asks[has])
+    )
 
 
 def _of(units: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
@@ -387,8 +461,9 @@ def _of(units: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
 MATCHED_DEPTH = 10
 
 
-def _matched_neighbours(X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None,
-                        seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _matched_neighbours(
+    X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(asking tokens (q,), their k nearest tokens within |t_j - t_i| <= window, self excluded (q, k), -1
     pads): every token asks, or `sample` of them drawn with `seed`. Exact.
 
@@ -406,21 +481,33 @@ def _matched_neighbours(X: np.ndarray, position: np.ndarray, window: int, k: int
     return np.concatenate(out_q), np.concatenate(out_n)
 
 
-def _matched_walk(X: np.ndarray, position: np.ndarray, asks: np.ndarray, window: int, k: int, order: np.ndarray,
-                  ts: np.ndarray, bounds: np.ndarray, out_q: list, out_n: list) -> None:
+def _matched_walk(
+    X: np.ndarray,
+    position: np.ndarray,
+    asks: np.ndarray,
+    window: int,
+    k: int,
+    order: np.ndarray,
+    ts: np.ndarray,
+    bounds: np.ndarray,
+    out_q: list,
+    out_n: list,
+) -> None:
     """_matched_neighbours' walk over the asked positions; appends each position's (asks, neighbours)."""
-    held: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # position index -> (rows, X[rows], |x|^2)
+    held: dict[
+        int, tuple[np.ndarray, np.ndarray, np.ndarray]
+    ] = {}  # position index -> (rows, X[rows], |x|^2)
     for t in np.unique(position[asks]):
         lo, hi = np.searchsorted(ts, t - window, "left"), np.searchsorted(ts, t + window, "right")
         for j in [j for j in held if j < lo]:
             del held[j]
         for j in range(lo, hi):
             if j not in held:
-                rows = order[bounds[j]:bounds[j + 1]]
+                rows = order[bounds[j] : bounds[j + 1]]
                 Xj = X[rows]
                 held[j] = (rows, Xj, (Xj * Xj).sum(axis=1))
         at = np.searchsorted(ts, t)
-        q = order[bounds[at]:bounds[at + 1]]
+        q = order[bounds[at] : bounds[at + 1]]
         q = q[asks[q]]
         c = np.concatenate([held[j][0] for j in range(lo, hi)])  # candidates, in position order
         nn = np.full((len(q), k), -1, np.int64)
@@ -438,7 +525,9 @@ def _matched_walk(X: np.ndarray, position: np.ndarray, asks: np.ndarray, window:
         out_n.append(nn)
 
 
-def _window_label_share(position: np.ndarray, labels: np.ndarray, asks: np.ndarray, window: int) -> np.ndarray:
+def _window_label_share(
+    position: np.ndarray, labels: np.ndarray, asks: np.ndarray, window: int
+) -> np.ndarray:
     """Per asking token (q,): the share of the other tokens within |t_j - t_i| <= window with its label."""
     _, code = np.unique(labels, return_inverse=True)
     code = code.ravel()
@@ -447,13 +536,17 @@ def _window_label_share(position: np.ndarray, labels: np.ndarray, asks: np.ndarr
     share = np.empty(len(asks))
     for t in np.unique(position[asks]):
         at = np.flatnonzero(position[asks] == t)
-        c = order[np.searchsorted(sorted_pos, t - window, "left"):np.searchsorted(sorted_pos, t + window, "right")]
+        c = order[
+            np.searchsorted(sorted_pos, t - window, "left") : np.searchsorted(sorted_pos, t + window, "right")
+        ]
         counts = np.bincount(code[c], minlength=code.max() + 1)
         share[at] = (counts[code[asks[at]]] - 1) / max(len(c) - 1, 1)
     return share
 
 
-def _purity_pooled(X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _purity_pooled(
+    X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per query: (share of its k nearest tokens, self excluded, with its label; that share by chance).
     Neighbours from analysis.neighbours.search: exact up to EXACT_QUERY_MAX tokens, approximate above."""
     nbrs = neighbours.search(X, queries, min(k, len(X) - 1))  # (q, k), self excluded
@@ -464,20 +557,36 @@ def _purity_pooled(X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: in
     return same.sum(axis=1) / np.maximum(valid.sum(axis=1), 1), chance
 
 
-def _purity_summary(hits: np.ndarray, chances: np.ndarray, seed: int,
-                    units: np.ndarray | None = None) -> dict[str, float]:
+def _purity_summary(
+    hits: np.ndarray, chances: np.ndarray, seed: int, units: np.ndarray | None = None
+) -> dict[str, float]:
     """Mean purity and chance over queries, with a bootstrap band over the queries (or their units)."""
     if len(hits) == 0:
-        return {"purity": float("nan"), "chance": float("nan"), "n_queries": 0, "sd": float("nan"),
-                "lo": float("nan"), "hi": float("nan")}
+        return {
+            "purity": float("nan"),
+            "chance": float("nan"),
+            "n_queries": 0,
+            "sd": float("nan"),
+            "lo": float("nan"),
+            "hi": float("nan"),
+        }
     rng = np.random.default_rng(seed + 3)
     if units is None:
         boot = hits[rng.integers(0, len(hits), size=(N_BOOT, len(hits)))].mean(axis=1)
     else:
         W = resample.counts(N_BOOT, len(hits), rng, units)  # (B, q)
         boot = (W @ hits) / np.maximum(W.sum(axis=1), 1)
-    band = _band(boot) if units is None else resample.widened_band(boot, float(hits.mean()), resample.n_units(units))
-    return {"purity": float(hits.mean()), "chance": float(chances.mean()), "n_queries": int(len(hits)), **band}
+    band = (
+        _band(boot)
+        if units is None
+        else resample.widened_band(boot, float(hits.mean()), resample.n_units(units))
+    )
+    return {
+        "purity": float(hits.mean()),
+        "chance": float(chances.mean()),
+        "n_queries": int(len(hits)),
+        **band,
+    }
 
 
 def _untrusted_penalties(X: np.ndarray, Y: np.ndarray, k: int) -> np.ndarray:
@@ -497,7 +606,11 @@ def _untrusted_penalties(X: np.ndarray, Y: np.ndarray, k: int) -> np.ndarray:
 
 
 def trustworthiness(
-    X_high: np.ndarray, X_low: np.ndarray, k: int = 10, n_samples: int | None = 1500, seed: int = 0,
+    X_high: np.ndarray,
+    X_low: np.ndarray,
+    k: int = 10,
+    n_samples: int | None = 1500,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Trustworthiness (are 2-D neighbours true neighbours?) and continuity (are true neighbours kept?).
 
@@ -511,12 +624,25 @@ def trustworthiness(
     n = len(idx)
     k = int(min(k, (n - 1) // 2))
     if k < 1:
-        return {"trustworthiness": float("nan"), "continuity": float("nan"), "k": k,
-                "sd": float("nan"), "lo": float("nan"), "hi": float("nan")}
+        return {
+            "trustworthiness": float("nan"),
+            "continuity": float("nan"),
+            "k": k,
+            "sd": float("nan"),
+            "lo": float("nan"),
+            "hi": float("nan"),
+        }
     scale = 2.0 / (n * k * (2.0 * n - 3.0 * k - 1.0))
     trust_p, cont_p = _untrusted_penalties(hi, lo, k), _untrusted_penalties(lo, hi, k)
     boot = rng.integers(0, n, size=(N_BOOT, n))
     band = _band(1 - scale * n * trust_p[boot].mean(axis=1))
     cont = _band(1 - scale * n * cont_p[boot].mean(axis=1))
-    return {"trustworthiness": float(1 - scale * trust_p.sum()), "continuity": float(1 - scale * cont_p.sum()),
-            "k": k, **band, "continuity_sd": cont["sd"], "continuity_lo": cont["lo"], "continuity_hi": cont["hi"]}
+    return {
+        "trustworthiness": float(1 - scale * trust_p.sum()),
+        "continuity": float(1 - scale * cont_p.sum()),
+        "k": k,
+        **band,
+        "continuity_sd": cont["sd"],
+        "continuity_lo": cont["lo"],
+        "continuity_hi": cont["hi"],
+    }

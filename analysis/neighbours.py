@@ -44,19 +44,23 @@ def exact_knn(Q: np.ndarray, B: np.ndarray, k: int, block: int = 1024) -> tuple[
     idx = np.empty((len(Q), k), np.int64)
     dist = np.empty((len(Q), k), np.float32)
     for s in range(0, len(Q), block):
-        q = Q[s:s + block]
+        q = Q[s : s + block]
         if k == 1:  # the nearest only (IVF cell assignment): one argmin, |q|^2 added to the winner alone
             d2 = sq_b[None, :] - 2 * (q @ B.T)  # (b, n)
             best = d2.argmin(axis=1)
-            idx[s:s + block, 0] = best
-            dist[s:s + block, 0] = np.sqrt(np.maximum((q * q).sum(axis=1) + d2[np.arange(len(q)), best], 0))
+            idx[s : s + block, 0] = best
+            dist[s : s + block, 0] = np.sqrt(np.maximum((q * q).sum(axis=1) + d2[np.arange(len(q)), best], 0))
             continue
         d2 = (q * q).sum(axis=1)[:, None] - 2 * (q @ B.T) + sq_b[None, :]  # (b, n)
-        part = np.argpartition(d2, k - 1, axis=1)[:, :k] if k < len(B) else np.tile(np.arange(len(B)), (len(q), 1))
+        part = (
+            np.argpartition(d2, k - 1, axis=1)[:, :k]
+            if k < len(B)
+            else np.tile(np.arange(len(B)), (len(q), 1))
+        )
         vals = np.take_along_axis(d2, part, axis=1)
         order = np.argsort(vals, axis=1, kind="stable")
-        idx[s:s + block] = np.take_along_axis(part, order, axis=1)
-        dist[s:s + block] = np.sqrt(np.maximum(np.take_along_axis(vals, order, axis=1), 0))
+        idx[s : s + block] = np.take_along_axis(part, order, axis=1)
+        dist[s : s + block] = np.sqrt(np.maximum(np.take_along_axis(vals, order, axis=1), 0))
     return idx, dist
 
 
@@ -71,8 +75,14 @@ class Index:
         if not self.exact:
             from usearch.index import Index as HNSW
 
-            self._hnsw = HNSW(ndim=self.base.shape[1], metric="l2sq", dtype="f32", connectivity=CONNECTIVITY,
-                              expansion_add=EXPANSION_ADD, expansion_search=EXPANSION_SEARCH)
+            self._hnsw = HNSW(
+                ndim=self.base.shape[1],
+                metric="l2sq",
+                dtype="f32",
+                connectivity=CONNECTIVITY,
+                expansion_add=EXPANSION_ADD,
+                expansion_search=EXPANSION_SEARCH,
+            )
             self._hnsw.add(np.arange(len(self.base), dtype=np.uint64), self.base, threads=1)
 
     def __len__(self) -> int:
@@ -115,7 +125,9 @@ def knn_graph(Y: np.ndarray, k: int, index: Index | None = None) -> tuple[np.nda
     return idx, dist
 
 
-def pca_fit(X: np.ndarray, n_components: int, max_rows: int = 50_000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pca_fit(
+    X: np.ndarray, n_components: int, max_rows: int = 50_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """(mean (d,), components (d, k)) of the rows of X, from its covariance (on a seeded sample of
     max_rows rows when there are more; the leading axes of a sample that size are the population's to
     well under a degree on these data). Axis signs fixed (largest |loading| positive)."""
@@ -144,14 +156,20 @@ class Cells:
     are kept sorted by cell, so a cell's members are one contiguous slice.
     """
 
-    def __init__(self, X: np.ndarray, seed: int = 0, cell_size: int = CELL_SIZE, dims: int = REDUCED_DIMS,
-                 fit: tuple[np.ndarray, np.ndarray] | None = None):
+    def __init__(
+        self,
+        X: np.ndarray,
+        seed: int = 0,
+        cell_size: int = CELL_SIZE,
+        dims: int = REDUCED_DIMS,
+        fit: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
         """fit: pca_fit(X, dims, seed=seed) when the caller has it already (share_pca)."""
         n = len(X)
         mean, comps = pca_fit(X, dims, seed=seed) if fit is None else (fit[0], fit[1][:, :dims])
         Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
         for s in range(0, n, 65536):
-            Z[s:s + 65536] = X[s:s + 65536] @ comps - mean @ comps
+            Z[s : s + 65536] = X[s : s + 65536] @ comps - mean @ comps
         n_cells = max(1, n // cell_size)
         rng = np.random.default_rng(seed)
         self.landmarks = Index(Z[np.sort(rng.choice(n, n_cells, replace=False))], exact_max=EXACT_CELLS_MAX)
@@ -199,8 +217,14 @@ def cells_for(X: np.ndarray, seed: int = 0) -> Cells:
 
 
 def search(
-    X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndarray | None = None,
-    exact_max: int | None = None, n_probe: int = N_PROBE, min_candidates: int = 64, rerank: int | None = None,
+    X: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    groups: np.ndarray | None = None,
+    exact_max: int | None = None,
+    n_probe: int = N_PROBE,
+    min_candidates: int = 64,
+    rerank: int | None = None,
 ) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest points of X (n, d), the query itself excluded
     and, when groups are given, every point of its group too; rows with fewer than k such points end in -1.
@@ -229,8 +253,20 @@ def search(
         probe = min(probe, len(cells.landmarks))
         probed, _ = cells.landmarks.search(cells.reduced(queries[pending]), probe)  # (q, probe) nearest cells
         last = probe >= len(cells.landmarks)
-        found, short = ivf_rank(X, cells.Zs, cells.sqs, cells.order, cells.at, cells.start, gs, queries[pending], probed,
-                                k, rerank, 0 if last else max(min_candidates, k))
+        found, short = ivf_rank(
+            X,
+            cells.Zs,
+            cells.sqs,
+            cells.order,
+            cells.at,
+            cells.start,
+            gs,
+            queries[pending],
+            probed,
+            k,
+            rerank,
+            0 if last else max(min_candidates, k),
+        )
         out[pending[~short]] = found[~short]
         pending = pending[short]
         if len(pending) == 0:
@@ -240,8 +276,9 @@ def search(
     return out
 
 
-def _exact_excluding(X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndarray | None,
-                     block: int = 512) -> np.ndarray:
+def _exact_excluding(
+    X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndarray | None, block: int = 512
+) -> np.ndarray:
     """Exact search of `search`: blocked distance matrices, excluded points at infinity."""
     sq = (X * X).sum(axis=1)
     out = np.full((len(queries), k), -1, np.int64)
@@ -249,7 +286,7 @@ def _exact_excluding(X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndar
     if kk < 1:
         return out
     for start in range(0, len(queries), block):
-        q = queries[start:start + block]
+        q = queries[start : start + block]
         d2 = sq[q, None] - 2 * (X[q] @ X.T) + sq[None, :]  # (b, n)
         if groups is None:
             d2[np.arange(len(q)), q] = np.inf
@@ -260,5 +297,5 @@ def _exact_excluding(X: np.ndarray, queries: np.ndarray, k: int, groups: np.ndar
         order = np.argsort(vals, axis=1, kind="stable")
         part = np.take_along_axis(part, order, axis=1)
         part[np.take_along_axis(vals, order, axis=1) == np.inf] = -1
-        out[start:start + block, :kk] = part
+        out[start : start + block, :kk] = part
     return out

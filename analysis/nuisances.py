@@ -85,7 +85,9 @@ class Param:
             return
         if self.kind == "choice":
             if value not in self.choices:
-                raise ValueError(f"{owner}: unknown {self.name} {value!r}; choose one of {', '.join(map(str, self.choices))}")
+                raise ValueError(
+                    f"{owner}: unknown {self.name} {value!r}; choose one of {', '.join(map(str, self.choices))}"
+                )
             return
         if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise ValueError(f"{owner}: {self.name} must be a number, got {value!r}")

@@ -43,8 +43,16 @@ def _fold_stats(Xc: np.ndarray, Y: np.ndarray, fold: np.ndarray, n_folds: int) -
     for f in range(n_folds):
         Xf, Yf = Xc[fold == f], Y[fold == f]
         G = (Xf.T @ Xf).astype(np.float64)  # float32 product: 2x faster, exact enough on centred data
-        out.append((G, Xf.sum(axis=0, dtype=np.float64), Xf.T.astype(np.float64) @ Yf, Yf.sum(axis=0),
-                    (Yf ** 2).sum(axis=0), len(Xf)))
+        out.append(
+            (
+                G,
+                Xf.sum(axis=0, dtype=np.float64),
+                Xf.T.astype(np.float64) @ Yf,
+                Yf.sum(axis=0),
+                (Yf**2).sum(axis=0),
+                len(Xf),
+            )
+        )
     return out
 
 
@@ -78,11 +86,16 @@ def _sse(stats: Stats, W: np.ndarray, b0: np.ndarray) -> np.ndarray:
     quad = (W * (G[None] @ W)).sum(axis=1)  # (a, m) w^T G w
     cross = (W * XtY[None]).sum(axis=1)  # (a, m) w^T X^T y
     sw = np.einsum("d,adm->am", s, W)
-    return yss - 2 * cross - 2 * b0 * ysum + quad + 2 * b0 * sw + n * b0 ** 2
+    return yss - 2 * cross - 2 * b0 * ysum + quad + 2 * b0 * sw + n * b0**2
 
 
 def _inner_cv_alpha(
-    parts: list[Stats], total: Stats, f: int, alphas: np.ndarray, n_pcs: int | None, cache: dict,
+    parts: list[Stats],
+    total: Stats,
+    f: int,
+    alphas: np.ndarray,
+    n_pcs: int | None,
+    cache: dict,
 ) -> np.ndarray:
     """Index of the alpha (m,) with the least held-out error when the other outer folds take turns as
     validation groups; fits on a pair of left-out folds are shared between outer folds via cache."""
@@ -98,9 +111,17 @@ def _inner_cv_alpha(
 
 
 def position_probe(
-    X: np.ndarray, position: np.ndarray, groups: np.ndarray, n_folds: int = 5,
-    alphas: tuple[float, ...] = DEFAULT_ALPHAS, n_permutations: int = 10, n_boot: int = 200,
-    n_pcs: int | None = None, nested: bool = False, seed: int = 0, units: np.ndarray | None = None,
+    X: np.ndarray,
+    position: np.ndarray,
+    groups: np.ndarray,
+    n_folds: int = 5,
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS,
+    n_permutations: int = 10,
+    n_boot: int = 200,
+    n_pcs: int | None = None,
+    nested: bool = False,
+    seed: int = 0,
+    units: np.ndarray | None = None,
 ) -> dict[str, float | int | list | str]:
     """How well a linear (ridge) probe reads position from X on groups (prompts) it never saw, and how
     much of X's variance that decodable position accounts for.
@@ -137,13 +158,40 @@ def position_probe(
     nested = nested and n_folds >= 3
     rng = np.random.default_rng(seed)
     nan = float("nan")
-    out: dict = {"n": n, "n_groups": n_groups, "n_folds": n_folds, "n_dims": d if n_pcs is None else min(n_pcs, d),
-                 "position_sd": float(y.std()), "selection": "nested" if nested else "pooled", "note": ""}
+    out: dict = {
+        "n": n,
+        "n_groups": n_groups,
+        "n_folds": n_folds,
+        "n_dims": d if n_pcs is None else min(n_pcs, d),
+        "position_sd": float(y.std()),
+        "selection": "nested" if nested else "pooled",
+        "note": "",
+    }
     if n_folds < 2:
-        return out | dict.fromkeys(("r2", "sd", "lo", "hi", "chance", "chance_sd", "chance_lo", "chance_hi", "rmse",
-                                    "pos_var_share", "pos_var_share_sd", "pos_var_share_lo", "pos_var_share_hi",
-                                    "pos_var_share_chance", "pos_var_share_chance_sd"), nan) | {
-            "alphas": [], "note": "one group: nothing to hold out (pass branches as groups)"}
+        return (
+            out
+            | dict.fromkeys(
+                (
+                    "r2",
+                    "sd",
+                    "lo",
+                    "hi",
+                    "chance",
+                    "chance_sd",
+                    "chance_lo",
+                    "chance_hi",
+                    "rmse",
+                    "pos_var_share",
+                    "pos_var_share_sd",
+                    "pos_var_share_lo",
+                    "pos_var_share_hi",
+                    "pos_var_share_chance",
+                    "pos_var_share_chance_sd",
+                ),
+                nan,
+            )
+            | {"alphas": [], "note": "one group: nothing to hold out (pass branches as groups)"}
+        )
     fold = _assign_folds(groups, n_folds, rng)
     shuffle = WithinShuffler(groups)
     Y = np.column_stack([y] + [shuffle(y, rng) for _ in range(n_permutations)])  # (n, 1 + P)
@@ -174,11 +222,17 @@ def position_probe(
     c_mean, c_sd = (float(chance.mean()), float(chance.std())) if len(chance) else (nan, nan)
     s_mean, s_sd = (float(share[1:].mean()), float(share[1:].std())) if len(chance) else (nan, nan)
     return out | {
-        "r2": float(r2[0]), **_band("", boot, r2[0], n_units=m),
-        "chance": c_mean, "chance_sd": c_sd, "chance_lo": c_mean - 1.96 * c_sd, "chance_hi": c_mean + 1.96 * c_sd,
+        "r2": float(r2[0]),
+        **_band("", boot, r2[0], n_units=m),
+        "chance": c_mean,
+        "chance_sd": c_sd,
+        "chance_lo": c_mean - 1.96 * c_sd,
+        "chance_hi": c_mean + 1.96 * c_sd,
         "rmse": float(np.sqrt(((y - pred[:, 0]) ** 2).mean())),
-        "pos_var_share": float(share[0]), **_band("pos_var_share", share_boot, share[0], floor=0.0, n_units=m),
-        "pos_var_share_chance": s_mean, "pos_var_share_chance_sd": s_sd,
+        "pos_var_share": float(share[0]),
+        **_band("pos_var_share", share_boot, share[0], floor=0.0, n_units=m),
+        "pos_var_share_chance": s_mean,
+        "pos_var_share_chance_sd": s_sd,
         "alphas": [float(alpha_grid[bf[0]]) for bf in best],
     }
 
@@ -193,12 +247,15 @@ def _boot_r2(y: np.ndarray, pred: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """R2 of pred against y under each row of resampling counts (B, n)."""
     tot = counts.sum(axis=1)
     ybar = counts @ y / tot
-    ss_tot = counts @ (y ** 2) - tot * ybar ** 2
+    ss_tot = counts @ (y**2) - tot * ybar**2
     return 1 - counts @ ((y - pred) ** 2) / np.where(ss_tot > 0, ss_tot, np.nan)
 
 
 def _position_var_share(
-    Xc: np.ndarray, pred: np.ndarray, onehot: sparse.csr_matrix, counts: np.ndarray,
+    Xc: np.ndarray,
+    pred: np.ndarray,
+    onehot: sparse.csr_matrix,
+    counts: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Share of the total variance of centred Xc (n, d) that is per-position-mean variance along each
     prediction's pattern direction u ~ Cov(X, pred) (Haufe et al. 2014): one value per pred column (m,),
@@ -212,10 +269,10 @@ def _position_var_share(
     S = (Xc @ u.astype(np.float32)).astype(np.float64)  # (n, m) scores along each pattern
     sq = _sq_norms(Xc)
     ss_x = sq.sum()
-    share = _between_share(S, onehot, np.ones((1, len(Xc))))[0] * (S ** 2).sum(axis=0) / ss_x
+    share = _between_share(S, onehot, np.ones((1, len(Xc))))[0] * (S**2).sum(axis=0) / ss_x
     s0 = S[:, 0]
     tot = counts.sum(axis=1)
-    var0 = counts @ s0 ** 2 / tot - (counts @ s0 / tot) ** 2  # (B,)
+    var0 = counts @ s0**2 / tot - (counts @ s0 / tot) ** 2  # (B,)
     boot = _between_share(S[:, :1], onehot, counts)[:, 0] * var0 / (counts @ sq / tot)
     return share, boot
 
@@ -252,7 +309,9 @@ def _onehot(labels: np.ndarray) -> sparse.csr_matrix:
 
     _, code = np.unique(labels, return_inverse=True)
     code = code.ravel()
-    return sparse.csr_matrix((np.ones(len(code)), (np.arange(len(code)), code)), shape=(len(code), int(code.max()) + 1))
+    return sparse.csr_matrix(
+        (np.ones(len(code)), (np.arange(len(code)), code)), shape=(len(code), int(code.max()) + 1)
+    )
 
 
 def _between_share(scores: np.ndarray, onehot: sparse.csr_matrix, weights: np.ndarray) -> np.ndarray:
@@ -265,15 +324,20 @@ def _between_share(scores: np.ndarray, onehot: sparse.csr_matrix, weights: np.nd
         s = scores[:, j]
         sums = np.asarray(onehot.T @ (weights * s).T).T  # (B, G)
         mean = weights @ s / tot
-        sst = weights @ s ** 2 - tot * mean ** 2
-        ssb = (sums ** 2 / np.where(cnt > 0, cnt, 1)).sum(axis=1) - tot * mean ** 2
+        sst = weights @ s**2 - tot * mean**2
+        ssb = (sums**2 / np.where(cnt > 0, cnt, 1)).sum(axis=1) - tot * mean**2
         out[:, j] = ssb / np.where(sst > 0, sst, np.nan)
     return out
 
 
 def pc_position_share(
-    X: np.ndarray, position: np.ndarray, n_components: int = 5, groups: np.ndarray | None = None,
-    n_shuffles: int = 20, n_boot: int = 200, seed: int = 0,
+    X: np.ndarray,
+    position: np.ndarray,
+    n_components: int = 5,
+    groups: np.ndarray | None = None,
+    n_shuffles: int = 20,
+    n_boot: int = 200,
+    seed: int = 0,
 ) -> list[dict[str, float | int]]:
     """For each top principal component: its share of the total variance, and how much of its own
     variance the per-position means of its score explain (R2 of the score on position).
@@ -306,7 +370,7 @@ def pc_position_share(
     counts = resample.counts(n_boot, n, rng)
     boot_r2 = _between_share(scores, onehot, counts)  # (B, k)
     tot = counts.sum(axis=1)[:, None]
-    boot_var = counts @ scores ** 2 / tot - (counts @ scores / tot) ** 2  # (B, k) variance along each axis
+    boot_var = counts @ scores**2 / tot - (counts @ scores / tot) ** 2  # (B, k) variance along each axis
     # total variance about the full-sample mean: the resample's own mean is ~1/n closer, not worth an (B, d) pass
     boot_share = boot_var / (counts @ sq)[:, None] * tot
     from scipy import stats
@@ -315,32 +379,41 @@ def pc_position_share(
     within = None
     if groups is not None and n_shuffles > 0:
         shuffle = WithinShuffler(groups)
-        within = np.concatenate([_between_share(scores, _onehot(shuffle(position, rng)), ones)
-                                 for _ in range(n_shuffles)])  # (S, k)
+        within = np.concatenate(
+            [_between_share(scores, _onehot(shuffle(position, rng)), ones) for _ in range(n_shuffles)]
+        )  # (S, k)
     out = []
     for j in range(k):
         row = {
-            "component": j + 1, "var_share": float(lam[j] / total_var),
+            "component": j + 1,
+            "var_share": float(lam[j] / total_var),
             **_band("var_share", boot_share[:, j], lam[j] / total_var, floor=0.0),
             "var_share_chance": float(lam_null[j] / total_var),
-            "pos_r2": float(r2[j]), **_band("", boot_r2[:, j], r2[j], floor=0.0),
+            "pos_r2": float(r2[j]),
+            **_band("", boot_r2[:, j], r2[j], floor=0.0),
             "adjusted": float(1 - (1 - r2[j]) * (n - 1) / (n - T)) if n > T else float("nan"),
             "chance": (T - 1) / (n - 1) if n > 1 else float("nan"),
             "chance_sd": float(null.std()) if null else float("nan"),
             "chance_lo": float(null.ppf(0.025)) if null else float("nan"),
             "chance_hi": float(null.ppf(0.975)) if null else float("nan"),
-            "n": n, "n_positions": T,
+            "n": n,
+            "n_positions": T,
         }
         if within is not None:
             m, sd = float(within[:, j].mean()), float(within[:, j].std())
-            row |= {"chance_within": m, "chance_within_sd": sd,
-                    "chance_within_lo": m - 1.96 * sd, "chance_within_hi": m + 1.96 * sd}
+            row |= {
+                "chance_within": m,
+                "chance_within_sd": sd,
+                "chance_within_lo": m - 1.96 * sd,
+                "chance_within_hi": m + 1.96 * sd,
+            }
         out.append(row)
     return out
 
 
-def _band(prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.inf,
-          n_units: int = 0) -> dict[str, float]:
+def _band(
+    prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.inf, n_units: int = 0
+) -> dict[str, float]:
     """{prefix_sd, prefix_lo, prefix_hi} (sd, lo, hi when prefix is empty): bootstrap sd and the 95%
     percentile interval moved to centre on the estimate. Resampled tokens come with duplicates, which
     inflate per-group statistics such as a per-position R2; the shift takes that bias out of the band
@@ -358,8 +431,14 @@ def _band(prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.in
 
 
 def token_identity_leak(
-    X: np.ndarray, token_id: np.ndarray, groups: np.ndarray, k: int = 10, n_queries: int | None = 1000,
-    n_boot: int = 200, seed: int = 0, units: np.ndarray | None = None,
+    X: np.ndarray,
+    token_id: np.ndarray,
+    groups: np.ndarray,
+    k: int = 10,
+    n_queries: int | None = 1000,
+    n_boot: int = 200,
+    seed: int = 0,
+    units: np.ndarray | None = None,
 ) -> dict[str, float | int]:
     """Share of a token's k nearest neighbours from other groups (branches) that are the same token id.
 
@@ -374,7 +453,11 @@ def token_identity_leak(
     groups = np.asarray(groups)
     rng = np.random.default_rng(seed)
     n = len(token_id)
-    queries = np.arange(n) if n_queries is None or n <= n_queries else np.sort(rng.choice(n, n_queries, replace=False))
+    queries = (
+        np.arange(n)
+        if n_queries is None or n <= n_queries
+        else np.sort(rng.choice(n, n_queries, replace=False))
+    )
     nbrs = knn_other_groups(X, groups, queries, k)  # (q, k), -1 pads
     valid = nbrs >= 0
     same = (token_id[np.where(valid, nbrs, 0)] == token_id[queries, None]) & valid
@@ -394,19 +477,37 @@ def token_identity_leak(
         # about the estimates, widened: the neighbours are drawn from the same prompts
         m = resample.n_units(q_units)
         leak, ch = float(observed.mean()), float(chance.mean())
-        b, c, e = (resample.widened_band(v, est, m) for v, est in ((bo, leak), (bc, ch), (bo - bc, leak - ch)))
+        b, c, e = (
+            resample.widened_band(v, est, m) for v, est in ((bo, leak), (bc, ch), (bo - bc, leak - ch))
+        )
         return {
-            "leak": leak, "sd": b["sd"], "lo": b["lo"], "hi": b["hi"],
-            "chance": ch, "chance_lo": c["lo"], "chance_hi": c["hi"],
-            "excess": leak - ch, "excess_lo": e["lo"], "excess_hi": e["hi"],
-            "k": k, "n_queries": int(has.sum()),
+            "leak": leak,
+            "sd": b["sd"],
+            "lo": b["lo"],
+            "hi": b["hi"],
+            "chance": ch,
+            "chance_lo": c["lo"],
+            "chance_hi": c["hi"],
+            "excess": leak - ch,
+            "excess_lo": e["lo"],
+            "excess_hi": e["hi"],
+            "k": k,
+            "n_queries": int(has.sum()),
         }
     (lo, hi), (c_lo, c_hi), (e_lo, e_hi) = (np.quantile(v, [0.025, 0.975]) for v in (bo, bc, bo - bc))
     return {
-        "leak": float(observed.mean()), "sd": float(bo.std()), "lo": float(lo), "hi": float(hi),
-        "chance": float(chance.mean()), "chance_lo": float(c_lo), "chance_hi": float(c_hi),
-        "excess": float(observed.mean() - chance.mean()), "excess_lo": float(e_lo), "excess_hi": float(e_hi),
-        "k": k, "n_queries": int(has.sum()),
+        "leak": float(observed.mean()),
+        "sd": float(bo.std()),
+        "lo": float(lo),
+        "hi": float(hi),
+        "chance": float(chance.mean()),
+        "chance_lo": float(c_lo),
+        "chance_hi": float(c_hi),
+        "excess": float(observed.mean() - chance.mean()),
+        "excess_lo": float(e_lo),
+        "excess_hi": float(e_hi),
+        "k": k,
+        "n_queries": int(has.sum()),
     }
 
 
@@ -415,7 +516,9 @@ def _same_id_share_elsewhere(token_id: np.ndarray, groups: np.ndarray) -> np.nda
     _, id_code, id_count = np.unique(token_id, return_inverse=True, return_counts=True)
     _, g_code, g_count = np.unique(groups, return_inverse=True, return_counts=True)
     id_code, g_code = id_code.ravel(), g_code.ravel()
-    _, pair_code, pair_count = np.unique(id_code * (g_code.max() + 1) + g_code, return_inverse=True, return_counts=True)
+    _, pair_code, pair_count = np.unique(
+        id_code * (g_code.max() + 1) + g_code, return_inverse=True, return_counts=True
+    )
     same_elsewhere = id_count[id_code] - pair_count[pair_code.ravel()]
     others = len(token_id) - g_count[g_code]
     return np.where(others > 0, same_elsewhere / np.maximum(others, 1), np.nan)

@@ -80,8 +80,9 @@ def pca_reduce(X: np.ndarray, n_components: int, seed: int | None = 0) -> np.nda
     return PCA(k, svd_solver="randomized", random_state=seed).fit_transform(X).astype(np.float32)
 
 
-def project(X: np.ndarray, spec: ProjectionSpec | None = None,
-            pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def project(
+    X: np.ndarray, spec: ProjectionSpec | None = None, pca: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """Coordinates (n, n_components) of the rows of X. pca: unit_pca_fit(X, m, spec) for some m >=
     spec.pca_dims, when the caller has it (UMAP's pre-reduction then uses its first pca_dims axes)."""
     spec = spec or ProjectionSpec()
@@ -113,7 +114,9 @@ def _spread(X: np.ndarray) -> tuple[float, float]:
         return total / n, (total + n * float(mean @ mean)) / X.size
 
 
-def _umap(X: np.ndarray, spec: ProjectionSpec, pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def _umap(
+    X: np.ndarray, spec: ProjectionSpec, pca: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     Y = _prepared(X, spec, pca=pca)
     if len(Y) <= LANDMARK_ABOVE:
         return umap_layout(Y, spec)
@@ -123,7 +126,9 @@ def _umap(X: np.ndarray, spec: ProjectionSpec, pca: tuple[np.ndarray, np.ndarray
 PCA_SAMPLE = 50_000  # rows UMAP's pre-reduction is fitted on (a seeded sample when there are more)
 
 
-def unit_pca_fit(X: np.ndarray, n_components: int, spec: ProjectionSpec) -> tuple[np.ndarray, np.ndarray] | None:
+def unit_pca_fit(
+    X: np.ndarray, n_components: int, spec: ProjectionSpec
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The PCA fit (mean (d,), components (d, k)) of UMAP's pre-reduction of X (n, d), with n_components
     axes: of the rows' unit vectors with a cosine metric, on a seeded sample of PCA_SAMPLE rows when there
     are more. None where the pre-reduction is no covariance PCA (pca_dims off, or sklearn's for d > 4096
@@ -144,8 +149,9 @@ def _unit_in_place(X: np.ndarray) -> np.ndarray:
     return X
 
 
-def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536,
-              pca: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+def _prepared(
+    X: np.ndarray, spec: ProjectionSpec, block: int = 65536, pca: tuple[np.ndarray, np.ndarray] | None = None
+) -> np.ndarray:
     """What UMAP lays out: X (n, d) as unit vectors when the metric is cosine (cosine neighbours = Euclidean
     neighbours of unit vectors), reduced to pca_dims by PCA (unit_pca_fit, or `pca` when given). The unit
     vectors are made one block at a time, never all at once (a 1M x 640 copy is 2.6 GB). Returns
@@ -156,14 +162,14 @@ def _prepared(X: np.ndarray, spec: ProjectionSpec, block: int = 65536,
         if unit:
             X = X / row_norms(X)
         return pca_reduce(X, spec.pca_dims, spec.seed) if 0 < spec.pca_dims < X.shape[1] else X
-    mean, comps = fit[0], fit[1][:, :spec.pca_dims]
+    mean, comps = fit[0], fit[1][:, : spec.pca_dims]
     shift = mean @ comps
     Y = np.empty((len(X), comps.shape[1]), np.float32)
     for s in range(0, len(X), block):
-        out = Y[s:s + block]
-        np.matmul(X[s:s + block], comps, out=out)
+        out = Y[s : s + block]
+        np.matmul(X[s : s + block], comps, out=out)
         if unit:  # unit(x) @ C = (x @ C) / |x|: no unit copy of the rows
-            out /= row_norms(X[s:s + block])
+            out /= row_norms(X[s : s + block])
         out -= shift
     return Y
 
@@ -179,8 +185,10 @@ def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LAND
     coords[chosen] = umap_layout(index.base, spec, index)
     others = np.setdiff1d(np.arange(n), chosen, assume_unique=True)
     for s in range(0, len(others), 65536):  # bounded temporaries at 1M points
-        rows = others[s:s + 65536]
-        idx, dist = index.search(Y[rows], PLACE_NEIGHBOURS, PLACE_EXPANSION)  # (b, m) landmark indices, distances
+        rows = others[s : s + 65536]
+        idx, dist = index.search(
+            Y[rows], PLACE_NEIGHBOURS, PLACE_EXPANSION
+        )  # (b, m) landmark indices, distances
         spread = np.maximum(dist.mean(axis=1, keepdims=True) - dist[:, :1], 1e-12)
         w = np.exp(-(dist - dist[:, :1]) / spread)  # (b, m)
         coords[rows] = np.einsum("bm,bmc->bc", w, coords[chosen][idx]) / w.sum(axis=1, keepdims=True)
@@ -192,8 +200,15 @@ def umap_layout(Y: np.ndarray, spec: ProjectionSpec, index: Index | None = None)
     index: an Index of Y already built."""
     n = len(Y)
     idx, dist = knn_graph(Y, int(min(spec.n_neighbors, n - 1)), index)
-    return jit.umap_fit(Y, idx, dist, n_components=spec.n_components, min_dist=spec.min_dist,
-                        n_epochs=spec.epochs_for(n), seed=spec.seed)
+    return jit.umap_fit(
+        Y,
+        idx,
+        dist,
+        n_components=spec.n_components,
+        min_dist=spec.min_dist,
+        n_epochs=spec.epochs_for(n),
+        seed=spec.seed,
+    )
 
 
 def _pad(coords: np.ndarray, n_components: int) -> np.ndarray:

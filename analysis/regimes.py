@@ -43,22 +43,27 @@ class Regime:
 
     def __post_init__(self) -> None:
         if self.position not in POSITION_KINDS:
-            raise ValueError(f"unknown position kind {self.position!r}; choose one of {', '.join(POSITION_KINDS)}")
+            raise ValueError(
+                f"unknown position kind {self.position!r}; choose one of {', '.join(POSITION_KINDS)}"
+            )
         if self.n_prompts < 1 or self.branches < 1 or self.length < 8 or self.d < 2:
             raise ValueError("a regime needs >= 1 prompt, >= 1 branch, length >= 8 and d >= 2")
 
 
-REGIMES = {r.name: r for r in (
-    Regime("no_position", position="none", pos_scale=0.0, token_scale=0.5),
-    Regime("helix", position="helix", pos_scale=1.5, token_scale=0.5),
-    Regime("weak_linear", position="linear", pos_scale=0.25, token_scale=1.0, content_scale=1.0),
-    Regime("token_only", position="none", pos_scale=0.0, token_scale=1.5),
-    Regime("random_table", position="random", pos_scale=0.5, token_scale=1.0),
-    Regime("one_prompt_3", position="helix", pos_scale=1.5, n_prompts=1, branches=3),
-    Regime("one_prompt_5", position="helix", pos_scale=1.5, n_prompts=1, branches=5),
-    Regime("one_prompt_3_none", position="none", pos_scale=0.0, n_prompts=1, branches=3),
-    Regime("one_prompt_5_none", position="none", pos_scale=0.0, n_prompts=1, branches=5),
-)}
+REGIMES = {
+    r.name: r
+    for r in (
+        Regime("no_position", position="none", pos_scale=0.0, token_scale=0.5),
+        Regime("helix", position="helix", pos_scale=1.5, token_scale=0.5),
+        Regime("weak_linear", position="linear", pos_scale=0.25, token_scale=1.0, content_scale=1.0),
+        Regime("token_only", position="none", pos_scale=0.0, token_scale=1.5),
+        Regime("random_table", position="random", pos_scale=0.5, token_scale=1.0),
+        Regime("one_prompt_3", position="helix", pos_scale=1.5, n_prompts=1, branches=3),
+        Regime("one_prompt_5", position="helix", pos_scale=1.5, n_prompts=1, branches=5),
+        Regime("one_prompt_3_none", position="none", pos_scale=0.0, n_prompts=1, branches=3),
+        Regime("one_prompt_5_none", position="none", pos_scale=0.0, n_prompts=1, branches=5),
+    )
+}
 
 
 def position_table(kind: str, positions: int, d: int, scale: float, model_seed: int = 0) -> np.ndarray:
@@ -70,8 +75,16 @@ def position_table(kind: str, positions: int, d: int, scale: float, model_seed: 
     if kind == "none" or scale == 0:
         return np.zeros((positions, d))
     if kind == "helix":
-        F = np.stack([np.cos(2 * np.pi * t / 70), np.sin(2 * np.pi * t / 70),
-                      np.cos(2 * np.pi * t / 19), np.sin(2 * np.pi * t / 19), np.log1p(t) - np.log1p(t).mean()], 1)
+        F = np.stack(
+            [
+                np.cos(2 * np.pi * t / 70),
+                np.sin(2 * np.pi * t / 70),
+                np.cos(2 * np.pi * t / 19),
+                np.sin(2 * np.pi * t / 19),
+                np.log1p(t) - np.log1p(t).mean(),
+            ],
+            1,
+        )
         table = F @ rng.normal(size=(F.shape[1], d))
     elif kind == "linear":
         u = rng.normal(size=d)
@@ -112,12 +125,22 @@ def generate(regime: Regime | str, seed: int = 0, model_seed: int = 0, **overrid
     zipf = 1.0 / (np.arange(r.vocab - 1) + 2.7) ** 1.07
     zipf /= zipf.sum()
     sink = model.normal(size=r.d)
-    sink *= 20 * np.sqrt(r.d) * (r.pos_scale + r.token_scale + r.content_scale + r.noise) / np.linalg.norm(sink)
+    sink *= (
+        20 * np.sqrt(r.d) * (r.pos_scale + r.token_scale + r.content_scale + r.noise) / np.linalg.norm(sink)
+    )
     last = r.prompt_len + r.length - 1
     table = position_table(r.position, last + 1, r.d, r.pos_scale, model_seed)
     innov = np.sqrt(1 - r.rho**2)
 
-    rows_pos, rows_branch, rows_prompt, rows_tok, rows_state, rows_parent, rows_depth = [], [], [], [], [], [], []
+    rows_pos, rows_branch, rows_prompt, rows_tok, rows_state, rows_parent, rows_depth = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
 
     def walk(start_state: np.ndarray, n: int) -> np.ndarray:
         out = np.empty((n, r.d))
@@ -132,7 +155,10 @@ def generate(regime: Regime | str, seed: int = 0, model_seed: int = 0, **overrid
         if r.bos:
             ids[positions == 0] = 0
         rows_pos.append(positions), rows_tok.append(ids), rows_state.append(states)
-        rows_branch.append(np.full(len(positions), branch)), rows_prompt.append(np.full(len(positions), prompt))
+        (
+            rows_branch.append(np.full(len(positions), branch)),
+            rows_prompt.append(np.full(len(positions), prompt)),
+        )
         rows_parent.append(np.full(len(positions), parent)), rows_depth.append(np.full(len(positions), depth))
 
     stride = r.branches + 1
@@ -170,7 +196,16 @@ def generate(regime: Regime | str, seed: int = 0, model_seed: int = 0, **overrid
             parts[k][is_sink] = 0.0
         parts["sink"] = np.where(is_sink[:, None], sink, 0.0)
         X[is_sink] = sink
-    tokens = TokenSet(X.astype(np.float32), position, np.concatenate(rows_branch), np.concatenate(rows_prompt),
-                      {"token_id": ids, "parent": np.concatenate(rows_parent), "depth": np.concatenate(rows_depth),
-                       "is_sink": is_sink})
+    tokens = TokenSet(
+        X.astype(np.float32),
+        position,
+        np.concatenate(rows_branch),
+        np.concatenate(rows_prompt),
+        {
+            "token_id": ids,
+            "parent": np.concatenate(rows_parent),
+            "depth": np.concatenate(rows_depth),
+            "is_sink": is_sink,
+        },
+    )
     return RegimeRun(tokens, {k: v.astype(np.float32) for k, v in parts.items()}, regime, seed)

@@ -21,7 +21,9 @@ from analysis.groups import blocks, group_sums
 from analysis.nuisances import NUISANCES, Param, words
 
 RESIDUALIZERS: dict[str, type[Residualizer]] = {}
-BUILTIN_MODULES = ("analysis.estimators",)  # register auto, position, token, linear_erase (they import this module)
+BUILTIN_MODULES = (
+    "analysis.estimators",
+)  # register auto, position, token, linear_erase (they import this module)
 
 
 def registry() -> dict[str, type[Residualizer]]:
@@ -47,20 +49,57 @@ def register(cls: type[Residualizer]) -> type[Residualizer]:
 COMMON = (
     Param("center", True, "Centre", "Subtract the reference's mean first.", "bool", ui=False),
     Param("l2", False, "Unit rows", "Scale each latent to unit length first.", "bool", ui=False),
-    Param("standardize", False, "Standardize dimensions",
-          "Divide each dimension by its spread on the reference (against a few rogue dimensions).", "bool"),
-    Param("crossfit", True, "Cross-fit",
-          "Methods that fit per fold: the estimate removed from a token never saw that token's prompt "
-          "(its branch, with one prompt).", "bool"),
-    Param("folds", 5, "Folds", "Folds of prompts (branches, with one prompt) for the tests and cross-fits.",
-          "int", 2, 20, ui=False),
-    Param("gate", True, "Remove only what is detected",
-          "Off (Force removal): remove the estimate whole even when the test finds no component.", "bool"),
+    Param(
+        "standardize",
+        False,
+        "Standardize dimensions",
+        "Divide each dimension by its spread on the reference (against a few rogue dimensions).",
+        "bool",
+    ),
+    Param(
+        "crossfit",
+        True,
+        "Cross-fit",
+        "Methods that fit per fold: the estimate removed from a token never saw that token's prompt "
+        "(its branch, with one prompt).",
+        "bool",
+    ),
+    Param(
+        "folds",
+        5,
+        "Folds",
+        "Folds of prompts (branches, with one prompt) for the tests and cross-fits.",
+        "int",
+        2,
+        20,
+        ui=False,
+    ),
+    Param(
+        "gate",
+        True,
+        "Remove only what is detected",
+        "Off (Force removal): remove the estimate whole even when the test finds no component.",
+        "bool",
+    ),
     Param("alpha", 0.05, "Test level", "The detection tests' level.", "float", 0.001, 0.5, ui=False),
-    Param("n_perm", 19, "Permutations", "Permutations behind each test's p-value (smallest p = 1 / (n + 1)).",
-          "int", 1, 999, ui=False),
-    Param("within_branch", True, "Net of branch content",
-          "Estimate the nuisance net of each branch's mean (its content).", "bool", ui=False),
+    Param(
+        "n_perm",
+        19,
+        "Permutations",
+        "Permutations behind each test's p-value (smallest p = 1 / (n + 1)).",
+        "int",
+        1,
+        999,
+        ui=False,
+    ),
+    Param(
+        "within_branch",
+        True,
+        "Net of branch content",
+        "Estimate the nuisance net of each branch's mean (its content).",
+        "bool",
+        ui=False,
+    ),
 )
 _COMMON_NAMES = tuple(p.name for p in COMMON)
 
@@ -87,14 +126,35 @@ class ResidualSpec:
     within_branch: bool
     params: tuple[tuple[str, Any], ...]
 
-    def __init__(self, method: str = "auto", center: bool = True, l2: bool = False, standardize: bool = False,
-                 crossfit: bool = True, folds: int = 5, gate: bool = True, alpha: float = 0.05, n_perm: int = 19,
-                 within_branch: bool = True, params: tuple | dict = (), **method_params: Any):
+    def __init__(
+        self,
+        method: str = "auto",
+        center: bool = True,
+        l2: bool = False,
+        standardize: bool = False,
+        crossfit: bool = True,
+        folds: int = 5,
+        gate: bool = True,
+        alpha: float = 0.05,
+        n_perm: int = 19,
+        within_branch: bool = True,
+        params: tuple | dict = (),
+        **method_params: Any,
+    ):
         if method not in registry():
             raise ValueError(f"unknown residualizer {method!r}; choose one of {', '.join(RESIDUALIZERS)}")
         cls = RESIDUALIZERS[method]
-        common = dict(center=center, l2=l2, standardize=standardize, crossfit=crossfit, folds=folds, gate=gate,
-                      alpha=alpha, n_perm=n_perm, within_branch=within_branch)
+        common = dict(
+            center=center,
+            l2=l2,
+            standardize=standardize,
+            crossfit=crossfit,
+            folds=folds,
+            gate=gate,
+            alpha=alpha,
+            n_perm=n_perm,
+            within_branch=within_branch,
+        )
         for p in COMMON:
             p.check(common[p.name], cls.label)
         declared = {p.name: p for p in cls.params}
@@ -116,10 +176,16 @@ class ResidualSpec:
         for key, value in object.__getattribute__(self, "params"):
             if key == name:
                 return value
-        raise AttributeError(f"{type(self).__name__} of {object.__getattribute__(self, 'method')!r} has no {name!r}")
+        raise AttributeError(
+            f"{type(self).__name__} of {object.__getattribute__(self, 'method')!r} has no {name!r}"
+        )
 
     def to_dict(self) -> dict:
-        return {"method": self.method, **{n: getattr(self, n) for n in _COMMON_NAMES}, "params": dict(self.params)}
+        return {
+            "method": self.method,
+            **{n: getattr(self, n) for n in _COMMON_NAMES},
+            "params": dict(self.params),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ResidualSpec:
@@ -131,7 +197,9 @@ class ResidualSpec:
 
     def with_method(self, method: str, **params: Any) -> ResidualSpec:
         """The same shared settings with another method (its parameters: these, else carried, else defaults)."""
-        return ResidualSpec(method, **{n: getattr(self, n) for n in _COMMON_NAMES}, params=self.params, **params)
+        return ResidualSpec(
+            method, **{n: getattr(self, n) for n in _COMMON_NAMES}, params=self.params, **params
+        )
 
     def with_params(self, **params: Any) -> ResidualSpec:
         """The same spec with some of its method's parameters changed."""
@@ -242,8 +310,15 @@ class Residualizer:
         """The spec to run when only `detected` of the nuisances it removes were found (at least one)."""
         return spec
 
-    def fit(self, X: np.ndarray, position: np.ndarray | None = None, token: np.ndarray | None = None,
-            branch: np.ndarray | None = None, scale: bool = True, **columns: np.ndarray) -> Residualizer:
+    def fit(
+        self,
+        X: np.ndarray,
+        position: np.ndarray | None = None,
+        token: np.ndarray | None = None,
+        branch: np.ndarray | None = None,
+        scale: bool = True,
+        **columns: np.ndarray,
+    ) -> Residualizer:
         """Fit on X (n, d); with scale=False, X is taken as already scaled (cross-fitting scales once).
 
         With `branch` (and spec.within_branch), the nuisance is estimated net of each branch's mean: the
@@ -263,14 +338,25 @@ class Residualizer:
         self.fit_cov(X, cov)
         return self
 
-    def component(self, X: np.ndarray, position: np.ndarray | None = None, token: np.ndarray | None = None,
-                  **columns: np.ndarray) -> np.ndarray:
+    def component(
+        self,
+        X: np.ndarray,
+        position: np.ndarray | None = None,
+        token: np.ndarray | None = None,
+        **columns: np.ndarray,
+    ) -> np.ndarray:
         """(n, d): what this method removes from already scaled X."""
         X, cov = self._check(X, dict(position=position, token=token, **columns))
         return self.component_of(X, cov)
 
-    def transform(self, X: np.ndarray, position: np.ndarray | None = None, token: np.ndarray | None = None,
-                  weight: float = 1.0, **columns: np.ndarray) -> np.ndarray:
+    def transform(
+        self,
+        X: np.ndarray,
+        position: np.ndarray | None = None,
+        token: np.ndarray | None = None,
+        weight: float = 1.0,
+        **columns: np.ndarray,
+    ) -> np.ndarray:
         """Scaled X minus `weight` times the fitted component."""
         X, cov = self._check(X, dict(position=position, token=token, **columns))
         Z = self.scaler.transform(X)
@@ -278,8 +364,13 @@ class Residualizer:
             return Z
         return (Z - weight * self.component_of(Z, cov)).astype(np.float32)
 
-    def fit_transform(self, X: np.ndarray, position: np.ndarray | None = None,
-                      token: np.ndarray | None = None, **columns: np.ndarray) -> np.ndarray:
+    def fit_transform(
+        self,
+        X: np.ndarray,
+        position: np.ndarray | None = None,
+        token: np.ndarray | None = None,
+        **columns: np.ndarray,
+    ) -> np.ndarray:
         return self.fit(X, position, token, **columns).transform(X, position, token, **columns)
 
     def fit_cov(self, X: np.ndarray, cov: dict[str, np.ndarray]) -> None:
@@ -333,8 +424,9 @@ class LabelStats:
         return LabelStats(self.labels[keep], sums[keep], counts[keep], self.sq - other.sq, self.n - other.n)
 
 
-def branch_offsets(model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray], branch: np.ndarray,
-                    sweeps: int = 2) -> np.ndarray:
+def branch_offsets(
+    model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray], branch: np.ndarray, sweeps: int = 2
+) -> np.ndarray:
     """(n, d) per-token offset a_branch of the backfitted model x = a_branch + m(cov) + e, with the a's
     weighted mean zero (so the nuisance keeps the overall level). A projection backfits with
     per-position means, then finds its directions in what is left."""
@@ -411,16 +503,29 @@ class _Smooth:
 
 
 SMOOTH_PARAMS = (
-    Param("basis", "spline", "Smooth basis", "The smooth curve of position: B-spline, Legendre polynomial or sinusoids.",
-          "choice", choices=BASES),
+    Param(
+        "basis",
+        "spline",
+        "Smooth basis",
+        "The smooth curve of position: B-spline, Legendre polynomial or sinusoids.",
+        "choice",
+        choices=BASES,
+    ),
     Param("n_knots", 12, "Spline knots", "Knots of the spline basis (fewer: smoother).", "int", 2, 40),
     Param("degree", 3, "Degree", "Degree of the spline or polynomial basis.", "int", 1, 6),
     Param("n_freq", 4, "Frequencies", "Sine/cosine pairs of the sinusoid basis.", "int", 1, 16, ui=False),
 )
-SHRINK = Param("shrink", None, "Shrink (pseudo-count)",
-               "Group means are pulled toward their prior (the smooth fit, or the grand mean) by this many "
-               "tokens' worth; estimated from the data (empirical Bayes) when automatic.",
-               "float", 0.0, 1e6, auto="estimated from the data")
+SHRINK = Param(
+    "shrink",
+    None,
+    "Shrink (pseudo-count)",
+    "Group means are pulled toward their prior (the smooth fit, or the grand mean) by this many "
+    "tokens' worth; estimated from the data (empirical Bayes) when automatic.",
+    "float",
+    0.0,
+    1e6,
+    auto="estimated from the data",
+)
 
 
 def smooth_basis(spec: ResidualSpec) -> PositionBasis:
@@ -440,10 +545,12 @@ class PerPositionMean(_SmoothChecked):
 
     name = "per_position"
     label = "position: per-position mean"
-    help = ("Subtracts the mean latent at each position (shrunk toward a smooth curve where few tokens share "
-            "a position), cross-fitted over prompts. Cannot reach exact subtraction where the tokens at a "
-            "position vary a lot (token identity, content): that spread is noise shared by every token at the "
-            "position, and subtracting it is itself a position signal. Use `position` for the joint estimate.")
+    help = (
+        "Subtracts the mean latent at each position (shrunk toward a smooth curve where few tokens share "
+        "a position), cross-fitted over prompts. Cannot reach exact subtraction where the tokens at a "
+        "position vary a lot (token identity, content): that spread is noise shared by every token at the "
+        "position, and subtracting it is itself a position signal. Use `position` for the joint estimate."
+    )
     removes = ("position",)
     params = (*SMOOTH_PARAMS, SHRINK)
     sufficient = True
@@ -471,9 +578,11 @@ class PositionRegression(_SmoothChecked):
 
     name = "regression"
     label = "position: regression"
-    help = ("Subtracts a smooth curve of position (least squares on a spline, polynomial or sinusoid basis). "
-            "Cannot reach exact subtraction of a position table that is not smooth (learned position "
-            "embeddings often are not): the part between the curve and the table stays.")
+    help = (
+        "Subtracts a smooth curve of position (least squares on a spline, polynomial or sinusoid basis). "
+        "Cannot reach exact subtraction of a position table that is not smooth (learned position "
+        "embeddings often are not): the part between the curve and the table stays."
+    )
     removes = ("position",)
     params = SMOOTH_PARAMS
     sufficient = True
@@ -500,13 +609,25 @@ class PositionProjection(Residualizer):
 
     name = "projection"
     label = "position: project out top directions"
-    help = ("Projects out the k directions along which the per-position means vary most, content along them "
-            "included. Cannot reach exact subtraction: position outside those k directions stays, and the "
-            "content along them goes.")
+    help = (
+        "Projects out the k directions along which the per-position means vary most, content along them "
+        "included. Cannot reach exact subtraction: position outside those k directions stays, and the "
+        "content along them goes."
+    )
     removes = ("position",)
-    params = (Param("k", None, "Directions removed", "How many directions to project out; chosen where the "
-                    "out-of-fold R2 of rank-k per-position means stops rising when automatic.", "int", 1, 64,
-                    auto="chosen from the data"),)
+    params = (
+        Param(
+            "k",
+            None,
+            "Directions removed",
+            "How many directions to project out; chosen where the "
+            "out-of-fold R2 of rank-k per-position means stops rising when automatic.",
+            "int",
+            1,
+            64,
+            auto="chosen from the data",
+        ),
+    )
     additive = False
     sufficient = True
 
@@ -548,8 +669,10 @@ class PerTokenMean(Residualizer):
 
     name = "per_token"
     label = "token identity: per-token mean"
-    help = ("Subtracts the mean latent of each token id (shrunk toward the grand mean for rare ids), "
-            "cross-fitted: ids never seen in the other folds are left as they are.")
+    help = (
+        "Subtracts the mean latent of each token id (shrunk toward the grand mean for rare ids), "
+        "cross-fitted: ids never seen in the other folds are left as they are."
+    )
     removes = ("token",)
     params = (SHRINK,)
     sufficient = True
@@ -578,8 +701,10 @@ class PositionAndToken(_SmoothChecked):
 
     name = "position_token"
     label = "position + token identity (backfitted means)"
-    help = ("An additive fit of per-position and per-token means by backfitting, both subtracted; where the "
-            "test finds only one of them, that one alone is removed.")
+    help = (
+        "An additive fit of per-position and per-token means by backfitting, both subtracted; where the "
+        "test finds only one of them, that one alone is removed."
+    )
     removes = ("position", "token")
     params = (*SMOOTH_PARAMS, SHRINK)
     sweeps = 4
@@ -606,12 +731,14 @@ class PositionAndToken(_SmoothChecked):
         self.pos_, self.tok_ = pos_fit, tok_fit
 
     def component_of(self, X, cov):
-        return (self.grand_ + self.pos_.component_of(X, {"position": cov["position"]})
-                + self.tok_.component_of(X, {"token": cov["token"]}))
+        return (
+            self.grand_
+            + self.pos_.component_of(X, {"position": cov["position"]})
+            + self.tok_.component_of(X, {"token": cov["token"]})
+        )
 
 
 def make_residualizer(spec: ResidualSpec | None = None, **params) -> Residualizer:
     """The residualizer for a spec (or for keyword parameters, e.g. method='regression', basis='poly')."""
     spec = spec or ResidualSpec(**params)
     return RESIDUALIZERS[spec.method](spec)
-

@@ -13,19 +13,33 @@ from analysis.tokens import TokenSet
 def positional_curve(position: np.ndarray, d: int, scale: float, seed: int = 0) -> np.ndarray:
     """A smooth, low-rank curve in position: two helix turns and a slow log drift, embedded in d dims."""
     p = np.asarray(position, dtype=np.float64)
-    feats = np.stack([
-        np.cos(2 * np.pi * p / 80), np.sin(2 * np.pi * p / 80),
-        np.cos(2 * np.pi * p / 23), np.sin(2 * np.pi * p / 23),
-        np.log1p(p) / np.log(100.0),
-    ], axis=1)
+    feats = np.stack(
+        [
+            np.cos(2 * np.pi * p / 80),
+            np.sin(2 * np.pi * p / 80),
+            np.cos(2 * np.pi * p / 23),
+            np.sin(2 * np.pi * p / 23),
+            np.log1p(p) / np.log(100.0),
+        ],
+        axis=1,
+    )
     basis = np.random.default_rng(seed + 7919).normal(size=(feats.shape[1], d)) / np.sqrt(d)
     return scale * np.sqrt(d) * feats @ basis
 
 
 def branch_tree(
-    n_prompts: int = 4, branches_per_prompt: int = 10, prompt_len: int = 6, length: int = 80, d: int = 64,
-    pos_scale: float = 3.0, content_scale: float = 1.0, noise: float = 0.5, fork_share: float = 0.5,
-    sinks: bool = True, seed: int = 0, model_seed: int = 0,
+    n_prompts: int = 4,
+    branches_per_prompt: int = 10,
+    prompt_len: int = 6,
+    length: int = 80,
+    d: int = 64,
+    pos_scale: float = 3.0,
+    content_scale: float = 1.0,
+    noise: float = 0.5,
+    fork_share: float = 0.5,
+    sinks: bool = True,
+    seed: int = 0,
+    model_seed: int = 0,
 ) -> TokenSet:
     """Tokens of n_prompts trees stored the way a store holds them (each token once).
 
@@ -74,9 +88,16 @@ def branch_tree(
     X[is_sink] = sink_vec + rng.normal(size=(int(is_sink.sum()), d)) * noise
     branch = np.array([r[1] for r in rows])
     return TokenSet(
-        X.astype(np.float32), position, branch, np.array([r[2] for r in rows]),
-        {"pos_part": pos_part.astype(np.float32), "is_sink": is_sink,
-         "parent": np.array([parent_of[b] for b in branch]), "depth": np.array([depth_of[b] for b in branch])},
+        X.astype(np.float32),
+        position,
+        branch,
+        np.array([r[2] for r in rows]),
+        {
+            "pos_part": pos_part.astype(np.float32),
+            "is_sink": is_sink,
+            "parent": np.array([parent_of[b] for b in branch]),
+            "depth": np.array([depth_of[b] for b in branch]),
+        },
     )
 
 
@@ -106,21 +127,47 @@ class LayerMix:
     note: str = ""
 
     def typical_norm(self, d: int) -> float:
-        return math.sqrt(d * (self.token**2 + self.position**2 + self.branch**2 + self.prompt**2 + self.noise**2))
+        return math.sqrt(
+            d * (self.token**2 + self.position**2 + self.branch**2 + self.prompt**2 + self.noise**2)
+        )
 
 
 HELIX_LAYERS: tuple[LayerMix, ...] = (
-    LayerMix(token=1.0, noise=0.1,
-             note="token identity only: a fixed vector per token id plus a little noise; no position, no "
-                  "content (like a RoPE model's layer 0, the token embeddings)"),
-    LayerMix(token=1.0, position=3.0, branch=0.3, prompt=0.3, noise=0.4, sink=25.0,
-             note="a strong positional helix over token identity, weak branch and prompt content: one path "
-                  "ordered by position, the picture users complain about; after removal, token identity"),
-    LayerMix(token=0.4, position=3.5, branch=1.0, prompt=0.3, noise=0.4, sink=25.0,
-             note="the helix over strong branch content: raw still one path ordered by position (branches "
-                  "at most parallel strands along it); removing position reveals the branches"),
-    LayerMix(token=0.4, position=0.5, branch=1.2, prompt=2.0, noise=0.4, sink=25.0,
-             note="content dominated (prompt first, then branch), little position: removal changes little"),
+    LayerMix(
+        token=1.0,
+        noise=0.1,
+        note="token identity only: a fixed vector per token id plus a little noise; no position, no "
+        "content (like a RoPE model's layer 0, the token embeddings)",
+    ),
+    LayerMix(
+        token=1.0,
+        position=3.0,
+        branch=0.3,
+        prompt=0.3,
+        noise=0.4,
+        sink=25.0,
+        note="a strong positional helix over token identity, weak branch and prompt content: one path "
+        "ordered by position, the picture users complain about; after removal, token identity",
+    ),
+    LayerMix(
+        token=0.4,
+        position=3.5,
+        branch=1.0,
+        prompt=0.3,
+        noise=0.4,
+        sink=25.0,
+        note="the helix over strong branch content: raw still one path ordered by position (branches "
+        "at most parallel strands along it); removing position reveals the branches",
+    ),
+    LayerMix(
+        token=0.4,
+        position=0.5,
+        branch=1.2,
+        prompt=2.0,
+        noise=0.4,
+        sink=25.0,
+        note="content dominated (prompt first, then branch), little position: removal changes little",
+    ),
 )
 
 
@@ -175,19 +222,55 @@ class SyntheticRun:
         bs = self.all_branches()
         pos = np.concatenate([b.positions for b in bs])
         return TokenSet(
-            np.concatenate([b.latents[layer] for b in bs]), pos,
+            np.concatenate([b.latents[layer] for b in bs]),
+            pos,
             np.concatenate([np.full(len(b.token_ids), b.branch_id) for b in bs]),
             np.concatenate([np.full(len(b.token_ids), b.prompt_id) for b in bs]),
-            {"token_id": np.concatenate([b.token_ids for b in bs]),
-             "parent": np.concatenate([np.full(len(b.token_ids), -1 if b.parent_branch_id is None
-                                               else b.parent_branch_id) for b in bs]),
-             "depth": np.concatenate([np.full(len(b.token_ids), b.depth) for b in bs]),
-             "is_sink": (pos == 0) & (self.layers[layer].sink > 0)},
+            {
+                "token_id": np.concatenate([b.token_ids for b in bs]),
+                "parent": np.concatenate(
+                    [
+                        np.full(len(b.token_ids), -1 if b.parent_branch_id is None else b.parent_branch_id)
+                        for b in bs
+                    ]
+                ),
+                "depth": np.concatenate([np.full(len(b.token_ids), b.depth) for b in bs]),
+                "is_sink": (pos == 0) & (self.layers[layer].sink > 0),
+            },
         )
 
 
-_ONSETS = ["b", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gl", "h", "k", "l", "m", "n", "p", "pl", "r",
-           "s", "sh", "sk", "st", "t", "th", "tr", "v", "w", "z", ""]
+_ONSETS = [
+    "b",
+    "br",
+    "c",
+    "ch",
+    "d",
+    "dr",
+    "f",
+    "fl",
+    "g",
+    "gl",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "pl",
+    "r",
+    "s",
+    "sh",
+    "sk",
+    "st",
+    "t",
+    "th",
+    "tr",
+    "v",
+    "w",
+    "z",
+    "",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "y"]
 _CODAS = ["", "", "", "n", "r", "s", "l", "m", "th", "st", "nd", "k"]
 BOS_ID, EOS_ID = 0, 1  # the special tokens; words follow
@@ -209,7 +292,9 @@ def synthetic_vocab(size: int = 400, seed: int = 0) -> tuple[list[str], np.ndarr
     words: set[str] = set()
     while len(words) < size - 3:
         n_syl = int(rng.choice([1, 1, 2, 2, 2, 3]))
-        w = "".join(str(rng.choice(_ONSETS)) + str(rng.choice(_VOWELS)) for _ in range(n_syl)) + str(rng.choice(_CODAS))
+        w = "".join(str(rng.choice(_ONSETS)) + str(rng.choice(_VOWELS)) for _ in range(n_syl)) + str(
+            rng.choice(_CODAS)
+        )
         if 2 <= len(w) <= 10:
             words.add(" " + w)
     jitter = {w: rng.random() * 3 for w in sorted(words)}
@@ -236,8 +321,9 @@ class _Sampler:
         self.hazard = 1 - (1 - eos_rate) ** (1 / max(length, 1)) if eos_rate > 0 else 0.0
         self.rng = rng
 
-    def draw(self, n: int, exclude: int | None = None, first_tau: float | None = None,
-             eos_after: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
+    def draw(
+        self, n: int, exclude: int | None = None, first_tau: float | None = None, eos_after: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool, np.ndarray]:
         """n tokens: (ids, logprobs, entropies, ended_with_eos, taus). `exclude` is a token id the first
         draw may not take (a fork re-samples its first token without its parent's); EOS may end the
         sequence from index `eos_after` on (None: no EOS, as in a prompt)."""
@@ -276,9 +362,17 @@ class _Sampler:
 
 
 def helix_run(
-    n_prompts: int = 8, branches_per_prompt: int = 12, length: int = 96, d: int = 128,
-    layers: tuple[LayerMix, ...] = HELIX_LAYERS, seed: int = 0, model_seed: int = 0, vocab_size: int = 400,
-    prompt_words: tuple[int, int] = (5, 14), samples: int | None = None, min_child_tokens: int = 4,
+    n_prompts: int = 8,
+    branches_per_prompt: int = 12,
+    length: int = 96,
+    d: int = 128,
+    layers: tuple[LayerMix, ...] = HELIX_LAYERS,
+    seed: int = 0,
+    model_seed: int = 0,
+    vocab_size: int = 400,
+    prompt_words: tuple[int, int] = (5, 14),
+    samples: int | None = None,
+    min_child_tokens: int = 4,
     eos_rate: float = 0.15,
 ) -> SyntheticRun:
     """A synthetic run shaped like an ingest: prompts of made-up words, trees of branches, latents per layer.
@@ -337,22 +431,41 @@ def helix_run(
         last = n_prompt + length - 1
         prompt_content.append(rng.normal(size=d))
         nan = np.array([np.nan], np.float32)
-        tree = [SyntheticBranch(q * stride, q, None, 0, 0, "prompt", "prompt", prompt_ids,
-                                np.concatenate([nan, lp]), np.concatenate([nan, ent]), False, np.zeros(d))]
+        tree = [
+            SyntheticBranch(
+                q * stride,
+                q,
+                None,
+                0,
+                0,
+                "prompt",
+                "prompt",
+                prompt_ids,
+                np.concatenate([nan, lp]),
+                np.concatenate([nan, ent]),
+                False,
+                np.zeros(d),
+            )
+        ]
         taus: dict[int, np.ndarray] = {}
         children: dict[int, int] = {}
         used: dict[int, set[int]] = {}
         for s in range(n_samples):
             ids, lp, ent, eos, tau = sampler.draw(length, eos_after=1)
             bid = q * stride + len(tree)
-            tree.append(SyntheticBranch(bid, q, q * stride, n_prompt, 1, "sample", f"s{s}", ids, lp, ent, eos,
-                                        rng.normal(size=d)))
+            tree.append(
+                SyntheticBranch(
+                    bid, q, q * stride, n_prompt, 1, "sample", f"s{s}", ids, lp, ent, eos, rng.normal(size=d)
+                )
+            )
             taus[bid] = tau
         for _ in range(branches_per_prompt - n_samples):
             options = []
             for parent in tree[1:]:
                 own = parent.positions[1:]
-                ok = (own <= last - min_child_tokens + 1) & ~np.isin(own, list(used.get(parent.branch_id, ())))
+                ok = (own <= last - min_child_tokens + 1) & ~np.isin(
+                    own, list(used.get(parent.branch_id, ()))
+                )
                 if ok.any():
                     ents = np.where(ok, parent.entropies[1:], -np.inf)
                     options.append((parent, int(own[int(np.argmax(ents))])))
@@ -360,16 +473,32 @@ def helix_run(
                 break  # as in ingest: a planned fork that finds no valid position is absent
             parent, at = options[int(rng.integers(len(options)))]
             k = at - parent.fork_position
-            ids, lp, ent, eos, tau = sampler.draw(last - at + 1, exclude=int(parent.token_ids[k]),
-                                                  first_tau=float(taus[parent.branch_id][k]),
-                                                  eos_after=min_child_tokens)
+            ids, lp, ent, eos, tau = sampler.draw(
+                last - at + 1,
+                exclude=int(parent.token_ids[k]),
+                first_tau=float(taus[parent.branch_id][k]),
+                eos_after=min_child_tokens,
+            )
             bid = q * stride + len(tree)
             j = children.get(parent.branch_id, 0)
             children[parent.branch_id] = j + 1
             used.setdefault(parent.branch_id, set()).add(at)
-            tree.append(SyntheticBranch(bid, q, parent.branch_id, at, parent.depth + 1, "fork",
-                                        f"{parent.path}.f{j}", ids, lp, ent, eos,
-                                        parent.content + rng.normal(size=d)))
+            tree.append(
+                SyntheticBranch(
+                    bid,
+                    q,
+                    parent.branch_id,
+                    at,
+                    parent.depth + 1,
+                    "fork",
+                    f"{parent.path}.f{j}",
+                    ids,
+                    lp,
+                    ent,
+                    eos,
+                    parent.content + rng.normal(size=d),
+                )
+            )
             taus[bid] = tau
         trees.append(tree)
 
@@ -395,8 +524,11 @@ def helix_run(
             }
             X = sum(comp.values())
             # BOS: the same latent for every prompt (nothing comes before it in a causal model)
-            X[bos] = (sinks[li] * mix.sink * mix.typical_norm(d) if mix.sink > 0
-                      else comp["token"][bos] + comp["position"][bos])
+            X[bos] = (
+                sinks[li] * mix.sink * mix.typical_norm(d)
+                if mix.sink > 0
+                else comp["token"][bos] + comp["position"][bos]
+            )
             for k, v in (*comp.items(), ("total", X)):
                 acc = stats[li][k]
                 acc[0] += int((~bos).sum())
@@ -405,13 +537,24 @@ def helix_run(
             per_layer.append(X.astype(np.float32))
         starts = np.cumsum([0] + sizes)
         for i, b in enumerate(tree):
-            b.latents = np.stack([X[starts[i]: starts[i + 1]] for X in per_layer])
+            b.latents = np.stack([X[starts[i] : starts[i + 1]] for X in per_layer])
     truth: dict[int, dict[str, float]] = {}
     for li, acc in enumerate(stats):
         ss = {k: a[1] - float(a[2] @ a[2]) / max(a[0], 1) for k, a in acc.items()}
         truth[li] = {k: round(ss[k] / ss["total"], 4) if ss["total"] > 0 else 0.0 for k in _PARTS}
-    settings = dict(n_prompts=n_prompts, branches_per_prompt=branches_per_prompt, length=length, d=d, seed=seed,
-                    model_seed=model_seed, vocab_size=vocab_size, prompt_words=list(prompt_words),
-                    samples=n_samples, min_child_tokens=min_child_tokens, eos_rate=eos_rate,
-                    layers=[asdict(m) for m in layers], version=HELIX_VERSION)
+    settings = dict(
+        n_prompts=n_prompts,
+        branches_per_prompt=branches_per_prompt,
+        length=length,
+        d=d,
+        seed=seed,
+        model_seed=model_seed,
+        vocab_size=vocab_size,
+        prompt_words=list(prompt_words),
+        samples=n_samples,
+        min_child_tokens=min_child_tokens,
+        eos_rate=eos_rate,
+        layers=[asdict(m) for m in layers],
+        version=HELIX_VERSION,
+    )
     return SyntheticRun(vocab, texts, prompt_lengths, trees, tuple(layers), truth, settings)

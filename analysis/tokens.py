@@ -46,7 +46,10 @@ class TokenSet:
     def subset(self, mask: np.ndarray) -> TokenSet:
         """The tokens where mask is true (a boolean mask or an index array)."""
         return TokenSet(
-            self.X[mask], self.position[mask], self.branch[mask], self.prompt[mask],
+            self.X[mask],
+            self.position[mask],
+            self.branch[mask],
+            self.prompt[mask],
             {k: np.asarray(v)[mask] for k, v in self.extra.items()},
         )
 
@@ -57,8 +60,13 @@ class TokenSet:
         return TokenSet(**kw)
 
 
-def find_sinks(X: np.ndarray, position: np.ndarray, z: float = 6.0, include_first: bool = True,
-               token_id: np.ndarray | None = None) -> np.ndarray:
+def find_sinks(
+    X: np.ndarray,
+    position: np.ndarray,
+    z: float = 6.0,
+    include_first: bool = True,
+    token_id: np.ndarray | None = None,
+) -> np.ndarray:
     """Boolean mask of attention-sink tokens: a BOS at position 0, and any token whose norm is an outlier.
 
     In a causal model the latent at position 0 depends on the first token alone. Where the tokenizer adds

@@ -35,7 +35,10 @@ def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
         scores["position"] = (float(leak["leak"]), half_width(leak))
     tok = raw.get("token_leak", {})
     if _finite(tok.get("leak"), tok.get("chance")) and tok["chance"] < 1:
-        scores["token identity"] = (_excess(tok["leak"], tok["chance"]), half_width(tok) / (1 - tok["chance"]))
+        scores["token identity"] = (
+            _excess(tok["leak"], tok["chance"]),
+            half_width(tok) / (1 - tok["chance"]),
+        )
     for label, key in (("prompt", "purity_prompt_pooled"), ("branch", "purity_branch_pooled")):
         m = raw.get(key, {})
         if _finite(m.get("purity"), m.get("chance")) and m["chance"] < 1:
@@ -68,8 +71,10 @@ def factor_sentence(raw: dict[str, Any]) -> str:
     ranked = sorted(scores, key=lambda f: -scores[f][0])
     lo = {f: v[0] - v[1] if math.isfinite(v[1]) else -math.inf for f, v in scores.items()}
     hi = {f: v[0] + v[1] if math.isfinite(v[1]) else math.inf for f, v in scores.items()}
-    shown = [f"{f} {scores[f][0]:.2f} " + (f"±{scores[f][1]:.2f}" if math.isfinite(scores[f][1]) else "(no band)")
-             for f in ranked]
+    shown = [
+        f"{f} {scores[f][0]:.2f} " + (f"±{scores[f][1]:.2f}" if math.isfinite(scores[f][1]) else "(no band)")
+        for f in ranked
+    ]
     quoted = "above-chance scores, 0 chance to 1 perfect: " + ", ".join(shown)
     best, rest = ranked[0], ranked[1:]
     if all(hi[f] < ORGANIZING for f in ranked):
@@ -77,8 +82,10 @@ def factor_sentence(raw: dict[str, Any]) -> str:
     if all(lo[best] > hi[f] for f in rest):
         if lo[best] >= ORGANIZING:
             return f"This layer is organized by **{best}** ({quoted})."
-        return (f"**{best}** leads, but its band reaches below {ORGANIZING}, the score from which this verdict calls "
-                f"a factor organizing ({quoted}).")
+        return (
+            f"**{best}** leads, but its band reaches below {ORGANIZING}, the score from which this verdict calls "
+            f"a factor organizing ({quoted})."
+        )
     tied = [best] + [f for f in rest if hi[f] >= lo[best]]
     names = f"{', '.join(tied[:-1])} and {tied[-1]}"
     return f"No factor clearly leads: the bands of **{names}** overlap ({quoted})."
@@ -110,7 +117,9 @@ def probe_clause(probe: dict[str, Any]) -> str:
     if not _finite(probe.get("r2"), probe.get("chance_hi"), probe.get("lo"), probe.get("hi")):
         return ""
     top = max(probe["chance_hi"], 0.0)
-    numbers = f"probe R2 {probe['r2']:.2f}, band {probe['lo']:.2f} to {probe['hi']:.2f}, chance at most {top:.2f}"
+    numbers = (
+        f"probe R2 {probe['r2']:.2f}, band {probe['lo']:.2f} to {probe['hi']:.2f}, chance at most {top:.2f}"
+    )
     if probe["lo"] > top:
         return f" and is linearly decodable across prompts ({numbers})"
     if probe["hi"] <= top:
@@ -154,7 +163,9 @@ def removal_title(removal: dict[str, Any] | None) -> str:
     if kept:
         return f"nothing removed ({' and '.join(kept)} found but kept)"
     alpha = removal.get("alpha", 0.05)
-    small = [NUISANCES[k].words for k, t in tests.items() if _finite(t.get("p_value")) and t["p_value"] <= alpha]
+    small = [
+        NUISANCES[k].words for k, t in tests.items() if _finite(t.get("p_value")) and t["p_value"] <= alpha
+    ]
     if small:
         return f"nothing removed ({' and '.join(small)} significant, too small to estimate)"
     return "nothing removed (none detected)"
@@ -180,32 +191,44 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
     for key, t in (rem.get("tests") or {}).items():
         name = NUISANCES[key].words
         level = "" if abs(alpha - 0.05) < 1e-12 else f" at level {alpha:.3f}"
-        nums = (f"{p_value_text(t | {'p_min': rem.get('p_min')})}{level}, held-out R2 {t['r2_oof']:+.3f} against "
-                f"{t['null_r2']:+.3f} by chance")
+        nums = (
+            f"{p_value_text(t | {'p_min': rem.get('p_min')})}{level}, held-out R2 {t['r2_oof']:+.3f} against "
+            f"{t['null_r2']:+.3f} by chance"
+        )
         significant = _finite(t.get("p_value")) and t["p_value"] <= alpha
         if key in as_means:
             out.append(f"A {name} component was detected ({nums}) and removed.")
         elif significant and t["r2_oof"] <= 0:
-            out.append(f"The {name} test was significant ({nums}), but its estimate is too small to predict held-out "
-                       "tokens, so it was not removed as means.")
+            out.append(
+                f"The {name} test was significant ({nums}), but its estimate is too small to predict held-out "
+                "tokens, so it was not removed as means."
+            )
         elif t.get("detected"):
-            out.append(f"A {name} component was detected ({nums}) but not removed: {rem.get('note') or 'see the note'}.")
+            out.append(
+                f"A {name} component was detected ({nums}) but not removed: {rem.get('note') or 'see the note'}."
+            )
         else:
             out.append(f"No {name} component detected at this layer ({nums}): not removed.")
     lin = rem.get("linear_test") or {}
     if lin:
-        nums = (f"{p_value_text(lin)} at level {lin.get('alpha', alpha):.3f}, probe R2 {lin['r2_oof']:+.3f} against "
-                f"{lin['null_hi']:+.3f} at most by chance")
+        nums = (
+            f"{p_value_text(lin)} at level {lin.get('alpha', alpha):.3f}, probe R2 {lin['r2_oof']:+.3f} against "
+            f"{lin['null_hi']:+.3f} at most by chance"
+        )
         low = rem.get("lowrank") or {}
         if rem.get("erased"):
             out.append(f"Position that a linear probe reads across prompts was erased ({nums}).")
         elif low.get("weight"):
-            out.append("Position that a linear probe reads across prompts was subtracted as a smooth "
-                       f"rank-{low['rank']} component at weight {low['weight']:.2f}, its out-of-fold least-squares "
-                       f"weight ({nums}).")
+            out.append(
+                "Position that a linear probe reads across prompts was subtracted as a smooth "
+                f"rank-{low['rank']} component at weight {low['weight']:.2f}, its out-of-fold least-squares "
+                f"weight ({nums})."
+            )
         elif lin.get("detected"):
-            out.append(f"A linear probe reads position across prompts ({nums}), but no smooth estimate of it predicts "
-                       "held-out prompts, so it was not removed.")
+            out.append(
+                f"A linear probe reads position across prompts ({nums}), but no smooth estimate of it predicts "
+                "held-out prompts, so it was not removed."
+            )
         else:
             out.append(f"A linear probe finds no position to erase across prompts ({nums}).")
     if rem.get("forced"):
@@ -227,9 +250,11 @@ def token_removed_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     if not _finite(r.get("leak"), a.get("leak"), a.get("chance")):
         return ""
     top = a.get("chance_hi", a["chance"])
-    head = (f"After removing {_what(removed)}, neighbours in other branches share the current token "
-            f"{r['leak']:.1%} ±{_half(r):.1%} -> {a['leak']:.1%} ±{_half(a):.1%} of the time (chance {a['chance']:.1%}, "
-            f"up to {top:.1%})")
+    head = (
+        f"After removing {_what(removed)}, neighbours in other branches share the current token "
+        f"{r['leak']:.1%} ±{_half(r):.1%} -> {a['leak']:.1%} ±{_half(a):.1%} of the time (chance {a['chance']:.1%}, "
+        f"up to {top:.1%})"
+    )
     if a["leak"] - _half(a) <= top:
         return head + ": down to chance."
     if r["leak"] - a["chance"] <= 0:
@@ -253,8 +278,10 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     hr, ha = _half(r), _half(a)
     cr, ca = (Z * (m.get("chance_sd") or 0.0) for m in (r, a))
     change = math.hypot(hr, ha)
-    nums = (f"{r['r2']:.1%} ±{hr:.1%} (chance {r['chance']:.1%} ±{cr:.1%}) -> {a['r2']:.1%} ±{ha:.1%} "
-            f"(chance {a['chance']:.1%} ±{ca:.1%}), band of the change ±{change:.1%}")
+    nums = (
+        f"{r['r2']:.1%} ±{hr:.1%} (chance {r['chance']:.1%} ±{cr:.1%}) -> {a['r2']:.1%} ±{ha:.1%} "
+        f"(chance {a['chance']:.1%} ±{ca:.1%}), band of the change ±{change:.1%}"
+    )
     head = f"After removing {_what(removed)}, position's share of the variance went {nums}"
     if a["r2"] > r["r2"] + change:
         return head + ": it rose."
@@ -277,5 +304,7 @@ def leak_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
         return ""
     chance = a.get("chance_hi", r.get("chance_hi"))
     cband = f", chance 0 ±{chance:.3f}" if _finite(chance) else ""
-    return (f"After removing {_what(removed)}, the kNN position leak went {r['leak']:+.3f} ±{_half(r):.3f} -> "
-            f"{a['leak']:+.3f} ±{_half(a):.3f}{cband}.")
+    return (
+        f"After removing {_what(removed)}, the kNN position leak went {r['leak']:+.3f} ±{_half(r):.3f} -> "
+        f"{a['leak']:+.3f} ±{_half(a):.3f}{cband}."
+    )

@@ -37,8 +37,11 @@ class ViewSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViewSpec:
         d = dict(d)
-        return cls(residual=ResidualSpec(**d.pop("residual", {})),
-                   projection=ProjectionSpec(**d.pop("projection", {})), **d)
+        return cls(
+            residual=ResidualSpec(**d.pop("residual", {})),
+            projection=ProjectionSpec(**d.pop("projection", {})),
+            **d,
+        )
 
 
 @dataclass
@@ -57,7 +60,10 @@ class ViewResult:
 
 
 def residualize(
-    plot: TokenSet, spec: ViewSpec, reference: TokenSet | None = None, independent: bool = False,
+    plot: TokenSet,
+    spec: ViewSpec,
+    reference: TokenSet | None = None,
+    independent: bool = False,
     in_place: bool = False,
 ) -> tuple[np.ndarray, TokenSet, RemovalReport]:
     """Drop sinks (if asked), estimate the nuisance on `reference` (default: the kept plot tokens),
@@ -65,20 +71,29 @@ def residualize(
     tokens with residual vectors, the removal report). `independent`: the reference is another run.
     in_place: plot.X (float32, writeable) becomes the buffer of the residuals (no copy of the vectors;
     the caller must not read plot.X afterwards)."""
-    keep = (~find_sinks(plot.X, plot.position, spec.sink_z, token_id=plot.extra.get("token_id")) if spec.exclude_sinks
-            else np.ones(len(plot), bool))
+    keep = (
+        ~find_sinks(plot.X, plot.position, spec.sink_z, token_id=plot.extra.get("token_id"))
+        if spec.exclude_sinks
+        else np.ones(len(plot), bool)
+    )
     index = np.flatnonzero(keep)
-    tokens = _kept(plot, index) if in_place and plot.X.flags.writeable and plot.X.flags.c_contiguous \
-        else plot.subset(index)  # either way the vectors are ours to overwrite
+    tokens = (
+        _kept(plot, index)
+        if in_place and plot.X.flags.writeable and plot.X.flags.c_contiguous
+        else plot.subset(index)
+    )  # either way the vectors are ours to overwrite
     ref = tokens if reference is None else reference
     if reference is not None and spec.exclude_sinks:
         ref = ref.subset(~find_sinks(ref.X, ref.position, spec.sink_z, token_id=ref.extra.get("token_id")))
     if len(tokens) < 3:
-        raise ValueError(f"only {len(tokens)} tokens left to plot (after dropping attention sinks); pick more")
+        raise ValueError(
+            f"only {len(tokens)} tokens left to plot (after dropping attention sinks); pick more"
+        )
     if ref.dim != tokens.dim:
         raise ValueError(f"reference vectors have width {ref.dim}, plotted ones {tokens.dim}")
-    residual, report = fit_remove(tokens, spec.residual, ref if ref is not tokens else None, independent,
-                                  in_place=True)
+    residual, report = fit_remove(
+        tokens, spec.residual, ref if ref is not tokens else None, independent, in_place=True
+    )
     return index, tokens.with_X(residual), report
 
 
@@ -89,13 +104,23 @@ def _kept(plot: TokenSet, index: np.ndarray) -> TokenSet:
     if len(index) < len(X):
         for rows in blocks(len(index)):
             X[rows] = X[index[rows]]
-        X = X[:len(index)]
-    return TokenSet(X, plot.position[index], plot.branch[index], plot.prompt[index],
-                    {k: np.asarray(v)[index] for k, v in plot.extra.items()})
+        X = X[: len(index)]
+    return TokenSet(
+        X,
+        plot.position[index],
+        plot.branch[index],
+        plot.prompt[index],
+        {k: np.asarray(v)[index] for k, v in plot.extra.items()},
+    )
 
 
-def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenSet | None = None,
-                 independent: bool = False, in_place: bool = False) -> ViewResult:
+def compute_view(
+    plot: TokenSet,
+    spec: ViewSpec | None = None,
+    reference: TokenSet | None = None,
+    independent: bool = False,
+    in_place: bool = False,
+) -> ViewResult:
     """Residualize `plot` with a residualizer fitted on `reference` (default: on `plot` itself), project it,
     and measure it.
 
@@ -115,7 +140,9 @@ def compute_view(plot: TokenSet, spec: ViewSpec | None = None, reference: TokenS
     timings["project"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    metrics = measure(tokens, coords, spec, in_place=True, pca=pca) if spec.metrics else {}  # residuals are ours
+    metrics = (
+        measure(tokens, coords, spec, in_place=True, pca=pca) if spec.metrics else {}
+    )  # residuals are ours
     timings["metrics"] = time.perf_counter() - t2
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
@@ -133,8 +160,13 @@ def _shared_pca(X: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, np.ndarray] 
     0), above EXACT_QUERY_MAX tokens (below, no index is built). Its width is the wider of the two; each
     uses its own leading axes, equal to the fit it would have made. None where they differ."""
     p = spec.projection
-    if not (spec.metrics and p.method == "umap" and p.metric == "cosine" and (p.seed or 0) == 0
-            and len(X) > neighbours.EXACT_QUERY_MAX):
+    if not (
+        spec.metrics
+        and p.method == "umap"
+        and p.metric == "cosine"
+        and (p.seed or 0) == 0
+        and len(X) > neighbours.EXACT_QUERY_MAX
+    ):
         return None
     return unit_pca_fit(X, max(p.pca_dims, neighbours.REDUCED_DIMS), p)
 
@@ -144,13 +176,19 @@ def layer_stats(tokens: TokenSet) -> dict[str, Any]:
     share of each top principal component that position explains ("large")."""
     out: dict[str, Any] = {}
     if len(np.unique(tokens.branch)) >= 2 and len(tokens) >= 20:
-        out["pcs"] = P.pc_position_share(tokens.X, tokens.position, n_components=min(5, tokens.dim),
-                                         groups=tokens.branch)
+        out["pcs"] = P.pc_position_share(
+            tokens.X, tokens.position, n_components=min(5, tokens.dim), groups=tokens.branch
+        )
     return out
 
 
-def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_place: bool = False,
-            pca: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+def measure(
+    tokens: TokenSet,
+    coords: np.ndarray | None,
+    spec: ViewSpec,
+    in_place: bool = False,
+    pca: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Every registered measure (analysis.measures) that applies: position left in `tokens.X` and in its
     projection, token identity, branch/prompt separability, projection quality.
 
@@ -179,8 +217,11 @@ def measure(tokens: TokenSet, coords: np.ndarray | None, spec: ViewSpec, in_plac
         neighbours.share_pca(space, pca)
     try:
         ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
-        out: dict[str, Any] = {"heldout_by": ctx.unit_name, "band_over": ctx.unit_name,
-                               "band_units": int(len(np.unique(ctx.units)))}
+        out: dict[str, Any] = {
+            "heldout_by": ctx.unit_name,
+            "band_over": ctx.unit_name,
+            "band_units": int(len(np.unique(ctx.units))),
+        }
         for key, m in MEASURES.items():
             value = early[key] if key in early else m.compute(ctx)
             if value is not None:

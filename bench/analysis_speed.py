@@ -59,9 +59,10 @@ def synthetic(n: int, d: int, seed: int = 0):
     while True:
         tree = branch_tree(n_prompts=n_prompts, branches_per_prompt=10, length=200, d=d, seed=seed)
         if len(tree) >= n:
-            keep = np.isin(tree.prompt, np.unique(tree.prompt)[: n_prompts])
-            return with_token_ids(tree.subset(np.flatnonzero(keep)[:n]) if keep.sum() >= n else tree.subset(np.arange(n)),
-                                  seed)
+            keep = np.isin(tree.prompt, np.unique(tree.prompt)[:n_prompts])
+            return with_token_ids(
+                tree.subset(np.flatnonzero(keep)[:n]) if keep.sum() >= n else tree.subset(np.arange(n)), seed
+            )
         n_prompts *= 2
 
 
@@ -90,15 +91,23 @@ def timed(fn, repeats: int) -> float:
 def fresh(script: str, data: Path, env: dict[str, str]) -> float:
     """Wall time of a new Python process running script (interpreter start and imports included)."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script), str(data)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(data)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     wall = time.perf_counter() - t
     float(out.stdout.strip().splitlines()[-1])  # the child must have finished its projection
     return wall
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=640)
     parser.add_argument("--repeats", type=int, default=3)
@@ -117,8 +126,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = tmp / "tokens.npz"
-        np.savez(data, X=tokens.X, position=tokens.position, branch=tokens.branch, prompt=tokens.prompt,
-                 token_id=tokens.extra["token_id"])
+        np.savez(
+            data,
+            X=tokens.X,
+            position=tokens.position,
+            branch=tokens.branch,
+            prompt=tokens.prompt,
+            token_id=tokens.extra["token_id"],
+        )
         env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp / "numba"), "PYTHONPATH": str(ROOT)}
 
         # 1. Fresh processes: cold numba cache, then primed by that first process; plain umap fresh.
@@ -131,8 +146,10 @@ def main() -> None:
         umap.UMAP().fit_transform(tokens.X[:2000])
         ours_warm = timed(lambda: compute_view(tokens, spec), args.repeats)
         # the removal before issue 12: fitted in sample on the plotted tokens, never tested
-        in_sample = ViewSpec(residual=ResidualSpec(method="per_position", crossfit=False, gate=False,
-                                                    within_branch=False), metrics=False)
+        in_sample = ViewSpec(
+            residual=ResidualSpec(method="per_position", crossfit=False, gate=False, within_branch=False),
+            metrics=False,
+        )
         in_sample_warm = timed(lambda: compute_view(tokens, in_sample), args.repeats)
         plain_warm = timed(lambda: umap.UMAP().fit_transform(tokens.X), args.repeats)
         t = time.perf_counter()
@@ -141,8 +158,10 @@ def main() -> None:
         # Quality side by side: both layouts of the same residuals, judged against the same space.
         space = with_metrics.residual / np.linalg.norm(with_metrics.residual, axis=1, keepdims=True)
         plain_layout = umap.UMAP(metric="cosine").fit_transform(with_metrics.residual)
-        quality = {name: trustworthiness(space, coords, k=10)
-                   for name, coords in (("ours", with_metrics.coords), ("plain UMAP", plain_layout))}
+        quality = {
+            name: trustworthiness(space, coords, k=10)
+            for name, coords in (("ours", with_metrics.coords), ("plain UMAP", plain_layout))
+        }
 
         # 3. The same request twice through the store and the view cache.
         store = tmp / "bench.duckdb"
@@ -160,7 +179,9 @@ def main() -> None:
         goal = "" if target is None else f" (target <= {target:g} s){verdict}"
         print(f"  {name:<42} {value:7.2f} s{goal:<22}  {value / base:6.3f} x {base_name} ({base:.2f} s)")
 
-    print("\nfigure                                         ours                            ratio to plain UMAP")
+    print(
+        "\nfigure                                         ours                            ratio to plain UMAP"
+    )
     line("warm residualize + project", ours_warm, 3.0, plain_warm, "warm plain UMAP")
     line("  same, in-sample removal (before #12)", in_sample_warm, None, plain_warm, "warm plain UMAP")
     line("warm view with metrics and their bands", metrics_warm, None, plain_warm, "warm plain UMAP")
@@ -171,12 +192,16 @@ def main() -> None:
     steps = ", ".join(f"{k} {v:.2f} s" for k, v in with_metrics.timings.items())
     print(f"\nsteps of one warm view with metrics: {steps}")
     removal = with_metrics.metrics["removal"]
-    print(f"removal ({removal['method']}): took out {', '.join(removal['removed']) or 'nothing'} "
-          f"(tests held out by {removal['fold_by']}, {removal['folds']} folds; weights {removal['weights']}); leak "
-          f"{with_metrics.metrics['leak']['leak']:+.3f} ±{1.96 * with_metrics.metrics['leak']['sd']:.3f}")
+    print(
+        f"removal ({removal['method']}): took out {', '.join(removal['removed']) or 'nothing'} "
+        f"(tests held out by {removal['fold_by']}, {removal['folds']} folds; weights {removal['weights']}); leak "
+        f"{with_metrics.metrics['leak']['leak']:+.3f} ±{1.96 * with_metrics.metrics['leak']['sd']:.3f}"
+    )
     for name, q in quality.items():
-        print(f"projection quality, {name:<10}: trustworthiness {q['trustworthiness']:.3f}, "
-              f"continuity {q['continuity']:.3f} (k=10, 1500 sampled tokens, cosine space of the residuals)")
+        print(
+            f"projection quality, {name:<10}: trustworthiness {q['trustworthiness']:.3f}, "
+            f"continuity {q['continuity']:.3f} (k=10, 1500 sampled tokens, cosine space of the residuals)"
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.coverage import coverage  # noqa: E402
 
-REGIMES = ["no_position", "helix", "weak_linear", "token_only", "random_table", "one_prompt_5", "one_prompt_3_none"]
+REGIMES = [
+    "no_position",
+    "helix",
+    "weak_linear",
+    "token_only",
+    "random_table",
+    "one_prompt_5",
+    "one_prompt_3_none",
+]
 
 
 def main() -> None:
@@ -27,13 +35,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--regimes", default=",".join(REGIMES))
     args = ap.parse_args()
-    print("| regime | metric | truth | spread across runs | mean reported sd | spread / sd | bands holding the truth |")
+    print(
+        "| regime | metric | truth | spread across runs | mean reported sd | spread / sd | bands holding the truth |"
+    )
     print("|---|---|---|---|---|---|---|")
     for regime in args.regimes.split(","):
         t0 = time.perf_counter()
         for c in coverage(regime, n_seeds=args.seeds):
-            print(f"| {regime} | {c.metric} | {c.truth:+.4f} | {c.spread:.4f} | {c.reported_sd:.4f} | "
-                  f"{c.spread / c.reported_sd:.2f} | {c.covered}/{c.n} |")
+            print(
+                f"| {regime} | {c.metric} | {c.truth:+.4f} | {c.spread:.4f} | {c.reported_sd:.4f} | "
+                f"{c.spread / c.reported_sd:.2f} | {c.covered}/{c.n} |"
+            )
         print(f"<!-- {regime}: {time.perf_counter() - t0:.0f} s -->", file=sys.stderr)
 
 

@@ -22,12 +22,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [  # (what the user does, how AppTest does it)
     ("first view (4 prompts)", lambda at: None),
-    ("layer change", lambda at: at.selectbox(key="layer").set_value(
-        next(int(o) for o in at.selectbox(key="layer").options if int(o) != at.selectbox(key="layer").value))),
+    (
+        "layer change",
+        lambda at: at.selectbox(key="layer").set_value(
+            next(
+                int(o) for o in at.selectbox(key="layer").options if int(o) != at.selectbox(key="layer").value
+            )
+        ),
+    ),
     ("method change (regression)", lambda at: at.selectbox(key="method").set_value("regression")),
-    ("all prompts", lambda at: next(m for m in at.multiselect if m.label == "Prompts").set_value(
-        list(range(len(next(m for m in at.multiselect if m.label == "Prompts").options))))),
-    ("fit on plotted tokens (= the whole run)", lambda at: at.selectbox(key="fit_scope").set_value("plotted")),
+    (
+        "all prompts",
+        lambda at: next(m for m in at.multiselect if m.label == "Prompts").set_value(
+            list(range(len(next(m for m in at.multiselect if m.label == "Prompts").options)))
+        ),
+    ),
+    (
+        "fit on plotted tokens (= the whole run)",
+        lambda at: at.selectbox(key="fit_scope").set_value("plotted"),
+    ),
     ("PCA instead of UMAP", lambda at: at.radio(key="projection").set_value("pca")),
     ("rerun, nothing changed", lambda at: None),
     ("open the Layers tab", lambda at: at.session_state.__setitem__("tab", "Layers")),
@@ -47,9 +60,26 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     store = Path(args.store).resolve() if args.store else tmp / "bench.duckdb"
     if not args.store:
-        subprocess.run([sys.executable, "-m", "views", "synthetic", str(store), "--prompts", str(args.prompts),
-                        "--branches", str(args.branches), "--length", str(args.length), "--d", str(args.d)],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "views",
+                "synthetic",
+                str(store),
+                "--prompts",
+                str(args.prompts),
+                "--branches",
+                str(args.branches),
+                "--length",
+                str(args.length),
+                "--d",
+                str(args.d),
+            ],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
     os.environ.update(BRANCHLENS_NO_WARMUP="1", BRANCHLENS_CACHE=str(tmp / "cache"))
     sys.path.insert(0, str(ROOT))
     from streamlit.testing.v1 import AppTest
@@ -59,8 +89,11 @@ def main() -> None:
     jit.warm_up()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=1800)
     at.session_state["store_path"] = str(store)
-    what = str(store) if args.store else (f"{args.prompts} prompts x {args.branches + 1} branches, length "
-                                          f"{args.length}, d={args.d}")
+    what = (
+        str(store)
+        if args.store
+        else (f"{args.prompts} prompts x {args.branches + 1} branches, length {args.length}, d={args.d}")
+    )
     print(f"store: {what}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
     waits = []
     for name, act in STEPS:

@@ -25,12 +25,34 @@ from store.queries import branch_sequence, branch_vectors, branches
 
 ARCHS = {
     # Gemma 3 270M's shapes (RoPE, sliding windows of 512 in 5 of every 6 layers, 262k vocabulary)
-    "gemma3-270m": ("gemma3", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
-                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
-                                   max_position_embeddings=32768, query_pre_attn_scalar=256)),
+    "gemma3-270m": (
+        "gemma3",
+        dict(
+            vocab_size=262144,
+            hidden_size=640,
+            intermediate_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=512,
+            max_position_embeddings=32768,
+            query_pre_attn_scalar=256,
+        ),
+    ),
     # A Llama-style ~1.1B model (TinyLlama shapes)
-    "llama-1b": ("llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                               num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096)),
+    "llama-1b": (
+        "llama",
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+        ),
+    ),
     # GPT-2 small's shapes (learned absolute positions)
     "gpt2-124m": ("gpt2", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
 }
@@ -51,8 +73,11 @@ def build(arch: str, where: Path) -> None:
     family, shape = ARCHS[arch]
     torch.manual_seed(0)
     ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    classes = {"gemma3": (Gemma3TextConfig, Gemma3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-               "gpt2": (GPT2Config, GPT2LMHeadModel)}
+    classes = {
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "gpt2": (GPT2Config, GPT2LMHeadModel),
+    }
     config_cls, model_cls = classes[family]
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = model_cls(config_cls(**shape, **ids))
@@ -60,8 +85,9 @@ def build(arch: str, where: Path) -> None:
     vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2} | {f"w{i}": i for i in range(3, shape.get("vocab_size", 0))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                            pad_token="<pad>").save_pretrained(where)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(where)
 
 
 def main() -> None:
@@ -73,7 +99,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--forks", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--check-branches", type=int, default=4, help="branches compared with a fresh forward pass")
+    p.add_argument(
+        "--check-branches", type=int, default=4, help="branches compared with a fresh forward pass"
+    )
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,9 +111,20 @@ def main() -> None:
         built = time.perf_counter() - t0
         rng = np.random.default_rng(0)
         prompts = [" ".join(f"w{i}" for i in rng.integers(3, 30000, size=12)) for _ in range(args.prompts)]
-        cfg = build_config(dict(model=str(model_dir), prompts=prompts, samples=args.samples, forks=args.forks,
-                                max_new_tokens=args.max_new_tokens, layers="spread", device=args.device,
-                                dtype=args.dtype, store=str(store), stop_at_eos=False))
+        cfg = build_config(
+            dict(
+                model=str(model_dir),
+                prompts=prompts,
+                samples=args.samples,
+                forks=args.forks,
+                max_new_tokens=args.max_new_tokens,
+                layers="spread",
+                device=args.device,
+                dtype=args.dtype,
+                store=str(store),
+                stop_at_eos=False,
+            )
+        )
         report = run_ingest(cfg, progress=False, log=lambda _m: None)
 
         from transformers import AutoModelForCausalLM
@@ -95,25 +134,40 @@ def main() -> None:
         worst: dict[int, float] = {}
         with reading(store) as con:
             ids = branches(con, report.run_id)["branch_id"].to_list()
-            for branch_id in ids[-args.check_branches:]:  # the last ones: forks, deepest prefix re-use
+            for branch_id in ids[-args.check_branches :]:  # the last ones: forks, deepest prefix re-use
                 seq = branch_sequence(con, report.run_id, branch_id)["token_id"].to_list()
                 with torch.no_grad():
-                    hidden = reference(torch.tensor([seq], device=report.device), output_hidden_states=True).hidden_states
+                    hidden = reference(
+                        torch.tensor([seq], device=report.device), output_hidden_states=True
+                    ).hidden_states
                 for layer in report.layers:
                     got = branch_vectors(con, report.run_id, branch_id, layer)
                     want = hidden[layer][0].float().cpu().numpy()
                     rel = np.linalg.norm(got - want, axis=1) / np.maximum(np.linalg.norm(want, axis=1), 1e-12)
                     worst[layer] = max(worst.get(layer, 0.0), float(rel.max()))
         gpu = torch.cuda.get_device_name() if report.device.startswith("cuda") else None
-        print(json.dumps({
-            "arch": args.arch, "device": report.device, "gpu": gpu, "dtype": report.dtype,
-            "torch": torch.__version__, "build_s": round(built, 1),
-            "generated_tokens": report.generated_now, "branches": report.counts["branches"],
-            "generate_s": round(report.seconds["generate"], 2), "write_s": round(report.seconds["write"], 2),
-            "generated_tokens_per_s": round(report.generated_now / report.seconds["generate"], 1),
-            "prefix_reused": report.prefix_reused, "prefix_recomputed": report.prefix_recomputed,
-            "max_relative_error_vs_fresh_forward_by_layer": {k: round(v, 5) for k, v in sorted(worst.items())},
-        }))
+        print(
+            json.dumps(
+                {
+                    "arch": args.arch,
+                    "device": report.device,
+                    "gpu": gpu,
+                    "dtype": report.dtype,
+                    "torch": torch.__version__,
+                    "build_s": round(built, 1),
+                    "generated_tokens": report.generated_now,
+                    "branches": report.counts["branches"],
+                    "generate_s": round(report.seconds["generate"], 2),
+                    "write_s": round(report.seconds["write"], 2),
+                    "generated_tokens_per_s": round(report.generated_now / report.seconds["generate"], 1),
+                    "prefix_reused": report.prefix_reused,
+                    "prefix_recomputed": report.prefix_recomputed,
+                    "max_relative_error_vs_fresh_forward_by_layer": {
+                        k: round(v, 5) for k, v in sorted(worst.items())
+                    },
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

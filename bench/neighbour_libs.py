@@ -36,10 +36,17 @@ def libraries(M: int, efc: int, ef: int):
         import usearch.index as ui
 
         def usearch_knn(B, Q):
-            u = ui.Index(ndim=B.shape[1], metric="l2sq", dtype="f32", connectivity=M, expansion_add=efc,
-                         expansion_search=ef)
+            u = ui.Index(
+                ndim=B.shape[1],
+                metric="l2sq",
+                dtype="f32",
+                connectivity=M,
+                expansion_add=efc,
+                expansion_search=ef,
+            )
             u.add(np.arange(len(B)), B, threads=1)
             return u.search(Q, K, threads=0).keys.astype(np.int64)
+
         out["usearch"] = usearch_knn
     except ImportError:
         pass
@@ -60,6 +67,7 @@ def libraries(M: int, efc: int, ef: int):
             f.add(B)
             f.nprobe = 8
             return f.search(Q, K)[1]
+
         out["faiss HNSW"] = faiss_hnsw
         out["faiss IVF nprobe 8"] = faiss_ivf
     except ImportError:
@@ -73,6 +81,7 @@ def libraries(M: int, efc: int, ef: int):
             p.add_items(B)
             p.set_ef(ef)
             return p.knn_query(Q, K)[0].astype(np.int64)
+
         out["hnswlib"] = hnswlib_knn
     except ImportError:
         pass
@@ -80,19 +89,25 @@ def libraries(M: int, efc: int, ef: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=20_000)
-    parser.add_argument("--full-space", action="store_true", help="also the d=640 space (slow exact baseline)")
+    parser.add_argument(
+        "--full-space", action="store_true", help="also the d=640 space (slow exact baseline)"
+    )
     args = parser.parse_args()
     t = branch_tree(n_prompts=max(4, args.tokens // 1100), branches_per_prompt=10, length=200, d=640, seed=0)
-    X = t.X[:args.tokens] / np.linalg.norm(t.X[:args.tokens], axis=1, keepdims=True)
+    X = t.X[: args.tokens] / np.linalg.norm(t.X[: args.tokens], axis=1, keepdims=True)
     mean, comps = pca_fit(X, 50)
     spaces = {"PCA-50": np.ascontiguousarray(X @ comps - mean @ comps)}
     if args.full_space:
         spaces["d=640"] = np.ascontiguousarray(X)
     print(f"{len(X)} tokens, recall@{K} against exact, build + search wall time")
     for space, D in spaces.items():
-        landmarks = np.ascontiguousarray(D[np.random.default_rng(0).choice(len(D), min(len(D), 15000), replace=False)])
+        landmarks = np.ascontiguousarray(
+            D[np.random.default_rng(0).choice(len(D), min(len(D), 15000), replace=False)]
+        )
         tasks = {"graph": (D, D), "placement": (landmarks, D)}
         for task, (B, Q) in tasks.items():
             s = time.perf_counter()
@@ -104,7 +119,9 @@ def main() -> None:
                         continue
                     s = time.perf_counter()
                     found = fn(B, Q)
-                    print(f"  {name:<20} M={M:<3} {time.perf_counter() - s:6.2f} s  recall {recall(found, truth):.3f}")
+                    print(
+                        f"  {name:<20} M={M:<3} {time.perf_counter() - s:6.2f} s  recall {recall(found, truth):.3f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,16 @@ from analysis.residualize import registry  # noqa: E402
 
 PCA = ProjectionSpec(method="pca")
 ORACLES = [("random", 1.0), ("random", 0.2), ("smooth", 1.0), ("smooth", 0.2)]
-REGIMES = ["helix", "random_table", "weak_linear", "one_prompt_3", "one_prompt_5", "one_prompt_3_none",
-           "no_position", "token_only"]
+REGIMES = [
+    "helix",
+    "random_table",
+    "weak_linear",
+    "one_prompt_3",
+    "one_prompt_5",
+    "one_prompt_3_none",
+    "no_position",
+    "token_only",
+]
 
 
 def view(tokens, method):
@@ -45,12 +53,16 @@ def view(tokens, method):
 
 def oracle_table(methods: list[str]) -> None:
     print("## GPT-2 layer 0 against exact subtraction of wpe\n")
-    print("| table | scale | tokens | method | leak | gap to exact | leak, other prompts | gap | table error | removed |")
+    print(
+        "| table | scale | tokens | method | leak | gap to exact | leak, other prompts | gap | table error | removed |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind, scale in ORACLES:
             tokens, table = gpt2_layer0(kind, scale, Path(tmp))  # tests/helpers.py
-            exact = view(tokens.with_X((tokens.X - table[tokens.position]).astype(np.float32)), "none").metrics
+            exact = view(
+                tokens.with_X((tokens.X - table[tokens.position]).astype(np.float32)), "none"
+            ).metrics
             for method in ["none", "exact", *methods]:
                 if method == "exact":
                     m, err, took = exact, 0.0, "wpe"
@@ -59,34 +71,48 @@ def oracle_table(methods: list[str]) -> None:
                     m = r.metrics
                     err = table_error(tokens, r, table) if method != "none" else 1.0
                     took = ", ".join(m["removal"].get("removed") or []) or (
-                        f"{m['removal']['weight']:.0%}" if m["removal"].get("weight") else "-")
+                        f"{m['removal']['weight']:.0%}" if m["removal"].get("weight") else "-"
+                    )
                 gap = m["leak"]["leak"] - exact["leak"]["leak"]
                 gap_p = m["leak_prompt"]["leak"] - exact["leak_prompt"]["leak"]
-                print(f"| {kind} | {scale} | {m['n_tokens']} | {'raw' if method == 'none' else method} | "
-                      f"{m['leak']['leak']:+.3f} ±{1.96 * m['leak']['sd']:.3f} | {gap:+.3f} | "
-                      f"{m['leak_prompt']['leak']:+.3f} | {gap_p:+.3f} | {err:.3f} | {took} |")
+                print(
+                    f"| {kind} | {scale} | {m['n_tokens']} | {'raw' if method == 'none' else method} | "
+                    f"{m['leak']['leak']:+.3f} ±{1.96 * m['leak']['sd']:.3f} | {gap:+.3f} | "
+                    f"{m['leak_prompt']['leak']:+.3f} | {gap_p:+.3f} | {err:.3f} | {took} |"
+                )
     print()
 
 
 def regime_table(methods: list[str], seeds: int) -> None:
     print(f"## Synthetic regimes (analysis.regimes), {seeds} seeds: leak gap to exact subtraction\n")
-    print("| regime | method | mean gap | range | other prompts: mean gap | removed something | leak raw -> exact |")
+    print(
+        "| regime | method | mean gap | range | other prompts: mean gap | removed something | leak raw -> exact |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in REGIMES:
         runs = [generate(name, s) for s in range(seeds)]
         exacts = [view(r.exact(), "none").metrics for r in runs]
         raws = [view(r.tokens, "none").metrics for r in runs]
-        head = (f"{np.mean([m['leak']['leak'] for m in raws]):+.3f} -> "
-                f"{np.mean([m['leak']['leak'] for m in exacts]):+.3f} (band ±"
-                f"{np.mean([1.96 * m['leak']['sd'] for m in exacts]):.3f})")
+        head = (
+            f"{np.mean([m['leak']['leak'] for m in raws]):+.3f} -> "
+            f"{np.mean([m['leak']['leak'] for m in exacts]):+.3f} (band ±"
+            f"{np.mean([1.96 * m['leak']['sd'] for m in exacts]):.3f})"
+        )
         for method in methods:
             ms = [view(r.tokens, method).metrics for r in runs]
             gap = np.array([m["leak"]["leak"] - e["leak"]["leak"] for m, e in zip(ms, exacts)])
-            gap_p = np.array([m.get("leak_prompt", {}).get("leak", np.nan) - e.get("leak_prompt", {}).get("leak", np.nan)
-                              for m, e in zip(ms, exacts)])
+            gap_p = np.array(
+                [
+                    m.get("leak_prompt", {}).get("leak", np.nan)
+                    - e.get("leak_prompt", {}).get("leak", np.nan)
+                    for m, e in zip(ms, exacts)
+                ]
+            )
             took = np.mean([bool(m["removal"].get("weight")) for m in ms])
-            print(f"| {name} | {method} | {gap.mean():+.3f} | {gap.min():+.3f} .. {gap.max():+.3f} | "
-                  f"{np.nanmean(gap_p) if np.isfinite(gap_p).any() else float('nan'):+.3f} | {took:.0%} | {head} |")
+            print(
+                f"| {name} | {method} | {gap.mean():+.3f} | {gap.min():+.3f} .. {gap.max():+.3f} | "
+                f"{np.nanmean(gap_p) if np.isfinite(gap_p).any() else float('nan'):+.3f} | {took:.0%} | {head} |"
+            )
     print()
 
 

@@ -52,15 +52,21 @@ def read_all(store: Path, run_id: str, layer: int, reference: np.ndarray, repeat
         assert np.array_equal(vecs, reference) and labels.height == len(reference)
         out["token_rows (labels + vectors)"] = s
         # References: the same vectors with the sort / join done inside DuckDB (the queries used before).
-        sql_sorted = ("SELECT branch_id, position, vec FROM latents WHERE run_id = ? AND layer = ? "
-                      "AND variant = 'normal' ORDER BY branch_id, position")
+        sql_sorted = (
+            "SELECT branch_id, position, vec FROM latents WHERE run_id = ? AND layer = ? "
+            "AND variant = 'normal' ORDER BY branch_id, position"
+        )
         out["DuckDB ORDER BY (before)"] = timed(
-            lambda: con.sql(sql_sorted, params=[run_id, layer]).to_arrow_table(), repeats)[0]
-        sql_join = ("SELECT l.branch_id, l.position, t.token_text, l.vec FROM latents l "
-                    "JOIN tokens t USING (run_id, branch_id, position) JOIN branches b USING (run_id, branch_id) "
-                    "WHERE l.run_id = ? AND l.layer = ? AND l.variant = 'normal' ORDER BY l.branch_id, l.position")
+            lambda: con.sql(sql_sorted, params=[run_id, layer]).to_arrow_table(), repeats
+        )[0]
+        sql_join = (
+            "SELECT l.branch_id, l.position, t.token_text, l.vec FROM latents l "
+            "JOIN tokens t USING (run_id, branch_id, position) JOIN branches b USING (run_id, branch_id) "
+            "WHERE l.run_id = ? AND l.layer = ? AND l.variant = 'normal' ORDER BY l.branch_id, l.position"
+        )
         out["DuckDB join + ORDER BY (token_rows before)"] = timed(
-            lambda: con.sql(sql_join, params=[run_id, layer]).to_arrow_table(), repeats)[0]
+            lambda: con.sql(sql_join, params=[run_id, layer]).to_arrow_table(), repeats
+        )[0]
     return out
 
 
@@ -89,19 +95,38 @@ def main() -> None:
         assert np.array_equal(arr, reference)
         reads = {"np.load": np_s}
         size = {"as written": store.stat().st_size}
-        reads |= {f"{k} [as written]": v for k, v in read_all(store, run_id, layer, reference, args.repeats).items()}
+        reads |= {
+            f"{k} [as written]": v for k, v in read_all(store, run_id, layer, reference, args.repeats).items()
+        }
         t0 = time.perf_counter()
         compact(store)
         compact_s = time.perf_counter() - t0
         size["compacted"] = store.stat().st_size
-        reads |= {f"{k} [compacted]": v for k, v in read_all(store, run_id, layer, reference, args.repeats).items()}
-    print(json.dumps({
-        "tokens_per_layer": len(reference), "dim": args.dim, "layers": args.layers, "layer_MB": round(mb, 1),
-        "store_MB": {k: round(v / 1e6, 1) for k, v in size.items()}, "write_s": round(write_s, 1),
-        "compact_s": round(compact_s, 1),
-        "reads": {name: {"s": round(s, 3), "MB_per_s": round(mb / s), "ratio_vs_np_load": round(np_s / s, 3)}
-                  for name, s in reads.items()},
-    }, indent=1))
+        reads |= {
+            f"{k} [compacted]": v for k, v in read_all(store, run_id, layer, reference, args.repeats).items()
+        }
+    print(
+        json.dumps(
+            {
+                "tokens_per_layer": len(reference),
+                "dim": args.dim,
+                "layers": args.layers,
+                "layer_MB": round(mb, 1),
+                "store_MB": {k: round(v / 1e6, 1) for k, v in size.items()},
+                "write_s": round(write_s, 1),
+                "compact_s": round(compact_s, 1),
+                "reads": {
+                    name: {
+                        "s": round(s, 3),
+                        "MB_per_s": round(mb / s),
+                        "ratio_vs_np_load": round(np_s / s, 3),
+                    }
+                    for name, s in reads.items()
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

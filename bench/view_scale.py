@@ -46,10 +46,10 @@ def tokens_for(n: int, d: int = 640, seed: int = 0):
     while filled < n:
         tree = branch_tree(n_prompts=40, branches_per_prompt=10, length=200, d=d, seed=seed + chunk)
         take = min(len(tree), n - filled)
-        X[filled:filled + take] = tree.X[:take]
-        position[filled:filled + take] = tree.position[:take]
-        branch[filled:filled + take] = tree.branch[:take] + chunk * 1_000_000
-        prompt[filled:filled + take] = tree.prompt[:take] + chunk * 1_000
+        X[filled : filled + take] = tree.X[:take]
+        position[filled : filled + take] = tree.position[:take]
+        branch[filled : filled + take] = tree.branch[:take] + chunk * 1_000_000
+        prompt[filled : filled + take] = tree.prompt[:take] + chunk * 1_000
         filled += take
         chunk += 1
     token_id = np.random.default_rng(seed).integers(0, 5000, n)
@@ -96,9 +96,16 @@ def one(n: int, removal: bool = True) -> dict:
     else:
         steps, m = neighbour_steps(tokens)
     wall = time.perf_counter() - t
-    return {"n": n, "wall": wall, "steps": steps, "peak_rss_gb": peak_rss_gb(), "data_rss_gb": data_rss,
-            "leak": [m["leak"]["leak"], m["leak"]["sd"]], "nn_branch": [m["nn_branch"]["purity"], m["nn_branch"]["sd"]],
-            "trust": [m["projection"]["trustworthiness"], m["projection"]["sd"]]}
+    return {
+        "n": n,
+        "wall": wall,
+        "steps": steps,
+        "peak_rss_gb": peak_rss_gb(),
+        "data_rss_gb": data_rss,
+        "leak": [m["leak"]["leak"], m["leak"]["sd"]],
+        "nn_branch": [m["nn_branch"]["purity"], m["nn_branch"]["sd"]],
+        "trust": [m["projection"]["trustworthiness"], m["projection"]["sd"]],
+    }
 
 
 def quality(n: int) -> dict:
@@ -130,31 +137,50 @@ def quality(n: int) -> dict:
     out = {"n": len(Y)}
     for name, coords, secs in (("landmark", landmark, t_landmark), ("full exact", full, t_full)):
         q = trustworthiness(X, coords, k=10)
-        out[name] = {"trust": q["trustworthiness"], "sd": q["sd"], "continuity": q["continuity"], "secs": secs}
+        out[name] = {
+            "trust": q["trustworthiness"],
+            "sd": q["sd"],
+            "continuity": q["continuity"],
+            "secs": secs,
+        }
     return out
 
 
 def child(args: list[str], root: Path = ROOT) -> dict:
     """Run this script with `args` in a fresh process, on the code of checkout `root`."""
     script = root / "bench" / "view_scale.py"
-    out = subprocess.run([sys.executable, str(script if root != ROOT else Path(__file__)), *args], capture_output=True,
-                         text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    out = subprocess.run(
+        [sys.executable, str(script if root != ROOT else Path(__file__)), *args],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     if out.returncode:
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+        return {
+            "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+        }
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def quality_line(r: dict) -> str:
-    return (f"leak {r['leak'][0]:+.3f} ±{1.96 * r['leak'][1]:.3f}, branch 1-NN {r['nn_branch'][0]:.3f} "
-            f"±{1.96 * r['nn_branch'][1]:.3f}, trustworthiness {r['trust'][0]:.3f} ±{1.96 * r['trust'][1]:.3f}")
+    return (
+        f"leak {r['leak'][0]:+.3f} ±{1.96 * r['leak'][1]:.3f}, branch 1-NN {r['nn_branch'][0]:.3f} "
+        f"±{1.96 * r['nn_branch'][1]:.3f}, trustworthiness {r['trust'][0]:.3f} ±{1.96 * r['trust'][1]:.3f}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 50_000, 100_000, 200_000])
     parser.add_argument("--no-quality", action="store_true")
-    parser.add_argument("--no-removal", action="store_true",
-                        help="time only the projection and the kNN measures (what analysis.neighbours serves)")
+    parser.add_argument(
+        "--no-removal",
+        action="store_true",
+        help="time only the projection and the kNN measures (what analysis.neighbours serves)",
+    )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--against", type=Path, help="another checkout: each size also runs on its code")
     parser.add_argument("--quality-at", type=int, default=50_000)
@@ -174,17 +200,26 @@ def main() -> None:
         one_args = ["--one", str(n), *(["--no-removal"] if args.no_removal else [])]
         if args.against:
             b = child(one_args, args.against.resolve())
-            print(f"{n:>9} {'failed: ' + b['error'] if 'error' in b else format(b['wall'], '7.2f') + 's'}"
-                  + ("" if "error" in b else f"        {b['peak_rss_gb']:7.2f}GB {b['data_rss_gb']:5.2f}GB  "
-                     + ", ".join(f"{k} {v:.1f}" for k, v in b["steps"].items())) + f"  ({args.against})")
+            print(
+                f"{n:>9} {'failed: ' + b['error'] if 'error' in b else format(b['wall'], '7.2f') + 's'}"
+                + (
+                    ""
+                    if "error" in b
+                    else f"        {b['peak_rss_gb']:7.2f}GB {b['data_rss_gb']:5.2f}GB  "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in b["steps"].items())
+                )
+                + f"  ({args.against})"
+            )
         r = child(one_args)
         if "error" in r:
             print(f"{n:>9} failed: {r['error']}")
             continue
         if args.against and "error" not in b:
             print(f"{'':>9} {args.against.name}: " + quality_line(b))
-            print(f"{'':>9} this checkout / {args.against.name}: view {r['wall'] / b['wall']:.2f}x, "
-                  f"peak RSS {r['peak_rss_gb'] / b['peak_rss_gb']:.2f}x")
+            print(
+                f"{'':>9} this checkout / {args.against.name}: view {r['wall'] / b['wall']:.2f}x, "
+                f"peak RSS {r['peak_rss_gb'] / b['peak_rss_gb']:.2f}x"
+            )
         base = base or r
         ratio = r["wall"] / base["wall"]
         goal = goals.get(n)
@@ -196,7 +231,9 @@ def main() -> None:
         if n == 1_000_000:
             verdict += f"  (peak RSS goal <= 6 GB: {'met' if r['peak_rss_gb'] <= 6 else 'MISSED'})"
         steps = ", ".join(f"{k} {v:.1f}" for k, v in r["steps"].items())
-        print(f"{n:>9} {r['wall']:7.2f}s {ratio:5.2f}x {r['peak_rss_gb']:7.2f}GB {r['data_rss_gb']:5.2f}GB  {steps}{verdict}")
+        print(
+            f"{n:>9} {r['wall']:7.2f}s {ratio:5.2f}x {r['peak_rss_gb']:7.2f}GB {r['data_rss_gb']:5.2f}GB  {steps}{verdict}"
+        )
         print(f"{'':>9} " + quality_line(r))
     if not args.no_quality:
         q = child(["--quality-only", "--quality-at", str(args.quality_at)])
@@ -208,8 +245,10 @@ def main() -> None:
         print(f"\nlayout quality at {q['n']} tokens (k=10, 1500 sampled tokens, ±1.96 sd):")
         for name in ("landmark", "full exact"):
             v = q[name]
-            print(f"  {name:<10} trustworthiness {v['trust']:.4f} ±{1.96 * v['sd']:.4f}, continuity "
-                  f"{v['continuity']:.4f}, layout {v['secs']:.1f} s")
+            print(
+                f"  {name:<10} trustworthiness {v['trust']:.4f} ±{1.96 * v['sd']:.4f}, continuity "
+                f"{v['continuity']:.4f}, layout {v['secs']:.1f} s"
+            )
         print(f"  gap {gap:+.4f} (goal: within 0.02: {'met' if abs(gap) <= 0.02 else 'MISSED'})")
 
 

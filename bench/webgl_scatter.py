@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-PAGE = '''
+PAGE = """
 import sys, time
 import numpy as np, polars as pl, streamlit as st
 sys.path.insert(0, {root!r})
@@ -56,7 +56,7 @@ if kind == "webgl":
 else:
     st.altair_chart(charts.projection(points, None, None, "raw", "raw"), width="stretch", key="vega")
 st.caption(f"server {{time.perf_counter() - t0:.2f}} s")
-'''
+"""
 
 
 def free_port() -> int:
@@ -80,7 +80,11 @@ def measure(driver, url: str, n: int, kind: str, click: bool = True) -> dict:
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(driver, 600, poll_frequency=0.5)
-    css = '[data-testid="stDeckGlJsonChart"] canvas' if kind == "webgl" else ".vega-embed svg.marks, .vega-embed canvas"
+    css = (
+        '[data-testid="stDeckGlJsonChart"] canvas'
+        if kind == "webgl"
+        else ".vega-embed svg.marks, .vega-embed canvas"
+    )
 
     def ready(d):
         from selenium.common.exceptions import TimeoutException
@@ -97,16 +101,23 @@ def measure(driver, url: str, n: int, kind: str, click: bool = True) -> dict:
     driver.get(f"{url}/?n={n}&kind={kind}")
     element = wait.until(ready)
     out = {"n": n, "kind": kind, "first draw s": time.perf_counter() - t0}
-    server = [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
-              if e.text.startswith("server")]
+    server = [
+        e.text
+        for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+        if e.text.startswith("server")
+    ]
     out["server s"] = float(server[0].split()[1]) if server else float("nan")
     if kind == "webgl" and click:
         dots = drawn_pixels(element)
         on = {tuple(p) for p in dots.tolist()}
-        inner = [p for p in dots.tolist() if all((p[0] + a, p[1] + b) in on for a in (-1, 1) for b in (-1, 1))]
+        inner = [
+            p for p in dots.tolist() if all((p[0] + a, p[1] + b) in on for a in (-1, 1) for b in (-1, 1))
+        ]
         targets = inner[:: max(1, len(inner) // 40)]
         w, h = element.size["width"], element.size["height"]
-        clicks: list[float] = []  # when each click was sent: deck.gl under SwiftShader drops clicks for a while
+        clicks: list[
+            float
+        ] = []  # when each click was sent: deck.gl under SwiftShader drops clicks for a while
         #                           after the first draw, so an idle page with nothing picked is clicked again
 
         def picked(d) -> bool:
@@ -116,7 +127,9 @@ def measure(driver, url: str, n: int, kind: str, click: bool = True) -> dict:
             if not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]'):
                 x, y = targets[len(clicks) % len(targets)]
                 clicks.append(time.perf_counter())
-                ActionChains(d).move_to_element_with_offset(element, int(x - w / 2), int(y - h / 2)).click().perform()
+                ActionChains(d).move_to_element_with_offset(
+                    element, int(x - w / 2), int(y - h / 2)
+                ).click().perform()
             return False
 
         wait.until(picked)
@@ -130,19 +143,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000,100000,1000000")
     parser.add_argument("--vega-max", type=int, default=20000, help="largest n also drawn with Vega")
-    parser.add_argument("--click-max", type=int, default=20000,
-                        help="largest n whose click round trip is measured (under SwiftShader no click registered "
-                             "at 10^5 points in 80 s of tries)")
+    parser.add_argument(
+        "--click-max",
+        type=int,
+        default=20000,
+        help="largest n whose click round trip is measured (under SwiftShader no click registered "
+        "at 10^5 points in 80 s of tries)",
+    )
     args = parser.parse_args()
     from test_browser import chromium
 
     folder = Path(tempfile.mkdtemp(prefix="bl-webgl-"))
     (folder / "page.py").write_text(PAGE.format(root=str(ROOT)))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(folder / "page.py"), "--server.port",
-                             str(port), "--server.headless", "true", "--server.maxMessageSize", "400"],
-                            cwd=folder, stdout=open(folder / "st.log", "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(folder / "page.py"),
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.maxMessageSize",
+            "400",
+        ],
+        cwd=folder,
+        stdout=open(folder / "st.log", "w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     url = f"http://127.0.0.1:{port}"
     while proc.poll() is None:
         try:
@@ -161,16 +193,22 @@ def main() -> None:
         driver.quit()
         proc.terminate()
     load = os.getloadavg()[0]
-    print("\n| points | chart | first draw | of which server | first click that took (clicks) | its round trip |\n"
-          "|---|---|---|---|---|---|")
+    print(
+        "\n| points | chart | first draw | of which server | first click that took (clicks) | its round trip |\n"
+        "|---|---|---|---|---|---|"
+    )
     for r in rows:
         took = f"{r['clickable s']:.1f} s ({r['clicks']})" if "clicks" in r else "-"
         click = f"{r['click round trip s']:.1f} s" if "click round trip s" in r else "-"
-        print(f"| {r['n']:,} | {r['kind']} | {r['first draw s']:.1f} s | {r['server s']:.2f} s | {took} | {click} |")
+        print(
+            f"| {r['n']:,} | {r['kind']} | {r['first draw s']:.1f} s | {r['server s']:.2f} s | {took} | {click} |"
+        )
     base = next((r for r in rows if r["kind"] == "vega"), None)
     if base:
         same = next(r for r in rows if r["kind"] == "webgl" and r["n"] == base["n"])
-        print(f"\nWebGL / Vega first draw at {base['n']:,} points: {same['first draw s'] / base['first draw s']:.2f}")
+        print(
+            f"\nWebGL / Vega first draw at {base['n']:,} points: {same['first draw s'] / base['first draw s']:.2f}"
+        )
     print(f"load average {load:.1f} on {os.cpu_count()} cores")
 
 

@@ -18,7 +18,9 @@ from views.clusters import clusters as compute_clusters
 from views.service import Selection, compute, divergence, layer_profile
 from views.specs import ViewSpec
 
-LOCK_TIMEOUT = float(os.environ.get("BRANCHLENS_LOCK_TIMEOUT", "5"))  # seconds a read waits while an ingest commits
+LOCK_TIMEOUT = float(
+    os.environ.get("BRANCHLENS_LOCK_TIMEOUT", "5")
+)  # seconds a read waits while an ingest commits
 
 
 def version(path: str) -> tuple:
@@ -43,9 +45,12 @@ def view(path: str, data_version: tuple, selection: Selection, spec_json: str) -
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def profile(path: str, data_version: tuple, selection: Selection, spec_json: str, layers: tuple[int, ...]) -> pl.DataFrame:
-    rows = layer_profile(path, selection, ViewSpec.from_dict(json.loads(spec_json)), list(layers), ViewCache(),
-                         LOCK_TIMEOUT)
+def profile(
+    path: str, data_version: tuple, selection: Selection, spec_json: str, layers: tuple[int, ...]
+) -> pl.DataFrame:
+    rows = layer_profile(
+        path, selection, ViewSpec.from_dict(json.loads(spec_json)), list(layers), ViewCache(), LOCK_TIMEOUT
+    )
     return pl.DataFrame(rows)
 
 
@@ -56,10 +61,13 @@ def apart(path: str, data_version: tuple, selection: Selection, spec_json: str) 
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def clusters(path: str, data_version: tuple, selection: Selection, spec_json: str, method: str, k: int) -> Clusters:
+def clusters(
+    path: str, data_version: tuple, selection: Selection, spec_json: str, method: str, k: int
+) -> Clusters:
     """Cluster ids of the view's position-removed latents (views.clusters, disk-cached too)."""
-    return compute_clusters(path, selection, ViewSpec.from_dict(json.loads(spec_json)), method, k, ViewCache(),
-                            LOCK_TIMEOUT)
+    return compute_clusters(
+        path, selection, ViewSpec.from_dict(json.loads(spec_json)), method, k, ViewCache(), LOCK_TIMEOUT
+    )
 
 
 @st.cache_resource(show_spinner=False)

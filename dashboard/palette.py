@@ -7,8 +7,18 @@ import colorsys
 import polars as pl
 
 # Ten well-separated hues (tableau10's), then evenly spaced ones by the golden angle.
-BASE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
-        "#bab0ac"]
+BASE = [
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
 GOLDEN = 0.618033988749895
 
 
@@ -22,7 +32,7 @@ def prompt_color(index: int) -> str:
 
 def shades(base: str, n: int) -> list[str]:
     """n shades of one hue, dark to light (lightness 0.28-0.72), the base's hue and saturation kept."""
-    h, _lightness, s = colorsys.rgb_to_hls(*(int(base[i:i + 2], 16) / 255 for i in (1, 3, 5)))
+    h, _lightness, s = colorsys.rgb_to_hls(*(int(base[i : i + 2], 16) / 255 for i in (1, 3, 5)))
     s = max(s, 0.45)
     if n == 1:
         return [base]
@@ -42,5 +52,6 @@ def branch_colors(branches: pl.DataFrame) -> pl.DataFrame:
         ids = sorted(branches.filter(pl.col("prompt_id") == p)["branch_id"].to_list())
         base = prompt_color(i)
         rows += [(b, base, shade) for b, shade in zip(ids, shades(base, len(ids)))]
-    return pl.DataFrame(rows, schema={"branch_id": pl.Int64, "prompt_color": pl.String, "shade": pl.String},
-                        orient="row")
+    return pl.DataFrame(
+        rows, schema={"branch_id": pl.Int64, "prompt_color": pl.String, "shade": pl.String}, orient="row"
+    )

@@ -31,8 +31,10 @@ T = TypeVar("T")
 
 def busy_note(path: str, key: str) -> None:
     """What every tab shows when an ingest holds the store longer than a read waits: a note and Retry."""
-    st.warning(f"An ingest is committing to `{path}` right now; the dashboard shows what is committed "
-               "once it releases the file (it does after every prompt).")
+    st.warning(
+        f"An ingest is committing to `{path}` right now; the dashboard shows what is committed "
+        "once it releases the file (it does after every prompt)."
+    )
     st.button("Retry", key=f"retry_{key}")
 
 
@@ -63,27 +65,33 @@ TABLE_CSS = """
 def metrics_html(raw: dict, res: dict) -> str:
     """The metrics as an HTML table that fits a laptop screen: each number beside its band, chance and
     its band always visible, the metric's meaning on hover (?)."""
-    head = ("<tr><th>metric</th><th>raw</th><th></th><th>removed</th><th></th><th>chance</th><th></th></tr>")
+    head = "<tr><th>metric</th><th>raw</th><th></th><th>removed</th><th></th><th>chance</th><th></th></tr>"
     body = []
     for r in metric_rows(raw, res):
         cls = ' class="warned"' if r.warned else ""
         label = html.escape(r.label)
         if r.help:
             label += f'<abbr title="{html.escape(r.help)}">?</abbr>'
-        cells = "".join(f"<td>{html.escape(v)}</td>" if i % 2 == 0 else f'<td class="band">{html.escape(v)}</td>'
-                        for i, v in enumerate((r.raw, r.raw_band, r.removed, r.removed_band, r.chance, r.chance_band)))
+        cells = "".join(
+            f"<td>{html.escape(v)}</td>" if i % 2 == 0 else f'<td class="band">{html.escape(v)}</td>'
+            for i, v in enumerate((r.raw, r.raw_band, r.removed, r.removed_band, r.chance, r.chance_band))
+        )
         body.append(f"<tr{cls}><td>{label}</td>{cells}</tr>")
     return f'{TABLE_CSS}<table class="bl-metrics">{head}{"".join(body)}</table>'
 
 
 def metrics_panel(raw: dict, res: dict) -> None:
     st.markdown(metrics_html(raw, res), unsafe_allow_html=True)
-    with st.expander("What each number means"):  # the ? tooltips are mouse-only; this is for keyboards and reading
+    with st.expander(
+        "What each number means"
+    ):  # the ? tooltips are mouse-only; this is for keyboards and reading
         st.markdown("\n".join(f"- **{r.label}**: {r.help}" for r in metric_rows(raw, res) if r.help))
-    st.caption(f"{band_caption(res)}. Leaks: 0 = chance (positions shuffled within "
-               "branches), 1 = neighbours at the same position, below 0 = farther apart in position than chance "
-               "(after a removal: tokens at the same position pushed apart). Hover ? for what each number "
-               f"means. {res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out.")
+    st.caption(
+        f"{band_caption(res)}. Leaks: 0 = chance (positions shuffled within "
+        "branches), 1 = neighbours at the same position, below 0 = farther apart in position than chance "
+        "(after a removal: tokens at the same position pushed apart). Hover ? for what each number "
+        f"means. {res.get('n_tokens', 0)} tokens, {res.get('n_sinks_dropped', 0)} attention sinks left out."
+    )
     note = removal_note(res.get("removal"))
     if note:
         st.info(note)
@@ -99,31 +107,47 @@ def verdict_panel(raw: dict, res: dict) -> None:
         if warning.kind.endswith("unmasked"):
             st.warning(f"{warning.message}.")
         else:
-            st.error(f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
-                     "smoother method, or keep the raw view.")
+            st.error(
+                f"Removal made this worse: {warning.message}. Fit on more tokens (sidebar: Fit on), use a "
+                "smoother method, or keep the raw view."
+            )
 
 
 def text_panel(html_text: str, n_selected: int) -> None:
     jump = ' · <a href="#bl-first-selected">jump to the first selected token</a>' if n_selected else ""
-    st.markdown(f"<small>{n_selected} tokens selected (marked). Draw a box or click a point in either chart, "
-                f"or pick branches and tokens above, to select.{jump}</small>", unsafe_allow_html=True)
+    st.markdown(
+        f"<small>{n_selected} tokens selected (marked). Draw a box or click a point in either chart, "
+        f"or pick branches and tokens above, to select.{jump}</small>",
+        unsafe_allow_html=True,
+    )
     st.markdown(f'<div style="max-height:520px;overflow-y:auto">{html_text}</div>', unsafe_allow_html=True)
 
 
 def branch_picker(table: pl.DataFrame, key: str) -> set[int]:
     """The branches as a table with their text; the rows a user selects are followed in both charts."""
-    event = st.dataframe(table, hide_index=True, width="stretch", height=min(38 + 35 * len(table), 280),
-                         on_select="rerun", selection_mode="multi-row", key=key,
-                         column_config={"text": st.column_config.TextColumn("text (own tokens)", width="large")})
+    event = st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        height=min(38 + 35 * len(table), 280),
+        on_select="rerun",
+        selection_mode="multi-row",
+        key=key,
+        column_config={"text": st.column_config.TextColumn("text (own tokens)", width="large")},
+    )
     rows = event.selection.rows if event and event.selection else []
     return {int(table["branch"][i]) for i in rows}
 
 
 def token_picker(tokens: pl.DataFrame, branch: int, key: str) -> set[tuple[int, int]]:
     """A followed branch's tokens as chips: the ones clicked are lit in both charts and the text."""
-    chosen = st.pills(f"Tokens of branch {branch} (click to light them in both charts)",
-                      tokens["position"].to_list(), selection_mode="multi", key=key,
-                      format_func=dict(zip(tokens["position"].to_list(), tokens["token_text"].to_list())).get)
+    chosen = st.pills(
+        f"Tokens of branch {branch} (click to light them in both charts)",
+        tokens["position"].to_list(),
+        selection_mode="multi",
+        key=key,
+        format_func=dict(zip(tokens["position"].to_list(), tokens["token_text"].to_list())).get,
+    )
     return {(branch, int(p)) for p in chosen or []}
 
 
@@ -139,23 +163,33 @@ def clusters_panel(found: Clusters) -> None:
     of positions or of one prompt reads as such; a warning when one cluster holds most tokens."""
     big = found.dominant
     if big is not None:
-        st.warning(f"One cluster holds {big['share']:.0%} of the tokens: these settings do not split this layer "
-                   "usefully. Try k-means, a smaller minimum cluster size, or another layer.")
+        st.warning(
+            f"One cluster holds {big['share']:.0%} of the tokens: these settings do not split this layer "
+            "usefully. Try k-means, a smaller minimum cluster size, or another layer."
+        )
     total = max(sum(s["size"] for s in found.summary), 1)
     rows = []
     for s in found.summary:
         med, lo, hi = s.get("position", (float("nan"),) * 3)
-        rows.append({
-            "cluster": "noise" if s["cluster"] == -1 else str(s["cluster"]), "tokens": s["size"],
-            "share": s["size"] / total,
-            "positions (median, 10-90%)": f"{med:.0f} ({lo:.0f}-{hi:.0f})",
-            "prompts (tokens)": ", ".join(f"{p} ({n})" for p, n in s.get("prompts", [])[:6]),
-            "most frequent tokens": ", ".join(f"{t!r}×{n}" for t, n in s["top_tokens"]),
-            "branches": len(s["branches"]),
-        })
-    st.dataframe(pl.DataFrame(rows), hide_index=True, width="stretch",
-                 column_config={"share": st.column_config.ProgressColumn("share", format="percent", min_value=0,
-                                                                         max_value=1)})
+        rows.append(
+            {
+                "cluster": "noise" if s["cluster"] == -1 else str(s["cluster"]),
+                "tokens": s["size"],
+                "share": s["size"] / total,
+                "positions (median, 10-90%)": f"{med:.0f} ({lo:.0f}-{hi:.0f})",
+                "prompts (tokens)": ", ".join(f"{p} ({n})" for p, n in s.get("prompts", [])[:6]),
+                "most frequent tokens": ", ".join(f"{t!r}×{n}" for t, n in s["top_tokens"]),
+                "branches": len(s["branches"]),
+            }
+        )
+    st.dataframe(
+        pl.DataFrame(rows),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "share": st.column_config.ProgressColumn("share", format="percent", min_value=0, max_value=1)
+        },
+    )
     st.caption("Colour the charts by cluster (sidebar: Colour by) to see where each one lies.")
 
 
@@ -164,13 +198,19 @@ def layers_panel(profile: pl.DataFrame) -> None:
     cols = st.columns(2)
     for i, (title, value, band, chance, chance_band) in enumerate(charts.PROFILE_PANELS):
         with cols[i % 2]:
-            st.altair_chart(charts.profile_panel(profile, value, band, chance, chance_band, title), width="stretch")
-    st.caption("Lines: raw and after removal, with their 95% bands; grey: the chance band. Which layer is least "
-               "tainted by position: compare raw with the removed line and with chance. Learned absolute positions "
-               "(GPT-2) are strongest in early layers; RoPE models have none at layer 0 (token embeddings). "
-               "A probe well above chance with R2_pos near chance: position is decodable but small.")
-    config = {c: st.column_config.Column(label, help=text)
-              for c, (label, text) in profile_columns(profile.columns).items()}
+            st.altair_chart(
+                charts.profile_panel(profile, value, band, chance, chance_band, title), width="stretch"
+            )
+    st.caption(
+        "Lines: raw and after removal, with their 95% bands; grey: the chance band. Which layer is least "
+        "tainted by position: compare raw with the removed line and with chance. Learned absolute positions "
+        "(GPT-2) are strongest in early layers; RoPE models have none at layer 0 (token embeddings). "
+        "A probe well above chance with R2_pos near chance: position is decodable but small."
+    )
+    config = {
+        c: st.column_config.Column(label, help=text)
+        for c, (label, text) in profile_columns(profile.columns).items()
+    }
     st.dataframe(profile, hide_index=True, width="stretch", column_config=config)
 
 
@@ -180,8 +220,10 @@ def sql_panel(store: str, run_id: str) -> None:
     changes; the example query follows the store and run shown."""
     st.caption(LIMITS)
     state = st.session_state
-    default = (f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
-               f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20")
+    default = (
+        f"SELECT branch_id, position, token_text, round(entropy, 2) AS entropy\n"
+        f"FROM tokens WHERE run_id = '{run_id}' AND NOT is_prompt\nORDER BY entropy DESC LIMIT 20"
+    )
     if state.get("sql_default") != default:  # another store or run: its own example, not the last one's
         if state.get("sql") in (None, state.get("sql_default")):
             state["sql"] = default
@@ -208,15 +250,20 @@ def sql_panel(store: str, run_id: str) -> None:
     frame = pl.from_arrow(table)
     note = {"rows": " (cut at 10,000 rows)", "bytes": " (cut at 64 MB of results)"}.get(result.cut_by, "")
     empty = f" (the run shown is '{run_id}': check the run id a WHERE clause names)" if not len(frame) else ""
-    st.caption(f"{len(frame)} rows in {result.seconds:.2f} s{note}{empty}" + "".join(f"; {c}" for c in changes))
+    st.caption(
+        f"{len(frame)} rows in {result.seconds:.2f} s{note}{empty}" + "".join(f"; {c}" for c in changes)
+    )
     st.dataframe(frame, width="stretch")
     downloads(frame, "query")
 
 
 def csv_columns(frame: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     """The frame without the columns CSV cannot hold (lists, arrays, structs, binary), and their names."""
-    nested = [c for c, t in frame.schema.items()
-              if isinstance(t, (pl.List, pl.Array, pl.Struct, pl.Object)) or t == pl.Binary]
+    nested = [
+        c
+        for c, t in frame.schema.items()
+        if isinstance(t, (pl.List, pl.Array, pl.Struct, pl.Object)) or t == pl.Binary
+    ]
     return frame.drop(nested), nested
 
 
@@ -224,14 +271,24 @@ def downloads(frame: pl.DataFrame, name: str) -> None:
     c1, c2 = st.columns(2)
     flat, nested = csv_columns(frame)
     if flat.width:
-        c1.download_button("CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv", on_click="ignore")
+        c1.download_button(
+            "CSV", flat.write_csv(), f"{name}.csv", "text/csv", key=f"{name}_csv", on_click="ignore"
+        )
     if nested:
-        c1.caption(f"CSV {'leaves out' if flat.width else 'cannot hold'} {', '.join(nested)} (nested or binary); "
-                   "Parquet keeps every column.")
+        c1.caption(
+            f"CSV {'leaves out' if flat.width else 'cannot hold'} {', '.join(nested)} (nested or binary); "
+            "Parquet keeps every column."
+        )
     buf = io.BytesIO()
     frame.write_parquet(buf)
-    c2.download_button("Parquet", buf.getvalue(), f"{name}.parquet", "application/octet-stream", key=f"{name}_pq",
-                       on_click="ignore")
+    c2.download_button(
+        "Parquet",
+        buf.getvalue(),
+        f"{name}.parquet",
+        "application/octet-stream",
+        key=f"{name}_pq",
+        on_click="ignore",
+    )
 
 
 def export_spec(chart: alt.TopLevelMixin, title: list[str]) -> dict:
@@ -279,10 +336,12 @@ def _fixed_width(spec: dict, width: int) -> None:
 
 def divergence_panel(found: dict) -> None:
     """Where branches go apart: the chart over offsets since the fork, and the per-prompt table."""
-    st.caption("Distance between two related branches (a fork and its parent, or two siblings) at the same "
-               "position after they part, over the distance between tokens of unrelated prompts at that "
-               "position: 1 = as far apart as unrelated prompts. Bands: 95%, resampling branches. Removing "
-               "position cannot change distances at matched positions; removing token identity can.")
+    st.caption(
+        "Distance between two related branches (a fork and its parent, or two siblings) at the same "
+        "position after they part, over the distance between tokens of unrelated prompts at that "
+        "position: 1 = as far apart as unrelated prompts. Bands: 95%, resampling branches. Removing "
+        "position cannot change distances at matched positions; removing token identity can."
+    )
     if not found["has_baseline"]:
         st.info(found["note"] or "One prompt only: no unrelated prompts to compare with. Select two or more.")
         return
@@ -296,4 +355,5 @@ def per_prompt_table(by_prompt: pl.DataFrame) -> pl.DataFrame:
     """Per prompt, the median distance ratio raw and removed, named as such, at one precision (3 decimals)."""
     table = by_prompt.pivot(on="view", index="prompt", values="median")
     return table.with_columns(pl.col(c).round(3) for c in table.columns if c != "prompt").rename(
-        {c: f"median ratio, {c}" for c in table.columns if c != "prompt"})
+        {c: f"median ratio, {c}" for c in table.columns if c != "prompt"}
+    )

@@ -32,8 +32,9 @@ class Controls:
 
 
 def store_path(default: str) -> str:
-    return st.sidebar.text_input("Store", value=default, key="store_path",
-                                 help="DuckDB file written by `python -m ingest`").strip()
+    return st.sidebar.text_input(
+        "Store", value=default, key="store_path", help="DuckDB file written by `python -m ingest`"
+    ).strip()
 
 
 def _prompts(store: str, run: dict) -> tuple[tuple[int, ...] | None, list[int]]:
@@ -51,9 +52,15 @@ def _prompts(store: str, run: dict) -> tuple[tuple[int, ...] | None, list[int]]:
     def remember() -> None:
         st.session_state[known_key] = ids
 
-    chosen = st.sidebar.multiselect("Prompts", ids, default=default, key=f"prompts::{scope}::{len(ids)}",
-                                    format_func=lambda i: f"{i}: {prompts[i][:40]}", on_change=remember,
-                                    placeholder=f"all {len(ids)} prompts (pick some to narrow)")
+    chosen = st.sidebar.multiselect(
+        "Prompts",
+        ids,
+        default=default,
+        key=f"prompts::{scope}::{len(ids)}",
+        format_func=lambda i: f"{i}: {prompts[i][:40]}",
+        on_change=remember,
+        placeholder=f"all {len(ids)} prompts (pick some to narrow)",
+    )
     st.session_state[chosen_key] = chosen
     new = [i for i in ids if i not in known and i not in chosen]
     if not chosen or set(chosen) == set(ids):
@@ -65,14 +72,27 @@ def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
     sb = st.sidebar
     prompt_ids, new_prompts = _prompts(store, run)
     variants = sorted(run["layers"]) or ["normal"]
-    variant = sb.selectbox("Variant", variants, key="variant",
-                           help="normal, or zero_pe (positional encoding neutralized) when the run has it")
+    variant = sb.selectbox(
+        "Variant",
+        variants,
+        key="variant",
+        help="normal, or zero_pe (positional encoding neutralized) when the run has it",
+    )
     layers = run["layers"].get(variant, [])
-    layer = sb.selectbox("Layer", layers, index=len(layers) // 2 if layers else 0, key="layer",
-                         help="0 = embeddings; later layers mix in more context")
+    layer = sb.selectbox(
+        "Layer",
+        layers,
+        index=len(layers) // 2 if layers else 0,
+        key="layer",
+        help="0 = embeddings; later layers mix in more context",
+    )
     generated_only = sb.checkbox("Generated tokens only", value=False, key="generated_only")
-    keep_sinks = sb.checkbox("Show BOS / attention sinks", value=False, key="keep_sinks",
-                             help="Tokens with norms 10x+ the rest; they squash everything else when kept")
+    keep_sinks = sb.checkbox(
+        "Show BOS / attention sinks",
+        value=False,
+        key="keep_sinks",
+        help="Tokens with norms 10x+ the rest; they squash everything else when kept",
+    )
 
     sb.subheader("Nuisance removal")
     names = methods()
@@ -80,14 +100,22 @@ def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
         st.session_state.pop("method", None)
     method = sb.selectbox("Method", names, format_func=method_label, key="method", help=method_help(names[0]))
     if method == "auto":
-        sb.button("Remove position only", key="position_only", on_click=_choose, args=("position",),
-                  help="The joint position estimate alone, keeping token identity")
+        sb.button(
+            "Remove position only",
+            key="position_only",
+            on_click=_choose,
+            args=("position",),
+            help="The joint position estimate alone, keeping token identity",
+        )
     elif method != "none":
         sb.caption(method_help(method))
     with sb.expander("Method parameters"):
         params = {p.name: _control(p, method) for p in method_params(method)}
-    scopes = {"run": "all tokens of this run", "plotted": "plotted tokens",
-              **{r: f"run {r}" for r in other_runs}}
+    scopes = {
+        "run": "all tokens of this run",
+        "plotted": "plotted tokens",
+        **{r: f"run {r}" for r in other_runs},
+    }
     fit_scope = sb.selectbox("Fit on", list(scopes), format_func=scopes.get, key="fit_scope")
 
     sb.subheader("Projection")
@@ -100,20 +128,38 @@ def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
             pparams["metric"] = st.selectbox("metric", ["cosine", "euclidean"], key="metric")
         pparams["seed"] = st.number_input("seed", 0, 10_000, 0, key="seed")
     sb.subheader("Drawing")
-    color_by = sb.selectbox("Colour by", list(COLOR_BY), key="color_by",
-                            help="branch: a hue per prompt, a shade per branch; prompt: a hue per prompt")
-    trajectories = sb.checkbox("Branch lines and fork points", value=True, key="trajectories",
-                               help="Lines for the branches you hover, click, select in the text or brush")
-    all_lines = sb.checkbox("Draw every branch's line", value=False, key="all_lines", disabled=not trajectories,
-                            help="All trajectories at once: readable for a few branches, a mesh for many")
+    color_by = sb.selectbox(
+        "Colour by",
+        list(COLOR_BY),
+        key="color_by",
+        help="branch: a hue per prompt, a shade per branch; prompt: a hue per prompt",
+    )
+    trajectories = sb.checkbox(
+        "Branch lines and fork points",
+        value=True,
+        key="trajectories",
+        help="Lines for the branches you hover, click, select in the text or brush",
+    )
+    all_lines = sb.checkbox(
+        "Draw every branch's line",
+        value=False,
+        key="all_lines",
+        disabled=not trajectories,
+        help="All trajectories at once: readable for a few branches, a mesh for many",
+    )
     max_points = sb.number_input("Max points drawn", 100, 200_000, 20_000, step=1000, key="max_points")
 
-    selection = Selection(run["run_id"], int(layer) if layer is not None else 0, variant, prompt_ids,
-                          generated_only, fit_scope)
-    spec = ViewSpec(residual=ResidualSpec(method=method, **params), projection=ProjectionSpec(method=proj, **pparams),
-                    exclude_sinks=not keep_sinks)
-    return Controls(selection, spec, color_by, trajectories, all_lines and trajectories, int(max_points),
-                    new_prompts)
+    selection = Selection(
+        run["run_id"], int(layer) if layer is not None else 0, variant, prompt_ids, generated_only, fit_scope
+    )
+    spec = ViewSpec(
+        residual=ResidualSpec(method=method, **params),
+        projection=ProjectionSpec(method=proj, **pparams),
+        exclude_sinks=not keep_sinks,
+    )
+    return Controls(
+        selection, spec, color_by, trajectories, all_lines and trajectories, int(max_points), new_prompts
+    )
 
 
 def _choose(method: str) -> None:
@@ -125,18 +171,32 @@ def _control(p: Param, method: str):
     parameter with an automatic choice gets a checkbox for it first. 'gate' shows as Force removal."""
     key = f"{method}::{p.name}"
     if p.name == "gate":
-        return not st.checkbox("Force removal", value=not p.default, key=key,
-                               help="Remove the estimate whole even when its test finds nothing")
-    if p.auto and st.checkbox(f"{p.label}: {p.auto}", value=p.default is None, key=f"{key}::auto", help=p.help):
+        return not st.checkbox(
+            "Force removal",
+            value=not p.default,
+            key=key,
+            help="Remove the estimate whole even when its test finds nothing",
+        )
+    if p.auto and st.checkbox(
+        f"{p.label}: {p.auto}", value=p.default is None, key=f"{key}::auto", help=p.help
+    ):
         return None
     default = p.default if p.default is not None else (p.low or 0)
     if p.kind == "bool":
         return st.checkbox(p.label, value=bool(default), key=key, help=p.help)
     if p.kind == "choice":
-        return st.selectbox(p.label, list(p.choices), index=list(p.choices).index(default), key=key, help=p.help)
+        return st.selectbox(
+            p.label, list(p.choices), index=list(p.choices).index(default), key=key, help=p.help
+        )
     if p.kind == "int":
         hi = int(p.high if p.high is not None and p.high <= 200 else max(default * 4, 10))
         return st.slider(p.label, int(p.low or 0), hi, int(default), key=key, help=p.help)
     hi = float(p.high if p.high is not None and p.high <= 1000 else max(default * 4, 50.0))
-    return st.slider(p.label, float(p.low or 0.0), hi, float(default if p.default is not None else min(5.0, hi)),
-                     key=key, help=p.help)
+    return st.slider(
+        p.label,
+        float(p.low or 0.0),
+        hi,
+        float(default if p.default is not None else min(5.0, hi)),
+        key=key,
+        help=p.help,
+    )

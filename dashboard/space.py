@@ -27,21 +27,31 @@ RESPONSIVE_CSS = """<style>
 </style>"""
 
 
-def prepare_points(raw: pl.DataFrame, res: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame,
-                   prompts: dict[int, str]) -> pl.DataFrame:
+def prepare_points(
+    raw: pl.DataFrame,
+    res: pl.DataFrame,
+    branches: pl.DataFrame,
+    lineage: pl.DataFrame,
+    prompts: dict[int, str],
+) -> pl.DataFrame:
     """One row per token in both views: raw_x/raw_y, res_x/res_y, labels, text around it, prompt label,
     its prompt's hue and its branch's shade."""
     points = res.rename({"x": "res_x", "y": "res_y"}).join(
         raw.select("branch_id", "position", pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y")),
-        on=["branch_id", "position"], how="inner")
+        on=["branch_id", "position"],
+        how="inner",
+    )
     colours = branch_colors(branches.select("branch_id", "prompt_id"))
     points = points.join(colours, on="branch_id", how="left").with_columns(
         pl.Series("context", text.context_windows(points, lineage)),
         pl.col("token_text").map_elements(text.printable, return_dtype=pl.String),
-        pl.col("prompt_id").map_elements(lambda p: f"{p}: {text.printable(prompts.get(p, ''))[:48]}",
-                                         return_dtype=pl.String).alias("prompt_label"),
+        pl.col("prompt_id")
+        .map_elements(lambda p: f"{p}: {text.printable(prompts.get(p, ''))[:48]}", return_dtype=pl.String)
+        .alias("prompt_label"),
     )
-    return points.with_columns(pl.col("prompt_color").fill_null("#888888"), pl.col("shade").fill_null("#888888"))
+    return points.with_columns(
+        pl.col("prompt_color").fill_null("#888888"), pl.col("shade").fill_null("#888888")
+    )
 
 
 def _chart_selection(key: str) -> dict:
@@ -59,8 +69,13 @@ def _brushes(selection: dict) -> dict:
 MAX_BOX_LINES = 8  # branches of a box's tokens whose lines are drawn (all of 156 tokens' made a mesh)
 
 
-def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tuple[int, int]],
-          prompts: set[str] = frozenset()) -> tuple[pl.DataFrame, set[int]]:
+def focus(
+    points: pl.DataFrame,
+    brushes: dict,
+    picked: set[int],
+    tokens: set[tuple[int, int]],
+    prompts: set[str] = frozenset(),
+) -> tuple[pl.DataFrame, set[int]]:
     """The selected tokens and the branches whose lines are drawn. Selected: the tokens inside every
     brush ({param: {field: [lo, hi]}}, from either chart) and the picked tokens; with neither, every token
     of the picked branches; of those (or of all tokens), only the prompts clicked in either legend when
@@ -70,7 +85,8 @@ def focus(points: pl.DataFrame, brushes: dict, picked: set[int], tokens: set[tup
     if tokens:
         keys = pl.DataFrame(list(tokens), schema={"branch_id": pl.Int64, "position": pl.Int64}, orient="row")
         chosen = pl.concat([chosen, points.join(keys, on=["branch_id", "position"], how="semi")]).unique(
-            ["branch_id", "position"], maintain_order=True)
+            ["branch_id", "position"], maintain_order=True
+        )
     if not len(chosen) and picked:
         chosen = points.filter(pl.col("branch_id").is_in(list(picked)))
     if prompts:
@@ -93,8 +109,9 @@ def view_id(points: pl.DataFrame) -> str:
     return f"{int(hashes.to_numpy().sum(dtype=np.uint64)):016x}"[-12:]
 
 
-def carry_picks(clicked_before: set[int] | None, carried: set[int], clicked_here: set[int],
-                brushed_here: bool) -> set[int]:
+def carry_picks(
+    clicked_before: set[int] | None, carried: set[int], clicked_here: set[int], brushed_here: bool
+) -> set[int]:
     """The branches clicked in the charts of earlier views that this view keeps following. clicked_before:
     on a change of view, those clicked in the last view's charts (None when the view did not change);
     with none clicked there, the last view's own carried ones stay. Dropped once a chart of this view is
@@ -132,7 +149,9 @@ def _gl_picks(points: pl.DataFrame, color_by: str, view: str) -> set[int]:
 
 def _legend_picks(view: str) -> set[str]:
     """The prompts clicked in either projection's legend: lit in both panels, not only the clicked one."""
-    return set().union(*(charts.legend_prompts(_chart_selection(chart_key("proj", p, view))) for p, _ in PANELS))
+    return set().union(
+        *(charts.legend_prompts(_chart_selection(chart_key("proj", p, view))) for p, _ in PANELS)
+    )
 
 
 def panel_titles(res_metrics: dict) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -147,15 +166,29 @@ def export_title(store: str, run: dict, selection, spec, res_metrics: dict) -> l
 
     from views.specs import method_label
 
-    prompts = "all prompts" if selection.prompt_ids is None else f"prompts {', '.join(map(str, selection.prompt_ids))}"
-    return [f"raw | {removal_title(res_metrics.get('removal'))}",
-            f"store {Path(str(store)).name} · run {run['run_id']} · model {run['model']}",
-            f"layer {selection.layer} ({selection.variant}) · method {method_label(spec.residual.method)} · "
-            f"{spec.projection.method.upper()} · {res_metrics.get('n_tokens', 0):,} tokens · {prompts}"]
+    prompts = (
+        "all prompts"
+        if selection.prompt_ids is None
+        else f"prompts {', '.join(map(str, selection.prompt_ids))}"
+    )
+    return [
+        f"raw | {removal_title(res_metrics.get('removal'))}",
+        f"store {Path(str(store)).name} · run {run['run_id']} · model {run['model']}",
+        f"layer {selection.layer} ({selection.variant}) · method {method_label(spec.residual.method)} · "
+        f"{spec.projection.method.upper()} · {res_metrics.get('n_tokens', 0):,} tokens · {prompts}",
+    ]
 
 
-def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, ctl, raw_metrics: dict,
-           res_metrics: dict, name: str, title: list[str] | None = None) -> None:
+def render(
+    points: pl.DataFrame,
+    branches: pl.DataFrame,
+    lineage: pl.DataFrame,
+    ctl,
+    raw_metrics: dict,
+    res_metrics: dict,
+    name: str,
+    title: list[str] | None = None,
+) -> None:
     """The tab's whole body; `title`: the lines an exported picture carries (what and where from)."""
     view = view_id(points)
     table = text.branch_table(branches, lineage)
@@ -177,12 +210,16 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     chosen, lit = focus(points, brushes, picked, token_sel, _legend_picks(view))
     touched = chosen["branch_id"].n_unique()
     if touched > MAX_BOX_LINES and not set(chosen["branch_id"].unique().to_list()) <= lit:
-        st.caption(f"Lines drawn for the {MAX_BOX_LINES} branches with most selected tokens, of the {touched} "
-                   "the selection touches; click a branch, or pick it in the branch table, to follow it.")
+        st.caption(
+            f"Lines drawn for the {MAX_BOX_LINES} branches with most selected tokens, of the {touched} "
+            "the selection touches; click a branch, or pick it in the branch table, to follow it."
+        )
     if carried:
         note, forget = st.columns([5, 1])
-        note.caption(f"Following {len(carried)} branch{'es' if len(carried) > 1 else ''} clicked in the previous "
-                     "view (branch ids hold in every view; a box drawn there does not carry over).")
+        note.caption(
+            f"Following {len(carried)} branch{'es' if len(carried) > 1 else ''} clicked in the previous "
+            "view (branch ids hold in every view; a box drawn there does not carry over)."
+        )
         if forget.button("Forget them", key="bl_forget"):
             state["bl_carried"] = set()
             st.rerun()
@@ -190,15 +227,23 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     drawn = points
     mode = "draw all"
     if big:
-        mode = st.radio(f"{len(points):,} tokens is more than {ctl.max_points:,} to draw with Vega:",
-                        [GL_MODE, "sample branches", "density", "draw all"], horizontal=True, key="big_mode")
+        mode = st.radio(
+            f"{len(points):,} tokens is more than {ctl.max_points:,} to draw with Vega:",
+            [GL_MODE, "sample branches", "density", "draw all"],
+            horizontal=True,
+            key="big_mode",
+        )
         if mode != GL_MODE:
-            st.warning("Large views slow the browser down; sampling keeps whole branches, density bins the plane "
-                       "and keeps the colour of the majority prompt (or the mean position).")
+            st.warning(
+                "Large views slow the browser down; sampling keeps whole branches, density bins the plane "
+                "and keeps the colour of the majority prompt (or the mean position)."
+            )
         if mode == "sample branches":
             drawn = charts.sample_branches(points, ctl.max_points)
-            st.caption(f"Drawn: {len(drawn):,} of {len(points):,} tokens "
-                       f"({drawn['branch_id'].n_unique()} of {points['branch_id'].n_unique()} whole branches).")
+            st.caption(
+                f"Drawn: {len(drawn):,} of {len(points):,} tokens "
+                f"({drawn['branch_id'].n_unique()} of {points['branch_id'].n_unique()} whole branches)."
+            )
     st.markdown(RESPONSIVE_CSS, unsafe_allow_html=True)
     static: dict = {}
     if big and mode == "density":
@@ -207,19 +252,30 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
             for col, (prefix, title) in zip(st.columns(2), panel_titles(res_metrics)):
                 with col:
                     key = chart_key("density", prefix, view)
-                    st.altair_chart(charts.density(points, prefix, title, ctl.color_by), width="stretch",
-                                    key=key, on_select="rerun", selection_mode=[f"region_{prefix}"])
+                    st.altair_chart(
+                        charts.density(points, prefix, title, ctl.color_by),
+                        width="stretch",
+                        key=key,
+                        on_select="rerun",
+                        selection_mode=[f"region_{prefix}"],
+                    )
                     found = charts.region_rows(points, prefix, _chart_selection(key))
                     region = found if found is not None else region
-        st.caption(f"Density of all {len(points):,} tokens: colour = "
-                   f"{'mean position' if ctl.color_by == 'position' else 'majority prompt'} per cell, opacity = "
-                   "token count (log). Drag a box on either panel to draw the tokens inside it below.")
+        st.caption(
+            f"Density of all {len(points):,} tokens: colour = "
+            f"{'mean position' if ctl.color_by == 'position' else 'majority prompt'} per cell, opacity = "
+            "token count (log). Drag a box on either panel to draw the tokens inside it below."
+        )
         if region is None or not len(region):
             drawn = None
         else:
-            drawn = region if len(region) <= ctl.max_points else charts.sample_branches(region, ctl.max_points)
-            st.caption(f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
-                       f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}.")
+            drawn = (
+                region if len(region) <= ctl.max_points else charts.sample_branches(region, ctl.max_points)
+            )
+            st.caption(
+                f"Drill-down: {len(region):,} tokens in the box, {len(drawn):,} drawn"
+                f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}."
+            )
     if big and mode == GL_MODE:
         _draw_gl(points, chosen, lit if ctl.trajectories else set(), ctl, view, panel_titles(res_metrics))
         drawn = None
@@ -231,12 +287,16 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
     panels.metrics_panel(raw_metrics, res_metrics)
 
     st.subheader("Branches")
-    only_selected = st.toggle("Only branches with selected tokens", value=False, key="only_selected",
-                              disabled=not len(chosen))
+    only_selected = st.toggle(
+        "Only branches with selected tokens", value=False, key="only_selected", disabled=not len(chosen)
+    )
     panels.branch_picker(table, "branch_table")
     if first is not None:
-        start = int(branches.filter(pl.col("branch_id") == first)["fork_position"][0]) if first in \
-            set(branches["branch_id"].to_list()) else 0
+        start = (
+            int(branches.filter(pl.col("branch_id") == first)["fork_position"][0])
+            if first in set(branches["branch_id"].to_list())
+            else 0
+        )
         panels.token_picker(text.branch_tokens(lineage, first, start), first, pill_key)
     highlight = set(chosen.select("branch_id", "position").iter_rows())
     only = set(chosen["branch_id"].to_list()) if only_selected and len(chosen) else None
@@ -244,56 +304,101 @@ def render(points: pl.DataFrame, branches: pl.DataFrame, lineage: pl.DataFrame, 
 
     with st.expander("Export"):
         if static:  # the two panels as one picture, without the interactive parts
-            panels.chart_exports(lambda: alt.hconcat(*(charts.projection(*a, interactive=False)
-                                                       for a in static.values())), f"branchlens-{name}", title)
+            panels.chart_exports(
+                lambda: alt.hconcat(*(charts.projection(*a, interactive=False) for a in static.values())),
+                f"branchlens-{name}",
+                title,
+            )
         panels.downloads(points.drop("context"), f"points-{name}")
 
 
-def _draw_panels(drawn: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], branches: pl.DataFrame, ctl,
-                 view_id: str, titles: tuple) -> dict:
+def _draw_panels(
+    drawn: pl.DataFrame,
+    chosen: pl.DataFrame,
+    lit: set[int],
+    branches: pl.DataFrame,
+    ctl,
+    view_id: str,
+    titles: tuple,
+) -> dict:
     """The two projection panels of `drawn` (selection dimming, lines of lit branches); returns each
     panel's arguments for the static export."""
     keyed = chosen.select("branch_id", "position").with_columns(pl.lit(True).alias("_on"))
-    drawn = drawn.join(keyed, on=["branch_id", "position"], how="left").with_columns(
-        pl.when(pl.lit(len(chosen) > 0)).then(pl.when(pl.col("_on")).then(FOCUSED).otherwise(DIM))
-        .otherwise(SHOWN).alias("alpha")).drop("_on")
+    drawn = (
+        drawn.join(keyed, on=["branch_id", "position"], how="left")
+        .with_columns(
+            pl.when(pl.lit(len(chosen) > 0))
+            .then(pl.when(pl.col("_on")).then(FOCUSED).otherwise(DIM))
+            .otherwise(SHOWN)
+            .alias("alpha")
+        )
+        .drop("_on")
+    )
     static = {}
     with st.container(key="bl-panels"):
         for col, (prefix, title) in zip(st.columns(2), titles):
             with col:
                 lines = forks = None
                 if ctl.trajectories:
-                    xy = drawn.select("branch_id", "position", pl.col(f"{prefix}_x").alias("x"),
-                                      pl.col(f"{prefix}_y").alias("y"))
+                    xy = drawn.select(
+                        "branch_id",
+                        "position",
+                        pl.col(f"{prefix}_x").alias("x"),
+                        pl.col(f"{prefix}_y").alias("y"),
+                    )
                     shade = drawn.select("branch_id", "shade").unique("branch_id")
                     lit_col = pl.col("branch_id").is_in(list(lit)).alias("lit")
-                    lines = trajectory_lines(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
-                        .join(shade, on="branch_id", how="left").with_columns(lit_col)
-                    forks = anchor_rows(xy, branches).rename({"x": f"{prefix}_x", "y": f"{prefix}_y"}) \
+                    lines = (
+                        trajectory_lines(xy, branches)
+                        .rename({"x": f"{prefix}_x", "y": f"{prefix}_y"})
+                        .join(shade, on="branch_id", how="left")
                         .with_columns(lit_col)
+                    )
+                    forks = (
+                        anchor_rows(xy, branches)
+                        .rename({"x": f"{prefix}_x", "y": f"{prefix}_y"})
+                        .with_columns(lit_col)
+                    )
                 static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
                 legend = [f"legend_{prefix}"] if charts.COLOR_BY[ctl.color_by][1] == "hue" else []
-                st.altair_chart(charts.projection(*static[prefix]), width="stretch", key=chart_key("proj", prefix, view_id),
-                                on_select="rerun", selection_mode=[f"brush_{prefix}", f"pick_{prefix}", *legend])
+                st.altair_chart(
+                    charts.projection(*static[prefix]),
+                    width="stretch",
+                    key=chart_key("proj", prefix, view_id),
+                    on_select="rerun",
+                    selection_mode=[f"brush_{prefix}", f"pick_{prefix}", *legend],
+                )
     return static
 
 
-def _draw_gl(points: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], ctl, view: str, titles: tuple) -> None:
+def _draw_gl(
+    points: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], ctl, view: str, titles: tuple
+) -> None:
     """The two panels as WebGL scatters of every point: the selected tokens ringed, lit branches' lines."""
     rows = None
     if len(chosen):
-        rows = points.with_row_index("_row").join(chosen.select("branch_id", "position"),
-                                                  on=["branch_id", "position"], how="semi")["_row"].to_numpy()
+        rows = (
+            points.with_row_index("_row")
+            .join(chosen.select("branch_id", "position"), on=["branch_id", "position"], how="semi")["_row"]
+            .to_numpy()
+        )
     legend = ""
     with st.container(key="bl-panels"):
         for col, (prefix, title) in zip(st.columns(2), titles):
             with col:
                 st.markdown(f"**{title}**")
                 deck, _, legend = webgl.deck(points, prefix, ctl.color_by, rows, lit)
-                st.pydeck_chart(deck, on_select="rerun", selection_mode="multi-object", height=charts.HEIGHT,
-                                key=gl_key(prefix, view, ctl.color_by))
-    st.caption(f"Every one of the {len(points):,} tokens drawn (WebGL){'; ' + legend if legend else ''}. "
-               + webgl.HOW_TO)
+                st.pydeck_chart(
+                    deck,
+                    on_select="rerun",
+                    selection_mode="multi-object",
+                    height=charts.HEIGHT,
+                    key=gl_key(prefix, view, ctl.color_by),
+                )
+    st.caption(
+        f"Every one of the {len(points):,} tokens drawn (WebGL){'; ' + legend if legend else ''}. "
+        + webgl.HOW_TO
+    )
 
 
 def _table_rows(key: str) -> list[int]:

@@ -27,19 +27,23 @@ def printable(text: str) -> str:
 def _sequences(lineage: pl.DataFrame) -> dict[int, list[str]]:
     """branch_id -> its full token sequence (index = position)."""
     seqs: dict[int, list[str]] = {}
-    for branch, texts in lineage.group_by("branch_id", maintain_order=True).agg(pl.col("token_text")).iter_rows():
+    for branch, texts in (
+        lineage.group_by("branch_id", maintain_order=True).agg(pl.col("token_text")).iter_rows()
+    ):
         seqs[int(branch)] = list(texts)
     return seqs
 
 
-def context_windows(points: pl.DataFrame, lineage: pl.DataFrame, before: int = 8, after: int = 4) -> list[str]:
+def context_windows(
+    points: pl.DataFrame, lineage: pl.DataFrame, before: int = 8, after: int = 4
+) -> list[str]:
     """For each point (branch_id, position), its surrounding text on its branch: `...before [token] after...`."""
     seqs = _sequences(lineage)
     out = []
     for branch, pos in points.select("branch_id", "position").iter_rows():
         seq = seqs.get(int(branch), [])
-        left = "".join(seq[max(0, pos - before):pos])
-        right = "".join(seq[pos + 1:pos + 1 + after])
+        left = "".join(seq[max(0, pos - before) : pos])
+        right = "".join(seq[pos + 1 : pos + 1 + after])
         token = seq[pos] if pos < len(seq) else ""
         out.append(printable(f"…{left}[{token}]{right}…"))
     return out
@@ -61,13 +65,20 @@ def tree_order(branches: pl.DataFrame) -> list[tuple[int, int]]:
     return order
 
 
-def branches_html(branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[tuple[int, int]],
-                  only: set[int] | None = None) -> str:
+def branches_html(
+    branches: pl.DataFrame,
+    lineage: pl.DataFrame,
+    highlight: set[tuple[int, int]],
+    only: set[int] | None = None,
+) -> str:
     """The tree of each prompt as an indented list: each branch's own tokens, fork points named, the
     highlighted (branch_id, position) tokens marked (the first carries the id `bl-first-selected`, for a
     jump link). With `only`, just those branches."""
     seqs = _sequences(lineage)
-    info = {b: (p, f, k) for b, p, f, k in branches.select("branch_id", "prompt_id", "fork_position", "kind").iter_rows()}
+    info = {
+        b: (p, f, k)
+        for b, p, f, k in branches.select("branch_id", "prompt_id", "fork_position", "kind").iter_rows()
+    }
     lines = []
     first = True
     for branch, depth in tree_order(branches):
@@ -86,11 +97,13 @@ def branches_html(branches: pl.DataFrame, lineage: pl.DataFrame, highlight: set[
         if kind == "prompt":
             head = f"<b>prompt {prompt}</b> (branch {branch})"
         else:
-            before = html.escape(printable("".join(seq[max(0, fork - 3):fork])))
+            before = html.escape(printable("".join(seq[max(0, fork - 3) : fork])))
             head = f"↳ <b>branch {branch}</b> {kind}, from position {fork} after “{before}”"
         pad = 1.4 * depth
-        lines.append(f'<div style="margin-left:{pad}em;margin-bottom:0.35em">{head}: '
-                     f'<span style="font-family:monospace">{"".join(own)}</span></div>')
+        lines.append(
+            f'<div style="margin-left:{pad}em;margin-bottom:0.35em">{head}: '
+            f'<span style="font-family:monospace">{"".join(own)}</span></div>'
+        )
     return "\n".join(lines)
 
 
@@ -98,14 +111,29 @@ def branch_table(branches: pl.DataFrame, lineage: pl.DataFrame, chars: int = 120
     """One row per branch in tree order: branch, prompt, kind, fork position, own tokens and the start
     of their text (for picking branches by what they say)."""
     seqs = _sequences(lineage)
-    info = {b: (p, f, k) for b, p, f, k in branches.select("branch_id", "prompt_id", "fork_position", "kind").iter_rows()}
+    info = {
+        b: (p, f, k)
+        for b, p, f, k in branches.select("branch_id", "prompt_id", "fork_position", "kind").iter_rows()
+    }
     rows = []
     for branch, _ in tree_order(branches):
         prompt, fork, kind = info[branch]
         seq = seqs.get(branch, [])
-        rows.append((branch, prompt, kind, fork, max(len(seq) - fork, 0), printable("".join(seq[fork:]))[:chars]))
-    return pl.DataFrame(rows, schema={"branch": pl.Int64, "prompt": pl.Int64, "kind": pl.String, "from position": pl.Int64,
-                                      "tokens": pl.Int64, "text": pl.String}, orient="row")
+        rows.append(
+            (branch, prompt, kind, fork, max(len(seq) - fork, 0), printable("".join(seq[fork:]))[:chars])
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "branch": pl.Int64,
+            "prompt": pl.Int64,
+            "kind": pl.String,
+            "from position": pl.Int64,
+            "tokens": pl.Int64,
+            "text": pl.String,
+        },
+        orient="row",
+    )
 
 
 def branch_tokens(lineage: pl.DataFrame, branch: int, start: int) -> pl.DataFrame:

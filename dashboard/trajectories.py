@@ -23,8 +23,13 @@ def anchor_rows(points: pl.DataFrame, branches: pl.DataFrame) -> pl.DataFrame:
         if owner is not None and (owner, pos) in xy:
             x, y = xy[(owner, pos)]
             rows.append((child, owner, pos, x, y))
-    schema = {"branch_id": pl.Int64, "anchor_branch_id": pl.Int64, "position": pl.Int64, "x": pl.Float64,
-              "y": pl.Float64}
+    schema = {
+        "branch_id": pl.Int64,
+        "anchor_branch_id": pl.Int64,
+        "position": pl.Int64,
+        "x": pl.Float64,
+        "y": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
@@ -34,11 +39,16 @@ def trajectory_lines(points: pl.DataFrame, branches: pl.DataFrame) -> pl.DataFra
     Columns: branch_id, order (drawing order), position, x, y, is_anchor.
     """
     own = points.select(
-        pl.col("branch_id").cast(pl.Int64), pl.col("position").cast(pl.Int64),
-        pl.col("x").cast(pl.Float64), pl.col("y").cast(pl.Float64), pl.lit(False).alias("is_anchor"),
+        pl.col("branch_id").cast(pl.Int64),
+        pl.col("position").cast(pl.Int64),
+        pl.col("x").cast(pl.Float64),
+        pl.col("y").cast(pl.Float64),
+        pl.lit(False).alias("is_anchor"),
     )
     anchors = anchor_rows(points, branches).select(
         "branch_id", "position", "x", "y", pl.lit(True).alias("is_anchor")
     )
-    lines = pl.concat([anchors, own]).sort(["branch_id", "position", "is_anchor"], descending=[False, False, True])
+    lines = pl.concat([anchors, own]).sort(
+        ["branch_id", "position", "is_anchor"], descending=[False, False, True]
+    )
     return lines.with_columns(pl.int_range(pl.len()).over("branch_id").alias("order"))

@@ -27,12 +27,14 @@ MAX_LAYERS = 48  # colour bins: branch shades beyond this share the nearest bin 
 RAMP = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]  # viridis, as the Vega charts use
 RAMP_BINS = 16
 POINT_PX = 2.0
-HOW_TO = ("Wheel: zoom · drag: pan · click a point: follow its branch in both panels and the text below (click "
-          "it again to let go) · hover: the point's token, where the view is small enough to carry text")
+HOW_TO = (
+    "Wheel: zoom · drag: pan · click a point: follow its branch in both panels and the text below (click "
+    "it again to let go) · hover: the point's token, where the view is small enough to carry text"
+)
 
 
 def _rgb(hex_colour: str) -> list[int]:
-    return [int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)]
+    return [int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)]
 
 
 def _ramp(t: float) -> list[int]:
@@ -54,14 +56,20 @@ def colour_bins(points: pl.DataFrame, color_by: str) -> tuple[pl.Series, dict[in
             names = colours.unique(maintain_order=True).to_list()[:MAX_LAYERS]
         index = {c: i for i, c in enumerate(names)}
         bins = colours.replace_strict(index, default=len(names) - 1, return_dtype=pl.Int32)
-        return bins, {i: _rgb(c) for c, i in index.items()}, "colour: " + ("prompt" if field == "prompt_color"
-                                                                                 or len(names) == MAX_LAYERS else color_by)
+        return (
+            bins,
+            {i: _rgb(c) for c, i in index.items()},
+            "colour: " + ("prompt" if field == "prompt_color" or len(names) == MAX_LAYERS else color_by),
+        )
     if field in points.columns and points[field].dtype.is_numeric() and kind == "quantitative":
         v = points[field].cast(pl.Float64).fill_null(strategy="mean").fill_nan(None).fill_null(0.0)
         lo, hi = float(v.min()), float(v.max())
         bins = ((v - lo) / max(hi - lo, 1e-12) * (RAMP_BINS - 1)).round().cast(pl.Int32)
-        return bins, {b: _ramp(b / (RAMP_BINS - 1)) for b in range(RAMP_BINS)}, \
-            f"colour: {color_by} {lo:.3g} (dark) to {hi:.3g} (yellow)"
+        return (
+            bins,
+            {b: _ramp(b / (RAMP_BINS - 1)) for b in range(RAMP_BINS)},
+            f"colour: {color_by} {lo:.3g} (dark) to {hi:.3g} (yellow)",
+        )
     if field in points.columns:  # nominal or ordinal: tableau10, cycled
         codes = points[field].cast(pl.String).fill_null("?")
         names = sorted(codes.unique().to_list())[:MAX_LAYERS]
@@ -105,13 +113,16 @@ class FastDeck(pdk.Deck):
 def _rows_json(frame: pl.DataFrame, text: bool) -> str:
     """[[qx, qy], ...] or, with text, [[qx, qy, token, branch, position], ...] as one JSON string."""
     if text:  # mixed types: Python's json (HOVER_TEXT_MAX rows at most)
-        return json.dumps(frame.select("qx", "qy", "token_text", "branch_id", "position").rows(), separators=(",", ":"))
+        return json.dumps(
+            frame.select("qx", "qy", "token_text", "branch_id", "position").rows(), separators=(",", ":")
+        )
     body = frame.select(pl.concat_list(pl.col("qx", "qy")).alias("r")).write_ndjson()
     return "[" + ",".join(line[5:-1] for line in body.splitlines()) + "]"  # each line is {"r":[x,y]}
 
 
-def point_layers(frame: pl.DataFrame, prefix: str, color_by: str, faint: bool = False
-                 ) -> tuple[list[pdk.Layer], dict[str, str], dict[str, np.ndarray], str]:
+def point_layers(
+    frame: pl.DataFrame, prefix: str, color_by: str, faint: bool = False
+) -> tuple[list[pdk.Layer], dict[str, str], dict[str, np.ndarray], str]:
     """frame: a panel's points with grid coordinates (quantize). (layers, placeholder -> data JSON, layer id
     -> the row numbers of `frame` it draws in order,
     legend text). One pickable layer per colour bin; which layers exist and what they hold depends on the
@@ -124,10 +135,21 @@ def point_layers(frame: pl.DataFrame, prefix: str, color_by: str, faint: bool = 
         sub = frame[drawn]
         layer_id = f"{prefix}-{b}"
         placeholder = f"__data_{layer_id}__"
-        layers.append(pdk.Layer("ScatterplotLayer", data=placeholder, id=layer_id, get_position="-",
-                                get_fill_color=rgb[b] + [45 if faint else 210], get_radius=POINT_PX,
-                                radius_units="pixels", radius_min_pixels=1.5, pickable=True, auto_highlight=True,
-                                highlight_color=[0, 0, 0, 255]))
+        layers.append(
+            pdk.Layer(
+                "ScatterplotLayer",
+                data=placeholder,
+                id=layer_id,
+                get_position="-",
+                get_fill_color=rgb[b] + [45 if faint else 210],
+                get_radius=POINT_PX,
+                radius_units="pixels",
+                radius_min_pixels=1.5,
+                pickable=True,
+                auto_highlight=True,
+                highlight_color=[0, 0, 0, 255],
+            )
+        )
         payloads[placeholder] = _rows_json(sub, text)
         rows[layer_id] = drawn
     return layers, payloads, rows, legend
@@ -150,15 +172,27 @@ def clicked_rows(points: pl.DataFrame, color_by: str, prefix: str, selection: di
     return picked_rows(selection, {f"{prefix}-{b}": rows for b, rows in layer_rows(bins).items()})
 
 
-def chosen_layer(frame: pl.DataFrame, prefix: str, chosen_rows: np.ndarray) -> tuple[pdk.Layer, str, str] | None:
+def chosen_layer(
+    frame: pl.DataFrame, prefix: str, chosen_rows: np.ndarray
+) -> tuple[pdk.Layer, str, str] | None:
     """The selected tokens drawn again on top, ringed (not pickable: clicks go to the stable layers
     below): (layer, its data placeholder, the data JSON)."""
     if not len(chosen_rows):
         return None
     placeholder = f"__data_{prefix}-chosen__"
-    layer = pdk.Layer("ScatterplotLayer", data=placeholder, id=f"{prefix}-chosen", get_position="-",
-                      get_fill_color=[255, 255, 255, 0], stroked=True, get_line_color=[0, 0, 0, 230],
-                      line_width_min_pixels=1.2, get_radius=POINT_PX + 1.5, radius_units="pixels", pickable=False)
+    layer = pdk.Layer(
+        "ScatterplotLayer",
+        data=placeholder,
+        id=f"{prefix}-chosen",
+        get_position="-",
+        get_fill_color=[255, 255, 255, 0],
+        stroked=True,
+        get_line_color=[0, 0, 0, 230],
+        line_width_min_pixels=1.2,
+        get_radius=POINT_PX + 1.5,
+        radius_units="pixels",
+        pickable=False,
+    )
     return layer, placeholder, _rows_json(frame[chosen_rows], text=False)
 
 
@@ -167,16 +201,32 @@ def line_layer(frame: pl.DataFrame, prefix: str, branches: set[int]) -> pdk.Laye
     if not branches:
         return None
     q = frame.filter(pl.col("branch_id").is_in(list(branches))).sort("branch_id", "position")
-    paths = [{"path": [[int(a), int(b)] for a, b in zip(g["qx"], g["qy"])], "branch": int(k[0])}
-             for k, g in q.group_by(["branch_id"], maintain_order=True) if len(g) > 1]
+    paths = [
+        {"path": [[int(a), int(b)] for a, b in zip(g["qx"], g["qy"])], "branch": int(k[0])}
+        for k, g in q.group_by(["branch_id"], maintain_order=True)
+        if len(g) > 1
+    ]
     if not paths:
         return None
-    return pdk.Layer("PathLayer", data=paths, id=f"{prefix}-lines", get_path="path", get_color=[20, 20, 20, 200],
-                     width_units="pixels", get_width=1.5, pickable=False)
+    return pdk.Layer(
+        "PathLayer",
+        data=paths,
+        id=f"{prefix}-lines",
+        get_path="path",
+        get_color=[20, 20, 20, 200],
+        width_units="pixels",
+        get_width=1.5,
+        pickable=False,
+    )
 
 
-def deck(points: pl.DataFrame, prefix: str, color_by: str, chosen_rows: np.ndarray | None = None,
-         lit: set[int] | None = None) -> tuple[FastDeck, dict[str, np.ndarray], str]:
+def deck(
+    points: pl.DataFrame,
+    prefix: str,
+    color_by: str,
+    chosen_rows: np.ndarray | None = None,
+    lit: set[int] | None = None,
+) -> tuple[FastDeck, dict[str, np.ndarray], str]:
     """One panel as a deck (every point, zoom and pan, hover, click to pick), the layer -> rows map that
     turns a click back into a token, and the colour legend's text. chosen_rows: row numbers of the
     selected tokens (ringed on top, the rest pale); lit: branches whose lines are drawn."""
@@ -194,9 +244,21 @@ def deck(points: pl.DataFrame, prefix: str, color_by: str, chosen_rows: np.ndarr
     tooltip = {"text": "{2}\nbranch {3} · position {4}"} if text else None
     view = pdk.View(type="OrthographicView", controller=True)
     zoom = float(np.log2(min(PANEL_PX[0] / GRID[0], PANEL_PX[1] / GRID[1]) * 0.92))
-    state = pdk.ViewState(target=[GRID[0] / 2, GRID[1] / 2, 0], zoom=zoom, min_zoom=zoom - 2, max_zoom=zoom + 12)
-    return FastDeck(layers=layers, views=[view], initial_view_state=state, map_provider=None, tooltip=tooltip,
-                    payloads=payloads), rows, legend
+    state = pdk.ViewState(
+        target=[GRID[0] / 2, GRID[1] / 2, 0], zoom=zoom, min_zoom=zoom - 2, max_zoom=zoom + 12
+    )
+    return (
+        FastDeck(
+            layers=layers,
+            views=[view],
+            initial_view_state=state,
+            map_provider=None,
+            tooltip=tooltip,
+            payloads=payloads,
+        ),
+        rows,
+        legend,
+    )
 
 
 def picked_rows(selection: dict, rows: dict[str, np.ndarray]) -> list[int]:

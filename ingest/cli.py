@@ -20,19 +20,29 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ingest",
         description="Generate a tree of continuations with a causal LM and store token latents in DuckDB. "
-                    "With no arguments, runs the bundled demo (ingest/demo.toml).",
+        "With no arguments, runs the bundled demo (ingest/demo.toml).",
     )
     p.add_argument("--config", help="TOML or JSON run config (any setting below; flags override it)")
     add_settings(p.add_argument_group("run settings (README 'Ingest'; flags override the config file)"))
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the plan (prompts, branches, tokens, layers, store size, time) and stop")
-    dist = p.add_argument_group("distributed (Ray; pip install -e \".[distributed]\")")
-    dist.add_argument("--workers", type=int, help="Ray actors, one per GPU (CPU actors where there is no GPU); "
-                      "default with --ray-address: one per GPU, else per CPU")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (prompts, branches, tokens, layers, store size, time) and stop",
+    )
+    dist = p.add_argument_group('distributed (Ray; pip install -e ".[distributed]")')
+    dist.add_argument(
+        "--workers",
+        type=int,
+        help="Ray actors, one per GPU (CPU actors where there is no GPU); "
+        "default with --ray-address: one per GPU, else per CPU",
+    )
     dist.add_argument("--ray-address", help="join a Ray cluster: auto or HOST:PORT (default: a local one)")
-    dist.add_argument("--shards", help="directory or s3://bucket/prefix for the run's Parquet shards "
-                                          "(default STORE.shards)")
-    dist.add_argument("--prompts-per-task", type=int, default=4, help="prompts per task and shard (default 4)")
+    dist.add_argument(
+        "--shards", help="directory or s3://bucket/prefix for the run's Parquet shards (default STORE.shards)"
+    )
+    dist.add_argument(
+        "--prompts-per-task", type=int, default=4, help="prompts per task and shard (default 4)"
+    )
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
     return p
 
@@ -47,12 +57,23 @@ def add_settings(group: argparse._ActionsContainer) -> None:
         meta = f.metadata
         default = default_of(f)
         if isinstance(default, bool):  # a switch to the other value
-            group.add_argument(flag_of(f), dest=f.name, action="store_const", const=not default, default=None,
-                               help=f"{meta['help']} (sets {f.name} = {str(not default).lower()})")
+            group.add_argument(
+                flag_of(f),
+                dest=f.name,
+                action="store_const",
+                const=not default,
+                default=None,
+                help=f"{meta['help']} (sets {f.name} = {str(not default).lower()})",
+            )
             continue
         kind = type(default) if isinstance(default, (int, float)) and meta["parse"] is None else str
-        group.add_argument(flag_of(f), dest=f.name, type=kind, choices=meta["choices"],
-                           help=f"{meta['help']} (default {default_text(f)})")
+        group.add_argument(
+            flag_of(f),
+            dest=f.name,
+            type=kind,
+            choices=meta["choices"],
+            help=f"{meta['help']} (default {default_text(f)})",
+        )
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -86,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.prompts_per_task < 1:
                 raise IngestError(f"--prompts-per-task must be >= 1, got {args.prompts_per_task}")
-            report = run_distributed(cfg, args.workers, args.ray_address, args.shards, args.prompts_per_task, show)
+            report = run_distributed(
+                cfg, args.workers, args.ray_address, args.shards, args.prompts_per_task, show
+            )
         else:
             from ingest.run import run_ingest  # heavy imports (torch, transformers) only once input is valid
 
@@ -95,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: prompts already written are kept; run the same command again to resume",
-              file=sys.stderr)
+        print(
+            "interrupted: prompts already written are kept; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     print(report.summary())
     return 0

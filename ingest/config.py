@@ -65,8 +65,10 @@ def read_whole(path: Path, what: str) -> bytes:
         if not stat.S_ISREG(info.st_mode):
             raise IngestError(f"{what} {path} is a {mode_kind(info.st_mode)}, not a regular file")
         if info.st_size > MAX_INPUT_BYTES:
-            raise IngestError(f"{what} {path} is {info.st_size / 2**20:.0f} MB; at most "
-                              f"{MAX_INPUT_BYTES // 2**20} MB is read")
+            raise IngestError(
+                f"{what} {path} is {info.st_size / 2**20:.0f} MB; at most "
+                f"{MAX_INPUT_BYTES // 2**20} MB is read"
+            )
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read(MAX_INPUT_BYTES)
     except OSError as exc:
@@ -148,8 +150,14 @@ def parse_layers(value: Any) -> str | list[int]:
         try:
             return [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise IngestError(f"'layers' must be 'spread', 'all' or integers like '0,6,-1', got {value!r}") from None
-    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise IngestError(
+                f"'layers' must be 'spread', 'all' or integers like '0,6,-1', got {value!r}"
+            ) from None
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return list(value)
     raise IngestError(f"'layers' must be 'spread', 'all' or a list of integers, got {value!r}")
 
@@ -162,9 +170,16 @@ def parse_offsets(text: str) -> list[int]:
         raise IngestError(f"--fork-offsets must be integers like 4,8, got {text!r}") from None
 
 
-def setting(default: Any, help: str, *, output: bool = False, flag: str | None = None,
-            parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] | None = None,
-            shown: str | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    output: bool = False,
+    flag: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    choices: tuple[str, ...] | None = None,
+    shown: str | None = None,
+) -> Any:
     """Declare a run setting: its default and the help text of its flag (`--name-with-dashes`, or `flag`).
 
     output: the setting decides what is written, so the run hash covers it. A true/false setting's flag
@@ -181,37 +196,59 @@ class RunConfig:
     """Everything one ingest run needs: the one declaration of every setting, its default and its help
     (the CLI's flags are built from these; README and examples/run.toml are checked against them)."""
 
-    model: str = setting(DEFAULT_MODEL, "bundled alias (gemma-3-270m), local Hugging Face model directory, "
-                         ".gguf file or hub id", output=True)
-    prompts: list[str] = setting([], "prompt file: .txt one prompt per line, or .toml/.json with 'prompts'; with "
-                                 "neither this nor --config the demo runs",
-                                 output=True, parse=read_prompt_file)
+    model: str = setting(
+        DEFAULT_MODEL,
+        "bundled alias (gemma-3-270m), local Hugging Face model directory, .gguf file or hub id",
+        output=True,
+    )
+    prompts: list[str] = setting(
+        [],
+        "prompt file: .txt one prompt per line, or .toml/.json with 'prompts'; with "
+        "neither this nor --config the demo runs",
+        output=True,
+        parse=read_prompt_file,
+    )
     samples: int = setting(3, "continuations sampled from each prompt", output=True)
     forks: int = setting(2, "children forked off each branch (0 = none)", output=True)
     depth: int = setting(1, "levels of forking below the samples (2 = forks of forks)", output=True)
-    fork_rule: str = setting("entropy", "where to fork: the branch's highest-entropy tokens, or fixed offsets "
-                             "from its first token", output=True, choices=FORK_RULES)
-    fork_offsets: list[int] = setting([4, 8], "offsets for --fork-rule offsets, e.g. 4,8", output=True,
-                                      parse=parse_offsets)
+    fork_rule: str = setting(
+        "entropy",
+        "where to fork: the branch's highest-entropy tokens, or fixed offsets from its first token",
+        output=True,
+        choices=FORK_RULES,
+    )
+    fork_offsets: list[int] = setting(
+        [4, 8], "offsets for --fork-rule offsets, e.g. 4,8", output=True, parse=parse_offsets
+    )
     min_child_tokens: int = setting(4, "a fork leaves room for at least this many tokens", output=True)
     max_new_tokens: int = setting(32, "tokens generated after the prompt", output=True)
     temperature: float = setting(1.0, "sampling temperature; 0 = greedy", output=True)
     top_p: float = setting(1.0, "nucleus sampling mass (1.0 = off)", output=True)
     top_k: int = setting(0, "sample among the k most likely tokens (0 = off)", output=True)
     seed: int = setting(0, "same seed + settings + device = the same tree", output=True)
-    stop_at_eos: bool = setting(True, "keep generating past end-of-sequence", output=True, flag="--ignore-eos")
-    layers: str | list[int] = setting("spread", "'spread' (0, L/4, L/2, 3L/4, L), 'all', or a list like 0,6,-1 "
-                                      "(0 = embeddings)", parse=parse_layers)
+    stop_at_eos: bool = setting(
+        True, "keep generating past end-of-sequence", output=True, flag="--ignore-eos"
+    )
+    layers: str | list[int] = setting(
+        "spread",
+        "'spread' (0, L/4, L/2, 3L/4, L), 'all', or a list like 0,6,-1 (0 = embeddings)",
+        parse=parse_layers,
+    )
     device: str = setting("auto", "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps")
     dtype: str = setting("auto", "auto = bf16 (else fp16) on GPU, fp32 on CPU", choices=DTYPES)
     store: str = setting("branchlens.duckdb", "the DuckDB store file to write")
     run_id: str | None = setting(None, "name of the run", shown="run-<hash>")
-    zero_pe: bool = setting(False, "also store latents re-encoded with positional encoding neutralized "
-                            "(variant zero_pe)")
-    batch_rows: int = setting(64, "branches decoded together at most; lower it if GPU memory runs out (the "
-                              "tree stays the same)")
-    compact: bool = setting(True, "skip rewriting the store without free space at the end (see README "
-                            "'Store size')", flag="--no-compact")
+    zero_pe: bool = setting(
+        False, "also store latents re-encoded with positional encoding neutralized (variant zero_pe)"
+    )
+    batch_rows: int = setting(
+        64, "branches decoded together at most; lower it if GPU memory runs out (the tree stays the same)"
+    )
+    compact: bool = setting(
+        True,
+        "skip rewriting the store without free space at the end (see README 'Store size')",
+        flag="--no-compact",
+    )
 
 
 SETTINGS = dataclasses.fields(RunConfig)
@@ -236,7 +273,9 @@ def default_text(f: dataclasses.Field) -> str:
     return str(value)
 
 
-def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+def build_config(
+    file_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
     """Merge defaults, config-file values and flag overrides (None = not given), then validate."""
     merged: dict[str, Any] = dataclasses.asdict(RunConfig())
     for source in (file_values or {}, overrides or {}):
@@ -277,8 +316,10 @@ def build_config(file_values: dict[str, Any] | None = None, overrides: dict[str,
     if cfg.run_id is not None and (not isinstance(cfg.run_id, str) or not cfg.run_id.strip()):
         raise IngestError("'run_id' must be a non-empty string")
     if cfg.run_id is not None and not is_run_name(cfg.run_id):
-        raise IngestError(f"'run_id' must be a name: letters, digits, '.', '_' or '-', starting with a letter or "
-                          f"digit, at most 128 characters (it names the run's shard folder), got {cfg.run_id!r}")
+        raise IngestError(
+            f"'run_id' must be a name: letters, digits, '.', '_' or '-', starting with a letter or "
+            f"digit, at most 128 characters (it names the run's shard folder), got {cfg.run_id!r}"
+        )
     return cfg
 
 

@@ -29,6 +29,8 @@ from ingest.errors import IngestError
 from store.errors import reason
 
 RESTARTS = 4  # per actor, and retries per task: a worker may die this many times before the run fails
+
+
 def _seconds(name: str, default: float) -> float:
     """A positive number of seconds from the environment, else the default (a typo must not break imports)."""
     try:
@@ -39,7 +41,9 @@ def _seconds(name: str, default: float) -> float:
 
 
 CONNECT_WAIT = _seconds("BRANCHLENS_RAY_CONNECT_WAIT", 60.0)  # seconds a Ray address has to answer
-_GCS_PROBE = "import sys, ray._raylet as r; r.GcsClient(address=sys.argv[1]).internal_kv_get(b'branchlens', None)"
+_GCS_PROBE = (
+    "import sys, ray._raylet as r; r.GcsClient(address=sys.argv[1]).internal_kv_get(b'branchlens', None)"
+)
 
 
 def check_ray_address(address: str | None, wait: float = CONNECT_WAIT) -> None:
@@ -56,18 +60,24 @@ def check_ray_address(address: str | None, wait: float = CONNECT_WAIT) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=wait).close()
     except OSError as exc:
-        raise IngestError(f"cannot reach Ray at {address}: {reason(exc)} (is `ray start --head` running there? "
-                          "the port is the GCS port, 6379 by default)") from None
+        raise IngestError(
+            f"cannot reach Ray at {address}: {reason(exc)} (is `ray start --head` running there? "
+            "the port is the GCS port, 6379 by default)"
+        ) from None
     try:
-        probe = subprocess.run([sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True,
-                               timeout=wait)
+        probe = subprocess.run(
+            [sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True, timeout=wait
+        )
     except subprocess.TimeoutExpired:
-        raise IngestError(f"no Ray cluster answers at {address} within {wait:.0f} s (something listens there, "
-                          "but not Ray's GCS)") from None
+        raise IngestError(
+            f"no Ray cluster answers at {address} within {wait:.0f} s (something listens there, "
+            "but not Ray's GCS)"
+        ) from None
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no answer"])[-1]
-        raise IngestError(f"no Ray cluster answers at {address} (something listens there, but not Ray's GCS: "
-                          f"{last[-200:]})")
+        raise IngestError(
+            f"no Ray cluster answers at {address} (something listens there, but not Ray's GCS: {last[-200:]})"
+        )
 
 
 @dataclass
@@ -86,17 +96,19 @@ class DistributedReport:
     def summary(self) -> str:
         s, c = self.seconds, self.counts
         rate = self.generated_now / s["generate"] if s.get("generate") else 0.0
-        return "\n".join([
-            f"run {self.run_id}: {c['status']}",
-            f"  workers   {self.workers} Ray actors ({self.resources})",
-            f"  tasks     {self.tasks} ({self.tasks_done_before} already done); shards in {self.shards}",
-            f"  prompts   {c['prompts']} written; {c['branches']} branches, {c['tokens']} tokens "
-            f"({c['generated_tokens']} generated)",
-            f"  latents   {c['latents']} vectors",
-            f"  time      start {s.get('start', 0):.1f} s, generate {s.get('generate', 0):.1f} s "
-            f"({rate:.1f} generated tokens/s over all workers), merge {s.get('merge', 0):.1f} s",
-            f"  store     {self.store} ({self.store.stat().st_size / 1e6:.1f} MB)",
-        ])
+        return "\n".join(
+            [
+                f"run {self.run_id}: {c['status']}",
+                f"  workers   {self.workers} Ray actors ({self.resources})",
+                f"  tasks     {self.tasks} ({self.tasks_done_before} already done); shards in {self.shards}",
+                f"  prompts   {c['prompts']} written; {c['branches']} branches, {c['tokens']} tokens "
+                f"({c['generated_tokens']} generated)",
+                f"  latents   {c['latents']} vectors",
+                f"  time      start {s.get('start', 0):.1f} s, generate {s.get('generate', 0):.1f} s "
+                f"({rate:.1f} generated tokens/s over all workers), merge {s.get('merge', 0):.1f} s",
+                f"  store     {self.store} ({self.store.stat().st_size / 1e6:.1f} MB)",
+            ]
+        )
 
 
 class ShardWorker:
@@ -128,23 +140,31 @@ class ShardWorker:
         before = self.builder.stats.generated_tokens
         prep = self.prep
         trees: dict[int, list] = {}
-        for group in prompt_groups(prompt_ids, self.builder.prompts_per_group):  # the run's groups, cut by the task
+        for group in prompt_groups(
+            prompt_ids, self.builder.prompts_per_group
+        ):  # the run's groups, cut by the task
             trees.update(self.builder.build_group([(p, prep.prompt_ids[p]) for p in group]))
         prompts = [(p, prep.cfg.prompts[p], len(prep.prompt_ids[p]), trees[p]) for p in prompt_ids]
         written = write_shard(run_path, task, prompts, prep.layers)
         return task, self.builder.stats.generated_tokens - before, time.perf_counter() - t0, written
 
 
-def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, shards: str | None,
-                    prompts_per_task: int = 4, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> DistributedReport:
+def run_distributed(
+    cfg: RunConfig,
+    workers: int | None,
+    address: str | None,
+    shards: str | None,
+    prompts_per_task: int = 4,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> DistributedReport:
     """Run (or resume) the ingest of cfg on Ray and merge the shards into cfg.store."""
     log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     try:
         import ray
         from ray.util import ActorPool
     except ImportError:
-        raise IngestError("--workers/--ray-address need Ray: pip install -e \".[distributed]\"") from None
+        raise IngestError('--workers/--ray-address need Ray: pip install -e ".[distributed]"') from None
     from ingest.prepare import branchlens_version, require_prompts
     from store.compact import compact_if_worth
     from store.connect import JOB_LOCK_WAIT, reading
@@ -162,12 +182,16 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
 
     require_prompts(cfg)
     if cfg.zero_pe:
-        raise IngestError("--zero-pe is not yet available with --workers; add it after the merge with "
-                          "python -m ingest.zero_pe STORE")
+        raise IngestError(
+            "--zero-pe is not yet available with --workers; add it after the merge with "
+            "python -m ingest.zero_pe STORE"
+        )
     if workers is not None and workers < 1:
         raise IngestError(f"--workers must be >= 1, got {workers}")
     StoreWriter(cfg.store, created_by=branchlens_version()).check_existing()
-    check_location(shards or f"{cfg.store}.shards")  # a bad URL, bucket or credentials: fail before Ray starts
+    check_location(
+        shards or f"{cfg.store}.shards"
+    )  # a bad URL, bucket or credentials: fail before Ray starts
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     started_here = not ray.is_initialized()
@@ -188,7 +212,9 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         use_gpu = gpus > 0 and cfg.device != "cpu"
         n = workers or (gpus if use_gpu else int(cluster.get("CPU", 1)))
         resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-        Worker = ray.remote(ShardWorker).options(**resources, max_restarts=RESTARTS, max_task_retries=RESTARTS)
+        Worker = ray.remote(ShardWorker).options(
+            **resources, max_restarts=RESTARTS, max_task_retries=RESTARTS
+        )
         values = dataclasses.asdict(cfg)
         actors = [Worker.remote(values) for _ in range(n)]
         try:
@@ -208,12 +234,21 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
         seconds["start"] = time.perf_counter() - t0
         if done:
             log(f"resuming run {run.run_id}: {len(done)} of {tasks_total} tasks already in {run_path}")
-        log(f"{n} workers ({'1 GPU' if use_gpu else '1 CPU'} each) on {len(todo)} tasks of {per_task} prompts")
+        log(
+            f"{n} workers ({'1 GPU' if use_gpu else '1 CPU'} each) on {len(todo)} tasks of {per_task} prompts"
+        )
 
         t1 = time.perf_counter()
         generated = 0
-        bar = tqdm(total=tasks_total, initial=len(done), desc="tasks", unit="task", disable=not progress,
-                   file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(
+            total=tasks_total,
+            initial=len(done),
+            desc="tasks",
+            unit="task",
+            disable=not progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         with bar:
             pool = ActorPool(actors)
             results = pool.map_unordered(lambda actor, t: actor.build.remote(run_path, t, chunks[t]), todo)
@@ -225,8 +260,10 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
                     if not progress:
                         log(f"task {task + 1}/{tasks_total} written")
             except ray.exceptions.RayError as exc:
-                raise IngestError(f"a task failed after {RESTARTS} retries: {reason(exc, last_line=True)}; "
-                                  "finished shards are kept, run the same command to resume") from None
+                raise IngestError(
+                    f"a task failed after {RESTARTS} retries: {reason(exc, last_line=True)}; "
+                    "finished shards are kept, run the same command to resume"
+                ) from None
         seconds["generate"] = time.perf_counter() - t1
     finally:
         if started_here:
@@ -241,6 +278,15 @@ def run_distributed(cfg: RunConfig, workers: int | None, address: str | None, sh
     seconds["merge"] = time.perf_counter() - t2
     with reading(cfg.store, lock_timeout=JOB_LOCK_WAIT) as con:
         counts = run_summary(con, run.run_id)
-    return DistributedReport(run.run_id, Path(cfg.store), run_path, n, "GPU" if use_gpu else "CPU", tasks_total,
-                             len(done), generated, counts, seconds)
-
+    return DistributedReport(
+        run.run_id,
+        Path(cfg.store),
+        run_path,
+        n,
+        "GPU" if use_gpu else "CPU",
+        tasks_total,
+        len(done),
+        generated,
+        counts,
+        seconds,
+    )

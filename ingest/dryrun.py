@@ -50,22 +50,26 @@ class DryRun:
 
     def summary(self) -> str:
         variants = 2 if self.zero_pe else 1
-        return "\n".join([
-            f"dry run {self.run_id} (nothing generated, nothing written)",
-            f"  model     {self.model} on {self.device}/{self.dtype}, d={self.d_model}",
-            f"  prompts   {self.prompts} ({self.prompt_tokens} prompt tokens); {self.already_written} already in the store",
-            f"  branches  {self.branches_per_prompt} per prompt (root + samples + forks), "
-            f"{self.branches_per_prompt * self.prompts} in all",
-            f"  tokens    at most {self.max_generated} generated, {self.max_stored_tokens} stored "
-            "(forks start later and EOS ends branches early, so usually fewer)",
-            f"  layers    {', '.join(map(str, self.layers))}"
-            + (" (normal and zero_pe variants)" if self.zero_pe else ""),
-            f"  latents   at most {self.max_vectors * variants} vectors, store about {self.store_bytes / 1e6:.0f} MB "
-            f"(up to {self.peak_bytes / 1e6:.0f} MB of disk while it runs)",
-            f"  time      about {self.seconds / 60:.1f} min to generate (a decode step of "
-            + ", ".join(f"{rows} rows took {s * 1000:.0f} ms" for rows, s in sorted(self.step_seconds.items()))
-            + " here; rough)",
-        ])
+        return "\n".join(
+            [
+                f"dry run {self.run_id} (nothing generated, nothing written)",
+                f"  model     {self.model} on {self.device}/{self.dtype}, d={self.d_model}",
+                f"  prompts   {self.prompts} ({self.prompt_tokens} prompt tokens); {self.already_written} already in the store",
+                f"  branches  {self.branches_per_prompt} per prompt (root + samples + forks), "
+                f"{self.branches_per_prompt * self.prompts} in all",
+                f"  tokens    at most {self.max_generated} generated, {self.max_stored_tokens} stored "
+                "(forks start later and EOS ends branches early, so usually fewer)",
+                f"  layers    {', '.join(map(str, self.layers))}"
+                + (" (normal and zero_pe variants)" if self.zero_pe else ""),
+                f"  latents   at most {self.max_vectors * variants} vectors, store about {self.store_bytes / 1e6:.0f} MB "
+                f"(up to {self.peak_bytes / 1e6:.0f} MB of disk while it runs)",
+                f"  time      about {self.seconds / 60:.1f} min to generate (a decode step of "
+                + ", ".join(
+                    f"{rows} rows took {s * 1000:.0f} ms" for rows, s in sorted(self.step_seconds.items())
+                )
+                + " here; rough)",
+            ]
+        )
 
 
 def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
@@ -84,10 +88,24 @@ def dry_run(cfg: RunConfig, log=lambda _m: None) -> DryRun:
     steps = {rows: _decode_step_seconds(lm, prompt_ids[0], rows) for rows in sorted(set(batches))}
     seconds = cfg.max_new_tokens * sum(steps[r] for r in batches) * STEP_OVERHEAD
     return DryRun(
-        run_id, cfg.model, lm.device.type, prep.run.dtype, n_prompts, prompt_tokens, prep.plan.size, max_generated,
-        max_stored, layers, lm.d_model, vectors, vector_bytes * FINAL_FACTOR, vector_bytes * PEAK_FACTOR, steps,
+        run_id,
+        cfg.model,
+        lm.device.type,
+        prep.run.dtype,
+        n_prompts,
+        prompt_tokens,
+        prep.plan.size,
+        max_generated,
+        max_stored,
+        layers,
+        lm.d_model,
+        vectors,
+        vector_bytes * FINAL_FACTOR,
+        vector_bytes * PEAK_FACTOR,
+        steps,
         seconds,
-        _already_written(cfg.store, run_id), cfg.zero_pe,
+        _already_written(cfg.store, run_id),
+        cfg.zero_pe,
     )
 
 

@@ -101,7 +101,7 @@ class Built:
         """This branch's latents (layers, its tokens, d) as an array of its own, so the level's HostArray
         (all rows, padded steps, pinned memory on CUDA) can go."""
         if self.own is None:
-            self.own = np.ascontiguousarray(self.latents.numpy()[:, self.row, :len(self.token_ids)])
+            self.own = np.ascontiguousarray(self.latents.numpy()[:, self.row, : len(self.token_ids)])
             self.latents = None
         return self.own
 
@@ -140,8 +140,15 @@ def planned_batches(n_prompts: int, samples: int, forks: int, depth: int, batch_
 class TreeBuilder:
     """Generates the planned trees of prompts, a group of prompts at a time."""
 
-    def __init__(self, lm: LoadedModel, cfg: RunConfig, layers: list[int], plan: TreePlan,
-                 batch_rows: int = DEFAULT_BATCH_ROWS, profile: bool = False):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        cfg: RunConfig,
+        layers: list[int],
+        plan: TreePlan,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        profile: bool = False,
+    ):
         self.lm, self.cfg, self.layers, self.plan = lm, cfg, layers, plan
         self.batch_rows = max(1, batch_rows)
         self.eos_ids = lm.eos_ids if cfg.stop_at_eos else set()
@@ -162,14 +169,16 @@ class TreeBuilder:
         """Prompts built together (group_size); groups are fixed blocks of prompt ids (prompt_groups)."""
         return group_size(self.batch_rows, self.cfg.samples)
 
-    def build(self, prompt_id: int, prompt_ids: list[int],
-              on_branch: Callable[[], None] | None = None) -> list[BranchRecord]:
+    def build(
+        self, prompt_id: int, prompt_ids: list[int], on_branch: Callable[[], None] | None = None
+    ) -> list[BranchRecord]:
         """All branches of one prompt's tree, in plan order (root, samples, then each fork level)."""
         return self.build_group([(prompt_id, prompt_ids)], on_branch)[prompt_id]
 
     @torch.inference_mode()
-    def build_group(self, prompts: list[tuple[int, list[int]]],
-                    on_branch: Callable[[], None] | None = None) -> dict[int, list[BranchRecord]]:
+    def build_group(
+        self, prompts: list[tuple[int, list[int]]], on_branch: Callable[[], None] | None = None
+    ) -> dict[int, list[BranchRecord]]:
         """The trees of several prompts (prompt_id, token ids), decoded together; per prompt id, its
         branches in plan order. The trees are those `build` makes one prompt at a time."""
 
@@ -195,17 +204,28 @@ class TreeBuilder:
                 if not children:
                     continue
                 cfg = self.cfg
-                positions = fork_positions(cfg.fork_rule, len(children), parent.fork_position, parent.entropies,
-                                           parent.max_end - cfg.min_child_tokens + 1, cfg.fork_offsets)
+                positions = fork_positions(
+                    cfg.fork_rule,
+                    len(children),
+                    parent.fork_position,
+                    parent.entropies,
+                    parent.max_end - cfg.min_child_tokens + 1,
+                    cfg.fork_offsets,
+                )
                 kids += [(child, parent, p) for child, p in zip(children, positions)]
             next_level: list[Built] = []
             for lo in range(0, len(kids), self.batch_rows):
-                chunk = kids[lo:lo + self.batch_rows]
+                chunk = kids[lo : lo + self.batch_rows]
                 batch, chunk_logits = self._fork_batch(chunk)
                 next_level += self._decode(
-                    batch, chunk_logits, [(parent.prompt_id, child, parent.max_end) for child, parent, _ in chunk],
-                    [p for _, _, p in chunk], [parent.sequence[p] for _, parent, p in chunk],
-                    [parent.sequence[:p] for _, parent, p in chunk], notify)
+                    batch,
+                    chunk_logits,
+                    [(parent.prompt_id, child, parent.max_end) for child, parent, _ in chunk],
+                    [p for _, _, p in chunk],
+                    [parent.sequence[p] for _, parent, p in chunk],
+                    [parent.sequence[:p] for _, parent, p in chunk],
+                    notify,
+                )
             for parent in level:
                 parent.batch = None  # its children exist: let its cache go
                 parent.own_latents()  # and its level's whole latents array, once all its rows are copied out
@@ -226,13 +246,25 @@ class TreeBuilder:
             out = self._forward(ids, None, mask, torch.arange(n_prompt, device=device)[None])
             logprobs, entropies = token_stats_tensors(out.logits[0, :-1], ids[0, 1:])
             nan = np.full(1, np.nan, np.float32)
-            root = Built(self.plan.slots[0], 0, list(prompt_ids), np.concatenate([nan, logprobs.cpu().numpy()]),
-                         np.concatenate([nan, entropies.cpu().numpy()]), HostArray(self._hidden(out)), 0, False,
-                         list(prompt_ids), Batch(kvcache.returned(out), mask, [0]), prompt_id,
-                         n_prompt + self.cfg.max_new_tokens - 1)
+            root = Built(
+                self.plan.slots[0],
+                0,
+                list(prompt_ids),
+                np.concatenate([nan, logprobs.cpu().numpy()]),
+                np.concatenate([nan, entropies.cpu().numpy()]),
+                HostArray(self._hidden(out)),
+                0,
+                False,
+                list(prompt_ids),
+                Batch(kvcache.returned(out), mask, [0]),
+                prompt_id,
+                n_prompt + self.cfg.max_new_tokens - 1,
+            )
         return root, out.logits[:, -1].clone()  # a view would keep the whole (1, n, vocab) logits alive
 
-    def _samples(self, roots: list[Built], logits: list[torch.Tensor], notify: Callable[[], None]) -> list[Built]:
+    def _samples(
+        self, roots: list[Built], logits: list[torch.Tensor], notify: Callable[[], None]
+    ) -> list[Built]:
         """The samples of all roots, decoded in batches of whole prompts up to batch_rows rows, each
         batch's cache assembled from its prompts' caches (one prompt alone reuses its own)."""
         samples = self.plan.children(0)
@@ -244,7 +276,7 @@ class TreeBuilder:
             together = 1  # a sliding window has dropped part of a prompt: its cache cannot be cut
         level: list[Built] = []
         for lo in range(0, len(roots), together):
-            group, group_logits = roots[lo:lo + together], logits[lo:lo + together]
+            group, group_logits = roots[lo : lo + together], logits[lo : lo + together]
             if len(group) == 1:
                 root = group[0]
                 cache = kvcache.repeat_rows(root.batch.cache, per)
@@ -259,14 +291,29 @@ class TreeBuilder:
                     r.batch = None  # the assembled cache holds copies of the prompts' caches
             first = torch.cat([lg.expand(per, -1) for lg in group_logits])  # (rows, vocab)
             rows = [(r.prompt_id, s, r.max_end) for r in group for s in samples]
-            level += self._decode(batch, first, rows, [len(r.token_ids) for r in group for _ in samples], None,
-                                  [list(r.token_ids) for r in group for _ in samples], notify)
+            level += self._decode(
+                batch,
+                first,
+                rows,
+                [len(r.token_ids) for r in group for _ in samples],
+                None,
+                [list(r.token_ids) for r in group for _ in samples],
+                notify,
+            )
             for r in group:
                 r.batch = None
         return level
 
-    def _decode(self, batch: Batch, logits: torch.Tensor, rows: list[tuple[int, Slot, int]], starts: list[int],
-                exclude: list[int] | None, prefixes: list[list[int]], notify: Callable[[], None]) -> list[Built]:
+    def _decode(
+        self,
+        batch: Batch,
+        logits: torch.Tensor,
+        rows: list[tuple[int, Slot, int]],
+        starts: list[int],
+        exclude: list[int] | None,
+        prefixes: list[list[int]],
+        notify: Callable[[], None],
+    ) -> list[Built]:
         """Sample the rows of `batch` in lockstep, row i = (prompt id, slot, last position) from position
         starts[i] to its last position or EOS; at its first position row i never picks exclude[i] (a
         fork differs from its parent there). `logits` predict each row's first position."""
@@ -274,8 +321,9 @@ class TreeBuilder:
         n_rows = len(rows)
         self.stats.decode_batches.append(n_rows)
         budget = [end - s + 1 for (_, _, end), s in zip(rows, starts)]  # tokens row i may make
-        uniforms = row_uniforms([branch_seed(cfg.seed, pid, slot.local_id) for pid, slot, _ in rows],
-                                max(budget), device)  # (rows, steps)
+        uniforms = row_uniforms(
+            [branch_seed(cfg.seed, pid, slot.local_id) for pid, slot, _ in rows], max(budget), device
+        )  # (rows, steps)
         first = torch.tensor(starts, device=device)
         last = torch.tensor([end for _, _, end in rows], device=device)
         steps_left = torch.tensor(budget, device=device)  # (rows,)
@@ -286,8 +334,14 @@ class TreeBuilder:
         lp_steps, ent_steps, hidden_steps, token_steps = [], [], [], []
         for step in range(max(budget)):
             with prof.section("sample"):
-                chosen, logprobs, entropies = sample_step(logits, cfg.temperature, cfg.top_k, cfg.top_p,
-                                                          uniforms[:, step], exclude if step == 0 else None)
+                chosen, logprobs, entropies = sample_step(
+                    logits,
+                    cfg.temperature,
+                    cfg.top_k,
+                    cfg.top_p,
+                    uniforms[:, step],
+                    exclude if step == 0 else None,
+                )
                 if eos.numel():
                     hit = torch.isin(chosen, eos) & (done_at > step)
                     done_at = torch.where(hit, step + 1, done_at)
@@ -322,9 +376,22 @@ class TreeBuilder:
         for i, (prompt_id, slot, end) in enumerate(rows):
             n = lengths[i]
             own = tokens[i, :n].tolist()
-            level.append(Built(slot, starts[i], own, logprobs[i, :n].astype(np.float32),
-                               entropies[i, :n].astype(np.float32), latents, i, ended[i], prefixes[i] + own, batch,
-                               prompt_id, end))
+            level.append(
+                Built(
+                    slot,
+                    starts[i],
+                    own,
+                    logprobs[i, :n].astype(np.float32),
+                    entropies[i, :n].astype(np.float32),
+                    latents,
+                    i,
+                    ended[i],
+                    prefixes[i] + own,
+                    batch,
+                    prompt_id,
+                    end,
+                )
+            )
             notify()
         return level
 
@@ -332,12 +399,16 @@ class TreeBuilder:
         """A batch holding each child's prefix (positions < its fork position p) and the logits that
         predict position p: assembled from the parents' caches, or recomputed where they cannot give it."""
         parents = [parent for _, parent, _ in kids]
-        if not all(p.batch is not None and kvcache.holds_all(p.batch.cache, p.batch.mask.shape[1]) for p in parents):
+        if not all(
+            p.batch is not None and kvcache.holds_all(p.batch.cache, p.batch.mask.shape[1]) for p in parents
+        ):
             return self._recompute(kids)
         # Each child takes its parent's row up to position p - 2; position p - 1 is fed again for its logits.
         widths = [p - 1 for _, _, p in kids]
-        cuts = [kvcache.RowCut(parent.batch.cache, parent.row, parent.batch.pad[parent.row], w)
-                for parent, w in zip(parents, widths)]
+        cuts = [
+            kvcache.RowCut(parent.batch.cache, parent.row, parent.batch.pad[parent.row], w)
+            for parent, w in zip(parents, widths)
+        ]
         device = self.lm.device
         mask, pad = kvcache.left_padding(widths, device)
         batch = Batch(kvcache.assemble(cuts, self.lm.model.config), mask, pad)
@@ -359,14 +430,28 @@ class TreeBuilder:
         self.stats.prefix_recomputed += len(kids)
         return Batch(kvcache.returned(out), mask, pad), out.logits[:, -1]
 
-    def _forward(self, input_ids: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor,
-                 keep_last_logits: bool = False):
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        cache,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        keep_last_logits: bool = False,
+    ):
         self.stats.forward_calls += 1
         extra = {"logits_to_keep": 1} if keep_last_logits and self._can_keep_logits else {}
 
         def run(select, keep=extra):
-            return self.lm.model(input_ids=input_ids, use_cache=True, attention_mask=mask, position_ids=positions,
-                                 output_hidden_states=select, return_dict=True, **{self._cache_kwarg: cache}, **keep)
+            return self.lm.model(
+                input_ids=input_ids,
+                use_cache=True,
+                attention_mask=mask,
+                position_ids=positions,
+                output_hidden_states=select,
+                return_dict=True,
+                **{self._cache_kwarg: cache},
+                **keep,
+            )
 
         if not self._selection:
             if self._selection is None and cache is None:  # the first prefill: safe to run twice (no cache)
@@ -388,8 +473,10 @@ class TreeBuilder:
         (its logits and cache are those of any run), with all of `full`'s states where the selection fails."""
         want = self._pick(full.hidden_states, "by layer")
         if want is None:
-            raise RuntimeError(f"the model returned {len(full.hidden_states or ())} hidden states; layers {self.layers} "
-                               "need one per layer plus the embeddings")
+            raise RuntimeError(
+                f"the model returned {len(full.hidden_states or ())} hidden states; layers {self.layers} "
+                "need one per layer plus the embeddings"
+            )
         self._selection = False
         for mode in ("by layer", "in order"):
             got = self._pick(selected.hidden_states, mode)
@@ -414,7 +501,9 @@ class TreeBuilder:
         """The chosen layers' hidden states: (n_layers_sel, batch, seq, d)."""
         picked = self._pick(out.hidden_states, self._selection or "by layer")
         if picked is None:
-            raise RuntimeError(f"the model returned {len(out.hidden_states or ())} hidden states for layers {self.layers}")
+            raise RuntimeError(
+                f"the model returned {len(out.hidden_states or ())} hidden states for layers {self.layers}"
+            )
         return torch.stack(picked)
 
     def _record(self, b: Built) -> BranchRecord:
@@ -423,8 +512,9 @@ class TreeBuilder:
         with self.profile.section("copy"):
             latents = b.own_latents()
         with self.profile.section("records"):
-            texts = tok.batch_decode([[t] for t in b.token_ids], skip_special_tokens=False,
-                                     clean_up_tokenization_spaces=False)
+            texts = tok.batch_decode(
+                [[t] for t in b.token_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
         return BranchRecord(
             branch_id=plan.branch_id(b.prompt_id, slot.local_id),
             prompt_id=b.prompt_id,

@@ -52,8 +52,11 @@ def holds_all(cache: object, slots: int) -> bool:
     """Whether every layer of `cache` is one this module can cut and still holds all `slots` slots (a
     sliding-window layer past its window has dropped the oldest ones)."""
     layers = getattr(cache, "layers", None)
-    return isinstance(cache, DynamicCache) and bool(layers) and all(
-        type(layer) in _CUTTABLE and layer.keys.shape[-2] == slots for layer in layers)
+    return (
+        isinstance(cache, DynamicCache)
+        and bool(layers)
+        and all(type(layer) in _CUTTABLE and layer.keys.shape[-2] == slots for layer in layers)
+    )
 
 
 def left_padding(lengths: list[int], device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -77,12 +80,16 @@ def assemble(cuts: list[RowCut], config: PreTrainedConfig) -> DynamicCache:
         raise ValueError("the cut caches do not have the layer kinds of this model's cache")
     for li, layer in enumerate(cache.layers):
         like = cuts[0].cache.layers[li]
-        keys = like.keys.new_zeros((len(cuts), like.keys.shape[1], width, like.keys.shape[3]))  # (rows, heads, width, head_dim)
-        values = like.values.new_zeros((len(cuts), like.values.shape[1], width, like.values.shape[3]))  # (rows, heads, width, v_dim)
+        keys = like.keys.new_zeros(
+            (len(cuts), like.keys.shape[1], width, like.keys.shape[3])
+        )  # (rows, heads, width, head_dim)
+        values = like.values.new_zeros(
+            (len(cuts), like.values.shape[1], width, like.values.shape[3])
+        )  # (rows, heads, width, v_dim)
         for c, cut in enumerate(cuts):
             src = cut.cache.layers[li]
             span = slice(cut.start, cut.start + cut.length)
-            keys[c, :, width - cut.length:] = src.keys[cut.row, :, span]  # (heads, length, head_dim)
-            values[c, :, width - cut.length:] = src.values[cut.row, :, span]  # (heads, length, v_dim)
+            keys[c, :, width - cut.length :] = src.keys[cut.row, :, span]  # (heads, length, head_dim)
+            values[c, :, width - cut.length :] = src.values[cut.row, :, span]  # (heads, length, v_dim)
         layer.update(keys, values)  # a sliding-window layer keeps only its window, as after a prefill
     return cache

@@ -42,8 +42,9 @@ def _ids(sequence: Any) -> list[int]:
     if array.ndim == 2 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 1 or len(array) == 0 or not np.issubdtype(array.dtype, np.integer):
-        raise StoreError(f"a sequence must be a non-empty 1-D list of token ids, got shape {array.shape} "
-                         f"of {array.dtype}")
+        raise StoreError(
+            f"a sequence must be a non-empty 1-D list of token ids, got shape {array.shape} of {array.dtype}"
+        )
     return array.astype(np.int64).tolist()
 
 
@@ -62,9 +63,14 @@ def run_caches(model: Any, sequences: Sequence[Any], layers: Sequence[int]) -> l
     return out
 
 
-def lens_tables(sequences: Sequence[Any], caches: Sequence[Any], layers: Sequence[int], prompt_len: int | Sequence[int],
-                prompt_ids: Sequence[int] | None = None, token_text: Callable[[int], str] = str
-                ) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+def lens_tables(
+    sequences: Sequence[Any],
+    caches: Sequence[Any],
+    layers: Sequence[int],
+    prompt_len: int | Sequence[int],
+    prompt_ids: Sequence[int] | None = None,
+    token_text: Callable[[int], str] = str,
+) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
     """The exchange's whole-sequence table (prompt_id, sequence_id, position, token_id, token_text,
     is_prompt) and layer -> latents rows, from sequences and their caches (an ActivationCache, a dict
     hook name -> tensor, or layer -> array per sequence, batch dimension 1 or none). prompt_ids default:
@@ -87,13 +93,23 @@ def lens_tables(sequences: Sequence[Any], caches: Sequence[Any], layers: Sequenc
         for layer in layers:
             array = _layer_of(cache, layer)
             if array.shape[0] != len(tok):
-                raise StoreError(f"sequence {s}: layer {layer} holds {array.shape[0]} positions, "
-                                 f"the sequence {len(tok)}")
+                raise StoreError(
+                    f"sequence {s}: layer {layer} holds {array.shape[0]} positions, the sequence {len(tok)}"
+                )
             arrays[layer].append(array)
         rows += [(int(prompt), s, p, t, token_text(t), p < n) for p, t in enumerate(tok)]
-    table = pl.DataFrame(rows, schema={"prompt_id": pl.Int64, "sequence_id": pl.Int64, "position": pl.Int64,
-                                       "token_id": pl.Int64, "token_text": pl.String, "is_prompt": pl.Boolean},
-                         orient="row")
+    table = pl.DataFrame(
+        rows,
+        schema={
+            "prompt_id": pl.Int64,
+            "sequence_id": pl.Int64,
+            "position": pl.Int64,
+            "token_id": pl.Int64,
+            "token_text": pl.String,
+            "is_prompt": pl.Boolean,
+        },
+        orient="row",
+    )
     return table, {layer: np.concatenate(parts).astype(np.float32) for layer, parts in arrays.items()}
 
 
@@ -109,10 +125,17 @@ def _layer_of(cache: Any, layer: int) -> np.ndarray:
     return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
 
 
-def import_transformer_lens(store: str | Path, model: Any, sequences: Sequence[Any], prompt_len: int | Sequence[int],
-                            layers: Sequence[int] | None = None, caches: Sequence[Any] | None = None,
-                            prompt_ids: Sequence[int] | None = None, run_id: str | None = None,
-                            model_name: str | None = None):
+def import_transformer_lens(
+    store: str | Path,
+    model: Any,
+    sequences: Sequence[Any],
+    prompt_len: int | Sequence[int],
+    layers: Sequence[int] | None = None,
+    caches: Sequence[Any] | None = None,
+    prompt_ids: Sequence[int] | None = None,
+    run_id: str | None = None,
+    model_name: str | None = None,
+):
     """Run `model` over `sequences` (or take `caches`, one per sequence, from your own run_with_cache) and
     import layers (default all: 0..n_layers) as a run of `store`; returns store.exchange's ImportReport."""
     from store.exchange import import_tables
@@ -134,5 +157,16 @@ def import_transformer_lens(store: str | Path, model: Any, sequences: Sequence[A
         h.update(latents[layer].tobytes())
     name = model_name or str(getattr(cfg, "model_name", None) or "transformer-lens")
     pe = TL_PE_TYPES.get(str(getattr(cfg, "positional_embedding_type", "")), "unknown")
-    return import_tables(store, table, latents, h.hexdigest()[:16], run_id, name, pe, n_layers, "branchlens lens",
-                         sequences=True, origin={"from": "transformer-lens", "hooks": [hook_name(x) for x in layers]})
+    return import_tables(
+        store,
+        table,
+        latents,
+        h.hexdigest()[:16],
+        run_id,
+        name,
+        pe,
+        n_layers,
+        "branchlens lens",
+        sequences=True,
+        origin={"from": "transformer-lens", "hooks": [hook_name(x) for x in layers]},
+    )

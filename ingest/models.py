@@ -42,8 +42,10 @@ class LoadedModel:
     @property
     def eos_ids(self) -> set[int]:
         ids: set[int] = set()
-        for value in (getattr(self.tokenizer, "eos_token_id", None),
-                      getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)):
+        for value in (
+            getattr(self.tokenizer, "eos_token_id", None),
+            getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+        ):
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, (list, tuple)):
@@ -70,13 +72,19 @@ def resolve_device(spec: str) -> torch.device:
         raise IngestError(f"unknown device {spec!r} (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise IngestError(f"device {spec!r} asked for, but CUDA is not available to torch {torch.__version__}")
+            raise IngestError(
+                f"device {spec!r} asked for, but CUDA is not available to torch {torch.__version__}"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise IngestError(f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise IngestError(
+                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise IngestError("device 'mps' asked for, but MPS is not available")
     if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: no real tensors to store
-        raise IngestError(f"device {spec!r} cannot run a model for ingest (use auto, cpu, cuda, cuda:N or mps)")
+        raise IngestError(
+            f"device {spec!r} cannot run a model for ingest (use auto, cpu, cuda, cuda:N or mps)"
+        )
     return device
 
 
@@ -91,8 +99,9 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_model(spec: str, device: torch.device, dtype: torch.dtype,
-               log: Callable[[str], None] = print) -> LoadedModel:
+def load_model(
+    spec: str, device: torch.device, dtype: torch.dtype, log: Callable[[str], None] = print
+) -> LoadedModel:
     """Load `spec` (alias, directory, .gguf file or hub id) onto device in dtype, in eval mode."""
     from transformers.utils import logging as hf_logging
 
@@ -126,7 +135,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype,
         dtype=dtype,
         n_layers=int(text_config.num_hidden_layers),
         d_model=int(text_config.hidden_size),
-        max_positions=getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None),
+        max_positions=getattr(text_config, "max_position_embeddings", None)
+        or getattr(text_config, "n_positions", None),
         positions=adapter_for(text_config),
     )
 
@@ -138,8 +148,10 @@ def _from_pretrained(spec: str, where: str, extra: dict, dtype: torch.dtype):
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        hint = "" if Path(where).exists() else (
-            f" (not a local directory, .gguf file or bundled alias: {', '.join(BUNDLED_ALIASES)})"
+        hint = (
+            ""
+            if Path(where).exists()
+            else (f" (not a local directory, .gguf file or bundled alias: {', '.join(BUNDLED_ALIASES)})")
         )
         raise IngestError(f"cannot load model '{spec}'{hint}: {reason(exc)}") from None
     return model, tokenizer
@@ -161,7 +173,9 @@ def _load_bundled(alias: str, dtype: torch.dtype, log: Callable[[str], None]):
     log(f"first use of {alias}: converting the bundled GGUF (about a minute, cached in {target})")
     gguf_path = bundled.assemble()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     # The weights are dequantized in memory; drop the GGUF marker so the copy saves as plain fp32.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

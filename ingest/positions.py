@@ -22,19 +22,42 @@ import torch
 from ingest.errors import IngestError
 
 LEARNED = {  # model_type -> attribute path of the position-embedding module
-    "gpt2": "transformer.wpe", "gpt_neo": "transformer.wpe", "gpt_bigcode": "transformer.wpe",
-    "opt": "model.decoder.embed_positions", "biogpt": "biogpt.embed_positions",
+    "gpt2": "transformer.wpe",
+    "gpt_neo": "transformer.wpe",
+    "gpt_bigcode": "transformer.wpe",
+    "opt": "model.decoder.embed_positions",
+    "biogpt": "biogpt.embed_positions",
 }
 ROPE = {
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3",
-    "gemma3_text", "phi3", "gpt_neox", "olmo", "olmo2", "stablelm", "starcoder2", "granite", "cohere",
-    "smollm3", "ministral",
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "phi3",
+    "gpt_neox",
+    "olmo",
+    "olmo2",
+    "stablelm",
+    "starcoder2",
+    "granite",
+    "cohere",
+    "smollm3",
+    "ministral",
 }
 # model_type -> what computes the ALiBi slopes or bias: a module-level function or a model method; where
 # transformers versions differ, candidates separated by "|", the first one found is used (Bloom's forward
 # calls _get_alibi_slopes in 5.25, its build_alibi_tensor method in 5.17)
-ALIBI = {"bloom": "transformers.models.bloom.modeling_bloom:_get_alibi_slopes|build_alibi_tensor",
-         "mpt": "build_mpt_alibi_tensor"}
+ALIBI = {
+    "bloom": "transformers.models.bloom.modeling_bloom:_get_alibi_slopes|build_alibi_tensor",
+    "mpt": "build_mpt_alibi_tensor",
+}
 
 
 @dataclass(frozen=True)
@@ -101,8 +124,10 @@ def adapter_for(config: object) -> PositionAdapter:
         return PositionAdapter(family, "learned_absolute", LEARNED[family])
     if family in ALIBI or getattr(config, "alibi", False):
         return PositionAdapter(family, "alibi", ALIBI.get(family, "build_alibi_tensor"))
-    rope_config = any(getattr(config, a, None) is not None
-                      for a in ("rope_parameters", "rope_theta", "rotary_dim", "rotary_pct"))
+    rope_config = any(
+        getattr(config, a, None) is not None
+        for a in ("rope_parameters", "rope_theta", "rotary_dim", "rotary_pct")
+    )
     if family in ROPE or rope_config:  # HF RoPE models take the rotation angles from position_ids
         return PositionAdapter(family, "rope")
     return PositionAdapter(family, "unknown")
@@ -124,7 +149,9 @@ def _zeroed(model: torch.nn.Module, target: str, family: str) -> Iterator[None]:
         if owners:
             break
     if not owners:
-        raise IngestError(f"model family '{family}': none of {target.replace('|', ', ')} found to neutralize ALiBi")
+        raise IngestError(
+            f"model family '{family}': none of {target.replace('|', ', ')} found to neutralize ALiBi"
+        )
     originals = [(owner, getattr(owner, name), name in vars(owner)) for owner in owners]
     for owner, original, _ in originals:
         setattr(owner, name, lambda *a, _f=original, **k: torch.zeros_like(_f(*a, **k)))

@@ -37,8 +37,9 @@ class Prepared:
 
     def tree_builder(self, profile: bool = False) -> TreeBuilder:
         """The run's tree builder; `profile` times each section of its work (ingest.profile)."""
-        return TreeBuilder(self.lm, self.cfg, self.layers, self.plan, batch_rows=self.cfg.batch_rows,
-                           profile=profile)
+        return TreeBuilder(
+            self.lm, self.cfg, self.layers, self.plan, batch_rows=self.cfg.batch_rows, profile=profile
+        )
 
 
 def branchlens_version() -> str:
@@ -52,11 +53,17 @@ def branchlens_version() -> str:
 def require_prompts(cfg: RunConfig) -> None:
     """Fail before anything slow when the config holds no prompts."""
     if not cfg.prompts:
-        raise IngestError("no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo")
+        raise IngestError(
+            "no prompts: give --prompts FILE, a config with 'prompts', or no arguments for the demo"
+        )
 
 
-def prepare(cfg: RunConfig, log: Callable[[str], None] = lambda _m: None, lm: LoadedModel | None = None,
-            progress: bool = False) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    log: Callable[[str], None] = lambda _m: None,
+    lm: LoadedModel | None = None,
+    progress: bool = False,
+) -> Prepared:
     """Resolve device and dtype, load the model (or check that `lm` matches them), resolve the layers,
     tokenize the prompts and derive the run's record. Raises IngestError on bad input."""
     require_prompts(cfg)
@@ -75,7 +82,9 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = lambda _m: None, lm: Lo
         log(f"loading model {cfg.model} on {device} ({str(dtype).removeprefix('torch.')})")
         lm = load_model(cfg.model, device, dtype, log)
     elif (lm.device.type, lm.dtype) != (device.type, dtype):
-        raise IngestError(f"the loaded model is on {lm.device}/{lm.dtype}, the config asks for {device}/{dtype}")
+        raise IngestError(
+            f"the loaded model is on {lm.device}/{lm.dtype}, the config asks for {device}/{dtype}"
+        )
     layers = resolve_layers(cfg.layers, lm.n_layers)
     if cfg.zero_pe:
         lm.positions.require()  # before any generation: an unsupported family fails fast
@@ -84,17 +93,29 @@ def prepare(cfg: RunConfig, log: Callable[[str], None] = lambda _m: None, lm: Lo
     return Prepared(cfg, lm, layers, prompt_ids, run, plan, time.perf_counter() - t0)
 
 
-def run_record(cfg: RunConfig, lm: LoadedModel, layers: list[int], device: torch.device,
-               dtype: torch.dtype) -> RunRecord:
+def run_record(
+    cfg: RunConfig, lm: LoadedModel, layers: list[int], device: torch.device, dtype: torch.dtype
+) -> RunRecord:
     """The run's record: resolved config, the hash of what decides the output, and its id."""
     resolved = dataclasses.asdict(cfg) | {
-        "layers": layers, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+        "layers": layers,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     digest = config_hash(resolved)
     run_id = cfg.run_id or f"run-{digest}"
     resolved["run_id"] = run_id
-    return RunRecord(run_id, cfg.model, resolved, digest, lm.n_layers, lm.d_model, lm.pe_type,
-                     str(device), resolved["dtype"])
+    return RunRecord(
+        run_id,
+        cfg.model,
+        resolved,
+        digest,
+        lm.n_layers,
+        lm.d_model,
+        lm.pe_type,
+        str(device),
+        resolved["dtype"],
+    )
 
 
 def tokenize_prompts(lm: LoadedModel, cfg: RunConfig) -> list[list[int]]:

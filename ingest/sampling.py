@@ -25,8 +25,9 @@ def row_uniforms(seeds: list[int], steps: int, device: torch.device) -> torch.Te
     return torch.from_numpy(np.minimum(draws.astype(np.float32), _BELOW_ONE)).to(device)
 
 
-def token_stats_tensors(logits: torch.Tensor, token_ids: torch.Tensor,
-                        chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def token_stats_tensors(
+    logits: torch.Tensor, token_ids: torch.Tensor, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of token_ids[i] and entropy (nats) under softmax(logits[i]), at temperature 1,
     as fp32 tensors on the logits' device (no host sync).
 
@@ -34,16 +35,18 @@ def token_stats_tensors(logits: torch.Tensor, token_ids: torch.Tensor,
     """
     logprobs, entropies = [], []
     for lo in range(0, logits.shape[0], chunk):
-        logp = torch.log_softmax(logits[lo:lo + chunk].float(), dim=-1)  # (rows, vocab)
+        logp = torch.log_softmax(logits[lo : lo + chunk].float(), dim=-1)  # (rows, vocab)
         entropies.append(_entropy(logp))
-        logprobs.append(logp.gather(-1, token_ids[lo:lo + chunk, None].to(logp.device)).squeeze(-1))
+        logprobs.append(logp.gather(-1, token_ids[lo : lo + chunk, None].to(logp.device)).squeeze(-1))
     if not logprobs:
         empty = torch.empty(0, device=logits.device)
         return empty, empty
     return torch.cat(logprobs), torch.cat(entropies)
 
 
-def token_stats(logits: torch.Tensor, token_ids: torch.Tensor, chunk: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def token_stats(
+    logits: torch.Tensor, token_ids: torch.Tensor, chunk: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """token_stats_tensors as float32 numpy arrays."""
     logprobs, entropies = token_stats_tensors(logits, token_ids, chunk)
     return logprobs.cpu().numpy().astype(np.float32), entropies.cpu().numpy().astype(np.float32)
@@ -146,7 +149,9 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cum = torch.cumsum(weights, dim=-1)  # (rows, n)
     total = cum[:, -1:]  # (rows, 1)
     # u * total can round up to total itself, which would land past the last token of non-zero weight
-    target = torch.minimum(uniforms.to(cum.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    target = torch.minimum(
+        uniforms.to(cum.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
+    )
     picks = torch.searchsorted(cum, target, right=True).squeeze(-1).clamp_(max=weights.shape[-1] - 1)
     if weights.device.type != "cpu":
         # a parallel scan (CUDA, MPS) can leave a zero weight's cumulative sum an ulp above its

@@ -33,13 +33,18 @@ def encode(lm: LoadedModel, token_ids: list[int], layers: list[int]) -> np.ndarr
     """Hidden states (len(layers), n, d) of one full sequence with positions neutralized."""
     ids = torch.tensor([token_ids], device=lm.device)
     with lm.positions.neutralized(lm.model):
-        out = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False,
-                       **lm.positions.forward_kwargs(ids))
+        out = lm.model(
+            input_ids=ids, output_hidden_states=True, use_cache=False, **lm.positions.forward_kwargs(ids)
+        )
     return np.stack([out.hidden_states[layer][0].float().cpu().numpy() for layer in layers])
 
 
 def add_zero_pe(
-    lm: LoadedModel, store: str, run_id: str, layers: list[int], progress: bool = False,
+    lm: LoadedModel,
+    store: str,
+    run_id: str,
+    layers: list[int],
+    progress: bool = False,
     log: Callable[[str], None] = lambda _m: None,
 ) -> int:
     """Re-encode every written prompt of the run that has no zero_pe latents yet; returns how many."""
@@ -55,7 +60,9 @@ def add_zero_pe(
             items = []
             for branch_id, fork, token_ids in branches:
                 hidden = encode(lm, token_ids, layers)
-                items.append((branch_id, np.arange(fork, len(token_ids), dtype=np.int32), hidden[:, fork:, :]))
+                items.append(
+                    (branch_id, np.arange(fork, len(token_ids), dtype=np.int32), hidden[:, fork:, :])
+                )
             writer.write_variant(run_id, prompt_id, items, layers, VARIANT)
             if not progress:
                 log(f"zero-PE: prompt {prompt_id} written ({len(items)} branches)")
@@ -65,8 +72,11 @@ def add_zero_pe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ingest.zero_pe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ingest.zero_pe",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("store", help="store written by `python -m ingest`")
     parser.add_argument("--run", help="run id (default: the newest run)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, mps")
@@ -88,9 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         progress = not args.no_progress and sys.stderr.isatty()
         lm = load_model(config["model"], device, dtype, log=lambda m: print(m, file=sys.stderr))
         if lm.d_model != int(runs.filter(runs["run_id"] == run_id)["d_model"][0]):
-            raise IngestError(f"model {config['model']} has width {lm.d_model}, the run was written with another")
-        done = add_zero_pe(lm, args.store, run_id, list(config["layers"]), progress,
-                           log=lambda m: print(m, file=sys.stderr))
+            raise IngestError(
+                f"model {config['model']} has width {lm.d_model}, the run was written with another"
+            )
+        done = add_zero_pe(
+            lm, args.store, run_id, list(config["layers"]), progress, log=lambda m: print(m, file=sys.stderr)
+        )
     except (IngestError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,8 +35,12 @@ from store.leftovers import compact_copy, remove_stale_copies
 from store.schema import CONTRACT_TABLES, first_row, read_meta, schema_sql
 from store.writer import STORAGE_COMPATIBILITY, StoreWriter
 
-_ORDER = {"runs": "run_id", "prompts": "run_id, prompt_id", "branches": "run_id, branch_id",
-          "tokens": "run_id, branch_id, position"}
+_ORDER = {
+    "runs": "run_id",
+    "prompts": "run_id, prompt_id",
+    "branches": "run_id, branch_id",
+    "tokens": "run_id, branch_id, position",
+}
 
 
 @dataclass(frozen=True)
@@ -47,14 +51,19 @@ class CompactReport:
     seconds: float
 
     def summary(self) -> str:
-        return (f"compacted {self.path}: {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
-                f"in {self.seconds:.1f} s")
+        return (
+            f"compacted {self.path}: {self.bytes_before / 1e6:.1f} MB -> {self.bytes_after / 1e6:.1f} MB "
+            f"in {self.seconds:.1f} s"
+        )
 
 
 def free_fraction(con: duckdb.DuckDBPyConnection) -> float:
     """Share of the file's blocks that hold nothing (what compaction would give back)."""
-    free, total = first_row(con, "SELECT free_blocks, total_blocks FROM pragma_database_size() "
-                                 "WHERE database_name = current_database()")
+    free, total = first_row(
+        con,
+        "SELECT free_blocks, total_blocks FROM pragma_database_size() "
+        "WHERE database_name = current_database()",
+    )
     return float(free) / total if total else 0.0
 
 
@@ -88,7 +97,9 @@ def _compact_claimed(path: Path, lock_timeout: float) -> CompactReport:
         with closing(open_read(path, lock_timeout=lock_timeout, config=ATTACHING)) as con:
             meta = read_meta(con, str(path))
             source = first_row(con, "SELECT current_database()")[0]
-            con.execute(f"ATTACH '{_quoted(tmp)}' AS packed (READ_WRITE, STORAGE_VERSION '{STORAGE_COMPATIBILITY}')")
+            con.execute(
+                f"ATTACH '{_quoted(tmp)}' AS packed (READ_WRITE, STORAGE_VERSION '{STORAGE_COMPATIBILITY}')"
+            )
             try:
                 con.execute("USE packed")
                 con.execute(schema_sql(int(meta["vector_dim"])))
@@ -97,15 +108,19 @@ def _compact_claimed(path: Path, lock_timeout: float) -> CompactReport:
                 for table in CONTRACT_TABLES:
                     if table == "latents":
                         continue
-                    con.execute(f'INSERT INTO packed.{table} SELECT * FROM "{source}".{table} '
-                                f"ORDER BY {_ORDER[table]}")
-                groups = con.execute(f'SELECT DISTINCT run_id, variant, layer FROM "{source}".latents '
-                                     "ORDER BY ALL").fetchall()
+                    con.execute(
+                        f'INSERT INTO packed.{table} SELECT * FROM "{source}".{table} '
+                        f"ORDER BY {_ORDER[table]}"
+                    )
+                groups = con.execute(
+                    f'SELECT DISTINCT run_id, variant, layer FROM "{source}".latents ORDER BY ALL'
+                ).fetchall()
                 for run_id, variant, layer in groups:  # one layer at a time bounds the sort's memory
                     con.execute(
                         f'INSERT INTO packed.latents SELECT * FROM "{source}".latents '
                         "WHERE run_id = ? AND variant = ? AND layer = ? ORDER BY branch_id, position",
-                        [run_id, variant, layer])
+                        [run_id, variant, layer],
+                    )
                 _check_counts(con, source)
                 fault_point("compact")
                 con.execute("COMMIT")
@@ -118,10 +133,14 @@ def _compact_claimed(path: Path, lock_timeout: float) -> CompactReport:
                 con.execute(f'USE "{source}"')
                 con.execute("DETACH packed")
             if Path(f"{tmp}.wal").exists():
-                raise StoreError(f"the compacted copy's write-ahead log was not merged ({tmp.name}.wal left behind)")
+                raise StoreError(
+                    f"the compacted copy's write-ahead log was not merged ({tmp.name}.wal left behind)"
+                )
             if _identity(path) != copied_from:  # replaced or rewritten underneath (not by a branchlens job)
-                raise StoreError(f"cannot compact store {path}: the file changed while it was being compacted "
-                                 "(replaced by another process); the copy was discarded, the file left as it is now")
+                raise StoreError(
+                    f"cannot compact store {path}: the file changed while it was being compacted "
+                    "(replaced by another process); the copy was discarded, the file left as it is now"
+                )
             os.replace(tmp, path)  # still under the read lock and the claim: no writer can slip in between
     except (OSError, duckdb.Error) as exc:
         raise StoreError(f"cannot compact store {path}: {reason(exc)}; the store is unchanged") from exc

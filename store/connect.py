@@ -54,8 +54,14 @@ def is_duckdb_file(path: str | Path) -> bool:
 
 def mode_kind(mode: int) -> str:
     """'regular file', 'directory', 'FIFO', 'device', 'socket' or 'special file', of an st_mode."""
-    for test, kind in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISCHR, "device"), (stat.S_ISBLK, "device"), (stat.S_ISSOCK, "socket")):
+    for test, kind in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "device"),
+        (stat.S_ISBLK, "device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
         if test(mode):
             return kind
     return "special file"
@@ -69,8 +75,9 @@ def file_kind(path: str | Path) -> str:
     except (FileNotFoundError, NotADirectoryError):
         return "missing"
     except OSError as exc:
-        raise StoreError(f"cannot use store {str(path)[:200]}{'...' if len(str(path)) > 200 else ''}: "
-                         f"{reason(exc)}") from None
+        raise StoreError(
+            f"cannot use store {str(path)[:200]}{'...' if len(str(path)) > 200 else ''}: {reason(exc)}"
+        ) from None
     except ValueError as exc:  # a NUL in the path
         raise StoreError(f"cannot use store {str(path)!r}: {exc}") from None
 
@@ -106,7 +113,9 @@ def connect_with_retry(
             delay = min(delay * 2, 1.0)
 
 
-def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None = None) -> duckdb.DuckDBPyConnection:
+def open_read(
+    path: str | Path, lock_timeout: float = 0.0, config: dict | None = None
+) -> duckdb.DuckDBPyConnection:
     """A read-only, locked-down (READ_CONFIG, plus `config`) connection to an existing store whose schema
     version this code reads."""
     path = Path(path)
@@ -115,7 +124,9 @@ def open_read(path: str | Path, lock_timeout: float = 0.0, config: dict | None =
         raise StoreMissing(f"store {path} does not exist")
     if kind != "regular file":
         raise StoreError(f"store {path} is a {kind}, not a DuckDB file")
-    con = connect_with_retry(path, read_only=True, lock_timeout=lock_timeout, config=READ_CONFIG | (config or {}))
+    con = connect_with_retry(
+        path, read_only=True, lock_timeout=lock_timeout, config=READ_CONFIG | (config or {})
+    )
     try:
         meta = read_meta(con, str(path))
         check_version(meta, str(path))

@@ -45,8 +45,10 @@ class ImportReport:
     layers: list[int]
 
     def summary(self) -> str:
-        return (f"run {self.run_id}: {self.prompts_written} prompts imported into {self.store} "
-                f"({self.prompts_before} there before); {self.tokens} tokens x layers {self.layers}")
+        return (
+            f"run {self.run_id}: {self.prompts_written} prompts imported into {self.store} "
+            f"({self.prompts_before} there before); {self.tokens} tokens x layers {self.layers}"
+        )
 
 
 def export_arrays(store: str | Path, run_id: str, out_dir: str | Path, variant: str = "normal") -> Path:
@@ -71,8 +73,13 @@ def export_arrays(store: str | Path, run_id: str, out_dir: str | Path, variant: 
         out.mkdir(parents=True, exist_ok=True)
         tokens.write_parquet(out / "tokens.parquet")
         np.savez(out / "latents.npz", **arrays)
-        (out / "run.json").write_text(json.dumps(
-            {k: run[k] for k in ("model", "n_layers", "pe_type")} | {"run_id": run_id, "variant": variant}, indent=1))
+        (out / "run.json").write_text(
+            json.dumps(
+                {k: run[k] for k in ("model", "n_layers", "pe_type")}
+                | {"run_id": run_id, "variant": variant},
+                indent=1,
+            )
+        )
     except OSError as exc:
         raise StoreError(f"cannot write to {out}: {exc.strerror or exc}") from None
     return out
@@ -132,7 +139,9 @@ def read_latents(path: str | Path) -> dict[int, np.ndarray]:
 SEQUENCE_COLUMNS = ("prompt_id", "sequence_id", "position", "token_id", "token_text")
 
 
-def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
+def from_sequences(
+    table: pl.DataFrame, latents: dict[int, np.ndarray]
+) -> tuple[pl.DataFrame, dict[int, np.ndarray]]:
     """Whole sequences (one row per token of each sequence, from position 0: prompt_id, sequence_id,
     position, token_id, token_text; latents rows in the table's order) as the exchange's tree: per
     prompt, sequences in order of first appearance; each sequence forks off the earlier one it shares the
@@ -141,7 +150,9 @@ def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple
     prefix of an earlier one adds nothing; one that shares nothing is another root of its prompt."""
     missing = [c for c in SEQUENCE_COLUMNS if c not in table.columns]
     if missing:
-        raise StoreError(f"sequence table lacks column(s) {', '.join(missing)} (needs {', '.join(SEQUENCE_COLUMNS)})")
+        raise StoreError(
+            f"sequence table lacks column(s) {', '.join(missing)} (needs {', '.join(SEQUENCE_COLUMNS)})"
+        )
     for layer, array in latents.items():
         if array.shape[0] != len(table):
             raise StoreError(f"layer {layer} has {array.shape[0]} rows, the sequence table {len(table)}")
@@ -155,7 +166,9 @@ def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple
         for (_seq,), seq in prompt.group_by(["sequence_id"], maintain_order=True):
             seq = seq.sort("position")
             if seq["position"].to_list() != list(range(len(seq))):
-                raise StoreError(f"sequence {_seq} of prompt {prompt_id} does not hold positions 0..{len(seq) - 1} once each")
+                raise StoreError(
+                    f"sequence {_seq} of prompt {prompt_id} does not hold positions 0..{len(seq) - 1} once each"
+                )
             ids = seq["token_id"].to_list()
             best, k = None, 0
             for other in done:  # the earlier sequence sharing the longest prefix
@@ -174,9 +187,17 @@ def from_sequences(table: pl.DataFrame, latents: dict[int, np.ndarray]) -> tuple
             branch = next_id
             next_id += 1
             own = seq[k:]
-            rows.append(own.select(pl.lit(prompt_id).alias("prompt_id"), pl.lit(branch).alias("branch_id"),
-                                   pl.lit(parent, pl.Int64).alias("parent_branch_id"), "position", "token_id",
-                                   "token_text", *optional))
+            rows.append(
+                own.select(
+                    pl.lit(prompt_id).alias("prompt_id"),
+                    pl.lit(branch).alias("branch_id"),
+                    pl.lit(parent, pl.Int64).alias("parent_branch_id"),
+                    "position",
+                    "token_id",
+                    "token_text",
+                    *optional,
+                )
+            )
             keep.append(own["_src"].to_numpy())
             done.append((ids, [*lineage, (k, branch)]))
     out = pl.concat(rows, how="vertical_relaxed")
@@ -193,8 +214,12 @@ def split_roots(tokens: pl.DataFrame) -> pl.DataFrame:
     if "is_prompt" not in tokens.columns or tokens.is_empty():
         return tokens
     roots = tokens.filter(pl.col("parent_branch_id").is_null())
-    gen = roots.filter(~pl.col("is_prompt").fill_null(False)).group_by("branch_id").agg(
-        pl.col("position").min().alias("k")).filter(pl.col("k") > 0)  # no prompt rows at all: left whole
+    gen = (
+        roots.filter(~pl.col("is_prompt").fill_null(False))
+        .group_by("branch_id")
+        .agg(pl.col("position").min().alias("k"))
+        .filter(pl.col("k") > 0)
+    )  # no prompt rows at all: left whole
     if gen.is_empty():
         return tokens
     next_id = int(tokens["branch_id"].max()) + 1
@@ -202,16 +227,31 @@ def split_roots(tokens: pl.DataFrame) -> pl.DataFrame:
         new = next_id
         next_id += 1
         after = (pl.col("branch_id") == root) & (pl.col("position") >= k)
-        later_child = (pl.col("parent_branch_id") == root) & (pl.col("branch_id").is_in(
-            tokens.filter(pl.col("parent_branch_id") == root).group_by("branch_id").agg(pl.col("position").min())
-            .filter(pl.col("position") > k)["branch_id"].implode()))
+        later_child = (pl.col("parent_branch_id") == root) & (
+            pl.col("branch_id").is_in(
+                tokens.filter(pl.col("parent_branch_id") == root)
+                .group_by("branch_id")
+                .agg(pl.col("position").min())
+                .filter(pl.col("position") > k)["branch_id"]
+                .implode()
+            )
+        )
         tokens = tokens.with_columns(
-            pl.when(after).then(pl.lit(root)).when(later_child).then(pl.lit(new))
-            .otherwise(pl.col("parent_branch_id")).alias("parent_branch_id"),
-            pl.when(after).then(pl.lit(new)).otherwise(pl.col("branch_id")).alias("branch_id"))
+            pl.when(after)
+            .then(pl.lit(root))
+            .when(later_child)
+            .then(pl.lit(new))
+            .otherwise(pl.col("parent_branch_id"))
+            .alias("parent_branch_id"),
+            pl.when(after).then(pl.lit(new)).otherwise(pl.col("branch_id")).alias("branch_id"),
+        )
         if "branch_kind" in tokens.columns:
-            tokens = tokens.with_columns(pl.when(pl.col("branch_id") == new).then(pl.lit("sample"))
-                                         .otherwise(pl.col("branch_kind")).alias("branch_kind"))
+            tokens = tokens.with_columns(
+                pl.when(pl.col("branch_id") == new)
+                .then(pl.lit("sample"))
+                .otherwise(pl.col("branch_kind"))
+                .alias("branch_kind")
+            )
     return tokens
 
 
@@ -221,7 +261,9 @@ def check(tokens: pl.DataFrame, latents: dict[int, np.ndarray]) -> None:
     widths = {a.shape[1] for a in latents.values()}
     for layer, array in latents.items():
         if array.shape[0] != n:
-            raise StoreError(f"layer {layer} has {array.shape[0]} rows, the token table {n}: one latent per token row")
+            raise StoreError(
+                f"layer {layer} has {array.shape[0]} rows, the token table {n}: one latent per token row"
+            )
         if not np.issubdtype(array.dtype, np.floating):
             raise StoreError(f"layer {layer} is {array.dtype}, not floating point")
         if not np.isfinite(array).all():
@@ -241,16 +283,23 @@ def check(tokens: pl.DataFrame, latents: dict[int, np.ndarray]) -> None:
         b, p = dup.sort("branch_id", "position").row(0)[:2]
         raise StoreError(f"branch {b} has position {p} more than once ({len(dup)} duplicated positions)")
     per = tokens.group_by("branch_id").agg(
-        pl.col("prompt_id").n_unique().alias("prompts"), pl.col("parent_branch_id").n_unique().alias("parents"),
-        pl.col("prompt_id").first(), pl.col("parent_branch_id").first().alias("parent"),
-        pl.col("position").min().alias("start"), pl.col("position").max().alias("end"), pl.len().alias("n"))
+        pl.col("prompt_id").n_unique().alias("prompts"),
+        pl.col("parent_branch_id").n_unique().alias("parents"),
+        pl.col("prompt_id").first(),
+        pl.col("parent_branch_id").first().alias("parent"),
+        pl.col("position").min().alias("start"),
+        pl.col("position").max().alias("end"),
+        pl.len().alias("n"),
+    )
     for row in per.sort("branch_id").iter_rows(named=True):
         b = row["branch_id"]
         if row["prompts"] > 1 or row["parents"] > 1:
             raise StoreError(f"branch {b} has more than one prompt_id or parent_branch_id")
         if row["end"] - row["start"] + 1 != row["n"]:
-            raise StoreError(f"branch {b}'s positions are not contiguous ({row['n']} tokens over "
-                             f"{row['start']}..{row['end']})")
+            raise StoreError(
+                f"branch {b}'s positions are not contiguous ({row['n']} tokens over "
+                f"{row['start']}..{row['end']})"
+            )
     info = {r["branch_id"]: r for r in per.iter_rows(named=True)}
     for b, row in sorted(info.items()):
         parent = row["parent"]
@@ -263,8 +312,10 @@ def check(tokens: pl.DataFrame, latents: dict[int, np.ndarray]) -> None:
         if info[parent]["prompt_id"] != row["prompt_id"]:
             raise StoreError(f"branch {b} (prompt {row['prompt_id']}) has a parent of another prompt")
         if not info[parent]["start"] < row["start"] <= info[parent]["end"] + 1:
-            raise StoreError(f"branch {b} starts at {row['start']}, outside what its parent {parent} continues "
-                             f"({info[parent]['start'] + 1}..{info[parent]['end'] + 1})")
+            raise StoreError(
+                f"branch {b} starts at {row['start']}, outside what its parent {parent} continues "
+                f"({info[parent]['start'] + 1}..{info[parent]['end'] + 1})"
+            )
         depth, seen = 0, {b}
         while parent is not None:  # a loop of parents would never reach a root
             if parent in seen:
@@ -273,8 +324,9 @@ def check(tokens: pl.DataFrame, latents: dict[int, np.ndarray]) -> None:
             parent, depth = info[parent]["parent"], depth + 1
 
 
-def _records(tokens: pl.DataFrame, latents: dict[int, np.ndarray], prompt_ids: list[int]
-             ) -> Iterator[tuple[int, str, int, list[BranchRecord]]]:
+def _records(
+    tokens: pl.DataFrame, latents: dict[int, np.ndarray], prompt_ids: list[int]
+) -> Iterator[tuple[int, str, int, list[BranchRecord]]]:
     """(prompt_id, text, n_prompt_tokens, [BranchRecord]) per prompt of a checked input, one at a time (only
     one prompt's latents are copied at once). tokens carries its row numbers in `_row`."""
     layers = list(latents)
@@ -282,30 +334,50 @@ def _records(tokens: pl.DataFrame, latents: dict[int, np.ndarray], prompt_ids: l
     for prompt_id in prompt_ids:
         prompt = tokens.filter(pl.col("prompt_id") == prompt_id)
         records = []
-        for (branch_id,), br in prompt.sort("branch_id", "position").group_by(["branch_id"], maintain_order=True):
+        for (branch_id,), br in prompt.sort("branch_id", "position").group_by(
+            ["branch_id"], maintain_order=True
+        ):
             idx = br["_row"].to_numpy()
             depth, p = 0, parents[branch_id]
             while p is not None:
                 depth, p = depth + 1, parents[p]
             n = len(br)
             nan = np.full(n, np.nan)
-            kind = br["branch_kind"][0] if "branch_kind" in br.columns else \
-                ("prompt" if depth == 0 else "sample" if depth == 1 else "fork")
-            records.append(BranchRecord(
-                branch_id=int(branch_id), prompt_id=int(prompt_id), parent_branch_id=parents[branch_id],
-                fork_position=int(br["position"][0]), depth=depth, kind=str(kind),
-                path=str(br["branch_path"][0]) if "branch_path" in br.columns else f"b{branch_id}",
-                token_ids=br["token_id"].to_numpy().astype(np.int32), token_texts=br["token_text"].to_list(),
-                logprobs=np.asarray(br["logprob"].to_numpy() if "logprob" in br.columns else nan, np.float32),
-                entropies=np.asarray(br["entropy"].to_numpy() if "entropy" in br.columns else nan, np.float32),
-                ended_with_eos=bool(br["ended_with_eos"][0]) if "ended_with_eos" in br.columns else False,
-                latents=np.stack([latents[li][idx] for li in layers]).astype(np.float32)))
+            kind = (
+                br["branch_kind"][0]
+                if "branch_kind" in br.columns
+                else ("prompt" if depth == 0 else "sample" if depth == 1 else "fork")
+            )
+            records.append(
+                BranchRecord(
+                    branch_id=int(branch_id),
+                    prompt_id=int(prompt_id),
+                    parent_branch_id=parents[branch_id],
+                    fork_position=int(br["position"][0]),
+                    depth=depth,
+                    kind=str(kind),
+                    path=str(br["branch_path"][0]) if "branch_path" in br.columns else f"b{branch_id}",
+                    token_ids=br["token_id"].to_numpy().astype(np.int32),
+                    token_texts=br["token_text"].to_list(),
+                    logprobs=np.asarray(
+                        br["logprob"].to_numpy() if "logprob" in br.columns else nan, np.float32
+                    ),
+                    entropies=np.asarray(
+                        br["entropy"].to_numpy() if "entropy" in br.columns else nan, np.float32
+                    ),
+                    ended_with_eos=bool(br["ended_with_eos"][0]) if "ended_with_eos" in br.columns else False,
+                    latents=np.stack([latents[li][idx] for li in layers]).astype(np.float32),
+                )
+            )
         roots = [r for r in records if r.parent_branch_id is None]
         root = min(roots, key=lambda r: r.branch_id) if roots else records[0]
         is_prompt = prompt.filter(pl.col("branch_id") == root.branch_id)
         n_prompt = int(is_prompt["is_prompt"].sum()) if "is_prompt" in prompt.columns else root.n_tokens
-        text = str(prompt["prompt_text"][0]) if "prompt_text" in prompt.columns and prompt["prompt_text"][0] \
-            is not None else "".join(is_prompt["token_text"].to_list()[:n_prompt])
+        text = (
+            str(prompt["prompt_text"][0])
+            if "prompt_text" in prompt.columns and prompt["prompt_text"][0] is not None
+            else "".join(is_prompt["token_text"].to_list()[:n_prompt])
+        )
         yield int(prompt_id), text, n_prompt, records
 
 
@@ -320,9 +392,17 @@ def _digest(*paths: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str | Path, run_id: str | None = None,
-                  model: str = "imported", pe_type: str = "unknown", n_layers: int | None = None,
-                  created_by: str = "branchlens import", sequences: bool = False) -> ImportReport:
+def import_arrays(
+    store: str | Path,
+    tokens_path: str | Path,
+    latents_path: str | Path,
+    run_id: str | None = None,
+    model: str = "imported",
+    pe_type: str = "unknown",
+    n_layers: int | None = None,
+    created_by: str = "branchlens import",
+    sequences: bool = False,
+) -> ImportReport:
     """Import a run from a token table and per-layer latents (see the module docstring) into `store`
     (created if missing); sequences=True: the table holds whole sequences (from_sequences). Checks
     everything first; then one transaction per prompt, skipping prompts already there, so the same
@@ -333,14 +413,34 @@ def import_arrays(store: str | Path, tokens_path: str | Path, latents_path: str 
     if tokens.is_empty():
         raise StoreError(f"token table {tokens_path} holds no rows")
     digest = _digest(tokens_path, latents_path)
-    return import_tables(store, tokens, latents, digest, run_id, model, pe_type, n_layers, created_by, sequences,
-                         {"tokens": str(tokens_path), "latents": str(latents_path)})
+    return import_tables(
+        store,
+        tokens,
+        latents,
+        digest,
+        run_id,
+        model,
+        pe_type,
+        n_layers,
+        created_by,
+        sequences,
+        {"tokens": str(tokens_path), "latents": str(latents_path)},
+    )
 
 
-def import_tables(store: str | Path, tokens: pl.DataFrame, latents: dict[int, np.ndarray], digest: str,
-                  run_id: str | None = None, model: str = "imported", pe_type: str = "unknown",
-                  n_layers: int | None = None, created_by: str = "branchlens import", sequences: bool = False,
-                  origin: dict | None = None) -> ImportReport:
+def import_tables(
+    store: str | Path,
+    tokens: pl.DataFrame,
+    latents: dict[int, np.ndarray],
+    digest: str,
+    run_id: str | None = None,
+    model: str = "imported",
+    pe_type: str = "unknown",
+    n_layers: int | None = None,
+    created_by: str = "branchlens import",
+    sequences: bool = False,
+    origin: dict | None = None,
+) -> ImportReport:
     """import_arrays on a token table and latents already in memory; `digest` names the content (the run
     id's default and the run's config hash), `origin` goes into the run's config."""
     from store.writer import StoreWriter
@@ -359,8 +459,17 @@ def import_tables(store: str | Path, tokens: pl.DataFrame, latents: dict[int, np
     layers = list(latents)
     d = next(iter(latents.values())).shape[1]
     config = {"source": "import", **(origin or {}), "layers": layers, "content": digest}
-    run = RunRecord(run_id, model, config, digest, n_layers if n_layers is not None else max(layers), d, pe_type,
-                    "none", "float32")
+    run = RunRecord(
+        run_id,
+        model,
+        config,
+        digest,
+        n_layers if n_layers is not None else max(layers),
+        d,
+        pe_type,
+        "none",
+        "float32",
+    )
     tokens = tokens.with_row_index("_row")
     writer = StoreWriter(store, created_by=created_by)
     writer.check_existing()
@@ -387,6 +496,13 @@ def copy_run(source: str | Path, run_id: str, target: str | Path, new_id: str | 
     with tempfile.TemporaryDirectory(prefix="branchlens-copy-") as tmp:
         folder = export_arrays(source, run_id, tmp)
         run = json.loads((folder / "run.json").read_text())
-        return import_arrays(target, folder / "tokens.parquet", folder / "latents.npz", new_id or run_id,
-                             model=run["model"], pe_type=run["pe_type"] if run["pe_type"] in PE_TYPES else "unknown",
-                             n_layers=run["n_layers"], created_by="branchlens copy")
+        return import_arrays(
+            target,
+            folder / "tokens.parquet",
+            folder / "latents.npz",
+            new_id or run_id,
+            model=run["model"],
+            pe_type=run["pe_type"] if run["pe_type"] in PE_TYPES else "unknown",
+            n_layers=run["n_layers"],
+            created_by="branchlens copy",
+        )

@@ -40,24 +40,46 @@ def open_shards(*run_paths: str | Path) -> duckdb.DuckDBPyConnection:
         run = RunRecord(**manifest["run"])
         shards = finished_shards(where)
         split = task_prompts(manifest)
-        status = "complete" if sum(len(split[t]) for t in shards if t in split) == manifest["n_prompts"] else "running"
+        status = (
+            "complete"
+            if sum(len(split[t]) for t in shards if t in split) == manifest["n_prompts"]
+            else "running"
+        )
         runs.append((run, shards, status, _created_at(where)))
     widths = sorted({run.d_model for run, *_ in runs})
     if len(widths) > 1:
-        raise StoreError(f"runs of different vector widths ({', '.join(map(str, widths))}) cannot be read "
-                         "together; open them one width at a time")
+        raise StoreError(
+            f"runs of different vector widths ({', '.join(map(str, widths))}) cannot be read "
+            "together; open them one width at a time"
+        )
     dim = widths[0]
 
     con = duckdb.connect(":memory:", config=NO_EXTENSIONS)
     try:
         for sql in schema_statements(dim, ("meta", "runs")):
             con.execute(sql)
-        con.executemany("INSERT INTO meta VALUES (?, ?)", [["schema_version", str(SCHEMA_VERSION)],
-                                                          ["vector_dim", str(dim)], ["created_by", CREATED_BY]])
+        con.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [["schema_version", str(SCHEMA_VERSION)], ["vector_dim", str(dim)], ["created_by", CREATED_BY]],
+        )
         for run, _shards, status, created in runs:
-            con.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
-                        [run.run_id, run.model, created, json.dumps(run.config, sort_keys=True), run.config_hash,
-                         status, run.n_layers, run.d_model, run.pe_type, run.device, run.dtype, CREATED_BY])
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+                [
+                    run.run_id,
+                    run.model,
+                    created,
+                    json.dumps(run.config, sort_keys=True),
+                    run.config_hash,
+                    status,
+                    run.n_layers,
+                    run.d_model,
+                    run.pe_type,
+                    run.device,
+                    run.dtype,
+                    CREATED_BY,
+                ],
+            )
         for name in SHARD_TABLES:
             parts = []
             for i, (run, shards, _status, _created) in enumerate(runs):
@@ -65,7 +87,9 @@ def open_shards(*run_paths: str | Path) -> duckdb.DuckDBPyConnection:
                     continue
                 fs = next(iter(shards.values())).fs
                 try:
-                    dataset = pads.dataset([s.files[name] for s in shards.values()], filesystem=fs, format="parquet")
+                    dataset = pads.dataset(
+                        [s.files[name] for s in shards.values()], filesystem=fs, format="parquet"
+                    )
                 except OSError as exc:
                     raise storage_error(exc, "read shards of", run_paths[i]) from None
                 con.register(f"_shards_{i}_{name}", dataset)

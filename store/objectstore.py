@@ -21,8 +21,14 @@ from store.errors import StoreError
 
 ENDPOINT_ENVS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_ENVS = ("AWS_REGION", "AWS_DEFAULT_REGION")
-_CREDENTIAL_ENVS = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
-                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+_CREDENTIAL_ENVS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
 NO_CREDENTIALS = "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3's bucket naming rules, roughly
@@ -61,8 +67,10 @@ def locate(where: str | Path) -> Location:
         raise StoreError(f"unsupported shard location {where}: use a local directory or s3://bucket/prefix")
     bucket, _, key = rest.partition("/")
     if not _BUCKET.match(bucket):
-        raise StoreError(f"bad S3 URL {where}: '{bucket}' is not a bucket name (3-63 characters: lowercase "
-                         "letters, digits, dots, hyphens)")
+        raise StoreError(
+            f"bad S3 URL {where}: '{bucket}' is not a bucket name (3-63 characters: lowercase "
+            "letters, digits, dots, hyphens)"
+        )
     parts = [p for p in key.split("/") if p]
     path = "/".join([bucket, *parts])
     return Location(s3_filesystem(bucket), path, f"s3://{path}", remote=True)
@@ -87,8 +95,10 @@ def s3_filesystem(bucket: str) -> pafs.S3FileSystem:
 
 def has_credentials() -> bool:
     """Whether the environment names any AWS credentials (an instance role can still supply them)."""
-    files = [Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials")),
-             Path(os.environ.get("AWS_CONFIG_FILE", Path.home() / ".aws" / "config"))]
+    files = [
+        Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials")),
+        Path(os.environ.get("AWS_CONFIG_FILE", Path.home() / ".aws" / "config")),
+    ]
     return any(os.environ.get(k) for k in _CREDENTIAL_ENVS) or any(f.is_file() for f in files)
 
 
@@ -98,15 +108,20 @@ def storage_error(exc: OSError, doing: str, where: Location | str) -> StoreError
     if "AWS Error" not in text and "curlCode" not in text:  # a local file system's error
         detail = exc.strerror if exc.strerror else (text.strip().splitlines() or [type(exc).__name__])[0]
         return StoreError(f"cannot {doing} {where}: {detail}")
-    credentials = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions"
-                   if has_credentials() else NO_CREDENTIALS)
+    credentials = (
+        "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions"
+        if has_credentials()
+        else NO_CREDENTIALS
+    )
     if any(code in text for code in ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH")):
         return StoreError(f"cannot {doing} {where}: access denied ({credentials})")
     if "NO_SUCH_BUCKET" in text:
         return StoreError(f"cannot {doing} {where}: the bucket does not exist")
     if "NETWORK_CONNECTION" in text or "curlCode" in text:
-        return StoreError(f"cannot {doing} {where}: cannot reach the S3 endpoint {endpoint() or 'of AWS'} "
-                          f"({_curl_detail(text)}); check {' / '.join(ENDPOINT_ENVS)} and the network")
+        return StoreError(
+            f"cannot {doing} {where}: cannot reach the S3 endpoint {endpoint() or 'of AWS'} "
+            f"({_curl_detail(text)}); check {' / '.join(ENDPOINT_ENVS)} and the network"
+        )
     message = re.sub(r"\s+", " ", text.split("AWS Error", 1)[-1]).strip()
     hint = "" if has_credentials() else f" ({NO_CREDENTIALS})"  # anonymous requests fail in many ways
     return StoreError(f"cannot {doing} {where}: {message[:200]}{hint}")

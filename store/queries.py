@@ -24,10 +24,12 @@ def vectors_to_numpy(column: pa.ChunkedArray | pa.Array, dim: int) -> np.ndarray
 
 def list_runs(con: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     """All runs, newest first, without their config."""
-    return pl.from_arrow(con.sql(
-        "SELECT run_id, model, created_at, status, completed_at, n_layers, d_model, pe_type, device, dtype "
-        "FROM runs ORDER BY created_at DESC"
-    ).to_arrow_table())
+    return pl.from_arrow(
+        con.sql(
+            "SELECT run_id, model, created_at, status, completed_at, n_layers, d_model, pe_type, device, dtype "
+            "FROM runs ORDER BY created_at DESC"
+        ).to_arrow_table()
+    )
 
 
 def run_config(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
@@ -61,18 +63,22 @@ def run_summary(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
 
 def branches(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame:
     """The run's branch table, ordered by branch id."""
-    return pl.from_arrow(con.sql(
-        "SELECT * EXCLUDE (run_id) FROM branches WHERE run_id = ? ORDER BY branch_id", params=[run_id]
-    ).to_arrow_table())
+    return pl.from_arrow(
+        con.sql(
+            "SELECT * EXCLUDE (run_id) FROM branches WHERE run_id = ? ORDER BY branch_id", params=[run_id]
+        ).to_arrow_table()
+    )
 
 
 def branch_sequence(con: duckdb.DuckDBPyConnection, run_id: str, branch_id: int) -> pl.DataFrame:
     """A branch's full token sequence, shared prefix included, ordered by position."""
-    return pl.from_arrow(con.sql(
-        "SELECT * EXCLUDE (run_id, branch_id) FROM branch_tokens WHERE run_id = ? AND branch_id = ? "
-        "ORDER BY position",
-        params=[run_id, branch_id],
-    ).to_arrow_table())
+    return pl.from_arrow(
+        con.sql(
+            "SELECT * EXCLUDE (run_id, branch_id) FROM branch_tokens WHERE run_id = ? AND branch_id = ? "
+            "ORDER BY position",
+            params=[run_id, branch_id],
+        ).to_arrow_table()
+    )
 
 
 def branch_vectors(
@@ -100,7 +106,11 @@ def layer_vectors(
 
 
 def _layer_scan(
-    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str, prompt_ids: list[int] | None = None,
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    layer: int,
+    variant: str,
+    prompt_ids: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One layer's (branch_id, position, vec) rows in storage order.
 
@@ -109,17 +119,21 @@ def _layer_scan(
     """
     where, params = "", {}
     if prompt_ids is not None:
-        where = " AND branch_id IN (SELECT branch_id FROM branches WHERE run_id = $run AND prompt_id IN " \
-                "(SELECT unnest($prompts)))"
+        where = (
+            " AND branch_id IN (SELECT branch_id FROM branches WHERE run_id = $run AND prompt_id IN "
+            "(SELECT unnest($prompts)))"
+        )
         params["prompts"] = [int(p) for p in prompt_ids]
     table = con.sql(
         f"SELECT branch_id, position, vec FROM latents WHERE run_id = $run AND layer = $layer "
         f"AND variant = $variant{where}",
         params={"run": run_id, "layer": layer, "variant": variant, **params},
     ).to_arrow_table()
-    return (table["branch_id"].to_numpy().astype(np.int32, copy=False),
-            table["position"].to_numpy().astype(np.int32, copy=False),
-            vectors_to_numpy(table["vec"], _dim(con)))
+    return (
+        table["branch_id"].to_numpy().astype(np.int32, copy=False),
+        table["position"].to_numpy().astype(np.int32, copy=False),
+        vectors_to_numpy(table["vec"], _dim(con)),
+    )
 
 
 def _keys(branch_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -149,8 +163,13 @@ def _token_filter(prompt_ids: list[int] | None, generated_only: bool) -> tuple[s
 
 
 def token_rows(
-    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal",
-    prompt_ids: list[int] | None = None, generated_only: bool = False, with_vectors: bool = True,
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    layer: int,
+    variant: str = "normal",
+    prompt_ids: list[int] | None = None,
+    generated_only: bool = False,
+    with_vectors: bool = True,
 ) -> tuple[pl.DataFrame, np.ndarray | None]:
     """The stored tokens of one layer (each once) with their labels, and their latents as (n, d).
 
@@ -176,7 +195,10 @@ def token_rows(
         return keys, None
     # The labels come sorted from a narrow join; the vectors from a plain scan, put in the same order here.
     branch_ids, positions, vectors = _layer_scan(con, run_id, layer, variant, prompt_ids)
-    stored, wanted = _keys(branch_ids, positions), _keys(keys["branch_id"].to_numpy(), keys["position"].to_numpy())
+    stored, wanted = (
+        _keys(branch_ids, positions),
+        _keys(keys["branch_id"].to_numpy(), keys["position"].to_numpy()),
+    )
     if stored.shape == wanted.shape and np.array_equal(stored, wanted):
         return keys, vectors
     order = np.argsort(stored, kind="stable")
@@ -188,8 +210,12 @@ def token_rows(
 
 
 def token_count(
-    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal",
-    prompt_ids: list[int] | None = None, generated_only: bool = False,
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    layer: int,
+    variant: str = "normal",
+    prompt_ids: list[int] | None = None,
+    generated_only: bool = False,
 ) -> int:
     """How many rows token_rows would return (cheap; part of cache keys, as a run being written grows)."""
     where, params = _token_filter(prompt_ids, generated_only)
@@ -207,8 +233,12 @@ def token_count(
 
 
 def token_digest(
-    con: duckdb.DuckDBPyConnection, run_id: str, layer: int, variant: str = "normal",
-    prompt_ids: list[int] | None = None, generated_only: bool = False,
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    layer: int,
+    variant: str = "normal",
+    prompt_ids: list[int] | None = None,
+    generated_only: bool = False,
 ) -> tuple[int, int]:
     """(rows, content hash) of what token_rows would return: the hash covers every vector, label and
     token id, so two stores (or two states of one) with the same row count never share a cached view."""
@@ -238,9 +268,12 @@ def run_layers(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, list[in
 
 def prompts(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame:
     """The run's prompts (prompt_id, text, n_tokens), by id."""
-    return pl.from_arrow(con.sql(
-        "SELECT prompt_id, text, n_tokens FROM prompts WHERE run_id = ? ORDER BY prompt_id", params=[run_id]
-    ).to_arrow_table())
+    return pl.from_arrow(
+        con.sql(
+            "SELECT prompt_id, text, n_tokens FROM prompts WHERE run_id = ? ORDER BY prompt_id",
+            params=[run_id],
+        ).to_arrow_table()
+    )
 
 
 def lineage_text(
@@ -252,15 +285,17 @@ def lineage_text(
     if prompt_ids is not None:
         where = " AND b.prompt_id IN (SELECT unnest($prompts))"
         params["prompts"] = [int(p) for p in prompt_ids]
-    return pl.from_arrow(con.sql(
-        f"""
+    return pl.from_arrow(
+        con.sql(
+            f"""
         SELECT bt.branch_id, bt.position, bt.token_text
         FROM branch_tokens bt JOIN branches b USING (run_id, branch_id)
         WHERE bt.run_id = $run{where}
         ORDER BY bt.branch_id, bt.position
         """,
-        params=params,
-    ).to_arrow_table())
+            params=params,
+        ).to_arrow_table()
+    )
 
 
 def fingerprint(con: duckdb.DuckDBPyConnection) -> tuple:
@@ -288,7 +323,9 @@ def prompts_without_variant(con: duckdb.DuckDBPyConnection, run_id: str, variant
     return [r[0] for r in rows]
 
 
-def prompt_sequences(con: duckdb.DuckDBPyConnection, run_id: str, prompt_id: int) -> list[tuple[int, int, list[int]]]:
+def prompt_sequences(
+    con: duckdb.DuckDBPyConnection, run_id: str, prompt_id: int
+) -> list[tuple[int, int, list[int]]]:
     """Each branch of one prompt as (branch_id, fork_position, full token ids with the prefix)."""
     rows = con.sql(
         """
@@ -313,7 +350,9 @@ def exchange_tokens(con: duckdb.DuckDBPyConnection, run_id: str) -> pl.DataFrame
                b.ended_with_eos
         FROM tokens t JOIN branches b USING (run_id, branch_id) JOIN prompts p USING (run_id, prompt_id)
         WHERE t.run_id = $run ORDER BY t.branch_id, t.position
-        """, params={"run": run_id}).pl()
+        """,
+        params={"run": run_id},
+    ).pl()
 
 
 RUN_FIELDS = ("model", "n_layers", "d_model", "pe_type", "config", "config_hash", "status")

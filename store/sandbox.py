@@ -76,7 +76,11 @@ class QueryResult:
 
 
 def run_query(
-    store: str | Path, sql: str, max_rows: int = 10_000, timeout_s: float = 10.0, lock_timeout: float = 5.0,
+    store: str | Path,
+    sql: str,
+    max_rows: int = 10_000,
+    timeout_s: float = 10.0,
+    lock_timeout: float = 5.0,
     max_bytes: int = MAX_BYTES,
 ) -> QueryResult:
     """Run one read-only statement on a fresh sandboxed connection in a child process (closed after, so an
@@ -99,10 +103,27 @@ def run_query(
     private = query_folder()
     status, text, payload = "eof", "", b""
     try:
-        request = json.dumps({"store": str(store), "folder": str(private), "sql": sql, "max_rows": max_rows,
-                              "max_bytes": max_bytes, "lock_timeout": lock_timeout}).encode() + b"\n"
-        child = subprocess.Popen([sys.executable, "-m", "store.sandbox"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_child_env(), bufsize=0)
+        request = (
+            json.dumps(
+                {
+                    "store": str(store),
+                    "folder": str(private),
+                    "sql": sql,
+                    "max_rows": max_rows,
+                    "max_bytes": max_bytes,
+                    "lock_timeout": lock_timeout,
+                }
+            ).encode()
+            + b"\n"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-m", "store.sandbox"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=_child_env(),
+            bufsize=0,
+        )
         try:
             try:
                 child.stdin.write(request)  # stdin stays open: the child ends when it closes (we do, or die)
@@ -143,7 +164,12 @@ def _child_env() -> dict[str, str]:
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", FAULT_ENV, ONCE_ENV) if k in os.environ}
     # one thread's worth of allocator arenas and Arrow workers: their reservations count against the limit
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return keep | {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONNOUSERSITE": "1"}
+    return keep | {
+        "MALLOC_ARENA_MAX": "2",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": path,
+        "PYTHONNOUSERSITE": "1",
+    }
 
 
 def _read_all(stream, seconds: float) -> bytes | None:
@@ -188,9 +214,12 @@ def _child() -> None:
     threading.Thread(target=_end_with_parent, daemon=True).start()
     folder = Path(req["folder"])
     (folder / "spill").mkdir()
-    config = SANDBOX_CONFIG | {"home_directory": str(folder), "temp_directory": str(folder / "spill"),
-                               "secret_directory": str(folder / "secrets"),
-                               "extension_directory": str(folder / "extensions")}
+    config = SANDBOX_CONFIG | {
+        "home_directory": str(folder),
+        "temp_directory": str(folder / "spill"),
+        "secret_directory": str(folder / "secrets"),
+        "extension_directory": str(folder / "extensions"),
+    }
 
     def say(status: str, text: str = "") -> None:
         out.write(f"{status}\t{' '.join(text.split())}\n".encode())
@@ -224,7 +253,9 @@ def _child() -> None:
             if rows > max_rows:
                 cut_by = "rows"
                 break
-        table = pa.Table.from_batches(batches, schema=reader.schema) if batches else reader.schema.empty_table()
+        table = (
+            pa.Table.from_batches(batches, schema=reader.schema) if batches else reader.schema.empty_table()
+        )
         table = table.slice(0, max_rows)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:

@@ -87,25 +87,36 @@ def check_whole(con: duckdb.DuckDBPyConnection, path: str | Path | None, meta: d
     write-ahead log beside it) a file shorter than the blocks in use need, i.e. truncated. Cheap:
     catalog and header only, no data read."""
     where = str(path) if path is not None else "store"
-    tables = {r[0] for r in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()}
+    tables = {
+        r[0]
+        for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name = 'main'").fetchall()
+    }
     missing = [t for t in CONTRACT_TABLES if t not in tables]
     if missing:
-        raise StoreError(f"{where} is a damaged branchlens store: table(s) {', '.join(missing)} missing; "
-                         "re-ingest into a new store file")
-    declared = first_row(con, "SELECT data_type FROM duckdb_columns() WHERE schema_name = 'main' AND "
-                              "table_name = 'latents' AND column_name = 'vec'")
+        raise StoreError(
+            f"{where} is a damaged branchlens store: table(s) {', '.join(missing)} missing; "
+            "re-ingest into a new store file"
+        )
+    declared = first_row(
+        con,
+        "SELECT data_type FROM duckdb_columns() WHERE schema_name = 'main' AND "
+        "table_name = 'latents' AND column_name = 'vec'",
+    )
     width = re.fullmatch(r"FLOAT\[(\d+)\]", declared[0]) if declared else None
     if width is None or meta.get("vector_dim") != width.group(1):
-        raise StoreError(f"{where} is a damaged branchlens store: its meta says vector_dim "
-                         f"{meta.get('vector_dim')!r}, its latents column is {declared[0] if declared else 'missing'}; "
-                         "re-ingest into a new store file")
+        raise StoreError(
+            f"{where} is a damaged branchlens store: its meta says vector_dim "
+            f"{meta.get('vector_dim')!r}, its latents column is {declared[0] if declared else 'missing'}; "
+            "re-ingest into a new store file"
+        )
     if path is None or not Path(path).is_file() or Path(f"{path}.wal").exists():
         return
     # Used blocks sit at their own offsets, so the file holds at least that many (free ones at the end may
     # have been cut off by a checkpoint: the total count is no bound).
     size = first_row(con, "SELECT block_size, used_blocks FROM pragma_database_size()")
     if size and Path(path).stat().st_size < HEADER_BYTES + size[0] * size[1]:
-        raise StoreError(f"{where} is damaged: the file has {Path(path).stat().st_size} bytes, its blocks in use "
-                         f"need {HEADER_BYTES + size[0] * size[1]} (truncated by a copy or a full disk?); "
-                         "restore it from a copy or re-ingest into a new store file")
+        raise StoreError(
+            f"{where} is damaged: the file has {Path(path).stat().st_size} bytes, its blocks in use "
+            f"need {HEADER_BYTES + size[0] * size[1]} (truncated by a copy or a full disk?); "
+            "restore it from a copy or re-ingest into a new store file"
+        )

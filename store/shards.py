@@ -80,15 +80,21 @@ class Shard:
     def verify(self, run: dict) -> None:
         """Check the shard against its commit record and the run it is merged into (`run`: the manifest's
         run record); one StoreError line naming what differs, reading nothing into a store."""
+
         def bad(what: str) -> StoreError:
-            return StoreError(f"shard {self.where} does not match its commit record ({what}); nothing of it was "
-                              "merged: write that task again (delete the shard directory and rerun the same "
-                              "ingest command) or remove it")
+            return StoreError(
+                f"shard {self.where} does not match its commit record ({what}); nothing of it was "
+                "merged: write that task again (delete the shard directory and rerun the same "
+                "ingest command) or remove it"
+            )
+
         try:
             with self.fs.open_input_stream(self.record) as f:
                 record = json.loads(f.read())
         except FileNotFoundError:
-            raise bad("no commit record: written by a branchlens from before 2026-12-07, or not by branchlens") from None
+            raise bad(
+                "no commit record: written by a branchlens from before 2026-12-07, or not by branchlens"
+            ) from None
         except OSError as exc:
             raise storage_error(exc, "read shard", self.where) from None
         except ValueError:
@@ -96,8 +102,10 @@ class Shard:
         if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
             raise bad("the record names no files: written by a branchlens from before 2026-12-07, or damaged")
         if record.get("run_id") != run["run_id"] or record.get("config_hash") != run["config_hash"]:
-            raise bad(f"it belongs to run '{record.get('run_id')}' with config {record.get('config_hash')}, not "
-                      f"'{run['run_id']}' with config {run['config_hash']}")
+            raise bad(
+                f"it belongs to run '{record.get('run_id')}' with config {record.get('config_hash')}, not "
+                f"'{run['run_id']}' with config {run['config_hash']}"
+            )
         if record.get("task") != self.task:
             raise bad(f"it was written for task {record.get('task')}, not {self.task}")
         rows = {}
@@ -110,8 +118,10 @@ class Shard:
             except OSError as exc:
                 raise storage_error(exc, "read shard", self.where) from None
             if size != want.get("bytes") or digest != want.get("sha256"):
-                raise bad(f"{name}.parquet has {size} bytes and SHA-256 {digest[:12]}..., the record "
-                          f"{want.get('bytes')} and {str(want.get('sha256'))[:12]}...")
+                raise bad(
+                    f"{name}.parquet has {size} bytes and SHA-256 {digest[:12]}..., the record "
+                    f"{want.get('bytes')} and {str(want.get('sha256'))[:12]}..."
+                )
             rows[name] = want.get("rows")
         listed = (run.get("config") or {}).get("layers")
         layers = len(listed) if isinstance(listed, list) and listed else None
@@ -138,8 +148,11 @@ def _encoded(tables: dict[str, pa.Table], run: dict, task: int) -> tuple[dict[st
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         files[name] = sink.getvalue().to_pybytes()
-        described[name] = {"rows": table.num_rows, "bytes": len(files[name]),
-                           "sha256": hashlib.sha256(files[name]).hexdigest()}
+        described[name] = {
+            "rows": table.num_rows,
+            "bytes": len(files[name]),
+            "sha256": hashlib.sha256(files[name]).hexdigest(),
+        }
     record = {"run_id": run["run_id"], "config_hash": run["config_hash"], "task": task, "files": described}
     return files, json.dumps(record, indent=1, sort_keys=True).encode()
 
@@ -147,8 +160,10 @@ def _encoded(tables: dict[str, pa.Table], run: dict, task: int) -> tuple[dict[st
 def run_dir(store: str | Path, run_id: str, root: str | Path | None = None) -> str:
     """Where a run's shards go: ROOT/<run_id>, ROOT defaulting to STORE.shards (a path or an s3:// URL)."""
     if not is_run_name(run_id):
-        raise StoreError(f"run id {run_id!r} is not a name (letters, digits, '.', '_', '-'): it would name a "
-                         "folder outside the run's shards")
+        raise StoreError(
+            f"run id {run_id!r} is not a name (letters, digits, '.', '_', '-'): it would name a "
+            "folder outside the run's shards"
+        )
     return locate(root if root else f"{store}.shards").join(run_id).url
 
 
@@ -172,8 +187,10 @@ def write_manifest(run_path: str | Path, run: RunRecord, n_prompts: int, prompts
     if _exists(path):
         found = read_manifest(run_path)
         if found["run"]["config_hash"] != run.config_hash:
-            raise StoreError(f"{loc} holds shards of run '{run.run_id}' with other settings; "
-                             "choose another --run-id or shard directory")
+            raise StoreError(
+                f"{loc} holds shards of run '{run.run_id}' with other settings; "
+                "choose another --run-id or shard directory"
+            )
         return found
     try:
         _put(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -208,9 +225,12 @@ def finished_shards(run_path: str | Path) -> dict[int, Shard]:
         for entry in root.iterdir():
             match = _SHARD.match(entry.name)
             if match and entry.is_dir():
-                out[int(match.group(1))] = Shard(int(match.group(1)), loc.fs,
-                                                 {name: str(entry / f"{name}.parquet") for name in SHARD_TABLES},
-                                                 str(entry / RECORD))
+                out[int(match.group(1))] = Shard(
+                    int(match.group(1)),
+                    loc.fs,
+                    {name: str(entry / f"{name}.parquet") for name in SHARD_TABLES},
+                    str(entry / RECORD),
+                )
         return dict(sorted(out.items()))
     return _committed_objects(loc, loc.path)
 
@@ -232,19 +252,27 @@ def _committed_objects(loc: Location, under: str) -> dict[int, Shard]:
     objects = {info.path for info in infos if info.type == pafs.FileType.File}
     markers: dict[int, list[str]] = {}
     for key in objects:
-        rel = key[len(loc.path):].strip("/").split("/")
+        rel = key[len(loc.path) :].strip("/").split("/")
         if len(rel) == 2 and _SHARD.match(rel[0]) and rel[1].endswith(MARKER):
-            attempt = rel[1][:-len(MARKER)]
+            attempt = rel[1][: -len(MARKER)]
             shard_dir = f"{loc.path}/{rel[0]}/{attempt}"
             if all(f"{shard_dir}/{name}.parquet" in objects for name in SHARD_TABLES):
                 markers.setdefault(int(_SHARD.match(rel[0]).group(1)), []).append(shard_dir)
-    return {task: Shard(task, loc.fs, {name: f"{min(dirs)}/{name}.parquet" for name in SHARD_TABLES},
-                        min(dirs) + MARKER)
-            for task, dirs in sorted(markers.items())}
+    return {
+        task: Shard(
+            task, loc.fs, {name: f"{min(dirs)}/{name}.parquet" for name in SHARD_TABLES}, min(dirs) + MARKER
+        )
+        for task, dirs in sorted(markers.items())
+    }
 
 
-def write_shard(run_path: str | Path, task: int, prompts: list[tuple[int, str, int, list[BranchRecord]]],
-                layers: list[int], variant: str = "normal") -> bool:
+def write_shard(
+    run_path: str | Path,
+    task: int,
+    prompts: list[tuple[int, str, int, list[BranchRecord]]],
+    layers: list[int],
+    variant: str = "normal",
+) -> bool:
     """Write one task's prompts (prompt_id, text, n_prompt_tokens, branches) as a shard and commit it.
     Returns False, writing nothing that counts, when the shard is already committed."""
     loc = locate(run_path)
@@ -252,8 +280,15 @@ def write_shard(run_path: str | Path, task: int, prompts: list[tuple[int, str, i
         return False
     tables: dict[str, list[pa.Table]] = {name: [] for name in SHARD_TABLES}
     for prompt_id, text, n_tokens, branches in prompts:
-        tables["prompts"].append(pa.table({"prompt_id": pa.array([prompt_id], pa.int32()),
-                                           "text": pa.array([text]), "n_tokens": pa.array([n_tokens], pa.int32())}))
+        tables["prompts"].append(
+            pa.table(
+                {
+                    "prompt_id": pa.array([prompt_id], pa.int32()),
+                    "text": pa.array([text]),
+                    "n_tokens": pa.array([n_tokens], pa.int32()),
+                }
+            )
+        )
         branch_tbl, token_tbl, latent_tbl = arrow_tables(branches, layers, variant)
         tables["branches"].append(branch_tbl)
         tables["tokens"].append(token_tbl)

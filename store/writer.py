@@ -29,7 +29,9 @@ from store.schema import create_schema, first_row, read_meta
 # 2.0 default, and DuckDB 2 reads and writes this one without upgrading it.
 STORAGE_COMPATIBILITY = "v1.5.0"
 SHARD_TABLES = ("prompts", "branches", "tokens", "latents")
-_CLAIMS: dict[str, tuple[int, int]] = {}  # store path -> (lock file descriptor, writers of this process holding it)
+_CLAIMS: dict[
+    str, tuple[int, int]
+] = {}  # store path -> (lock file descriptor, writers of this process holding it)
 _FILE_LOCKS: dict[str, int] = {}  # store path -> a descriptor of the store file itself, flocked for the claim
 
 
@@ -57,8 +59,10 @@ def _lock_file_itself(key: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(f"another ingest, merge or compaction is writing to {key} under another name (a hard "
-                         "link); wait until it ends, then run this command again") from None
+        raise StoreError(
+            f"another ingest, merge or compaction is writing to {key} under another name (a hard "
+            "link); wait until it ends, then run this command again"
+        ) from None
     _FILE_LOCKS[key] = fd
 
 
@@ -94,17 +98,23 @@ class StoreWriter:
             what = "create store" if file_kind(self.path) == "missing" else "write to store"
             hint = ""
             if exc.errno == errno.ENAMETOOLONG and len(resolved.name) < 255:
-                hint = f" (the store's file name must leave {len('.ingest-lock')} characters for '.ingest-lock')"
+                hint = (
+                    f" (the store's file name must leave {len('.ingest-lock')} characters for '.ingest-lock')"
+                )
             elif self.path.is_symlink() and not resolved.parent.is_dir():
                 hint = f" (it is a link to {resolved}, whose folder does not exist)"
-            raise StoreError(f"cannot {what} {self.path}: cannot create its lock file: {reason(exc)}{hint}") from exc
+            raise StoreError(
+                f"cannot {what} {self.path}: cannot create its lock file: {reason(exc)}{hint}"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise StoreError(f"another ingest, merge or compaction (pid {holder}) is writing to {self.path}; wait "
-                             "until it ends (then run this command again: it resumes), or use another --store") from None
+            raise StoreError(
+                f"another ingest, merge or compaction (pid {holder}) is writing to {self.path}; wait "
+                "until it ends (then run this command again: it resumes), or use another --store"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         try:
@@ -140,8 +150,10 @@ class StoreWriter:
             yield con
         except (duckdb.IOException, duckdb.TransactionException, OSError) as exc:
             # TransactionException here is a COMMIT that could not be written (e.g. "File too large")
-            raise StoreError(f"cannot write to store {self.path}: {reason(exc)}; what was written before "
-                             "is kept, free space (or fix the path) and run the same command to resume") from exc
+            raise StoreError(
+                f"cannot write to store {self.path}: {reason(exc)}; what was written before "
+                "is kept, free space (or fix the path) and run the same command to resume"
+            ) from exc
         finally:
             con.close()
 
@@ -179,7 +191,9 @@ class StoreWriter:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp.unlink(missing_ok=True)
-            con = duckdb.connect(str(tmp), config=NO_EXTENSIONS | {"storage_compatibility_version": STORAGE_COMPATIBILITY})
+            con = duckdb.connect(
+                str(tmp), config=NO_EXTENSIONS | {"storage_compatibility_version": STORAGE_COMPATIBILITY}
+            )
             try:
                 create_schema(con, dim, self.created_by)
                 # Into the file itself now: a checkpoint that fails on close is silent and would leave the
@@ -215,9 +229,17 @@ class StoreWriter:
                 con.execute(
                     "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'running', NULL, ?, ?, ?, ?, ?, ?)",
                     [
-                        run.run_id, run.model, _now(), json.dumps(run.config, sort_keys=True),
-                        run.config_hash, run.n_layers, run.d_model, run.pe_type, run.device,
-                        run.dtype, self.created_by,
+                        run.run_id,
+                        run.model,
+                        _now(),
+                        json.dumps(run.config, sort_keys=True),
+                        run.config_hash,
+                        run.n_layers,
+                        run.d_model,
+                        run.pe_type,
+                        run.device,
+                        run.dtype,
+                        self.created_by,
                     ],
                 )
                 return set()
@@ -244,10 +266,14 @@ class StoreWriter:
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
-                con.execute("INSERT INTO prompts VALUES (?, ?, ?, ?)", [run_id, prompt_id, text, n_prompt_tokens])
+                con.execute(
+                    "INSERT INTO prompts VALUES (?, ?, ?, ?)", [run_id, prompt_id, text, n_prompt_tokens]
+                )
                 for table, name in ((branch_tbl, "branches"), (token_tbl, "tokens"), (latent_tbl, "latents")):
                     con.register("_batch", table)
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id])
+                    con.execute(
+                        f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id]
+                    )
                     con.unregister("_batch")
                 fault_point("commit")
                 con.execute("COMMIT")
@@ -256,34 +282,50 @@ class StoreWriter:
                 raise
 
     def write_variant(
-        self, run_id: str, prompt_id: int, items: list[tuple[int, np.ndarray, np.ndarray]], layers: list[int],
+        self,
+        run_id: str,
+        prompt_id: int,
+        items: list[tuple[int, np.ndarray, np.ndarray]],
+        layers: list[int],
         variant: str,
     ) -> bool:
         """Add latents of another variant for one prompt's branches, in one transaction: items are
         (branch_id, positions (n,), latents (len(layers), n, d)). Returns False (writing nothing) when the
         prompt already has this variant, so re-runs are idempotent."""
-        table = pa.table({
-            "branch_id": pa.array(np.concatenate([np.full(len(p) * len(layers), b, np.int32) for b, p, _ in items])),
-            "position": pa.array(np.concatenate([np.tile(p.astype(np.int32), len(layers)) for _, p, _ in items])),
-            "layer": pa.array(np.concatenate([np.repeat(np.array(layers, np.int16), len(p)) for _, p, _ in items])),
-            "variant": pa.array([variant] * sum(len(p) * len(layers) for _, p, _ in items)),
-            "vec": pa.FixedSizeListArray.from_arrays(
-                pa.array(np.concatenate([lat.astype(np.float32).reshape(-1) for _, _, lat in items])),
-                items[0][2].shape[-1]),
-        })
+        table = pa.table(
+            {
+                "branch_id": pa.array(
+                    np.concatenate([np.full(len(p) * len(layers), b, np.int32) for b, p, _ in items])
+                ),
+                "position": pa.array(
+                    np.concatenate([np.tile(p.astype(np.int32), len(layers)) for _, p, _ in items])
+                ),
+                "layer": pa.array(
+                    np.concatenate([np.repeat(np.array(layers, np.int16), len(p)) for _, p, _ in items])
+                ),
+                "variant": pa.array([variant] * sum(len(p) * len(layers) for _, p, _ in items)),
+                "vec": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.concatenate([lat.astype(np.float32).reshape(-1) for _, _, lat in items])),
+                    items[0][2].shape[-1],
+                ),
+            }
+        )
         with self._connection() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 exists = first_row(
                     con,
                     "SELECT count(*) FROM latents l JOIN branches b USING (run_id, branch_id) "
-                    "WHERE l.run_id = ? AND b.prompt_id = ? AND l.variant = ?", [run_id, prompt_id, variant],
+                    "WHERE l.run_id = ? AND b.prompt_id = ? AND l.variant = ?",
+                    [run_id, prompt_id, variant],
                 )[0]
                 if exists:
                     con.execute("ROLLBACK")
                     return False
                 con.register("_batch", table)
-                con.execute("INSERT INTO latents BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id])
+                con.execute(
+                    "INSERT INTO latents BY NAME SELECT ?::VARCHAR AS run_id, * FROM _batch", [run_id]
+                )
                 con.unregister("_batch")
                 con.execute("COMMIT")
                 return True
@@ -303,13 +345,18 @@ class StoreWriter:
             con.execute("BEGIN TRANSACTION")
             try:
                 present = first_row(
-                    con, f"SELECT count(*) FROM prompts WHERE run_id = ? AND prompt_id IN "
-                         f"(SELECT prompt_id FROM {views['prompts']})", [run_id])[0]
+                    con,
+                    f"SELECT count(*) FROM prompts WHERE run_id = ? AND prompt_id IN "
+                    f"(SELECT prompt_id FROM {views['prompts']})",
+                    [run_id],
+                )[0]
                 if present:
                     con.execute("ROLLBACK")
                     return False
                 for name, view in views.items():
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM {view}", [run_id])
+                    con.execute(
+                        f"INSERT INTO {name} BY NAME SELECT ?::VARCHAR AS run_id, * FROM {view}", [run_id]
+                    )
                 con.execute("COMMIT")
                 return True
             except BaseException:
@@ -322,8 +369,10 @@ class StoreWriter:
     def finish_run(self, run_id: str) -> None:
         with self._connection() as con:
             # a finished run started again changes nothing, not even its completion time
-            con.execute("UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ? AND status <> 'complete'",
-                        [_now(), run_id])
+            con.execute(
+                "UPDATE runs SET status = 'complete', completed_at = ? WHERE run_id = ? AND status <> 'complete'",
+                [_now(), run_id],
+            )
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
@@ -334,41 +383,53 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         pass
 
 
-def arrow_tables(branches: list[BranchRecord], layers: list[int], variant: str) -> tuple[pa.Table, pa.Table, pa.Table]:
+def arrow_tables(
+    branches: list[BranchRecord], layers: list[int], variant: str
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """Arrow tables for branches, tokens and latents (latents ordered by layer, branch, position)."""
-    branch_tbl = pa.table({
-        "branch_id": pa.array([b.branch_id for b in branches], pa.int32()),
-        "prompt_id": pa.array([b.prompt_id for b in branches], pa.int32()),
-        "parent_branch_id": pa.array([b.parent_branch_id for b in branches], pa.int32()),
-        "fork_position": pa.array([b.fork_position for b in branches], pa.int32()),
-        "depth": pa.array([b.depth for b in branches], pa.int16()),
-        "kind": pa.array([b.kind for b in branches], pa.string()),
-        "path": pa.array([b.path for b in branches], pa.string()),
-        "n_tokens": pa.array([b.n_tokens for b in branches], pa.int32()),
-        "end_position": pa.array([b.end_position for b in branches], pa.int32()),
-        "ended_with_eos": pa.array([b.ended_with_eos for b in branches], pa.bool_()),
-    })
+    branch_tbl = pa.table(
+        {
+            "branch_id": pa.array([b.branch_id for b in branches], pa.int32()),
+            "prompt_id": pa.array([b.prompt_id for b in branches], pa.int32()),
+            "parent_branch_id": pa.array([b.parent_branch_id for b in branches], pa.int32()),
+            "fork_position": pa.array([b.fork_position for b in branches], pa.int32()),
+            "depth": pa.array([b.depth for b in branches], pa.int16()),
+            "kind": pa.array([b.kind for b in branches], pa.string()),
+            "path": pa.array([b.path for b in branches], pa.string()),
+            "n_tokens": pa.array([b.n_tokens for b in branches], pa.int32()),
+            "end_position": pa.array([b.end_position for b in branches], pa.int32()),
+            "ended_with_eos": pa.array([b.ended_with_eos for b in branches], pa.bool_()),
+        }
+    )
     branch_ids = np.concatenate([np.full(b.n_tokens, b.branch_id, np.int32) for b in branches])
     positions = np.concatenate([b.positions for b in branches])
-    token_tbl = pa.table({
-        "branch_id": branch_ids,
-        "position": positions,
-        "token_id": np.concatenate([np.asarray(b.token_ids, np.int32) for b in branches]),
-        "token_text": pa.array([t for b in branches for t in b.token_texts], pa.string()),
-        "logprob": pa.array(np.concatenate([b.logprobs for b in branches]).astype(np.float32), from_pandas=True),
-        "entropy": pa.array(np.concatenate([b.entropies for b in branches]).astype(np.float32), from_pandas=True),
-        "is_prompt": np.concatenate([np.full(b.n_tokens, b.kind == "prompt") for b in branches]),
-    })
+    token_tbl = pa.table(
+        {
+            "branch_id": branch_ids,
+            "position": positions,
+            "token_id": np.concatenate([np.asarray(b.token_ids, np.int32) for b in branches]),
+            "token_text": pa.array([t for b in branches for t in b.token_texts], pa.string()),
+            "logprob": pa.array(
+                np.concatenate([b.logprobs for b in branches]).astype(np.float32), from_pandas=True
+            ),
+            "entropy": pa.array(
+                np.concatenate([b.entropies for b in branches]).astype(np.float32), from_pandas=True
+            ),
+            "is_prompt": np.concatenate([np.full(b.n_tokens, b.kind == "prompt") for b in branches]),
+        }
+    )
     d = branches[0].latents.shape[-1]
-    vecs = np.concatenate(
-        [b.latents[li] for li in range(len(layers)) for b in branches], axis=0
-    ).astype(np.float32, copy=False)
+    vecs = np.concatenate([b.latents[li] for li in range(len(layers)) for b in branches], axis=0).astype(
+        np.float32, copy=False
+    )
     n = len(positions)
-    latent_tbl = pa.table({
-        "branch_id": np.tile(branch_ids, len(layers)),
-        "position": np.tile(positions, len(layers)),
-        "layer": np.repeat(np.asarray(layers, np.int16), n),
-        "variant": pa.array([variant] * (n * len(layers)), pa.string()),
-        "vec": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), d),
-    })
+    latent_tbl = pa.table(
+        {
+            "branch_id": np.tile(branch_ids, len(layers)),
+            "position": np.tile(positions, len(layers)),
+            "layer": np.repeat(np.asarray(layers, np.int16), n),
+            "variant": pa.array([variant] * (n * len(layers)), pa.string()),
+            "vec": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), d),
+        }
+    )
     return branch_tbl, token_tbl, latent_tbl

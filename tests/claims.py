@@ -43,7 +43,7 @@ def _f(x: str) -> float:
 def _tol(printed: str) -> float:
     """Half a unit of the last printed digit."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return 0.5 * 10 ** -decimals
+    return 0.5 * 10**-decimals
 
 
 def _p(text: str) -> tuple[float, bool]:
@@ -75,14 +75,21 @@ def _position(c: Claim, s: str) -> None:
     if not m:
         c.problems.append("R2 sentence without its band or chance's band")
         return
-    c.numbers["r2_pos"] = {"r2": _f(m.group(1)) / 100, "half": _f(m.group(2)) / 100, "chance": _f(m.group(3)) / 100}
+    c.numbers["r2_pos"] = {
+        "r2": _f(m.group(1)) / 100,
+        "half": _f(m.group(2)) / 100,
+        "chance": _f(m.group(3)) / 100,
+    }
     if m.group(5):
         _probe(c, m.group(5))
 
 
 def _token(c: Claim, s: str) -> None:
-    m = re.match(rf"Nearest neighbours in other branches share the current token {PCT} ±{PCT} of the time "
-                 rf"\(chance {PCT}, up to {PCT}\)\.$", s)
+    m = re.match(
+        rf"Nearest neighbours in other branches share the current token {PCT} ±{PCT} of the time "
+        rf"\(chance {PCT}, up to {PCT}\)\.$",
+        s,
+    )
     if not m:
         c.problems.append("same-token sentence without its band or chance's")
         return
@@ -90,7 +97,9 @@ def _token(c: Claim, s: str) -> None:
 
 
 def _factors(c: Claim, s: str) -> None:
-    listed = re.search(r"\(above-chance scores, 0 chance to 1 perfect: (.*?)(?:; each band under [\d.]+)?\)\.$", s)
+    listed = re.search(
+        r"\(above-chance scores, 0 chance to 1 perfect: (.*?)(?:; each band under [\d.]+)?\)\.$", s
+    )
     if not listed:
         c.problems.append("factor sentence without the scores it decides on")
         return
@@ -120,7 +129,9 @@ def _factors(c: Claim, s: str) -> None:
         if any(hi[f] >= ORGANIZING + t for f in scores):
             c.problems.append("'no single factor' while a band reaches the organizing level")
     elif s.startswith("No factor clearly leads"):
-        named = re.split(r", | and ", re.match(r"No factor clearly leads: the bands of (.*?) overlap", s).group(1))
+        named = re.split(
+            r", | and ", re.match(r"No factor clearly leads: the bands of (.*?) overlap", s).group(1)
+        )
         if len(named) < 2 or any(hi[f] < lo[leader] - t for f in named):
             c.problems.append("'bands overlap' while a named band stays under the leader's")
         if clears_others and all(f == leader or hi[f] < lo[leader] - t for f in scores):
@@ -136,7 +147,9 @@ def _factors(c: Claim, s: str) -> None:
 
 
 def _means_test(c: Claim, s: str) -> None:
-    m = re.search(rf"\((p (?:<=|=) {NUM})(?: at level ({NUM}))?, held-out R2 ({NUM}) against ({NUM}) by chance\)", s)
+    m = re.search(
+        rf"\((p (?:<=|=) {NUM})(?: at level ({NUM}))?, held-out R2 ({NUM}) against ({NUM}) by chance\)", s
+    )
     if not m:
         c.problems.append("test sentence without p, held-out R2 and its null")
         return
@@ -154,7 +167,9 @@ def _means_test(c: Claim, s: str) -> None:
 
 
 def _linear(c: Claim, s: str) -> None:
-    m = re.search(rf"\((p (?:<=|=) {NUM}) at level ({NUM}), probe R2 ({NUM}) against ({NUM}) at most by chance\)", s)
+    m = re.search(
+        rf"\((p (?:<=|=) {NUM}) at level ({NUM}), probe R2 ({NUM}) against ({NUM}) at most by chance\)", s
+    )
     if not m:
         c.problems.append("linear test sentence without its numbers")
         return
@@ -176,8 +191,11 @@ def _linear(c: Claim, s: str) -> None:
 
 
 def _change(c: Claim, s: str) -> None:
-    m = re.search(rf"went {PCT} ±{PCT} \(chance {PCT} ±{PCT}\) -> {PCT} ±{PCT} \(chance {PCT} ±{PCT}\), "
-                  rf"band of the change ±{PCT}: (.*)\.$", s)
+    m = re.search(
+        rf"went {PCT} ±{PCT} \(chance {PCT} ±{PCT}\) -> {PCT} ±{PCT} \(chance {PCT} ±{PCT}\), "
+        rf"band of the change ±{PCT}: (.*)\.$",
+        s,
+    )
     if not m:
         c.problems.append("variance sentence without its numbers")
         return
@@ -210,8 +228,11 @@ def _leak(c: Claim, s: str) -> None:
 
 
 def _token_after(c: Claim, s: str) -> None:
-    m = re.search(rf"share the current token {PCT} ±{PCT} -> {PCT} ±{PCT} of the time \(chance {PCT}, up to {PCT}\)"
-                  r"(?:: (.*))?\.$", s)
+    m = re.search(
+        rf"share the current token {PCT} ±{PCT} -> {PCT} ±{PCT} of the time \(chance {PCT}, up to {PCT}\)"
+        r"(?:: (.*))?\.$",
+        s,
+    )
     if not m:
         c.problems.append("same-token change without its numbers")
         return
@@ -226,9 +247,14 @@ RULES: list[tuple[str, object]] = [
     (r"^Position explains ", _position),
     (r"^Nearest neighbours in other branches share ", _token),
     (r"^(This layer is organized by|No single factor|No factor clearly leads|\w[\w ]* leads, but)", _factors),
-    (r"^(A|An) [\w ]+ component was detected \(|^The [\w ]+ test was significant \(|^No [\w ]+ component detected ",
-     _means_test),
-    (r"^(Position that a linear probe reads|A linear probe finds no position|A linear probe reads position)", _linear),
+    (
+        r"^(A|An) [\w ]+ component was detected \(|^The [\w ]+ test was significant \(|^No [\w ]+ component detected ",
+        _means_test,
+    ),
+    (
+        r"^(Position that a linear probe reads|A linear probe finds no position|A linear probe reads position)",
+        _linear,
+    ),
     (r"^After removing .*, position's share of the variance went ", _change),
     (r"^After removing .*, the kNN position leak went ", _leak),
     (r"^After removing .*, neighbours in other branches share the current token ", _token_after),
@@ -252,7 +278,10 @@ def read(sentence: str) -> Claim:
 def read_all(text_or_sentences: str | list[str], known_notes: tuple[str, ...] = ()) -> list[Claim]:
     """Every sentence read; sentences equal to a removal note the caller passes (free text from a
     method, quoted as is) are accepted without a rule."""
-    sentences = split(text_or_sentences) if isinstance(text_or_sentences, str) else \
-        [plain(s) for s in text_or_sentences]
+    sentences = (
+        split(text_or_sentences)
+        if isinstance(text_or_sentences, str)
+        else [plain(s) for s in text_or_sentences]
+    )
     notes = {n[0].upper() + n[1:] + "." for n in known_notes if n}
     return [Claim(s, "note") if s in notes else read(s) for s in sentences]

@@ -33,14 +33,21 @@ def tiny_cfg(model_dirs, tmp_path):
     from ingest.config import build_config
 
     def make(family: str = "llama", store: str = "store.duckdb", **overrides):
-        values = dict(model=str(model_dirs[family]), prompts=list(PROMPTS), samples=2, forks=2, depth=1,
-                      max_new_tokens=12, layers=[0, 1, -1], device="cpu", store=str(tmp_path / store))
+        values = dict(
+            model=str(model_dirs[family]),
+            prompts=list(PROMPTS),
+            samples=2,
+            forks=2,
+            depth=1,
+            max_new_tokens=12,
+            layers=[0, 1, -1],
+            device="cpu",
+            store=str(tmp_path / store),
+        )
         values.update(overrides)
         return build_config(values)
 
     return make
-
-
 
 
 @pytest.fixture(scope="session")
@@ -60,11 +67,21 @@ def s3_server():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
-                       aws_secret_access_key="setup")
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+    )
     iam.create_user(UserName="branchlens")
-    iam.put_user_policy(UserName="branchlens", PolicyName="s3", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName="branchlens",
+        PolicyName="s3",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
     key = iam.create_access_key(UserName="branchlens")["AccessKey"]
     moto.settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is authenticated
     yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
@@ -82,15 +99,26 @@ def s3(s3_server, monkeypatch, tmp_path):
     import pyarrow.fs as pafs
 
     endpoint, key_id, secret = s3_server
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     bucket = f"bl-{uuid.uuid4().hex[:12]}"
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", access_key=key_id, secret_key=secret,
-                           allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        endpoint_override=endpoint,
+        region="us-east-1",
+        access_key=key_id,
+        secret_key=secret,
+        allow_bucket_creation=True,
+    )
     fs.create_dir(bucket)
-    return types.SimpleNamespace(url=f"s3://{bucket}/runs", bucket=bucket, fs=fs, endpoint=endpoint,
-                                 env=cli_env(tmp_path) | env)
+    return types.SimpleNamespace(
+        url=f"s3://{bucket}/runs", bucket=bucket, fs=fs, endpoint=endpoint, env=cli_env(tmp_path) | env
+    )

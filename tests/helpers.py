@@ -27,12 +27,18 @@ def build_tokenizer(add_bos: bool):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
 
 
 def build_model(family: str):
@@ -51,15 +57,30 @@ def build_model(family: str):
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, **common)
         return GPT2LMHeadModel(cfg)
     if family == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, **common)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
         return LlamaForCausalLM(cfg)
     if family == "gemma3":
         # A sliding window shorter than the sequences makes fork-prefix re-use fall back to recompute.
-        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                               num_key_value_heads=1, head_dim=16, sliding_window=8,
-                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                               max_position_embeddings=256, **common)
+        cfg = Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            max_position_embeddings=256,
+            **common,
+        )
         return Gemma3ForCausalLM(cfg)
     raise ValueError(family)
 
@@ -72,8 +93,12 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", BRANCHLENS_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(
+        HF_HUB_OFFLINE="1",
+        BRANCHLENS_CACHE=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     return env
 
 
@@ -85,8 +110,14 @@ def paused_ingest(command: list[str], tmp_path: Path, fault: str):
     it is paused there (a line on its stdin lets it go on); fails if it ends first."""
     import subprocess
 
-    proc = subprocess.Popen(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": f"{fault}:pause"},
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command,
+        env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": f"{fault}:pause"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     marker = f"fault: {fault.replace(':', ' ')} paused"
     for line in proc.stderr:
         if marker in line:
@@ -112,12 +143,16 @@ def dump(store, run_id: str) -> dict[str, list]:
 def dump_rows(con, run_id: str) -> dict[str, list]:
     """dump() on an open connection (a store file, or shards read in place)."""
     return {
-        name: con.execute(f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]).fetchall()
+        name: con.execute(
+            f"SELECT * EXCLUDE (run_id) FROM {name} WHERE run_id = ? ORDER BY ALL", [run_id]
+        ).fetchall()
         for name in ("prompts", "branches", "tokens")
     } | {
         "latents": con.execute(
             "SELECT branch_id, position, layer, variant, vec FROM latents WHERE run_id = ? "
-            "ORDER BY branch_id, position, layer", [run_id]).fetchall(),
+            "ORDER BY branch_id, position, layer",
+            [run_id],
+        ).fetchall(),
     }
 
 
@@ -141,12 +176,16 @@ def app_charts(at) -> list[tuple[dict, list]]:
 
     import pyarrow as pa
 
-    return [(json.loads(el.proto.spec), [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
-            for el in app_elements(at, "vega_lite_chart")]
+    return [
+        (json.loads(el.proto.spec), [pa.ipc.open_stream(ds.data.data).read_all() for ds in el.proto.datasets])
+        for el in app_elements(at, "vega_lite_chart")
+    ]
 
 
-ORACLE_WORDS = ("the cat sat on mat and looked at moon branches of a story go apart tokens where model is unsure "
-                "def add return numbers letters position dominates content hidden states small language models").split()
+ORACLE_WORDS = (
+    "the cat sat on mat and looked at moon branches of a story go apart tokens where model is unsure "
+    "def add return numbers letters position dominates content hidden states small language models"
+).split()
 
 
 def oracle_prompts(n: int, seed: int = 0) -> list[str]:
@@ -165,15 +204,33 @@ def gpt2_with_positions(kind: str, scale: float, d: int = 64, n_positions: int =
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=d, n_layer=2, n_head=2, n_positions=n_positions, vocab_size=VOCAB,
-                                       bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            n_embd=d,
+            n_layer=2,
+            n_head=2,
+            n_positions=n_positions,
+            vocab_size=VOCAB,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    )
     rng = np.random.default_rng(seed + 5)
     if kind == "random":
         table = rng.normal(size=(n_positions, d))
     elif kind == "smooth":
         t = np.arange(n_positions)
-        feats = np.stack([np.cos(2 * np.pi * t / 60), np.sin(2 * np.pi * t / 60), np.cos(2 * np.pi * t / 17),
-                          np.sin(2 * np.pi * t / 17), t / n_positions], 1)
+        feats = np.stack(
+            [
+                np.cos(2 * np.pi * t / 60),
+                np.sin(2 * np.pi * t / 60),
+                np.cos(2 * np.pi * t / 17),
+                np.sin(2 * np.pi * t / 17),
+                t / n_positions,
+            ],
+            1,
+        )
         table = feats @ rng.normal(size=(feats.shape[1], d))
     else:
         raise ValueError(kind)
@@ -195,8 +252,19 @@ def gpt2_layer0(kind: str, scale: float, workdir: Path):
     path = workdir / f"gpt2-{kind}-{scale}"
     model.save_pretrained(path / "model")
     build_tokenizer(add_bos=False).save_pretrained(path / "model")
-    cfg = build_config(dict(model=str(path / "model"), prompts=oracle_prompts(16), samples=4, forks=2, depth=1,
-                            max_new_tokens=40, layers=[0], device="cpu", store=str(path / "s.duckdb")))
+    cfg = build_config(
+        dict(
+            model=str(path / "model"),
+            prompts=oracle_prompts(16),
+            samples=4,
+            forks=2,
+            depth=1,
+            max_new_tokens=40,
+            layers=[0],
+            device="cpu",
+            store=str(path / "s.duckdb"),
+        )
+    )
     ingest(cfg)
     with reading(cfg.store) as con:
         keys, X = queries.token_rows(con, queries.list_runs(con)["run_id"][0], 0)

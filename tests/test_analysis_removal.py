@@ -20,8 +20,9 @@ def view(tokens, method="per_position", reference=None, independent=False, **par
 
 
 def small_tree(seed: int, pos_scale: float, n_prompts: int = 4, **kw):
-    return branch_tree(n_prompts=n_prompts, branches_per_prompt=6, length=40, d=32, pos_scale=pos_scale, seed=seed,
-                       **kw)
+    return branch_tree(
+        n_prompts=n_prompts, branches_per_prompt=6, length=40, d=32, pos_scale=pos_scale, seed=seed, **kw
+    )
 
 
 def with_tokens(tokens, seed: int, vocab: int = 300, scale: float = 1.0):
@@ -90,12 +91,17 @@ def test_nothing_is_invented_where_there_is_no_position():
         plot = run.subset(np.isin(run.prompt, [0, 1]))
         raw_all, raw_sub = view(run, "none").metrics, view(plot, "none").metrics
         for method in ("per_position", "regression", "projection"):
-            for r, m in [(raw_all, view(run, method).metrics),  # fit on the plotted tokens (the whole run)
-                         (raw_sub, view(plot, method, reference=run).metrics),  # a subset, fit on the run
-                         (raw_all, view(run, method, reference=other, independent=True).metrics)]:  # another run
+            for r, m in [
+                (raw_all, view(run, method).metrics),  # fit on the plotted tokens (the whole run)
+                (raw_sub, view(plot, method, reference=run).metrics),  # a subset, fit on the run
+                (raw_all, view(run, method, reference=other, independent=True).metrics),
+            ]:  # another run
                 total += 1
-                moved = [k for k in ("leak", "leak_prompt", "leak_2d")
-                         if abs(m[k]["leak"] - r[k]["leak"]) > 1.96 * np.hypot(m[k]["sd"], r[k]["sd"])]
+                moved = [
+                    k
+                    for k in ("leak", "leak_prompt", "leak_2d")
+                    if abs(m[k]["leak"] - r[k]["leak"]) > 1.96 * np.hypot(m[k]["sd"], r[k]["sd"])
+                ]
                 clean_runs += not moved and not check(r, m)
     assert clean_runs >= 0.95 * total, (clean_runs, total)
 
@@ -104,8 +110,9 @@ def test_three_branches_are_not_pushed_below_chance():
     """One prompt, three branches: folds over branches; where the other branches never reach a position
     nothing is extrapolated (those tokens are left as they are), and the leak is not pushed below chance."""
     for seed in range(5):
-        tokens = branch_tree(n_prompts=1, branches_per_prompt=3, length=60, d=32, pos_scale=3.0, seed=seed,
-                             fork_share=0)
+        tokens = branch_tree(
+            n_prompts=1, branches_per_prompt=3, length=60, d=32, pos_scale=3.0, seed=seed, fork_share=0
+        )
         raw_m = view(tokens, "none").metrics
         m = view(tokens, "per_position").metrics
         assert m["removal"]["fold_by"] == "branch" and m["removal"]["crossfit_share"] < 1
@@ -136,7 +143,11 @@ def test_one_prompt_one_branch_cannot_be_tested_so_nothing_is_removed():
     tokens = branch_tree(n_prompts=1, branches_per_prompt=1, length=40, d=16, pos_scale=3.0, seed=0)
     tokens = tokens.subset(tokens.branch == tokens.branch.max())  # a single branch
     m = view(tokens).metrics
-    assert not m["removal"]["detected"] and m["removal"]["weight"] == 0 and "cannot be tested" in m["removal"]["note"]
+    assert (
+        not m["removal"]["detected"]
+        and m["removal"]["weight"] == 0
+        and "cannot be tested" in m["removal"]["note"]
+    )
     assert view(tokens, gate=False).metrics["removal"]["forced"]
 
 

@@ -70,6 +70,7 @@ def test_trustworthiness_of_identity_and_of_a_scramble():
 
 def test_trustworthiness_equals_sklearn_and_its_band_matches_the_spread_over_samples():
     from sklearn.manifold import trustworthiness as sk_trust
+
     rng = np.random.default_rng(1)
     X = rng.normal(size=(4000, 20))
     Y = X[:, :2] + 0.5 * rng.normal(size=(4000, 2))
@@ -79,7 +80,9 @@ def test_trustworthiness_equals_sklearn_and_its_band_matches_the_spread_over_sam
     # The band says what another sample of tokens would give: its sd matches the spread over samples.
     small = M.trustworthiness(X, Y, k=7, n_samples=600, seed=0)
     assert small["lo"] < small["trustworthiness"] < small["hi"]
-    spread = np.std([M.trustworthiness(X, Y, k=7, n_samples=600, seed=s)["trustworthiness"] for s in range(12)])
+    spread = np.std(
+        [M.trustworthiness(X, Y, k=7, n_samples=600, seed=s)["trustworthiness"] for s in range(12)]
+    )
     assert 0.5 < small["sd"] / spread < 2, (small["sd"], spread)
 
 
@@ -92,14 +95,21 @@ def test_guard_names_invented_pushed_apart_and_removed_content():
     pos = {"removal": {"removes": ["position"], "detected_covariates": ["position"], "weight": 1.0}}
     tok = {"removal": {"removes": ["token"], "detected_covariates": ["token"], "weight": 1.0}}
     assert [w.kind for w in check({"leak": leak(0.01)}, pos | {"leak": leak(0.30)})] == ["invented"]
-    assert [w.kind for w in check({"leak_prompt": leak(-0.08)}, pos | {"leak_prompt": leak(-0.23)})] == ["pushed apart"]
-    assert check({"leak": leak(0.90)}, pos | {"leak": leak(-0.02)}) == []  # toward chance, within its band past it
+    assert [w.kind for w in check({"leak_prompt": leak(-0.08)}, pos | {"leak_prompt": leak(-0.23)})] == [
+        "pushed apart"
+    ]
+    assert (
+        check({"leak": leak(0.90)}, pos | {"leak": leak(-0.02)}) == []
+    )  # toward chance, within its band past it
     assert check({"leak": leak(0.01)}, pos | {"leak": leak(0.03)}) == []  # within the band of the change
     # A large raw leak does not blind it: one prompt, three branches, +0.308 -> -0.397 (chance band 0.11).
     few = check({"leak": leak(0.308, 0.03, 0.11)}, pos | {"leak": leak(-0.397, 0.03, 0.11)})
     assert [w.kind for w in few] == ["pushed apart"] and "+0.308 -> -0.397" in few[0].message
     # Nothing removed: nothing to guard.
-    assert check({"leak": leak(0.01)}, {"removal": {"removes": ["position"], "weight": 0.0}, "leak": leak(0.30)}) == []
+    assert (
+        check({"leak": leak(0.01)}, {"removal": {"removes": ["position"], "weight": 0.0}, "leak": leak(0.30)})
+        == []
+    )
     # The position leak after a token removal: content unmasked when prompts stay at chance, else position.
     raw = {"leak": leak(0.03), "leak_prompt": leak(-0.01)}
     content = check(raw, tok | {"leak": leak(0.21), "leak_prompt": leak(0.01)})

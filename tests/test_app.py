@@ -24,8 +24,19 @@ def store(model_dirs, tmp_path_factory):
     from ingest.config import build_config
 
     path = tmp_path_factory.mktemp("app") / "app.duckdb"
-    cfg = build_config(dict(model=str(model_dirs["llama"]), prompts=list(PROMPTS), samples=2, forks=1, depth=1,
-                            max_new_tokens=10, layers=[0, 1, 2], device="cpu", store=str(path)))
+    cfg = build_config(
+        dict(
+            model=str(model_dirs["llama"]),
+            prompts=list(PROMPTS),
+            samples=2,
+            forks=1,
+            depth=1,
+            max_new_tokens=10,
+            layers=[0, 1, 2],
+            device="cpu",
+            store=str(path),
+        )
+    )
     return path, ingest(cfg).run_id
 
 
@@ -97,7 +108,9 @@ def expected_tokens(path, run_id, layer=1, generated_only=False) -> int:
         where = " AND NOT t.is_prompt" if generated_only else ""
         return con.execute(
             "SELECT count(*) FROM latents l JOIN tokens t USING (run_id, branch_id, position) "
-            f"WHERE l.run_id = ? AND l.layer = ? AND t.position > 0{where}", [run_id, layer]).fetchall()[0][0]
+            f"WHERE l.run_id = ? AND l.layer = ? AND t.position > 0{where}",
+            [run_id, layer],
+        ).fetchall()[0][0]
 
 
 def test_opens_the_store_with_both_projections_trajectories_and_numbers(store):
@@ -110,7 +123,8 @@ def test_opens_the_store_with_both_projections_trajectories_and_numbers(store):
     assert parts["points"].num_rows == expected_tokens(path, run_id)
     with duckdb.connect(str(path), read_only=True) as con:
         n_branches, n_children = con.execute(
-            "SELECT count(*), count(parent_branch_id) FROM branches WHERE run_id = ?", [run_id]).fetchall()[0]
+            "SELECT count(*), count(parent_branch_id) FROM branches WHERE run_id = ?", [run_id]
+        ).fetchall()[0]
     assert len(set(parts["lines"].column("branch_id").to_pylist())) == n_branches
     # Every child starts its line at a fork point on its lineage (the BOS is never a fork point here).
     assert parts["forks"].num_rows == n_children
@@ -155,8 +169,11 @@ def test_layers_tab_and_clusters(store):
     at = open_tab(open_app(path), "Layers")
     profile = [(spec, t) for spec, t in charts(at) if t and "method" in t[0].column_names]
     titles = {spec["title"] for spec, _ in profile}
-    assert {"R2_pos: variance explained by position", "kNN position leak, other branches",
-            "kNN position leak, other prompts only"} <= titles, titles
+    assert {
+        "R2_pos: variance explained by position",
+        "kNN position leak, other branches",
+        "kNN position leak, other prompts only",
+    } <= titles, titles
     assert all(spec["height"] >= 250 for spec, _ in profile)
     assert set(profile[0][1][0].column("layer").to_pylist()) == {0, 1, 2}
     at = open_tab(at, "Clusters")
@@ -164,12 +181,15 @@ def test_layers_tab_and_clusters(store):
     assert clusters["tokens"].sum() == expected_tokens(path, run_id)
 
 
-@pytest.mark.parametrize("sql, message", [
-    ("CREATE TABLE x AS SELECT 1", "CREATE statements are not allowed"),
-    ("COPY tokens TO 'out.csv'", "COPY statements are not allowed"),
-    ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
-    ("ATTACH 'other.duckdb' AS other", "ATTACH statements are not allowed"),
-])
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("CREATE TABLE x AS SELECT 1", "CREATE statements are not allowed"),
+        ("COPY tokens TO 'out.csv'", "COPY statements are not allowed"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "file system operations are disabled"),
+        ("ATTACH 'other.duckdb' AS other", "ATTACH statements are not allowed"),
+    ],
+)
 def test_sql_tab_refuses_writes_and_files(store, sql, message):
     path, _ = store
     at = open_tab(open_app(path), "SQL")
@@ -182,7 +202,9 @@ def test_sql_tab_refuses_writes_and_files(store, sql, message):
 def test_sql_tab_runs_a_query(store):
     path, run_id = store
     at = open_tab(open_app(path), "SQL")
-    at.text_area(key="sql").input(f"SELECT branch_id, count(*) AS n FROM tokens WHERE run_id = '{run_id}' GROUP BY 1")
+    at.text_area(key="sql").input(
+        f"SELECT branch_id, count(*) AS n FROM tokens WHERE run_id = '{run_id}' GROUP BY 1"
+    )
     at.button(key="sql_run").click().run()
     assert not at.error
     with duckdb.connect(str(path), read_only=True) as con:
@@ -217,8 +239,16 @@ def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
     path, _ = store
     copy = tmp_path / "busy.duckdb"
     copy.write_bytes(Path(path).read_bytes())
-    holder = subprocess.Popen([PYTHON, "-c", f"import duckdb, time; c = duckdb.connect({str(copy)!r}); "
-                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            PYTHON,
+            "-c",
+            f"import duckdb, time; c = duckdb.connect({str(copy)!r}); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         at = open_app(copy)
@@ -241,10 +271,15 @@ def test_too_many_points_are_sampled_by_branch_or_binned(store):
     decks = deck_specs(at)
     assert len(decks) == 2 and not at.warning and not at.exception
     for spec in decks:
-        dots = [layer for layer in spec["layers"] if layer["@@type"] == "ScatterplotLayer" and layer.get("pickable")]
+        dots = [
+            layer
+            for layer in spec["layers"]
+            if layer["@@type"] == "ScatterplotLayer" and layer.get("pickable")
+        ]
         assert sum(len(layer["data"]) for layer in dots) == total
         assert {tuple(row[3:5]) for layer in dots for row in layer["data"]} == set(
-            projection_before[["branch_id", "position"]].iter_rows())
+            projection_before[["branch_id", "position"]].iter_rows()
+        )
     at.radio(key="big_mode").set_value("sample branches").run()
     assert at.warning and "slow the browser" in at.warning[0].value
     sampled = projection(at)["points"]
@@ -254,9 +289,13 @@ def test_too_many_points_are_sampled_by_branch_or_binned(store):
     for b in sampled.column("branch_id").to_pylist():
         counts[b] = counts.get(b, 0) + 1
     with duckdb.connect(str(path), read_only=True) as con:
-        full = dict(con.execute(
-            "SELECT l.branch_id, count(*) FROM latents l WHERE run_id = ? AND layer = 1 AND position > 0 "
-            "GROUP BY 1", [run_id]).fetchall())
+        full = dict(
+            con.execute(
+                "SELECT l.branch_id, count(*) FROM latents l WHERE run_id = ? AND layer = 1 AND position > 0 "
+                "GROUP BY 1",
+                [run_id],
+            ).fetchall()
+        )
     assert all(full[b] == n for b, n in counts.items())
     at.radio(key="big_mode").set_value("density").run()
     spec = charts(at)[0][0]
@@ -271,11 +310,15 @@ class LockHolder:
     process, so it cannot be taken from the test's own)."""
 
     def __init__(self, path):
-        code = ("import duckdb, sys\ncon = None\nfor line in sys.stdin:\n"
-                f"    if line.strip() == 'lock': con = duckdb.connect({str(path)!r})\n"
-                "    else: con.close()\n"
-                "    print('done', flush=True)\n")
-        self.proc = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        code = (
+            "import duckdb, sys\ncon = None\nfor line in sys.stdin:\n"
+            f"    if line.strip() == 'lock': con = duckdb.connect({str(path)!r})\n"
+            "    else: con.close()\n"
+            "    print('done', flush=True)\n"
+        )
+        self.proc = subprocess.Popen(
+            [PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def tell(self, what: str) -> None:
         self.proc.stdin.write(what + "\n")
@@ -363,10 +406,17 @@ def test_every_read_of_every_tab_shows_a_note_when_the_store_is_busy(store, tmp_
         monkeypatch.setattr(views.sql, "run_query", real_run_query)
         holder.tell("release")
         assert not at.exception
-        assert [b.key for b in at.button if b.label == "Retry"] == ["retry_sql"]  # the query's note, not the app's
+        assert [b.key for b in at.button if b.label == "Retry"] == [
+            "retry_sql"
+        ]  # the query's note, not the app's
         assert any("ingest is committing" in w.value for w in at.warning)
         [b for b in at.button if b.label == "Retry"][0].click().run()
-        assert not at.exception and not at.warning and at.dataframe and "rows in" in " ".join(c.value for c in at.caption)
+        assert (
+            not at.exception
+            and not at.warning
+            and at.dataframe
+            and "rows in" in " ".join(c.value for c in at.caption)
+        )
     finally:
         holder.close()
 
@@ -399,12 +449,28 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
 
     prompts = [f"{p} {i}" for i in range(3) for p in PROMPTS]
     config = tmp_path / "run.toml"
-    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=1,
-                                         max_new_tokens=12, layers=[0, 2], device="cpu")))
+    config.write_text(
+        tomli_w.dumps(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=prompts,
+                samples=2,
+                forks=1,
+                max_new_tokens=12,
+                layers=[0, 2],
+                device="cpu",
+            )
+        )
+    )
     store = tmp_path / "live.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
-    killed = subprocess.run(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "commit:3"},
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        command,
+        env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "commit:3"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9 and "fault: commit 3" in killed.stderr, killed.stderr[-2000:]
 
     at = open_app(store)
@@ -436,8 +502,10 @@ def test_app_follows_an_ingest_through_partial_busy_and_complete(model_dirs, tmp
     watcher.run()
     assert not watcher.exception and prompt_box(watcher).value == [1]
     assert set(projection(watcher)["points"].column("prompt_id").to_pylist()) == {1}
-    assert any(f"{len(prompts) - 2} prompts were committed since you opened this run" in i.value
-               for i in watcher.info), [i.value for i in watcher.info]
+    assert any(
+        f"{len(prompts) - 2} prompts were committed since you opened this run" in i.value
+        for i in watcher.info
+    ), [i.value for i in watcher.info]
 
 
 def prompt_box(at: AppTest):
@@ -448,8 +516,26 @@ def test_another_store_shows_its_own_prompts(store, tmp_path):
     """After switching store the prompt chips name the new store's prompts, never the old one's."""
     path, _ = store
     other = tmp_path / "other.duckdb"
-    made = subprocess.run([PYTHON, "-m", "views", "synthetic", str(other), "--prompts", "3", "--branches", "3",
-                           "--length", "12", "--d", "16"], capture_output=True, text=True, timeout=600)
+    made = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "views",
+            "synthetic",
+            str(other),
+            "--prompts",
+            "3",
+            "--branches",
+            "3",
+            "--length",
+            "12",
+            "--d",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     at = open_app(path)
     assert prompt_box(at).value == [0, 1, 2]  # the tiny-model store's three prompts
@@ -472,7 +558,9 @@ def test_exports(store, monkeypatch):
 
     rendered = []
     real = vl_convert.vegalite_to_png
-    monkeypatch.setattr(vl_convert, "vegalite_to_png", lambda spec, **kw: rendered.append(spec) or real(spec, **kw))
+    monkeypatch.setattr(
+        vl_convert, "vegalite_to_png", lambda spec, **kw: rendered.append(spec) or real(spec, **kw)
+    )
     path, run_id = store
     at = open_app(path)
     downloads = {b.proto.label for b in at.get("download_button")}
@@ -505,10 +593,30 @@ def test_the_sql_result_stays_through_reruns_and_the_example_follows_the_store(s
     rows = len(at.dataframe[-1].value)
     assert rows > 0 and {"CSV", "Parquet"} <= {b.proto.label for b in at.get("download_button")}
     at.run()  # a rerun with no click (what a download used to cause)
-    assert len(at.dataframe[-1].value) == rows and "Parquet" in {b.proto.label for b in at.get("download_button")}
+    assert len(at.dataframe[-1].value) == rows and "Parquet" in {
+        b.proto.label for b in at.get("download_button")
+    }
     other = tmp_path / "other.duckdb"
-    made = subprocess.run([PYTHON, "-m", "views", "synthetic", str(other), "--prompts", "2", "--branches", "2",
-                           "--length", "12", "--d", "8"], capture_output=True, text=True, timeout=600)
+    made = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "views",
+            "synthetic",
+            str(other),
+            "--prompts",
+            "2",
+            "--branches",
+            "2",
+            "--length",
+            "12",
+            "--d",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     with duckdb.connect(str(other), read_only=True) as con:
         other_run = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
@@ -526,8 +634,21 @@ def test_zero_pe_variant_is_offered_when_stored(model_dirs, tmp_path):
     from ingest.config import build_config
 
     store = tmp_path / "zp.duckdb"
-    ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=list(PROMPTS), samples=2, forks=1,
-                             max_new_tokens=8, layers=[0, 2], device="cpu", store=str(store), zero_pe=True)))
+    ingest(
+        build_config(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=list(PROMPTS),
+                samples=2,
+                forks=1,
+                max_new_tokens=8,
+                layers=[0, 2],
+                device="cpu",
+                store=str(store),
+                zero_pe=True,
+            )
+        )
+    )
     at = open_app(store)
     assert at.selectbox(key="variant").options == ["normal", "zero_pe"]
     assert "RoPE model: positions enter only through attention" in at.caption[0].value
@@ -542,8 +663,26 @@ def test_verdict_and_where_branches_go_apart_on_the_known_positive_store(tmp_pat
     """The synthetic store with a known helix: the verdict names position at the helix layer and finds no
     positional component at the token-identity layer; the divergence tab draws its chart."""
     store = tmp_path / "helix.duckdb"
-    made = subprocess.run([PYTHON, "-m", "views", "synthetic", str(store), "--prompts", "4", "--branches", "6",
-                           "--length", "40", "--d", "32"], capture_output=True, text=True, timeout=600)
+    made = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "views",
+            "synthetic",
+            str(store),
+            "--prompts",
+            "4",
+            "--branches",
+            "6",
+            "--length",
+            "40",
+            "--d",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
     at = open_app(store)
     at.selectbox(key="layer").set_value(1).run()
@@ -571,7 +710,15 @@ def test_the_store_box_tells_nothing_about_other_files_and_loads_no_extension(st
     text.write_text("hello")
     fifo = tmp_path / "store.duckdb"  # a FIFO hung the session in open(), waiting for a writer
     os.mkfifo(fifo)
-    for probe in (tmp_path / "missing.duckdb", text, lite, "/etc/passwd", "/proc/self/environ", fifo, "/dev/zero"):
+    for probe in (
+        tmp_path / "missing.duckdb",
+        text,
+        lite,
+        "/etc/passwd",
+        "/proc/self/environ",
+        fifo,
+        "/dev/zero",
+    ):
         at = AppTest.from_file(APP, default_timeout=240)
         at.session_state["store_path"] = str(probe)
         at.run()
@@ -585,13 +732,23 @@ def test_the_store_box_tells_nothing_about_other_files_and_loads_no_extension(st
     assert [i.value.split("`")[0] for i in at.info] == ["No store at "]  # a real store, outside the root
 
 
-@pytest.mark.parametrize("sql, columns, said", [
-    # each crashed the tab: duplicate names (a join's too), INTERVAL (completed_at - created_at), UNION
-    ("SELECT 1 AS a, 2 AS a, INTERVAL 3 DAY AS i, union_value(k := 'x') AS u, MAP {'k': 1} AS m",
-     ["a", "a (2)", "i", "u", "m"], ["repeated column names made unique: a", "shown as text (intervals, unions and maps): i, u, m"]),
-    ("SELECT completed_at - created_at AS took FROM runs", ["took"], ["shown as text (intervals, unions and maps): took"]),
-    ("SELECT vec FROM latents LIMIT 2", ["vec"], ["CSV cannot hold vec"]),  # only nested columns: no CSV
-])
+@pytest.mark.parametrize(
+    "sql, columns, said",
+    [
+        # each crashed the tab: duplicate names (a join's too), INTERVAL (completed_at - created_at), UNION
+        (
+            "SELECT 1 AS a, 2 AS a, INTERVAL 3 DAY AS i, union_value(k := 'x') AS u, MAP {'k': 1} AS m",
+            ["a", "a (2)", "i", "u", "m"],
+            ["repeated column names made unique: a", "shown as text (intervals, unions and maps): i, u, m"],
+        ),
+        (
+            "SELECT completed_at - created_at AS took FROM runs",
+            ["took"],
+            ["shown as text (intervals, unions and maps): took"],
+        ),
+        ("SELECT vec FROM latents LIMIT 2", ["vec"], ["CSV cannot hold vec"]),  # only nested columns: no CSV
+    ],
+)
 def test_every_sql_result_type_displays_and_downloads(store, sql, columns, said):
     path, _ = store
     at = open_tab(open_app(path), "SQL")
@@ -635,8 +792,9 @@ def test_where_branches_go_apart_uses_the_layers_colours_and_names_its_numbers(s
             scale = layer.get("encoding", {}).get("color", {}).get("scale", {})
             if scale.get("domain"):
                 ranges.append(dict(zip(scale["domain"], scale["range"], strict=True)))
-    assert ranges and all(r.get("raw") == RAW_COLOUR and set(r.values()) <= {RAW_COLOUR, REMOVED_COLOUR}
-                          for r in ranges), ranges
+    assert ranges and all(
+        r.get("raw") == RAW_COLOUR and set(r.values()) <= {RAW_COLOUR, REMOVED_COLOUR} for r in ranges
+    ), ranges
     table = at.dataframe[-1].value
     ratios = [c for c in table.columns if c.startswith("median ratio, ")]
     assert ratios and "median ratio, raw" in ratios

@@ -17,8 +17,10 @@ def test_bands_hold_the_true_value_in_at_least_18_of_20_runs(regime):
     found = {c.metric: c for c in coverage(regime, n_seeds=20)}
     assert {"r2_pos", "leak", "leak_prompt", "probe"} <= set(found), sorted(found)
     for c in found.values():
-        print(f"{regime:12s} {c.metric:12s} truth {c.truth:+.4f} spread {c.spread:.4f} "
-              f"sd {c.reported_sd:.4f} covered {c.covered}/{c.n}")
+        print(
+            f"{regime:12s} {c.metric:12s} truth {c.truth:+.4f} spread {c.spread:.4f} "
+            f"sd {c.reported_sd:.4f} covered {c.covered}/{c.n}"
+        )
     assert all(c.covered >= 18 for c in found.values()), [(c.metric, c.covered) for c in found.values()]
 
 
@@ -63,8 +65,13 @@ def test_the_verdicts_probe_clause_is_no_stronger_than_its_band(regime):
     for seed in range(6):
         t = generate(regime, seed=seed).tokens
         keep = ~t.extra["is_sink"]
-        t = TokenSet(t.X[keep], t.position[keep], t.branch[keep], t.prompt[keep],
-                     {k: v[keep] for k, v in t.extra.items()})
+        t = TokenSet(
+            t.X[keep],
+            t.position[keep],
+            t.branch[keep],
+            t.prompt[keep],
+            {k: v[keep] for k, v in t.extra.items()},
+        )
         raw = measure(t, None, ViewSpec()) | layer_stats(t)
         text, probe = verdict(raw), raw["probe"]
         top = max(probe["chance_hi"], 0.0)

@@ -22,11 +22,16 @@ def test_batch_size_changes_nothing_but_rounding(tiny_cfg, family):
     # same tree: branches, fork points, tokens and their stats
     assert a["branches"] == b["branches"] and a["prompts"] == b["prompts"]
     assert [r[:4] for r in a["tokens"]] == [r[:4] for r in b["tokens"]]
-    np.testing.assert_allclose(np.array([r[4:6] for r in a["tokens"]], float),
-                               np.array([r[4:6] for r in b["tokens"]], float), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.array([r[4:6] for r in a["tokens"]], float),
+        np.array([r[4:6] for r in b["tokens"]], float),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     assert [r[:4] for r in a["latents"]] == [r[:4] for r in b["latents"]]
-    np.testing.assert_allclose(np.array([r[4] for r in a["latents"]]), np.array([r[4] for r in b["latents"]]),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.array([r[4] for r in a["latents"]]), np.array([r[4] for r in b["latents"]]), rtol=1e-4, atol=1e-4
+    )
     # batching did happen: one forward call per decode step of a whole level, not per branch
     assert many.counts["branches"] > 3 * len(tiny_cfg().prompts)
 
@@ -60,8 +65,9 @@ def test_prompts_decoded_together_make_the_trees_each_makes_alone(tiny_cfg, fami
     for prompt_id, ids in prompts:
         mine = trees[prompt_id]
         ref = alone.build(prompt_id, ids)
-        assert [(r.branch_id, r.parent_branch_id, r.fork_position, r.token_ids.tolist()) for r in mine] == \
-            [(r.branch_id, r.parent_branch_id, r.fork_position, r.token_ids.tolist()) for r in ref]
+        assert [(r.branch_id, r.parent_branch_id, r.fork_position, r.token_ids.tolist()) for r in mine] == [
+            (r.branch_id, r.parent_branch_id, r.fork_position, r.token_ids.tolist()) for r in ref
+        ]
         assert {r.prompt_id for r in mine} == {prompt_id}
         for a, b in zip(mine, ref):
             np.testing.assert_allclose(a.latents, b.latents, rtol=1e-4, atol=1e-4)
@@ -74,13 +80,23 @@ def test_prompts_decoded_together_make_the_trees_each_makes_alone(tiny_cfg, fami
 @pytest.mark.parametrize("batch_rows", [1, 5, 64])
 def test_the_dry_runs_plan_of_batches_is_what_the_builder_decodes(tiny_cfg, batch_rows):
     # fixed fork offsets near each branch's start: every planned fork finds its position
-    cfg = tiny_cfg("llama", samples=3, forks=2, depth=2, max_new_tokens=12, stop_at_eos=False,
-                   fork_rule="offsets", fork_offsets=[1, 2], min_child_tokens=1, prompts=["one two three", "four five", "six", "seven eight nine ten"])
+    cfg = tiny_cfg(
+        "llama",
+        samples=3,
+        forks=2,
+        depth=2,
+        max_new_tokens=12,
+        stop_at_eos=False,
+        fork_rule="offsets",
+        fork_offsets=[1, 2],
+        min_child_tokens=1,
+        prompts=["one two three", "four five", "six", "seven eight nine ten"],
+    )
     lm = load_model(cfg.model, torch.device("cpu"), torch.float32, log=lambda _m: None)
     prompts = [(p, list(lm.tokenizer(text)["input_ids"])) for p, text in enumerate(cfg.prompts)]
     builder = TreeBuilder(lm, cfg, [0], TreePlan(cfg.samples, cfg.forks, cfg.depth), batch_rows=batch_rows)
     for lo in range(0, len(prompts), builder.prompts_per_group):
-        builder.build_group(prompts[lo:lo + builder.prompts_per_group])
+        builder.build_group(prompts[lo : lo + builder.prompts_per_group])
     planned = planned_batches(len(prompts), cfg.samples, cfg.forks, cfg.depth, batch_rows)
     assert builder.stats.decode_batches == planned
     assert max(planned) <= max(batch_rows, cfg.samples)
@@ -99,8 +115,11 @@ def test_checking_for_eos_every_few_steps_makes_the_same_tree(tiny_cfg):
         builder.eos_check_every = every
         trees.append((builder.build_group(prompts), builder.stats))
     (a, stats_a), (b, stats_b) = trees
-    rows = lambda t: [(r.branch_id, r.fork_position, r.token_ids.tolist(), r.ended_with_eos)  # noqa: E731
-                      for p in sorted(t) for r in t[p]]
+    rows = lambda t: [
+        (r.branch_id, r.fork_position, r.token_ids.tolist(), r.ended_with_eos)  # noqa: E731
+        for p in sorted(t)
+        for r in t[p]
+    ]
     assert rows(a) == rows(b)
     assert sum(r[3] for r in rows(a)) >= 5  # many branches did end early
     assert all(r.token_ids[-1] in set(range(0, 320, 9)) for p in a for r in a[p] if r.ended_with_eos)

@@ -21,9 +21,13 @@ REQUIRED = os.environ.get("BRANCHLENS_REQUIRE_BROWSER") == "1"  # .ci/run sets i
 
 if not (CHROMIUM and CHROMEDRIVER):
     if REQUIRED:
-        raise RuntimeError("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
-    pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
+        raise RuntimeError(
+            "chromium and chromedriver are required (apt-get install chromium chromium-driver)"
+        )
+    pytest.skip(
+        "chromium/chromedriver not installed (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
 
 
 def free_port() -> int:
@@ -39,15 +43,43 @@ def served_app(model_dirs, tmp_path):
         from ingest.config import build_config
 
         store = str(tmp_path / "browser.duckdb")
-        ingest(build_config(dict(model=str(model_dirs["llama"]), prompts=list(PROMPTS), samples=2, forks=1,
-                                 max_new_tokens=10, layers=[0, 1, 2], device="cpu", store=store)))
+        ingest(
+            build_config(
+                dict(
+                    model=str(model_dirs["llama"]),
+                    prompts=list(PROMPTS),
+                    samples=2,
+                    forks=1,
+                    max_new_tokens=10,
+                    layers=[0, 1, 2],
+                    device="cpu",
+                    store=store,
+                )
+            )
+        )
     port = free_port()
     env = {**os.environ, "BRANCHLENS_CACHE": str(tmp_path / "cache")}
     log = open(tmp_path / "streamlit.log", "w")
     proc = subprocess.Popen(
-        [PYTHON, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--", store],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            PYTHON,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--",
+            store,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     while proc.poll() is None:  # until the server answers, or dies
@@ -71,8 +103,14 @@ def chromium():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1300",
-                "--use-angle=swiftshader", "--enable-unsafe-swiftshader"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1600,1300",
+        "--use-angle=swiftshader",
+        "--enable-unsafe-swiftshader",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -98,18 +136,24 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         wait.until(lambda d: len(projections(d)) == 2)
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"]'))
         raw, res = projections(driver)
-        assert raw.location["y"] == res.location["y"] and res.location["x"] > raw.location["x"] + raw.size["width"] - 5
+        assert (
+            raw.location["y"] == res.location["y"]
+            and res.location["x"] > raw.location["x"] + raw.size["width"] - 5
+        )
         small = "small"
         wait.until(lambda d: any("tokens selected" in e.text for e in d.find_elements(By.TAG_NAME, small)))
         assert not driver.find_elements(By.TAG_NAME, "mark")
         # Brush a box over the middle of the raw panel: the app reruns with the selection, marks the
         # selected tokens in the branch text and dims the others in both panels.
         w, h = raw.size["width"], raw.size["height"]
-        ActionChains(driver).move_to_element_with_offset(raw, int(-w * 0.25), int(-h * 0.2)).click_and_hold() \
-            .move_by_offset(int(w * 0.45), int(h * 0.4)).release().perform()
+        ActionChains(driver).move_to_element_with_offset(
+            raw, int(-w * 0.25), int(-h * 0.2)
+        ).click_and_hold().move_by_offset(int(w * 0.45), int(h * 0.4)).release().perform()
         wait.until(lambda d: d.find_elements(By.TAG_NAME, "mark"))
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"]'))
-        caption = next(e.text for e in driver.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text)
+        caption = next(
+            e.text for e in driver.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text
+        )
         assert int(caption.split()[0]) == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
         assert "branchlens" in driver.find_element(By.TAG_NAME, "h1").text
@@ -131,8 +175,13 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         layer_box = driver.find_element(By.CSS_SELECTOR, '.st-key-layer [role="combobox"]')
         current = layer_box.get_attribute("value")
         layer_box.click()
-        option = wait.until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, '[role="option"]')
-                                       if o.text.strip() and o.text.strip() != current])
+        option = wait.until(
+            lambda d: [
+                o
+                for o in d.find_elements(By.CSS_SELECTOR, '[role="option"]')
+                if o.text.strip() and o.text.strip() != current
+            ]
+        )
         other = option[0].text.strip()
         option[0].click()
 
@@ -140,11 +189,18 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
             """The other layer's view, drawn and no longer stale (Streamlit marks what the rerun has not
             redrawn yet): its "N tokens selected" line, else None."""
             try:
-                if (not any(f"layer {other} of" in e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]'))
-                        or d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
-                        or len(projections(d)) != 2):
+                if (
+                    not any(
+                        f"layer {other} of" in e.text
+                        for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+                    )
+                    or d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
+                    or len(projections(d)) != 2
+                ):
                     return None
-                return next((e.text for e in d.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text), None)
+                return next(
+                    (e.text for e in d.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text), None
+                )
             except StaleElementReferenceException:
                 return None
 
@@ -152,17 +208,27 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         assert caption.startswith("0 tokens selected") and not driver.find_elements(By.TAG_NAME, "mark")
         # 1000 px: the panels stack, each as wide as the main area.
         driver.set_window_size(1000, 1300)
-        wait.until(lambda d: len(projections(d)) == 2 and projections(d)[1].location["y"] > projections(d)[0].location["y"]
-                   + projections(d)[0].size["height"] - 5)
+        wait.until(
+            lambda d: (
+                len(projections(d)) == 2
+                and projections(d)[1].location["y"]
+                > projections(d)[0].location["y"] + projections(d)[0].size["height"] - 5
+            )
+        )
         raw, res = projections(driver)
         assert abs(raw.location["x"] - res.location["x"]) < 5 and raw.size["width"] > 500
 
         # A prompt clicked in the raw panel's legend is reported to the app, which lights its tokens in both
         # panels and marks them in the branch text (it used to dim the others in the clicked panel only).
         def legend_entry(d):
-            found = [e for e in d.find_elements(By.CSS_SELECTOR, ".vega-embed .role-legend-symbol path, "
-                                                                 ".vega-embed .role-legend-label text")
-                     if e.is_displayed()]
+            found = [
+                e
+                for e in d.find_elements(
+                    By.CSS_SELECTOR,
+                    ".vega-embed .role-legend-symbol path, .vega-embed .role-legend-label text",
+                )
+                if e.is_displayed()
+            ]
             return found[0] if found else None
 
         wait.until(legend_entry).click()
@@ -171,7 +237,9 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
             try:
                 if d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]'):
                     return None
-                text = next((e.text for e in d.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text), "")
+                text = next(
+                    (e.text for e in d.find_elements(By.TAG_NAME, small) if "tokens selected" in e.text), ""
+                )
                 n = int(text.split()[0]) if text else 0
                 return n or None
             except StaleElementReferenceException:
@@ -209,8 +277,11 @@ def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_
             return not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
 
         def decks(d) -> list:
-            found = [c for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stDeckGlJsonChart"] canvas')
-                     if c.is_displayed() and c.size["width"] > 300]
+            found = [
+                c
+                for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stDeckGlJsonChart"] canvas')
+                if c.is_displayed() and c.size["width"] > 300
+            ]
             return found if len(found) >= 2 and settled(d) else []
 
         def dots(canvas) -> np.ndarray:
@@ -221,21 +292,27 @@ def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_
             return np.column_stack([xs, ys])
 
         raw = wait.until(lambda d: (c := decks(d)) and len(dots(c[0])) > 50 and len(dots(c[1])) > 50 and c)[0]
-        assert any("drawn (WebGL)" in e.text for e in driver.find_elements(By.CSS_SELECTOR,
-                                                                        '[data-testid="stCaptionContainer"]'))
+        assert any(
+            "drawn (WebGL)" in e.text
+            for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+        )
         assert not driver.find_elements(By.TAG_NAME, "mark")
         # Click dots (pixels with drawn neighbours on every side). Under SwiftShader deck.gl drops a click that
         # lands while it is still busy after the first draw, so while the app is idle and has nothing picked
         # another dot is clicked on each look (a different one: a late click cannot undo an earlier one).
         found = dots(raw)
         on = {tuple(p) for p in found.tolist()}
-        inner = [p for p in found.tolist() if all((p[0] + dx, p[1] + dy) in on for dx in (-1, 1) for dy in (-1, 1))]
+        inner = [
+            p for p in found.tolist() if all((p[0] + dx, p[1] + dy) in on for dx in (-1, 1) for dy in (-1, 1))
+        ]
         targets = inner[:: max(1, len(inner) // 40)]
         w, h = raw.size["width"], raw.size["height"]
         clicks = []
 
         def selected(d) -> int:
-            text = next((e.text for e in d.find_elements(By.TAG_NAME, "small") if "tokens selected" in e.text), "")
+            text = next(
+                (e.text for e in d.find_elements(By.TAG_NAME, "small") if "tokens selected" in e.text), ""
+            )
             return int(text.split()[0]) if text else 0
 
         def marked(d) -> int | None:
@@ -248,7 +325,9 @@ def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_
                 clicks.append((x, y))
                 canvas = decks(d)[0] if decks(d) else None
                 if canvas is not None:
-                    ActionChains(d).move_to_element_with_offset(canvas, int(x - w / 2), int(y - h / 2)).click().perform()
+                    ActionChains(d).move_to_element_with_offset(
+                        canvas, int(x - w / 2), int(y - h / 2)
+                    ).click().perform()
                 return None
             except StaleElementReferenceException:
                 return None

@@ -27,7 +27,12 @@ def test_ingest_compacts_its_store_and_keeps_every_row(tiny_cfg):
     assert result.bytes_after < size == result.bytes_before
     with reading(cfg.store) as con:
         assert free_fraction(con) == 0
-        assert con.execute("SELECT count(*) FROM branch_tokens WHERE run_id = ?", [report.run_id]).fetchall()[0][0] > 0
+        assert (
+            con.execute("SELECT count(*) FROM branch_tokens WHERE run_id = ?", [report.run_id]).fetchall()[0][
+                0
+            ]
+            > 0
+        )
         cos = con.execute("SELECT min(array_cosine_similarity(vec, vec)) FROM latents").fetchall()[0][0]
         assert abs(cos - 1) < 1e-6
     assert dump(cfg.store, report.run_id) == before
@@ -43,20 +48,35 @@ def test_ingest_compacts_its_store_and_keeps_every_row(tiny_cfg):
 
 def test_compact_command_errors_and_a_held_lock(tmp_path):
     env = cli_env(tmp_path)
-    missing = subprocess.run([PYTHON, "-m", "store", "compact", str(tmp_path / "none.duckdb")],
-                             env=env, capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: store {tmp_path / 'none.duckdb'} does not exist"
+    missing = subprocess.run(
+        [PYTHON, "-m", "store", "compact", str(tmp_path / "none.duckdb")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        missing.returncode == 2
+        and missing.stderr.strip() == f"error: store {tmp_path / 'none.duckdb'} does not exist"
+    )
 
     store = tmp_path / "s.duckdb"
     run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
     before = dump(store, run_id)
     writer = StoreWriter(store, created_by="test")
     with writer._connection():  # an ingest holding the write lock
-        held = subprocess.run([PYTHON, "-m", "store", "compact", str(store), "--lock-timeout", "0.5"],
-                              env=env, capture_output=True, text=True)
-    assert held.returncode == 2 and held.stderr.count("\n") == 1 and "written by another process" in held.stderr
+        held = subprocess.run(
+            [PYTHON, "-m", "store", "compact", str(store), "--lock-timeout", "0.5"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    assert (
+        held.returncode == 2 and held.stderr.count("\n") == 1 and "written by another process" in held.stderr
+    )
     assert dump(store, run_id) == before and not list(tmp_path.glob("s.duckdb.compact-*"))
-    ok = subprocess.run([PYTHON, "-m", "store", "compact", str(store)], env=env, capture_output=True, text=True)
+    ok = subprocess.run(
+        [PYTHON, "-m", "store", "compact", str(store)], env=env, capture_output=True, text=True
+    )
     assert ok.returncode == 0 and ok.stdout.startswith("compacted ")
     assert dump(store, run_id) == before
 
@@ -105,12 +125,21 @@ def test_compaction_merges_a_leftover_wal_first_and_the_store_opens_after(tmp_pa
     log, and every later open failed ('WAL does not match database file')."""
     store = tmp_path / "s.duckdb"
     run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
-    killed = subprocess.run([PYTHON, "-c", f"import duckdb, os, signal; c = duckdb.connect({str(store)!r}); "
-                             "c.execute(\"INSERT INTO meta VALUES ('left', 'in the wal')\"); "
-                             "os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True)
+    killed = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            f"import duckdb, os, signal; c = duckdb.connect({str(store)!r}); "
+            "c.execute(\"INSERT INTO meta VALUES ('left', 'in the wal')\"); "
+            "os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9 and (tmp_path / "s.duckdb.wal").exists()
-    done = subprocess.run([PYTHON, "-m", "store", "compact", str(store)], env=cli_env(tmp_path),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [PYTHON, "-m", "store", "compact", str(store)], env=cli_env(tmp_path), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert not (tmp_path / "s.duckdb.wal").exists()
     with reading(store) as con:
@@ -122,9 +151,14 @@ def test_compaction_merges_a_leftover_wal_first_and_the_store_opens_after(tmp_pa
 def paused_compaction(store, tmp_path) -> subprocess.Popen:
     """`python -m store compact STORE` held by the fault hook inside its copy (the copy written, not yet in
     place); a line on its stdin lets it go on."""
-    proc = subprocess.Popen([PYTHON, "-m", "store", "compact", str(store)],
-                            env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "compact:1:pause"},
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "store", "compact", str(store)],
+        env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "compact:1:pause"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if "fault: compact 1 paused" in line:
             return proc
@@ -146,8 +180,12 @@ def test_overlapping_compactions_cannot_both_swap_and_lose_nothing(tmp_path):
     before = dump(store, run_id)
     first = paused_compaction(store, tmp_path)
     try:
-        second = subprocess.run([PYTHON, "-m", "store", "compact", str(store)], env=cli_env(tmp_path),
-                                capture_output=True, text=True)
+        second = subprocess.run(
+            [PYTHON, "-m", "store", "compact", str(store)],
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+        )
         assert second.returncode == 2 and second.stderr.count("\n") == 1
         assert f"another ingest, merge or compaction (pid {first.pid}) is writing to {store}" in second.stderr
         code, err = finish(first)
@@ -166,8 +204,9 @@ def test_a_compaction_refuses_to_swap_a_file_that_changed_underneath(tmp_path):
     store = tmp_path / "s.duckdb"
     run_id = write_tree(store, branch_tree(n_prompts=3, branches_per_prompt=3, length=20, d=8))
     other = tmp_path / "other.duckdb"
-    other_run = write_tree(other, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8, seed=5),
-                           run_id="run-other")
+    other_run = write_tree(
+        other, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8, seed=5), run_id="run-other"
+    )
     first = paused_compaction(store, tmp_path)
     try:
         shutil.copy(other, tmp_path / "swap.duckdb")
@@ -178,8 +217,11 @@ def test_a_compaction_refuses_to_swap_a_file_that_changed_underneath(tmp_path):
         first.wait()
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"error: cannot compact store {store}: the file changed while it was being compacted (replaced by another "
-        "process); the copy was discarded, the file left as it is now")
-    assert dump(store, "run-other") == dump(other, other_run) and not list(tmp_path.glob("s.duckdb.compact-*"))
+        "process); the copy was discarded, the file left as it is now"
+    )
+    assert dump(store, "run-other") == dump(other, other_run) and not list(
+        tmp_path.glob("s.duckdb.compact-*")
+    )
     assert run_id != "run-other"
 
 
@@ -191,8 +233,9 @@ def _store_and_another_name(tmp_path, make_name) -> tuple:
     write_tree(store, branch_tree(n_prompts=2, branches_per_prompt=2, length=10, d=8))
     other = tmp_path / "other.duckdb"
     make_name(store, other)
-    compact = lambda: subprocess.run([PYTHON, "-m", "store", "compact", str(other)],
-                                     env=cli_env(tmp_path), capture_output=True, text=True)
+    compact = lambda: subprocess.run(
+        [PYTHON, "-m", "store", "compact", str(other)], env=cli_env(tmp_path), capture_output=True, text=True
+    )
     writer = StoreWriter(store, created_by="test")
     writer.claim()
     try:

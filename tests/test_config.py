@@ -28,15 +28,18 @@ def test_prompt_files(tmp_path):
     assert load_config_file(config) == {"prompts": ["first prompt", "second"], "seed": 3}
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"temperature": -1}, "'temperature' must be >= 0"),
-    ({"top_p": 1.5}, "'top_p' must be in"),
-    ({"fork_rule": "random"}, "'fork_rule' must be one of"),
-    ({"layers": "middle"}, "'layers' must be"),
-    ({"dtype": "int8"}, "'dtype' must be one of"),
-    ({"samples": True}, "'samples' must be an integer"),
-    ({"prompts": ["", " "]}, "no prompts given"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"temperature": -1}, "'temperature' must be >= 0"),
+        ({"top_p": 1.5}, "'top_p' must be in"),
+        ({"fork_rule": "random"}, "'fork_rule' must be one of"),
+        ({"layers": "middle"}, "'layers' must be"),
+        ({"dtype": "int8"}, "'dtype' must be one of"),
+        ({"samples": True}, "'samples' must be an integer"),
+        ({"prompts": ["", " "]}, "no prompts given"),
+    ],
+)
 def test_invalid_values_name_the_setting(values, message):
     with pytest.raises(IngestError, match=message.replace("(", r"\(")):
         build_config(values)
@@ -52,8 +55,16 @@ def test_layer_resolution():
 
 
 def test_hash_depends_on_output_settings_only():
-    base = dataclasses.asdict(build_config({"prompts": ["a"]})) | {"layers": [0, 1], "device": "cpu", "dtype": "float32"}
-    same = base | {"store": "elsewhere.duckdb", "run_id": "x", "fork_offsets": [9]}  # offsets unused by 'entropy'
+    base = dataclasses.asdict(build_config({"prompts": ["a"]})) | {
+        "layers": [0, 1],
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    same = base | {
+        "store": "elsewhere.duckdb",
+        "run_id": "x",
+        "fork_offsets": [9],
+    }  # offsets unused by 'entropy'
     assert config_hash(base) == config_hash(same)
     for change in ({"seed": 1}, {"layers": [0]}, {"device": "cuda"}, {"prompts": ["b"]}, {"top_p": 0.9}):
         assert config_hash(base | change) != config_hash(base), change

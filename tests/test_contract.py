@@ -21,7 +21,9 @@ class PromptMean(Residualizer):
 
     name = "toy_prompt_mean"
     label = "toy: per-prompt mean"
-    help = "Subtracts each prompt's mean latent (a toy for the contract test). Cannot reach exact subtraction."
+    help = (
+        "Subtracts each prompt's mean latent (a toy for the contract test). Cannot reach exact subtraction."
+    )
     removes = ("prompt",)
     params = (Param("strength", 1.0, "Strength", "Share of the prompt mean subtracted.", "float", 0.0, 1.0),)
     fold_unit = "branch"
@@ -46,7 +48,9 @@ class PromptMean(Residualizer):
 @pytest.fixture
 def toy():
     """Register the toy and its nuisance for one test, and take them away after it."""
-    register_nuisance(Nuisance("prompt", "prompt", "prompt content", guard=None, centre=None, shuffle="between:branch"))
+    register_nuisance(
+        Nuisance("prompt", "prompt", "prompt content", guard=None, centre=None, shuffle="between:branch")
+    )
     register(PromptMean)
     yield PromptMean
     RESIDUALIZERS.pop(PromptMean.name, None)
@@ -58,7 +62,10 @@ def synthetic_store(tmp_path_factory):
     from views.__main__ import main
 
     path = tmp_path_factory.mktemp("contract") / "s.duckdb"
-    assert main(["synthetic", str(path), "--prompts", "4", "--branches", "4", "--length", "24", "--d", "32"]) == 0
+    assert (
+        main(["synthetic", str(path), "--prompts", "4", "--branches", "4", "--length", "24", "--d", "32"])
+        == 0
+    )
     return path
 
 
@@ -76,25 +83,32 @@ def test_the_toy_is_tested_cross_fitted_and_removes_prompt_content(toy):
     from analysis.project import ProjectionSpec
     from analysis.synthetic import branch_tree
 
-    tree = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, pos_scale=0.0, content_scale=2.0, seed=1)
+    tree = branch_tree(
+        n_prompts=4, branches_per_prompt=6, length=40, d=32, pos_scale=0.0, content_scale=2.0, seed=1
+    )
     spec = ViewSpec(residual=ResidualSpec(method=toy.name), projection=ProjectionSpec(method="pca"))
     result = compute_view(tree, spec)
     rem = result.metrics["removal"]
     assert rem["removes"] == ["prompt"] and rem["tests"]["prompt"]["detected"] and rem["fold_by"] == "branch"
     assert rem["crossfit"] and rem["weight"] > 0.5
-    raw = compute_view(tree, ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca")))
+    raw = compute_view(
+        tree, ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca"))
+    )
 
     def prompt_share(X, prompt):  # share of the variance between the prompts' means
         means = np.stack([X[prompt == p].mean(axis=0) for p in np.unique(prompt)])
         counts = np.bincount(prompt)[np.unique(prompt)]
-        return float((counts * ((means - X.mean(axis=0)) ** 2).sum(axis=1)).sum() / ((X - X.mean(axis=0)) ** 2).sum())
+        return float(
+            (counts * ((means - X.mean(axis=0)) ** 2).sum(axis=1)).sum() / ((X - X.mean(axis=0)) ** 2).sum()
+        )
 
     prompt = tree.prompt[result.index]
     assert prompt_share(result.residual, prompt) < 0.2 * prompt_share(raw.residual, tree.prompt[raw.index])
 
 
-def test_the_app_offers_the_toy_with_its_control_and_names_what_it_removed(toy, synthetic_store, monkeypatch,
-                                                                           tmp_path):
+def test_the_app_offers_the_toy_with_its_control_and_names_what_it_removed(
+    toy, synthetic_store, monkeypatch, tmp_path
+):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
@@ -122,10 +136,18 @@ def test_the_report_and_the_cache_take_the_toy(toy, synthetic_store, tmp_path):
     rows = layer_report(synthetic_store, methods=("none", toy.name), projection="pca", cache=cache)
     assert {r["method"] for r in rows} == {"raw", "prompt mean x1"}
     sel = Selection("run-synthetic-helix", 1)
-    half = ViewSpec(residual=ResidualSpec(method=toy.name, strength=0.5), projection=ProjectionSpec(method="pca"))
+    half = ViewSpec(
+        residual=ResidualSpec(method=toy.name, strength=0.5), projection=ProjectionSpec(method="pca")
+    )
     first = compute(synthetic_store, sel, half, cache)
     again = compute(synthetic_store, sel, half, cache)
-    other = compute(synthetic_store, sel, ViewSpec(residual=ResidualSpec(method=toy.name), projection=half.projection),
-                    cache)
-    assert first.timings["cached"] == 0.0 and again.timings["cached"] == 1.0 and other.timings["cached"] == 1.0
+    other = compute(
+        synthetic_store,
+        sel,
+        ViewSpec(residual=ResidualSpec(method=toy.name), projection=half.projection),
+        cache,
+    )
+    assert (
+        first.timings["cached"] == 0.0 and again.timings["cached"] == 1.0 and other.timings["cached"] == 1.0
+    )
     np.testing.assert_array_equal(first.result.coords, again.result.coords)

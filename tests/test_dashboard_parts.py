@@ -18,17 +18,32 @@ from views.synthetic import write_tree
 
 # Branch 0 is the root (0..2); 1 forks off it at 3; 2 forks off 1 at 5; 3 forks off 1 at its first
 # position, 3, so its anchor (position 2) lies on 1's parent, 0.
-BRANCHES = pl.DataFrame({"branch_id": [0, 1, 2, 3], "parent_branch_id": [None, 0, 1, 1],
-                         "fork_position": [0, 3, 5, 3], "prompt_id": [0] * 4,
-                         "kind": ["prompt", "sample", "fork", "fork"]})
-POINTS = pl.DataFrame({"branch_id": [0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3],
-                       "position": [0, 1, 2, 3, 4, 5, 6, 5, 6, 3, 4],
-                       "x": [float(i) for i in range(11)], "y": [float(-i) for i in range(11)]})
+BRANCHES = pl.DataFrame(
+    {
+        "branch_id": [0, 1, 2, 3],
+        "parent_branch_id": [None, 0, 1, 1],
+        "fork_position": [0, 3, 5, 3],
+        "prompt_id": [0] * 4,
+        "kind": ["prompt", "sample", "fork", "fork"],
+    }
+)
+POINTS = pl.DataFrame(
+    {
+        "branch_id": [0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3],
+        "position": [0, 1, 2, 3, 4, 5, 6, 5, 6, 3, 4],
+        "x": [float(i) for i in range(11)],
+        "y": [float(-i) for i in range(11)],
+    }
+)
 
 
 def test_anchors_walk_up_the_lineage():
     anchors = anchor_rows(POINTS, BRANCHES).sort("branch_id")
-    assert anchors.select("branch_id", "anchor_branch_id", "position").rows() == [(1, 0, 2), (2, 1, 4), (3, 0, 2)]
+    assert anchors.select("branch_id", "anchor_branch_id", "position").rows() == [
+        (1, 0, 2),
+        (2, 1, 4),
+        (3, 0, 2),
+    ]
     lines = trajectory_lines(POINTS, BRANCHES)
     two = lines.filter(pl.col("branch_id") == 2).sort("order")
     assert two["position"].to_list() == [4, 5, 6] and two["is_anchor"].to_list() == [True, False, False]
@@ -46,11 +61,13 @@ def test_selected_rows_from_a_brush_event():
 
 
 def test_text_panel_marks_exactly_the_selection_and_escapes_tokens():
-    lineage = pl.DataFrame({
-        "branch_id": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1],
-        "position": [0, 1, 2, 0, 1, 2, 3, 4, 5, 6],
-        "token_text": ["<bos>", "The", " cat", "<bos>", "The", " cat", " <em>", " sat", " down", "."],
-    })
+    lineage = pl.DataFrame(
+        {
+            "branch_id": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1],
+            "position": [0, 1, 2, 0, 1, 2, 3, 4, 5, 6],
+            "token_text": ["<bos>", "The", " cat", "<bos>", "The", " cat", " <em>", " sat", " down", "."],
+        }
+    )
     branches = BRANCHES.filter(pl.col("branch_id") <= 1)
     out = branches_html(branches, lineage, {(1, 4), (1, 5)})
     assert out.count("<mark") == 2 and '<mark id="bl-first-selected"> sat</mark><mark> down</mark>' in out
@@ -67,10 +84,18 @@ def _points() -> pl.DataFrame:
     from dashboard.palette import branch_colors
 
     pts = POINTS.with_columns(
-        pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y"), (pl.col("x") * 2).alias("res_x"),
-        pl.col("y").alias("res_y"), pl.lit(1).alias("depth"), pl.lit(0.0).alias("logprob"), pl.lit(0).alias("cluster"),
-        pl.lit("t").alias("token_text"), pl.lit("ctx").alias("context"), pl.lit(0.8).alias("alpha"),
-        (pl.col("branch_id") // 2).alias("prompt_id"))
+        pl.col("x").alias("raw_x"),
+        pl.col("y").alias("raw_y"),
+        (pl.col("x") * 2).alias("res_x"),
+        pl.col("y").alias("res_y"),
+        pl.lit(1).alias("depth"),
+        pl.lit(0.0).alias("logprob"),
+        pl.lit(0).alias("cluster"),
+        pl.lit("t").alias("token_text"),
+        pl.lit("ctx").alias("context"),
+        pl.lit(0.8).alias("alpha"),
+        (pl.col("branch_id") // 2).alias("prompt_id"),
+    )
     pts = pts.with_columns(pl.format("{}: prompt", "prompt_id").alias("prompt_label"))
     branches = BRANCHES.with_columns((pl.col("branch_id") // 2).alias("prompt_id"))
     return pts.join(branch_colors(branches.select("branch_id", "prompt_id")), on="branch_id"), branches
@@ -82,8 +107,10 @@ def test_branch_shades_share_their_prompts_hue():
     from dashboard.palette import branch_colors
 
     colours = branch_colors(pl.DataFrame({"branch_id": list(range(12)), "prompt_id": [0] * 5 + [1] * 7}))
-    hls = {b: colorsys.rgb_to_hls(*(int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)))
-           for b, c in zip(colours["branch_id"], colours["shade"])}
+    hls = {
+        b: colorsys.rgb_to_hls(*(int(c[i : i + 2], 16) / 255 for i in (1, 3, 5)))
+        for b, c in zip(colours["branch_id"], colours["shade"])
+    }
     assert len(set(colours["shade"])) == 12  # every branch its own shade
     for prompt, ids in ((0, range(5)), (1, range(5, 12))):
         hues = [hls[b][0] for b in ids]
@@ -99,19 +126,36 @@ def test_projection_draws_lines_only_for_lit_hovered_or_clicked_branches():
 
     pts, branches = _points()
     xy = pts.select("branch_id", "position", pl.col("raw_x").alias("x"), pl.col("raw_y").alias("y"))
-    lines = trajectory_lines(xy, branches).rename({"x": "raw_x", "y": "raw_y"}).join(
-        pts.select("branch_id", "shade").unique("branch_id"), on="branch_id").with_columns(
-        (pl.col("branch_id") == 2).alias("lit"))
-    forks = anchor_rows(xy, branches).rename({"x": "raw_x", "y": "raw_y"}).with_columns(pl.lit(False).alias("lit"))
+    lines = (
+        trajectory_lines(xy, branches)
+        .rename({"x": "raw_x", "y": "raw_y"})
+        .join(pts.select("branch_id", "shade").unique("branch_id"), on="branch_id")
+        .with_columns((pl.col("branch_id") == 2).alias("lit"))
+    )
+    forks = (
+        anchor_rows(xy, branches)
+        .rename({"x": "raw_x", "y": "raw_y"})
+        .with_columns(pl.lit(False).alias("lit"))
+    )
     spec = projection(pts, lines, forks, "raw", "raw").to_dict()
     line_layer = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "line")
     shown = json.dumps(line_layer["transform"])
     assert "hover_raw" in shown and "pick_raw" in shown and "datum.lit" in shown
     dots = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "circle")
-    assert {p["name"] for p in spec["params"]} == {"brush_raw", "pick_raw", "hover_raw", "zoom_raw", "legend_raw"}
+    assert {p["name"] for p in spec["params"]} == {
+        "brush_raw",
+        "pick_raw",
+        "hover_raw",
+        "zoom_raw",
+        "legend_raw",
+    }
     assert dots["encoding"]["color"]["field"] == "shade" and dots["encoding"]["color"]["scale"] is None
     assert dots["encoding"]["x"]["scale"]["zero"] is False  # no zero baseline
-    legend = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "point" and layer["mark"].get("opacity") == 0)
+    legend = next(
+        layer
+        for layer in spec["layer"]
+        if layer["mark"]["type"] == "point" and layer["mark"].get("opacity") == 0
+    )
     assert legend["encoding"]["color"]["scale"]["domain"] == ["0: prompt", "1: prompt"]
     assert spec["width"] == "container"
     # Streamlit draws over 2,000 rows on canvas, where the wheel scrolled the page instead of zooming
@@ -143,7 +187,9 @@ def test_a_box_over_many_branches_draws_the_lines_of_the_few_it_holds_most_of():
     """Tried: a box over 156 tokens drew every touched branch's line, a mesh that hid the lit points."""
     from dashboard.space import MAX_BOX_LINES, focus
 
-    rows = [(b, p, float(p), float(b)) for b in range(30) for p in range(b % 5 + 1)]  # branch b: b % 5 + 1 tokens
+    rows = [
+        (b, p, float(p), float(b)) for b in range(30) for p in range(b % 5 + 1)
+    ]  # branch b: b % 5 + 1 tokens
     pts = pl.DataFrame(rows, schema=["branch_id", "position", "raw_x", "raw_y"], orient="row")
     chosen, lit = focus(pts, {"brush_raw": {"raw_x": [-1, 10], "raw_y": [-1, 100]}}, {0}, set())
     assert len(chosen) == len(pts) and chosen["branch_id"].n_unique() == 30
@@ -158,7 +204,9 @@ def test_clicked_branches_follow_a_change_of_view_and_boxes_do_not():
 
     pts, _ = _points()
     a, b = view_id(pts), view_id(pts.with_columns(pl.col("res_x") + 1.0))
-    assert a != b and view_id(pts.reverse()) == a and view_id(pts.with_columns(pl.lit(3).alias("cluster"))) == a
+    assert (
+        a != b and view_id(pts.reverse()) == a and view_id(pts.with_columns(pl.lit(3).alias("cluster"))) == a
+    )
     assert carry_picks(None, set(), set(), False) == set()  # first view
     carried = carry_picks({2, 3}, set(), set(), False)  # layer switch after clicking 2 and 3
     assert carried == {2, 3}
@@ -175,15 +223,22 @@ def test_density_keeps_the_majority_prompts_colour_and_the_mean_position():
     cells = density_bins(pts, "raw", "branch", bins=2)
     assert cells["tokens"].sum() == len(pts)
     for row in cells.iter_rows(named=True):
+
         def within(col: str, lo: float, hi: float) -> pl.Expr:  # half-open cells, the last one closed
             top = pts[col].max()
-            return (pl.col(col) >= lo - 1e-9) & ((pl.col(col) < hi - 1e-9) | ((hi >= top - 1e-9) & (pl.col(col) <= hi)))
+            return (pl.col(col) >= lo - 1e-9) & (
+                (pl.col(col) < hi - 1e-9) | ((hi >= top - 1e-9) & (pl.col(col) <= hi))
+            )
+
         inside = pts.filter(within("raw_x", row["x0"], row["x1"]) & within("raw_y", row["y0"], row["y1"]))
         top = inside["prompt_label"].value_counts().sort("count", descending=True)
         assert row["majority_share"] == pytest.approx(top["count"][0] / len(inside))
         assert row["mean_position"] == pytest.approx(inside["position"].mean())
         # the cell's colour is its majority prompt's own colour
-        assert row["majority_color"] == inside.filter(pl.col("prompt_label") == row["majority_prompt"])["prompt_color"][0]
+        assert (
+            row["majority_color"]
+            == inside.filter(pl.col("prompt_label") == row["majority_prompt"])["prompt_color"][0]
+        )
     assert density(pts, "raw", "raw", "position").to_dict()["encoding"]["color"]["field"] == "mean_position"
     spec = density(pts, "raw", "raw", "branch").to_dict()
     assert spec["encoding"]["color"]["field"] == "majority_prompt" and spec["width"] == "container"
@@ -195,10 +250,21 @@ def _many_prompts(n_prompts: int) -> pl.DataFrame:
     from dashboard.palette import branch_colors
 
     prompt = np.repeat(np.arange(n_prompts), np.arange(1, n_prompts + 1))
-    rows = pl.DataFrame({"prompt_id": prompt, "branch_id": prompt, "position": np.arange(len(prompt)),
-                         "raw_x": np.sin(np.arange(len(prompt))), "raw_y": np.cos(np.arange(len(prompt)))})
-    rows = rows.with_columns(pl.format("{}: prompt", "prompt_id").alias("prompt_label"), pl.lit("t").alias("token_text"),
-                             pl.lit("").alias("context"), pl.lit(0.8).alias("alpha"))
+    rows = pl.DataFrame(
+        {
+            "prompt_id": prompt,
+            "branch_id": prompt,
+            "position": np.arange(len(prompt)),
+            "raw_x": np.sin(np.arange(len(prompt))),
+            "raw_y": np.cos(np.arange(len(prompt))),
+        }
+    )
+    rows = rows.with_columns(
+        pl.format("{}: prompt", "prompt_id").alias("prompt_label"),
+        pl.lit("t").alias("token_text"),
+        pl.lit("").alias("context"),
+        pl.lit(0.8).alias("alpha"),
+    )
     return rows.join(branch_colors(rows.select("branch_id", "prompt_id").unique()), on="branch_id")
 
 
@@ -214,7 +280,9 @@ def test_legends_name_prompts_in_id_order_and_at_most_legend_max(n_prompts):
     key = legend_layer["encoding"]["color"]
     named = key["legend"]["values"]
     ids = [int(v.split(":")[0]) for v in named]
-    assert key["scale"]["domain"] == [f"{p}: prompt" for p in range(n_prompts)]  # every prompt keeps its colour
+    assert key["scale"]["domain"] == [
+        f"{p}: prompt" for p in range(n_prompts)
+    ]  # every prompt keeps its colour
     if n_prompts <= LEGEND_MAX:
         assert ids == list(range(n_prompts)) and "named" not in key["legend"]["title"]
     else:  # prompt p has p + 1 tokens: the last LEGEND_MAX have most
@@ -222,7 +290,9 @@ def test_legends_name_prompts_in_id_order_and_at_most_legend_max(n_prompts):
         assert key["legend"]["title"] == f"prompt: {LEGEND_MAX} of {n_prompts} named (most tokens)"
     cells = density(pts, "raw", "raw", "prompt").to_dict()["encoding"]["color"]
     assert len(cells["legend"]["values"]) == min(n_prompts, LEGEND_MAX)
-    assert [int(v.split(":")[0]) for v in cells["legend"]["values"]] == sorted(int(v.split(":")[0]) for v in cells["legend"]["values"])
+    assert [int(v.split(":")[0]) for v in cells["legend"]["values"]] == sorted(
+        int(v.split(":")[0]) for v in cells["legend"]["values"]
+    )
 
 
 def test_a_colour_scale_keeps_its_legend_beside_the_lines():
@@ -231,8 +301,9 @@ def test_a_colour_scale_keeps_its_legend_beside_the_lines():
     from dashboard.charts import projection
 
     pts, branches = _points()
-    lines = pts.select("branch_id", pl.col("position").alias("order"), "raw_x", "raw_y", "shade").with_columns(
-        pl.lit(True).alias("lit"))
+    lines = pts.select(
+        "branch_id", pl.col("position").alias("order"), "raw_x", "raw_y", "shade"
+    ).with_columns(pl.lit(True).alias("lit"))
     spec = projection(pts, lines, None, "raw", "raw", "position").to_dict()
     assert spec["resolve"]["scale"]["color"] == "independent"
     dots = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "circle")
@@ -313,15 +384,25 @@ def test_layer_profile_charts_carry_a_raw_and_removed_key():
     their legend=None left the Layers tab without a key)."""
     from dashboard.charts import RAW_COLOUR, REMOVED_COLOUR, profile_panel
 
-    rows = pl.DataFrame({"layer": [0, 1, 0, 1], "method": ["raw", "raw", "per-position mean", "per-position mean"],
-                         "r2": [0.8, 0.7, 0.01, 0.0], "r2_band": [0.02] * 4, "chance": [0.001] * 4,
-                         "chance_band": [0.001] * 4})
+    rows = pl.DataFrame(
+        {
+            "layer": [0, 1, 0, 1],
+            "method": ["raw", "raw", "per-position mean", "per-position mean"],
+            "r2": [0.8, 0.7, 0.01, 0.0],
+            "r2_band": [0.02] * 4,
+            "chance": [0.001] * 4,
+            "chance_band": [0.001] * 4,
+        }
+    )
     spec = profile_panel(rows, "r2", "r2_band", "chance", "chance_band", "R2_pos").to_dict()
     assert spec["resolve"]["scale"]["color"] == "independent"
     line = next(layer for layer in spec["layer"] if layer["mark"]["type"] == "line")
     colour = line["encoding"]["color"]
     assert colour["legend"] is not None and colour["legend"]["orient"] == "top"
-    assert colour["scale"]["domain"] == ["raw", "per-position mean"] and colour["scale"]["range"] == [RAW_COLOUR, REMOVED_COLOUR]
+    assert colour["scale"]["domain"] == ["raw", "per-position mean"] and colour["scale"]["range"] == [
+        RAW_COLOUR,
+        REMOVED_COLOUR,
+    ]
 
 
 def test_a_prompt_clicked_in_either_legend_lights_its_tokens_in_both_panels():
@@ -333,11 +414,15 @@ def test_a_prompt_clicked_in_either_legend_lights_its_tokens_in_both_panels():
     rows = [(b, p, float(p), float(b), f"{b // 3}: prompt") for b in range(6) for p in range(4)]
     pts = pl.DataFrame(rows, schema=["branch_id", "position", "raw_x", "raw_y", "prompt_label"], orient="row")
     event = {"legend_res": [{"prompt_label": "1: prompt"}], "pick_res": [], "brush_res": {}}
-    assert legend_prompts(event) == {"1: prompt"} and legend_prompts({"pick_raw": [{"branch_id": 1}]}) == set()
+    assert (
+        legend_prompts(event) == {"1: prompt"} and legend_prompts({"pick_raw": [{"branch_id": 1}]}) == set()
+    )
     chosen, lit = focus(pts, {}, set(), set(), legend_prompts(event))
     assert set(chosen["branch_id"].to_list()) == {3, 4, 5} and len(chosen) == 12 and lit == {3, 4, 5}
     # with a box too: the box's tokens of that prompt only
-    chosen, _ = focus(pts, {"brush_raw": {"raw_x": [1.5, 3.5], "raw_y": [-1, 10]}}, set(), set(), {"0: prompt"})
+    chosen, _ = focus(
+        pts, {"brush_raw": {"raw_x": [1.5, 3.5], "raw_y": [-1, 10]}}, set(), set(), {"0: prompt"}
+    )
     assert set(chosen["branch_id"].to_list()) == {0, 1, 2} and set(chosen["position"].to_list()) == {2, 3}
 
 
@@ -347,13 +432,26 @@ def test_legends_and_per_prompt_panels_fit_a_1366_px_window():
     there (measured in Chromium), the main area ~900 px."""
     from dashboard.charts import divergence_per_prompt, prompt_legend
 
-    rows = pl.DataFrame({"prompt_id": range(6), "label": [f"{i}: In 1969, the first person to" for i in range(6)],
-                         "colour": ["#000000"] * 6})
+    rows = pl.DataFrame(
+        {
+            "prompt_id": range(6),
+            "label": [f"{i}: In 1969, the first person to" for i in range(6)],
+            "colour": ["#000000"] * 6,
+        }
+    )
     _, legend = prompt_legend(rows, "label", "colour")
     legend = legend.to_dict()
     # a column takes its label and ~45 px more (symbol, offsets, column padding)
     assert legend["columns"] * (legend["labelLimit"] + 45) <= 430
-    data = pl.DataFrame({"prompt": [p for p in range(6) for _ in range(3)], "offset": list(range(3)) * 6,
-                         "view": ["raw"] * 18, "median": [1.0] * 18, "lo": [0.9] * 18, "hi": [1.1] * 18})
+    data = pl.DataFrame(
+        {
+            "prompt": [p for p in range(6) for _ in range(3)],
+            "offset": list(range(3)) * 6,
+            "view": ["raw"] * 18,
+            "median": [1.0] * 18,
+            "lo": [0.9] * 18,
+            "hi": [1.1] * 18,
+        }
+    )
     spec = divergence_per_prompt(data).to_dict()
     assert spec["columns"] * (spec["spec"]["width"] + 60) <= 900

@@ -20,8 +20,18 @@ if os.environ.get("BRANCHLENS_REQUIRE_RAY") != "1":
 
 def _config(model_dirs, tmp_path: Path, n: int, **extra) -> Path:
     config = tmp_path / "run.toml"
-    settings = dict(model=str(model_dirs["llama"]), prompts=[f"{p} {i}" for i in range(n) for p in PROMPTS][:n],
-                    samples=2, forks=2, max_new_tokens=12, layers=[0, 1, 2], device="cpu") | extra
+    settings = (
+        dict(
+            model=str(model_dirs["llama"]),
+            prompts=[f"{p} {i}" for i in range(n) for p in PROMPTS][:n],
+            samples=2,
+            forks=2,
+            max_new_tokens=12,
+            layers=[0, 1, 2],
+            device="cpu",
+        )
+        | extra
+    )
     config.write_text(tomli_w.dumps(settings))
     return config
 
@@ -34,8 +44,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 def _reference(config: Path, tmp_path: Path) -> tuple[Path, str]:
     store = tmp_path / "single.duckdb"
-    done = subprocess.run([PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"],
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     with reading(store) as con:
         return store, con.execute("SELECT run_id FROM runs").fetchall()[0][0]
@@ -45,8 +60,20 @@ def test_sharded_run_equals_the_single_process_run_and_resumes(model_dirs, tmp_p
     # batch_rows 4 with 2 samples: prompts decode in pairs, so each task of 2 holds one whole group
     config = _config(model_dirs, tmp_path, 9, batch_rows=4)
     store = tmp_path / "dist.duckdb"
-    command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress",
-               "--workers", "2", "--prompts-per-task", "2"]
+    command = [
+        PYTHON,
+        "-m",
+        "ingest",
+        "--config",
+        str(config),
+        "--store",
+        str(store),
+        "--no-progress",
+        "--workers",
+        "2",
+        "--prompts-per-task",
+        "2",
+    ]
     result = subprocess.run(command, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 Ray actors (CPU)" in result.stdout and "complete" in result.stdout
@@ -57,8 +84,20 @@ def test_sharded_run_equals_the_single_process_run_and_resumes(model_dirs, tmp_p
 
     # Lose the store: the merge command rebuilds it from the shards alone.
     store.unlink()
-    merged = subprocess.run([PYTHON, "-m", "store", "merge", str(tmp_path / "dist.duckdb.shards" / run_id),
-                             "--store", str(store)], env=_env(tmp_path), capture_output=True, text=True)
+    merged = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "store",
+            "merge",
+            str(tmp_path / "dist.duckdb.shards" / run_id),
+            "--store",
+            str(store),
+        ],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+    )
     assert merged.returncode == 0 and "merged 5 shards" in merged.stdout and "complete" in merged.stdout
     assert dump(store, run_id) == dump(reference, run_id)
     # Running the whole thing again finds every shard done and every prompt merged: nothing is added.
@@ -73,22 +112,41 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_run_completes(model_dirs, 
     single-process one with no row lost or doubled."""
     from ingest.tree import TreePlan
 
-    config = _config(model_dirs, tmp_path, 12, samples=3, depth=2, max_new_tokens=40, batch_rows=3)  # 1 per group
+    config = _config(
+        model_dirs, tmp_path, 12, samples=3, depth=2, max_new_tokens=40, batch_rows=3
+    )  # 1 per group
     store = tmp_path / "dist.duckdb"
     marker = tmp_path / "fault-fired"
     fault = f"generate:{TreePlan(3, 2, 2).size + 2}"  # the 2nd branch of a worker's second task
-    result = subprocess.run([PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress",
-                             "--workers", "2", "--prompts-per-task", "1"],
-                            env=_env(tmp_path) | {"BRANCHLENS_FAULT": fault, "BRANCHLENS_FAULT_ONCE": str(marker)},
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ingest",
+            "--config",
+            str(config),
+            "--store",
+            str(store),
+            "--no-progress",
+            "--workers",
+            "2",
+            "--prompts-per-task",
+            "1",
+        ],
+        env=_env(tmp_path) | {"BRANCHLENS_FAULT": fault, "BRANCHLENS_FAULT_ONCE": str(marker)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.exists(), "no worker reached the fault point"
     assert "complete" in result.stdout
     reference, run_id = _reference(config, tmp_path)
     assert dump(store, run_id) == dump(reference, run_id)
     with reading(store) as con:
-        dupes = con.execute("SELECT count(*) - count(DISTINCT (branch_id, position, layer, variant)) "
-                            "FROM latents").fetchall()[0][0]
+        dupes = con.execute(
+            "SELECT count(*) - count(DISTINCT (branch_id, position, layer, variant)) FROM latents"
+        ).fetchall()[0][0]
     assert dupes == 0
 
 
@@ -105,32 +163,58 @@ def test_s3_sharded_run_on_two_workers_survives_a_kill_mid_upload(model_dirs, tm
     config = _config(model_dirs, tmp_path, 9, batch_rows=4)  # tasks of 2 = whole groups, as above
     store = tmp_path / "dist.duckdb"
     marker = tmp_path / "fault-fired"
-    result = subprocess.run([PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress",
-                             "--workers", "2", "--prompts-per-task", "2", "--shards", s3.url],
-                            env=s3.env | _env(tmp_path) | {"BRANCHLENS_FAULT": "shard:2",
-                                                           "BRANCHLENS_FAULT_ONCE": str(marker)},
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ingest",
+            "--config",
+            str(config),
+            "--store",
+            str(store),
+            "--no-progress",
+            "--workers",
+            "2",
+            "--prompts-per-task",
+            "2",
+            "--shards",
+            s3.url,
+        ],
+        env=s3.env | _env(tmp_path) | {"BRANCHLENS_FAULT": "shard:2", "BRANCHLENS_FAULT_ONCE": str(marker)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.exists(), "no worker reached the fault point"
     assert f"shards in {s3.url}/run-" in result.stdout and "complete" in result.stdout
     reference, run_id = _reference(config, tmp_path)
     assert dump(store, run_id) == dump(reference, run_id)
 
-    keys = [i.path.split("/", 3)[3] for i in s3.fs.get_file_info(pafs.FileSelector(f"{s3.bucket}/runs/{run_id}",
-                                                                                    recursive=True))
-            if i.type == pafs.FileType.File]
+    keys = [
+        i.path.split("/", 3)[3]
+        for i in s3.fs.get_file_info(pafs.FileSelector(f"{s3.bucket}/runs/{run_id}", recursive=True))
+        if i.type == pafs.FileType.File
+    ]
     for t in range(5):  # one committed attempt per shard, nothing else left
         mine = {k for k in keys if k.startswith(f"shard-{t:05d}/")}
         markers = [k for k in mine if k.endswith(".committed")]
         assert len(markers) == 1, mine
-        attempt = markers[0][:-len(".committed")]
-        assert mine == {markers[0], *(f"{attempt}/{n}.parquet" for n in ("branches", "latents", "prompts", "tokens"))}
+        attempt = markers[0][: -len(".committed")]
+        assert mine == {
+            markers[0],
+            *(f"{attempt}/{n}.parquet" for n in ("branches", "latents", "prompts", "tokens")),
+        }
 
     run_url = f"{s3.url}/{run_id}"
     with open_shards(run_url) as con, reading(store) as merged:
         assert dump_rows(con, run_id) == dump_rows(merged, run_id)
-        forks = [r[0] for r in merged.execute(
-            "SELECT branch_id FROM branches WHERE kind = 'fork' ORDER BY end_position DESC, branch_id LIMIT 2").fetchall()]
+        forks = [
+            r[0]
+            for r in merged.execute(
+                "SELECT branch_id FROM branches WHERE kind = 'fork' ORDER BY end_position DESC, branch_id LIMIT 2"
+            ).fetchall()
+        ]
         answered = 0
         for query in cookbook():
             sql = personalize(query, run_id, forks)
@@ -140,8 +224,13 @@ def test_s3_sharded_run_on_two_workers_survives_a_kill_mid_upload(model_dirs, tm
         assert answered >= len(cookbook()) - 1
 
     store.unlink()
-    merged_again = subprocess.run([PYTHON, "-m", "store", "merge", run_url, "--store", str(store)],
-                                  env=s3.env, capture_output=True, text=True, timeout=300)
+    merged_again = subprocess.run(
+        [PYTHON, "-m", "store", "merge", run_url, "--store", str(store)],
+        env=s3.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert merged_again.returncode == 0 and "merged 5 shards" in merged_again.stdout, merged_again.stderr
     assert dump(store, run_id) == dump(reference, run_id)
 
@@ -150,6 +239,7 @@ def _comparable(rows: list[tuple]) -> list[tuple]:
     """Rows in a fixed order, floats to 6 significant digits (aggregates may sum in another order), times
     left out (runs.created_at is when the shards began in place, when the merge registered the run in a
     store)."""
+
     def value(v):
         return float(f"{v:.6g}") if isinstance(v, float) else "<time>" if isinstance(v, datetime) else v
 
@@ -192,10 +282,24 @@ def test_a_bad_ray_address_ends_with_one_line_and_writes_nothing(model_dirs, tmp
             port = sock.getsockname()[1]  # closed again: nothing listens there
     store = tmp_path / "store.duckdb"
     try:
-        out = subprocess.run([PYTHON, "-m", "ingest", "--config", str(_config(model_dirs, tmp_path, 2)), "--store",
-                              str(store), "--ray-address", f"127.0.0.1:{port}", "--no-progress"],
-                             env=_env(tmp_path) | {"BRANCHLENS_RAY_CONNECT_WAIT": "10"}, capture_output=True, text=True,
-                             timeout=600)
+        out = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "ingest",
+                "--config",
+                str(_config(model_dirs, tmp_path, 2)),
+                "--store",
+                str(store),
+                "--ray-address",
+                f"127.0.0.1:{port}",
+                "--no-progress",
+            ],
+            env=_env(tmp_path) | {"BRANCHLENS_RAY_CONNECT_WAIT": "10"},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         if server:
             server.close()

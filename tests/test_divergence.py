@@ -26,7 +26,9 @@ def test_removing_any_function_of_position_leaves_matched_distances(tree):
     assert len(raw.distance) > 1000 and raw.has_baseline
     ok = np.isfinite(raw.baseline_value)
     assert ok.mean() > 0.9 and (raw.baseline_n[ok] > 0).all()
-    assert (raw.baseline_lo[ok] <= raw.baseline_value[ok]).all() and (raw.baseline_value[ok] <= raw.baseline_hi[ok]).all()
+    assert (raw.baseline_lo[ok] <= raw.baseline_value[ok]).all() and (
+        raw.baseline_value[ok] <= raw.baseline_hi[ok]
+    ).all()
     np.testing.assert_array_equal(raw.row_a, removed.row_a)
     np.testing.assert_allclose(removed.distance, raw.distance, rtol=1e-5)
     np.testing.assert_allclose(removed.baseline_value, raw.baseline_value, rtol=1e-5)
@@ -34,7 +36,11 @@ def test_removing_any_function_of_position_leaves_matched_distances(tree):
     # Not vacuous: the same rows compared 8 positions apart move a lot when position is removed.
     ts, X_res = tree, tree.X - tree.extra["pos_part"]
     later = {(b, t): i for i, (b, t) in enumerate(zip(ts.branch, ts.position))}
-    pairs = [(a, later[(ts.branch[a], ts.position[a] + 8)]) for a in raw.row_a if (ts.branch[a], ts.position[a] + 8) in later]
+    pairs = [
+        (a, later[(ts.branch[a], ts.position[a] + 8)])
+        for a in raw.row_a
+        if (ts.branch[a], ts.position[a] + 8) in later
+    ]
     a, b = np.array(pairs).T
     d_raw = np.linalg.norm(ts.X[a] - ts.X[b], axis=1)
     d_res = np.linalg.norm(X_res[a] - X_res[b], axis=1)
@@ -79,7 +85,14 @@ def test_summary_by_offset_and_prompt_bootstrap_pairs(tree):
 def _hand_tree() -> TokenSet:
     # prompt 0: root 0 (t 0-3); samples 1 (t 4-9) and 2 (t 4-7); 3 forks off 1 at t=6 (t 6-10).
     # prompt 1: root 4 (t 0-3); sample 5 (t 4-8).
-    spans = {0: (0, 3, -1, 0), 1: (4, 9, 0, 0), 2: (4, 7, 0, 0), 3: (6, 10, 1, 0), 4: (0, 3, -1, 1), 5: (4, 8, 4, 1)}
+    spans = {
+        0: (0, 3, -1, 0),
+        1: (4, 9, 0, 0),
+        2: (4, 7, 0, 0),
+        3: (6, 10, 1, 0),
+        4: (0, 3, -1, 1),
+        5: (4, 8, 4, 1),
+    }
     rows = [(t, b, pr, par) for b, (lo, hi, par, pr) in spans.items() for t in range(lo, hi + 1)]
     position, branch, prompt, parent = (np.array(c) for c in zip(*rows))
     X = np.stack([np.zeros(len(rows)), 10.0 * branch], axis=1)  # tokens of branch b sit at 10 b
@@ -89,10 +102,13 @@ def _hand_tree() -> TokenSet:
 def test_pairs_and_offsets_on_a_hand_built_tree():
     ts = _hand_tree()
     pairs = branch_pairs(ts.position, ts.branch, ts.extra["parent"])
-    assert sorted(pairs) == sorted([(1, 0, "fork", 4), (2, 0, "fork", 4), (3, 1, "fork", 6), (5, 4, "fork", 4),
-                                    (1, 2, "siblings", 4)])
+    assert sorted(pairs) == sorted(
+        [(1, 0, "fork", 4), (2, 0, "fork", 4), (3, 1, "fork", 6), (5, 4, "fork", 4), (1, 2, "siblings", 4)]
+    )
     r = _run(ts)
-    by_pair = {(int(r.pair_a[p]), int(r.pair_b[p])): r.position[r.pair == p].tolist() for p in range(len(r.pair_a))}
+    by_pair = {
+        (int(r.pair_a[p]), int(r.pair_b[p])): r.position[r.pair == p].tolist() for p in range(len(r.pair_a))
+    }
     # Roots hold only the prompt, so a sample and its root share no position after the fork.
     assert by_pair == {(1, 0): [], (2, 0): [], (3, 1): [6, 7, 8, 9], (5, 4): [], (1, 2): [4, 5, 6, 7]}
     fork = r.pair_kind[r.pair] == "fork"
@@ -122,12 +138,22 @@ def test_one_prompt_has_no_baseline_and_does_not_crash(tree):
 def test_sibling_pairs_are_capped_deterministically():
     wide = branch_tree(n_prompts=1, branches_per_prompt=30, fork_share=0.0, d=8, seed=0)
     par = wide.extra["parent"]
-    full = [p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=None) if p[2] == "siblings"]
+    full = [
+        p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=None) if p[2] == "siblings"
+    ]
     assert len(full) == 30 * 29 // 2
-    capped = [p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=50) if p[2] == "siblings"]
+    capped = [
+        p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=50) if p[2] == "siblings"
+    ]
     assert len(capped) == 50 == len(set(capped)) and set(capped) <= set(full)
-    assert capped == [p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=50) if p[2] == "siblings"]
-    other = [p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=50, seed=1) if p[2] == "siblings"]
+    assert capped == [
+        p for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=50) if p[2] == "siblings"
+    ]
+    other = [
+        p
+        for p in branch_pairs(wide.position, wide.branch, par, max_sibling_pairs=50, seed=1)
+        if p[2] == "siblings"
+    ]
     assert other != capped
     r = divergence(wide.X, wide.position, wide.branch, wide.prompt, par, max_sibling_pairs=50)
     assert (r.pair_kind == "siblings").sum() == 50

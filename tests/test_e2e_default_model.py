@@ -27,9 +27,29 @@ def test_default_model_small_run(tmp_path):
     store = tmp_path / "demo.duckdb"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run(
-        [sys.executable, "-m", "ingest", "--prompts", str(prompts), "--samples", "2", "--forks", "1",
-         "--max-new-tokens", "8", "--layers", "0,9,-1", "--store", str(store), "--no-progress", "--zero-pe"],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "ingest",
+            "--prompts",
+            str(prompts),
+            "--samples",
+            "2",
+            "--forks",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--layers",
+            "0,9,-1",
+            "--store",
+            str(store),
+            "--no-progress",
+            "--zero-pe",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     assert "gemma-3-270m (18 layers, d=640, rope)" in result.stdout
@@ -65,16 +85,26 @@ def test_default_model_small_run(tmp_path):
         # embeddings: RoPE adds nothing there) is unchanged; deeper layers differ.
         ids = torch.tensor([seq["token_id"].to_list()])
         with torch.no_grad():
-            flat = model(ids, position_ids=torch.zeros_like(ids), attention_mask=torch.ones_like(ids),
-                         output_hidden_states=True).hidden_states
+            flat = model(
+                ids,
+                position_ids=torch.zeros_like(ids),
+                attention_mask=torch.ones_like(ids),
+                output_hidden_states=True,
+            ).hidden_states
         for layer in (0, 9, 18):
             stored = branch_vectors(con, run_id, fork["branch_id"], layer, variant="zero_pe")
             expected = flat[layer][0].numpy()
             np.testing.assert_allclose(stored, expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
-        np.testing.assert_allclose(branch_vectors(con, run_id, fork["branch_id"], 0, variant="zero_pe"),
-                                   branch_vectors(con, run_id, fork["branch_id"], 0), atol=1e-6)
-        assert not np.allclose(branch_vectors(con, run_id, fork["branch_id"], 9, variant="zero_pe"),
-                               branch_vectors(con, run_id, fork["branch_id"], 9), atol=1e-2)
+        np.testing.assert_allclose(
+            branch_vectors(con, run_id, fork["branch_id"], 0, variant="zero_pe"),
+            branch_vectors(con, run_id, fork["branch_id"], 0),
+            atol=1e-6,
+        )
+        assert not np.allclose(
+            branch_vectors(con, run_id, fork["branch_id"], 9, variant="zero_pe"),
+            branch_vectors(con, run_id, fork["branch_id"], 9),
+            atol=1e-2,
+        )
 
 
 def test_default_removal_invents_nothing_at_layer_0_of_the_bundled_model(tmp_path):
@@ -87,21 +117,44 @@ def test_default_removal_invents_nothing_at_layer_0_of_the_bundled_model(tmp_pat
     from views.service import Selection, compute
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("def fibonacci(n):\nThe old lighthouse keeper climbed\nIn 1848, the revolution\n"
-                       "My favourite recipe for bread\n")
+    prompts.write_text(
+        "def fibonacci(n):\nThe old lighthouse keeper climbed\nIn 1848, the revolution\n"
+        "My favourite recipe for bread\n"
+    )
     store = tmp_path / "layer0.duckdb"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     result = subprocess.run(
-        [sys.executable, "-m", "ingest", "--prompts", str(prompts), "--samples", "3", "--forks", "2",
-         "--max-new-tokens", "32", "--layers", "0", "--store", str(store), "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "ingest",
+            "--prompts",
+            str(prompts),
+            "--samples",
+            "3",
+            "--forks",
+            "2",
+            "--max-new-tokens",
+            "32",
+            "--layers",
+            "0",
+            "--store",
+            str(store),
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr
     with reading(store) as con:
         run_id = con.execute("SELECT run_id FROM runs").fetchall()[0][0]
     pca = ProjectionSpec(method="pca")
     selection = Selection(run_id, 0, fit_scope="run")
-    raw = compute(store, selection, ViewSpec(residual=ResidualSpec(method="none"), projection=pca)).result.metrics
+    raw = compute(
+        store, selection, ViewSpec(residual=ResidualSpec(method="none"), projection=pca)
+    ).result.metrics
     removed = compute(store, selection, ViewSpec(projection=pca)).result.metrics
     for key in ("leak", "leak_prompt", "leak_2d"):
         assert abs(removed[key]["leak"] - raw[key]["leak"]) <= 0.03, (key, raw[key], removed[key])

@@ -23,15 +23,29 @@ def _run(config, store, tmp_path, file_limit: int | None = None):
 
     return subprocess.run(
         [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"],
-        env=cli_env(tmp_path), capture_output=True, text=True, timeout=600,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
         preexec_fn=limit if file_limit else None,
     )
 
 
 def _config(model_dirs, tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=[*PROMPTS] * 4, samples=3,
-                                         forks=3, max_new_tokens=32, layers="all", device="cpu")))
+    config.write_text(
+        tomli_w.dumps(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=[*PROMPTS] * 4,
+                samples=3,
+                forks=3,
+                max_new_tokens=32,
+                layers="all",
+                device="cpu",
+            )
+        )
+    )
     return config
 
 

@@ -60,7 +60,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -90,29 +90,59 @@ def test_no_import_cycles_in_the_project():
 
 
 NON_PROJECTING = [
-    "analysis", "analysis.tokens", "analysis.groups", "analysis.metrics", "analysis.neighbours",
-    "analysis.probe", "analysis.measures", "analysis.residualize", "analysis.crossfit",
-    "analysis.synthetic", "analysis.divergence", "analysis.verdict", "analysis.guard", "analysis.basis",
-    "analysis.project", "analysis.jit", "analysis.view", "analysis.clusters",
+    "analysis",
+    "analysis.tokens",
+    "analysis.groups",
+    "analysis.metrics",
+    "analysis.neighbours",
+    "analysis.probe",
+    "analysis.measures",
+    "analysis.residualize",
+    "analysis.crossfit",
+    "analysis.synthetic",
+    "analysis.divergence",
+    "analysis.verdict",
+    "analysis.guard",
+    "analysis.basis",
+    "analysis.project",
+    "analysis.jit",
+    "analysis.view",
+    "analysis.clusters",
 ]
 HEAVY = ("umap", "numba", "pynndescent", "sklearn", "scipy")  # imported inside the functions that use them
 
 
 @pytest.mark.parametrize("module", NON_PROJECTING)
 def test_importing_loads_no_heavy_library(module):
-    code = (f"import sys, json; import {module}; "
-            f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    code = (
+        f"import sys, json; import {module}; "
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_token_module_loads_no_heavy_library():
     """`import analysis.tokens` (what the ingest and store sides need) pulls in numpy only."""
-    code = ("import sys, json; import analysis.tokens; print(json.dumps(sorted(m for m in "
-            "('umap', 'numba', 'sklearn', 'scipy', 'usearch') if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, json; import analysis.tokens; print(json.dumps(sorted(m for m in "
+        "('umap', 'numba', 'sklearn', 'scipy', 'usearch') if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
@@ -122,8 +152,11 @@ def test_sql_lives_in_store_only():
     app.py. The SQL tab's example query is user text, shown in a text box and run through the sandbox."""
     import re
 
-    verb = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH|COPY|ATTACH|PRAGMA|SET)\b", re.I)
+    verb = re.compile(
+        r"^\s*(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|ALTER|WITH|COPY|ATTACH|PRAGMA|SET)\b", re.I
+    )
     found = []
+
     def text(arg) -> str:
         """The literal start of a string argument: a constant, or an f-string's first literal part."""
         if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
@@ -135,9 +168,13 @@ def test_sql_lives_in_store_only():
     paths = [p for pkg in ("ingest", "analysis", "views", "dashboard") for p in (ROOT / pkg).rglob("*.py")]
     for path in [*paths, ROOT / "app.py"]:
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in ("execute", "sql", "executemany", "query") and node.args
-                    and verb.match(text(node.args[0]))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("execute", "sql", "executemany", "query")
+                and node.args
+                and verb.match(text(node.args[0]))
+            ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "first_row":
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} (first_row)")

@@ -36,8 +36,10 @@ def test_tree_shape_and_shared_prefixes(tiny_cfg, family):
             # each sample gets `forks` children unless too short to offer that many fork positions
             for s in samples:
                 children = [f for f in forks if f["parent_branch_id"] == s["branch_id"]]
-                room = min(s["end_position"], roots[0]["n_tokens"] + cfg.max_new_tokens - cfg.min_child_tokens) \
+                room = (
+                    min(s["end_position"], roots[0]["n_tokens"] + cfg.max_new_tokens - cfg.min_child_tokens)
                     - s["fork_position"]
+                )
                 assert len(children) == min(cfg.forks, max(room, 0))
                 for child in children:
                     assert s["fork_position"] < child["fork_position"] <= s["end_position"]
@@ -59,7 +61,9 @@ def test_tree_shape_and_shared_prefixes(tiny_cfg, family):
             "SELECT count(*) FROM (SELECT branch_id, position FROM tokens GROUP BY ALL HAVING count(*) > 1)"
         ).fetchall()[0][0]
         assert dupes == 0
-        own = con.execute("SELECT sum(n_tokens) FROM branches WHERE run_id = ?", [report.run_id]).fetchall()[0][0]
+        own = con.execute("SELECT sum(n_tokens) FROM branches WHERE run_id = ?", [report.run_id]).fetchall()[
+            0
+        ][0]
         assert own == report.counts["tokens"]
 
 
@@ -191,7 +195,8 @@ def test_prompt_logprobs_match_the_model(tiny_cfg, model_dirs):
         rows = con.execute(
             "SELECT position, token_id, logprob, entropy, is_prompt FROM branch_tokens "
             "WHERE run_id = ? AND branch_id = (SELECT min(branch_id) FROM branches WHERE kind = 'sample') "
-            "ORDER BY position", [report.run_id],
+            "ORDER BY position",
+            [report.run_id],
         ).fetchall()
     ids = [r[1] for r in rows]
     with torch.no_grad():

@@ -129,7 +129,7 @@ def reference_ivf(X, Zs, order, start, gs, q_rows, probed, k, rerank, need):
             ids = np.concatenate([ids[dz < cut], ids[dz == cut]])[:rerank]
         full = ((X[order[ids]].astype(np.float64) - X[qi]) ** 2).sum(axis=1)
         best = order[ids[np.argsort(full, kind="stable")]][:k]
-        out[j, :len(best)] = best
+        out[j, : len(best)] = best
     return out, short
 
 
@@ -150,7 +150,9 @@ def test_ivf_rank_equals_the_numpy_search_with_ties_and_duplicates(grouped, k, r
     want = reference_ivf(X, Zs, order, start, gs, q_rows, probed, k, rerank, need)
     sqs = (Zs * Zs).sum(axis=1)
     for threads in (1, 2):
-        got = kernels.ivf_rank(X, Zs, sqs, order, at, start, gs, q_rows, probed, k, rerank, need, threads=threads)
+        got = kernels.ivf_rank(
+            X, Zs, sqs, order, at, start, gs, q_rows, probed, k, rerank, need, threads=threads
+        )
         np.testing.assert_array_equal(got[1], want[1])
         np.testing.assert_array_equal(got[0], want[0])
     if k == 40:

@@ -23,10 +23,21 @@ def mistral_dir(model_dirs, tmp_path_factory) -> Path:
     """A tiny Mistral whose every layer has a sliding window, saved like the other fixtures."""
     path = tmp_path_factory.mktemp("tiny-mistral")
     torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-                                     max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
-                                     pad_token_id=0)).save_pretrained(path)
+    MistralForCausalLM(
+        MistralConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    ).save_pretrained(path)
     AutoTokenizer.from_pretrained(model_dirs["llama"]).save_pretrained(path)
     return path
 
@@ -65,17 +76,23 @@ def test_a_fork_batch_assembled_from_cut_rows_equals_fresh_forward_passes(lm):
     for c, (row, n) in enumerate(children):  # the assembled rows hold what a prefill of the prefix holds
         reference = kvcache.returned(fresh(lm, PARENTS[row][:n]))
         for got, want in zip(cache.layers, reference.layers):
-            torch.testing.assert_close(got.keys[c, :, child_pad[c]:], want.keys[0], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(got.values[c, :, child_pad[c]:], want.values[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.keys[c, :, child_pad[c] :], want.keys[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.values[c, :, child_pad[c] :], want.values[0], rtol=1e-5, atol=1e-5)
 
     feed = torch.tensor([[PARENTS[row][n]] for row, n in children])  # (rows, 1)
     mask = torch.cat([mask, mask.new_ones(len(children), 1)], dim=1)  # (rows, width + 1)
     positions = torch.tensor([[n] for _, n in children])  # (rows, 1)
     with torch.no_grad():
-        out = lm.model(input_ids=feed, **{kvcache.cache_kwarg(lm.model): cache}, attention_mask=mask, position_ids=positions,
-                       use_cache=True, output_hidden_states=True)
+        out = lm.model(
+            input_ids=feed,
+            **{kvcache.cache_kwarg(lm.model): cache},
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            output_hidden_states=True,
+        )
     for c, (row, n) in enumerate(children):
-        want = fresh(lm, PARENTS[row][:n + 1])
+        want = fresh(lm, PARENTS[row][: n + 1])
         torch.testing.assert_close(out.logits[c, -1], want.logits[0, -1], rtol=1e-4, atol=1e-4)
         for got_h, want_h in zip(out.hidden_states, want.hidden_states):
             torch.testing.assert_close(got_h[c, -1], want_h[0, -1], rtol=1e-4, atol=1e-4)

@@ -13,8 +13,15 @@ from helpers import dump
 from ingest.lens import import_transformer_lens, lens_tables
 from store import StoreError
 
-SEQUENCES = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8, 9], [1, 2, 3, 10], [1, 2, 3, 4, 5, 6, 11], [1, 2, 3, 4],
-             [20, 21, 22, 23], [20, 21, 22, 24, 25]]
+SEQUENCES = [
+    [1, 2, 3, 4, 5, 6],
+    [1, 2, 3, 4, 7, 8, 9],
+    [1, 2, 3, 10],
+    [1, 2, 3, 4, 5, 6, 11],
+    [1, 2, 3, 4],
+    [20, 21, 22, 23],
+    [20, 21, 22, 24, 25],
+]
 PROMPT_LEN = 3
 # branchlens layer L is HF's hidden_states[L]: the embeddings, then each block's output
 HOOKS = {0: "blocks.0.hook_resid_pre", 1: "blocks.0.hook_resid_post", 2: "blocks.1.hook_resid_post"}
@@ -24,8 +31,11 @@ HOOKS = {0: "blocks.0.hook_resid_pre", 1: "blocks.0.hook_resid_post", 2: "blocks
 def bridge():
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_native(dict(n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_vocab=50,
-                                              act_fn="relu", d_mlp=32, seed=0))
+    return TransformerBridge.boot_native(
+        dict(
+            n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_vocab=50, act_fn="relu", d_mlp=32, seed=0
+        )
+    )
 
 
 def hooked(model, sequence: list[int], layers: list[int]) -> dict[int, np.ndarray]:
@@ -35,6 +45,7 @@ def hooked(model, sequence: list[int], layers: list[int]) -> dict[int, np.ndarra
     def keeper(layer):
         def keep(t, hook):  # returns None: a hook's return value would replace the activation
             got[layer] = t[0].detach().float().numpy().copy()
+
         return keep
 
     with torch.no_grad():
@@ -61,17 +72,21 @@ def test_transformer_lens_latents_are_the_models_own_hook_values_stored_once_per
     layers = [0, 1, 2]
     report = import_transformer_lens(tmp_path / "tl.duckdb", bridge, SEQUENCES, prompt_len=PROMPT_LEN)
     got = dump(tmp_path / "tl.duckdb", report.run_id)
-    assert report.layers == layers and report.prompts_written == 2  # two prompts (their first three tokens differ)
+    assert (
+        report.layers == layers and report.prompts_written == 2
+    )  # two prompts (their first three tokens differ)
     full = paths(got)
     truth = {tuple(s): hooked(bridge, s, layers) for s in SEQUENCES}
-    prefixes = {(s[0], tuple(s[:t + 1])) for s in SEQUENCES for t in range(len(s))}
+    prefixes = {(s[0], tuple(s[: t + 1])) for s in SEQUENCES for t in range(len(s))}
     assert len(got["tokens"]) == len(prefixes)  # each shared prefix once; [1, 2, 3, 4] adds nothing
     W_E, W_pos = bridge.W_E.detach().numpy(), bridge.W_pos.detach().numpy()
     worst = 0.0
     for branch_id, position, layer, variant, vec in got["latents"]:
         assert variant == "normal"
-        prefix = full[branch_id][:position + 1]
-        source = next(s for s in SEQUENCES if s[:position + 1] == prefix)  # causal: any sequence with this prefix
+        prefix = full[branch_id][: position + 1]
+        source = next(
+            s for s in SEQUENCES if s[: position + 1] == prefix
+        )  # causal: any sequence with this prefix
         worst = max(worst, float(np.abs(np.asarray(vec) - truth[tuple(source)][layer][position]).max()))
         if layer == 0:  # the oracle: token embedding + learned position embedding
             np.testing.assert_allclose(vec, W_E[prefix[-1]] + W_pos[position], atol=1e-5)
@@ -84,26 +99,46 @@ def test_transformer_lens_latents_are_the_models_own_hook_values_stored_once_per
 def test_the_run_record_names_the_model_its_positions_and_the_hooks(bridge, tmp_path):
     import duckdb
 
-    report = import_transformer_lens(tmp_path / "tl.duckdb", bridge, SEQUENCES[:3], prompt_len=PROMPT_LEN,
-                                     layers=[2, 0], model_name="tiny-tl")
+    report = import_transformer_lens(
+        tmp_path / "tl.duckdb",
+        bridge,
+        SEQUENCES[:3],
+        prompt_len=PROMPT_LEN,
+        layers=[2, 0],
+        model_name="tiny-tl",
+    )
     con = duckdb.connect(str(tmp_path / "tl.duckdb"), read_only=True)
     model, pe, n_layers, config = con.execute(
-        "SELECT model, pe_type, n_layers, config FROM runs WHERE run_id = ?", [report.run_id]).fetchone()
+        "SELECT model, pe_type, n_layers, config FROM runs WHERE run_id = ?", [report.run_id]
+    ).fetchone()
     con.close()
     assert (model, pe, n_layers) == ("tiny-tl", "learned_absolute", 2)
-    assert '"blocks.0.hook_resid_pre"' in config and '"blocks.1.hook_resid_post"' in config and '"import"' in config
-    again = import_transformer_lens(tmp_path / "tl.duckdb", bridge, SEQUENCES[:3], prompt_len=PROMPT_LEN,
-                                    layers=[0, 2], model_name="tiny-tl")
+    assert (
+        '"blocks.0.hook_resid_pre"' in config
+        and '"blocks.1.hook_resid_post"' in config
+        and '"import"' in config
+    )
+    again = import_transformer_lens(
+        tmp_path / "tl.duckdb",
+        bridge,
+        SEQUENCES[:3],
+        prompt_len=PROMPT_LEN,
+        layers=[0, 2],
+        model_name="tiny-tl",
+    )
     # the same content is the same run: it resumes and writes nothing
     assert again.run_id == report.run_id and again.prompts_written == 0 and again.prompts_before == 1
 
 
-@pytest.mark.parametrize("how, message", [
-    ("short cache", "layer 1 holds 3 positions, the sequence 4"),
-    ("missing layer", "the cache holds neither layer 2 nor blocks.1.hook_resid_post"),
-    ("prompt too long", "prompt length 9 outside 1..4"),
-    ("count", "2 sequences but 1 caches"),
-])
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("short cache", "layer 1 holds 3 positions, the sequence 4"),
+        ("missing layer", "the cache holds neither layer 2 nor blocks.1.hook_resid_post"),
+        ("prompt too long", "prompt length 9 outside 1..4"),
+        ("count", "2 sequences but 1 caches"),
+    ],
+)
 def test_caches_that_do_not_fit_their_sequences_are_one_line(how, message):
     seqs = [[1, 2, 3, 4], [1, 2, 5, 6]]
     caches = [{0: np.zeros((4, 8)), 1: np.zeros((4, 8))} for _ in seqs]

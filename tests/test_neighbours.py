@@ -29,8 +29,11 @@ def tree():
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(a[a >= 0], b[b >= 0])) / max((b >= 0).sum(), 1)
-                          for a, b in zip(found, truth)]))
+    return float(
+        np.mean(
+            [len(np.intersect1d(a[a >= 0], b[b >= 0])) / max((b >= 0).sum(), 1) for a, b in zip(found, truth)]
+        )
+    )
 
 
 def test_hnsw_graph_recall_against_exact(tree):
@@ -92,7 +95,9 @@ def test_approximate_metric_search_recall(tree, by):
     approx = neighbours.search(t.X, q, 10, groups, exact_max=0)
     assert recall(approx, exact) >= 0.9
     own = q[:, None] if groups is None else groups[q, None]
-    assert not ((approx if groups is None else groups[approx]) == own).any()  # excluded points never come back
+    assert not (
+        (approx if groups is None else groups[approx]) == own
+    ).any()  # excluded points never come back
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +171,9 @@ def test_projection_switches_to_landmarks_only_above_the_cut(monkeypatch):
     X = np.concatenate([rng.normal(size=(300, 20)), rng.normal(size=(300, 20)) + 6]).astype(np.float32)
     calls = []
     real = P.landmark_layout
-    monkeypatch.setattr(P, "landmark_layout", lambda Y, spec, **kw: calls.append(len(Y)) or real(Y, spec, n_landmarks=200))
+    monkeypatch.setattr(
+        P, "landmark_layout", lambda Y, spec, **kw: calls.append(len(Y)) or real(Y, spec, n_landmarks=200)
+    )
     project(X, ProjectionSpec(n_epochs=20, metric="euclidean"))
     assert calls == []
     monkeypatch.setattr(P, "LANDMARK_ABOVE", 500)

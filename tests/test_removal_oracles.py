@@ -43,14 +43,20 @@ def exact_view(tokens, table):
 @pytest.mark.parametrize("oracle", ORACLES, ids=lambda o: f"{o[0]}-{o[1]}")
 def test_the_default_reaches_exact_subtraction_on_gpt2_layer_0(oracle_layers, oracle):
     tokens, table = oracle_layers[oracle]
-    assert not tokens.extra["token_id"][tokens.position == 0].tolist().count(
-        tokens.extra["token_id"][tokens.position == 0][0]) == (tokens.position == 0).sum()  # no BOS: first words differ
+    assert (
+        not tokens.extra["token_id"][tokens.position == 0]
+        .tolist()
+        .count(tokens.extra["token_id"][tokens.position == 0][0])
+        == (tokens.position == 0).sum()
+    )  # no BOS: first words differ
     raw, exact, default = view(tokens, "none"), exact_view(tokens, table), view(tokens)
     m, e = default.metrics, exact.metrics
     assert m["n_sinks_dropped"] == 0  # GPT-2 adds no BOS: position 0 holds each prompt's first word, kept
     err = table_error(tokens, default, table)
-    print(f"\n{oracle}: leak raw {raw.metrics['leak']['leak']:+.3f}, exact {e['leak']['leak']:+.3f}, default "
-          f"{m['leak']['leak']:+.3f}; table error {err:.4f}; removed {m['removal']['removed']}")
+    print(
+        f"\n{oracle}: leak raw {raw.metrics['leak']['leak']:+.3f}, exact {e['leak']['leak']:+.3f}, default "
+        f"{m['leak']['leak']:+.3f}; table error {err:.4f}; removed {m['removal']['removed']}"
+    )
     assert "position" in m["removal"]["removed"] and m["removal"]["detected"]
     assert abs(m["leak"]["leak"] - e["leak"]["leak"]) <= TOLERANCE
     assert abs(m["leak_prompt"]["leak"] - e["leak_prompt"]["leak"]) <= TOLERANCE
@@ -68,7 +74,9 @@ def test_every_position_method_reaches_the_oracle_or_says_it_cannot(oracle_layer
     tokens, table = oracle_layers[oracle]
     exact, result = exact_view(tokens, table), view(tokens, method)
     gap = result.metrics["leak"]["leak"] - exact.metrics["leak"]["leak"]
-    print(f"\n{method} on {oracle}: leak gap to exact {gap:+.3f}, table error {table_error(tokens, result, table):.3f}")
+    print(
+        f"\n{method} on {oracle}: leak gap to exact {gap:+.3f}, table error {table_error(tokens, result, table):.3f}"
+    )
     if abs(gap) > TOLERANCE:
         assert "cannot reach exact subtraction" in registry()[method].help.lower(), (method, gap)
 
@@ -150,8 +158,10 @@ def test_weak_linear_position_is_subtracted_where_means_see_nothing():
         assert probe["hi"] < 0.05 and probe["r2"] <= probe["chance_hi"] + 0.01
         r, a, e = (v.metrics["leak"]["leak"] for v in (raw, after, exact))
         assert abs(a - e) < abs(r - e) / 2
-        print(f"\nweak linear seed {seed}: probe {probe['r2']:+.3f} (chance up to {probe['chance_hi']:+.3f}); "
-              f"leak raw {r:+.3f}, exact {e:+.3f}, subtracted {a:+.3f}")
+        print(
+            f"\nweak linear seed {seed}: probe {probe['r2']:+.3f} (chance up to {probe['chance_hi']:+.3f}); "
+            f"leak raw {r:+.3f}, exact {e:+.3f}, subtracted {a:+.3f}"
+        )
 
 
 WEAK_SEEDS = range(10)
@@ -169,8 +179,11 @@ def test_weak_linear_leak_ends_within_the_band_of_exact_in_every_seed():
     assert all(abs(g) <= b for g, b in gaps), gaps
 
 
-@pytest.mark.xfail(strict=True, reason="issue 34, not met: in 4 of 10 seeds the probe after the low-rank subtraction "
-                   "ends 0.001-0.002 R2 below chance's band (docs/removal.md)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 34, not met: in 4 of 10 seeds the probe after the low-rank subtraction "
+    "ends 0.001-0.002 R2 below chance's band (docs/removal.md)",
+)
 def test_weak_linear_probe_ends_within_the_band_of_chance_in_every_seed():
     from analysis.probe import position_probe
 

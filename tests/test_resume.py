@@ -16,8 +16,13 @@ from store.writer import StoreWriter
 def uninterrupted(command: list[str], tmp_path) -> tuple:
     """The same CLI run into a fresh store, not interrupted: (its store, the run id)."""
     reference = tmp_path / "reference.duckdb"
-    clean = subprocess.run([*command[:-3], "--store", str(reference), "--no-progress"], env=cli_env(tmp_path),
-                           capture_output=True, text=True, timeout=600)
+    clean = subprocess.run(
+        [*command[:-3], "--store", str(reference), "--no-progress"],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert clean.returncode == 0, clean.stderr[-2000:]
     with reading(reference) as con:
         return reference, con.execute("SELECT run_id FROM runs").fetchall()[0][0]
@@ -40,7 +45,10 @@ def test_crash_inside_a_write_leaves_nothing_half_written_and_resume_completes(t
     with pytest.raises(duckdb.Error):  # the latents insert refuses the narrow rows
         ingest(cfg)
     with reading(cfg.store) as con:
-        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("prompts", "branches", "tokens", "latents")}
+        counts = {
+            t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0]
+            for t in ("prompts", "branches", "tokens", "latents")
+        }
         status = con.execute("SELECT status FROM runs").fetchall()[0][0]
         written = con.execute("SELECT DISTINCT prompt_id FROM branches").fetchall()
     assert status == "running"
@@ -85,11 +93,25 @@ def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dir
     and no leftover files."""
     from ingest.tree import TreePlan
 
-    prompts = [f"{p} {i}" for i in range(6) for p in ["The cat sat on", "Branches go apart where", "def f(x):"]]
+    prompts = [
+        f"{p} {i}" for i in range(6) for p in ["The cat sat on", "Branches go apart where", "def f(x):"]
+    ]
     config = tmp_path / "run.toml"
     # batch_rows 6 with 2 samples: prompts decode in fixed groups of 3 (0-2, 3-5, ...), each written alone
-    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=2,
-                                         max_new_tokens=24, layers=[0, 1, 2], device="cpu", batch_rows=6)))
+    config.write_text(
+        tomli_w.dumps(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=prompts,
+                samples=2,
+                forks=2,
+                max_new_tokens=24,
+                layers=[0, 1, 2],
+                device="cpu",
+                batch_rows=6,
+            )
+        )
+    )
     store = tmp_path / "killed.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
     branches_per_prompt = TreePlan(2, 2, 1).size
@@ -132,8 +154,9 @@ def test_five_sigkills_in_every_phase_then_resume_equals_uninterrupted(model_dir
     reference, run_id = uninterrupted(command, tmp_path)
     assert dump(store, run_id) == dump(reference, run_id)
     with reading(store) as con:
-        dupes = con.execute("SELECT count(*) - count(DISTINCT (branch_id, position, layer, variant)) "
-                            "FROM latents").fetchall()[0][0]
+        dupes = con.execute(
+            "SELECT count(*) - count(DISTINCT (branch_id, position, layer, variant)) FROM latents"
+        ).fetchall()[0][0]
         assert dupes == 0 and con.execute("SELECT status FROM runs").fetchall()[0][0] == "complete"
 
 
@@ -142,8 +165,19 @@ def test_a_second_ingest_on_a_busy_store_exits_with_one_line_then_resumes(model_
     (the fault hook, right after loading), exits with one error line and writes nothing; the first then
     finishes, and the second run again finds everything done."""
     config = tmp_path / "run.toml"
-    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=["The cat sat on", "def f(x):"],
-                                         samples=2, forks=1, max_new_tokens=8, layers=[0, 2], device="cpu")))
+    config.write_text(
+        tomli_w.dumps(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=["The cat sat on", "def f(x):"],
+                samples=2,
+                forks=1,
+                max_new_tokens=8,
+                layers=[0, 2],
+                device="cpu",
+            )
+        )
+    )
     store = tmp_path / "busy.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
     first = paused_ingest(command, tmp_path, "load:1")
@@ -164,19 +198,38 @@ def test_a_second_ingest_on_a_busy_store_exits_with_one_line_then_resumes(model_
     assert again.returncode == 0 and "complete" in again.stdout, again.stderr[-2000:]
 
 
-def test_a_kill_inside_a_group_then_resume_decodes_the_group_again_and_equals_uninterrupted(model_dirs, tmp_path):
+def test_a_kill_inside_a_group_then_resume_decodes_the_group_again_and_equals_uninterrupted(
+    model_dirs, tmp_path
+):
     """Groups of 3 prompts (batch_rows 6, 2 samples). Killed inside the 2nd commit of a fresh run, the store
     holds prompt 0 only: its group is part-written. The resumed run decodes prompts 0-2 together again (so
     1 and 2 get the same companions as in an uninterrupted run) and writes 1 and 2 only: the store then
     equals an uninterrupted run bit for bit, with no prompt written twice."""
     prompts = ["The cat sat on", "Branches go apart where", "def f(x):", "one two", "three four five"]
     config = tmp_path / "run.toml"
-    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=prompts, samples=2, forks=2,
-                                         max_new_tokens=10, layers=[0, 2], device="cpu", batch_rows=6)))
+    config.write_text(
+        tomli_w.dumps(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=prompts,
+                samples=2,
+                forks=2,
+                max_new_tokens=10,
+                layers=[0, 2],
+                device="cpu",
+                batch_rows=6,
+            )
+        )
+    )
     store = tmp_path / "killed.duckdb"
     command = [PYTHON, "-m", "ingest", "--config", str(config), "--store", str(store), "--no-progress"]
-    killed = subprocess.run(command, env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "commit:2"}, capture_output=True,
-                            text=True, timeout=600)
+    killed = subprocess.run(
+        command,
+        env=cli_env(tmp_path) | {"BRANCHLENS_FAULT": "commit:2"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9 and "fault: commit 2" in killed.stderr, killed.stderr[-2000:]
     with reading(store) as con:
         assert con.execute("SELECT prompt_id FROM prompts").fetchall() == [(0,)]

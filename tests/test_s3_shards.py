@@ -40,14 +40,29 @@ def prompt_tree(prompt_id: int) -> tuple[int, str, int, list[BranchRecord]]:
     rng = np.random.default_rng(prompt_id)
 
     def record(branch_id: int, parent: int | None, fork: int, n: int, kind: str) -> BranchRecord:
-        return BranchRecord(branch_id=branch_id, prompt_id=prompt_id, parent_branch_id=parent, fork_position=fork,
-                            depth=int(parent is not None), kind=kind, path=kind[0] + str(branch_id),
-                            token_ids=rng.integers(0, 50, n), token_texts=[f"w{i}" for i in range(n)],
-                            logprobs=rng.normal(size=n).astype(np.float32), entropies=np.ones(n, np.float32),
-                            ended_with_eos=False, latents=rng.normal(size=(len(LAYERS), n, DIM)).astype(np.float32))
+        return BranchRecord(
+            branch_id=branch_id,
+            prompt_id=prompt_id,
+            parent_branch_id=parent,
+            fork_position=fork,
+            depth=int(parent is not None),
+            kind=kind,
+            path=kind[0] + str(branch_id),
+            token_ids=rng.integers(0, 50, n),
+            token_texts=[f"w{i}" for i in range(n)],
+            logprobs=rng.normal(size=n).astype(np.float32),
+            entropies=np.ones(n, np.float32),
+            ended_with_eos=False,
+            latents=rng.normal(size=(len(LAYERS), n, DIM)).astype(np.float32),
+        )
 
     base = 2 * prompt_id
-    return prompt_id, f"prompt {prompt_id}", 3, [record(base, None, 0, 3, "prompt"), record(base + 1, base, 3, 4, "sample")]
+    return (
+        prompt_id,
+        f"prompt {prompt_id}",
+        3,
+        [record(base, None, 0, 3, "prompt"), record(base + 1, base, 3, 4, "sample")],
+    )
 
 
 def task(t: int) -> list[tuple[int, str, int, list[BranchRecord]]]:
@@ -65,7 +80,7 @@ def write_run(where: str, tasks=range(3)) -> str:
 def objects(s3, under: str = "") -> list[str]:
     """Every object key in the test bucket (relative to it), as the server lists them."""
     infos = s3.fs.get_file_info(pafs.FileSelector(f"{s3.bucket}/{under}".rstrip("/"), recursive=True))
-    return sorted(i.path[len(s3.bucket) + 1:] for i in infos if i.type == pafs.FileType.File)
+    return sorted(i.path[len(s3.bucket) + 1 :] for i in infos if i.type == pafs.FileType.File)
 
 
 def test_s3_shards_commit_with_a_marker_and_merge_to_the_same_rows_as_local_shards(s3, tmp_path):
@@ -76,11 +91,14 @@ def test_s3_shards_commit_with_a_marker_and_merge_to_the_same_rows_as_local_shar
     keys = objects(s3)
     assert "runs/run-s3/run.json" in keys
     for t in range(3):
-        markers = [k for k in keys if k.startswith(f"runs/run-s3/shard-{t:05d}/") and k.endswith(".committed")]
+        markers = [
+            k for k in keys if k.startswith(f"runs/run-s3/shard-{t:05d}/") and k.endswith(".committed")
+        ]
         assert len(markers) == 1, keys
-        attempt = markers[0][:-len(".committed")]
+        attempt = markers[0][: -len(".committed")]
         assert sorted(k for k in keys if k.startswith(attempt + "/")) == [
-            f"{attempt}/{name}.parquet" for name in ("branches", "latents", "prompts", "tokens")]
+            f"{attempt}/{name}.parquet" for name in ("branches", "latents", "prompts", "tokens")
+        ]
         marker = json.loads(s3.fs.open_input_stream(f"{s3.bucket}/{markers[0]}").read())
         assert marker["files"]["prompts"]["rows"] == len(task(t))
         assert marker["run_id"] == RUN.run_id and marker["task"] == t
@@ -114,8 +132,13 @@ def test_s3_shard_killed_before_its_marker_is_ignored_then_redone(s3, tmp_path):
     server for task 2 is ignored the same way."""
     path = write_run(s3.url, tasks=[0])
     script = _KILLED_WRITER.format(tests=str(Path(__file__).parent), path=path)
-    killed = subprocess.run([PYTHON, "-c", script], env=s3.env | {"BRANCHLENS_FAULT": "shard:1"},
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [PYTHON, "-c", script],
+        env=s3.env | {"BRANCHLENS_FAULT": "shard:1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -9 and "fault: shard 1" in killed.stderr, killed.stderr[-2000:]
     uploaded = [k for k in objects(s3, "runs/run-s3/shard-00001")]
     assert len(uploaded) == 4 and all(k.endswith(".parquet") for k in uploaded)  # data there, no marker
@@ -126,7 +149,10 @@ def test_s3_shard_killed_before_its_marker_is_ignored_then_redone(s3, tmp_path):
     store = tmp_path / "s.duckdb"
     assert merge(path, store, created_by="test") == (1, 0, False)
     with open_shards(path) as con:
-        assert con.execute("SELECT list(prompt_id ORDER BY prompt_id) FROM prompts").fetchall()[0][0] == [0, 1]
+        assert con.execute("SELECT list(prompt_id ORDER BY prompt_id) FROM prompts").fetchall()[0][0] == [
+            0,
+            1,
+        ]
         assert con.execute("SELECT status FROM runs").fetchall() == [("running",)]
 
     # resume: the uncommitted tasks are written again and count
@@ -134,9 +160,13 @@ def test_s3_shard_killed_before_its_marker_is_ignored_then_redone(s3, tmp_path):
         assert write_shard(path, t, task(t), LAYERS)
     assert sorted(finished_shards(path)) == [0, 1, 2]
     assert sweep(path) == 2  # the killed attempt of task 1, the stray object of task 2
-    assert all(k.endswith(".committed") or k.split("/")[3] in {m.split("/")[3][:-len(".committed")]
-                                                               for m in objects(s3) if m.endswith(".committed")}
-               for k in objects(s3) if "/shard-" in k)
+    assert all(
+        k.endswith(".committed")
+        or k.split("/")[3]
+        in {m.split("/")[3][: -len(".committed")] for m in objects(s3) if m.endswith(".committed")}
+        for k in objects(s3)
+        if "/shard-" in k
+    )
     assert merge(path, store, created_by="test") == (2, 1, True)
     reference = tmp_path / "local.duckdb"
     merge(write_run(str(tmp_path / "shards")), reference, created_by="test")
@@ -154,20 +184,26 @@ def test_s3_shards_read_in_place_answer_like_the_merged_store(s3, tmp_path):
         assert run_summary(con, RUN.run_id) == run_summary(merged, RUN.run_id)
         assert run_summary(con, RUN.run_id)["status"] == "complete"
         got, want = layer_vectors(con, RUN.run_id, 3), layer_vectors(merged, RUN.run_id, 3)
-        assert got[0].equals(want[0]) and got[1].shape == (N_PROMPTS * 7, DIM) and np.array_equal(got[1], want[1])
+        assert (
+            got[0].equals(want[0])
+            and got[1].shape == (N_PROMPTS * 7, DIM)
+            and np.array_equal(got[1], want[1])
+        )
         for view in ("branch_tokens", "branch_latents", "branch_lineage"):
             query = f"SELECT * FROM {view} ORDER BY ALL"
             assert con.execute(query).fetchall() == merged.execute(query).fetchall() != []
         # the vector is the fixed-size FLOAT[d] of a store: array functions work on it
-        assert con.execute("SELECT any_value(typeof(vec)), max(array_cosine_similarity(vec, vec)) FROM latents").fetchall() == [
-            (f"FLOAT[{DIM}]", pytest.approx(1.0))]
+        assert con.execute(
+            "SELECT any_value(typeof(vec)), max(array_cosine_similarity(vec, vec)) FROM latents"
+        ).fetchall() == [(f"FLOAT[{DIM}]", pytest.approx(1.0))]
 
 
 def test_shards_read_in_place_from_a_local_directory_too(tmp_path):
     path = write_run(str(tmp_path / "shards"), tasks=[0, 2])
     with open_shards(path) as con:
         assert con.execute("SELECT count(*), list(prompt_id ORDER BY prompt_id) FROM prompts").fetchall() == [
-            (3, [0, 1, 4])]
+            (3, [0, 1, 4])
+        ]
         assert con.execute("SELECT status FROM runs").fetchall() == [("running",)]
 
 
@@ -177,19 +213,26 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("s3://Bad_Bucket/x", "bad S3 URL s3://Bad_Bucket/x: 'Bad_Bucket' is not a bucket name"),
-    ("s3:///runs", "bad S3 URL s3:///runs: '' is not a bucket name"),
-    ("gs://bucket/x", "unsupported shard location gs://bucket/x: use a local directory or s3://bucket/prefix"),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("s3://Bad_Bucket/x", "bad S3 URL s3://Bad_Bucket/x: 'Bad_Bucket' is not a bucket name"),
+        ("s3:///runs", "bad S3 URL s3:///runs: '' is not a bucket name"),
+        (
+            "gs://bucket/x",
+            "unsupported shard location gs://bucket/x: use a local directory or s3://bucket/prefix",
+        ),
+    ],
+)
 def test_s3_bad_urls_are_refused_in_one_line(url, expected, s3):
     with pytest.raises(StoreError) as err:
         merge(url, "unused.duckdb", created_by="test")
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
 
 
-def test_s3_missing_bucket_credentials_or_endpoint_give_one_line_and_leave_the_store_as_it_was(s3, tmp_path,
-                                                                                                   monkeypatch):
+def test_s3_missing_bucket_credentials_or_endpoint_give_one_line_and_leave_the_store_as_it_was(
+    s3, tmp_path, monkeypatch
+):
     path = write_run(s3.url)
     store = tmp_path / "s.duckdb"
     merge(path, store, created_by="test")
@@ -206,15 +249,24 @@ def test_s3_missing_bucket_credentials_or_endpoint_give_one_line_and_leave_the_s
 
     missing = f"no-such-{s3.bucket}"
     assert merge_error(f"s3://{missing}/runs/run-s3") == (
-        f"error: cannot use s3://{missing}/runs/run-s3: bucket '{missing}' does not exist (create it first)")
-    no_credentials = merge_error(path, AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None,
-                                 AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+        f"error: cannot use s3://{missing}/runs/run-s3: bucket '{missing}' does not exist (create it first)"
+    )
+    no_credentials = merge_error(
+        path,
+        AWS_ACCESS_KEY_ID=None,
+        AWS_SECRET_ACCESS_KEY=None,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+    )
     assert no_credentials.startswith(f"error: cannot read {path}/run.json: ")
-    assert no_credentials.endswith("(no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                                   "or AWS_PROFILE)")
+    assert no_credentials.endswith(
+        "(no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    )
     wrong = merge_error(path, AWS_SECRET_ACCESS_KEY="not-the-secret")
-    assert wrong == (f"error: cannot read {path}/run.json: access denied (check AWS_ACCESS_KEY_ID / "
-                     "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions)")
+    assert wrong == (
+        f"error: cannot read {path}/run.json: access denied (check AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions)"
+    )
     dead = f"http://127.0.0.1:{_closed_port()}"
     unreachable = merge_error(path, AWS_ENDPOINT_URL=dead)
     assert f"cannot reach the S3 endpoint {dead}" in unreachable
@@ -224,13 +276,30 @@ def test_s3_missing_bucket_credentials_or_endpoint_give_one_line_and_leave_the_s
 def test_s3_ingest_with_a_missing_bucket_stops_before_any_work(s3, model_dirs, tmp_path):
     pytest.importorskip("ray", reason="Ray is the optional 'distributed' extra")
     store = tmp_path / "x.duckdb"
-    done = subprocess.run([PYTHON, "-m", "ingest", "--config", str(_tiny_config(model_dirs, tmp_path)),
-                           "--store", str(store), "--workers", "1", "--no-progress",
-                           "--shards", f"s3://missing-{s3.bucket}/runs"],
-                          env=s3.env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "ingest",
+            "--config",
+            str(_tiny_config(model_dirs, tmp_path)),
+            "--store",
+            str(store),
+            "--workers",
+            "1",
+            "--no-progress",
+            "--shards",
+            f"s3://missing-{s3.bucket}/runs",
+        ],
+        env=s3.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
-        f"error: cannot use s3://missing-{s3.bucket}/runs: bucket 'missing-{s3.bucket}' does not exist (create it first)")
+        f"error: cannot use s3://missing-{s3.bucket}/runs: bucket 'missing-{s3.bucket}' does not exist (create it first)"
+    )
     assert not store.exists()
 
 
@@ -238,8 +307,19 @@ def _tiny_config(model_dirs, tmp_path):
     import tomli_w
 
     config = tmp_path / "run.toml"
-    config.write_text(tomli_w.dumps(dict(model=str(model_dirs["llama"]), prompts=["a b", "c d"], samples=1, forks=1,
-                                         max_new_tokens=4, layers=[0], device="cpu")))
+    config.write_text(
+        tomli_w.dumps(
+            dict(
+                model=str(model_dirs["llama"]),
+                prompts=["a b", "c d"],
+                samples=1,
+                forks=1,
+                max_new_tokens=4,
+                layers=[0],
+                device="cpu",
+            )
+        )
+    )
     return config
 
 
@@ -256,18 +336,26 @@ def test_s3_the_app_opens_a_runs_shards_in_place(s3, tmp_path, monkeypatch):
         at = AppTest.from_file(app, default_timeout=240)
         at.session_state["store_path"] = where
         at.run()
-        assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+        assert not at.exception and not at.error, [e.value for e in at.exception] + [
+            e.value for e in at.error
+        ]
         assert at.selectbox(key="run").value == RUN.run_id
         with open_shards(where) as con:
             # the first four prompts; their position-0 tokens are random ids, not one BOS id, so they are kept
-            expected = con.execute("SELECT count(*) FROM latents JOIN branches USING (run_id, branch_id) "
-                                   "WHERE layer = 3 AND prompt_id < 4").fetchone()[0]
+            expected = con.execute(
+                "SELECT count(*) FROM latents JOIN branches USING (run_id, branch_id) "
+                "WHERE layer = 3 AND prompt_id < 4"
+            ).fetchone()[0]
         assert f"{N_PROMPTS} prompts" in at.caption[0].value
-        tables = [t for _, ts in app_charts(at) for t in ts if "raw_x" in t.column_names and "token_text" in t.column_names]
+        tables = [
+            t
+            for _, ts in app_charts(at)
+            for t in ts
+            if "raw_x" in t.column_names and "token_text" in t.column_names
+        ]
         assert tables and tables[0].num_rows == expected
     monkeypatch.setenv("BRANCHLENS_STORE_ROOT", "s3://another-bucket")
     at = AppTest.from_file(app, default_timeout=240)
     at.session_state["store_path"] = remote
     at.run()
     assert [i.value.split("`")[0] for i in at.info] == ["No store at "]
-

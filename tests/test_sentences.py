@@ -32,18 +32,20 @@ def views() -> dict:
     """(regime, method) -> (raw metrics, removed metrics), one seed each (the few-branch regime two)."""
     out = {}
     for regime in REGIMES:
-        for seed in ((0, 1) if regime == "one_prompt_3" else (0,)):
+        for seed in (0, 1) if regime == "one_prompt_3" else (0,):
             t = generate(regime, seed=seed).tokens
             raw = compute_view(t, ViewSpec(residual=ResidualSpec(method="none"), projection=PCA)).metrics
             for method in METHODS:
-                out[regime, seed, method] = raw, compute_view(t, ViewSpec(residual=ResidualSpec(method=method),
-                                                                          projection=PCA)).metrics
+                out[regime, seed, method] = (
+                    raw,
+                    compute_view(t, ViewSpec(residual=ResidualSpec(method=method), projection=PCA)).metrics,
+                )
     return out
 
 
 def _close(printed: str, value: float, scale: float = 1.0) -> bool:
     decimals = len(printed.split(".")[1]) if "." in printed else 0
-    return abs(float(printed) - value * scale) <= 0.51 * 10 ** -decimals * (1 + 1e-9)
+    return abs(float(printed) - value * scale) <= 0.51 * 10**-decimals * (1 + 1e-9)
 
 
 def test_every_sentence_of_every_verdict_follows_from_its_numbers(views):
@@ -56,7 +58,16 @@ def test_every_sentence_of_every_verdict_follows_from_its_numbers(views):
             kinds.add(c.kind)
         assert split(verdict(raw, removed)) == [" ".join(s.replace("**", "").split()) for s in said]
     # every kind of sentence was met at least once over the regimes
-    assert {"position", "token", "factors", "means_test", "linear", "change", "leak", "token_after"} <= kinds, kinds
+    assert {
+        "position",
+        "token",
+        "factors",
+        "means_test",
+        "linear",
+        "change",
+        "leak",
+        "token_after",
+    } <= kinds, kinds
 
 
 def test_the_numbers_a_sentence_quotes_are_the_measures_it_names(views):
@@ -73,9 +84,13 @@ def test_the_numbers_a_sentence_quotes_are_the_measures_it_names(views):
                 name = re.match(r"(?:A|An|The|No) ([\w ]+?) (?:component|test)", c.sentence).group(1)
                 test = next(t for k, t in rem["tests"].items() if NUISANCES[k].words == name)
                 assert _close(re.search(r"held-out R2 ([-+\d.]+)", c.sentence).group(1), test["r2_oof"]), key
-                assert _close(re.search(r"against ([-+\d.]+) by chance", c.sentence).group(1), test["null_r2"]), key
+                assert _close(
+                    re.search(r"against ([-+\d.]+) by chance", c.sentence).group(1), test["null_r2"]
+                ), key
             if c.kind == "token":
-                assert _close(re.search(r"token ([\d.]+)%", c.sentence).group(1), raw["token_leak"]["leak"], 100)
+                assert _close(
+                    re.search(r"token ([\d.]+)%", c.sentence).group(1), raw["token_leak"]["leak"], 100
+                )
 
 
 def test_titles_and_notes_name_what_went_and_how_much(views):
@@ -106,8 +121,10 @@ def test_the_guard_names_every_leak_past_chance_on_the_far_side_and_nothing_else
         warned = {w.metric: w for w in check(raw, removed)}
         took = removed_nuisances(removed["removal"])
         for w in warned.values():
-            m = re.search(r"\(([-+\d.]+) -> ([-+\d.]+), band of the change ±([\d.]+); chance ([-+\d.]+) ±([\d.]+)\)",
-                          w.message)
+            m = re.search(
+                r"\(([-+\d.]+) -> ([-+\d.]+), band of the change ±([\d.]+); chance ([-+\d.]+) ±([\d.]+)\)",
+                w.message,
+            )
             r, a, band, c, half = (float(g) for g in m.groups())
             dr, da = r - c, a - c
             if w.kind in ("invented", "pushed apart"):
@@ -140,31 +157,76 @@ def test_the_metrics_table_flags_what_the_guard_names_and_says_what_its_bands_co
 
 # The six contradictions of issue 35, each on the numbers it was found with.
 
+
 def _removal(**kw) -> dict:
-    base = {"method": "auto", "nuisance": "position", "removes": ["position"], "detected": False, "p_value": 0.05, "p_min": 0.0476,
-                "alpha": 0.05, "weight": 0.0, "tests": {}, "removed": [], "removed_keys": [], "weights": {}, "crossfit": False, "note": ""}
+    base = {
+        "method": "auto",
+        "nuisance": "position",
+        "removes": ["position"],
+        "detected": False,
+        "p_value": 0.05,
+        "p_min": 0.0476,
+        "alpha": 0.05,
+        "weight": 0.0,
+        "tests": {},
+        "removed": [],
+        "removed_keys": [],
+        "weights": {},
+        "crossfit": False,
+        "note": "",
+    }
     return base | kw
 
 
 def _test(p, r2, null, key="position"):
-    return {"key": key, "r2_oof": r2, "null_r2": null, "null_hi": null + 0.02, "p_value": p, "detected": p <= 0.05 and r2 > 0}
+    return {
+        "key": key,
+        "r2_oof": r2,
+        "null_r2": null,
+        "null_hi": null + 0.02,
+        "p_value": p,
+        "detected": p <= 0.05 and r2 > 0,
+    }
 
 
 def test_the_probe_found_part_is_named_as_subtracted_only_when_a_weight_was_subtracted():
     """Position only the probe reads: 'subtracted as a smooth rank-r component' with the weight quoted when
     the low-rank part was subtracted; 'reads position ... not removed' when no rank predicted held-out
     prompts (nothing subtracted); each read back against the probe test's own numbers."""
-    lin = {"r2_oof": 0.31, "null_r2": -0.01, "null_hi": 0.02, "p_value": 0.0125, "p_min": 0.0125, "alpha": 0.025,
-           "detected": True}
+    lin = {
+        "r2_oof": 0.31,
+        "null_r2": -0.01,
+        "null_hi": 0.02,
+        "p_value": 0.0125,
+        "p_min": 0.0125,
+        "alpha": 0.025,
+        "detected": True,
+    }
     tests = {"position": _test(0.5, -0.07, -0.075)}
-    took = _removal(detected=True, weight=0.78, linear_test=lin, tests=tests, removed=["position (low rank)"],
-                    removed_keys=["position"], lowrank={"rank": 1, "weight": 0.78, "gain": 0.03})
+    took = _removal(
+        detected=True,
+        weight=0.78,
+        linear_test=lin,
+        tests=tests,
+        removed=["position (low rank)"],
+        removed_keys=["position"],
+        lowrank={"rank": 1, "weight": 0.78, "gain": 0.03},
+    )
     text = verdict({}, {"removal": took})
-    assert "subtracted as a smooth rank-1 component at weight 0.78" in text and "so it was not removed" not in text
+    assert (
+        "subtracted as a smooth rank-1 component at weight 0.78" in text
+        and "so it was not removed" not in text
+    )
     assert removal_title(took) == "position (low rank) removed" and "rank-1" in removal_note(took)
-    left = _removal(detected=True, linear_test=lin, tests=tests, lowrank={"rank": 0, "weight": 0.0, "gain": 0.0})
+    left = _removal(
+        detected=True, linear_test=lin, tests=tests, lowrank={"rank": 0, "weight": 0.0, "gain": 0.0}
+    )
     text = verdict({}, {"removal": left})
-    assert "reads position across prompts" in text and "so it was not removed" in text and "subtracted" not in text
+    assert (
+        "reads position across prompts" in text
+        and "so it was not removed" in text
+        and "subtracted" not in text
+    )
     assert removal_title(left).startswith("nothing removed")
     for said in (took, left):
         assert not [c.problems for c in read_all(verdict({}, {"removal": said})) if c.problems]
@@ -182,17 +244,30 @@ def test_contradiction_1_no_not_detected_beside_a_significant_p():
 
 
 def test_contradiction_2_each_test_quotes_its_own_numbers():
-    rem = _removal(method="position_token", removes=["position", "token"], detected=True, weight=0.8,
-                   tests={"position": _test(0.0476, -0.070, -0.072), "token": _test(0.0476, 0.295, -0.118, "token")},
-                   removed=["token identity"], removed_keys=["token"])
+    rem = _removal(
+        method="position_token",
+        removes=["position", "token"],
+        detected=True,
+        weight=0.8,
+        tests={"position": _test(0.0476, -0.070, -0.072), "token": _test(0.0476, 0.295, -0.118, "token")},
+        removed=["token identity"],
+        removed_keys=["token"],
+    )
     text = verdict({}, {"removal": rem})
-    assert "A token identity component was detected (p <= 0.048, held-out R2 +0.295 against -0.118 by chance)" in text
-    assert "The position test was significant (p <= 0.048, held-out R2 -0.070 against -0.072 by chance)" in text
+    assert (
+        "A token identity component was detected (p <= 0.048, held-out R2 +0.295 against -0.118 by chance)"
+        in text
+    )
+    assert (
+        "The position test was significant (p <= 0.048, held-out R2 -0.070 against -0.072 by chance)" in text
+    )
 
 
 def test_contradiction_3_decodable_only_when_the_band_clears_chance():
-    raw = {"r2_pos": {"r2": 0.01, "chance": 0.005, "chance_sd": 0.001, "lo": 0.004, "hi": 0.016},
-           "probe": {"r2": 0.01, "lo": -0.02, "hi": 0.04, "chance_hi": 0.0}}
+    raw = {
+        "r2_pos": {"r2": 0.01, "chance": 0.005, "chance_sd": 0.001, "lo": 0.004, "hi": 0.016},
+        "probe": {"r2": 0.01, "lo": -0.02, "hi": 0.04, "chance_hi": 0.0},
+    }
     text = verdict(raw)
     assert "is linearly decodable" not in text and "undecided" in text
     assert not [c.problems for c in read_all(text) if c.problems]
@@ -202,10 +277,21 @@ def test_contradiction_4_removed_is_the_positional_variance_that_went_not_the_me
     """projection said '100% removed' while R2_pos rose 0.111 -> 0.122; per_token '94% of it removed' while
     cross-fitting left 40% of the tokens untouched."""
     raw = {"r2_pos": {"r2": 0.111, "chance": 0.03, "chance_sd": 0.001, "lo": 0.108, "hi": 0.114}}
-    after = {"r2_pos": {"r2": 0.122, "chance": 0.03, "chance_sd": 0.001, "lo": 0.119, "hi": 0.125},
-             "removal": _removal(method="projection", detected=True, weight=1.0, crossfit=True, folds=5,
-                                 fold_by="prompt", crossfit_share=0.6, removed=["position"], removed_keys=["position"],
-                                 tests={"position": _test(0.0476, 0.2, -0.04)})}
+    after = {
+        "r2_pos": {"r2": 0.122, "chance": 0.03, "chance_sd": 0.001, "lo": 0.119, "hi": 0.125},
+        "removal": _removal(
+            method="projection",
+            detected=True,
+            weight=1.0,
+            crossfit=True,
+            folds=5,
+            fold_by="prompt",
+            crossfit_share=0.6,
+            removed=["position"],
+            removed_keys=["position"],
+            tests={"position": _test(0.0476, 0.2, -0.04)},
+        ),
+    }
     text = verdict(raw, after)
     assert "position's share of the variance went 11.1%" in text and ": it rose." in text
     assert "100%" not in removal_note(after["removal"]).replace("weight 100%", "")
@@ -214,8 +300,15 @@ def test_contradiction_4_removed_is_the_positional_variance_that_went_not_the_me
 
 
 def test_contradiction_5_titles_and_warnings_name_what_was_removed():
-    rem = _removal(method="per_token", removes=["token"], detected=True, weight=1.0, removed=["token identity"],
-                   removed_keys=["token"], tests={"token": _test(0.0476, 0.3, -0.1, "token")})
+    rem = _removal(
+        method="per_token",
+        removes=["token"],
+        detected=True,
+        weight=1.0,
+        removed=["token identity"],
+        removed_keys=["token"],
+        tests={"token": _test(0.0476, 0.3, -0.1, "token")},
+    )
     assert removal_title(rem) == "token identity removed"
     from views.present import layout_note
 
@@ -225,13 +318,23 @@ def test_contradiction_5_titles_and_warnings_name_what_was_removed():
 
 
 def test_contradiction_6_a_token_removals_effect_on_the_position_leak_is_not_called_position_removal():
-    raw = {"leak": {"leak": 0.189, "lo": 0.15, "hi": 0.23}, "token_leak": {"leak": 0.75, "lo": 0.69, "hi": 0.81,
-                                                                          "chance": 0.02, "chance_hi": 0.03}}
-    after = {"leak": {"leak": 0.405, "lo": 0.35, "hi": 0.46, "chance_hi": 0.09},
-             "token_leak": {"leak": 0.025, "lo": 0.01, "hi": 0.04, "chance": 0.02, "chance_hi": 0.027},
-             "removal": _removal(method="per_token", removes=["token"], detected=True, weight=1.0,
-                                 removed=["token identity"], removed_keys=["token"],
-                                 tests={"token": _test(0.0476, 0.6, -0.18, "token")})}
+    raw = {
+        "leak": {"leak": 0.189, "lo": 0.15, "hi": 0.23},
+        "token_leak": {"leak": 0.75, "lo": 0.69, "hi": 0.81, "chance": 0.02, "chance_hi": 0.03},
+    }
+    after = {
+        "leak": {"leak": 0.405, "lo": 0.35, "hi": 0.46, "chance_hi": 0.09},
+        "token_leak": {"leak": 0.025, "lo": 0.01, "hi": 0.04, "chance": 0.02, "chance_hi": 0.027},
+        "removal": _removal(
+            method="per_token",
+            removes=["token"],
+            detected=True,
+            weight=1.0,
+            removed=["token identity"],
+            removed_keys=["token"],
+            tests={"token": _test(0.0476, 0.6, -0.18, "token")},
+        ),
+    }
     text = verdict(raw, after)
     assert "After removing token identity, the kNN position leak went +0.189" in text
     assert "After removing token identity, neighbours in other branches share the current token 75.0%" in text
@@ -239,22 +342,32 @@ def test_contradiction_6_a_token_removals_effect_on_the_position_leak_is_not_cal
     assert not [c.problems for c in read_all(text) if c.problems]
 
 
-@pytest.mark.parametrize("true, false", [
-    ("and its linear decodability across prompts is undecided: the band reaches chance",
-     "and is linearly decodable across prompts"),
-    ("No position component detected at this layer (p = 0.30", "No position component detected at this layer (p = 0.03"),
-    (": down to chance.", ": unchanged within its band."),
-    ("This layer is organized by", "No single factor organizes"),
-])
+@pytest.mark.parametrize(
+    "true, false",
+    [
+        (
+            "and its linear decodability across prompts is undecided: the band reaches chance",
+            "and is linearly decodable across prompts",
+        ),
+        (
+            "No position component detected at this layer (p = 0.30",
+            "No position component detected at this layer (p = 0.03",
+        ),
+        (": down to chance.", ": unchanged within its band."),
+        ("This layer is organized by", "No single factor organizes"),
+    ],
+)
 def test_the_reader_catches_a_claim_stronger_than_its_numbers(true, false):
     """The reader is itself tested: one word or number changed in a true verdict is found."""
-    text = ("Position explains 5.4% of the variance here ±0.5% (chance 5.1% ±0.4%) and its linear decodability "
-            "across prompts is undecided: the band reaches chance (probe R2 -0.03, band -0.38 to 0.32, chance at "
-            "most 0.00). This layer is organized by position (above-chance scores, 0 chance to 1 perfect: position "
-            "0.95 ±0.01, prompt 0.56 ±0.05). No position component detected at this layer (p = 0.30, held-out R2 "
-            "-0.070 against -0.073 by chance): not removed. After removing token identity, position's share of the "
-            "variance went 57.7% ±1.5% (chance 6.0% ±0.4%) -> 6.6% ±1.5% (chance 5.1% ±0.1%), band of the change "
-            "±2.1%: down to chance.")
+    text = (
+        "Position explains 5.4% of the variance here ±0.5% (chance 5.1% ±0.4%) and its linear decodability "
+        "across prompts is undecided: the band reaches chance (probe R2 -0.03, band -0.38 to 0.32, chance at "
+        "most 0.00). This layer is organized by position (above-chance scores, 0 chance to 1 perfect: position "
+        "0.95 ±0.01, prompt 0.56 ±0.05). No position component detected at this layer (p = 0.30, held-out R2 "
+        "-0.070 against -0.073 by chance): not removed. After removing token identity, position's share of the "
+        "variance went 57.7% ±1.5% (chance 6.0% ±0.4%) -> 6.6% ±1.5% (chance 5.1% ±0.1%), band of the change "
+        "±2.1%: down to chance."
+    )
     assert true in text
     assert not [c.problems for c in read_all(text) if c.problems]
     assert [c.problems for c in read_all(text.replace(true, false)) if c.problems]
@@ -265,16 +378,23 @@ def test_no_leader_is_named_when_another_band_holds_its_score_or_a_band_is_missi
     printed ±0.00 and decided on its point estimate."""
     from analysis.verdict import factor_sentence
 
-    raw = {"leak": {"leak": 0.15, "lo": 0.14, "hi": 0.16},
-           "purity_prompt_pooled": {"purity": 0.10, "chance": 0.0, "lo": -0.05, "hi": 0.25}}
+    raw = {
+        "leak": {"leak": 0.15, "lo": 0.14, "hi": 0.16},
+        "purity_prompt_pooled": {"purity": 0.10, "chance": 0.0, "lo": -0.05, "hi": 0.25},
+    }
     said = factor_sentence(raw)
     assert said.startswith("No factor clearly leads: the bands of **position and prompt** overlap"), said
     assert not [c.problems for c in read_all(said) if c.problems]
-    wrong = said.replace("No factor clearly leads: the bands of **position and prompt** overlap",
-                         "**position** leads, but its band reaches below 0.2, the score from which this verdict "
-                         "calls a factor organizing")
+    wrong = said.replace(
+        "No factor clearly leads: the bands of **position and prompt** overlap",
+        "**position** leads, but its band reaches below 0.2, the score from which this verdict "
+        "calls a factor organizing",
+    )
     assert [c.problems for c in read_all(wrong) if c.problems]
-    unbanded = {"leak": {"leak": 0.9, "lo": 0.89, "hi": 0.91}, "purity_branch_pooled": {"purity": 0.3, "chance": 0.0}}
+    unbanded = {
+        "leak": {"leak": 0.9, "lo": 0.89, "hi": 0.91},
+        "purity_branch_pooled": {"purity": 0.3, "chance": 0.0},
+    }
     said = factor_sentence(unbanded)
     assert "branch 0.30 (no band)" in said and "organized by" not in said, said
     assert not [c.problems for c in read_all(said) if c.problems]

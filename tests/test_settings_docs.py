@@ -45,19 +45,32 @@ def test_example_config_names_every_setting_with_its_true_default():
 def test_every_setting_has_a_flag_that_overrides_it(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\n")
-    text = {"model": "m", "prompts": str(prompts), "layers": "0,-1", "fork_offsets": "9,3", "device": "cpu",
-            "store": "s.duckdb", "run_id": "x"}
+    text = {
+        "model": "m",
+        "prompts": str(prompts),
+        "layers": "0,-1",
+        "fork_offsets": "9,3",
+        "device": "cpu",
+        "store": "s.duckdb",
+        "run_id": "x",
+    }
     argv = []
     for f in SETTINGS:
         default = default_of(f)
         if isinstance(default, bool):
             argv.append(flag_of(f))
         else:
-            argv += [flag_of(f), f.metadata["choices"][-1] if f.metadata["choices"] else
-                     text.get(f.name, "0.5" if isinstance(default, float) else "7")]
+            argv += [
+                flag_of(f),
+                f.metadata["choices"][-1]
+                if f.metadata["choices"]
+                else text.get(f.name, "0.5" if isinstance(default, float) else "7"),
+            ]
     given = overrides(parser().parse_args(argv))
     assert set(given) == set(FIELD_NAMES)
-    assert given["prompts"] == ["one", "two"] and given["layers"] == [0, -1] and given["fork_offsets"] == [9, 3]
+    assert (
+        given["prompts"] == ["one", "two"] and given["layers"] == [0, -1] and given["fork_offsets"] == [9, 3]
+    )
     assert (given["stop_at_eos"], given["zero_pe"], given["compact"]) == (False, True, False)
     assert given["samples"] == 7 and given["temperature"] == 0.5 and given["dtype"] == "float16"
     cfg = build_config({"samples": 2, "seed": 3}, overrides(parser().parse_args(["--samples", "5"])))

@@ -21,8 +21,13 @@ from store.shards import merge, write_shard
 
 
 def _merge_cli(run_path: str, store: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "store", "merge", run_path, "--store", str(store)],
-                          check=False, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [PYTHON, "-m", "store", "merge", run_path, "--store", str(store)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _prompts(store: Path) -> list[int]:
@@ -49,11 +54,14 @@ def _no_record(shard: Path) -> None:
     (shard / "commit.json").unlink()
 
 
-@pytest.mark.parametrize("damage, expected", [
-    (_half_latents, "latents.parquet has"),
-    (_truncate, "tokens.parquet has"),
-    (_no_record, "no commit record"),
-])
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (_half_latents, "latents.parquet has"),
+        (_truncate, "tokens.parquet has"),
+        (_no_record, "no commit record"),
+    ],
+)
 def test_a_damaged_shard_is_refused_in_one_line_and_the_others_merge(tmp_path, damage, expected):
     run_path = write_run(str(tmp_path / "shards"))
     damage(Path(run_path, "shard-00001"))
@@ -75,15 +83,21 @@ def test_a_shard_of_another_run_copied_in_is_refused(tmp_path, monkeypatch):
     import test_s3_shards
 
     ours = write_run(str(tmp_path / "ours"))
-    monkeypatch.setattr(test_s3_shards, "RUN", dataclasses.replace(RUN, config={"samples": 1, "seed": 1},
-                                                                   config_hash="hash-2"))
+    monkeypatch.setattr(
+        test_s3_shards,
+        "RUN",
+        dataclasses.replace(RUN, config={"samples": 1, "seed": 1}, config_hash="hash-2"),
+    )
     theirs = write_run(str(tmp_path / "theirs"))
     monkeypatch.undo()
     shutil.rmtree(Path(ours, "shard-00002"))
     shutil.copytree(Path(theirs, "shard-00002"), Path(ours, "shard-00002"))
     store = tmp_path / "store.duckdb"
-    with pytest.raises(StoreError, match=r"shard-00002 does not match its commit record \(it belongs to run "
-                                         r"'run-s3' with config hash-2, not 'run-s3' with config hash-1\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"shard-00002 does not match its commit record \(it belongs to run "
+        r"'run-s3' with config hash-2, not 'run-s3' with config hash-1\)",
+    ):
         merge(ours, store, created_by="test")
     assert _prompts(store) == [0, 1, 2, 3] and _status(store) == "running"
 

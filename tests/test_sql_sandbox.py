@@ -54,19 +54,32 @@ def _store_reaching_for(sql_store, tmp_path, name: str, statements: list[str]):
 @pytest.fixture
 def hostile_store(sql_store, tmp_path):
     """A store whose `prompts` is a view over a server file and which carries a macro reading another."""
-    return _store_reaching_for(sql_store, tmp_path, "hostile", [
-        "ALTER TABLE prompts RENAME TO prompts_kept",
-        "CREATE VIEW prompts AS SELECT p.run_id, p.prompt_id, f.content AS text, p.n_tokens "
-        "FROM prompts_kept p, read_text('{secret}') f"])
+    return _store_reaching_for(
+        sql_store,
+        tmp_path,
+        "hostile",
+        [
+            "ALTER TABLE prompts RENAME TO prompts_kept",
+            "CREATE VIEW prompts AS SELECT p.run_id, p.prompt_id, f.content AS text, p.n_tokens "
+            "FROM prompts_kept p, read_text('{secret}') f",
+        ],
+    )
 
 
 @pytest.fixture
 def sneaky_store(sql_store, tmp_path):
     """A store whose contract tables are all there, with the contract view `branch_tokens` redefined over a
     server file and a macro reading it: what the open-time check cannot see, the locked config stops."""
-    return _store_reaching_for(sql_store, tmp_path, "sneaky", [
-        "DROP VIEW branch_latents", "DROP VIEW branch_tokens",
-        "CREATE VIEW branch_tokens AS SELECT content AS text FROM read_text('{secret}')"])
+    return _store_reaching_for(
+        sql_store,
+        tmp_path,
+        "sneaky",
+        [
+            "DROP VIEW branch_latents",
+            "DROP VIEW branch_tokens",
+            "CREATE VIEW branch_tokens AS SELECT content AS text FROM read_text('{secret}')",
+        ],
+    )
 
 
 def test_a_contract_table_replaced_by_a_view_is_refused_on_open(hostile_store):
@@ -83,7 +96,10 @@ def test_a_store_view_over_a_server_file_reads_nothing_and_says_one_line(sneaky_
     """The store's own views and macros run inside every read connection (app, report, views): file access
     is off there, so they fail with one StoreError line; nothing of the file comes out."""
     path, _ = sneaky_store
-    with pytest.raises(StoreError, match="file system operations are disabled") as caught, reading(path) as con:
+    with (
+        pytest.raises(StoreError, match="file system operations are disabled") as caught,
+        reading(path) as con,
+    ):
         con.sql("SELECT text FROM branch_tokens").fetchall()
     assert "TOP-SECRET" not in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(StoreError, match="file system operations are disabled"), reading(path) as con:
@@ -98,10 +114,13 @@ def test_a_store_view_over_a_server_file_reads_nothing_and_says_one_line(sneaky_
         run_query(path, "SELECT text FROM branch_tokens")
 
 
-@pytest.mark.parametrize("which, message", [("hostile", "table(s) prompts missing"),
-                                            ("sneaky", "file system operations are disabled")])
-def test_the_app_shows_one_line_not_the_file_for_a_hostile_store(which, message, hostile_store, sneaky_store,
-                                                                monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "which, message",
+    [("hostile", "table(s) prompts missing"), ("sneaky", "file system operations are disabled")],
+)
+def test_the_app_shows_one_line_not_the_file_for_a_hostile_store(
+    which, message, hostile_store, sneaky_store, monkeypatch, tmp_path
+):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
@@ -134,8 +153,10 @@ def test_assembled_names_reach_no_server_folder_and_harmless_text_runs(sql_store
         with pytest.raises(SqlError) as caught:
             run_query(sql_store, sql)
         assert home + "/" not in str(caught.value) and "branchlens-sql-" in str(caught.value)
-    harmless = run_query(sql_store, "SELECT count(*) AS n FROM tokens WHERE token_text LIKE '%getenv%' "
-                                    "OR token_text = 'duckdb_settings'")
+    harmless = run_query(
+        sql_store,
+        "SELECT count(*) AS n FROM tokens WHERE token_text LIKE '%getenv%' OR token_text = 'duckdb_settings'",
+    )
     assert harmless.table.column("n").to_pylist() == [0]
     assert list(private_tmp.iterdir()) == []  # each query's folder removed
 
@@ -152,8 +173,9 @@ def test_a_query_past_the_progress_bars_delay_answers(sql_store):
     """DuckDB prints a progress bar on stdout after 2 s (this one ran 2.4 s on the 2-core CI machine): the
     answer travels apart from it, so the query answers instead of 'ended without an answer'."""
     result = run_query(sql_store, "SELECT sum(i * i % 7) AS s FROM range(400000000) t(i)", timeout_s=600)
-    assert int(result.table.column("s")[0].as_py()) == sum(i * i % 7 for i in range(7)) * (400000000 // 7) + \
-        sum(i * i % 7 for i in range(400000000 % 7))
+    assert int(result.table.column("s")[0].as_py()) == sum(i * i % 7 for i in range(7)) * (
+        400000000 // 7
+    ) + sum(i * i % 7 for i in range(400000000 % 7))
 
 
 def test_spill_files_of_a_killed_query_are_removed(sql_store, private_tmp, monkeypatch):
@@ -170,13 +192,19 @@ def test_the_query_process_ends_with_the_app(sql_store, tmp_path, monkeypatch):
     """Killing the app (kill -9) mid-query left the query's process at 98% CPU forever: now it ends. The app
     here is a process held by the fault hook once its query's process said the query started; the test
     kills it there, then waits for the query's process to end (a regression hangs here, whatever the speed)."""
-    script = ("import sys; from store.sandbox import run_query; "
-              "run_query(sys.argv[1], 'SELECT count(*) FROM range(100000000000) a, range(1000000) b', "
-              "timeout_s=3600)")
-    app = subprocess.Popen([PYTHON, "-c", script, str(sql_store)], cwd=ROOT, stdin=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True,
-                           env=dict(os.environ, PYTHONPATH=str(ROOT), BRANCHLENS_FAULT="sql-wait:1:pause",
-                                    TMPDIR=str(tmp_path)))
+    script = (
+        "import sys; from store.sandbox import run_query; "
+        "run_query(sys.argv[1], 'SELECT count(*) FROM range(100000000000) a, range(1000000) b', "
+        "timeout_s=3600)"
+    )
+    app = subprocess.Popen(
+        [PYTHON, "-c", script, str(sql_store)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT), BRANCHLENS_FAULT="sql-wait:1:pause", TMPDIR=str(tmp_path)),
+    )
     children: list[psutil.Process] = []
     try:
         for line in app.stderr:

@@ -17,19 +17,43 @@ CONTRACT_COLUMNS = {
     "runs": {"run_id", "model", "created_at", "config"},
     "prompts": {"run_id", "prompt_id", "text"},
     "branches": {"run_id", "branch_id", "prompt_id", "parent_branch_id", "fork_position"},
-    "tokens": {"run_id", "branch_id", "position", "token_id", "token_text", "logprob", "entropy", "is_prompt"},
+    "tokens": {
+        "run_id",
+        "branch_id",
+        "position",
+        "token_id",
+        "token_text",
+        "logprob",
+        "entropy",
+        "is_prompt",
+    },
     "latents": {"run_id", "branch_id", "position", "layer", "variant", "vec"},
 }
 
 
 def branch(branch_id, parent, fork, tokens, kind, n_layers=2):
     n = len(tokens)
-    latents = np.stack([np.arange(n * DIM, dtype=np.float32).reshape(n, DIM) + 1000 * branch_id + 100 * li
-                        for li in range(n_layers)])
-    return BranchRecord(branch_id=branch_id, prompt_id=0, parent_branch_id=parent, fork_position=fork,
-                        depth=0 if parent is None else 1, kind=kind, path=f"b{branch_id}", token_ids=np.array(tokens),
-                        token_texts=[f"t{t}" for t in tokens], logprobs=np.full(n, -1.0, np.float32),
-                        entropies=np.full(n, 2.0, np.float32), ended_with_eos=False, latents=latents)
+    latents = np.stack(
+        [
+            np.arange(n * DIM, dtype=np.float32).reshape(n, DIM) + 1000 * branch_id + 100 * li
+            for li in range(n_layers)
+        ]
+    )
+    return BranchRecord(
+        branch_id=branch_id,
+        prompt_id=0,
+        parent_branch_id=parent,
+        fork_position=fork,
+        depth=0 if parent is None else 1,
+        kind=kind,
+        path=f"b{branch_id}",
+        token_ids=np.array(tokens),
+        token_texts=[f"t{t}" for t in tokens],
+        logprobs=np.full(n, -1.0, np.float32),
+        entropies=np.full(n, 2.0, np.float32),
+        ended_with_eos=False,
+        latents=latents,
+    )
 
 
 @pytest.fixture
@@ -40,8 +64,11 @@ def small_store(tmp_path):
     writer.prepare(DIM)
     run = RunRecord("r1", "tiny", {"a": 1}, "h1", 2, DIM, "rope", "cpu", "float32")
     assert writer.start_run(run) == set()
-    records = [branch(0, None, 0, [10, 11, 12], "prompt"), branch(1, 0, 3, [20, 21], "sample"),
-               branch(2, 1, 4, [30], "fork")]
+    records = [
+        branch(0, None, 0, [10, 11, 12], "prompt"),
+        branch(1, 0, 3, [20, 21], "sample"),
+        branch(2, 1, 4, [30], "fork"),
+    ]
     writer.write_prompt("r1", 0, "hello", 3, records, layers=[0, 5])
     writer.finish_run("r1")
     return path, records
@@ -57,9 +84,13 @@ def test_contract_tables_columns_and_views(small_store):
         for table, columns in CONTRACT_COLUMNS.items():
             found = {r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()}
             assert columns <= found, (table, columns - found)
-        vec_type = con.execute("SELECT data_type FROM duckdb_columns() WHERE table_name='latents' AND column_name='vec'").fetchall()[0][0]
+        vec_type = con.execute(
+            "SELECT data_type FROM duckdb_columns() WHERE table_name='latents' AND column_name='vec'"
+        ).fetchall()[0][0]
         assert vec_type == f"FLOAT[{DIM}]"
-        views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+        views = {
+            r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()
+        }
         assert set(CONTRACT_VIEWS) <= views
         assert set(CONTRACT_TABLES) <= {r[0] for r in con.execute("SHOW TABLES").fetchall()}
 
@@ -76,7 +107,9 @@ def test_round_trip_tokens_and_vectors(small_store):
         np.testing.assert_array_equal(vecs, expected)
         keys, all_vecs = layer_vectors(con, "r1", layer=0)
         assert keys.height == 6 and all_vecs.shape == (6, DIM)
-        cos = con.execute("SELECT array_cosine_similarity(a.vec, a.vec) FROM latents a LIMIT 1").fetchall()[0][0]
+        cos = con.execute("SELECT array_cosine_similarity(a.vec, a.vec) FROM latents a LIMIT 1").fetchall()[
+            0
+        ][0]
         assert cos == pytest.approx(1.0)
         runs = list_runs(con)
         assert runs["run_id"].to_list() == ["r1"] and runs["status"].to_list() == ["complete"]
@@ -146,8 +179,9 @@ def test_a_dead_creators_leftovers_are_removed_and_creation_never_overwrites(tmp
     from helpers import PYTHON
 
     path = tmp_path / "new.duckdb"
-    dead = int(subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = int(
+        subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     leftovers = [tmp_path / f"new.duckdb.creating-{dead}", tmp_path / f"new.duckdb.creating-{dead}.wal"]
     for f in leftovers:
         f.write_bytes(b"half a store")
@@ -164,6 +198,9 @@ def test_one_error_line_first_or_last():
     from store.errors import reason
 
     assert reason(ValueError("what went wrong\n  detail")) == "what went wrong"
-    assert reason(RuntimeError("ray::Task() (pid=1)\n  trace\nValueError: bad"), last_line=True) == "ValueError: bad"
+    assert (
+        reason(RuntimeError("ray::Task() (pid=1)\n  trace\nValueError: bad"), last_line=True)
+        == "ValueError: bad"
+    )
     assert reason(FileNotFoundError(2, "No such file or directory", "x")) == "No such file or directory"
     assert reason(KeyError()) == "KeyError"

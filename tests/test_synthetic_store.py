@@ -30,8 +30,13 @@ def store(tmp_path_factory) -> Path:
     """The command as users run it, with its defaults."""
     tmp = tmp_path_factory.mktemp("synthetic")
     path = tmp / "helix.duckdb"
-    done = subprocess.run([PYTHON, "-m", "views", "synthetic", str(path)], cwd=ROOT, env=cli_env(tmp),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [PYTHON, "-m", "views", "synthetic", str(path)],
+        cwd=ROOT,
+        env=cli_env(tmp),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"run {RUN}: complete")
     return path
@@ -45,28 +50,40 @@ def layer_tokens(path: Path, layer: int):
 
 def test_the_store_opens_with_consistent_counts(store):
     with reading(store) as con:
-        run = con.execute("SELECT model, status, n_layers, d_model, pe_type, config FROM runs WHERE run_id = ?",
-                          [RUN]).fetchone()
+        run = con.execute(
+            "SELECT model, status, n_layers, d_model, pe_type, config FROM runs WHERE run_id = ?", [RUN]
+        ).fetchone()
         summary = run_summary(con, RUN)
-        prompts = con.execute("SELECT prompt_id, text, n_tokens FROM prompts WHERE run_id = ? ORDER BY prompt_id",
-                              [RUN]).fetchall()
-        roots = con.execute("SELECT prompt_id, n_tokens FROM branches WHERE run_id = ? AND kind = 'prompt' "
-                            "ORDER BY prompt_id", [RUN]).fetchall()
-        per_branch = con.execute("""
+        prompts = con.execute(
+            "SELECT prompt_id, text, n_tokens FROM prompts WHERE run_id = ? ORDER BY prompt_id", [RUN]
+        ).fetchall()
+        roots = con.execute(
+            "SELECT prompt_id, n_tokens FROM branches WHERE run_id = ? AND kind = 'prompt' "
+            "ORDER BY prompt_id",
+            [RUN],
+        ).fetchall()
+        per_branch = con.execute(
+            """
             SELECT b.branch_id, b.n_tokens, b.end_position - b.fork_position + 1, count(t.position),
                    min(t.position) = any_value(b.fork_position) AND max(t.position) = any_value(b.end_position)
             FROM branches b JOIN tokens t USING (run_id, branch_id) WHERE b.run_id = ?
             GROUP BY b.branch_id, b.n_tokens, b.fork_position, b.end_position""",
-                                 [RUN]).fetchall()
-        layers_per_token = con.execute("""
+            [RUN],
+        ).fetchall()
+        layers_per_token = con.execute(
+            """
             SELECT count(*), min(n), max(n) FROM (
                 SELECT count(*) AS n FROM latents WHERE run_id = ? AND variant = 'normal'
-                GROUP BY branch_id, position)""", [RUN]).fetchone()
-        full = con.execute("""
+                GROUP BY branch_id, position)""",
+            [RUN],
+        ).fetchone()
+        full = con.execute(
+            """
             SELECT count(*), sum((n = end_position + 1 AND lo = 0 AND hi = end_position)::INT) FROM (
                 SELECT b.branch_id, b.end_position, count(*) AS n, min(s.position) AS lo, max(s.position) AS hi
                 FROM branches b JOIN branch_tokens s USING (run_id, branch_id) WHERE b.run_id = ? GROUP BY ALL)""",
-                           [RUN]).fetchone()
+            [RUN],
+        ).fetchone()
         width = con.execute("SELECT value FROM meta WHERE key = 'vector_dim'").fetchone()[0]
     model, status, n_layers, d_model, pe_type, config = run
     config = json.loads(config)
@@ -94,13 +111,18 @@ def test_the_store_opens_with_consistent_counts(store):
 
 def test_token_ids_come_from_a_vocabulary_not_from_position(store):
     with reading(store) as con:
-        rows = con.execute("SELECT t.position, t.token_id, t.token_text, t.logprob, t.is_prompt, b.kind "
-                           "FROM tokens t JOIN branches b USING (run_id, branch_id) WHERE t.run_id = ?",
-                           [RUN]).fetchall()
-        eos = con.execute("""
+        rows = con.execute(
+            "SELECT t.position, t.token_id, t.token_text, t.logprob, t.is_prompt, b.kind "
+            "FROM tokens t JOIN branches b USING (run_id, branch_id) WHERE t.run_id = ?",
+            [RUN],
+        ).fetchall()
+        eos = con.execute(
+            """
             SELECT b.ended_with_eos, t.token_text FROM branches b
             JOIN tokens t ON t.run_id = b.run_id AND t.branch_id = b.branch_id AND t.position = b.end_position
-            WHERE b.run_id = ?""", [RUN]).fetchall()
+            WHERE b.run_id = ?""",
+            [RUN],
+        ).fetchall()
     position = np.array([r[0] for r in rows])
     ids = np.array([r[1] for r in rows])
     texts: dict[int, set[str]] = {}
@@ -129,11 +151,20 @@ def test_token_ids_come_from_a_vocabulary_not_from_position(store):
 
 def test_forks_have_parents(store):
     with reading(store) as con:
-        branches = {r[0]: r for r in con.execute(
-            "SELECT branch_id, prompt_id, parent_branch_id, fork_position, end_position, depth, kind, path "
-            "FROM branches WHERE run_id = ?", [RUN]).fetchall()}
-        token = dict(((b, p), t) for b, p, t in con.execute(
-            "SELECT branch_id, position, token_id FROM branch_tokens WHERE run_id = ?", [RUN]).fetchall())
+        branches = {
+            r[0]: r
+            for r in con.execute(
+                "SELECT branch_id, prompt_id, parent_branch_id, fork_position, end_position, depth, kind, path "
+                "FROM branches WHERE run_id = ?",
+                [RUN],
+            ).fetchall()
+        }
+        token = dict(
+            ((b, p), t)
+            for b, p, t in con.execute(
+                "SELECT branch_id, position, token_id FROM branch_tokens WHERE run_id = ?", [RUN]
+            ).fetchall()
+        )
     kinds = {"prompt": 0, "sample": 0, "fork": 0}
     for bid, prompt, parent, fork, end, depth, kind, path in branches.values():
         kinds[kind] += 1
@@ -227,8 +258,11 @@ def test_other_settings_are_refused_and_the_store_is_untouched(store, tmp_path, 
     copy = tmp_path / "copy.duckdb"
     shutil.copy(store, copy)
     data = copy.read_bytes()
-    for argv, message in ((["--seed", "1"], "already exists"), (["--length", "40"], "already exists"),
-                          (["--d", "64"], "width 128")):
+    for argv, message in (
+        (["--seed", "1"], "already exists"),
+        (["--length", "40"], "already exists"),
+        (["--d", "64"], "width 128"),
+    ):
         assert main(["synthetic", str(copy), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
@@ -238,7 +272,9 @@ def test_other_settings_are_refused_and_the_store_is_untouched(store, tmp_path, 
     assert not (tmp_path / "new.duckdb").exists()
     # another run id puts a second run beside the first, which stays as it was
     before = dump(copy, RUN)
-    assert main(["synthetic", str(copy), "--seed", "1", "--prompts", "2", "--run-id", "run-synthetic-s1"]) == 0
+    assert (
+        main(["synthetic", str(copy), "--seed", "1", "--prompts", "2", "--run-id", "run-synthetic-s1"]) == 0
+    )
     assert dump(copy, RUN) == before
     with reading(copy) as con:
         assert run_summary(con, "run-synthetic-s1")["prompts"] == 2

@@ -84,7 +84,9 @@ def test_a_fork_excluding_the_only_likely_token_picks_among_the_others():
     logits = torch.tensor([0.0, 200.0, 1.0, -300.0])  # all float32 mass on token 1
     picks = {choose_next(logits, 1.0, 0, 1.0, float(u), exclude=1) for u in np.linspace(0, 0.999, 50)}
     assert picks == {0, 2}
-    chosen, _, _ = sample_step(logits[None].expand(3, -1), 1.0, 0, 1.0, torch.tensor([0.0, 0.5, 0.99]), [1, 1, 1])
+    chosen, _, _ = sample_step(
+        logits[None].expand(3, -1), 1.0, 0, 1.0, torch.tensor([0.0, 0.5, 0.99]), [1, 1, 1]
+    )
     assert set(chosen.tolist()) <= {0, 2}
 
 
@@ -93,12 +95,16 @@ def test_batched_step_equals_rows_alone_and_shares_the_statistics():
     logits = torch.randn(6, 3000) * 2  # (rows, vocab)
     uniforms = row_uniforms([11, 12, 13, 14, 15, 16], 4, torch.device("cpu"))  # (rows, steps)
     assert uniforms.shape == (6, 4) and bool(((uniforms >= 0) & (uniforms < 1)).all())
-    assert torch.equal(uniforms[2], row_uniforms([13], 4, torch.device("cpu"))[0])  # a row's stream is its own
+    assert torch.equal(
+        uniforms[2], row_uniforms([13], 4, torch.device("cpu"))[0]
+    )  # a row's stream is its own
     for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.0, 50, 1.0), (0.0, 0, 1.0)]:
         exclude = [None, 5, None, 7, None, None]
         chosen, logprob, entropy = sample_step(logits, temperature, top_k, top_p, uniforms[:, 0], exclude)
-        alone = [choose_next(logits[i], temperature, top_k, top_p, float(uniforms[i, 0]), exclude=exclude[i])
-                 for i in range(6)]
+        alone = [
+            choose_next(logits[i], temperature, top_k, top_p, float(uniforms[i, 0]), exclude=exclude[i])
+            for i in range(6)
+        ]
         assert chosen.tolist() == alone
         assert 5 != chosen[1] and 7 != chosen[3]
         ref_lp, ref_ent = token_stats(logits, chosen)

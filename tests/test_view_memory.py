@@ -24,8 +24,15 @@ def _sums(X: np.ndarray, codes: np.ndarray, n_codes: int, w: np.ndarray | None =
     return out
 
 
-def reference_r2_pos(X: np.ndarray, position: np.ndarray, groups: np.ndarray, n_shuffles: int = 5,
-                     seed: int = 0, n_boot: int = 30, dims: int = 64) -> dict[str, float]:
+def reference_r2_pos(
+    X: np.ndarray,
+    position: np.ndarray,
+    groups: np.ndarray,
+    n_shuffles: int = 5,
+    seed: int = 0,
+    n_boot: int = 30,
+    dims: int = 64,
+) -> dict[str, float]:
     """R2_pos as defined, on a float64 copy of X with (n, d) temporaries (the obvious way)."""
     X = X.astype(np.float64)
     n = len(X)
@@ -59,13 +66,25 @@ def reference_r2_pos(X: np.ndarray, position: np.ndarray, groups: np.ndarray, n_
         w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)  # a multinomial resample
         g = (w @ Z) / w.sum()
         boot.append(ssb(pos, Z, w) / float(w @ ((Z - g) ** 2).sum(axis=1)))
-    return {"r2": ssb(pos, X, ones) / sst, "chance": float(np.mean(shuffled)), "chance_sd": float(np.std(shuffled)),
-            "heldout": heldout, "heldout_coverage": float(ok.mean()),
-            "sd": float(np.std(boot)), "lo": float(np.quantile(boot, 0.025)), "hi": float(np.quantile(boot, 0.975))}
+    return {
+        "r2": ssb(pos, X, ones) / sst,
+        "chance": float(np.mean(shuffled)),
+        "chance_sd": float(np.std(shuffled)),
+        "heldout": heldout,
+        "heldout_coverage": float(ok.mean()),
+        "sd": float(np.std(boot)),
+        "lo": float(np.quantile(boot, 0.025)),
+        "hi": float(np.quantile(boot, 0.975)),
+    }
 
 
-@pytest.mark.parametrize("shape", [dict(n_prompts=3, branches_per_prompt=4, length=30, d=80),  # d > 64: band projects
-                                   dict(n_prompts=40, branches_per_prompt=10, length=100, d=24)])  # > 2 blocks
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(n_prompts=3, branches_per_prompt=4, length=30, d=80),  # d > 64: band projects
+        dict(n_prompts=40, branches_per_prompt=10, length=100, d=24),
+    ],
+)  # > 2 blocks
 def test_r2_pos_read_in_float64_blocks_equals_its_definition_on_a_float64_copy(shape):
     tree = branch_tree(seed=5, **shape)
     assert tree.X.dtype == np.float32
@@ -86,7 +105,11 @@ def test_fold_statistics_by_algebra_equal_statistics_of_the_offset_rows(method):
     fold = tree.prompt % 3
     Z = tree.X - tree.X.mean(axis=0)
     spec = ResidualSpec(method=method)
-    helper = make_residualizer(spec) if method != "projection" else PerPositionMean(spec.with_method("per_position"))
+    helper = (
+        make_residualizer(spec)
+        if method != "projection"
+        else PerPositionMean(spec.with_method("per_position"))
+    )
     cov = {"token": token} if method == "per_token" else {"position": tree.position}
     got = fold_label_stats(Z, labels, tree.branch, fold, helper)
     rows = Z - branch_offsets(make_residualizer(spec), Z, cov, tree.branch)  # (n, d): what the algebra avoids
@@ -98,9 +121,18 @@ def test_fold_statistics_by_algebra_equal_statistics_of_the_offset_rows(method):
         assert got[f].sq == pytest.approx(want.sq, rel=1e-5) and got[f].n == want.n
 
 
-@pytest.mark.parametrize("params", [{}, {"method": "per_position"}, {"method": "projection"},
-                                    {"method": "position_token"}, {"method": "per_position", "crossfit": False},
-                                    {"standardize": True}, {"method": "linear_erase", "gate": False}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"method": "per_position"},
+        {"method": "projection"},
+        {"method": "position_token"},
+        {"method": "per_position", "crossfit": False},
+        {"standardize": True},
+        {"method": "linear_erase", "gate": False},
+    ],
+)
 def test_removal_in_place_writes_the_same_residuals_over_the_input(params):
     tree = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, seed=11)
     tree.extra["token_id"] = np.random.default_rng(1).integers(0, 40, len(tree))
@@ -112,9 +144,10 @@ def test_removal_in_place_writes_the_same_residuals_over_the_input(params):
     assert in_place is own.X
     np.testing.assert_array_equal(in_place, copied)
     assert report2.to_dict().keys() == report.to_dict().keys() and report2.weight == report.weight
-    np.testing.assert_array_equal(fit_remove(tree, spec, reference=tree.subset(tree.prompt < 3))[0],
-                                  fit_remove(tree.with_X(tree.X.copy()), spec, tree.subset(tree.prompt < 3),
-                                             in_place=True)[0])
+    np.testing.assert_array_equal(
+        fit_remove(tree, spec, reference=tree.subset(tree.prompt < 3))[0],
+        fit_remove(tree.with_X(tree.X.copy()), spec, tree.subset(tree.prompt < 3), in_place=True)[0],
+    )
 
 
 def test_view_in_place_equals_the_copying_view():
@@ -127,11 +160,16 @@ def test_view_in_place_equals_the_copying_view():
     lean = compute_view(own, spec, in_place=True)
     np.testing.assert_array_equal(lean.index, plain.index)
     assert np.shares_memory(lean.residual, own.X)
-    np.testing.assert_allclose(lean.residual, plain.residual, rtol=1e-6, atol=1e-6)  # scaled back after the measures
+    np.testing.assert_allclose(
+        lean.residual, plain.residual, rtol=1e-6, atol=1e-6
+    )  # scaled back after the measures
     np.testing.assert_allclose(lean.coords, plain.coords, rtol=1e-5, atol=1e-5)
     for key in ("r2_pos", "leak", "leak_prompt", "nn_branch", "purity_branch_pooled", "projection"):
         for field, value in plain.metrics[key].items():
-            assert lean.metrics[key][field] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (key, field)
+            assert lean.metrics[key][field] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (
+                key,
+                field,
+            )
 
 
 def test_measure_in_place_gives_the_copying_numbers_and_restores_the_vectors():
@@ -160,8 +198,10 @@ def test_nearest_only_search_finds_the_brute_force_nearest():
     np.testing.assert_allclose(dist[:, 0], d.min(axis=1), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("params", [{}, {"method": "regression"}, {"method": "per_token"}, {"within_branch": False},
-                                    {"shrink": 0.0}])
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"method": "regression"}, {"method": "per_token"}, {"within_branch": False}, {"shrink": 0.0}],
+)
 def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(params):
     """The removal's weight (crossfit._oof) from FoldCells' sums: the same R2 and weight as fitting each
     fold's model, its branch offsets backfitted, on the training rows themselves."""
@@ -181,8 +221,9 @@ def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(para
     cov = {k: v for k, v in covariates(tree).items() if v is not None}
     name = "token" if spec.method == "per_token" else "position"
     label = cov[name]
-    unsupported = sum(int((~_supported({name: label[fold != f]}, {name: label[fold == f]})).sum())
-                      for f in np.unique(fold))
+    unsupported = sum(
+        int((~_supported({name: label[fold != f]}, {name: label[fold == f]})).sum()) for f in np.unique(fold)
+    )
     assert unsupported > 0  # held-out rows whose position (token id) the training folds never saw: left out
     got = _oof_from_cells(Z, tree, fold, spec, label)
     want = _oof_rows(Z, tree, fold, spec, cov)
@@ -207,8 +248,12 @@ def test_row_norms_and_squares_equal_numpy():
     X = np.random.default_rng(9).normal(size=(3000, 33)).astype(np.float32)
     X[5] = 0  # a zero row: its norm is floored, its unit row finite
     shift = np.linspace(-1, 1, 33)
-    np.testing.assert_allclose(G.row_sq(X, shift), ((X.astype(np.float64) - shift) ** 2).sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        G.row_sq(X, shift), ((X.astype(np.float64) - shift) ** 2).sum(axis=1), rtol=1e-12
+    )
     norms = G.row_norms(X)
     assert norms.shape == (3000, 1) and norms.dtype == np.float32
-    np.testing.assert_allclose(norms[:, 0], np.maximum(np.linalg.norm(X.astype(np.float64), axis=1), 1e-12), rtol=1e-6)
+    np.testing.assert_allclose(
+        norms[:, 0], np.maximum(np.linalg.norm(X.astype(np.float64), axis=1), 1e-12), rtol=1e-6
+    )
     assert np.isfinite(X / norms).all()

@@ -42,8 +42,10 @@ def test_within_shuffler_draws_the_lexsort_permutations(n, n_groups):
         np.testing.assert_array_equal(got, lexsort_shuffle(values, groups, a))
         for g in np.unique(groups)[:20]:  # a permutation within each group
             np.testing.assert_array_equal(np.sort(got[groups == g]), np.sort(values[groups == g]))
-    np.testing.assert_array_equal(shuffle_within(values, groups, np.random.default_rng(2)),
-                                  lexsort_shuffle(values, groups, np.random.default_rng(2)))
+    np.testing.assert_array_equal(
+        shuffle_within(values, groups, np.random.default_rng(2)),
+        lexsort_shuffle(values, groups, np.random.default_rng(2)),
+    )
 
 
 class TiedKeys:
@@ -56,10 +58,14 @@ class TiedKeys:
 def test_within_shuffler_with_tied_keys_keeps_the_lexsort_order():
     groups = np.array([3, 1, 3, 1, 3, 1, 2, 2, 2, 3])
     values = np.arange(10.0)
-    np.testing.assert_array_equal(WithinShuffler(groups)(values, TiedKeys()), lexsort_shuffle(values, groups, TiedKeys()))
+    np.testing.assert_array_equal(
+        WithinShuffler(groups)(values, TiedKeys()), lexsort_shuffle(values, groups, TiedKeys())
+    )
 
 
-def matched_reference(X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None, seed: int):
+def matched_reference(
+    X: np.ndarray, position: np.ndarray, window: int, k: int, sample: int | None, seed: int
+):
     """Matched-position neighbours by one distance matrix per asking token (the definition)."""
     asks = np.zeros(len(X), bool)
     asks[M._sample(len(X), sample, np.random.default_rng(seed))] = True
@@ -71,7 +77,7 @@ def matched_reference(X: np.ndarray, position: np.ndarray, window: int, k: int, 
             d = ((X[c].astype(np.float64) - X[i]) ** 2).sum(axis=1)
             row = np.full(k, -1)
             best = c[np.argsort(d, kind="stable")[:k]]
-            row[:len(best)] = best
+            row[: len(best)] = best
             q_all.append(i)
             n_all.append(row)
     return np.array(q_all), np.array(n_all)
@@ -100,8 +106,9 @@ def test_shared_pca_is_the_fit_projection_and_index_make_themselves(monkeypatch)
     own_mean, own_comps = neighbours.pca_fit(unit, neighbours.REDUCED_DIMS, seed=0)  # what Cells would fit
     np.testing.assert_array_equal(mean, own_mean)
     np.testing.assert_array_equal(comps, own_comps)
-    np.testing.assert_array_equal(P._prepared(tokens.X, spec.projection, pca=(mean, comps)),
-                                  P._prepared(tokens.X, spec.projection))  # and what UMAP's PCA would fit
+    np.testing.assert_array_equal(
+        P._prepared(tokens.X, spec.projection, pca=(mean, comps)), P._prepared(tokens.X, spec.projection)
+    )  # and what UMAP's PCA would fit
     assert _shared_pca(tokens.X, ViewSpec(projection=P.ProjectionSpec(seed=3))) is None  # another sample
 
 
@@ -124,7 +131,14 @@ def test_view_with_the_shared_pca_gives_the_unshared_numbers(monkeypatch):
     plain = compute_view(tree, spec)
     assert built == [True, False]
     np.testing.assert_array_equal(shared.coords, plain.coords)
-    for key in ("leak", "leak_prompt", "token_leak", "purity_branch_pooled", "purity_prompt_pooled", "projection"):
+    for key in (
+        "leak",
+        "leak_prompt",
+        "token_leak",
+        "purity_branch_pooled",
+        "purity_prompt_pooled",
+        "projection",
+    ):
         if key in plain.metrics:
             assert again.metrics[key] == shared.metrics[key] == plain.metrics[key], key
 

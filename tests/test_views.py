@@ -43,8 +43,12 @@ def test_view_of_a_store_matches_the_tokens_and_caches(synthetic_store, tree, tm
     assert again.timings["cached"] == 1.0
     np.testing.assert_array_equal(again.result.coords, first.result.coords)
     assert again.result.metrics == json.loads(json.dumps(first.result.metrics))
-    other = compute(store, Selection(run_id, 0), ViewSpec(residual=ResidualSpec(method="none"),
-                                                          projection=FAST.projection), cache)
+    other = compute(
+        store,
+        Selection(run_id, 0),
+        ViewSpec(residual=ResidualSpec(method="none"), projection=FAST.projection),
+        cache,
+    )
     assert other.timings["cached"] == 0.0
 
 
@@ -78,6 +82,7 @@ def test_the_layer_profile_of_a_growing_run_is_recomputed(tmp_path, tree):
     write_tree(store, tree.subset(tree.prompt >= 2), run_id=run_id)
     served = layer_profile(store, one_prompt, spec, [0], cache)
     fresh = layer_profile(store, one_prompt, spec, [0], None)
+
     def rows(profile: list[dict], raw: bool) -> str:  # NaN-aware equality
         return json.dumps([r for r in profile if (r["method"] == "raw") == raw], sort_keys=True)
 
@@ -144,7 +149,10 @@ def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
     table = capsys.readouterr().out
     for label in ("raw", "auto", "position (joint)", "per-position mean", "took out", "warning", "p "):
         assert label in table
-    assert views_main(["report", str(store), "--methods", "none,per_position", "--projection", "pca", "--json"]) == 0
+    assert (
+        views_main(["report", str(store), "--methods", "none,per_position", "--projection", "pca", "--json"])
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["raw", "per-position mean"]
     raw, removed = rows
@@ -168,9 +176,20 @@ def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
         "print(before, warmup.is_warm(), sum(sum(f._cache_hits.values()) for f in "
         "(L._nb_optimize_layout_euclidean_single_epoch, U.smooth_knn_dist)))\n"
     )
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba"), "BRANCHLENS_CACHE": str(tmp_path / "cache")}
-    run = lambda: subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True,  # noqa: E731
-                                 check=True).stdout.split()[-3:]
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+        "BRANCHLENS_CACHE": str(tmp_path / "cache"),
+    }
+    run = (
+        lambda: subprocess.run(
+            [PYTHON, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,  # noqa: E731
+            check=True,
+        ).stdout.split()[-3:]
+    )
     assert run() == ["False", "True", "0"]  # empty cache: compiled, and the marker says so afterwards
     assert list((tmp_path / "numba").rglob("*.nbi"))
     before, after, hits = run()
@@ -194,26 +213,36 @@ def test_learned_positions_show_and_go_but_rope_embeddings_have_none(tiny_cfg):
     pca = ProjectionSpec(method="pca")
     gpt2 = tiny_cfg("gpt2", store="gpt2.duckdb", samples=3, forks=1, max_new_tokens=16, layers=[0])
     run = ingest(gpt2).run_id
-    raw = compute(gpt2.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca))
+    raw = compute(
+        gpt2.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca)
+    )
     removed = compute(gpt2.store, Selection(run, 0), ViewSpec(projection=pca))
     assert raw.result.metrics["r2_pos"]["adjusted"] > 0.3 and raw.result.metrics["leak"]["leak"] > 0.3
     # near chance; the few tokens at positions no other prompt reaches are left as they are (not cross-fittable)
     assert removed.result.metrics["r2_pos"]["r2"] < raw.result.metrics["r2_pos"]["chance"] + 0.05
-    assert removed.result.metrics["removal"]["detected"] and "position" in removed.result.metrics["removal"]["removed"]
+    assert (
+        removed.result.metrics["removal"]["detected"]
+        and "position" in removed.result.metrics["removal"]["removed"]
+    )
     assert abs(removed.result.metrics["leak"]["leak"]) < 0.15
     assert abs(removed.result.metrics["leak_prompt"]["leak"]) < 0.15
 
     llama = tiny_cfg("llama", store="llama.duckdb", samples=3, forks=1, max_new_tokens=16, layers=[0])
     run = ingest(llama).run_id
-    rope = compute(llama.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca))
+    rope = compute(
+        llama.store, Selection(run, 0), ViewSpec(residual=ResidualSpec(method="none"), projection=pca)
+    )
     assert abs(rope.result.metrics["leak_prompt"]["leak"]) < 0.15
 
 
 def test_fit_on_another_run(tmp_path, tree):
     store = tmp_path / "two-runs.duckdb"
     run_id = write_tree(store, tree)
-    ref_id = write_tree(store, branch_tree(n_prompts=6, branches_per_prompt=6, length=40, d=32, seed=9),
-                        run_id="run-reference")
+    ref_id = write_tree(
+        store,
+        branch_tree(n_prompts=6, branches_per_prompt=6, length=40, d=32, seed=9),
+        run_id="run-reference",
+    )
     view = compute(store, Selection(run_id, 0, prompt_ids=(0,), fit_scope=ref_id), FAST)
     assert set(view.points["prompt_id"].unique()) == {0}
     own = compute(store, Selection(run_id, 0, prompt_ids=(0,)), FAST)
@@ -225,8 +254,11 @@ def test_fit_on_another_run(tmp_path, tree):
 
 
 def test_view_spec_round_trips_and_single_prompt_metrics(tree):
-    spec = ViewSpec(residual=ResidualSpec(method="regression", basis="poly", degree=4),
-                    projection=ProjectionSpec(method="pca", metric="euclidean"), window=1)
+    spec = ViewSpec(
+        residual=ResidualSpec(method="regression", basis="poly", degree=4),
+        projection=ProjectionSpec(method="pca", metric="euclidean"),
+        window=1,
+    )
     assert ViewSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     from analysis import compute_view
 
@@ -263,8 +295,10 @@ def test_raw_is_raw_whatever_the_fit_scope(tmp_path, tree):
     store = tmp_path / "s.duckdb"
     run_id = write_tree(store, tree)
     raw = ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca"))
-    views = [compute(store, Selection(run_id, 0, prompt_ids=(0, 1), fit_scope=scope), raw)
-             for scope in ("plotted", "run")]
+    views = [
+        compute(store, Selection(run_id, 0, prompt_ids=(0, 1), fit_scope=scope), raw)
+        for scope in ("plotted", "run")
+    ]
     np.testing.assert_array_equal(views[0].result.coords, views[1].result.coords)
     assert views[0].result.metrics == views[1].result.metrics
 
@@ -287,7 +321,9 @@ def test_clusters_are_cached_and_say_when_one_holds_most_tokens(synthetic_store,
     store, run_id = synthetic_store
     cache = ViewCache(tmp_path / "cache")
     found = clusters(store, Selection(run_id, 0), FAST, "kmeans", 4, cache)
-    assert found.tokens["cluster"].n_unique() == 4 and sum(s["size"] for s in found.summary) == len(found.tokens)
+    assert found.tokens["cluster"].n_unique() == 4 and sum(s["size"] for s in found.summary) == len(
+        found.tokens
+    )
     assert all({"position", "prompts", "share"} <= s.keys() for s in found.summary)
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1
     again = clusters(store, Selection(run_id, 0), FAST, "kmeans", 4, cache)
@@ -303,13 +339,20 @@ def test_metric_rows_carry_help_band_and_chance(synthetic_store, tmp_path):
     from views.present import metric_rows
 
     store, run_id = synthetic_store
-    raw = compute(store, Selection(run_id, 0), ViewSpec(residual=ResidualSpec(method="none"),
-                                                       projection=FAST.projection)).result.metrics
+    raw = compute(
+        store,
+        Selection(run_id, 0),
+        ViewSpec(residual=ResidualSpec(method="none"), projection=FAST.projection),
+    ).result.metrics
     res = compute(store, Selection(run_id, 0), FAST).result.metrics
     rows = {r.key: r for r in metric_rows(raw, res)}
     assert {k for k, m in MEASURES.items() if m.shown} <= rows.keys()
     for key in ("leak", "leak_prompt"):
-        assert rows[key].chance == "0" and rows[key].chance_band.startswith("±") and rows[key].raw_band.startswith("±")
+        assert (
+            rows[key].chance == "0"
+            and rows[key].chance_band.startswith("±")
+            and rows[key].raw_band.startswith("±")
+        )
     assert rows["r2_pos"].chance_band.startswith("±") and rows["projection"].raw_band.startswith("±")
     assert all(r.help for r in rows.values())
 
@@ -323,9 +366,16 @@ def test_the_dashboard_reaches_store_and_maths_only_through_views():
     offenders = []
     for path in [root / "app.py", *(root / "dashboard").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("store", "analysis", "ingest")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.name}: {n}" for n in names if n.split(".")[0] in ("store", "analysis", "ingest")
+            ]
     assert not offenders, offenders
 
 

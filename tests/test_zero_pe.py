@@ -21,10 +21,16 @@ def stored(store, run_id, variant, layer):
     with reading(store) as con:
         rows = con.execute(
             "SELECT l.branch_id, l.position, l.vec FROM latents l WHERE run_id = ? AND variant = ? AND layer = ? "
-            "ORDER BY 1, 2", [run_id, variant, layer]).fetchall()
-        seqs = {b: ids for b, ids in con.execute(
-            "SELECT branch_id, list(token_id ORDER BY position) FROM branch_tokens WHERE run_id = ? GROUP BY 1",
-            [run_id]).fetchall()}
+            "ORDER BY 1, 2",
+            [run_id, variant, layer],
+        ).fetchall()
+        seqs = {
+            b: ids
+            for b, ids in con.execute(
+                "SELECT branch_id, list(token_id ORDER BY position) FROM branch_tokens WHERE run_id = ? GROUP BY 1",
+                [run_id],
+            ).fetchall()
+        }
     return rows, seqs
 
 
@@ -66,10 +72,14 @@ def test_rope_zero_pe_ignores_position_ids_normal_does_not(model_dirs, family):
 
     base = torch.arange(n)[None]
     shifted, stretched = base + 37, base * 3
-    assert torch.allclose(run(base, True), run(shifted, True)) and torch.allclose(run(base, True), run(stretched, True))
+    assert torch.allclose(run(base, True), run(shifted, True)) and torch.allclose(
+        run(base, True), run(stretched, True)
+    )
     assert not torch.allclose(run(base, False), run(stretched, False), atol=1e-3)
     assert not torch.allclose(run(base, False), run(base, True), atol=1e-3)
-    np.testing.assert_allclose(encode(lm, ids[0].tolist(), [lm.n_layers])[0], run(base, True).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        encode(lm, ids[0].tolist(), [lm.n_layers])[0], run(base, True).numpy(), atol=1e-5
+    )
 
 
 def test_alibi_slopes_are_zeroed_for_bloom(tmp_path):
@@ -94,7 +104,9 @@ def test_alibi_slopes_are_zeroed_for_bloom(tmp_path):
             # its own prefix, which the order changes)
             mixed = ids[:, [4, 2, 0, 3, 1, 5]]
             first = model(ids, output_hidden_states=True, **adapter.forward_kwargs(ids)).hidden_states[1]
-            zero_mixed = model(mixed, output_hidden_states=True, **adapter.forward_kwargs(mixed)).hidden_states[1]
+            zero_mixed = model(
+                mixed, output_hidden_states=True, **adapter.forward_kwargs(mixed)
+            ).hidden_states[1]
         after = model(ids, output_hidden_states=True).hidden_states[-1]
         normal_first = model(ids, output_hidden_states=True).hidden_states[1]
         normal_mixed = model(mixed, output_hidden_states=True).hidden_states[1]
@@ -102,14 +114,18 @@ def test_alibi_slopes_are_zeroed_for_bloom(tmp_path):
         assert torch.count_nonzero(modeling_bloom._get_alibi_slopes(4, torch.device("cpu"))) == 4  # restored
     assert not torch.allclose(normal, zero, atol=1e-4) and torch.equal(normal, after)
     torch.testing.assert_close(zero_mixed[0, -1], first[0, -1], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(normal_mixed[0, -1], normal_first[0, -1], atol=1e-4)  # with ALiBi the order counts
+    assert not torch.allclose(
+        normal_mixed[0, -1], normal_first[0, -1], atol=1e-4
+    )  # with ALiBi the order counts
 
 
 def test_pe_types_and_a_clear_error_for_unknown_families(model_dirs):
     from transformers import AutoConfig
 
-    kinds = {f: load_model(str(model_dirs[f]), torch.device("cpu"), torch.float32).pe_type
-             for f in ("gpt2", "llama", "gemma3")}
+    kinds = {
+        f: load_model(str(model_dirs[f]), torch.device("cpu"), torch.float32).pe_type
+        for f in ("gpt2", "llama", "gemma3")
+    }
     assert kinds == {"gpt2": "learned_absolute", "llama": "rope", "gemma3": "rope"}
     assert adapter_for(AutoConfig.for_model("opt")).detail == "model.decoder.embed_positions"
     unknown = PositionAdapter("mamba", "unknown")
@@ -136,22 +152,34 @@ def test_separate_command_adds_zero_pe_to_an_existing_run(tiny_cfg, tmp_path):
     assert "zero-PE latents added for 3 prompt(s)" in done.stdout and "RoPE" in done.stdout
     with reading(cfg.store) as con:
         counts = dict(con.execute("SELECT variant, count(*) FROM latents GROUP BY 1").fetchall())
-        assert con.execute("SELECT count(*) FROM tokens").fetchall()[0][0] == tokens_before  # nothing regenerated
+        assert (
+            con.execute("SELECT count(*) FROM tokens").fetchall()[0][0] == tokens_before
+        )  # nothing regenerated
     assert counts == {"normal": before, "zero_pe": before}
     # Running it again adds nothing (every prompt has the variant).
     again = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "added for 0 prompt(s)" in again.stdout
     # Same latents as re-encoding during the ingest itself.
-    inline = tiny_cfg("llama", store="inline.duckdb", samples=2, forks=1, max_new_tokens=8, layers=[0, 2],
-                      zero_pe=True)
+    inline = tiny_cfg(
+        "llama", store="inline.duckdb", samples=2, forks=1, max_new_tokens=8, layers=[0, 2], zero_pe=True
+    )
     ingest(inline)
     a, _ = stored(cfg.store, run_id, "zero_pe", 2)
     b, _ = stored(inline.store, run_id, "zero_pe", 2)
     assert [r[:2] for r in a] == [r[:2] for r in b]
     np.testing.assert_allclose(np.array([r[2] for r in a]), np.array([r[2] for r in b]), atol=1e-5)
-    bad = subprocess.run([PYTHON, "-m", "ingest.zero_pe", str(tmp_path / "none.duckdb")], env=cli_env(tmp_path),
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+    bad = subprocess.run(
+        [PYTHON, "-m", "ingest.zero_pe", str(tmp_path / "none.duckdb")],
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        bad.returncode == 2
+        and bad.stderr.strip().startswith("error:")
+        and len(bad.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_alibi_bias_is_zeroed_for_mpt():

@@ -26,17 +26,22 @@ def overview(path: str | Path, lock_timeout: float = 0.0) -> dict[str, Any]:
     with reading(path, lock_timeout) as con:
         out: dict[str, Any] = {"runs": []}
         for run in queries.list_runs(con).iter_rows(named=True):
-            out["runs"].append({
-                **{k: (str(v) if k in ("created_at", "completed_at") else v) for k, v in run.items()},
-                "layers": queries.run_layers(con, run["run_id"]),
-                "prompts": queries.prompts(con, run["run_id"]).to_dicts(),
-                "summary": queries.run_summary(con, run["run_id"]),
-            })
+            out["runs"].append(
+                {
+                    **{k: (str(v) if k in ("created_at", "completed_at") else v) for k, v in run.items()},
+                    "layers": queries.run_layers(con, run["run_id"]),
+                    "prompts": queries.prompts(con, run["run_id"]).to_dicts(),
+                    "summary": queries.run_summary(con, run["run_id"]),
+                }
+            )
     return out
 
 
 def branches_and_text(
-    path: str | Path, run_id: str, prompt_ids: tuple[int, ...] | None, lock_timeout: float = 0.0,
+    path: str | Path,
+    run_id: str,
+    prompt_ids: tuple[int, ...] | None,
+    lock_timeout: float = 0.0,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The selected prompts' branches (id, parent, fork position, kind, ...) and every token's text on
     each branch's lineage (branch_id, position, token_text)."""

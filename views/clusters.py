@@ -44,8 +44,13 @@ class Clusters:
 
 
 def clusters(
-    store: str | Path, selection: Selection, spec: ViewSpec, method: str = "kmeans", k: int = 8,
-    cache: ViewCache | None = None, lock_timeout: float = 0.0,
+    store: str | Path,
+    selection: Selection,
+    spec: ViewSpec,
+    method: str = "kmeans",
+    k: int = 8,
+    cache: ViewCache | None = None,
+    lock_timeout: float = 0.0,
 ) -> Clusters:
     """Cluster the view's residual latents (sinks dropped as in the view) with k-means (k clusters) or
     HDBSCAN (min cluster size k). A cache hit reads only the token labels."""
@@ -55,9 +60,15 @@ def clusters(
     with reading(store, lock_timeout) as con:
         key = content_key(con, store, selection) | {"spec": spec.to_dict(), "clusters": [method, int(k)]}
         hit = cache.get_arrays(key) if cache is not None else None
-        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
-                                     _list(selection.prompt_ids), selection.generated_only,
-                                     with_vectors=hit is None)
+        keys, X = queries.token_rows(
+            con,
+            selection.run_id,
+            selection.layer,
+            selection.variant,
+            _list(selection.prompt_ids),
+            selection.generated_only,
+            with_vectors=hit is None,
+        )
         ref_run = _reference_run(selection)
         reference = None if hit is not None or ref_run is None else _reference(con, ref_run, selection)
     if hit is not None:
@@ -68,6 +79,11 @@ def clusters(
         if cache is not None:
             cache.put_arrays(key, index=np.asarray(index), labels=labels)
     rows = keys[np.asarray(index)].with_columns(pl.Series("cluster", np.asarray(labels, np.int64)))
-    summary = cluster_summary(labels, rows["token_text"].to_list(), rows["branch_id"].to_numpy(),
-                              position=rows["position"].to_numpy(), prompt=rows["prompt_id"].to_numpy())
+    summary = cluster_summary(
+        labels,
+        rows["token_text"].to_list(),
+        rows["branch_id"].to_numpy(),
+        position=rows["position"].to_numpy(),
+        prompt=rows["prompt_id"].to_numpy(),
+    )
     return Clusters(rows, summary)

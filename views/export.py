@@ -22,14 +22,21 @@ def export_view(store: str | Path, selection: Selection, spec: ViewSpec, out: st
     raw = compute(store, selection, raw_of(spec))
     removed = compute(store, selection, spec)
     keys = ["branch_id", "position"]
-    points = removed.points.join(raw.points.select(*keys, pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y")),
-                                 on=keys, how="left")
-    meta = {"store": str(store), "selection": selection.key(), "spec": spec.to_dict(),
-            "verdict": verdict(raw.result.metrics, removed.result.metrics),
-            "raw": raw.result.metrics, "removed": removed.result.metrics}
+    points = removed.points.join(
+        raw.points.select(*keys, pl.col("x").alias("raw_x"), pl.col("y").alias("raw_y")), on=keys, how="left"
+    )
+    meta = {
+        "store": str(store),
+        "selection": selection.key(),
+        "spec": spec.to_dict(),
+        "verdict": verdict(raw.result.metrics, removed.result.metrics),
+        "raw": raw.result.metrics,
+        "removed": removed.result.metrics,
+    }
     table = points.to_arrow()
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           b"branchlens": json.dumps(meta, default=jsonable).encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"branchlens": json.dumps(meta, default=jsonable).encode()}
+    )
     try:
         pq.write_table(table, str(out))
     except OSError as exc:

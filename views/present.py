@@ -11,13 +11,26 @@ from analysis.measures import MEASURES
 from analysis.stats import Z, half_width
 from analysis.verdict import removal_title, verdict
 
-__all__ = ["MetricRow", "Warning", "layout_note", "metric_rows", "profile_columns", "removal_note", "removal_title",
-           "verdict", "warnings"]
+__all__ = [
+    "MetricRow",
+    "Warning",
+    "layout_note",
+    "metric_rows",
+    "profile_columns",
+    "removal_note",
+    "removal_title",
+    "verdict",
+    "warnings",
+]
 
-TRUST_CAUTION = 0.8  # trustworthiness below which distances in a picture are read with care (its help says so)
-HELD_OUT_HELP = ("R2 of each token predicted by the other prompts' mean at its position, against their overall "
-                 "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
-                 "fit only noise or content.")
+TRUST_CAUTION = (
+    0.8  # trustworthiness below which distances in a picture are read with care (its help says so)
+)
+HELD_OUT_HELP = (
+    "R2 of each token predicted by the other prompts' mean at its position, against their overall "
+    "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
+    "fit only noise or content."
+)
 
 
 @dataclass(frozen=True)
@@ -52,11 +65,15 @@ def band_caption(metrics: dict) -> str:
     """What the ± of the metrics table covers, from what the view resampled."""
     unit, n = metrics.get("band_over"), metrics.get("band_units")
     if unit == "prompt":
-        return (f"± : the 95% band over prompts (the {n} prompts resampled, with Student's t for {n}): what "
-                "another set of prompts would give")
+        return (
+            f"± : the 95% band over prompts (the {n} prompts resampled, with Student's t for {n}): what "
+            "another set of prompts would give"
+        )
     if unit == "branch":
-        return (f"± : the 95% band over this prompt's {n} branches only; another prompt may differ by more "
-                "than it says")
+        return (
+            f"± : the 95% band over this prompt's {n} branches only; another prompt may differ by more "
+            "than it says"
+        )
     return "± : the 95% band (resampled query tokens)"
 
 
@@ -85,12 +102,35 @@ def metric_rows(raw: dict, removed: dict) -> list[MetricRow]:
         if not r and not a:
             continue
         chance, chance_band = _chance(m.chance, r, a, m.signed)
-        rows.append(MetricRow(m.key, m.label, m.help, _fmt(r.get(m.field), m.signed), _band(r),
-                              _fmt(a.get(m.field), m.signed), _band(a), chance, chance_band, m.key in flagged))
+        rows.append(
+            MetricRow(
+                m.key,
+                m.label,
+                m.help,
+                _fmt(r.get(m.field), m.signed),
+                _band(r),
+                _fmt(a.get(m.field), m.signed),
+                _band(a),
+                chance,
+                chance_band,
+                m.key in flagged,
+            )
+        )
         if m.key == "r2_pos":
-            rows.append(MetricRow("r2_heldout", "R2_pos held-out (other prompts' means)", HELD_OUT_HELP,
-                                  _fmt(r.get("heldout"), True), "", _fmt(a.get("heldout"), True), "", "0", "",
-                                  False))
+            rows.append(
+                MetricRow(
+                    "r2_heldout",
+                    "R2_pos held-out (other prompts' means)",
+                    HELD_OUT_HELP,
+                    _fmt(r.get("heldout"), True),
+                    "",
+                    _fmt(a.get("heldout"), True),
+                    "",
+                    "0",
+                    "",
+                    False,
+                )
+            )
     return rows
 
 
@@ -106,15 +146,18 @@ def layout_note(raw: dict, removed: dict) -> str:
     loose = []
     right = "right-hand" + (f" ({removal_title(removed['removal'])})" if removed.get("removal") else "")
     for name, m in (("raw", raw), (right, removed)):
-        t = (m.get("projection") or {})
+        t = m.get("projection") or {}
         value, sd = t.get("trustworthiness"), t.get("sd") or 0.0
         if isinstance(value, (int, float)) and math.isfinite(value) and value + Z * sd < TRUST_CAUTION:
             loose.append(f"the {name} picture {value:.3f} ±{Z * sd:.3f}")
     if not loose:
         return ""
-    return ("Layout trustworthiness (1: every neighbour in the picture is a true one; 0.5: a random layout): "
-            + " and ".join(loose) + f", below {TRUST_CAUTION}. Read the numbers above, not distances in that "
-            "picture; fewer tokens (sidebar: Prompts) usually give a picture that keeps more of them.")
+    return (
+        "Layout trustworthiness (1: every neighbour in the picture is a true one; 0.5: a random layout): "
+        + " and ".join(loose)
+        + f", below {TRUST_CAUTION}. Read the numbers above, not distances in that "
+        "picture; fewer tokens (sidebar: Prompts) usually give a picture that keeps more of them."
+    )
 
 
 PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": the 95% band's half-width
@@ -126,7 +169,10 @@ PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": th
     "chance_band": ("R2_pos chance ±", "95% band of that chance level"),
     "adjusted": ("R2_pos adjusted", "R2_pos adjusted for the number of positions (~0 at chance)"),
     "heldout": ("R2_pos held-out", HELD_OUT_HELP),
-    "leak": ("kNN leak", "kNN position leak over other branches: 0 = chance, 1 = neighbours at the same position"),
+    "leak": (
+        "kNN leak",
+        "kNN position leak over other branches: 0 = chance, 1 = neighbours at the same position",
+    ),
     "leak_band": ("kNN leak ±", "95% band of the leak"),
     "leak_chance": ("kNN leak chance", "the leak's chance level (0)"),
     "leak_chance_band": ("kNN leak chance ±", "the shuffles' 95% band around 0"),
@@ -134,8 +180,10 @@ PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": th
     "leak_prompt": ("kNN leak, other prompts", "the leak over other prompts' tokens only"),
     "leak_prompt_band": ("kNN leak, other prompts ±", "95% band of that leak"),
     "leak_prompt_chance_band": ("kNN leak, other prompts chance ±", "the shuffles' 95% band around 0"),
-    "token_leak": ("same-token neighbours",
-                   "share of a token's neighbours from other branches that are the same token"),
+    "token_leak": (
+        "same-token neighbours",
+        "share of a token's neighbours from other branches that are the same token",
+    ),
     "token_chance": ("same-token chance", "that share for a random pick among the same candidates"),
     "probe_r2": ("probe R2", "position predicted by a ridge probe, prompts held out"),
     "probe_band": ("probe R2 ±", "95% band of the probe's R2"),
@@ -144,8 +192,13 @@ PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": th
     "probe_chance_hi": ("probe chance up to", "upper end of that band"),
     "detected": ("detected", "whether the removal's test found a component at this layer"),
     "p": ("p", "the removal test's p-value"),
-    "removed": ("weight", ("share of the method's own estimate subtracted (its out-of-fold shrinkage), not a share of "
-                           "position: compare R2_pos raw and after for how much of position's variance went")),
+    "removed": (
+        "weight",
+        (
+            "share of the method's own estimate subtracted (its out-of-fold shrinkage), not a share of "
+            "position: compare R2_pos raw and after for how much of position's variance went"
+        ),
+    ),
 }
 
 
@@ -157,8 +210,11 @@ def profile_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
             out[c] = PROFILE_COLUMNS[c]
         elif c.startswith("pc") and c.endswith(("_position", "_variance")):
             i, what = c[2:].split("_", 1)
-            out[c] = ((f"PC{i} position R2", f"R2 of position on principal component {i}") if what == "position"
-                      else (f"PC{i} variance", f"share of variance on principal component {i}"))
+            out[c] = (
+                (f"PC{i} position R2", f"R2 of position on principal component {i}")
+                if what == "position"
+                else (f"PC{i} variance", f"share of variance on principal component {i}")
+            )
     return out
 
 
@@ -180,24 +236,32 @@ def removal_note(removal: dict | None) -> str:
     weights = removal.get("weights") or {}
     if weights:
         shares = ", ".join(f"{k} {w:.0%}" for k, w in weights.items())
-        head += (" Each removed part is one vector per position (per token id), fitted on the whole reference, so "
-                 f"tokens at the same position keep their distances; removed at weight {shares} (mean over tokens), "
-                 "the rest left to balance what the estimate holds of the tokens themselves.")
+        head += (
+            " Each removed part is one vector per position (per token id), fitted on the whole reference, so "
+            f"tokens at the same position keep their distances; removed at weight {shares} (mean over tokens), "
+            "the rest left to balance what the estimate holds of the tokens themselves."
+        )
         noise = removal.get("noise_share")
         if "position" in weights and isinstance(noise, (int, float)) and math.isfinite(noise):
             head += f" Estimate noise: {noise:.1%} of the removed position part."
     elif removal.get("crossfit"):
-        head += (f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
-                 "removed from a token never saw its own " + str(removal.get("fold_by")) + "; subtracted at weight "
-                 f"{removal.get('weight', 1):.0%} (the out-of-fold shrinkage of the method's own estimate, not a share "
-                 f"of position: the verdict says how much of position's variance went) from "
-                 f"{share_text(removal.get('crossfit_share', 1.0))} of the tokens.")
+        head += (
+            f" Cross-fitted over {removal.get('folds')} folds of {removal.get('fold_by')}s: the estimate "
+            "removed from a token never saw its own "
+            + str(removal.get("fold_by"))
+            + "; subtracted at weight "
+            f"{removal.get('weight', 1):.0%} (the out-of-fold shrinkage of the method's own estimate, not a share "
+            f"of position: the verdict says how much of position's variance went) from "
+            f"{share_text(removal.get('crossfit_share', 1.0))} of the tokens."
+        )
     if removal.get("erased"):
         head += " Linear erasure: what a probe of position reads is projected out (no per-position offset)."
     low = removal.get("lowrank") or {}
     if low.get("weight"):
-        head += (f" Position found only by the probe: a smooth rank-{low['rank']} component of position, fitted within "
-                 f"branches, subtracted at weight {low['weight']:.0%} (rank and weight chosen on held-out prompts).")
+        head += (
+            f" Position found only by the probe: a smooth rank-{low['rank']} component of position, fitted within "
+            f"branches, subtracted at weight {low['weight']:.0%} (rank and weight chosen on held-out prompts)."
+        )
     if removal.get("k") and removal.get("weight"):
         k = removal["k"]
         head += f" {k} direction{'s' if k != 1 else ''} projected out."

@@ -38,9 +38,14 @@ class Selection:
     fit_scope: str = "plotted"  # 'plotted', 'run' (all tokens of this run), or another run's id
 
     def key(self) -> dict:
-        return {"run": self.run_id, "layer": self.layer, "variant": self.variant,
-                "prompts": list(self.prompt_ids) if self.prompt_ids is not None else None,
-                "generated_only": self.generated_only, "fit_scope": self.fit_scope}
+        return {
+            "run": self.run_id,
+            "layer": self.layer,
+            "variant": self.variant,
+            "prompts": list(self.prompt_ids) if self.prompt_ids is not None else None,
+            "generated_only": self.generated_only,
+            "fit_scope": self.fit_scope,
+        }
 
 
 @dataclass
@@ -59,19 +64,22 @@ class View:
         """One row per plotted token: its labels and projected coordinates x, y (and z)."""
         rows = self.tokens[self.result.index]
         names = ["x", "y", "z"][: self.result.coords.shape[1]]
-        return rows.with_columns(
-            [pl.Series(n, self.result.coords[:, i]) for i, n in enumerate(names)]
-        )
+        return rows.with_columns([pl.Series(n, self.result.coords[:, i]) for i, n in enumerate(names)])
 
 
 def to_token_set(keys: pl.DataFrame, X: np.ndarray) -> TokenSet:
     extra = {c: keys[c].to_numpy() for c in ("depth", "token_id", "is_prompt")}
     extra["parent"] = keys["parent_branch_id"].fill_null(-1).to_numpy()
-    return TokenSet(X, keys["position"].to_numpy(), keys["branch_id"].to_numpy(), keys["prompt_id"].to_numpy(), extra)
+    return TokenSet(
+        X, keys["position"].to_numpy(), keys["branch_id"].to_numpy(), keys["prompt_id"].to_numpy(), extra
+    )
 
 
 def compute(
-    store: str | Path, selection: Selection, spec: ViewSpec | None = None, cache: ViewCache | None = None,
+    store: str | Path,
+    selection: Selection,
+    spec: ViewSpec | None = None,
+    cache: ViewCache | None = None,
     lock_timeout: float = 0.0,
 ) -> View:
     """Read the selected tokens, fit on the chosen scope, residualize, project and measure; cached.
@@ -88,15 +96,23 @@ def compute(
         key = content_key(con, store, selection) | {"spec": spec.to_dict()}
         ref_run = _reference_run(selection)
         hit = cache.get(key) if cache is not None else None
-        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
-                                     _list(selection.prompt_ids), selection.generated_only,
-                                     with_vectors=hit is None)
+        keys, X = queries.token_rows(
+            con,
+            selection.run_id,
+            selection.layer,
+            selection.variant,
+            _list(selection.prompt_ids),
+            selection.generated_only,
+            with_vectors=hit is None,
+        )
         reference = None if hit is not None or ref_run is None else _reference(con, ref_run, selection)
     load = time.perf_counter() - t0
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
     # X is this call's own read: the view writes its residuals over it (no second copy of the vectors)
-    result = compute_view(to_token_set(keys, X), spec, reference, independent=_independent(selection), in_place=True)
+    result = compute_view(
+        to_token_set(keys, X), spec, reference, independent=_independent(selection), in_place=True
+    )
     if cache is not None:
         cache.put(key, result)
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
@@ -108,7 +124,9 @@ def store_to_open(path: str | Path, root: str | Path | None = None) -> Path | st
     ($BRANCHLENS_STORE_ROOT), or an s3:// run URL (under root when root is an s3:// prefix). Anything
     else, missing, unreadable, another kind of file or outside the root, gets the same StoreMissing, so
     the box tells a visitor nothing about the server's files."""
-    if str(path).startswith("s3://"):  # a run's shards on S3, read in place: only under an s3:// root if one is set
+    if str(path).startswith(
+        "s3://"
+    ):  # a run's shards on S3, read in place: only under an s3:// root if one is set
         if root is not None and not str(path).startswith(str(root).rstrip("/") + "/"):
             raise StoreMissing(f"no branchlens store at {path}")
         return str(path)
@@ -126,11 +144,18 @@ def store_to_open(path: str | Path, root: str | Path | None = None) -> Path | st
 def content_key(con, store: str | Path, selection: Selection) -> dict:
     """What decides the selected tokens' vectors: the store's path, the selection, and the row count and
     content hash of those rows (so a run still being written, or a changed copy, is another key)."""
-    count, digest = queries.token_digest(con, selection.run_id, selection.layer, selection.variant,
-                                         _list(selection.prompt_ids), selection.generated_only)
+    count, digest = queries.token_digest(
+        con,
+        selection.run_id,
+        selection.layer,
+        selection.variant,
+        _list(selection.prompt_ids),
+        selection.generated_only,
+    )
     if count == 0:
         raise ValueError(
-            f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}")
+            f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
+        )
     key = {"store": _identity(store), "selection": selection.key(), "rows": count, "content": digest}
     ref_run = _reference_run(selection)
     if ref_run is not None:
@@ -169,7 +194,9 @@ def _reference_run(selection: Selection) -> str | None:
 def _reference(con, run: str, selection: Selection) -> TokenSet:
     keys, X = queries.token_rows(con, run, selection.layer, selection.variant)
     if len(keys) == 0:
-        raise ValueError(f"reference run {run} has no tokens at layer {selection.layer}, variant {selection.variant}")
+        raise ValueError(
+            f"reference run {run} has no tokens at layer {selection.layer}, variant {selection.variant}"
+        )
     return to_token_set(keys, X)
 
 
@@ -178,30 +205,56 @@ def _list(ids: tuple[int, ...] | None) -> list[int] | None:
 
 
 def layer_profile(
-    store: str | Path, selection: Selection, spec: ViewSpec, layers: list[int], cache: ViewCache | None = None,
+    store: str | Path,
+    selection: Selection,
+    spec: ViewSpec,
+    layers: list[int],
+    cache: ViewCache | None = None,
     lock_timeout: float = 0.0,
 ) -> list[dict]:
     """Per layer, how much position the raw latents and the residualized ones hold (no projection):
     rows of layer, method ('raw' or the residualizer's label), r2, chance, adjusted, heldout, leak."""
     rows = []
-    residuals_ = [replace(spec.residual, method="none")] + ([spec.residual] if spec.residual.method != "none" else [])
+    residuals_ = [replace(spec.residual, method="none")] + (
+        [spec.residual] if spec.residual.method != "none" else []
+    )
     for layer in layers:
         specs = [replace(spec, residual=r) for r in residuals_]
         sels = [_raw_is_raw(replace(selection, layer=layer), s) for s in specs]
         with reading(store, lock_timeout) as con:
             # one content hash per layer: it depends on the tokens, not on the method or the fit scope
-            digest = queries.token_digest(con, selection.run_id, layer, selection.variant,
-                                          _list(selection.prompt_ids), selection.generated_only)
-            keys_ = [{"profile": sel.key(), "spec": s.to_dict(), "store": _identity(store), "rows": digest[0],
-                      "content": digest[1]} for sel, s in zip(sels, specs)]
+            digest = queries.token_digest(
+                con,
+                selection.run_id,
+                layer,
+                selection.variant,
+                _list(selection.prompt_ids),
+                selection.generated_only,
+            )
+            keys_ = [
+                {
+                    "profile": sel.key(),
+                    "spec": s.to_dict(),
+                    "store": _identity(store),
+                    "rows": digest[0],
+                    "content": digest[1],
+                }
+                for sel, s in zip(sels, specs)
+            ]
             for sel, key in zip(sels, keys_):  # what the removal is fitted on decides its numbers too
                 ref_run = _reference_run(sel)
                 if ref_run is not None and key["spec"]["residual"]["method"] != "none":
                     key["reference"] = queries.token_digest(con, ref_run, layer, selection.variant)
             hits = [cache.get(k) if cache is not None else None for k in keys_]
             if any(h is None for h in hits):  # one read of the layer serves both methods
-                keys, X = queries.token_rows(con, selection.run_id, layer, selection.variant,
-                                             _list(selection.prompt_ids), selection.generated_only)
+                keys, X = queries.token_rows(
+                    con,
+                    selection.run_id,
+                    layer,
+                    selection.variant,
+                    _list(selection.prompt_ids),
+                    selection.generated_only,
+                )
                 ref_run = _reference_run(sels[-1])
                 reference = _reference(con, ref_run, sels[-1]) if ref_run is not None else None
         for residual, layer_spec, sel, key, hit in zip(residuals_, specs, sels, keys_, hits):
@@ -215,7 +268,9 @@ def layer_profile(
                 if cache is not None:
                     cache.put(key, hit)
             rows.append(profile_row(layer, residual.label(), hit.metrics))
-        keys = X = reference = None  # one layer (and its reference) in memory at a time, not two while reading
+        keys = X = reference = (
+            None  # one layer (and its reference) in memory at a time, not two while reading
+        )
     return rows
 
 
@@ -236,26 +291,43 @@ def profile_row(layer: int, method: str, m: dict) -> dict:
     probe = m.get("probe") or {}
     rem = m.get("removal") or {}
     return {
-        "layer": layer, "method": method,
-        "r2": get("r2_pos", "r2"), "r2_band": band("r2_pos"), "chance": get("r2_pos", "chance"),
+        "layer": layer,
+        "method": method,
+        "r2": get("r2_pos", "r2"),
+        "r2_band": band("r2_pos"),
+        "chance": get("r2_pos", "chance"),
         "chance_band": band("r2_pos", "chance_sd"),
-        "adjusted": get("r2_pos", "adjusted"), "heldout": get("r2_pos", "heldout"),
-        "leak": get("leak", "leak"), "leak_band": band("leak"), "leak_chance": 0.0,
-        "leak_chance_band": get("leak", "chance_hi"), "leak_chance_hi": get("leak", "chance_hi"),
-        "leak_prompt": get("leak_prompt", "leak"), "leak_prompt_band": band("leak_prompt"),
+        "adjusted": get("r2_pos", "adjusted"),
+        "heldout": get("r2_pos", "heldout"),
+        "leak": get("leak", "leak"),
+        "leak_band": band("leak"),
+        "leak_chance": 0.0,
+        "leak_chance_band": get("leak", "chance_hi"),
+        "leak_chance_hi": get("leak", "chance_hi"),
+        "leak_prompt": get("leak_prompt", "leak"),
+        "leak_prompt_band": band("leak_prompt"),
         "leak_prompt_chance_band": get("leak_prompt", "chance_hi"),
-        "token_leak": get("token_leak", "leak"), "token_chance": get("token_leak", "chance"),
-        "probe_r2": get("probe", "r2"), "probe_band": band("probe"), "probe_chance": get("probe", "chance"),
-        "probe_chance_band": Z * float(probe.get("chance_sd", nan) if probe.get("chance_sd") is not None else nan),
+        "token_leak": get("token_leak", "leak"),
+        "token_chance": get("token_leak", "chance"),
+        "probe_r2": get("probe", "r2"),
+        "probe_band": band("probe"),
+        "probe_chance": get("probe", "chance"),
+        "probe_chance_band": Z
+        * float(probe.get("chance_sd", nan) if probe.get("chance_sd") is not None else nan),
         "probe_chance_hi": get("probe", "chance_hi"),
         **{f"pc{i + 1}_position": pc["pos_r2"] for i, pc in enumerate(m.get("pcs", []))},
         **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(m.get("pcs", []))},
-        "detected": rem.get("detected"), "p": rem.get("p_value", nan), "removed": rem.get("weight", nan),
+        "detected": rem.get("detected"),
+        "p": rem.get("p_value", nan),
+        "removed": rem.get("weight", nan),
     }
 
 
 def divergence(
-    store: str | Path, selection: Selection, spec: ViewSpec, lock_timeout: float = 0.0,
+    store: str | Path,
+    selection: Selection,
+    spec: ViewSpec,
+    lock_timeout: float = 0.0,
 ) -> dict[str, pl.DataFrame | bool | str]:
     """Where branches go apart, without a projection: for every fork and sibling pair of the selected
     prompts, the distance at matched positions after they part, over the distance between tokens of
@@ -269,8 +341,14 @@ def divergence(
     from analysis.divergence import divergence_summary
 
     with reading(store, lock_timeout) as con:
-        keys, X = queries.token_rows(con, selection.run_id, selection.layer, selection.variant,
-                                     _list(selection.prompt_ids), selection.generated_only)
+        keys, X = queries.token_rows(
+            con,
+            selection.run_id,
+            selection.layer,
+            selection.variant,
+            _list(selection.prompt_ids),
+            selection.generated_only,
+        )
         ref_run = _reference_run(selection)
         reference = _reference(con, ref_run, selection) if ref_run is not None else None
     if len(keys) == 0:
@@ -285,15 +363,39 @@ def divergence(
         for by in frames:
             frames[by].append(_summary_frame(divergence_summary(result, by=by), by, name))
         for p in np.unique(result.prompt):
-            per_prompt.append(_summary_frame(divergence_summary(result, by="offset", prompt=int(p)), "offset", name)
-                              .with_columns(pl.lit(int(p)).alias("prompt")))
-    empty = pl.DataFrame(schema={"offset": pl.Int64, "view": pl.String, "median": pl.Float64, "lo": pl.Float64,
-                                 "hi": pl.Float64, "n_pairs": pl.Int64, "prompt": pl.Int64})
-    return {"by_offset": pl.concat(frames["offset"]), "by_prompt": pl.concat(frames["prompt"]),
-            "by_prompt_offset": pl.concat(per_prompt) if per_prompt else empty,
-            "has_baseline": bool(result.has_baseline), "note": result.note}
+            per_prompt.append(
+                _summary_frame(
+                    divergence_summary(result, by="offset", prompt=int(p)), "offset", name
+                ).with_columns(pl.lit(int(p)).alias("prompt"))
+            )
+    empty = pl.DataFrame(
+        schema={
+            "offset": pl.Int64,
+            "view": pl.String,
+            "median": pl.Float64,
+            "lo": pl.Float64,
+            "hi": pl.Float64,
+            "n_pairs": pl.Int64,
+            "prompt": pl.Int64,
+        }
+    )
+    return {
+        "by_offset": pl.concat(frames["offset"]),
+        "by_prompt": pl.concat(frames["prompt"]),
+        "by_prompt_offset": pl.concat(per_prompt) if per_prompt else empty,
+        "has_baseline": bool(result.has_baseline),
+        "note": result.note,
+    }
 
 
 def _summary_frame(summary: dict, by: str, view: str) -> pl.DataFrame:
-    return pl.DataFrame({by: summary["key"], "view": view, "median": summary["median"], "lo": summary["lo"],
-                         "hi": summary["hi"], "n_pairs": summary["n_pairs"]})
+    return pl.DataFrame(
+        {
+            by: summary["key"],
+            "view": view,
+            "median": summary["median"],
+            "lo": summary["lo"],
+            "hi": summary["hi"],
+            "n_pairs": summary["n_pairs"],
+        }
+    )

@@ -33,8 +33,15 @@ def method_params(method: str) -> tuple[Param, ...]:
 
 def raw_of(spec: ViewSpec) -> ViewSpec:
     """The raw view beside `spec`: no removal, the same scaling and projection."""
-    return replace(spec, residual=ResidualSpec(method="none", center=spec.residual.center, l2=spec.residual.l2,
-                                               standardize=spec.residual.standardize))
+    return replace(
+        spec,
+        residual=ResidualSpec(
+            method="none",
+            center=spec.residual.center,
+            l2=spec.residual.l2,
+            standardize=spec.residual.standardize,
+        ),
+    )
 
 
 def position_only(spec: ViewSpec) -> ViewSpec:
@@ -42,5 +49,17 @@ def position_only(spec: ViewSpec) -> ViewSpec:
     return replace(spec, residual=spec.residual.with_method("position"))
 
 
-__all__ = ["Param", "ProjectionSpec", "RESIDUALIZERS", "ResidualSpec", "Selection", "ViewSpec", "method_help",
-           "method_label", "method_params", "methods", "position_only", "raw_of"]
+__all__ = [
+    "Param",
+    "ProjectionSpec",
+    "RESIDUALIZERS",
+    "ResidualSpec",
+    "Selection",
+    "ViewSpec",
+    "method_help",
+    "method_label",
+    "method_params",
+    "methods",
+    "position_only",
+    "raw_of",
+]

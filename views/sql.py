@@ -6,8 +6,10 @@ from store.sandbox import MAX_BYTES, QueryResult, SqlError, run_query
 
 MAX_ROWS = 10_000
 TIME_LIMIT_S = 10.0
-LIMITS = (f"Read-only: no writes, no file or network access; at most {MAX_ROWS:,} rows, "
-          f"{MAX_BYTES // 2**20} MB of results, 1 GB of memory and {TIME_LIMIT_S:g} s per query.")
+LIMITS = (
+    f"Read-only: no writes, no file or network access; at most {MAX_ROWS:,} rows, "
+    f"{MAX_BYTES // 2**20} MB of results, 1 GB of memory and {TIME_LIMIT_S:g} s per query."
+)
 
 
 def query(store: str, sql: str) -> QueryResult:
@@ -28,7 +30,11 @@ def displayable(table: pa.Table) -> tuple[pa.Table, list[str]]:
         notes.append(f"repeated column names made unique: {', '.join(repeated)}")
     columns, as_text = [], []
     for name, column in zip(names, table.columns):
-        if pa.types.is_interval(column.type) or pa.types.is_union(column.type) or pa.types.is_map(column.type):
+        if (
+            pa.types.is_interval(column.type)
+            or pa.types.is_union(column.type)
+            or pa.types.is_map(column.type)
+        ):
             as_text.append(name)
             column = pa.array([None if v is None else str(v) for v in column.to_pylist()], pa.string())
         columns.append(column)

@@ -36,8 +36,14 @@ def warm_marker() -> Path:
 
     here = Path(analysis.__file__).resolve().parent
     sources = [here / "kernels.py", here / "jit.py"]
-    key = repr((sys.version, version("numba"), version("umap-learn"),
-                [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources]))
+    key = repr(
+        (
+            sys.version,
+            version("numba"),
+            version("umap-learn"),
+            [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources],
+        )
+    )
     return cache_root() / "kernels" / f"warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -56,5 +62,7 @@ def waiting_note(compiling: bool, warm: bool) -> str:
         return ""
     if warm:
         return " Loading the compiled projection kernels (a few seconds)."
-    return (" The projection kernels are compiling: the first start of this installation, about 1-2 minutes on "
-            "2 cores; later starts load them in seconds (`python -m views warm-up` does it ahead).")
+    return (
+        " The projection kernels are compiling: the first start of this installation, about 1-2 minutes on "
+        "2 cores; later starts load them in seconds (`python -m views warm-up` does it ahead)."
+    )
