@@ -1,6 +1,6 @@
 """Removal that cannot silently invent or exaggerate: cross-fitted, tested, shrunk.
 
-Three rules (DESIGN.md, "Trust rules for removal"), each behind a measured failure:
+Three rules (docs/design.md, "Trust rules for removal"), each behind a measured failure:
 - Cross-fit: the estimate subtracted from a token was fitted on folds that never held that token's
   prompt (or its branch, with one prompt), so it cannot hold the token's own content.
 - Test first: the nuisance estimate must predict tokens of held-out prompts better than their mean

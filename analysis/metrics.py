@@ -1,6 +1,6 @@
 """How much position is left in a set of latents, and how well a projection keeps its neighbourhoods.
 
-Notation as in DESIGN.md: x_i a latent, t_i its position, mu_t the mean of the n_t latents at t.
+Notation as in docs/design.md: x_i a latent, t_i its position, mu_t the mean of the n_t latents at t.
 Every metric comes with its chance level so a number can be read on its own.
 """
 

@@ -71,7 +71,7 @@ def test_hash_depends_on_output_settings_only():
 
 
 def test_the_run_hash_has_not_moved():
-    """Resume finds a run by this hash: the same settings must keep giving it (README's demo summary).
+    """Resume finds a run by this hash: the same settings must keep giving it (docs/ingest.md's demo summary).
     It moves only on purpose: a new sampler (ingest.config.SAMPLER_VERSION, 3 since the inverse-CDF
     sampler) must not resume a run that an older one started."""
     from importlib.resources import files

@@ -1,5 +1,5 @@
 """Every run setting is declared once (ingest.config.RunConfig): the CLI's flags are built from it, and
-README's settings table and examples/run.toml are checked against it (as datasette's test_docs does)."""
+docs/ingest.md's settings table and examples/run.toml are checked against it (as datasette's test_docs does)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from ingest.errors import IngestError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_settings() -> dict[str, str]:
-    """setting -> its default as README's settings table shows it (backticks dropped), in table order."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def documented_settings() -> dict[str, str]:
+    """setting -> its default as docs/ingest.md's settings table shows it (backticks dropped), in table order."""
+    text = (ROOT / "docs" / "ingest.md").read_text(encoding="utf-8")
     table = text.split("| setting | default | meaning |", 1)[1].split("\n\n", 1)[0]
     rows = {}
     for line in table.splitlines():
@@ -27,11 +27,11 @@ def readme_settings() -> dict[str, str]:
     return rows
 
 
-def test_readme_table_names_every_setting_with_its_true_default():
-    rows = readme_settings()
+def test_docs_table_names_every_setting_with_its_true_default():
+    rows = documented_settings()
     assert list(rows) == list(FIELD_NAMES)  # every setting, nothing else, in declaration order
     wrong = {f.name: (rows[f.name], default_text(f)) for f in SETTINGS if rows[f.name] != default_text(f)}
-    assert not wrong, f"README default vs declared: {wrong}"
+    assert not wrong, f"docs/ingest.md default vs declared: {wrong}"
 
 
 def test_example_config_names_every_setting_with_its_true_default():

@@ -1,4 +1,4 @@
-"""The README's SQL cookbook runs as written against a real ingested store, in Python and the CLI."""
+"""The SQL cookbook in docs/store.md runs as written against a real ingested store, in Python and the CLI."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from helpers import ingest
 
 from store import reading
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+STORE_DOC = Path(__file__).resolve().parents[1] / "docs" / "store.md"
 
 
 def cookbook() -> list[str]:
-    text = README.read_text()
-    section = text[text.index("### SQL cookbook") :]
+    text = STORE_DOC.read_text(encoding="utf-8")
+    section = text[text.index("## SQL cookbook") :]
     block = re.search(r"```sql\n(.*?)```", section, re.S).group(1)
     queries = []
     for piece in block.split(";"):
