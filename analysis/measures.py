@@ -15,13 +15,15 @@ import numpy as np
 
 from analysis import metrics as M
 from analysis import probe as P
+from analysis.neighbours import Workspace
 from analysis.tokens import TokenSet
 
 
 @dataclass(frozen=True)
 class Context:
     """What a measure may read: the tokens (vectors in `tokens.X`), the space the neighbours live in
-    (cosine-normalized when the projection is), the 2-D coordinates (or None) and the view's settings."""
+    (cosine-normalized when the projection is) and its workspace (one index for every search), the 2-D
+    coordinates (or None) and the view's settings."""
 
     tokens: TokenSet
     space: np.ndarray
@@ -29,6 +31,7 @@ class Context:
     k: int
     window: int
     n_queries: int
+    workspace: Workspace | None = None  # of `space`
 
     # cached: every measure asks (a frozen dataclass keeps them in its __dict__)
     @cached_property
@@ -87,7 +90,13 @@ def _leak(groups: str, space: str = "space") -> Callable[[Context], dict | None]
         if X is None:
             return None
         return M.knn_position_leak(
-            X, c.tokens.position, getattr(c.tokens, groups), k=c.k, n_queries=c.n_queries, units=c.units
+            X,
+            c.tokens.position,
+            getattr(c.tokens, groups),
+            k=c.k,
+            n_queries=c.n_queries,
+            units=c.units,
+            workspace=c.workspace if space == "space" else None,
         )
 
     return compute
@@ -105,6 +114,7 @@ def _purity(label: str, k: int | None, window: bool) -> Callable[[Context], dict
             window=c.window if window else None,
             n_queries=c.n_queries,
             units=c.units,
+            workspace=c.workspace,
         )
 
     return compute
@@ -118,7 +128,13 @@ def _token_leak(c: Context) -> dict | None:
     if not c.several_branches or "token_id" not in c.tokens.extra:
         return None
     return P.token_identity_leak(
-        c.space, c.tokens.extra["token_id"], c.tokens.branch, k=c.k, n_queries=c.n_queries, units=c.units
+        c.space,
+        c.tokens.extra["token_id"],
+        c.tokens.branch,
+        k=c.k,
+        n_queries=c.n_queries,
+        units=c.units,
+        workspace=c.workspace,
     )
 
 

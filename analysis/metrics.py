@@ -269,17 +269,23 @@ def _sample(n: int, n_queries: int | None, rng: np.random.Generator) -> np.ndarr
     return np.sort(rng.choice(n, n_queries, replace=False))
 
 
-def knn_other_groups(X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+def knn_other_groups(
+    X: np.ndarray,
+    groups: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    workspace: neighbours.Workspace | None = None,
+) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest tokens (Euclidean) among tokens of other groups.
 
     Exact by brute force up to neighbours.EXACT_QUERY_MAX tokens, approximate above (analysis.neighbours);
     a KD-tree in 1-3 dimensions (projections). Rows with fewer than k candidates are padded with -1.
+    workspace: X's (analysis.neighbours.Workspace), when X is a view's neighbour space.
     """
-    X = np.asarray(X, dtype=np.float32)
     groups = np.asarray(groups)
     if X.shape[1] <= 3:
-        return _knn_other_groups_tree(X, groups, queries, k)
-    return neighbours.search(X, queries, k, groups)
+        return _knn_other_groups_tree(np.asarray(X, dtype=np.float32), groups, queries, k)
+    return neighbours.search(X, queries, k, groups, workspace=workspace)
 
 
 def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -333,6 +339,7 @@ def knn_position_leak(
     n_shuffles: int = 20,
     seed: int = 0,
     units: np.ndarray | None = None,
+    workspace: neighbours.Workspace | None = None,
 ) -> dict[str, float]:
     """Mean |t_i - t_j| over each token's k nearest neighbours from other groups (branches), vs shuffled.
 
@@ -348,7 +355,7 @@ def knn_position_leak(
     position = np.asarray(position, dtype=np.float64)
     rng = np.random.default_rng(seed)
     queries = _sample(len(position), n_queries, rng)
-    nbrs = knn_other_groups(X, groups, queries, k)
+    nbrs = knn_other_groups(X, groups, queries, k, workspace)
     valid = nbrs >= 0
     if not valid.any():
         raise ValueError("knn_position_leak needs tokens from at least two groups")
@@ -419,6 +426,7 @@ def label_purity(
     n_queries: int | None = 1000,
     seed: int = 0,
     units: np.ndarray | None = None,
+    workspace: neighbours.Workspace | None = None,
 ) -> dict[str, float]:
     """kNN agreement of labels (branch or prompt): the share of a token's k nearest neighbours with its label.
 
@@ -433,16 +441,14 @@ def label_purity(
     labels = np.asarray(labels)
     if window is None:
         queries = _sample(len(X), n_queries, np.random.default_rng(seed))
-        return _purity_summary(*_purity_pooled(X, labels, queries, k), seed, _of(units, queries))
+        return _purity_summary(*_purity_pooled(X, labels, queries, k, workspace), seed, _of(units, queries))
     # Matched positions: every token asks up to EXACT_QUERY_MAX tokens, n_queries sampled ones above
     # (the band then carries the sampling); candidates within the window, exact either way.
     sample = None if len(X) <= neighbours.EXACT_QUERY_MAX else n_queries
     depth = max(k, MATCHED_DEPTH)  # one search serves k=1 and k=10, branch and prompt labels
-    asks, nbrs = neighbours.memo(
-        X,
-        ("matched", id(position), window, depth, sample, seed),
-        lambda: _matched_neighbours(X, position, window, depth, sample, seed),
-    )
+    build = lambda: _matched_neighbours(X, position, window, depth, sample, seed)
+    key = ("matched", window, depth, sample, seed)  # one workspace, one view's positions
+    asks, nbrs = build() if workspace is None else workspace.kept(key, build)
     cols = nbrs[:, :k]
     valid = cols >= 0
     has = valid.any(axis=1)
@@ -545,11 +551,11 @@ def _window_label_share(
 
 
 def _purity_pooled(
-    X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int
+    X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, workspace: neighbours.Workspace | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query: (share of its k nearest tokens, self excluded, with its label; that share by chance).
     Neighbours from analysis.neighbours.search: exact up to EXACT_QUERY_MAX tokens, approximate above."""
-    nbrs = neighbours.search(X, queries, min(k, len(X) - 1))  # (q, k), self excluded
+    nbrs = neighbours.search(X, queries, min(k, len(X) - 1), workspace=workspace)  # (q, k), self excluded
     valid = nbrs >= 0
     same = (labels[np.where(valid, nbrs, 0)] == labels[queries, None]) & valid
     _, code, counts = np.unique(labels, return_inverse=True, return_counts=True)

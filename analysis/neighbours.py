@@ -3,8 +3,8 @@
 The one module that decides how neighbours are found (Euclidean distances throughout):
 - `knn_graph(Y, k, index)`: every point's k nearest, itself first (UMAP's precomputed graph);
 - `Index(base).search(Q, k)`: points of a fixed base set nearest to other points (landmark placement);
-- `search(X, queries, k, groups)`: sampled queries' k nearest among all points, optionally from other
-  groups only (the kNN metrics).
+- `search(X, queries, k, groups, workspace=)`: sampled queries' k nearest among all points, optionally
+  from other groups only (the kNN metrics); a view's `Workspace` builds X's index once for all of them.
 
 Approximate search is usearch's HNSW (prebuilt wheels, no JIT; bench/neighbour_libs.py compares it with
 faiss-cpu and hnswlib on these data). Graphs are built on one thread so that the same points give the same
@@ -14,7 +14,8 @@ graph; searches run on every core (each query's answer does not depend on the ot
 from __future__ import annotations
 
 import os
-import weakref
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -164,7 +165,7 @@ class Cells:
         dims: int = REDUCED_DIMS,
         fit: tuple[np.ndarray, np.ndarray] | None = None,
     ):
-        """fit: pca_fit(X, dims, seed=seed) when the caller has it already (share_pca)."""
+        """fit: pca_fit(X, dims, seed=seed) when the caller has it already (a Workspace's pca)."""
         n = len(X)
         mean, comps = pca_fit(X, dims, seed=seed) if fit is None else (fit[0], fit[1][:, :dims])
         Z = np.empty((n, comps.shape[1]), np.float32)  # (n, r) reduced coordinates
@@ -188,32 +189,31 @@ class Cells:
         return self.Zs[self.at[rows]]
 
 
-_memo: dict[int, tuple[weakref.ref, dict]] = {}
+class Workspace:
+    """One view's neighbour space, handed to every measure that searches it (analysis.measures.Context):
+    the vectors X (n, d), a PCA fit to build the cell index on (the projection's, analysis.view), the
+    index itself (built on first need) and what the measures share (kept). It belongs to one view's
+    tokens and dies with it; X must not change while it is in use."""
 
+    def __init__(self, X: np.ndarray, pca: tuple[np.ndarray, np.ndarray] | None = None, seed: int = 0):
+        """pca: pca_fit(X, m, seed=seed) for some m >= REDUCED_DIMS, made elsewhere (or None: fitted here)."""
+        self.X = X
+        self.pca = pca
+        self.seed = seed
+        self._cells: Cells | None = None
+        self._kept: dict[tuple, Any] = {}
 
-def memo(X: np.ndarray, key: tuple, build):
-    """build() computed once per (array X, key) and reused while X is alive: a view's metrics all search
-    the same space. One array at a time; X must not change in place between calls."""
-    hit = _memo.get(id(X))
-    if hit is None or hit[0]() is not X:
-        _memo.clear()
-        hit = _memo[id(X)] = (weakref.ref(X), {})
-    if key not in hit[1]:
-        hit[1][key] = build()
-    return hit[1][key]
+    def cells(self) -> Cells:
+        """The cell index of X, built once."""
+        if self._cells is None:
+            self._cells = Cells(self.X, self.seed, fit=self.pca)
+        return self._cells
 
-
-def share_pca(X: np.ndarray, fit: tuple[np.ndarray, np.ndarray], seed: int = 0) -> None:
-    """Give the Cells of X (if they are ever built) a PCA fit made elsewhere: it must be pca_fit(X, m,
-    seed=seed) for some m >= REDUCED_DIMS (a view's projection fits the same one: analysis.view)."""
-    memo(X, ("pca", seed), lambda: fit)
-
-
-def cells_for(X: np.ndarray, seed: int = 0) -> Cells:
-    """The Cells of X, built once per array (see memo), on the PCA fit given by share_pca if any."""
-    hit = _memo.get(id(X))
-    fit = hit[1].get(("pca", seed)) if hit is not None and hit[0]() is X else None
-    return memo(X, ("cells", seed), lambda: Cells(X, seed, fit=fit))
+    def kept(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """build() once per key (one search serves several measures)."""
+        if key not in self._kept:
+            self._kept[key] = build()
+        return self._kept[key]
 
 
 def search(
@@ -225,21 +225,25 @@ def search(
     n_probe: int = N_PROBE,
     min_candidates: int = 64,
     rerank: int | None = None,
+    workspace: Workspace | None = None,
 ) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest points of X (n, d), the query itself excluded
     and, when groups are given, every point of its group too; rows with fewer than k such points end in -1.
 
     Exact (blocked brute force) up to exact_max points (default EXACT_QUERY_MAX). Above: candidates from Cells (at least
     `min_candidates` qualifying ones, walking up to 16x n_probe cells), the best `rerank` (default RERANK_PER_K * k) by
-    reduced distance re-ranked exactly; a query still short of k falls back to brute force.
+    reduced distance re-ranked exactly; a query still short of k falls back to brute force. workspace:
+    X's Workspace, whose index is built once for every search of X (else one is built for this search).
     """
+    if workspace is not None and workspace.X is not X:
+        raise ValueError("this workspace holds another array than the one searched")
     X = np.asarray(X, dtype=np.float32)
     queries = np.asarray(queries, dtype=np.int64)
     if len(X) <= (EXACT_QUERY_MAX if exact_max is None else exact_max):
         return _exact_excluding(X, queries, k, groups)
     from analysis.kernels import ivf_rank  # numba: imported by the first approximate search
 
-    cells = cells_for(X)
+    cells = (workspace or Workspace(X)).cells()
     rerank = rerank or RERANK_PER_K * k
     gs = None
     if groups is not None:

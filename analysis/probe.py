@@ -14,6 +14,7 @@ import numpy as np
 
 from analysis import resample
 from analysis.metrics import WithinShuffler, knn_other_groups
+from analysis.neighbours import Workspace
 
 if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
     from scipy import sparse
@@ -439,6 +440,7 @@ def token_identity_leak(
     n_boot: int = 200,
     seed: int = 0,
     units: np.ndarray | None = None,
+    workspace: Workspace | None = None,
 ) -> dict[str, float | int]:
     """Share of a token's k nearest neighbours from other groups (branches) that are the same token id.
 
@@ -458,7 +460,7 @@ def token_identity_leak(
         if n_queries is None or n <= n_queries
         else np.sort(rng.choice(n, n_queries, replace=False))
     )
-    nbrs = knn_other_groups(X, groups, queries, k)  # (q, k), -1 pads
+    nbrs = knn_other_groups(X, groups, queries, k, workspace)  # (q, k), -1 pads
     valid = nbrs >= 0
     same = (token_id[np.where(valid, nbrs, 0)] == token_id[queries, None]) & valid
     has = valid.any(axis=1)

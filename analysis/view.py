@@ -205,7 +205,7 @@ def measure(
         norms = row_norms(X)  # (n, 1)
         for rows in blocks(len(X)):
             X[rows] /= norms[rows]
-        space = X.view()  # another array object: the neighbour search's memo of it dies with this call
+        space = X
     elif spec.projection.metric == "cosine":
         space = np.empty_like(X)
         norms_ = row_norms(X)  # (n, 1)
@@ -213,10 +213,9 @@ def measure(
             np.divide(X[rows], norms_[rows], out=space[rows])
     else:
         space = X
-    if pca is not None and spec.projection.metric == "cosine":
-        neighbours.share_pca(space, pca)
+    workspace = neighbours.Workspace(space, pca if spec.projection.metric == "cosine" else None)
     try:
-        ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries)
+        ctx = Context(tokens, space, coords, spec.k, spec.window, spec.n_queries, workspace)
         out: dict[str, Any] = {
             "heldout_by": ctx.unit_name,
             "band_over": ctx.unit_name,

@@ -76,9 +76,8 @@ def test_exact_path_for_small_n():
     np.testing.assert_array_equal(idx, np.argsort(d, axis=1, kind="stable")[:, :5])
 
 
-def test_metric_search_is_exact_below_the_cut_and_never_builds_cells(tree, monkeypatch):
+def test_metric_search_is_exact_below_the_cut(tree):
     t, _ = tree
-    monkeypatch.setattr(neighbours, "cells_for", lambda *a, **k: pytest.fail("cells built for a small n"))
     q = np.arange(0, len(t), 37)
     found = neighbours.search(t.X, q, 5, t.branch)
     d = ((t.X[q, None] - t.X[None]) ** 2).sum(-1)
@@ -187,9 +186,17 @@ def test_projection_switches_to_landmarks_only_above_the_cut(monkeypatch):
 
 def test_cells_assigned_by_the_narrow_hnsw_search_keep_the_recall(residual_tree, monkeypatch):
     t = residual_tree
-    X = t.X.copy()  # a new array: cells of its own (they are kept per array)
+    X = t.X
     monkeypatch.setattr(neighbours, "EXACT_CELLS_MAX", 0)
     q = np.sort(np.random.default_rng(4).choice(len(t), 300, replace=False))
-    approx = neighbours.search(X, q, 10, t.branch, exact_max=0)
-    assert not neighbours.cells_for(X).landmarks.exact
+    workspace = neighbours.Workspace(X)
+    approx = neighbours.search(X, q, 10, t.branch, exact_max=0, workspace=workspace)
+    assert not workspace.cells().landmarks.exact
     assert recall(approx, neighbours.search(X, q, 10, t.branch)) >= 0.95
+
+
+def test_a_workspace_serves_only_its_own_array(residual_tree):
+    t = residual_tree
+    q = np.arange(0, len(t), 97)
+    with pytest.raises(ValueError, match="another array"):
+        neighbours.search(t.X.copy(), q, 5, t.branch, exact_max=0, workspace=neighbours.Workspace(t.X))
