@@ -1,4 +1,4 @@
-"""`python -m ingest`: build a generation tree and store its latents (see README)."""
+"""`python -m ingest`: build a generation tree and store its latents (see docs/ingest.md)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
         "With no arguments, runs the bundled demo (ingest/demo.toml).",
     )
     p.add_argument("--config", help="TOML or JSON run config (any setting below; flags override it)")
-    add_settings(p.add_argument_group("run settings (README 'Ingest'; flags override the config file)"))
+    add_settings(p.add_argument_group("run settings (docs/ingest.md; flags override the config file)"))
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -194,7 +194,7 @@ def setting(
 @dataclass
 class RunConfig:
     """Everything one ingest run needs: the one declaration of every setting, its default and its help
-    (the CLI's flags are built from these; README and examples/run.toml are checked against them)."""
+    (the CLI's flags are built from these; docs/ingest.md and examples/run.toml are checked against them)."""
 
     model: str = setting(
         DEFAULT_MODEL,
@@ -246,7 +246,7 @@ class RunConfig:
     )
     compact: bool = setting(
         True,
-        "skip rewriting the store without free space at the end (see README 'Store size')",
+        "skip rewriting the store without free space at the end (see docs/ingest.md, 'Plan first, store size and the summary')",
         flag="--no-compact",
     )
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser(
         "import",
         help="write a run into a store from a token table and per-layer latents computed "
-        "elsewhere (README: Latents from elsewhere)",
+        "elsewhere (docs/store.md, 'Latents from elsewhere')",
     )
     i.add_argument(
         "--tokens", required=True, help="token table: .parquet or .csv (columns in store/exchange.py)"
