@@ -139,6 +139,11 @@ def compute_view(
     coords = project(tokens.X, spec.projection, pca)
     timings["project"] = time.perf_counter() - t1
 
+    stats: dict[str, Any] = {}
+    if spec.metrics and spec.residual.method == "none":  # before measure() scales the rows in place
+        t3 = time.perf_counter()
+        stats = layer_stats(tokens)
+        timings["layer_stats"] = time.perf_counter() - t3
     t2 = time.perf_counter()
     metrics = (
         measure(tokens, coords, spec, in_place=True, pca=pca) if spec.metrics else {}
@@ -147,10 +152,7 @@ def compute_view(
     metrics["n_tokens"] = len(tokens)
     metrics["n_sinks_dropped"] = int(len(plot) - len(tokens))
     metrics["removal"] = removal.to_dict()
-    if spec.metrics and spec.residual.method == "none":
-        t3 = time.perf_counter()
-        metrics.update(layer_stats(tokens))
-        timings["layer_stats"] = time.perf_counter() - t3
+    metrics.update(stats)
     return ViewResult(index, coords, tokens.X, metrics, timings, removal)
 
 

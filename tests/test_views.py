@@ -90,6 +90,25 @@ def test_the_layer_profile_of_a_growing_run_is_recomputed(tmp_path, tree):
     assert rows(served, raw=True) == rows(before, raw=True)  # the plotted prompt did not change
 
 
+def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(synthetic_store, tmp_path):
+    """The Layers tab measured the shown layer again; it now reads the raw and removed views' metrics."""
+    from views.service import layer_profile
+    from views.specs import raw_of
+
+    store, run_id = synthetic_store
+    cache = ViewCache(tmp_path / "cache")
+    spec = ViewSpec(residual=ResidualSpec(method="position"), projection=FAST.projection)
+    shown = Selection(run_id, 0)
+    compute(store, shown, raw_of(spec), cache)
+    compute(store, shown, spec, cache)
+    entries = set(cache.root.rglob("*.npz"))
+    served = layer_profile(store, shown, spec, [0], cache)
+    assert set(cache.root.rglob("*.npz")) == entries  # nothing measured again, nothing new cached
+    fresh = layer_profile(store, shown, spec, [0], None)
+    assert json.dumps(served, sort_keys=True) == json.dumps(fresh, sort_keys=True)  # NaN-aware
+    assert {r["method"] for r in served} == {"raw", spec.residual.label()}
+
+
 def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, monkeypatch):
     """A cached view computed by other code (another digest of analysis/*.py) is not served."""
     import views.cache

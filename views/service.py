@@ -204,6 +204,22 @@ def _list(ids: tuple[int, ...] | None) -> list[int] | None:
     return list(ids) if ids is not None else None
 
 
+def _cached_measures(cache: ViewCache | None, key: dict) -> ViewResult | None:
+    """A layer's measures from the cache: the profile's own entry, or the view of the same tokens and spec
+    (compute's key, whose metrics hold every measure the profile reads) when that layer was shown."""
+    if cache is None:
+        return None
+    view_key = {
+        "store": key["store"],
+        "selection": key["profile"],
+        "rows": key["rows"],
+        "content": key["content"],
+    }
+    if "reference" in key:
+        view_key["reference"] = key["reference"]
+    return cache.get(key) or cache.get(view_key | {"spec": key["spec"]})
+
+
 def layer_profile(
     store: str | Path,
     selection: Selection,
@@ -245,7 +261,7 @@ def layer_profile(
                 ref_run = _reference_run(sel)
                 if ref_run is not None and key["spec"]["residual"]["method"] != "none":
                     key["reference"] = queries.token_digest(con, ref_run, layer, selection.variant)
-            hits = [cache.get(k) if cache is not None else None for k in keys_]
+            hits = [_cached_measures(cache, key) for key in keys_]
             if any(h is None for h in hits):  # one read of the layer serves both methods
                 keys, X = queries.token_rows(
                     con,
