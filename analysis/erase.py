@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analysis import blas
 from analysis.basis import PositionBasis
 from analysis.groups import blocks
 from analysis.stats import PermutationTest
@@ -96,7 +97,7 @@ def ridge_path(m: Moments, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Ridge weights W (a, d, k) and intercepts (a, k) of y on x for each relative alpha, from one
     eigendecomposition of Cov(x)."""
     mx, C, Cxy, my = m.cov()
-    lam, V = np.linalg.eigh(C)
+    lam, V = blas.eigh(C)
     lam = np.clip(lam, 0, None)
     scale = max(float(lam.mean()), 1e-300)
     z = V.T @ Cxy  # (d, k)
@@ -154,7 +155,7 @@ class LinearEraser:
     def fit(self, m: Moments, alpha: float = 1e-3) -> LinearEraser:
         mx, C, S, _ = m.cov()  # S: (d, k)
         scale = max(float(np.trace(C)) / len(C), 1e-300)
-        B = np.linalg.solve(C + alpha * scale * np.eye(len(C)), S)  # (d, k)
+        B = blas.solve(C + alpha * scale * np.eye(len(C)), S)  # (d, k)
         M = B.T @ S  # (k, k) symmetric
         self.mean_ = mx.astype(np.float32)
         self.read_ = (B @ np.linalg.pinv(M)).astype(np.float32)  # (d, k)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.blas import one_thread
+from analysis import blas
 
 EXACT_GRAPH_MAX = 4096  # up to this many base points: brute force (umap-learn's own small-data cut-off)
 EXACT_QUERY_MAX = 20_000  # metrics: sampled queries search all points exactly up to this many points
@@ -139,8 +139,7 @@ def pca_fit(
     mean = X.mean(axis=0, dtype=np.float64)
     # Covariance without a centred copy of X: X^T X - n mean mean^T.
     cov = (X.T @ X).astype(np.float64) - len(X) * np.outer(mean, mean)
-    with one_thread():  # a d x d problem: 0.09 s on one thread, 0.25 s to 4 s on two (shared 2-core machine)
-        _, vecs = np.linalg.eigh(cov)
+    _, vecs = blas.eigh(cov)  # a d x d problem: 0.09 s on one thread, 0.25 s to 4 s on two (shared 2 cores)
     comps = vecs[:, ::-1][:, :k].astype(np.float32)
     comps *= np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(k)])
     return mean.astype(np.float32), comps

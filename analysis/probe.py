@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import resample
+from analysis import blas, resample
 from analysis.metrics import WithinShuffler, knn_other_groups
 from analysis.neighbours import Workspace
 
@@ -70,7 +70,7 @@ def _ridge_path(stats: Stats, alphas: np.ndarray, n_pcs: int | None) -> tuple[np
     C = G - n * np.outer(mean, mean)  # (d, d) centred cross-products
     sd = np.sqrt(np.clip(np.diag(C), 0, None) / n)
     sd = np.where(sd > 0, sd, 1.0)
-    lam, V = np.linalg.eigh(C / np.outer(sd, sd))  # ascending
+    lam, V = blas.eigh(C / np.outer(sd, sd))  # ascending
     if n_pcs is not None and n_pcs < len(lam):
         lam, V = lam[-n_pcs:], V[:, -n_pcs:]
     lam = np.clip(lam, 0, None)
@@ -300,7 +300,7 @@ def _shuffled_columns_t(Xc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _top_pcs(Xc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(top k eigenvalues of X^T X / n, descending (k,), their eigenvectors (d, k)) of centred Xc."""
-    lam, V = np.linalg.eigh((Xc.T @ Xc).astype(np.float64) / len(Xc))
+    lam, V = blas.eigh((Xc.T @ Xc).astype(np.float64) / len(Xc))
     return lam[::-1][:k], V[:, ::-1][:, :k]
 
 
