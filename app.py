@@ -89,8 +89,9 @@ waiting = f"Residualizing and projecting {what} (raw and removed)…"
 waiting += data.kernel_note()
 try:
     with st.spinner(waiting):
-        raw_points, raw_metrics = data.view(path, version, sel, raw_json)
-        res_points, res_metrics = data.view(path, version, sel, spec_json)
+        (raw_points, raw_metrics), (res_points, res_metrics) = data.views(
+            path, version, sel, raw_json, spec_json
+        )
         branches, lineage = data.branches_and_text(path, version, run_id, sel.prompt_ids)
 except StoreBusy:
     panels.busy_note(path, "view")

@@ -15,7 +15,7 @@ from views import catalog
 from views.cache import ViewCache
 from views.clusters import Clusters
 from views.clusters import clusters as compute_clusters
-from views.service import Selection, compute, divergence, layer_profile
+from views.service import Selection, compute_pair, divergence, layer_profile
 from views.specs import ViewSpec
 
 LOCK_TIMEOUT = float(
@@ -38,10 +38,20 @@ def branches_and_text(path: str, data_version: tuple, run_id: str, prompt_ids: t
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def view(path: str, data_version: tuple, selection: Selection, spec_json: str) -> tuple[pl.DataFrame, dict]:
-    """Plotted tokens with x, y, and the view's metrics (disk-cached across sessions as well)."""
-    v = compute(path, selection, ViewSpec.from_dict(json.loads(spec_json)), ViewCache(), LOCK_TIMEOUT)
-    return v.points, v.result.metrics
+def views(
+    path: str, data_version: tuple, selection: Selection, raw_json: str, spec_json: str
+) -> tuple[tuple[pl.DataFrame, dict], tuple[pl.DataFrame, dict]]:
+    """The raw and the removed view: plotted tokens with x, y, and each view's metrics, from one read and
+    computed side by side (views.service.compute_pair; disk-cached across sessions as well)."""
+    raw, removed = compute_pair(
+        path,
+        selection,
+        ViewSpec.from_dict(json.loads(raw_json)),
+        ViewSpec.from_dict(json.loads(spec_json)),
+        ViewCache(),
+        LOCK_TIMEOUT,
+    )
+    return (raw.points, raw.result.metrics), (removed.points, removed.result.metrics)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)

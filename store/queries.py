@@ -90,7 +90,7 @@ def branch_vectors(
         "ORDER BY position",
         params=[run_id, branch_id, layer, variant],
     ).to_arrow_table()
-    return vectors_to_numpy(table["vec"], _dim(con))
+    return vectors_to_numpy(table["vec"], vector_dim(con))
 
 
 def layer_vectors(
@@ -132,7 +132,7 @@ def _layer_scan(
     return (
         table["branch_id"].to_numpy().astype(np.int32, copy=False),
         table["position"].to_numpy().astype(np.int32, copy=False),
-        vectors_to_numpy(table["vec"], _dim(con)),
+        vectors_to_numpy(table["vec"], vector_dim(con)),
     )
 
 
@@ -148,7 +148,8 @@ def _sort_order(branch_ids: np.ndarray, positions: np.ndarray) -> np.ndarray | N
     return np.argsort(keys, kind="stable")
 
 
-def _dim(con: duckdb.DuckDBPyConnection) -> int:
+def vector_dim(con: duckdb.DuckDBPyConnection) -> int:
+    """The width of the stored latents (the model's hidden size)."""
     return int(first_row(con, "SELECT value FROM meta WHERE key = 'vector_dim'")[0])
 
 

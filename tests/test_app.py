@@ -423,14 +423,14 @@ def test_every_read_of_every_tab_shows_a_note_when_the_store_is_busy(store, tmp_
 
 def test_a_closed_tab_computes_nothing(store, monkeypatch):
     """Layers, Clusters and the divergence compute only while their tab is open: with the first tab open
-    the app reads the store five times (version, overview, raw and removed views, text), whatever the
-    other tabs would need."""
+    the app reads the store four times (version, overview, the raw and removed views in one read, text),
+    whatever the other tabs would need."""
     path, _ = store
     calls, _, _ = _store_opens(monkeypatch)
     st.cache_data.clear()
     at = open_app(path)
     first = len(calls)
-    assert first == 5, first
+    assert first == 4, first
     calls.clear()
     open_tab(at, "Layers")
     assert len(calls) >= 3  # the version, then one read per stored layer (0, 1, 2)

@@ -145,6 +145,44 @@ def test_one_thread_limits_blas_inside_and_restores_it_after():
     assert blas_threads() == before
 
 
+def test_workers_inside_the_callers_one_thread_block_keep_it_and_it_is_restored_after():
+    """compute_pair's threads: the caller holds one_thread() while two workers enter and leave their own
+    blocks in crossing order; BLAS stays on one thread until the caller leaves, then is as before."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with one_thread():
+            a_in.set()
+            b_in.wait()
+        seen["after the first left"] = blas_threads()
+        a_out.set()
+
+    def second():
+        a_in.wait()
+        with one_thread():
+            b_in.set()
+            a_out.wait()
+
+    with one_thread():
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seen["after both left"] = blas_threads()
+    assert set(seen["after the first left"]) == {1} and set(seen["after both left"]) == {1}
+    assert blas_threads() == before
+
+
 def test_measure_takes_a_pca_only_for_the_cosine_space(monkeypatch):
     monkeypatch.setattr(neighbours, "EXACT_QUERY_MAX", 500)
     tree = branch_tree(n_prompts=3, branches_per_prompt=6, length=80, d=96, seed=6)

@@ -90,8 +90,13 @@ def test_the_layer_profile_of_a_growing_run_is_recomputed(tmp_path, tree):
     assert rows(served, raw=True) == rows(before, raw=True)  # the plotted prompt did not change
 
 
-def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(synthetic_store, tmp_path):
-    """The Layers tab measured the shown layer again; it now reads the raw and removed views' metrics."""
+def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(
+    synthetic_store, tmp_path, monkeypatch
+):
+    """The Layers tab measured the shown layer again; it now reads the raw and removed views' metrics.
+    Raw and removed are measured side by side on two threads, or one after the other past PAIR_BYTES:
+    the same numbers."""
+    import views.service as service
     from views.service import layer_profile
     from views.specs import raw_of
 
@@ -106,7 +111,41 @@ def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(
     assert set(cache.root.rglob("*.npz")) == entries  # nothing measured again, nothing new cached
     fresh = layer_profile(store, shown, spec, [0], None)
     assert json.dumps(served, sort_keys=True) == json.dumps(fresh, sort_keys=True)  # NaN-aware
+    monkeypatch.setattr(service, "PAIR_BYTES", 0)
+    one_by_one = layer_profile(store, shown, spec, [0], None)
+    assert json.dumps(one_by_one, sort_keys=True) == json.dumps(fresh, sort_keys=True)
     assert {r["method"] for r in served} == {"raw", spec.residual.label()}
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_the_raw_and_removed_pair_is_what_compute_gives_for_each(
+    synthetic_store, tmp_path, monkeypatch, side_by_side
+):
+    """compute_pair reads once and computes the two views on two threads (or, past PAIR_BYTES, one after
+    the other from two reads): the same points and numbers as compute() of each spec, cached the same way."""
+    import views.service as service
+    from views.specs import raw_of
+
+    if not side_by_side:
+        monkeypatch.setattr(service, "PAIR_BYTES", 0)
+    store, run_id = synthetic_store
+    spec = ViewSpec(residual=ResidualSpec(method="position"), projection=FAST.projection)
+    sel = Selection(run_id, 0, prompt_ids=(0, 1, 2))
+    cache = ViewCache(tmp_path / "cache")
+    raw, removed = service.compute_pair(store, sel, raw_of(spec), spec, cache)
+    assert raw.timings["cached"] == removed.timings["cached"] == 0.0
+    for pair_view, alone in ((raw, compute(store, sel, raw_of(spec))), (removed, compute(store, sel, spec))):
+        assert pair_view.points.equals(alone.points)
+        assert json.dumps(pair_view.result.metrics, sort_keys=True, default=str) == json.dumps(
+            alone.result.metrics, sort_keys=True, default=str
+        )
+    assert removed.result.metrics["removal"]["removed"]  # the removed view removed something
+    again = service.compute_pair(store, sel, raw_of(spec), spec, cache)
+    assert again[0].timings["cached"] == again[1].timings["cached"] == 1.0
+    other = ViewSpec(residual=ResidualSpec(method="regression"), projection=FAST.projection)
+    kept_raw, changed = service.compute_pair(store, sel, raw_of(other), other, cache)  # a method change
+    assert kept_raw.timings["cached"] == 1.0 and changed.timings["cached"] == 0.0
+    assert changed.points.equals(compute(store, sel, other).points)
 
 
 def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, monkeypatch):
