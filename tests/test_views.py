@@ -225,29 +225,27 @@ def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
     assert err[0].startswith("error: ") and "mean" in err[-1] and len(err) == 2
 
 
+@pytest.mark.slow  # compiles umap's kernels into an empty cache first (a minute or more)
 def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
-    """A second process loads umap's layout kernels from the disk cache instead of compiling them."""
+    """A second process loads umap's layout kernels from the disk cache instead of compiling them
+    (numba's public dispatcher stats: cache hits per kernel)."""
     script = (
         "import warnings; warnings.simplefilter('ignore')\n"
         "from views import warmup; before = warmup.is_warm(); warmup.warm_up()\n"
         "import umap.layouts as L, umap.umap_ as U\n"
-        "print(before, warmup.is_warm(), sum(sum(f._cache_hits.values()) for f in "
-        "(L._nb_optimize_layout_euclidean_single_epoch, U.smooth_knn_dist)))\n"
+        "kernels = (L._nb_optimize_layout_euclidean_single_epoch, U.smooth_knn_dist)\n"
+        "print(before, warmup.is_warm(), sum(sum(f.stats.cache_hits.values()) for f in kernels))\n"
     )
     env = {
         **os.environ,
         "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
         "BRANCHLENS_CACHE": str(tmp_path / "cache"),
     }
-    run = (
-        lambda: subprocess.run(
-            [PYTHON, "-c", script],
-            env=env,
-            capture_output=True,
-            text=True,  # noqa: E731
-            check=True,
-        ).stdout.split()[-3:]
-    )
+
+    def run() -> list[str]:
+        out = subprocess.run([PYTHON, "-c", script], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.split()[-3:]
+
     assert run() == ["False", "True", "0"]  # empty cache: compiled, and the marker says so afterwards
     assert list((tmp_path / "numba").rglob("*.nbi"))
     before, after, hits = run()
