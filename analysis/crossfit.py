@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from analysis.groups import blocks, branch_centred, code_sums64, f64_blocks, onehot, row_sq
+from analysis.engine.groups import blocks, branch_centred, code_sums64, f64_blocks, onehot, row_sq
 from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES
 from analysis.residualize import (

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from analysis.basis import PositionBasis, fit_smooth
-from analysis.groups import code_sums64
+from analysis.engine.groups import code_sums64
 
 LAMBDA_FLOOR = 1e-4  # smallest token ridge: keeps the position system definite when tokens explain all
 EM_STEPS = 6  # EM updates of the token ridge where no fixed-effects fit has residual degrees of freedom

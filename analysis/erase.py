@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis import blas
 from analysis.basis import PositionBasis
-from analysis.groups import blocks
+from analysis.engine import blas
+from analysis.engine.groups import blocks
 from analysis.stats import PermutationTest
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge, relative to the mean eigenvalue of the covariance

@@ -43,8 +43,8 @@ from analysis.crossfit import (
     units,
 )
 from analysis.effects import Effects, FactorSums, fit_effects
+from analysis.engine.groups import blocks
 from analysis.erase import LinearEraser, Moments, linear_test, position_features
-from analysis.groups import blocks
 from analysis.lowrank import SmoothLowRank
 from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES, Param, words

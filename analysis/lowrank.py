@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.basis import PositionBasis
-from analysis.groups import f64_blocks, group_sums, row_sq
+from analysis.engine.groups import f64_blocks, group_sums, row_sq
 
 KNOTS = 5  # cubic spline knots: 7 functions, 6 after the within-branch centring
 

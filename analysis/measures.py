@@ -15,7 +15,7 @@ import numpy as np
 
 from analysis import metrics as M
 from analysis import probe as P
-from analysis.neighbours import Workspace
+from analysis.engine.neighbours import Workspace
 from analysis.tokens import TokenSet
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis import neighbours, resample
-from analysis.blas import one_thread
-from analysis.groups import BLOCK, blocks, code_sums64, row_sq
+from analysis import resample
+from analysis.engine import neighbours
+from analysis.engine.blas import one_thread
+from analysis.engine.groups import BLOCK, blocks, code_sums64, row_sq
 
 
 def r2_pos(
@@ -185,7 +186,7 @@ def _boot_r2(
     """_r2_band's resampled R2 values (n_boot,) of the centred projection Z (n, m): `chunk` resamples'
     per-position weighted sums from one compiled pass over Z. A resample's counts are the bincount of n
     uniform draws (the multinomial, 30x faster than rng.multinomial with n categories)."""
-    from analysis.kernels import weighted_code_sums  # numba: imported by the first band
+    from analysis.engine.kernels import weighted_code_sums  # numba: imported by the first band
 
     n = len(Z)
     values = []
@@ -278,9 +279,9 @@ def knn_other_groups(
 ) -> np.ndarray:
     """Indices (len(queries), k) of each query's k nearest tokens (Euclidean) among tokens of other groups.
 
-    Exact by brute force up to neighbours.EXACT_QUERY_MAX tokens, approximate above (analysis.neighbours);
+    Exact by brute force up to neighbours.EXACT_QUERY_MAX tokens, approximate above (analysis.engine.neighbours);
     a KD-tree in 1-3 dimensions (projections). Rows with fewer than k candidates are padded with -1.
-    workspace: X's (analysis.neighbours.Workspace), when X is a view's neighbour space.
+    workspace: X's (analysis.engine.neighbours.Workspace), when X is a view's neighbour space.
     """
     groups = np.asarray(groups)
     if X.shape[1] <= 3:
@@ -306,7 +307,7 @@ def _knn_other_groups_tree(X: np.ndarray, groups: np.ndarray, queries: np.ndarra
 class WithinShuffler:
     """Permutations of values within each group, the groups sorted once (a view shuffles the same branches
     dozens of times). Each call is the draw `np.lexsort((rng.random(n), groups))` always made, found by a
-    stable sort of the uniform keys within each group (analysis.kernels): the same permutation."""
+    stable sort of the uniform keys within each group (analysis.engine.kernels): the same permutation."""
 
     def __init__(self, groups: np.ndarray):
         groups = np.asarray(groups)
@@ -320,7 +321,7 @@ class WithinShuffler:
 
     def __call__(self, values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """values (n,) permuted at random within each group."""
-        from analysis.kernels import shuffle_within as within  # numba: imported by the first shuffle
+        from analysis.engine.kernels import shuffle_within as within  # numba: imported by the first shuffle
 
         return within(np.asarray(values), rng.random(self.n), self.by_group, self.starts)
 
@@ -554,7 +555,7 @@ def _purity_pooled(
     X: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: int, workspace: neighbours.Workspace | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query: (share of its k nearest tokens, self excluded, with its label; that share by chance).
-    Neighbours from analysis.neighbours.search: exact up to EXACT_QUERY_MAX tokens, approximate above."""
+    Neighbours from analysis.engine.neighbours.search: exact up to EXACT_QUERY_MAX tokens, approximate above."""
     nbrs = neighbours.search(X, queries, min(k, len(X) - 1), workspace=workspace)  # (q, k), self excluded
     valid = nbrs >= 0
     same = (labels[np.where(valid, nbrs, 0)] == labels[queries, None]) & valid

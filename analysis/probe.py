@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis import blas, resample
+from analysis import resample
+from analysis.engine import blas
+from analysis.engine.neighbours import Workspace
 from analysis.metrics import WithinShuffler, knn_other_groups
-from analysis.neighbours import Workspace
 
 if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
     from scipy import sparse

@@ -1,7 +1,7 @@
 """Projections to 2-D (or 3-D): PCA, and UMAP on a PCA pre-reduction with a precomputed kNN graph.
 
-The UMAP path is tuned for the app's budget: neighbours from analysis.neighbours (exact for small n, HNSW
-above), umap-learn's layout with numba's disk cache on (analysis.jit), PCA initialisation, and an epoch
+The UMAP path is tuned for the app's budget: neighbours from analysis.engine.neighbours (exact for small n, HNSW
+above), umap-learn's layout with numba's disk cache on (analysis.engine.jit), PCA initialisation, and an epoch
 count that shrinks with the number of points unless set. Above LANDMARK_ABOVE points, UMAP lays out a
 seeded sample of LANDMARKS points and places every other point from its nearest landmarks, so the layout
 costs the same at 100k as at 1M and the rest grows linearly.
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from analysis import jit
-from analysis.groups import code_sums64, row_norms
-from analysis.neighbours import Index, knn_graph, pca_fit
+from analysis.engine import jit
+from analysis.engine.groups import code_sums64, row_norms
+from analysis.engine.neighbours import Index, knn_graph, pca_fit
 
 PROJECTIONS = ("umap", "pca")
 LANDMARK_ABOVE = 30_000  # more points than this: UMAP on landmarks, the rest placed from them
@@ -196,7 +196,7 @@ def landmark_layout(Y: np.ndarray, spec: ProjectionSpec, n_landmarks: int = LAND
 
 
 def umap_layout(Y: np.ndarray, spec: ProjectionSpec, index: Index | None = None) -> np.ndarray:
-    """umap-learn's layout of Y (n, r) on the precomputed kNN graph of analysis.neighbours: (n, n_components).
+    """umap-learn's layout of Y (n, r) on the precomputed kNN graph of analysis.engine.neighbours: (n, n_components).
     index: an Index of Y already built."""
     n = len(Y)
     idx, dist = knn_graph(Y, int(min(spec.n_neighbors, n - 1)), index)

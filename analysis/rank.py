@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.groups import branch_centred, group_sums
+from analysis.engine.groups import branch_centred, group_sums
 
 MAX_RANK = 10  # largest rank tried
 

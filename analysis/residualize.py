@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from analysis.basis import BASES, PositionBasis, fit_smooth
-from analysis.groups import blocks, group_sums
+from analysis.engine.groups import blocks, group_sums
 from analysis.nuisances import NUISANCES, Param, words
 
 RESIDUALIZERS: dict[str, type[Residualizer]] = {}

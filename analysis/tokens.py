@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from analysis.groups import row_sq
+from analysis.engine.groups import row_sq
 
 
 @dataclass

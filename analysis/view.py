@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from analysis import neighbours
 from analysis import probe as P
 from analysis.crossfit import RemovalReport, fit_remove
-from analysis.groups import blocks, row_norms
+from analysis.engine import neighbours
+from analysis.engine.groups import blocks, row_norms
 from analysis.measures import MEASURES, Context
 from analysis.project import ProjectionSpec, project, unit_pca_fit
 from analysis.residualize import ResidualSpec

@@ -84,7 +84,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from streamlit.testing.v1 import AppTest
 
-    from analysis import jit
+    from analysis.engine import jit
 
     jit.warm_up()
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=1800)

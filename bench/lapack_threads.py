@@ -3,7 +3,7 @@
     python bench/lapack_threads.py            # --sizes 256,640,1024,2048 --reps 5
 
 Prints the median time of np.linalg.eigh on a (d, d) covariance with one BLAS thread and with the
-library's default, side by side in one run (alternating), and their ratio; analysis.blas.eigh picks one
+library's default, side by side in one run (alternating), and their ratio; analysis.engine.blas.eigh picks one
 thread up to SMALL_LAPACK rows.
 """
 
@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.blas import SMALL_LAPACK  # noqa: E402
+from analysis.engine.blas import SMALL_LAPACK  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
     threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=1)
     print(f"{os.cpu_count()} CPUs, BLAS default {threads} threads, load average {os.getloadavg()[0]:.1f}")
-    print(f"{'d':>6} {'one thread':>11} {'default':>9} {'one / default':>14}  analysis.blas.eigh uses")
+    print(f"{'d':>6} {'one thread':>11} {'default':>9} {'one / default':>14}  analysis.engine.blas.eigh uses")
     rng = np.random.default_rng(0)
     for d in map(int, args.sizes.split(",")):
         X = rng.normal(size=(d + 100, d))

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.neighbours import exact_knn, pca_fit  # noqa: E402
+from analysis.engine.neighbours import exact_knn, pca_fit  # noqa: E402
 from analysis.synthetic import branch_tree  # noqa: E402
 
 K = 15

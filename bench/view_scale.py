@@ -61,7 +61,7 @@ def peak_rss_gb() -> float:
 
 
 def neighbour_steps(tokens) -> tuple[dict, dict]:
-    """Only what analysis.neighbours serves, on the raw vectors: the projection and every kNN measure
+    """Only what analysis.engine.neighbours serves, on the raw vectors: the projection and every kNN measure
     (R2_pos and the removal left out). Returns (timings, metrics)."""
     from analysis import ViewSpec, project
     from analysis.measures import MEASURES, Context
@@ -112,7 +112,8 @@ def quality(n: int) -> dict:
     """Trustworthiness of the landmark layout and of the full UMAP on exact neighbours, same residuals."""
     import importlib
 
-    from analysis import ViewSpec, neighbours
+    from analysis import ViewSpec
+    from analysis.engine import neighbours
     from analysis.metrics import trustworthiness
     from analysis.view import residualize
 
@@ -179,7 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--no-removal",
         action="store_true",
-        help="time only the projection and the kNN measures (what analysis.neighbours serves)",
+        help="time only the projection and the kNN measures (what analysis.engine.neighbours serves)",
     )
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--against", type=Path, help="another checkout: each size also runs on its code")

@@ -80,8 +80,8 @@ def test_cycle_finder_finds_a_planted_cycle():
 
 def test_graph_sees_function_level_imports():
     graph = import_graph()
-    assert "analysis.neighbours" in graph["analysis.project"]
-    assert "analysis.neighbours" in graph["analysis.jit"]  # imported inside warm_up
+    assert "analysis.engine.neighbours" in graph["analysis.project"]
+    assert "analysis.engine.neighbours" in graph["analysis.engine.jit"]  # imported inside warm_up
     assert "store" in graph and graph["views.service"] & {"store.queries", "store.connect"}
 
 
@@ -92,9 +92,9 @@ def test_no_import_cycles_in_the_project():
 NON_PROJECTING = [
     "analysis",
     "analysis.tokens",
-    "analysis.groups",
+    "analysis.engine.groups",
     "analysis.metrics",
-    "analysis.neighbours",
+    "analysis.engine.neighbours",
     "analysis.probe",
     "analysis.measures",
     "analysis.residualize",
@@ -105,7 +105,7 @@ NON_PROJECTING = [
     "analysis.guard",
     "analysis.basis",
     "analysis.project",
-    "analysis.jit",
+    "analysis.engine.jit",
     "analysis.view",
     "analysis.clusters",
 ]

@@ -1,4 +1,4 @@
-"""The compiled loops of analysis.kernels against plain numpy: per-code row sums (threaded and not, rows
+"""The compiled loops of analysis.engine.kernels against plain numpy: per-code row sums (threaded and not, rows
 outside every group, many codes, input that must be converted), the weighted sums of a bootstrap, and
 their refusals of input the loops would read or write out of bounds."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis import kernels
+from analysis.engine import kernels
 
 
 def reference_sums(X: np.ndarray, codes: np.ndarray, G: int, shift: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Neighbour search (analysis.neighbours) and what uses it: approximate recall against exact, the metrics
+"""Neighbour search (analysis.engine.neighbours) and what uses it: approximate recall against exact, the metrics
 with approximate neighbours against exact ones, the landmark layout against the full one, and the exact
 path kept for small n."""
 
@@ -9,8 +9,9 @@ import importlib
 import numpy as np
 import pytest
 
-from analysis import ProjectionSpec, neighbours, project
+from analysis import ProjectionSpec, project
 from analysis import metrics as M
+from analysis.engine import neighbours
 from analysis.metrics import trustworthiness
 from analysis.probe import token_identity_leak
 from analysis.synthetic import branch_tree

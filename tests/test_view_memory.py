@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from analysis import ResidualSpec, ViewSpec, compute_view
-from analysis import groups as G
 from analysis.crossfit import fit_remove, fold_label_stats
-from analysis.groups import BLOCK
+from analysis.engine import groups as G
+from analysis.engine.groups import BLOCK
 from analysis.metrics import r2_pos
 from analysis.project import ProjectionSpec
 from analysis.residualize import LabelStats, PerPositionMean, branch_offsets, make_residualizer
@@ -188,7 +188,7 @@ def test_measure_in_place_gives_the_copying_numbers_and_restores_the_vectors():
 
 
 def test_nearest_only_search_finds_the_brute_force_nearest():
-    from analysis.neighbours import exact_knn
+    from analysis.engine.neighbours import exact_knn
 
     rng = np.random.default_rng(3)
     B, Q = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(2500, 16)).astype(np.float32)

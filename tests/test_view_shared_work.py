@@ -9,10 +9,11 @@ import importlib
 import numpy as np
 import pytest
 
-from analysis import ViewSpec, compute_view, neighbours
+from analysis import ViewSpec, compute_view
 from analysis import metrics as M
-from analysis.blas import one_thread
-from analysis.groups import row_norms
+from analysis.engine import neighbours
+from analysis.engine.blas import one_thread
+from analysis.engine.groups import row_norms
 from analysis.metrics import WithinShuffler, shuffle_within
 from analysis.synthetic import branch_tree
 from analysis.view import _shared_pca, measure, residualize

@@ -149,7 +149,7 @@ def test_the_raw_and_removed_pair_is_what_compute_gives_for_each(
 
 
 def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, monkeypatch):
-    """A cached view computed by other code (another digest of analysis/*.py) is not served."""
+    """A cached view computed by other code (another digest of analysis/**/*.py) is not served."""
     import views.cache
 
     store, run_id = synthetic_store
@@ -158,6 +158,31 @@ def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, m
     assert compute(store, Selection(run_id, 0), FAST, cache).timings["cached"] == 1.0
     monkeypatch.setattr(views.cache, "code_version", lambda: "another version of the maths")
     assert compute(store, Selection(run_id, 0), FAST, cache).timings["cached"] == 0.0
+
+
+def test_the_maths_digest_covers_the_engine_and_every_module(tmp_path, monkeypatch):
+    """The digest read only analysis/*.py: a change in analysis/engine (neighbours, kernels, ...) served
+    numbers computed by the old code."""
+    import shutil
+
+    import views.cache
+
+    maths = tmp_path / "analysis"
+    shutil.copytree(views.cache.MATHS, maths, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(views.cache, "MATHS", maths)
+
+    def digest() -> str:
+        views.cache.code_version.cache_clear()
+        return views.cache.code_version()
+
+    try:
+        first = digest()
+        for changed in (maths / "engine" / "neighbours.py", maths / "metrics.py"):
+            changed.write_text(changed.read_text() + "\n# changed\n")
+            assert digest() != first, changed.name
+            first = digest()
+    finally:
+        views.cache.code_version.cache_clear()
 
 
 def test_prompt_subset_fitted_on_the_whole_run(synthetic_store, tree):

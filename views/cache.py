@@ -20,12 +20,12 @@ MATHS = Path(__file__).resolve().parents[1] / "analysis"  # the code that decide
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """A digest of the maths' source (analysis/*.py): a changed metric or method is another key, so a
-    number computed by older code is never served (a bumped CACHE_FORMAT was once forgotten: a changed
-    metric was served as 0.9451 where it now is 0.1235)."""
+    """A digest of the maths' source (analysis/**/*.py, the engine included): a changed metric or method
+    is another key, so a number computed by older code is never served (a bumped CACHE_FORMAT was once
+    forgotten: a changed metric was served as 0.9451 where it now is 0.1235)."""
     digest = hashlib.sha256()
-    for path in sorted(MATHS.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(MATHS.rglob("*.py")):
+        digest.update(path.relative_to(MATHS).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

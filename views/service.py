@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from analysis.blas import one_thread
+from analysis.engine.blas import one_thread
 from analysis.stats import Z, half_width
 from analysis.tokens import TokenSet
 from analysis.view import (
@@ -180,7 +180,7 @@ def compute_pair(
 
     if all(missing):  # each view writes its residuals over its own copy
         # BLAS on one thread for both (two views on the cores already), set and restored from this thread:
-        # the views' own one_thread() blocks then only count (analysis.blas)
+        # the views' own one_thread() blocks then only count (analysis.engine.blas)
         with one_thread(), ThreadPoolExecutor(2, thread_name_prefix="branchlens-view") as pool:
             raw = pool.submit(one, 0, X.copy())
             removed = one(1, X)

@@ -12,8 +12,8 @@ log = logging.getLogger(__name__)
 
 
 def warm_up() -> None:
-    """analysis.jit.warm_up, then the marker that says this installation's kernels are on disk."""
-    from analysis import jit
+    """analysis.engine.jit.warm_up, then the marker that says this installation's kernels are on disk."""
+    from analysis.engine import jit
 
     jit.warm_up()
     try:
@@ -35,7 +35,7 @@ def warm_marker() -> Path:
     from views.cache import cache_root
 
     here = Path(analysis.__file__).resolve().parent
-    sources = [here / "kernels.py", here / "jit.py"]
+    sources = [here / "engine" / "kernels.py", here / "engine" / "jit.py"]
     key = repr(
         (
             sys.version,

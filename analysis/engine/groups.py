@@ -54,7 +54,7 @@ def onehot(codes: np.ndarray, n_groups: int, weights: np.ndarray | None = None, 
 def group_sums(X: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sorted unique labels, per-label row sums of X in float64 (G, d), counts (G,)).
 
-    One compiled pass over X in its own dtype (analysis.kernels), no copy of it.
+    One compiled pass over X in its own dtype (analysis.engine.kernels), no copy of it.
     """
     uniq, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
     return uniq, code_sums64(X, [(inverse.ravel(), len(uniq))])[0], counts
@@ -70,7 +70,7 @@ def code_sums64(
     for rows in no group; G), minus `shift` (d,) from every row when given: [(G, d), ...]. X is read once
     in its own dtype, each value added in float64 (as exact as on a float64 copy of X, without one).
     with_sq: also each row's squared norm after the shift, (n,) float64, from the same pass."""
-    from analysis.kernels import code_sums  # numba: imported by the first sum, not with this module
+    from analysis.engine.kernels import code_sums  # numba: imported by the first sum, not with this module
 
     sums, sq = code_sums(X, codings, shift)
     return (sums, sq) if with_sq else sums

@@ -5,7 +5,7 @@ A per-position (or per-branch, per-cell) sum of rows is the inner loop of the re
 test and R2_pos. As a sparse one-hot product (scipy's csr_matvecs) it ran at ~0.5 GFLOP/s and needed a
 float64 copy of every block of float32 rows; here each row is read once, in its own dtype, and added in
 float64 to every coding's accumulator (they fit in cache: a few hundred codes x d). Imported lazily,
-inside the functions that use it (analysis.groups, metrics, jit), since numba costs ~0.5 s to import.
+inside the functions that use it (analysis.engine.groups, metrics, jit), since numba costs ~0.5 s to import.
 """
 
 from __future__ import annotations
@@ -262,7 +262,7 @@ def ivf_rank(
     need: int,
     threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The inverted-list search of analysis.neighbours for q queries, rows q_rows (q,) of X (n, d).
+    """The inverted-list search of analysis.engine.neighbours for q queries, rows q_rows (q,) of X (n, d).
 
     Points are kept sorted by cell: cell c holds sorted rows start[c]:start[c + 1], which are rows
     order[...] of X (row i of X is sorted row at[i]); Zs (n, r) and sqs = |z|^2 (n,) are their reduced

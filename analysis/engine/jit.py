@@ -88,8 +88,8 @@ def warm_up(seed: int = 0) -> None:
     The app runs this in the background at start, so the user's first UMAP does not pay for JIT.
     Both graph sizes umap-learn treats differently (below 4096 points it recomputes the graph itself).
     """
-    from analysis import kernels
-    from analysis.neighbours import knn_graph
+    from analysis.engine import kernels
+    from analysis.engine.neighbours import knn_graph
 
     kernels.warm_up()  # the row-sum and shuffle kernels of the removal and the metrics
     rng = np.random.default_rng(seed)

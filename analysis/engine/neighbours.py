@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import blas
+from analysis.engine import blas
 
 EXACT_GRAPH_MAX = 4096  # up to this many base points: brute force (umap-learn's own small-data cut-off)
 EXACT_QUERY_MAX = 20_000  # metrics: sampled queries search all points exactly up to this many points
@@ -152,7 +152,7 @@ class Cells:
     found in a PCA space of REDUCED_DIMS dimensions (exactly up to EXACT_CELLS_MAX cells, by a narrow HNSW
     search above). A query's candidates are the members of its nearest
     cells, walked until enough of them qualify; they are ranked in the reduced space and the best are
-    re-ranked with exact distances in the full space (analysis.kernels.ivf_rank). The reduced coordinates
+    re-ranked with exact distances in the full space (analysis.engine.kernels.ivf_rank). The reduced coordinates
     are kept sorted by cell, so a cell's members are one contiguous slice.
     """
 
@@ -240,7 +240,7 @@ def search(
     queries = np.asarray(queries, dtype=np.int64)
     if len(X) <= (EXACT_QUERY_MAX if exact_max is None else exact_max):
         return _exact_excluding(X, queries, k, groups)
-    from analysis.kernels import ivf_rank  # numba: imported by the first approximate search
+    from analysis.engine.kernels import ivf_rank  # numba: imported by the first approximate search
 
     cells = (workspace or Workspace(X)).cells()
     rerank = rerank or RERANK_PER_K * k
