@@ -414,12 +414,18 @@ def pc_position_share(
 
 
 def _band(
-    prefix: str, boots: np.ndarray, estimate: float, floor: float = -np.inf, n_units: int = 0
+    prefix: str,
+    boots: np.ndarray,
+    estimate: float,
+    floor: float = -np.inf,
+    n_units: int = 0,
+    ceiling: float = 1.0,
 ) -> dict[str, float]:
     """{prefix_sd, prefix_lo, prefix_hi} (sd, lo, hi when prefix is empty): bootstrap sd and the 95%
     percentile interval moved to centre on the estimate. Resampled tokens come with duplicates, which
     inflate per-group statistics such as a per-position R2; the shift takes that bias out of the band
-    (lo is kept at or above floor, e.g. 0 for a share). With n_units (a unit bootstrap): the sd widened by
+    (lo is kept at or above floor, e.g. 0 for a share; hi at or below ceiling: an R2 or a share is at most 1,
+    and a widened band reached 1.02 on screen). With n_units (a unit bootstrap): the sd widened by
     resample.REFERENCE_FACTOR, estimate +- Student's t sds (resample.unit_band)."""
     name = (lambda s: f"{prefix}_{s}") if prefix else (lambda s: s)
     boots = boots[np.isfinite(boots)]
@@ -427,9 +433,17 @@ def _band(
         return {name(s): float("nan") for s in ("sd", "lo", "hi")}
     if n_units:
         band = resample.widened_band(boots, estimate, n_units)
-        return {name("sd"): band["sd"], name("lo"): max(band["lo"], floor), name("hi"): band["hi"]}
+        return {
+            name("sd"): band["sd"],
+            name("lo"): max(band["lo"], floor),
+            name("hi"): min(band["hi"], ceiling),
+        }
     lo, hi = np.quantile(boots - boots.mean() + estimate, [0.025, 0.975])
-    return {name("sd"): float(boots.std()), name("lo"): float(max(lo, floor)), name("hi"): float(hi)}
+    return {
+        name("sd"): float(boots.std()),
+        name("lo"): float(max(lo, floor)),
+        name("hi"): float(min(hi, ceiling)),
+    }
 
 
 def token_identity_leak(

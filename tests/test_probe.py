@@ -32,6 +32,14 @@ def test_probe_reads_position_from_a_helix(helix):
     assert r == position_probe(helix.X, helix.position, helix.prompt)  # seeded
 
 
+def test_the_probes_band_stops_at_1():
+    """R2 is at most 1: a widened band over few prompts printed "band 0.55 to 1.02" on screen."""
+    tree = branch_tree(n_prompts=4, branches_per_prompt=10, d=64, pos_scale=3.0, sinks=False, seed=1)
+    r = position_probe(tree.X, tree.position, tree.prompt)
+    assert r["lo"] <= r["r2"] <= r["hi"] == 1.0  # the band reaches the bound, and stops there
+    assert r["pos_var_share_hi"] <= 1.0
+
+
 def test_probe_finds_nothing_without_position(flat):
     # Content is constant along a branch and forks start late, so a probe that memorizes branches
     # "predicts" position in-sample; held out by prompt it must sit at chance, not below it.
