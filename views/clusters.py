@@ -11,17 +11,15 @@ import polars as pl
 
 from analysis.clusters import CLUSTERINGS, cluster, cluster_summary
 from analysis.view import ViewSpec, residualize
-from store import queries
 from store.sources import reading
 from views.cache import ViewCache
 from views.service import (
     Selection,
-    _independent,
-    _list,
-    _raw_is_raw,
-    _reference,
-    _reference_run,
     content_key,
+    independent_reference,
+    raw_is_raw,
+    reference_tokens,
+    selected_rows,
     to_token_set,
 )
 
@@ -56,25 +54,18 @@ def clusters(
     HDBSCAN (min cluster size k). A cache hit reads only the token labels."""
     if method not in CLUSTERINGS:
         raise ValueError(f"unknown clustering {method!r}; choose one of {', '.join(CLUSTERINGS)}")
-    selection = _raw_is_raw(selection, spec)
+    selection = raw_is_raw(selection, spec)
     with reading(store, lock_timeout) as con:
         key = content_key(con, store, selection) | {"spec": spec.to_dict(), "clusters": [method, int(k)]}
         hit = cache.get_arrays(key) if cache is not None else None
-        keys, X = queries.token_rows(
-            con,
-            selection.run_id,
-            selection.layer,
-            selection.variant,
-            _list(selection.prompt_ids),
-            selection.generated_only,
-            with_vectors=hit is None,
-        )
-        ref_run = _reference_run(selection)
-        reference = None if hit is not None or ref_run is None else _reference(con, ref_run, selection)
+        keys, X = selected_rows(con, selection, with_vectors=hit is None)
+        reference = None if hit is not None else reference_tokens(con, selection)
     if hit is not None:
         index, labels = hit["index"], hit["labels"]
     else:
-        index, tokens, _ = residualize(to_token_set(keys, X), spec, reference, _independent(selection))
+        index, tokens, _ = residualize(
+            to_token_set(keys, X), spec, reference, independent_reference(selection)
+        )
         labels = cluster(tokens.X, method=method, k=k, min_cluster_size=k)
         if cache is not None:
             cache.put_arrays(key, index=np.asarray(index), labels=labels)

@@ -92,28 +92,19 @@ def compute(
     nothing ignores the fit scope.
     """
     spec = spec or ViewSpec()
-    selection = _raw_is_raw(selection, spec)
+    selection = raw_is_raw(selection, spec)
     t0 = time.perf_counter()
     with reading(store, lock_timeout) as con:
         key = content_key(con, store, selection) | {"spec": spec.to_dict()}
-        ref_run = _reference_run(selection)
         hit = cache.get(key) if cache is not None else None
-        keys, X = queries.token_rows(
-            con,
-            selection.run_id,
-            selection.layer,
-            selection.variant,
-            _list(selection.prompt_ids),
-            selection.generated_only,
-            with_vectors=hit is None,
-        )
-        reference = None if hit is not None or ref_run is None else _reference(con, ref_run, selection)
+        keys, X = selected_rows(con, selection, with_vectors=hit is None)
+        reference = None if hit is not None else reference_tokens(con, selection)
     load = time.perf_counter() - t0
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
     # X is this call's own read: the view writes its residuals over it (no second copy of the vectors)
     result = compute_view(
-        to_token_set(keys, X), spec, reference, independent=_independent(selection), in_place=True
+        to_token_set(keys, X), spec, reference, independent=independent_reference(selection), in_place=True
     )
     if cache is not None:
         cache.put(key, result)
@@ -139,7 +130,7 @@ def compute_pair(
     after the other, each from its own read, so the vectors are in memory once.
     """
     specs = (raw_spec, spec)
-    sels = [_raw_is_raw(selection, s) for s in specs]
+    sels = [raw_is_raw(selection, s) for s in specs]
     t0 = time.perf_counter()
     with reading(store, lock_timeout) as con:
         keys_ = [content_key(con, store, sel) | {"spec": s.to_dict()} for sel, s in zip(sels, specs)]
@@ -147,21 +138,8 @@ def compute_pair(
         missing = [h is None for h in hits]
         apart = all(missing) and 2 * keys_[0]["rows"] * queries.vector_dim(con) * 4 > PAIR_BYTES
         if not apart:
-            keys, X = queries.token_rows(
-                con,
-                selection.run_id,
-                selection.layer,
-                selection.variant,
-                _list(selection.prompt_ids),
-                selection.generated_only,
-                with_vectors=any(missing),
-            )
-            refs = [
-                None
-                if h is not None or _reference_run(sel) is None
-                else _reference(con, _reference_run(sel), sel)
-                for sel, h in zip(sels, hits)
-            ]
+            keys, X = selected_rows(con, selection, with_vectors=any(missing))
+            refs = [None if h is not None else reference_tokens(con, sel) for sel, h in zip(sels, hits)]
     load = time.perf_counter() - t0
     if apart:
         return compute(store, selection, raw_spec, cache, lock_timeout), compute(
@@ -172,7 +150,11 @@ def compute_pair(
         if hits[i] is not None:
             return View(keys, hits[i], {"load": load, "cached": 1.0})
         result = compute_view(
-            to_token_set(keys, vectors), specs[i], refs[i], independent=_independent(sels[i]), in_place=True
+            to_token_set(keys, vectors),
+            specs[i],
+            refs[i],
+            independent=independent_reference(sels[i]),
+            in_place=True,
         )
         if cache is not None:
             cache.put(keys_[i], result)
@@ -214,14 +196,7 @@ def store_to_open(path: str | Path, root: str | Path | None = None) -> Path | st
 def content_key(con, store: str | Path, selection: Selection) -> dict:
     """What decides the selected tokens' vectors: the store's path, the selection, and the row count and
     content hash of those rows (so a run still being written, or a changed copy, is another key)."""
-    count, digest = queries.token_digest(
-        con,
-        selection.run_id,
-        selection.layer,
-        selection.variant,
-        _list(selection.prompt_ids),
-        selection.generated_only,
-    )
+    count, digest = queries.token_digest(con, *_filter(selection))
     if count == 0:
         raise ValueError(
             f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
@@ -237,7 +212,7 @@ def _identity(store: str | Path) -> str:
     return str(store) if str(store).startswith("s3://") else str(Path(store).resolve())
 
 
-def _raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
+def raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
     """One name per token set and fit: a view that removes nothing is fitted on nothing (the fit scope
     must not change it), and "all tokens of the run" when the whole run is plotted is the plotted set
     (so the two are computed and cached once)."""
@@ -246,7 +221,7 @@ def _raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
     return selection
 
 
-def _independent(selection: Selection) -> bool:
+def independent_reference(selection: Selection) -> bool:
     """The reference is another run: it shares no prompt with the plotted tokens."""
     return selection.fit_scope not in ("plotted", "run")
 
@@ -261,6 +236,19 @@ def _reference_run(selection: Selection) -> str | None:
     return selection.fit_scope
 
 
+def selected_rows(
+    con, selection: Selection, with_vectors: bool = True
+) -> tuple[pl.DataFrame, np.ndarray | None]:
+    """The selection's tokens: their labels, and their vectors (n, d) unless with_vectors is False."""
+    return queries.token_rows(con, *_filter(selection), with_vectors=with_vectors)
+
+
+def reference_tokens(con, selection: Selection) -> TokenSet | None:
+    """The tokens the removal is fitted on when that is not the plotted set itself (else None)."""
+    run = _reference_run(selection)
+    return None if run is None else _reference(con, run, selection)
+
+
 def _reference(con, run: str, selection: Selection) -> TokenSet:
     keys, X = queries.token_rows(con, run, selection.layer, selection.variant)
     if len(keys) == 0:
@@ -268,6 +256,17 @@ def _reference(con, run: str, selection: Selection) -> TokenSet:
             f"reference run {run} has no tokens at layer {selection.layer}, variant {selection.variant}"
         )
     return to_token_set(keys, X)
+
+
+def _filter(selection: Selection) -> tuple:
+    """The store's token filter for a selection: run, layer, variant, prompts (or None), generated only."""
+    return (
+        selection.run_id,
+        selection.layer,
+        selection.variant,
+        _list(selection.prompt_ids),
+        selection.generated_only,
+    )
 
 
 def _list(ids: tuple[int, ...] | None) -> list[int] | None:
@@ -306,7 +305,7 @@ def _measured(
     if hit is not None:
         return hit
     ref = reference if _reference_run(sel) is not None else None  # raw is fitted on nothing
-    _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, ref, _independent(sel))
+    _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, ref, independent_reference(sel))
     metrics = measure(tokens, None, layer_spec) | {"removal": removal.to_dict()}
     if residual.method == "none":
         metrics |= layer_stats(tokens)
@@ -332,18 +331,11 @@ def layer_profile(
     )
     for layer in layers:
         specs = [replace(spec, residual=r) for r in residuals_]
-        sels = [_raw_is_raw(replace(selection, layer=layer), s) for s in specs]
+        sels = [raw_is_raw(replace(selection, layer=layer), s) for s in specs]
         keys, X, reference = None, None, None  # read below unless both methods are cached
         with reading(store, lock_timeout) as con:
             # one content hash per layer: it depends on the tokens, not on the method or the fit scope
-            digest = queries.token_digest(
-                con,
-                selection.run_id,
-                layer,
-                selection.variant,
-                _list(selection.prompt_ids),
-                selection.generated_only,
-            )
+            digest = queries.token_digest(con, *_filter(replace(selection, layer=layer)))
             keys_ = [
                 {
                     "profile": sel.key(),
@@ -361,16 +353,8 @@ def layer_profile(
             hits = [_cached_measures(cache, key) for key in keys_]
             side_by_side = 2 * digest[0] * queries.vector_dim(con) * 4 <= PAIR_BYTES  # two residual copies
             if any(h is None for h in hits):  # one read of the layer serves both methods
-                keys, X = queries.token_rows(
-                    con,
-                    selection.run_id,
-                    layer,
-                    selection.variant,
-                    _list(selection.prompt_ids),
-                    selection.generated_only,
-                )
-                ref_run = _reference_run(sels[-1])
-                reference = _reference(con, ref_run, sels[-1]) if ref_run is not None else None
+                keys, X = selected_rows(con, replace(selection, layer=layer))
+                reference = reference_tokens(con, sels[-1])
 
         jobs = list(zip(residuals_, specs, sels, keys_, hits))
         if side_by_side:  # raw and removed on two threads (see compute_pair)
@@ -453,16 +437,8 @@ def divergence(
     from analysis.divergence import divergence_summary
 
     with reading(store, lock_timeout) as con:
-        keys, X = queries.token_rows(
-            con,
-            selection.run_id,
-            selection.layer,
-            selection.variant,
-            _list(selection.prompt_ids),
-            selection.generated_only,
-        )
-        ref_run = _reference_run(selection)
-        reference = _reference(con, ref_run, selection) if ref_run is not None else None
+        keys, X = selected_rows(con, selection)
+        reference = reference_tokens(con, selection)
     if len(keys) == 0:
         raise ValueError(f"no stored tokens for run {selection.run_id}, layer {selection.layer}")
     raw_spec = replace(spec, residual=replace(spec.residual, method="none"))
@@ -470,7 +446,9 @@ def divergence(
     per_prompt: list[pl.DataFrame] = []
     result = None
     for name, view_spec in (("raw", raw_spec), ("removed", spec)):
-        _, tokens, _ = residualize(to_token_set(keys, X), view_spec, reference, _independent(selection))
+        _, tokens, _ = residualize(
+            to_token_set(keys, X), view_spec, reference, independent_reference(selection)
+        )
         result = pairs_apart(tokens.X, tokens.position, tokens.branch, tokens.prompt, tokens.extra["parent"])
         for by in frames:
             frames[by].append(_summary_frame(divergence_summary(result, by=by), by, name))
