@@ -12,6 +12,7 @@ from analysis import resample
 from analysis.engine import neighbours
 from analysis.engine.blas import one_thread
 from analysis.engine.groups import BLOCK, blocks, code_sums64, row_sq
+from analysis.stats import Z
 
 
 def r2_pos(
@@ -397,7 +398,7 @@ def knn_position_leak(
         if units is None
         else resample.widened_band(leaks, out["leak"], resample.n_units(np.asarray(units)[queries]))
     )
-    half = 1.96 * float(np.hypot(out["sd"], out_sd(null)))  # query sampling and shuffle noise together
+    half = Z * float(np.hypot(out["sd"], out_sd(null)))  # query sampling and shuffle noise together
     out.update(chance_leak=0.0, chance_lo=-half, chance_hi=half)
     return out
 

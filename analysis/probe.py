@@ -16,6 +16,7 @@ from analysis import resample
 from analysis.engine import blas
 from analysis.engine.neighbours import Workspace
 from analysis.metrics import WithinShuffler, knn_other_groups
+from analysis.stats import Z
 
 if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
     from scipy import sparse
@@ -228,8 +229,8 @@ def position_probe(
         **_band("", boot, r2[0], n_units=m),
         "chance": c_mean,
         "chance_sd": c_sd,
-        "chance_lo": c_mean - 1.96 * c_sd,
-        "chance_hi": c_mean + 1.96 * c_sd,
+        "chance_lo": c_mean - Z * c_sd,
+        "chance_hi": c_mean + Z * c_sd,
         "rmse": float(np.sqrt(((y - pred[:, 0]) ** 2).mean())),
         "pos_var_share": float(share[0]),
         **_band("pos_var_share", share_boot, share[0], floor=0.0, n_units=m),
@@ -406,8 +407,8 @@ def pc_position_share(
             row |= {
                 "chance_within": m,
                 "chance_within_sd": sd,
-                "chance_within_lo": m - 1.96 * sd,
-                "chance_within_hi": m + 1.96 * sd,
+                "chance_within_lo": m - Z * sd,
+                "chance_within_hi": m + Z * sd,
             }
         out.append(row)
     return out
