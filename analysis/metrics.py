@@ -438,6 +438,8 @@ def label_purity(
     give. Band over the queries, or with `units` (n,) over whole units (prompts). Subtracting the exact per-position mean shifts every candidate at t by the same vector, so at
     window=0 it leaves this number unchanged: a method that lowers it removed content.
     """
+    if workspace is not None and workspace.X is not X:
+        raise ValueError("this workspace holds another array than the one measured")
     X = np.asarray(X, dtype=np.float32)
     position = np.asarray(position)
     labels = np.asarray(labels)
@@ -589,6 +591,7 @@ def _purity_summary(
         if units is None
         else resample.widened_band(boot, float(hits.mean()), resample.n_units(units))
     )
+    band |= {"lo": max(band["lo"], 0.0), "hi": min(band["hi"], 1.0)}  # a share: a widened band reached 1.14
     return {
         "purity": float(hits.mean()),
         "chance": float(chances.mean()),

@@ -501,11 +501,11 @@ def token_identity_leak(
         return {
             "leak": leak,
             "sd": b["sd"],
-            "lo": b["lo"],
-            "hi": b["hi"],
+            "lo": max(b["lo"], 0.0),  # shares: their widened bands stop at 0 and 1
+            "hi": min(b["hi"], 1.0),
             "chance": ch,
-            "chance_lo": c["lo"],
-            "chance_hi": c["hi"],
+            "chance_lo": max(c["lo"], 0.0),
+            "chance_hi": min(c["hi"], 1.0),
             "excess": leak - ch,
             "excess_lo": e["lo"],
             "excess_hi": e["hi"],

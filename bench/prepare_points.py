@@ -20,7 +20,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_dashboard_parts import _loop_contexts  # noqa: E402
+from test_dashboard_parts import loop_contexts  # noqa: E402
 
 from dashboard import space  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> None:
         loop = float("nan")
         if n <= args.loop_max:
             t = time.perf_counter()
-            _loop_contexts(view, lineage)
+            loop_contexts(view, lineage)
             loop = time.perf_counter() - t
         print(f"{n:>10,} {ours:>14.2f}s {loop:>24.2f}s {ours / loop:>7.3f}")
 

@@ -80,7 +80,7 @@ def test_text_panel_marks_exactly_the_selection_and_escapes_tokens():
     assert window == ["… cat <em>[ sat] down…"]
 
 
-def _loop_contexts(points: pl.DataFrame, lineage: pl.DataFrame, before: int = 8, after: int = 4) -> list[str]:
+def loop_contexts(points: pl.DataFrame, lineage: pl.DataFrame, before: int = 8, after: int = 4) -> list[str]:
     """The per-point loop context_windows was (17 s for 10^6 points): the reference for the columns."""
     from dashboard.text import printable
 
@@ -123,7 +123,7 @@ def test_prepare_points_in_columns_gives_what_the_per_row_loop_gave():
     prompts = {0: "a prompt\nwith a newline and more than forty-eight characters in it", 1: "\x00p"}
     points = prepare_points(res, res, branches, lineage, prompts)
     assert points.select("branch_id", "position").equals(keys)  # same rows, same order
-    assert points["context"].to_list() == _loop_contexts(keys, lineage)
+    assert points["context"].to_list() == loop_contexts(keys, lineage)
     assert points["token_text"].to_list() == [printable(t) for t in res["token_text"].to_list()]
     want = [f"{p}: {printable(prompts.get(p, ''))[:48]}" for p in res["prompt_id"].to_list()]
     assert points["prompt_label"].to_list() == want

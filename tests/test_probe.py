@@ -40,6 +40,24 @@ def test_the_probes_band_stops_at_1():
     assert r["pos_var_share_hi"] <= 1.0
 
 
+def test_every_share_measures_band_stays_between_0_and_1():
+    """Widened bands over few prompts reached 1.14 (branch 1-NN) and 1.007 (prompt kNN purity, this tree)."""
+    from analysis import ProjectionSpec, ResidualSpec, ViewSpec, compute_view
+
+    tree = branch_tree(
+        n_prompts=3, branches_per_prompt=6, length=40, d=32, pos_scale=3.0, content_scale=2.0, seed=1
+    )
+    tree.extra["token_id"] = np.random.default_rng(0).integers(0, 30, len(tree))
+    m = compute_view(
+        tree, ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca"))
+    ).metrics
+    shares = ("nn_branch", "nn_prompt", "purity_branch", "purity_prompt", "token_leak")
+    for key in shares:
+        lo, hi = m[key]["lo"], m[key]["hi"]
+        assert 0.0 <= lo <= hi <= 1.0, (key, lo, hi)
+    assert m["token_leak"]["chance_lo"] >= 0.0 and m["token_leak"]["chance_hi"] <= 1.0
+
+
 def test_probe_finds_nothing_without_position(flat):
     # Content is constant along a branch and forks start late, so a probe that memorizes branches
     # "predicts" position in-sample; held out by prompt it must sit at chance, not below it.

@@ -146,6 +146,9 @@ def test_the_raw_and_removed_pair_is_what_compute_gives_for_each(
     kept_raw, changed = service.compute_pair(store, sel, raw_of(other), other, cache)  # a method change
     assert kept_raw.timings["cached"] == 1.0 and changed.timings["cached"] == 0.0
     assert changed.points.equals(compute(store, sel, other).points)
+    nothing = ViewSpec(residual=ResidualSpec(method="none"), projection=FAST.projection)
+    first, second = service.compute_pair(store, sel, raw_of(nothing), nothing, ViewCache(tmp_path / "none"))
+    assert first is second  # removing nothing is the raw view: computed once
 
 
 def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from analysis.engine.blas import one_thread
+from analysis.engine.blas import half_the_cores, limited
+from analysis.residualize import ResidualSpec
 from analysis.stats import Z, half_width
 from analysis.tokens import TokenSet
 from analysis.view import (
@@ -111,7 +112,9 @@ def compute(
     return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
 
 
-PAIR_BYTES = 256 << 20  # raw and removed side by side (two copies of the vectors) up to this size
+PAIR_BYTES = 512 << 20  # extra memory two views side by side may take (else one after the other)
+PAIR_COPIES = 4  # extra copies of the vectors that raw and removed side by side hold (measured: 10.6 vs 7.0)
+PROFILE_COPIES = 10  # the same for one layer of the Layers tab (measured: 16.7 vs 7.5)
 
 
 def compute_pair(
@@ -124,10 +127,11 @@ def compute_pair(
 ) -> tuple[View, View]:
     """The raw and the removed view of one selection, each what compute() gives for its spec.
 
-    Up to PAIR_BYTES of vectors (two copies) they come from one read of the store and are computed side by
-    side on two threads: one view's numpy and LAPACK work runs while the other holds the interpreter for
-    its UMAP epochs (1.85 s against 2.7 s one after the other on the demo; bench/README.md). Above, one
-    after the other, each from its own read, so the vectors are in memory once.
+    Where the extra copies of the vectors fit in PAIR_BYTES they come from one read of the store and are
+    computed side by side on two threads: one view's numpy and LAPACK work runs while the other holds the
+    interpreter for its UMAP epochs (1.85 s against 2.7 s one after the other on the demo;
+    bench/README.md). Above, one after the other, each from its own read, one view's vectors in memory at
+    a time. A spec that removes nothing is its own raw view: computed once.
     """
     specs = (raw_spec, spec)
     sels = [raw_is_raw(selection, s) for s in specs]
@@ -136,15 +140,19 @@ def compute_pair(
         keys_ = [content_key(con, store, sel) | {"spec": s.to_dict()} for sel, s in zip(sels, specs)]
         hits = [cache.get(k) if cache is not None else None for k in keys_]
         missing = [h is None for h in hits]
-        apart = all(missing) and 2 * keys_[0]["rows"] * queries.vector_dim(con) * 4 > PAIR_BYTES
+        x_bytes = keys_[0]["rows"] * queries.vector_dim(con) * 4
+        apart = all(missing) and (keys_[0] == keys_[1] or x_bytes * PAIR_COPIES > PAIR_BYTES)
         if not apart:
             keys, X = selected_rows(con, selection, with_vectors=any(missing))
             refs = [None if h is not None else reference_tokens(con, sel) for sel, h in zip(sels, hits)]
     load = time.perf_counter() - t0
+    if apart and keys_[0] == keys_[1]:
+        same = compute(store, selection, spec, cache, lock_timeout)
+        return same, same
     if apart:
-        return compute(store, selection, raw_spec, cache, lock_timeout), compute(
-            store, selection, spec, cache, lock_timeout
-        )
+        raw = compute(store, selection, raw_spec, cache, lock_timeout)
+        raw.result.residual = None  # the caller reads points and metrics: free the vectors before the next
+        return raw, compute(store, selection, spec, cache, lock_timeout)
 
     def one(i: int, vectors: np.ndarray | None) -> View:
         if hits[i] is not None:
@@ -161,9 +169,9 @@ def compute_pair(
         return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
 
     if all(missing):  # each view writes its residuals over its own copy
-        # BLAS on one thread for both (two views on the cores already), set and restored from this thread:
-        # the views' own one_thread() blocks then only count (analysis.engine.blas)
-        with one_thread(), ThreadPoolExecutor(2, thread_name_prefix="branchlens-view") as pool:
+        # BLAS on half the cores for each view, set and restored from this thread: the views' own
+        # one_thread() blocks then only count (analysis.engine.blas)
+        with limited(half_the_cores()), ThreadPoolExecutor(2, thread_name_prefix="branchlens-view") as pool:
             raw = pool.submit(one, 0, X.copy())
             removed = one(1, X)
             return raw.result(), removed
@@ -210,6 +218,18 @@ def content_key(con, store: str | Path, selection: Selection) -> dict:
 
 def _identity(store: str | Path) -> str:
     return str(store) if str(store).startswith("s3://") else str(Path(store).resolve())
+
+
+def raw_view_spec(spec: ViewSpec) -> ViewSpec:
+    """The raw view beside `spec`: no removal, the same scaling and projection (one raw per scaling, so
+    the app's raw panel, the Layers tab and the divergence share its cache entry)."""
+    residual = spec.residual
+    return replace(
+        spec,
+        residual=ResidualSpec(
+            method="none", center=residual.center, l2=residual.l2, standardize=residual.standardize
+        ),
+    )
 
 
 def raw_is_raw(selection: Selection, spec: ViewSpec) -> Selection:
@@ -278,6 +298,9 @@ def _cached_measures(cache: ViewCache | None, key: dict) -> ViewResult | None:
     (compute's key, whose metrics hold every measure the profile reads) when that layer was shown."""
     if cache is None:
         return None
+    own = cache.get(key)
+    if own is not None:
+        return own
     view_key = {
         "store": key["store"],
         "selection": key["profile"],
@@ -286,7 +309,8 @@ def _cached_measures(cache: ViewCache | None, key: dict) -> ViewResult | None:
     }
     if "reference" in key:
         view_key["reference"] = key["reference"]
-    return cache.get(key) or cache.get(view_key | {"spec": key["spec"]})
+    view = cache.get(view_key | {"spec": key["spec"]})
+    return view if view is not None and "r2_pos" in view.metrics else None  # a view cached without measures
 
 
 def _measured(
@@ -326,9 +350,7 @@ def layer_profile(
     """Per layer, how much position the raw latents and the residualized ones hold (no projection):
     rows of layer, method ('raw' or the residualizer's label), r2, chance, adjusted, heldout, leak."""
     rows = []
-    residuals_ = [replace(spec.residual, method="none")] + (
-        [spec.residual] if spec.residual.method != "none" else []
-    )
+    residuals_ = [raw_view_spec(spec).residual] + ([spec.residual] if spec.residual.method != "none" else [])
     for layer in layers:
         specs = [replace(spec, residual=r) for r in residuals_]
         sels = [raw_is_raw(replace(selection, layer=layer), s) for s in specs]
@@ -351,14 +373,18 @@ def layer_profile(
                 if ref_run is not None and key["spec"]["residual"]["method"] != "none":
                     key["reference"] = queries.token_digest(con, ref_run, layer, selection.variant)
             hits = [_cached_measures(cache, key) for key in keys_]
-            side_by_side = 2 * digest[0] * queries.vector_dim(con) * 4 <= PAIR_BYTES  # two residual copies
+            x_bytes = digest[0] * queries.vector_dim(con) * 4
+            side_by_side = x_bytes * PROFILE_COPIES <= PAIR_BYTES and all(h is None for h in hits)
             if any(h is None for h in hits):  # one read of the layer serves both methods
                 keys, X = selected_rows(con, replace(selection, layer=layer))
                 reference = reference_tokens(con, sels[-1])
 
         jobs = list(zip(residuals_, specs, sels, keys_, hits))
         if side_by_side:  # raw and removed on two threads (see compute_pair)
-            with one_thread(), ThreadPoolExecutor(2, thread_name_prefix="branchlens-layer") as pool:
+            with (
+                limited(half_the_cores()),
+                ThreadPoolExecutor(2, thread_name_prefix="branchlens-layer") as pool,
+            ):
                 futures = [pool.submit(_measured, keys, X, reference, cache, *job) for job in jobs]
                 done = [f.result() for f in futures]
         else:
@@ -441,7 +467,7 @@ def divergence(
         reference = reference_tokens(con, selection)
     if len(keys) == 0:
         raise ValueError(f"no stored tokens for run {selection.run_id}, layer {selection.layer}")
-    raw_spec = replace(spec, residual=replace(spec.residual, method="none"))
+    raw_spec = raw_view_spec(spec)
     frames: dict[str, list[pl.DataFrame]] = {"offset": [], "prompt": []}
     per_prompt: list[pl.DataFrame] = []
     result = None

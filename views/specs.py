@@ -7,7 +7,7 @@ from analysis.nuisances import Param
 from analysis.project import ProjectionSpec
 from analysis.residualize import COMMON, RESIDUALIZERS, ResidualSpec, registry
 from analysis.view import ViewSpec
-from views.service import Selection
+from views.service import Selection, raw_view_spec
 
 FIRST = ("auto", "position", "token")  # the menu's order: these first, then the rest as registered
 
@@ -33,15 +33,7 @@ def method_params(method: str) -> tuple[Param, ...]:
 
 def raw_of(spec: ViewSpec) -> ViewSpec:
     """The raw view beside `spec`: no removal, the same scaling and projection."""
-    return replace(
-        spec,
-        residual=ResidualSpec(
-            method="none",
-            center=spec.residual.center,
-            l2=spec.residual.l2,
-            standardize=spec.residual.standardize,
-        ),
-    )
+    return raw_view_spec(spec)
 
 
 def position_only(spec: ViewSpec) -> ViewSpec:

@@ -2,17 +2,19 @@
 
 A product of a few rows with a block of candidates (a few MFLOP) is slower on two BLAS threads than on one
 (thread hand-off costs more than the work, and far more when the cores are busy: 10x measured on the
-shared 2-core machine). Loops of such products run under `one_thread()`; large products keep every core.
-Results equal the threaded ones to float rounding (a dot product's summation order may differ).
+shared 2-core machine). Loops of such products run under `one_thread()`; large products keep every core,
+or half of them each while two views are computed side by side (views.service). Results equal the threaded ones to float rounding (a dot product's summation order may differ).
 
 The same holds for LAPACK on the d x d matrices of the probes and the PCAs (d = a model's width): an
-eigendecomposition of 640 x 640 took 0.06 s on one thread and 0.2-2 s on two busy ones (bench/README.md,
-"BLAS threads and LAPACK"), so `eigh` and `solve` run on one thread up to SMALL_LAPACK rows.
+eigendecomposition of 640 x 640 took a median 0.10 s on one thread and 0.18 s on two when the machine was
+busy, single calls up to 2 s (bench/README.md, "`lapack_threads.py`"; idle, two threads were 1.3x faster),
+so `eigh` and `solve` run on one thread up to SMALL_LAPACK rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 
@@ -21,34 +23,53 @@ import numpy as np
 SMALL_LAPACK = 1024  # up to this many rows LAPACK runs on one thread (above, the work is worth the hand-off)
 
 
-_lock = threading.Lock()
-_inside = 0  # threads inside one_thread(): the limit is set by the first and restored by the last
+_cond = threading.Condition()
+_inside = 0  # blocks entered and not left, over all threads
+_owner: int | None = None  # the thread that set the limit: it alone restores it
 _limits = None
+_depth = threading.local()  # this thread's nesting
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """BLAS (OpenBLAS, MKL, ...) limited to one thread inside the block, restored after. The libraries
-    are looked up on every outermost call (a few ms), so one loaded later (scipy's own OpenBLAS) is
-    limited too. The limit is process-wide and counted: it holds while any thread is inside, and the
-    last one out restores what was there before. Set it from the thread that starts worker threads
-    (views.service.compute_pair): OpenBLAS 0.3.30 here did not always take a limit set or restored
-    from a worker thread."""
-    global _inside, _limits
+def limited(threads: int) -> Iterator[None]:
+    """BLAS (OpenBLAS, MKL, ...) limited to `threads` threads inside the block, restored after.
+
+    The limit is process-wide and counted: the first block entered sets it (a block entered while one is
+    open, in any thread, keeps the limit already set), and the thread that set it restores it when it
+    leaves, waiting there for blocks still open in other threads. OpenBLAS 0.3.30-0.3.31 here did not
+    always take a limit restored from another thread than the one that set it (it stayed on one thread
+    for the rest of the process). The libraries are looked up by each setting (a few ms), so one loaded
+    later (scipy's own OpenBLAS) is limited too."""
+    global _inside, _owner, _limits
     from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
-    with _lock:
+    me = threading.get_ident()
+    with _cond:
         if _inside == 0:
-            _limits = threadpool_limits(limits=1, user_api="blas")
+            _limits, _owner = threadpool_limits(limits=threads, user_api="blas"), me
         _inside += 1
+    _depth.n = getattr(_depth, "n", 0) + 1
     try:
         yield
     finally:
-        with _lock:
+        _depth.n -= 1
+        with _cond:
             _inside -= 1
-            if _inside == 0:
+            _cond.notify_all()
+            if _owner == me and _depth.n == 0:
+                _cond.wait_for(lambda: _inside == 0)
                 _limits.restore_original_limits()
-                _limits = None
+                _limits, _owner = None, None
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """BLAS on one thread inside the block (see limited): loops of small products, d x d decompositions."""
+    return limited(1)
+
+
+def half_the_cores() -> int:
+    """BLAS threads for each of two computations run side by side (views.service): the cores shared."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,9 @@ def enable_disk_cache() -> int:
         return count
 
 
+_one_fit = threading.Lock()
+
+
 def umap_fit(
     Y: np.ndarray,
     idx: np.ndarray,
@@ -58,7 +61,12 @@ def umap_fit(
     seed: int | None = 0,
 ) -> np.ndarray:
     """umap-learn's layout (n, n_components) of Y (n, r) on a precomputed kNN graph (idx, dist: (n, k),
-    each point first in its own row), PCA-initialised. The only place that imports umap."""
+    each point first in its own row), PCA-initialised. The only place that imports umap.
+
+    One fit at a time in a process (raw and removed views run on two threads, views.service): umap-learn
+    calls numba kernels compiled with parallel=True, and numba's fallback threading layer (workqueue, used
+    where no OpenMP or TBB runtime is found) aborts the process when two threads enter such kernels at
+    once. The epochs hold the interpreter anyway, so the other view's numpy and LAPACK work still overlaps."""
     enable_disk_cache()  # before umap's kernels first compile in this process
     import umap
 
@@ -74,7 +82,7 @@ def umap_fit(
         random_state=seed,
         n_jobs=1 if seed is not None else -1,
     )
-    with warnings.catch_warnings():
+    with _one_fit, warnings.catch_warnings():  # catch_warnings is process-wide: inside the lock too
         # umap warns that precomputed kNN disables transform() and that a seed disables parallelism:
         # both are the intended trade-offs here.
         warnings.simplefilter("ignore")
