@@ -67,7 +67,7 @@ def profile(
 @st.cache_data(show_spinner=False, max_entries=8)
 def apart(path: str, data_version: tuple, selection: Selection, spec_json: str) -> dict:
     """Branch divergence at matched positions, raw and removed (views.service.divergence)."""
-    return divergence(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT)
+    return divergence(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT, ViewCache())
 
 
 @st.cache_data(show_spinner=False, max_entries=8)

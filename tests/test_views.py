@@ -151,6 +151,32 @@ def test_the_raw_and_removed_pair_is_what_compute_gives_for_each(
     assert first is second  # removing nothing is the raw view: computed once
 
 
+def test_where_branches_go_apart_is_cached_on_disk_with_the_same_frames(tmp_path):
+    """The divergence was computed again in every new session (no disk cache); now a second call is
+    served from the cache, with the same frames, and a grown run is computed again."""
+    from views.service import divergence
+
+    tree = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, seed=2)
+    store = tmp_path / "apart.duckdb"
+    run_id = write_tree(store, tree.subset(tree.prompt < 3))
+    cache = ViewCache(tmp_path / "cache")
+    spec = ViewSpec(residual=ResidualSpec(method="position"))
+    sel = Selection(run_id, 0)
+    fresh = divergence(store, sel, spec)
+    first = divergence(store, sel, spec, cache=cache)
+    entries = set(cache.root.rglob("*.npz"))
+    served = divergence(store, sel, spec, cache=cache)
+    assert len(entries) == 1 and set(cache.root.rglob("*.npz")) == entries
+    for found in (first, served):
+        for name in ("by_offset", "by_prompt", "by_prompt_offset"):
+            assert found[name].equals(fresh[name]), name
+        assert found["has_baseline"] == fresh["has_baseline"] and found["note"] == fresh["note"]
+    write_tree(store, tree.subset(tree.prompt >= 3), run_id=run_id)
+    grown = divergence(store, sel, spec, cache=cache)
+    assert len(set(cache.root.rglob("*.npz"))) == 2
+    assert grown["by_prompt"]["prompt"].n_unique() > fresh["by_prompt"]["prompt"].n_unique()
+
+
 def test_a_change_of_the_maths_is_another_cache_key(synthetic_store, tmp_path, monkeypatch):
     """A cached view computed by other code (another digest of analysis/**/*.py) is not served."""
     import views.cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -445,11 +447,15 @@ def profile_row(layer: int, method: str, m: dict) -> dict:
     }
 
 
+DIVERGENCE_FRAMES = ("by_offset", "by_prompt", "by_prompt_offset")
+
+
 def divergence(
     store: str | Path,
     selection: Selection,
     spec: ViewSpec,
     lock_timeout: float = 0.0,
+    cache: ViewCache | None = None,
 ) -> dict[str, pl.DataFrame | bool | str]:
     """Where branches go apart, without a projection: for every fork and sibling pair of the selected
     prompts, the distance at matched positions after they part, over the distance between tokens of
@@ -457,14 +463,45 @@ def divergence(
 
     Returns 'by_offset' (rows: offset since the fork, view 'raw'/'removed', median, lo, hi, n_pairs),
     'by_prompt' (the same per prompt), 'by_prompt_offset' (per prompt and offset), 'has_baseline' and
-    'note'.
+    'note'. Cached on disk under the tokens' content key, as views are (a hit reads no vectors).
     """
+    with reading(store, lock_timeout) as con:
+        key = content_key(con, store, selection) | {"spec": spec.to_dict(), "product": "divergence"}
+        hit = cache.get_arrays(key) if cache is not None else None
+        if hit is not None:
+            return _divergence_from_arrays(hit)
+        keys, X = selected_rows(con, selection)
+        reference = reference_tokens(con, selection)
+    found = _divergence(keys, X, reference, selection, spec)
+    if cache is not None:
+        cache.put_arrays(key, **_divergence_arrays(found))
+    return found
+
+
+def _divergence_arrays(found: dict) -> dict[str, np.ndarray]:
+    """The divergence's frames as Arrow IPC bytes and its flags as JSON, for the disk cache."""
+    out = {}
+    for name in DIVERGENCE_FRAMES:
+        sink = io.BytesIO()
+        found[name].write_ipc(sink)
+        out[name] = np.frombuffer(sink.getvalue(), dtype=np.uint8)
+    out["meta"] = np.array(json.dumps({"has_baseline": found["has_baseline"], "note": found["note"]}))
+    return out
+
+
+def _divergence_from_arrays(arrays: dict[str, np.ndarray]) -> dict:
+    meta = json.loads(str(arrays["meta"]))
+    frames = {name: pl.read_ipc(io.BytesIO(arrays[name].tobytes())) for name in DIVERGENCE_FRAMES}
+    return frames | {"has_baseline": bool(meta["has_baseline"]), "note": meta["note"]}
+
+
+def _divergence(
+    keys: pl.DataFrame, X: np.ndarray, reference: TokenSet | None, selection: Selection, spec: ViewSpec
+) -> dict:
+    """divergence() computed from the selection's rows."""
     from analysis.divergence import divergence as pairs_apart
     from analysis.divergence import divergence_summary
 
-    with reading(store, lock_timeout) as con:
-        keys, X = selected_rows(con, selection)
-        reference = reference_tokens(con, selection)
     if len(keys) == 0:
         raise ValueError(f"no stored tokens for run {selection.run_id}, layer {selection.layer}")
     raw_spec = raw_view_spec(spec)
