@@ -200,6 +200,7 @@ def render(
     clicked, brushes = _chart_picks(view)
     if gl:
         clicked |= _gl_picks(points, ctl.color_by, view)
+        brushes |= gl_region(points, view)
     state = st.session_state
     before = _chart_picks(state["bl_view"])[0] if state.get("bl_view") not in (None, view) else None
     carried = carry_picks(before, state.get("bl_carried", set()), clicked, bool(brushes))
@@ -372,6 +373,52 @@ def _draw_panels(
     return static
 
 
+REGION_PANELS = {"raw": "raw", "res": "removed"}
+
+
+def _region_keys(view: str, panel: str) -> tuple[str, str, str]:
+    return f"gl_region_panel_{view}", f"gl_region_x_{panel}_{view}", f"gl_region_y_{panel}_{view}"
+
+
+def _extent(points: pl.DataFrame, field: str) -> tuple[float, float]:
+    return float(points[field].min()), float(points[field].max())
+
+
+def gl_region(points: pl.DataFrame, view: str) -> dict:
+    """The box picked with the WebGL view's region sliders, as a brush the Vega charts would report
+    ({name: {field: [lo, hi]}}); {} when no panel is chosen or the box is the whole panel."""
+    state = st.session_state
+    panel = state.get(_region_keys(view, "")[0], "none")
+    if panel not in REGION_PANELS:
+        return {}
+    _, xk, yk = _region_keys(view, panel)
+    box = {f"{panel}_{axis}": state.get(key) for axis, key in (("x", xk), ("y", yk))}
+    if any(b is None for b in box.values()):
+        return {}
+    if all(tuple(b) == _extent(points, field) for field, b in box.items()):
+        return {}
+    return {"gl_region": {field: [float(b[0]), float(b[1])] for field, b in box.items()}}
+
+
+def _region_controls(points: pl.DataFrame, view: str) -> None:
+    """Sliders for a box in either panel (deck.gl in Streamlit reports clicks, not drags); the box feeds
+    the same selection as a box drawn on the Vega charts."""
+    with st.expander("Select a region (a box, as drawn on the smaller views)"):
+        panel_key = _region_keys(view, "")[0]
+        panel = st.radio(
+            "Panel",
+            ["none", *REGION_PANELS],
+            format_func=lambda p: REGION_PANELS.get(p, "none"),
+            horizontal=True,
+            key=panel_key,
+        )
+        if panel in REGION_PANELS:
+            _, xk, yk = _region_keys(view, panel)
+            for axis, key in (("x", xk), ("y", yk)):
+                lo, hi = _extent(points, f"{panel}_{axis}")
+                st.slider(f"{axis} range", lo, hi, (lo, hi), key=key)
+
+
 def _draw_gl(
     points: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], ctl, view: str, titles: tuple
 ) -> None:
@@ -400,6 +447,7 @@ def _draw_gl(
         f"Every one of the {len(points):,} tokens drawn (WebGL){'; ' + legend if legend else ''}. "
         + webgl.HOW_TO
     )
+    _region_controls(points, view)
 
 
 def _table_rows(key: str) -> list[int]:

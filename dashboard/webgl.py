@@ -29,7 +29,8 @@ RAMP_BINS = 16
 POINT_PX = 2.0
 HOW_TO = (
     "Wheel: zoom · drag: pan · click a point: follow its branch in both panels and the text below (click "
-    "it again to let go) · hover: the point's token, where the view is small enough to carry text"
+    "it again to let go) · hover: the point's token, where the view is small enough to carry text · a box: "
+    "Select a region, below"
 )
 
 

@@ -260,6 +260,32 @@ def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
     assert not at.warning and projection(at)["points"].num_rows > 0
 
 
+def test_a_region_picked_in_the_webgl_view_selects_the_tokens_in_its_box(store):
+    """deck.gl in Streamlit reports clicks, not drags: the WebGL view's region sliders give the box, and
+    it feeds the same selection as a box drawn on the Vega charts (marked text, ringed dots)."""
+    path, _ = store
+    at = open_app(path)
+    every = pl.from_arrow(projection(at)["points"])  # raw_x, raw_y of every token (Vega, before WebGL)
+    at.number_input(key="max_points").set_value(100).run()
+    assert len(deck_specs(at)) == 2
+    panel = next(r for r in at.radio if r.label == "Panel")
+    panel.set_value("raw").run()
+    lo, hi = next(s for s in at.slider if s.label == "x range").value
+    mid = lo + (hi - lo) / 3
+    next(s for s in at.slider if s.label == "x range").set_value((lo, mid)).run()
+    assert not at.exception
+    x_lo, x_hi = next(s for s in at.slider if s.label == "x range").value
+    inside = every.filter(pl.col("raw_x").is_between(x_lo, x_hi))
+    assert 0 < len(inside) < len(every)
+    said = [m.value for m in at.markdown if "tokens selected" in m.value]
+    assert said and said[0].startswith(f"<small>{len(inside)} tokens selected")
+    for spec in deck_specs(at):
+        ringed = [layer for layer in spec["layers"] if str(layer.get("id", "")).endswith("-chosen")]
+        assert ringed and len(ringed[0]["data"]) == len(inside)
+    panel.set_value("none").run()
+    assert not [m.value for m in at.markdown if m.value.startswith(f"<small>{len(inside)} tokens selected")]
+
+
 def test_too_many_points_are_sampled_by_branch_or_binned(store):
     path, run_id = store
     at = open_app(path)
