@@ -36,7 +36,8 @@ def limited(threads: int) -> Iterator[None]:
 
     The limit is process-wide and counted: the first block entered sets it (a block entered while one is
     open, in any thread, keeps the limit already set), and the thread that set it restores it when it
-    leaves, waiting there for blocks still open in other threads. OpenBLAS 0.3.30-0.3.31 here did not
+    leaves, waiting there for blocks still open in other threads (a short block of one session can so
+    wait for another session's block to end). OpenBLAS 0.3.30-0.3.31 here did not
     always take a limit restored from another thread than the one that set it (it stayed on one thread
     for the rest of the process). The libraries are looked up by each setting (a few ms), so one loaded
     later (scipy's own OpenBLAS) is limited too."""
@@ -45,7 +46,7 @@ def limited(threads: int) -> Iterator[None]:
 
     me = threading.get_ident()
     with _cond:
-        if _inside == 0:
+        if _owner is None:  # not "_inside == 0": the setter may still be waiting to restore
             _limits, _owner = threadpool_limits(limits=threads, user_api="blas"), me
         _inside += 1
     _depth.n = getattr(_depth, "n", 0) + 1
