@@ -207,6 +207,11 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
             out.append(
                 f"A {name} component was detected ({nums}) but not removed: {rem.get('note') or 'see the note'}."
             )
+        elif key == "position" and (rem.get("lowrank") or {}).get("weight"):
+            # the next sentence says the probe's part was subtracted: this test is of the means only
+            out.append(
+                f"No {name} component detected at this layer ({nums}): not removed as per-position means."
+            )
         else:
             out.append(f"No {name} component detected at this layer ({nums}): not removed.")
     lin = rem.get("linear_test") or {}
