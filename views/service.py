@@ -102,10 +102,24 @@ def compute(
         hit = cache.get(key) if cache is not None else None
         keys, X = selected_rows(con, selection, with_vectors=hit is None)
         reference = None if hit is not None else reference_tokens(con, selection)
-    load = time.perf_counter() - t0
+    # X is this call's own read: the view writes its residuals over it (no second copy of the vectors)
+    return _view_of(keys, X, hit, spec, selection, reference, key, cache, time.perf_counter() - t0)
+
+
+def _view_of(
+    keys: pl.DataFrame,
+    X: np.ndarray | None,
+    hit: ViewResult | None,
+    spec: ViewSpec,
+    selection: Selection,
+    reference: TokenSet | None,
+    key: dict,
+    cache: ViewCache | None,
+    load: float,
+) -> View:
+    """The cached view, or the view computed from the rows (X overwritten with the residuals) and cached."""
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
-    # X is this call's own read: the view writes its residuals over it (no second copy of the vectors)
     result = compute_view(
         to_token_set(keys, X), spec, reference, independent=independent_reference(selection), in_place=True
     )
@@ -157,18 +171,7 @@ def compute_pair(
         return raw, compute(store, selection, spec, cache, lock_timeout)
 
     def one(i: int, vectors: np.ndarray | None) -> View:
-        if hits[i] is not None:
-            return View(keys, hits[i], {"load": load, "cached": 1.0})
-        result = compute_view(
-            to_token_set(keys, vectors),
-            specs[i],
-            refs[i],
-            independent=independent_reference(sels[i]),
-            in_place=True,
-        )
-        if cache is not None:
-            cache.put(keys_[i], result)
-        return View(keys, result, {"load": load, "cached": 0.0, **result.timings})
+        return _view_of(keys, vectors, hits[i], specs[i], sels[i], refs[i], keys_[i], cache, load)
 
     if all(missing):  # each view writes its residuals over its own copy
         # BLAS on half the cores for each view, set and restored from this thread: the views' own
@@ -211,6 +214,12 @@ def content_key(con, store: str | Path, selection: Selection) -> dict:
         raise ValueError(
             f"no stored tokens for run {selection.run_id}, layer {selection.layer}, variant {selection.variant}"
         )
+    return _tokens_key(con, store, selection, count, digest)
+
+
+def _tokens_key(con, store: str | Path, selection: Selection, count: int, digest: int) -> dict:
+    """content_key from the selected rows' count and hash already read (the Layers tab reads them once
+    per layer for both methods)."""
     key = {"store": _identity(store), "selection": selection.key(), "rows": count, "content": digest}
     ref_run = _reference_run(selection)
     if ref_run is not None:
@@ -297,21 +306,14 @@ def _list(ids: tuple[int, ...] | None) -> list[int] | None:
 
 def _cached_measures(cache: ViewCache | None, key: dict) -> ViewResult | None:
     """A layer's measures from the cache: the profile's own entry, or the view of the same tokens and spec
-    (compute's key, whose metrics hold every measure the profile reads) when that layer was shown."""
+    (compute's key: the profile's without its product) when that layer was shown, whose metrics hold every
+    measure the profile reads."""
     if cache is None:
         return None
     own = cache.get(key)
     if own is not None:
         return own
-    view_key = {
-        "store": key["store"],
-        "selection": key["profile"],
-        "rows": key["rows"],
-        "content": key["content"],
-    }
-    if "reference" in key:
-        view_key["reference"] = key["reference"]
-    view = cache.get(view_key | {"spec": key["spec"]})
+    view = cache.get({k: v for k, v in key.items() if k != "product"})
     return view if view is not None and "r2_pos" in view.metrics else None  # a view cached without measures
 
 
@@ -360,20 +362,9 @@ def layer_profile(
         with reading(store, lock_timeout) as con:
             # one content hash per layer: it depends on the tokens, not on the method or the fit scope
             digest = queries.token_digest(con, *_filter(replace(selection, layer=layer)))
-            keys_ = [
-                {
-                    "profile": sel.key(),
-                    "spec": s.to_dict(),
-                    "store": _identity(store),
-                    "rows": digest[0],
-                    "content": digest[1],
-                }
-                for sel, s in zip(sels, specs)
-            ]
-            for sel, key in zip(sels, keys_):  # what the removal is fitted on decides its numbers too
-                ref_run = _reference_run(sel)
-                if ref_run is not None and key["spec"]["residual"]["method"] != "none":
-                    key["reference"] = queries.token_digest(con, ref_run, layer, selection.variant)
+            # what the removal is fitted on decides its numbers too (the reference's digest is in the key)
+            bases = [_tokens_key(con, store, sel, *digest) for sel in sels]
+            keys_ = [base | {"spec": s.to_dict(), "product": "profile"} for base, s in zip(bases, specs)]
             hits = [_cached_measures(cache, key) for key in keys_]
             x_bytes = digest[0] * queries.vector_dim(con) * 4
             side_by_side = x_bytes * PROFILE_COPIES <= PAIR_BYTES and all(h is None for h in hits)
