@@ -438,8 +438,8 @@ def label_purity(
     give. Band over the queries, or with `units` (n,) over whole units (prompts). Subtracting the exact per-position mean shifts every candidate at t by the same vector, so at
     window=0 it leaves this number unchanged: a method that lowers it removed content.
     """
-    if workspace is not None and workspace.X is not X:
-        raise ValueError("this workspace holds another array than the one measured")
+    if workspace is not None:
+        workspace.holds(X)
     X = np.asarray(X, dtype=np.float32)
     position = np.asarray(position)
     labels = np.asarray(labels)

@@ -202,6 +202,12 @@ class Workspace:
         self._cells: Cells | None = None
         self._kept: dict[tuple, Any] = {}
 
+    def holds(self, X: np.ndarray) -> Workspace:
+        """self, after checking it is X's (ValueError otherwise)."""
+        if self.X is not X:
+            raise ValueError("this workspace holds another array than the one searched")
+        return self
+
     def cells(self) -> Cells:
         """The cell index of X, built once."""
         if self._cells is None:
@@ -234,8 +240,8 @@ def search(
     reduced distance re-ranked exactly; a query still short of k falls back to brute force. workspace:
     X's Workspace, whose index is built once for every search of X (else one is built for this search).
     """
-    if workspace is not None and workspace.X is not X:
-        raise ValueError("this workspace holds another array than the one searched")
+    if workspace is not None:
+        workspace.holds(X)
     X = np.asarray(X, dtype=np.float32)
     queries = np.asarray(queries, dtype=np.int64)
     if len(X) <= (EXACT_QUERY_MAX if exact_max is None else exact_max):
