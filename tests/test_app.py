@@ -243,9 +243,10 @@ def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
         [
             PYTHON,
             "-c",
-            f"import duckdb, time; c = duckdb.connect({str(copy)!r}); "
-            "print('held', flush=True); time.sleep(60)",
+            f"import duckdb, sys; c = duckdb.connect({str(copy)!r}); "
+            "print('held', flush=True); sys.stdin.read()",  # holds the file until killed, however long
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
