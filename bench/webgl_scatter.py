@@ -1,11 +1,12 @@
-"""First draw and a click's round trip of the WebGL scatter (dashboard.webgl) in headless Chromium, beside
-the Vega (SVG) projection chart the app draws below its point limit, in one run.
+"""First draw, a click's and a box's round trip of the WebGL scatter (dashboard.webgl, branchlens' own
+component) in headless Chromium, beside the Vega (SVG) projection chart the app draws below its point
+limit, in one run.
 
 A small Streamlit page draws n synthetic points (a few hundred branches in clusters) either as the app's
 WebGL panel or as its Vega panel; the clock runs from navigation until dots are on screen (the canvas or
-SVG has drawn pixels), and, for WebGL, from a click on a dot until the app has rerun and printed the
-clicked token's branch. Only the drawing path is measured: at 10^6 tokens the analysis (UMAP) is another
-matter (bench/view_scale.py).
+SVG has drawn pixels). For WebGL, from a click on a dot until the app has rerun and printed the clicked
+token's branch, and from a shift-drag box until it has printed how many tokens the box holds. Only the
+drawing path is measured: at 10^6 tokens the analysis (UMAP) is another matter (bench/view_scale.py).
 
     python bench/webgl_scatter.py [--sizes 20000,100000,1000000] [--vega-max 20000]
 
@@ -49,10 +50,14 @@ points = points.with_columns(pl.col("prompt_color").alias("shade"), pl.lit("p").
                              pl.lit(0.8).alias("alpha"), pl.lit("").alias("context"))
 t0 = time.perf_counter()
 if kind == "webgl":
-    deck, rows, _ = webgl.deck(points, "raw", "branch")
-    state = st.pydeck_chart(deck, on_select="rerun", selection_mode="multi-object", key="gl", height=charts.HEIGHT)
-    picked = webgl.picked_rows(dict(state.selection), rows)
-    st.caption(f"picked {{len(picked)}}: branch {{points[picked[-1]]['branch_id'][0] if picked else '-'}}")
+    state = webgl.state("gl")
+    click, box = state.get("click") or {{}}, state.get("selection") or {{}}
+    held = int(webgl.inside(webgl.quantize(points, "raw"), box["polygon"]).sum()) if box else 0
+    blob, _ = webgl.payload(points, "raw", "branch", view="bench")
+    webgl.scatter(blob, "gl")
+    st.caption(f"picked branch {{click.get('branch', '-')}} {{click.get('nonce', '')}}")
+    st.caption(f"boxed {{held}}")
+    st.caption(f"sent {{len(blob) / 1e6:.1f}} MB")
 else:
     st.altair_chart(charts.projection(points, None, None, "raw", "raw"), width="stretch", key="vega")
 st.caption(f"server {{time.perf_counter() - t0:.2f}} s")
@@ -74,68 +79,75 @@ def drawn_pixels(element) -> np.ndarray:
     return np.column_stack([xs, ys])
 
 
-def measure(driver, url: str, n: int, kind: str, click: bool = True) -> dict:
+def captions(d) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')]
+
+
+def measure(driver, url: str, n: int, kind: str) -> dict:
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(driver, 600, poll_frequency=0.5)
-    css = (
-        '[data-testid="stDeckGlJsonChart"] canvas'
-        if kind == "webgl"
-        else ".vega-embed svg.marks, .vega-embed canvas"
+    wait = WebDriverWait(
+        driver, 600, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
     )
 
-    def ready(d):
-        from selenium.common.exceptions import TimeoutException
+    def idle(d) -> bool:
+        return not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
 
-        els = [e for e in d.find_elements(By.CSS_SELECTOR, css) if e.is_displayed() and e.size["width"] > 300]
-        if not els or d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]'):
+    def element(d):
+        if kind == "vega":
+            els = [e for e in d.find_elements(By.CSS_SELECTOR, ".vega-embed svg.marks, .vega-embed canvas")]
+            return next((e for e in els if e.is_displayed() and e.size["width"] > 300), None)
+        hosts = d.execute_script(
+            "return [...document.querySelectorAll('*')].filter(e => e.shadowRoot && "
+            "e.shadowRoot.querySelector('.bl-stage'))"
+        )
+        return hosts[0].shadow_root.find_element(By.CSS_SELECTOR, ".bl-overlay") if hosts else None
+
+    def ready(d):
+        e = element(d)
+        if e is None or not idle(d):
             return None
+        target = e if kind == "vega" else d.execute_script("return arguments[0].previousElementSibling", e)
         try:
-            return els[0] if len(drawn_pixels(els[0])) > 200 else None
-        except TimeoutException:  # the renderer too busy to take a screenshot (10^6 points on SwiftShader)
+            return e if len(drawn_pixels(target)) > 200 else None
+        except TimeoutException:  # the renderer too busy to take a screenshot
             return None
 
     t0 = time.perf_counter()
     driver.get(f"{url}/?n={n}&kind={kind}")
-    element = wait.until(ready)
+    overlay = wait.until(ready)
     out = {"n": n, "kind": kind, "first draw s": time.perf_counter() - t0}
-    server = [
-        e.text
-        for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
-        if e.text.startswith("server")
-    ]
+    server = [t for t in captions(driver) if t.startswith("server")]
     out["server s"] = float(server[0].split()[1]) if server else float("nan")
-    if kind == "webgl" and click:
-        dots = drawn_pixels(element)
-        on = {tuple(p) for p in dots.tolist()}
-        inner = [
-            p for p in dots.tolist() if all((p[0] + a, p[1] + b) in on for a in (-1, 1) for b in (-1, 1))
-        ]
-        targets = inner[:: max(1, len(inner) // 40)]
-        w, h = element.size["width"], element.size["height"]
-        clicks: list[
-            float
-        ] = []  # when each click was sent: deck.gl under SwiftShader drops clicks for a while
-        #                           after the first draw, so an idle page with nothing picked is clicked again
-
-        def picked(d) -> bool:
-            texts = [e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')]
-            if any(t.startswith("picked") and not t.startswith("picked 0") for t in texts):
-                return True
-            if not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]'):
-                x, y = targets[len(clicks) % len(targets)]
-                clicks.append(time.perf_counter())
-                ActionChains(d).move_to_element_with_offset(
-                    element, int(x - w / 2), int(y - h / 2)
-                ).click().perform()
-            return False
-
-        wait.until(picked)
-        out["click round trip s"] = time.perf_counter() - clicks[-1]
-        out["clicks"] = len(clicks)
-        out["clickable s"] = clicks[-1] - t0
+    sent = [t for t in captions(driver) if t.startswith("sent")]
+    out["sent MB"] = float(sent[0].split()[1]) if sent else float("nan")
+    if kind != "webgl":
+        return out
+    canvas = driver.execute_script("return arguments[0].previousElementSibling", overlay)
+    dots = drawn_pixels(canvas)
+    on = {tuple(p) for p in dots.tolist()}
+    inner = [p for p in dots.tolist() if all((p[0] + a, p[1] + b) in on for a in (-1, 1) for b in (-1, 1))]
+    x, y = inner[len(inner) // 2]
+    w, h = overlay.size["width"], overlay.size["height"]
+    t1 = time.perf_counter()
+    ActionChains(driver).move_to_element_with_offset(
+        overlay, int(x - w / 2), int(y - h / 2)
+    ).click().perform()
+    wait.until(lambda d: idle(d) and any(t.startswith("picked branch") and "-" not in t for t in captions(d)))
+    out["click round trip s"] = time.perf_counter() - t1
+    overlay = element(driver)
+    t2 = time.perf_counter()
+    chain = ActionChains(driver).key_down(Keys.SHIFT).move_to_element_with_offset(overlay, -w // 3, -h // 3)
+    chain.click_and_hold().move_by_offset(w // 2, h // 2).release().key_up(Keys.SHIFT).perform()
+    wait.until(lambda d: idle(d) and any(t.startswith("boxed") and t != "boxed 0" for t in captions(d)))
+    out["box round trip s"] = time.perf_counter() - t2
+    out["boxed"] = next(int(t.split()[1]) for t in captions(driver) if t.startswith("boxed"))
     return out
 
 
@@ -143,13 +155,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20000,100000,1000000")
     parser.add_argument("--vega-max", type=int, default=20000, help="largest n also drawn with Vega")
-    parser.add_argument(
-        "--click-max",
-        type=int,
-        default=20000,
-        help="largest n whose click round trip is measured (under SwiftShader no click registered "
-        "at 10^5 points in 80 s of tries)",
-    )
     args = parser.parse_args()
     from test_browser import chromium
 
@@ -187,21 +192,23 @@ def main() -> None:
     try:
         for n in [int(s) for s in args.sizes.split(",")]:
             for kind in ("webgl", "vega") if n <= args.vega_max else ("webgl",):
-                rows.append(measure(driver, url, n, kind, click=n <= args.click_max))
+                rows.append(measure(driver, url, n, kind))
                 print(rows[-1], flush=True)
     finally:
         driver.quit()
         proc.terminate()
     load = os.getloadavg()[0]
     print(
-        "\n| points | chart | first draw | of which server | first click that took (clicks) | its round trip |\n"
-        "|---|---|---|---|---|---|"
+        "\n| points | chart | first draw | of which server | sent | click round trip | box round trip (tokens) |\n"
+        "|---|---|---|---|---|---|---|"
     )
     for r in rows:
-        took = f"{r['clickable s']:.1f} s ({r['clicks']})" if "clicks" in r else "-"
         click = f"{r['click round trip s']:.1f} s" if "click round trip s" in r else "-"
+        box = f"{r['box round trip s']:.1f} s ({r['boxed']:,})" if "boxed" in r else "-"
+        sent = f"{r['sent MB']:.1f} MB" if r["kind"] == "webgl" else "-"
         print(
-            f"| {r['n']:,} | {r['kind']} | {r['first draw s']:.1f} s | {r['server s']:.2f} s | {took} | {click} |"
+            f"| {r['n']:,} | {r['kind']} | {r['first draw s']:.1f} s | {r['server s']:.2f} s | "
+            f"{sent} | {click} | {box} |"
         )
     base = next((r for r in rows if r["kind"] == "vega"), None)
     if base:

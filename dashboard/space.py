@@ -76,13 +76,16 @@ def focus(
     picked: set[int],
     tokens: set[tuple[int, int]],
     prompts: set[str] = frozenset(),
+    region: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, set[int]]:
     """The selected tokens and the branches whose lines are drawn. Selected: the tokens inside every
-    brush ({param: {field: [lo, hi]}}, from either chart) and the picked tokens; with neither, every token
-    of the picked branches; of those (or of all tokens), only the prompts clicked in either legend when
-    there are some. Lines: the picked branches, and the MAX_BOX_LINES branches with most selected tokens
-    (ties by branch id)."""
+    brush ({param: {field: [lo, hi]}}, from either chart) or inside the WebGL view's box or lasso
+    (`region`, its tokens), and the picked tokens; with neither, every token of the picked branches; of
+    those (or of all tokens), only the prompts clicked in either legend when there are some. Lines: the
+    picked branches, and the MAX_BOX_LINES branches with most selected tokens (ties by branch id)."""
     chosen = charts.selected_rows(points, brushes) if brushes else points.head(0)
+    if region is not None:
+        chosen = region
     if tokens:
         keys = pl.DataFrame(list(tokens), schema={"branch_id": pl.Int64, "position": pl.Int64}, orient="row")
         chosen = pl.concat([chosen, points.join(keys, on=["branch_id", "position"], how="semi")]).unique(
@@ -122,10 +125,10 @@ def carry_picks(
     return set(clicked_before or carried)
 
 
-def _chart_picks(view: str) -> tuple[set[int], dict]:
-    """The branches clicked and the boxes drawn in the projection charts of a view (WebGL clicks as
-    _gl_picks last found them)."""
-    clicked, brushes = set(st.session_state.get(f"gl_picked_{view}", set())), {}
+def _chart_picks(view: str, with_gl: bool = True) -> tuple[set[int], dict]:
+    """The branches clicked and the boxes drawn in the projection charts of a view (with_gl: and the WebGL
+    clicks as _gl_picks last found them)."""
+    clicked, brushes = set(st.session_state.get(f"gl_picked_{view}", set())) if with_gl else set(), {}
     for prefix, _ in PANELS:
         selection = _chart_selection(chart_key("proj", prefix, view))
         clicked |= charts.picked_branches(selection)
@@ -133,19 +136,36 @@ def _chart_picks(view: str) -> tuple[set[int], dict]:
     return clicked, brushes
 
 
-def gl_key(prefix: str, view: str, color_by: str) -> str:
-    """A WebGL panel's widget key: per view and colouring (a click is a (layer, index) of that colouring)."""
-    return chart_key("gl", f"{prefix}-{color_by.replace(' ', '_')}", view)
+def gl_key(prefix: str, view: str) -> str:
+    """A WebGL panel's widget key: per view, so a box drawn there is not applied to another view's points."""
+    return chart_key("gl", prefix, view)
 
 
-def _gl_picks(points: pl.DataFrame, color_by: str, view: str) -> set[int]:
-    """The branches of the points clicked in the WebGL panels of this view; remembered for _chart_picks."""
-    out: set[int] = set()
+def _gl_picks(view: str) -> set[int]:
+    """The branches clicked in the WebGL panels of this view: a click on a point toggles its branch (each
+    click once: the browser sends a new nonce with each); remembered for _chart_picks."""
+    state = st.session_state
+    out: set[int] = set(state.get(f"gl_picked_{view}", set()))
     for prefix, _ in PANELS:
-        rows = webgl.clicked_rows(points, color_by, prefix, _chart_selection(gl_key(prefix, view, color_by)))
-        out |= set(points[rows]["branch_id"].to_list()) if rows else set()
-    st.session_state[f"gl_picked_{view}"] = out
+        key = gl_key(prefix, view)
+        click = webgl.state(key).get("click") or {}
+        if click.get("view") == view and click.get("nonce") != state.get(f"{key}_nonce"):
+            state[f"{key}_nonce"] = click.get("nonce")
+            out ^= {int(click["branch"])}
+    state[f"gl_picked_{view}"] = out
     return out
+
+
+def gl_region(points: pl.DataFrame, view: str) -> pl.DataFrame | None:
+    """The tokens inside the box or lasso drawn on the WebGL panels of this view (inside both, where both
+    panels have one), tested on the grid the browser drew; None when there is none."""
+    mask = None
+    for prefix, _ in PANELS:
+        selection = webgl.state(gl_key(prefix, view)).get("selection") or {}
+        if selection.get("view") == view and len(selection.get("polygon") or []) >= 3:
+            hit = webgl.inside(webgl.quantize(points, prefix), selection["polygon"])
+            mask = hit if mask is None else mask & hit
+    return None if mask is None else points.filter(pl.Series(mask))
 
 
 def _legend_picks(view: str) -> set[str]:
@@ -197,19 +217,22 @@ def render(
     picked_in_table = {int(table["branch"][i]) for i in table_rows if i < len(table)}
     big = len(points) > ctl.max_points
     gl = big and st.session_state.get("big_mode", GL_MODE) == GL_MODE
-    clicked, brushes = _chart_picks(view)
+    clicked, brushes = _chart_picks(view, with_gl=not gl)  # _gl_picks toggles the WebGL ones
+    region = None
     if gl:
-        clicked |= _gl_picks(points, ctl.color_by, view)
-        brushes |= gl_region(points, view)
+        clicked |= _gl_picks(view)
+        region = gl_region(points, view)
     state = st.session_state
     before = _chart_picks(state["bl_view"])[0] if state.get("bl_view") not in (None, view) else None
-    carried = carry_picks(before, state.get("bl_carried", set()), clicked, bool(brushes))
+    carried = carry_picks(
+        before, state.get("bl_carried", set()), clicked, bool(brushes) or region is not None
+    )
     state["bl_view"], state["bl_carried"] = view, carried
     picked = picked_in_table | clicked | carried
     first = min(picked_in_table) if picked_in_table else (min(picked) if picked else None)
     pill_key = f"tokens_of_{first}"
     token_sel = {(first, int(p)) for p in (state.get(pill_key) or [])} if first is not None else set()
-    chosen, lit = focus(points, brushes, picked, token_sel, _legend_picks(view))
+    chosen, lit = focus(points, brushes, picked, token_sel, _legend_picks(view), region)
     touched = chosen["branch_id"].n_unique()
     if touched > MAX_BOX_LINES and not set(chosen["branch_id"].unique().to_list()) <= lit:
         st.caption(
@@ -373,56 +396,11 @@ def _draw_panels(
     return static
 
 
-REGION_PANELS = {"raw": "raw", "res": "removed"}
-
-
-def _region_keys(view: str, panel: str) -> tuple[str, str, str]:
-    return f"gl_region_panel_{view}", f"gl_region_x_{panel}_{view}", f"gl_region_y_{panel}_{view}"
-
-
-def _extent(points: pl.DataFrame, field: str) -> tuple[float, float]:
-    return float(points[field].min()), float(points[field].max())
-
-
-def gl_region(points: pl.DataFrame, view: str) -> dict:
-    """The box picked with the WebGL view's region sliders, as a brush the Vega charts would report
-    ({name: {field: [lo, hi]}}); {} when no panel is chosen or the box is the whole panel."""
-    state = st.session_state
-    panel = state.get(_region_keys(view, "")[0], "none")
-    if panel not in REGION_PANELS:
-        return {}
-    _, xk, yk = _region_keys(view, panel)
-    box = {f"{panel}_{axis}": state.get(key) for axis, key in (("x", xk), ("y", yk))}
-    if any(b is None for b in box.values()):
-        return {}
-    if all(tuple(b) == _extent(points, field) for field, b in box.items()):
-        return {}
-    return {"gl_region": {field: [float(b[0]), float(b[1])] for field, b in box.items()}}
-
-
-def _region_controls(points: pl.DataFrame, view: str) -> None:
-    """Sliders for a box in either panel (deck.gl in Streamlit reports clicks, not drags); the box feeds
-    the same selection as a box drawn on the Vega charts."""
-    with st.expander("Select a region (a box, as drawn on the smaller views)"):
-        panel_key = _region_keys(view, "")[0]
-        panel = st.radio(
-            "Panel",
-            ["none", *REGION_PANELS],
-            format_func=lambda p: REGION_PANELS.get(p, "none"),
-            horizontal=True,
-            key=panel_key,
-        )
-        if panel in REGION_PANELS:
-            _, xk, yk = _region_keys(view, panel)
-            for axis, key in (("x", xk), ("y", yk)):
-                lo, hi = _extent(points, f"{panel}_{axis}")
-                st.slider(f"{axis} range", lo, hi, (lo, hi), key=key)
-
-
 def _draw_gl(
     points: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], ctl, view: str, titles: tuple
 ) -> None:
-    """The two panels as WebGL scatters of every point: the selected tokens ringed, lit branches' lines."""
+    """The two panels as WebGL scatters of every point: the selected tokens ringed, lit branches' lines,
+    each panel's box or lasso drawn where it was."""
     rows = None
     if len(chosen):
         rows = (
@@ -435,19 +413,23 @@ def _draw_gl(
         for col, (prefix, title) in zip(st.columns(2), titles):
             with col:
                 st.markdown(f"**{title}**")
-                deck, _, legend = webgl.deck(points, prefix, ctl.color_by, rows, lit)
-                st.pydeck_chart(
-                    deck,
-                    on_select="rerun",
-                    selection_mode="multi-object",
-                    height=charts.HEIGHT,
-                    key=gl_key(prefix, view, ctl.color_by),
+                key = gl_key(prefix, view)
+                selection = webgl.state(key).get("selection") or {}
+                blob, legend = webgl.payload(
+                    points,
+                    prefix,
+                    ctl.color_by,
+                    rows,
+                    lit,
+                    view=view,
+                    selection=selection.get("polygon") if selection.get("view") == view else None,
+                    label=f"{title}: {len(points):,} tokens",
                 )
+                webgl.scatter(blob, key)
     st.caption(
         f"Every one of the {len(points):,} tokens drawn (WebGL){'; ' + legend if legend else ''}. "
         + webgl.HOW_TO
     )
-    _region_controls(points, view)
 
 
 def _table_rows(key: str) -> list[int]:

@@ -1,36 +1,45 @@
-"""A WebGL scatter (deck.gl through pydeck) for views too large for Vega: every token drawn, 10^6 and more.
+"""A WebGL scatter for views too large for Vega: every token drawn, 10^6 and more (a Streamlit component,
+its browser half in webgl.js and webgl.css).
 
-Vega draws a few tens of thousands of points; deck.gl draws millions on the GPU. What limits it here is
-the spec Streamlit sends: pydeck writes each point as a JSON object with float fields (190 MB and 14 s
-of Python for 10^6 points, measured). So points travel as bare pairs of integers (coordinates quantized
-to a grid of GRID units, ~14 bytes a point), one layer per colour (a few dozen at most: branch shades
-are binned), written by polars, not by pydeck. A clicked point comes back as (layer, index within the
-layer), which `picked_rows` maps to the token; its text is read on the server (on demand), so hover
-shows text only for views small enough to carry it (HOVER_TEXT_MAX).
+Vega draws a few tens of thousands of points; WebGL draws millions. What limits the size is what travels:
+the points go as one binary blob (a JSON header, then packed arrays: branch and position as int32,
+coordinates quantized to a GRID of uint16, a colour bin as uint8: 13 bytes a point), with no JSON per
+point. Picking is done in the browser on the CPU (a grid index), so clicks and hover work the same under
+software WebGL (SwiftShader) as on a GPU; deck.gl's GPU picking dropped clicks there from 10^5 points.
+
+What comes back is state, read from the session before the panels are drawn: `click` (the branch and
+position of the point clicked, with a nonce) and `selection` (a box or lasso as a polygon in grid units,
+which `inside` turns into the tokens it holds, tested on the same grid the browser drew).
 """
 
 from __future__ import annotations
 
 import json
+import struct
+from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pydeck as pdk
+import streamlit as st
 
 from dashboard.charts import COLOR_BY, HEIGHT
 from dashboard.palette import BASE
 
-GRID = (36_000, 30_000)  # quantized x and y extents (6:5, about a panel's shape)
-PANEL_PX = (520, HEIGHT)  # the narrowest panel the initial zoom fits (two side by side at 1366 px)
-HOVER_TEXT_MAX = 100_000  # points up to which each carries its token, branch and position for hover
-MAX_LAYERS = 48  # colour bins: branch shades beyond this share the nearest bin of their prompt
+GRID = (36_000, 30_000)  # quantized x and y extents (6:5, about a panel's shape; uint16)
+HOVER_TEXT_MAX = 100_000  # points up to which hover shows the token's text (sent as a list of strings)
+MAX_COLOURS = 48  # colour bins (the shader's palette): branch shades beyond this share their prompt's hue
 RAMP = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]  # viridis, as the Vega charts use
 RAMP_BINS = 16
-POINT_PX = 2.0
+POINT_PX = 4.0  # a point's diameter in CSS pixels
 HOW_TO = (
     "Wheel: zoom · drag: pan · click a point: follow its branch in both panels and the text below (click "
-    "it again to let go) · hover: the point's token, where the view is small enough to carry text · a box: "
-    "Select a region, below"
+    "it again to let go) · Box (or shift-drag) and Lasso: select the tokens inside, in both panels · "
+    "Escape or Clear: drop the box · Fit or double-click: every point · hover: a point's branch and "
+    f"position (and its token up to {HOVER_TEXT_MAX:,} points)"
+)
+_HERE = Path(__file__).parent
+_COMPONENT = st.components.v2.component(
+    "branchlens_scatter", js=(_HERE / "webgl.js").read_text(), css=(_HERE / "webgl.css").read_text()
 )
 
 
@@ -47,20 +56,20 @@ def _ramp(t: float) -> list[int]:
 
 
 def colour_bins(points: pl.DataFrame, color_by: str) -> tuple[pl.Series, dict[int, list[int]], str]:
-    """(bin per point (n,), bin -> RGB, legend text): the points' colours in at most MAX_LAYERS bins."""
+    """(bin per point (n,), bin -> RGB, legend text): the points' colours in at most MAX_COLOURS bins."""
     field, kind = COLOR_BY[color_by]
     if kind == "hue" and field in points.columns:
         colours = points[field]
         names = colours.unique(maintain_order=True).to_list()
-        if len(names) > MAX_LAYERS:  # many branch shades: their prompt's hue instead
+        if len(names) > MAX_COLOURS:  # many branch shades: their prompt's hue instead
             colours = points["prompt_color"]
-            names = colours.unique(maintain_order=True).to_list()[:MAX_LAYERS]
+            names = colours.unique(maintain_order=True).to_list()[:MAX_COLOURS]
         index = {c: i for i, c in enumerate(names)}
         bins = colours.replace_strict(index, default=len(names) - 1, return_dtype=pl.Int32)
         return (
             bins,
             {i: _rgb(c) for c, i in index.items()},
-            "colour: " + ("prompt" if field == "prompt_color" or len(names) == MAX_LAYERS else color_by),
+            "colour: " + ("prompt" if field == "prompt_color" or len(names) == MAX_COLOURS else color_by),
         )
     if field in points.columns and points[field].dtype.is_numeric() and kind == "quantitative":
         v = points[field].cast(pl.Float64).fill_null(strategy="mean").fill_nan(None).fill_null(0.0)
@@ -73,200 +82,137 @@ def colour_bins(points: pl.DataFrame, color_by: str) -> tuple[pl.Series, dict[in
         )
     if field in points.columns:  # nominal or ordinal: tableau10, cycled
         codes = points[field].cast(pl.String).fill_null("?")
-        names = sorted(codes.unique().to_list())[:MAX_LAYERS]
+        names = sorted(codes.unique().to_list())[:MAX_COLOURS]
         index = {c: i for i, c in enumerate(names)}
         bins = codes.replace_strict(index, default=len(names) - 1, return_dtype=pl.Int32)
         return bins, {i: _rgb(BASE[i % len(BASE)]) for i in index.values()}, f"colour: {color_by}"
     return pl.Series("bin", np.zeros(len(points), np.int32)), {0: _rgb(BASE[0])}, ""
 
 
-def quantize(points: pl.DataFrame, prefix: str) -> pl.DataFrame:
-    """Integer grid coordinates qx, qy of a panel (y flipped: deck.gl's orthographic y grows downward)."""
+def quantize(points: pl.DataFrame, prefix: str) -> np.ndarray:
+    """(n, 2) uint16 grid coordinates of a panel's points (y flipped: the screen's y grows downward)."""
     out = []
     for axis, size in zip(("x", "y"), GRID):
-        col = pl.col(f"{prefix}_{axis}")
-        lo, hi = points[f"{prefix}_{axis}"].min(), points[f"{prefix}_{axis}"].max()
-        span = max(float(hi - lo), 1e-12) if lo is not None else 1.0
-        q = ((col - lo) / span * (size - 1)).round().cast(pl.Int32)
-        out.append((size - 1 - q if axis == "y" else q).alias(f"q{axis}"))
-    return points.with_columns(out)
+        v = points[f"{prefix}_{axis}"].cast(pl.Float64).to_numpy()
+        lo, hi = (float(v.min()), float(v.max())) if len(v) else (0.0, 1.0)
+        q = np.rint((v - lo) / max(hi - lo, 1e-12) * (size - 1))
+        out.append(size - 1 - q if axis == "y" else q)
+    return np.column_stack(out).astype(np.uint16) if out[0].size else np.zeros((0, 2), np.uint16)
 
 
-class FastDeck(pdk.Deck):
-    """A pydeck Deck whose point layers' data are spliced into its JSON as polars wrote them (pydeck's
-    own serializer takes seconds per 10^5 points). Streamlit calls to_json()."""
-
-    def __init__(self, *args, payloads: dict[str, str] | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._payloads = payloads or {}
-
-    def to_json(self) -> str:
-        payloads = self.__dict__.pop("_payloads")  # pydeck serializes every attribute
-        try:
-            text = super().to_json()
-        finally:
-            self._payloads = payloads
-        for placeholder, data in payloads.items():
-            text = text.replace(json.dumps(placeholder), data, 1)
-        return text
+def _pad(b: bytes) -> bytes:
+    return b + b"\0" * (-len(b) % 4)
 
 
-def _rows_json(frame: pl.DataFrame, text: bool) -> str:
-    """[[qx, qy], ...] or, with text, [[qx, qy, token, branch, position], ...] as one JSON string."""
-    if text:  # mixed types: Python's json (HOVER_TEXT_MAX rows at most)
-        return json.dumps(
-            frame.select("qx", "qy", "token_text", "branch_id", "position").rows(), separators=(",", ":")
-        )
-    body = frame.select(pl.concat_list(pl.col("qx", "qy")).alias("r")).write_ndjson()
-    return "[" + ",".join(line[5:-1] for line in body.splitlines()) + "]"  # each line is {"r":[x,y]}
-
-
-def point_layers(
-    frame: pl.DataFrame, prefix: str, color_by: str, faint: bool = False
-) -> tuple[list[pdk.Layer], dict[str, str], dict[str, np.ndarray], str]:
-    """frame: a panel's points with grid coordinates (quantize). (layers, placeholder -> data JSON, layer id
-    -> the row numbers of `frame` it draws in order,
-    legend text). One pickable layer per colour bin; which layers exist and what they hold depends on the
-    points and the colouring only, so a click's (layer, index) keeps meaning the same token while the
-    selection changes. faint: drawn pale (a selection is shown on top)."""
-    bins, rgb, legend = colour_bins(frame, color_by)
-    text = len(frame) <= HOVER_TEXT_MAX
-    layers, payloads, rows = [], {}, {}
-    for b, drawn in layer_rows(bins).items():
-        sub = frame[drawn]
-        layer_id = f"{prefix}-{b}"
-        placeholder = f"__data_{layer_id}__"
-        layers.append(
-            pdk.Layer(
-                "ScatterplotLayer",
-                data=placeholder,
-                id=layer_id,
-                get_position="-",
-                get_fill_color=rgb[b] + [45 if faint else 210],
-                get_radius=POINT_PX,
-                radius_units="pixels",
-                radius_min_pixels=1.5,
-                pickable=True,
-                auto_highlight=True,
-                highlight_color=[0, 0, 0, 255],
-            )
-        )
-        payloads[placeholder] = _rows_json(sub, text)
-        rows[layer_id] = drawn
-    return layers, payloads, rows, legend
-
-
-def layer_rows(bins: pl.Series) -> dict[int, np.ndarray]:
-    """Colour bin -> the row numbers its layer draws, in order (bins without points have no layer)."""
-    b = bins.to_numpy()
-    order = np.argsort(b, kind="stable")
-    values, starts = np.unique(b[order], return_index=True)
-    return {int(v): rows for v, rows in zip(values, np.split(order, starts[1:]))}
-
-
-def clicked_rows(points: pl.DataFrame, color_by: str, prefix: str, selection: dict) -> list[int]:
-    """Row numbers of `points` a pydeck selection event of the panel `prefix` reports, found again from
-    the points and the colouring alone (the layers are a function of them)."""
-    if not (selection.get("indices") or {}):
-        return []
-    bins = colour_bins(points, color_by)[0]
-    return picked_rows(selection, {f"{prefix}-{b}": rows for b, rows in layer_rows(bins).items()})
-
-
-def chosen_layer(
-    frame: pl.DataFrame, prefix: str, chosen_rows: np.ndarray
-) -> tuple[pdk.Layer, str, str] | None:
-    """The selected tokens drawn again on top, ringed (not pickable: clicks go to the stable layers
-    below): (layer, its data placeholder, the data JSON)."""
-    if not len(chosen_rows):
-        return None
-    placeholder = f"__data_{prefix}-chosen__"
-    layer = pdk.Layer(
-        "ScatterplotLayer",
-        data=placeholder,
-        id=f"{prefix}-chosen",
-        get_position="-",
-        get_fill_color=[255, 255, 255, 0],
-        stroked=True,
-        get_line_color=[0, 0, 0, 230],
-        line_width_min_pixels=1.2,
-        get_radius=POINT_PX + 1.5,
-        radius_units="pixels",
-        pickable=False,
-    )
-    return layer, placeholder, _rows_json(frame[chosen_rows], text=False)
-
-
-def line_layer(frame: pl.DataFrame, prefix: str, branches: set[int]) -> pdk.Layer | None:
-    """The trajectories of `branches` (their tokens in position order) as one PathLayer, black."""
-    if not branches:
-        return None
-    q = frame.filter(pl.col("branch_id").is_in(list(branches))).sort("branch_id", "position")
-    paths = [
-        {"path": [[int(a), int(b)] for a, b in zip(g["qx"], g["qy"])], "branch": int(k[0])}
-        for k, g in q.group_by(["branch_id"], maintain_order=True)
-        if len(g) > 1
-    ]
-    if not paths:
-        return None
-    return pdk.Layer(
-        "PathLayer",
-        data=paths,
-        id=f"{prefix}-lines",
-        get_path="path",
-        get_color=[20, 20, 20, 200],
-        width_units="pixels",
-        get_width=1.5,
-        pickable=False,
-    )
-
-
-def deck(
+def payload(
     points: pl.DataFrame,
     prefix: str,
     color_by: str,
     chosen_rows: np.ndarray | None = None,
     lit: set[int] | None = None,
-) -> tuple[FastDeck, dict[str, np.ndarray], str]:
-    """One panel as a deck (every point, zoom and pan, hover, click to pick), the layer -> rows map that
-    turns a click back into a token, and the colour legend's text. chosen_rows: row numbers of the
-    selected tokens (ringed on top, the rest pale); lit: branches whose lines are drawn."""
-    chosen_rows = np.asarray([] if chosen_rows is None else chosen_rows, dtype=np.int64)
-    frame = quantize(points, prefix)  # the panel's grid coordinates, once for every layer
-    layers, payloads, rows, legend = point_layers(frame, prefix, color_by, faint=len(chosen_rows) > 0)
-    ring = chosen_layer(frame, prefix, chosen_rows)
-    if ring is not None:
-        layers.append(ring[0])
-        payloads[ring[1]] = ring[2]
-    lines = line_layer(frame, prefix, lit or set())
-    if lines is not None:
-        layers.append(lines)
-    text = len(points) <= HOVER_TEXT_MAX
-    tooltip = {"text": "{2}\nbranch {3} · position {4}"} if text else None
-    view = pdk.View(type="OrthographicView", controller=True)
-    zoom = float(np.log2(min(PANEL_PX[0] / GRID[0], PANEL_PX[1] / GRID[1]) * 0.92))
-    state = pdk.ViewState(
-        target=[GRID[0] / 2, GRID[1] / 2, 0], zoom=zoom, min_zoom=zoom - 2, max_zoom=zoom + 12
-    )
-    return (
-        FastDeck(
-            layers=layers,
-            views=[view],
-            initial_view_state=state,
-            map_provider=None,
-            tooltip=tooltip,
-            payloads=payloads,
-        ),
-        rows,
-        legend,
-    )
+    view: str = "",
+    selection: list | None = None,
+    label: str = "",
+) -> tuple[bytes, str]:
+    """(the blob webgl.js draws, the colour legend's text) for one panel of `points`. chosen_rows: row
+    numbers of the selected tokens (ringed on top, the rest pale); lit: branches whose lines are drawn (in
+    position order); selection: the panel's box or lasso (grid units), drawn dashed."""
+    n = len(points)
+    chosen = np.asarray([] if chosen_rows is None else chosen_rows, dtype=np.uint32)
+    bins, rgb, legend = colour_bins(points, color_by)
+    palette = [rgb.get(b, [136, 136, 136]) for b in range(max(rgb) + 1 if rgb else 1)]
+    lines, line_rows = [], np.zeros(0, np.uint32)
+    if lit:
+        q = (
+            points.select("branch_id", "position")
+            .with_row_index("_row")
+            .filter(pl.col("branch_id").is_in(list(lit)))
+            .sort("branch_id", "position")
+        )
+        sizes = q.group_by("branch_id", maintain_order=True).len()["len"].to_numpy()
+        keep = np.repeat(sizes > 1, sizes)
+        line_rows = q["_row"].to_numpy()[keep].astype(np.uint32)
+        lines = [int(s) for s in sizes if s > 1]
+    header = {
+        "n": n,
+        "grid": list(GRID),
+        "palette": palette,
+        "n_chosen": len(chosen),
+        "lines": lines,
+        "n_line_rows": len(line_rows),
+        "point_px": POINT_PX,
+        "height": HEIGHT,
+        "view": view,
+        "label": label,
+        "selection": selection,
+        "tokens": points["token_text"].to_list()
+        if n <= HOVER_TEXT_MAX and "token_text" in points.columns
+        else None,
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    parts = [
+        struct.pack("<I", len(head)) + head,
+        points["branch_id"].cast(pl.Int32).to_numpy().astype("<i4").tobytes(),
+        points["position"].cast(pl.Int32).to_numpy().astype("<i4").tobytes(),
+        quantize(points, prefix).astype("<u2").tobytes(),
+        bins.cast(pl.UInt8).to_numpy().tobytes(),
+        chosen.astype("<u4").tobytes(),
+        line_rows.astype("<u4").tobytes(),
+    ]
+    return b"".join(_pad(p) for p in parts), legend
 
 
-def picked_rows(selection: dict, rows: dict[str, np.ndarray]) -> list[int]:
-    """Row numbers of the points a pydeck selection event reports ({"indices": {layer id: [i, ...]}})."""
-    out: list[int] = []
-    for layer_id, indices in (selection.get("indices") or {}).items():
-        drawn = rows.get(layer_id)
-        if drawn is not None:
-            out += [int(drawn[i]) for i in indices if 0 <= i < len(drawn)]
+def decode(blob: bytes) -> dict:
+    """What webgl.js reads from a payload (the header's fields and the arrays), for tests and benches."""
+    (size,) = struct.unpack_from("<I", blob)
+    header = json.loads(blob[4 : 4 + size])
+    at = 4 + size + (-(4 + size) % 4)
+    out = dict(header)
+    for name, dtype, count in (
+        ("branch", "<i4", header["n"]),
+        ("position", "<i4", header["n"]),
+        ("q", "<u2", 2 * header["n"]),
+        ("bin", "u1", header["n"]),
+        ("chosen", "<u4", header["n_chosen"]),
+        ("line_rows", "<u4", header["n_line_rows"]),
+    ):
+        out[name] = np.frombuffer(blob, dtype, count, at)
+        at += out[name].nbytes + (-out[name].nbytes % 4)
+    out["q"] = out["q"].reshape(-1, 2)
     return out
+
+
+def inside(q: np.ndarray, polygon: list) -> np.ndarray:
+    """(n,) bool: which grid points q (n, 2) lie inside the polygon [[x, y], ...] (grid units; even-odd
+    rule, as a canvas fills it)."""
+    poly = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+    hit = np.zeros(len(q), bool)
+    if len(poly) < 3 or not len(q):
+        return hit
+    lo, hi = poly.min(axis=0), poly.max(axis=0)
+    box = np.flatnonzero(((q >= lo) & (q <= hi)).all(axis=1))  # the polygon's bounding box first
+    x, y = q[box, 0].astype(np.float64), q[box, 1].astype(np.float64)
+    odd = np.zeros(len(box), bool)
+    for (x1, y1), (x2, y2) in zip(poly, np.roll(poly, -1, axis=0)):
+        crosses = (y1 > y) != (y2 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            odd ^= crosses & (x < (x2 - x1) * (y - y1) / (y2 - y1) + x1)
+    hit[box] = odd
+    return hit
+
+
+def state(key: str) -> dict:
+    """The panel's state as the browser last set it ({"selection": ..., "click": ...}), before it is drawn."""
+    value = st.session_state.get(key)
+    return dict(value) if value else {}
+
+
+def scatter(blob: bytes, key: str) -> None:
+    """Draw one panel (`payload`'s blob); what it reports is read with `state` on the next run."""
+    _COMPONENT(
+        data=blob,
+        key=key,
+        height=HEIGHT + 40,
+        on_selection_change=lambda: None,
+        on_click_change=lambda: None,
+    )

@@ -157,7 +157,7 @@ def dump_rows(con, run_id: str) -> dict[str, list]:
 
 
 def app_elements(at, kind: str) -> list:
-    """The elements of type `kind` (e.g. "vega_lite_chart", "deck_gl_json_chart") an AppTest page holds."""
+    """The elements of type `kind` (e.g. "vega_lite_chart", "bidi_component") an AppTest page holds."""
 
     def walk(node):
         children = getattr(node, "children", None)

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -83,9 +84,14 @@ def projection(at: AppTest, panel: str = "raw") -> dict[str, pa.Table]:
     raise AssertionError(f"no {panel} projection on the page")
 
 
-def deck_specs(at: AppTest) -> list[dict]:
-    """The deck.gl specs (JSON) of the page's WebGL charts."""
-    return [json.loads(el.proto.json) for el in app_elements(at, "deck_gl_json_chart")]
+def scatters(at: AppTest) -> list[tuple[str, dict]]:
+    """(widget key, decoded payload) of each WebGL panel on the page (dashboard.webgl), raw first."""
+    from dashboard.webgl import decode
+
+    # an element id is "$$ID-<digest>-<key>"
+    return [
+        (el.proto.id.split("-", 2)[2], decode(el.proto.bytes)) for el in app_elements(at, "bidi_component")
+    ]
 
 
 def dots_layer(spec: dict) -> dict:
@@ -261,30 +267,70 @@ def test_a_store_held_by_a_writer_shows_a_note_not_a_crash(store, tmp_path):
     assert not at.warning and projection(at)["points"].num_rows > 0
 
 
-def test_a_region_picked_in_the_webgl_view_selects_the_tokens_in_its_box(store):
-    """deck.gl in Streamlit reports clicks, not drags: the WebGL view's region sliders give the box, and
-    it feeds the same selection as a box drawn on the Vega charts (marked text, ringed dots)."""
+def test_a_box_or_lasso_drawn_on_the_webgl_view_selects_the_tokens_inside_it(store):
+    """The browser sends a box or lasso as a polygon in the panel's grid units; the tokens inside it (on
+    the grid the browser drew) are selected in both panels (ringed) and marked in the text, as a box on the
+    Vega charts would; a polygon drawn on another view's coordinates is ignored; clearing it drops them."""
+    from dashboard.webgl import GRID
+
     path, _ = store
     at = open_app(path)
     every = pl.from_arrow(projection(at)["points"])  # raw_x, raw_y of every token (Vega, before WebGL)
     at.number_input(key="max_points").set_value(100).run()
-    assert len(deck_specs(at)) == 2
-    panel = next(r for r in at.radio if r.label == "Panel")
-    panel.set_value("raw").run()
-    lo, hi = next(s for s in at.slider if s.label == "x range").value
-    mid = lo + (hi - lo) / 3
-    next(s for s in at.slider if s.label == "x range").set_value((lo, mid)).run()
-    assert not at.exception
-    x_lo, x_hi = next(s for s in at.slider if s.label == "x range").value
-    inside = every.filter(pl.col("raw_x").is_between(x_lo, x_hi))
+    panels = scatters(at)
+    assert len(panels) == 2 and all(p["n"] == len(every) for _, p in panels)
+    raw_key = scatters(at)[0][0]
+    view = raw_key.removeprefix("gl_raw_")
+    # the left third of the raw panel, in grid units (x grows right, y down; the grid spans the points)
+    third = (GRID[0] - 1) / 3
+    polygon = [[-1, -1], [third, -1], [third, GRID[1]], [-1, GRID[1]]]
+    lo, hi = every["raw_x"].min(), every["raw_x"].max()
+    inside = every.filter(((pl.col("raw_x") - lo) / (hi - lo) * (GRID[0] - 1)).round() <= third)
     assert 0 < len(inside) < len(every)
+    at.session_state[raw_key] = {"selection": {"kind": "lasso", "polygon": polygon, "view": "another"}}
+    at.run()
+    assert not any(m.value.startswith(f"<small>{len(inside)} tokens selected") for m in at.markdown)
+    at.session_state[raw_key] = {"selection": {"kind": "lasso", "polygon": polygon, "view": view}}
+    at.run()
+    assert not at.exception
     said = [m.value for m in at.markdown if "tokens selected" in m.value]
     assert said and said[0].startswith(f"<small>{len(inside)} tokens selected")
-    for spec in deck_specs(at):
-        ringed = [layer for layer in spec["layers"] if str(layer.get("id", "")).endswith("-chosen")]
-        assert ringed and len(ringed[0]["data"]) == len(inside)
-    panel.set_value("none").run()
-    assert not [m.value for m in at.markdown if m.value.startswith(f"<small>{len(inside)} tokens selected")]
+    for _, panel in scatters(at):
+        ringed = {(int(panel["branch"][i]), int(panel["position"][i])) for i in panel["chosen"]}
+        assert ringed == set(inside.select("branch_id", "position").iter_rows())
+    assert scatters(at)[0][1]["selection"] == polygon  # drawn again where it was
+    at.session_state[raw_key] = {"selection": None}
+    at.run()
+    assert all(len(p["chosen"]) == 0 for _, p in scatters(at))
+
+
+def test_a_click_on_the_webgl_view_follows_the_branch_and_a_second_click_lets_go(store):
+    """The browser sends the clicked point's branch with a nonce; a new nonce toggles the branch (its
+    tokens selected, its line drawn), the same nonce on a rerun changes nothing."""
+    path, _ = store
+    at = open_app(path)
+    at.number_input(key="max_points").set_value(100).run()
+    raw_key = scatters(at)[0][0]
+    view = raw_key.removeprefix("gl_raw_")
+    panel = scatters(at)[0][1]
+    branch = int(panel["branch"][0])
+    own = int((panel["branch"] == branch).sum())
+
+    def click(nonce: float) -> None:
+        at.session_state[raw_key] = {
+            "click": {"row": 0, "branch": branch, "position": 1, "view": view, "nonce": nonce}
+        }
+        at.run()
+
+    click(0.5)
+    panel = scatters(at)[0][1]
+    assert len(panel["chosen"]) == own and set(panel["branch"][panel["chosen"]]) == {branch}
+    assert len(panel["lines"]) == 1 and panel["lines"][0] == own  # its line, in position order
+    assert np.all(np.diff(panel["position"][panel["line_rows"]]) > 0)
+    at.run()  # a rerun with the same click: still followed
+    assert len(scatters(at)[0][1]["chosen"]) == own
+    click(0.25)  # clicked again
+    assert len(scatters(at)[0][1]["chosen"]) == 0
 
 
 def test_too_many_points_are_sampled_by_branch_or_binned(store):
@@ -295,18 +341,14 @@ def test_too_many_points_are_sampled_by_branch_or_binned(store):
     at.number_input(key="max_points").set_value(100).run()
     assert total > 100 and any("more than 100 to draw" in r.label for r in at.radio)
     # the default past the limit: every point, drawn by WebGL in both panels, each token once per panel
-    decks = deck_specs(at)
-    assert len(decks) == 2 and not at.warning and not at.exception
-    for spec in decks:
-        dots = [
-            layer
-            for layer in spec["layers"]
-            if layer["@@type"] == "ScatterplotLayer" and layer.get("pickable")
-        ]
-        assert sum(len(layer["data"]) for layer in dots) == total
-        assert {tuple(row[3:5]) for layer in dots for row in layer["data"]} == set(
+    panels = scatters(at)
+    assert len(panels) == 2 and not at.warning and not at.exception
+    for _, panel in panels:
+        assert panel["n"] == total == len(set(zip(panel["branch"].tolist(), panel["position"].tolist())))
+        assert set(zip(panel["branch"].tolist(), panel["position"].tolist())) == set(
             projection_before[["branch_id", "position"]].iter_rows()
         )
+        assert len(panel["tokens"]) == total  # hover text travels below HOVER_TEXT_MAX
     at.radio(key="big_mode").set_value("sample branches").run()
     assert at.warning and "slow the browser" in at.warning[0].value
     sampled = projection(at)["points"]

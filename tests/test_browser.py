@@ -251,16 +251,18 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
         driver.quit()
 
 
-def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_app, tmp_path):
-    """Past "Max points drawn" the default is every point in WebGL (deck.gl, rendered here by SwiftShader):
-    both panels draw dots, and a click on one is reported to the app, which follows its branch: its tokens
-    are marked in the branch text and counted as selected."""
+def test_the_webgl_view_draws_every_point_and_selects_by_click_box_and_lasso(served_app, tmp_path):
+    """Past "Max points drawn" the default is every point in WebGL (branchlens' own component, rendered
+    here by SwiftShader): both panels draw every token; a click on a dot follows its branch (its tokens
+    marked in the text); a lasso on one panel selects the same tokens in both (ringed, marked) and Clear
+    drops it; shift-drag draws a box; the wheel zooms the panel, not the page."""
     import io
 
     import numpy as np
     from PIL import Image
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -268,7 +270,9 @@ def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_
     driver = chromium()
     try:
         driver.get(served_app)
-        wait = WebDriverWait(driver, 240, poll_frequency=0.5)
+        wait = WebDriverWait(
+            driver, 240, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,)
+        )
         box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".st-key-max_points input"))
         box.send_keys(Keys.CONTROL, "a")
         box.send_keys("100", Keys.ENTER)
@@ -276,64 +280,119 @@ def test_the_webgl_view_draws_every_point_and_a_click_follows_its_branch(served_
         def settled(d) -> bool:
             return not d.find_elements(By.CSS_SELECTOR, '[data-testid="stSpinner"], [data-stale="true"]')
 
-        def decks(d) -> list:
-            found = [
-                c
-                for c in d.find_elements(By.CSS_SELECTOR, '[data-testid="stDeckGlJsonChart"] canvas')
-                if c.is_displayed() and c.size["width"] > 300
-            ]
-            return found if len(found) >= 2 and settled(d) else []
+        def stages(d) -> list[dict]:
+            """Each WebGL panel's stage: points sent, tokens ringed, zoom (1 = every point in view)."""
+            return d.execute_script(
+                "return [...document.querySelectorAll('*')]"
+                ".filter(e => e.shadowRoot && e.shadowRoot.querySelector('.bl-stage'))"
+                ".map(e => ({...e.shadowRoot.querySelector('.bl-stage').dataset}))"
+            )
+
+        def overlays(d) -> list:
+            hosts = d.execute_script(
+                "return [...document.querySelectorAll('*')]"
+                ".filter(e => e.shadowRoot && e.shadowRoot.querySelector('.bl-stage'))"
+            )
+            return [h.shadow_root.find_element(By.CSS_SELECTOR, ".bl-overlay") for h in hosts]
 
         def dots(canvas) -> np.ndarray:
-            """(k, 2) pixel offsets (x, y) of the canvas where something other than the background is drawn."""
+            """(k, 2) pixel offsets (x, y) where something other than the background is drawn."""
             rgb = np.asarray(Image.open(io.BytesIO(canvas.screenshot_as_png)).convert("RGB"), dtype=int)
             background = np.median(rgb.reshape(-1, 3), axis=0)
             ys, xs = np.nonzero(np.abs(rgb - background).sum(axis=2) > 120)
             return np.column_stack([xs, ys])
 
-        raw = wait.until(lambda d: (c := decks(d)) and len(dots(c[0])) > 50 and len(dots(c[1])) > 50 and c)[0]
-        assert any(
-            "drawn (WebGL)" in e.text
-            for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
-        )
-        assert not driver.find_elements(By.TAG_NAME, "mark")
-        # Click dots (pixels with drawn neighbours on every side). Under SwiftShader deck.gl drops a click that
-        # lands while it is still busy after the first draw, so while the app is idle and has nothing picked
-        # another dot is clicked on each look (a different one: a late click cannot undo an earlier one).
-        found = dots(raw)
-        on = {tuple(p) for p in found.tolist()}
-        inner = [
-            p for p in found.tolist() if all((p[0] + dx, p[1] + dy) in on for dx in (-1, 1) for dy in (-1, 1))
-        ]
-        targets = inner[:: max(1, len(inner) // 40)]
-        w, h = raw.size["width"], raw.size["height"]
-        clicks = []
-
-        def selected(d) -> int:
+        def selected(d) -> int | None:
+            """The count the text panel states, once the app is idle (0 when nothing is selected)."""
+            if not settled(d):
+                return None
             text = next(
                 (e.text for e in d.find_elements(By.TAG_NAME, "small") if "tokens selected" in e.text), ""
             )
             return int(text.split()[0]) if text else 0
 
-        def marked(d) -> int | None:
+        def drawn(d):
             try:
-                if not settled(d):
-                    return None
-                if n := selected(d):
-                    return n
-                x, y = targets[len(clicks) % len(targets)]
-                clicks.append((x, y))
-                canvas = decks(d)[0] if decks(d) else None
-                if canvas is not None:
-                    ActionChains(d).move_to_element_with_offset(
-                        canvas, int(x - w / 2), int(y - h / 2)
-                    ).click().perform()
-                return None
-            except StaleElementReferenceException:
-                return None
+                found = stages(d)
+                return settled(d) and len(found) == 2 and all(int(s["points"]) > 100 for s in found) and found
+            except (StaleElementReferenceException, WebDriverException):
+                return False
 
-        n = wait.until(marked)
+        total = int(wait.until(drawn)[0]["points"])
+        assert all(int(s["points"]) == total and s["chosen"] == "0" for s in stages(driver))
+        assert any(
+            "drawn (WebGL)" in e.text
+            for e in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stCaptionContainer"]')
+        )
+        raw = overlays(driver)[0]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", raw)
+        w, h = raw.size["width"], raw.size["height"]
+        canvas = driver.execute_script("return arguments[0].previousElementSibling", raw)
+        assert len(dots(canvas)) > 50
+
+        # A click on a drawn dot (a pixel with drawn neighbours on every side) follows its branch.
+        found = dots(canvas)
+        on = {tuple(p) for p in found.tolist()}
+        inner = [
+            p for p in found.tolist() if all((p[0] + a, p[1] + b) in on for a in (-1, 1) for b in (-1, 1))
+        ]
+        x, y = inner[len(inner) // 2]
+        ActionChains(driver).move_to_element_with_offset(
+            raw, int(x - w / 2), int(y - h / 2)
+        ).click().perform()
+        n = wait.until(lambda d: selected(d) or None)
         assert n == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
+        assert all(int(s["chosen"]) == n for s in stages(driver))
+        raw = overlays(driver)[0]  # click the same dot again: its branch is let go
+        ActionChains(driver).move_to_element_with_offset(
+            raw, int(x - w / 2), int(y - h / 2)
+        ).click().perform()
+        wait.until(lambda d: selected(d) == 0)
+
+        def drag(target, path, lasso: bool) -> None:
+            """Drag through `path` (fractions of the panel from its centre); a lasso with the Lasso tool, a
+            box with shift held."""
+            if lasso:
+                host = driver.execute_script("return arguments[0].getRootNode().host", target)
+                host.shadow_root.find_element(By.CSS_SELECTOR, "button[title^='Draw around']").click()
+            chain = ActionChains(driver)
+            if not lasso:
+                chain = chain.key_down(Keys.SHIFT)
+            chain = chain.move_to_element_with_offset(target, int(path[0][0] * w), int(path[0][1] * h))
+            chain = chain.click_and_hold()
+            for (x0, y0), (x1, y1) in zip(path, path[1:]):
+                chain = chain.move_by_offset(int((x1 - x0) * w), int((y1 - y0) * h))
+            chain = chain.release()
+            if not lasso:
+                chain = chain.key_up(Keys.SHIFT)
+            chain.perform()
+
+        shape = [(-0.3, -0.3), (0.3, -0.3), (0.35, 0.2), (0.0, 0.35), (-0.3, 0.2), (-0.3, -0.3)]
+        drag(overlays(driver)[0], shape, lasso=True)
+        lassoed = wait.until(lambda d: selected(d) or None)
+        assert 0 < lassoed < total
+        assert lassoed == len(driver.find_elements(By.TAG_NAME, "mark"))
+        assert [int(s["chosen"]) for s in stages(driver)] == [lassoed, lassoed]  # ringed in both panels
+        host = driver.execute_script("return arguments[0].getRootNode().host", overlays(driver)[0])
+        host.shadow_root.find_element(By.CSS_SELECTOR, "button.bl-clear").click()
+        wait.until(lambda d: selected(d) == 0)
+        assert all(s["chosen"] == "0" for s in stages(driver))
+
+        drag(overlays(driver)[1], [(-0.45, -0.45), (0.0, 0.0)], lasso=False)  # the removed panel's top-left
+        boxed = wait.until(lambda d: selected(d) or None)
+        assert 0 < boxed < total and boxed != lassoed
+        assert [int(s["chosen"]) for s in stages(driver)] == [boxed, boxed]
+
+        scrolled = (
+            "return [...document.querySelectorAll('*')].reduce((a, e) => a + e.scrollTop, window.scrollY)"
+        )
+        before = driver.execute_script(scrolled)
+        ActionChains(driver).scroll_from_origin(
+            ScrollOrigin.from_element(overlays(driver)[0]), 0, -300
+        ).perform()
+        wait.until(lambda d: float(stages(d)[0]["zoom"]) > 1.2)
+        assert float(stages(driver)[1]["zoom"]) == 1.0  # the other panel keeps its view
+        assert driver.execute_script(scrolled) == before  # the wheel zoomed the panel, not the page
         assert not driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     finally:
         driver.quit()

@@ -504,3 +504,59 @@ def test_legends_and_per_prompt_panels_fit_a_1366_px_window():
     )
     spec = divergence_per_prompt(data).to_dict()
     assert spec["columns"] * (spec["spec"]["width"] + 60) <= 900
+
+
+def _crossings(x: float, y: float, polygon: list) -> bool:
+    """Even-odd rule, one point at a time (as webgl.js's canvas fills a lasso): the reference for inside."""
+    odd = False
+    for (x1, y1), (x2, y2) in zip(polygon, polygon[1:] + polygon[:1]):
+        if (y1 > y) != (y2 > y) and x < (x2 - x1) * (y - y1) / (y2 - y1) + x1:
+            odd = not odd
+    return odd
+
+
+def test_webgl_inside_matches_the_even_odd_rule_on_a_concave_lasso():
+    from dashboard.webgl import inside
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 1000, size=(5000, 2)).astype(np.uint16)
+    # an L shape (concave) and a star that crosses itself (its centre is outside under even-odd)
+    shapes = [
+        [[100, 100], [600, 100], [600, 300], [300, 300], [300, 800], [100, 800]],
+        [[500, 50], [650, 950], [50, 350], [950, 350], [350, 950]],
+    ]
+    for polygon in shapes:
+        expect = np.array([_crossings(float(x), float(y), polygon) for x, y in q])
+        got = inside(q, polygon)
+        assert 0 < got.sum() < len(q) and np.array_equal(got, expect)
+    assert not inside(q, [[0, 0], [999, 999]]).any()  # two points enclose nothing
+
+
+def test_webgl_payload_carries_every_token_its_colour_selection_and_lines():
+    from dashboard.webgl import GRID, decode, payload
+
+    points = POINTS.rename({"x": "raw_x", "y": "raw_y"}).with_columns(
+        pl.col("branch_id").cast(pl.String).alias("token_text"),
+        pl.lit("#4e79a7").alias("prompt_color"),
+        pl.col("branch_id")
+        .replace_strict({0: "#111111", 1: "#222222", 2: "#333333", 3: "#444444"})
+        .alias("shade"),
+    )
+    blob, legend = payload(points, "raw", "branch", np.array([4, 5]), {1, 3}, view="v1", selection=[[0, 0]])
+    got = decode(blob)
+    assert got["n"] == len(points) and got["view"] == "v1" and got["selection"] == [[0, 0]]
+    assert got["branch"].tolist() == points["branch_id"].to_list()
+    assert got["position"].tolist() == points["position"].to_list()
+    assert got["tokens"] == points["token_text"].to_list()
+    # x from 0 to the grid's right edge; y flipped (screen y grows downward)
+    assert got["q"][:, 0].min() == 0 and got["q"][:, 0].max() == GRID[0] - 1
+    assert got["q"][0, 1] == 0 and got["q"][-1, 1] == GRID[1] - 1
+    # one colour per branch shade, as the palette holds them
+    shades = [tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in points["shade"]]
+    assert [tuple(got["palette"][b]) for b in got["bin"]] == shades
+    assert got["chosen"].tolist() == [4, 5] and "branch" in legend
+    # lines: branch 1 (4 tokens) then branch 3 (2), each in position order
+    assert got["lines"] == [4, 2]
+    rows = got["line_rows"]
+    assert got["branch"][rows].tolist() == [1, 1, 1, 1, 3, 3]
+    assert got["position"][rows].tolist() == [3, 4, 5, 6, 3, 4]
