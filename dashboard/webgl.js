@@ -44,6 +44,7 @@ function decode(bytes) {
     header,
     branch: take(Int32Array, n),
     position: take(Int32Array, n),
+    tok: take(Uint32Array, n), // index into header.vocab, the distinct token texts
     q: take(Uint16Array, 2 * n), // x0, y0, x1, y1, ...
     bin: take(Uint8Array, n),
     chosen: take(Uint32Array, header.n_chosen),
@@ -360,8 +361,7 @@ function setup(root) {
       pending = null;
       const i = s.nearest(...q), d = s.data;
       if (i < 0) { tip.style.display = "none"; return; }
-      const tokens = d.header.tokens;
-      tip.textContent = (tokens ? tokens[i] + "\n" : "") + `branch ${d.branch[i]} · position ${d.position[i]}`;
+      tip.textContent = `${d.header.vocab[d.tok[i]]}\nbranch ${d.branch[i]} · position ${d.position[i]}`;
       tip.style.left = Math.min(q[0] + 12, s.size()[0] - 160) + "px";
       tip.style.top = q[1] + 12 + "px";
       tip.style.display = "block";

@@ -3,8 +3,8 @@ its browser half in webgl.js and webgl.css).
 
 Vega draws a few tens of thousands of points; WebGL draws millions. What limits the size is what travels:
 the points go as one binary blob (a JSON header, then packed arrays: branch and position as int32,
-coordinates quantized to a GRID of uint16, a colour bin as uint8: 13 bytes a point), with no JSON per
-point. Picking is done in the browser on the CPU (a grid index), so clicks and hover work the same under
+coordinates quantized to a GRID of uint16, a colour bin as uint8, the token as an index into the list
+of distinct token texts: 17 bytes a point), with no JSON per point; hover shows every point's token. Picking is done in the browser on the CPU (a grid index), so clicks and hover work the same under
 software WebGL (SwiftShader) as on a GPU; deck.gl's GPU picking dropped clicks there from 10^5 points.
 
 What comes back is state, read from the session before the panels are drawn: `click` (the branch and
@@ -26,7 +26,6 @@ from dashboard.charts import COLOR_BY, HEIGHT
 from dashboard.palette import BASE
 
 GRID = (36_000, 30_000)  # quantized x and y extents (6:5, about a panel's shape; uint16)
-HOVER_TEXT_MAX = 100_000  # points up to which hover shows the token's text (sent as a list of strings)
 MAX_COLOURS = 48  # colour bins (the shader's palette): branch shades beyond this share their prompt's hue
 RAMP = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"]  # viridis, as the Vega charts use
 RAMP_BINS = 16
@@ -34,8 +33,8 @@ POINT_PX = 4.0  # a point's diameter in CSS pixels
 HOW_TO = (
     "Wheel: zoom · drag: pan · click a point: follow its branch in both panels and the text below (click "
     "it again to let go) · Box (or shift-drag) and Lasso: select the tokens inside, in both panels · "
-    "Escape or Clear: drop the box · Fit or double-click: every point · hover: a point's branch and "
-    f"position (and its token up to {HOVER_TEXT_MAX:,} points)"
+    "Escape or Clear: drop the box · Fit or double-click: every point · hover: a point's token, branch "
+    "and position"
 )
 _HERE = Path(__file__).parent
 _COMPONENT = st.components.v2.component(
@@ -118,6 +117,11 @@ def payload(
     numbers of the selected tokens (ringed on top, the rest pale); lit: branches whose lines are drawn (in
     position order); selection: the panel's box or lasso (grid units), drawn dashed."""
     n = len(points)
+    text = (
+        points["token_text"] if "token_text" in points.columns else pl.repeat("", n, eager=True)
+    ).fill_null("")
+    vocab = text.unique().sort()  # the distinct token texts; each point sends its rank among them
+    tok = (text.rank("dense") - 1).cast(pl.UInt32).to_numpy() if n else np.zeros(0, np.uint32)
     chosen = np.asarray([] if chosen_rows is None else chosen_rows, dtype=np.uint32)
     bins, rgb, legend = colour_bins(points, color_by)
     palette = [rgb.get(b, [136, 136, 136]) for b in range(max(rgb) + 1 if rgb else 1)]
@@ -145,15 +149,14 @@ def payload(
         "view": view,
         "label": label,
         "selection": selection,
-        "tokens": points["token_text"].to_list()
-        if n <= HOVER_TEXT_MAX and "token_text" in points.columns
-        else None,
+        "vocab": vocab.to_list(),
     }
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [
         struct.pack("<I", len(head)) + head,
         points["branch_id"].cast(pl.Int32).to_numpy().astype("<i4").tobytes(),
         points["position"].cast(pl.Int32).to_numpy().astype("<i4").tobytes(),
+        tok.astype("<u4").tobytes(),
         quantize(points, prefix).astype("<u2").tobytes(),
         bins.cast(pl.UInt8).to_numpy().tobytes(),
         chosen.astype("<u4").tobytes(),
@@ -171,6 +174,7 @@ def decode(blob: bytes) -> dict:
     for name, dtype, count in (
         ("branch", "<i4", header["n"]),
         ("position", "<i4", header["n"]),
+        ("tok", "<u4", header["n"]),
         ("q", "<u2", 2 * header["n"]),
         ("bin", "u1", header["n"]),
         ("chosen", "<u4", header["n_chosen"]),

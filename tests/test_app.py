@@ -348,7 +348,7 @@ def test_too_many_points_are_sampled_by_branch_or_binned(store):
         assert set(zip(panel["branch"].tolist(), panel["position"].tolist())) == set(
             projection_before[["branch_id", "position"]].iter_rows()
         )
-        assert len(panel["tokens"]) == total  # hover text travels below HOVER_TEXT_MAX
+        assert len(panel["tok"]) == total and max(panel["tok"]) < len(panel["vocab"])  # hover text
     at.radio(key="big_mode").set_value("sample branches").run()
     assert at.warning and "slow the browser" in at.warning[0].value
     sampled = projection(at)["points"]

@@ -337,6 +337,11 @@ def test_the_webgl_view_draws_every_point_and_selects_by_click_box_and_lasso(ser
             p for p in found.tolist() if all((p[0] + a, p[1] + b) in on for a in (-1, 1) for b in (-1, 1))
         ]
         x, y = inner[len(inner) // 2]
+        ActionChains(driver).move_to_element_with_offset(raw, int(x - w / 2), int(y - h / 2)).perform()
+        tip = driver.execute_script("return arguments[0].getRootNode().querySelector('.bl-tip')", raw)
+        said = wait.until(lambda d: tip.is_displayed() and tip.get_attribute("textContent"))
+        token, where = said.split("\n")  # hover: the token's text, then where it is
+        assert token.strip() and where.startswith("branch ") and " · position " in where
         ActionChains(driver).move_to_element_with_offset(
             raw, int(x - w / 2), int(y - h / 2)
         ).click().perform()

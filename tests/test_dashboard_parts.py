@@ -547,7 +547,8 @@ def test_webgl_payload_carries_every_token_its_colour_selection_and_lines():
     assert got["n"] == len(points) and got["view"] == "v1" and got["selection"] == [[0, 0]]
     assert got["branch"].tolist() == points["branch_id"].to_list()
     assert got["position"].tolist() == points["position"].to_list()
-    assert got["tokens"] == points["token_text"].to_list()
+    assert [got["vocab"][t] for t in got["tok"]] == points["token_text"].to_list()  # hover text, every point
+    assert len(got["vocab"]) == points["token_text"].n_unique()
     # x from 0 to the grid's right edge; y flipped (screen y grows downward)
     assert got["q"][:, 0].min() == 0 and got["q"][:, 0].max() == GRID[0] - 1
     assert got["q"][0, 1] == 0 and got["q"][-1, 1] == GRID[1] - 1
