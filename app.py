@@ -68,10 +68,11 @@ ctl = sidebar.controls(path, run, [r for r in runs if r != run_id])
 sel, spec = ctl.selection, ctl.spec
 
 summary = run["summary"]
+shown = "" if sel.prompt_ids is None else f" ({len(sel.prompt_ids)} shown)"
 st.caption(
     f"**{run['model']}** · {PE_NOTES.get(run['pe_type'], run['pe_type'] + ' positions')} · "
     f"run `{run_id}` ({run['status']}) · "
-    f"{summary['prompts']} prompts, {summary['branches']} branches, {summary['tokens']} tokens · "
+    f"{summary['prompts']} prompts{shown}, {summary['branches']} branches, {summary['tokens']} tokens · "
     f"layer {sel.layer} of {run['n_layers']}"
 )
 if run["status"] != "complete":

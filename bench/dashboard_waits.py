@@ -20,16 +20,17 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _other_layer(at) -> None:
+    """The first layer in the list other than the one shown (not computed yet in this run)."""
+    box = at.selectbox(key="layer")
+    box.set_value(next(int(o) for o in box.options if int(o) != box.value))
+
+
 STEPS = [  # (what the user does, how AppTest does it)
     ("first view (4 prompts)", lambda at: None),
-    (
-        "layer change",
-        lambda at: at.selectbox(key="layer").set_value(
-            next(
-                int(o) for o in at.selectbox(key="layer").options if int(o) != at.selectbox(key="layer").value
-            )
-        ),
-    ),
+    ("layer change", lambda at: _other_layer(at)),
     ("method change (regression)", lambda at: at.selectbox(key="method").set_value("regression")),
     (
         "all prompts",
@@ -37,6 +38,8 @@ STEPS = [  # (what the user does, how AppTest does it)
             list(range(len(next(m for m in at.multiselect if m.label == "Prompts").options)))
         ),
     ),
+    ("layer change, all prompts", lambda at: _other_layer(at)),
+    ("method change (auto), all prompts", lambda at: at.selectbox(key="method").set_value("auto")),
     (
         "fit on plotted tokens (= the whole run)",
         lambda at: at.selectbox(key="fit_scope").set_value("plotted"),

@@ -869,3 +869,17 @@ def test_where_branches_go_apart_uses_the_layers_colours_and_names_its_numbers(s
     assert ratios and "median ratio, raw" in ratios
     for c in ratios:
         assert all(round(v, 3) == v for v in table[c].dropna()), table[c]
+
+
+def test_the_run_caption_says_how_many_of_its_prompts_are_shown(store):
+    """The caption gives the run's totals; with a few prompts picked it says how many of them are shown
+    (a synthetic run of 8 prompts read '8 prompts' while the view held 4)."""
+    path, _ = store
+    at = open_app(path)
+    total = len(prompt_box(at).options)
+    head = next(c.value for c in at.caption if " prompts" in c.value and "layer" in c.value)
+    assert f"{total} prompts," in head and "shown" not in head
+    prompt_box(at).set_value([prompt_box(at).options[0]]).run()
+    head = next(c.value for c in at.caption if " prompts" in c.value and "layer" in c.value)
+    assert f"{total} prompts (1 shown)," in head
+    assert projection(at)["points"].column("prompt_id").unique().to_pylist() == [0]
