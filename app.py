@@ -19,6 +19,7 @@ from views.service import store_to_open
 from views.specs import raw_of
 
 st.set_page_config(page_title="branchlens", page_icon="🌿", layout="wide")
+panels.page_style()
 
 PE_NOTES = {
     "rope": "RoPE model: positions enter only through attention",

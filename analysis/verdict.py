@@ -134,18 +134,22 @@ def verdict(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> str:
 
 def sentences(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> list[str]:
     """The verdict's sentences, each generated from the numbers it quotes."""
-    parts = []
+    parts = [t for t in (position_sentence(raw), token_sentence(raw), factor_sentence(raw)) if t]
+    return parts + removal_sentences(raw, removed)
+
+
+def position_sentence(raw: dict[str, Any]) -> str:
+    """Position's share of the variance with its band and chance, and what the probe reads ('' without)."""
     r2 = raw.get("r2_pos", {})
-    if _finite(r2.get("r2"), r2.get("chance")):
-        half = half_width(r2)
-        band = f" ±{half:.1%}" if _finite(half) else ""
-        cband = f" ±{Z * r2['chance_sd']:.1%}" if _finite(r2.get("chance_sd")) else ""
-        text = f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%}{cband})"
-        text += probe_clause(raw.get("probe", {}))
-        parts.append(text + ".")
-    parts += [t for t in (token_sentence(raw), factor_sentence(raw)) if t]
-    parts += removal_sentences(raw, removed)
-    return parts
+    if not _finite(r2.get("r2"), r2.get("chance")):
+        return ""
+    half = half_width(r2)
+    band = f" ±{half:.1%}" if _finite(half) else ""
+    cband = f" ±{Z * r2['chance_sd']:.1%}" if _finite(r2.get("chance_sd")) else ""
+    text = (
+        f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%}{cband})"
+    )
+    return text + probe_clause(raw.get("probe", {})) + "."
 
 
 def removal_title(removal: dict[str, Any] | None) -> str:
@@ -176,12 +180,31 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
     the position leak. Under one rule: 'detected' is significant (p <= alpha) with an out-of-fold estimate
     that predicts held-out tokens (R2 above 0); a significant test whose estimate does not predict is said
     to be so, not 'not detected'."""
+    tests, outcome = removal_parts(raw, removed)
+    return tests + outcome
+
+
+def headline_and_details(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> tuple[str, str]:
+    """The verdict in two parts (markdown), together every sentence of `verdict`: the headline says what the layer holds (position, token identity) and what the removal changed; the
+    details hold the factor comparison and, where something was removed, the test behind each decision
+    (where nothing was, the tests are the outcome and stay in the headline)."""
+    head = [t for t in (position_sentence(raw), token_sentence(raw)) if t]
+    factor = factor_sentence(raw)
+    tests, outcome = removal_parts(raw, removed)
+    rem = (removed or {}).get("removal") or {}
+    if rem.get("weight"):
+        return " ".join(head + outcome), " ".join(([factor] if factor else []) + tests)
+    return " ".join(head + tests + outcome), factor or ""
+
+
+def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(one sentence per test the removal ran, the rest: forced, its note, and what it changed)."""
     from analysis.guard import removed_nuisances
     from analysis.nuisances import NUISANCES
 
     rem = (removed or {}).get("removal")
     if not rem or rem.get("method") == "none":
-        return []
+        return [], []
     alpha = rem.get("alpha", 0.05)
     took = removed_nuisances(rem)
     # removed as means: the joint estimators list them with their weights; a linear erasure is not one
@@ -236,16 +259,17 @@ def removal_sentences(raw: dict[str, Any], removed: dict[str, Any] | None) -> li
             )
         else:
             out.append(f"A linear probe finds no position to erase across prompts ({nums}).")
+    rest = []
     if rem.get("forced"):
-        out.append(f"Removal of {rem.get('nuisance', 'the nuisance')} forced, whatever the tests found.")
+        rest.append(f"Removal of {rem.get('nuisance', 'the nuisance')} forced, whatever the tests found.")
     if rem.get("note") and not any(rem["note"] in o for o in out):
-        out.append(rem["note"][0].upper() + rem["note"][1:] + ".")
+        rest.append(rem["note"][0].upper() + rem["note"][1:] + ".")
     if rem.get("weight"):
         after = removed or {}
-        out += [t for t in (variance_sentence(raw, after), leak_sentence(raw, after)) if t]
+        rest += [t for t in (variance_sentence(raw, after), leak_sentence(raw, after)) if t]
         if "token" in took and (t := token_removed_sentence(raw, after)):
-            out.append(t)
-    return out
+            rest.append(t)
+    return out, rest
 
 
 def token_removed_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:

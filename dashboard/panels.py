@@ -17,16 +17,26 @@ from views.clusters import Clusters
 from views.errors import SqlError, StoreBusy, StoreError
 from views.present import (
     band_caption,
+    headline_and_details,
     layout_note,
     metric_rows,
     profile_columns,
     removal_note,
-    verdict,
     warnings,
 )
 from views.sql import LIMITS, displayable, query
 
 T = TypeVar("T")
+
+
+PAGE_CSS = """<style>
+[data-testid="stMainBlockContainer"] {padding-top: 2.5rem;}
+</style>"""  # Streamlit's 6rem above the title pushed the charts below a 768 px screen's first view
+
+
+def page_style() -> None:
+    """The page's own CSS (written once per run, before anything else)."""
+    st.markdown(PAGE_CSS, unsafe_allow_html=True)
 
 
 def busy_note(path: str, key: str) -> None:
@@ -101,8 +111,14 @@ def metrics_panel(raw: dict, res: dict) -> None:
 
 
 def verdict_panel(raw: dict, res: dict) -> None:
-    """The verdict on top of the view, and a red line for each number the removal made worse."""
-    st.markdown(verdict(raw, res))
+    """The verdict on top of the view (what the layer holds and what the removal changed; the tests
+    behind it folded below, so the charts start on the first screen), and a red line for each number the
+    removal made worse."""
+    head, details = headline_and_details(raw, res)
+    st.markdown(head)
+    if details:
+        with st.expander("Why: the factors compared, and the test behind each decision", key="bl-why"):
+            st.markdown(details)
     for warning in warnings(raw, res):
         if warning.kind.endswith("unmasked"):
             st.warning(f"{warning.message}.")

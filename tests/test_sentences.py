@@ -70,6 +70,27 @@ def test_every_sentence_of_every_verdict_follows_from_its_numbers(views):
     } <= kinds, kinds
 
 
+def test_the_headline_and_its_details_hold_every_sentence_and_the_headline_says_what_changed(views):
+    """The app shows the verdict as a headline with the tests folded below it: together they are every
+    sentence of the verdict, each once; where something was removed the headline holds what changed (not
+    the tests), where nothing was it holds the tests (they are the outcome then)."""
+    from analysis.verdict import headline_and_details, removal_parts
+
+    for (regime, seed, method), (raw, removed) in views.items():
+        head, details = headline_and_details(raw, removed)
+        said = [" ".join(s.replace("**", "").split()) for s in sentences(raw, removed)]
+        shown = split(head) + (split(details) if details else [])
+        assert sorted(shown) == sorted(said), (regime, seed, method)
+        tests, outcome = removal_parts(raw, removed)
+        in_head = set(split(head))
+        flat = [" ".join(t.replace("**", "").split()) for t in tests + outcome]
+        if removed["removal"].get("weight"):
+            assert set(flat[len(tests) :]) <= in_head and not set(flat[: len(tests)]) & in_head
+        else:
+            assert set(flat) <= in_head
+        assert split(head)[0].startswith("Position explains")
+
+
 def test_the_numbers_a_sentence_quotes_are_the_measures_it_names(views):
     """Contradiction 2 in general: each test sentence quotes its own nuisance's test, the R2 and
     same-token sentences the raw view's numbers."""

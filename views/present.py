@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from analysis.guard import Warning, check
 from analysis.measures import MEASURES
 from analysis.stats import Z, half_width
-from analysis.verdict import removal_title, verdict
+from analysis.verdict import headline_and_details, removal_title, verdict
 
 __all__ = [
     "MetricRow",
     "Warning",
+    "headline_and_details",
     "layout_note",
     "metric_rows",
     "profile_columns",
