@@ -118,9 +118,15 @@ def _umap(
     X: np.ndarray, spec: ProjectionSpec, pca: tuple[np.ndarray, np.ndarray] | None = None
 ) -> np.ndarray:
     Y = _prepared(X, spec, pca=pca)
-    if len(Y) <= LANDMARK_ABOVE:
-        return umap_layout(Y, spec)
-    return landmark_layout(Y, spec)
+    if len(Y) > LANDMARK_ABOVE:
+        return landmark_layout(Y, spec)
+    distinct, copy_of = np.unique(Y, axis=0, return_inverse=True)
+    if len(distinct) < len(Y) and len(distinct) > spec.n_components + 2:
+        # Identical vectors (a RoPE model's layer 0 is its token embedding: every copy of a token is one
+        # vector) are laid out once and share that point. UMAP spread copies into a small cloud they do not
+        # have, and laid out 926 rows where 383 differ (the demo's layer 0: 0.51 s, against 0.15 s).
+        return umap_layout(distinct, spec)[copy_of.ravel()]
+    return umap_layout(Y, spec)
 
 
 PCA_SAMPLE = 50_000  # rows UMAP's pre-reduction is fitted on (a seeded sample when there are more)

@@ -235,6 +235,26 @@ def test_projection_is_reproducible_with_a_seed(method):
     assert project(X, ProjectionSpec(method=method, n_components=3, n_epochs=10)).shape == (120, 3)
 
 
+def test_identical_vectors_share_one_point_and_distinct_ones_are_laid_out_as_before():
+    """UMAP lays out each distinct vector once (a RoPE model's layer 0 repeats its token embedding);
+    copies get the same coordinates; without copies the layout is umap-learn's on the rows themselves."""
+    from analysis.project import _prepared, umap_layout
+
+    rng = np.random.default_rng(3)
+    words = rng.normal(size=(40, 16)).astype(np.float32)
+    ids = rng.integers(0, 40, 200)
+    X = words[ids]  # 200 tokens, at most 40 distinct vectors
+    spec = ProjectionSpec(method="umap", n_epochs=30)
+    coords = project(X, spec)
+    assert coords.shape == (200, 2)
+    for i in np.unique(ids):
+        copies = coords[ids == i]
+        assert (copies == copies[0]).all()  # every copy of a vector on one point
+    assert len(np.unique(coords, axis=0)) == len(np.unique(ids))  # distinct vectors on distinct points
+    Y = rng.normal(size=(120, 16)).astype(np.float32)  # all distinct: exactly the plain layout
+    np.testing.assert_array_equal(project(Y, spec), umap_layout(_prepared(Y, spec), spec))
+
+
 def test_degenerate_inputs_give_clear_errors():
     X = np.random.default_rng(7).normal(size=(4, 10)).astype(np.float32)
     # One token per position: no noise estimate, so the smooth fit is used and the tokens are kept.
