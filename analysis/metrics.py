@@ -88,6 +88,7 @@ def r2_pos(
         "chance_analytic": (n_pos - 1) / (n - 1),
         "n": n,
         "n_positions": n_pos,
+        "total_var": sst / n,  # per token, summed over dimensions: what r2 is a share of
     }
     out.update(
         _heldout_r2(X, pos_code, sums[0], pos_counts, g_code, sums[-1], grand)

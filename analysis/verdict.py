@@ -267,6 +267,8 @@ def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[
     if rem.get("weight"):
         after = removed or {}
         rest += [t for t in (variance_sentence(raw, after), leak_sentence(raw, after)) if t]
+        if "token" in took and (t := smaller_whole_sentence(raw, after)):
+            rest.insert(len(rest) - 1 if leak_sentence(raw, after) else len(rest), t)
         if "token" in took and (t := token_removed_sentence(raw, after)):
             rest.append(t)
     return out, rest
@@ -324,6 +326,37 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     gone = 1 - above_a / above_r
     gone_half = math.hypot(ha, hr * above_a / above_r) / above_r
     return head + f": {gone:.0%} ±{gone_half:.0%} of its above-chance part went."
+
+
+def _decimals(x: float) -> int:
+    """Decimals that print x with about three significant digits, never in exponent notation."""
+    return max(0, 2 - math.floor(math.log10(x))) if x > 0 and math.isfinite(x) else 3
+
+
+def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
+    """Where a removal that took token identity left position's share of the variance higher than before:
+    how much of the variance went, and what the variance per-position means explain (share x total, per
+    token) did, so a share that rose because the whole shrank is not read as position that grew."""
+    r, a = raw.get("r2_pos", {}), removed.get("r2_pos", {})
+    if not _finite(r.get("r2"), a.get("r2"), r.get("total_var"), a.get("total_var")) or r["total_var"] <= 0:
+        return ""
+    if a["r2"] <= r["r2"]:
+        return ""
+    taken = 1 - a["total_var"] / r["total_var"]
+    before, after = r["r2"] * r["total_var"], a["r2"] * a["total_var"]
+    hb, ha = _half(r) * r["total_var"], _half(a) * a["total_var"]
+    band = math.hypot(hb, ha)
+    dec = _decimals(max(abs(before), abs(after)))
+    head = (
+        f"Removing {_what(removed)} took {taken:.0%} of the variance, and the variance per-position means "
+        f"explain went {before:.{dec}f} ±{hb:.{dec}f} -> {after:.{dec}f} ±{ha:.{dec}f} per token (band of the change "
+        f"±{band:.{dec}f})"
+    )
+    if after > before + band:
+        return head + ": it grew as well."
+    if after < before - band:
+        return head + ": it fell; its share rose because the whole shrank."
+    return head + ": unchanged within its band; its share rose because the whole shrank."
 
 
 def leak_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:

@@ -221,6 +221,32 @@ def _change(c: Claim, s: str) -> None:
         c.problems.append(f"unknown verdict on the change: {word!r}")
 
 
+def _smaller_whole(c: Claim, s: str) -> None:
+    m = re.search(
+        rf"took {PCT} of the variance, and the variance per-position means explain went "
+        rf"({NUM}) ±({NUM}) -> ({NUM}) ±({NUM}) "
+        rf"per token \(band of the change ±({NUM})\): (.*)\.$",
+        s,
+    )
+    if not m:
+        c.problems.append("smaller-whole sentence without its numbers")
+        return
+    before, after, band = _f(m.group(2)), _f(m.group(4)), _f(m.group(6))
+    decimals = len(m.group(2).split(".")[1]) if "." in m.group(2) else 0
+    word, t = m.group(7), 10**-decimals  # two values printed at this many decimals
+    grew, fell = after > before + band - t, after < before - band + t
+    if word == "it grew as well" and not grew:
+        c.problems.append("'grew' within the band of the change")
+    elif word.startswith("it fell") and not fell:
+        c.problems.append("'fell' within the band of the change")
+    elif word.startswith("unchanged within its band") and (
+        after > before + band + t or after < before - band - t
+    ):
+        c.problems.append("'unchanged' beyond the band of the change")
+    elif not word.startswith(("it grew", "it fell", "unchanged within its band")):
+        c.problems.append(f"unknown verdict on the positional variance: {word!r}")
+
+
 def _leak(c: Claim, s: str) -> None:
     m = re.search(rf"went ({NUM}) ±({NUM}) -> ({NUM}) ±({NUM}), chance 0 ±({NUM})\.$", s)
     if not m:
@@ -256,6 +282,10 @@ RULES: list[tuple[str, object]] = [
         _linear,
     ),
     (r"^After removing .*, position's share of the variance went ", _change),
+    (
+        r"^Removing .* took .* of the variance, and the variance per-position means explain went ",
+        _smaller_whole,
+    ),
     (r"^After removing .*, the kNN position leak went ", _leak),
     (r"^After removing .*, neighbours in other branches share the current token ", _token_after),
     (r"^Removal of .* forced, whatever the tests found\.$", lambda c, s: None),

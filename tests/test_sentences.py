@@ -419,3 +419,44 @@ def test_no_leader_is_named_when_another_band_holds_its_score_or_a_band_is_missi
     said = factor_sentence(unbanded)
     assert "branch 0.30 (no band)" in said and "organized by" not in said, said
     assert not [c.problems for c in read_all(said) if c.problems]
+
+
+@pytest.mark.parametrize(
+    "after_share, after_total, word",
+    [
+        (0.08, 200.0, "it fell; its share rose because the whole shrank"),  # 50 -> 16
+        (0.30, 400.0, "it grew as well"),  # 50 -> 120
+        (0.06, 800.0, "unchanged within its band; its share rose because the whole shrank"),  # 50 -> 48
+    ],
+)
+def test_a_share_that_rose_after_token_removal_says_what_the_positional_variance_did(
+    after_share, after_total, word
+):
+    """Removing token identity shrinks the whole, so position's share of what is left can rise with no more
+    position (the demo's layer 4: 5.6% -> 8.0% while the variance per-position means explain fell from
+    30,314 to 8,929): the verdict says how much of the variance went and what the positional variance did,
+    in words the reader checks against the numbers."""
+    from analysis.verdict import smaller_whole_sentence
+
+    def r2(share, total, half):
+        return {
+            "r2": share,
+            "chance": 0.02,
+            "chance_sd": 0.002,
+            "lo": share - half,
+            "hi": share + half,
+            "total_var": total,
+        }
+
+    raw = {"r2_pos": r2(0.05, 1000.0, 0.005)}  # 50 +- 5 per token
+    removed = {
+        "r2_pos": r2(after_share, after_total, 0.01),
+        "removal": _removal(removed=["token identity"], removed_keys=["token"], weight=1.0),
+    }
+    said = smaller_whole_sentence(raw, removed)
+    assert said.startswith(f"Removing token identity took {1 - after_total / 1000:.0%} of the variance")
+    assert said.endswith(word + ".")
+    assert not [c.problems for c in read_all(said) if c.problems]
+    wrong = "it grew as well" if not word.startswith("it grew") else "it fell"
+    assert [c.problems for c in read_all(said.replace(word, wrong)) if c.problems]
+    assert smaller_whole_sentence(raw, {**removed, "r2_pos": r2(0.04, after_total, 0.01)}) == ""  # fell
