@@ -239,7 +239,10 @@ def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[
             out.append(f"No {name} component detected at this layer ({nums}): not removed.")
     lin = rem.get("linear_test") or {}
     if lin:
+        # its own probe, not the layer's: unstandardized features and within-branch shuffles, so its R2 can
+        # differ from the probe R2 of the first sentence (a researcher asked which one to believe)
         nums = (
+            f"the removal's own probe, on unstandardized features against position shuffled within branches: "
             f"{p_value_text(lin)} at level {lin.get('alpha', alpha):.3f}, probe R2 {lin['r2_oof']:+.3f} against "
             f"{lin['null_hi']:+.3f} at most by chance"
         )

@@ -168,7 +168,9 @@ def _means_test(c: Claim, s: str) -> None:
 
 def _linear(c: Claim, s: str) -> None:
     m = re.search(
-        rf"\((p (?:<=|=) {NUM}) at level ({NUM}), probe R2 ({NUM}) against ({NUM}) at most by chance\)", s
+        rf"\((?:[^()]*: )?(p (?:<=|=) {NUM}) at level ({NUM}), probe R2 ({NUM}) against ({NUM}) at most by "
+        r"chance\)",
+        s,
     )
     if not m:
         c.problems.append("linear test sentence without its numbers")
