@@ -60,7 +60,9 @@ class Measure:
     'leak' = 0 with the shuffles' band `chance_hi`, 'zero', 'half'); signed: shown with a sign; guard:
     what the guard checks ('leak:position', 'leak:token', 'separability', or None); shown: in the table;
     help: what high, low and (for signed ones) negative values mean, shown beside the number;
-    reads_vectors: compute reads c.tokens.X (the residuals); every other measure reads c.space only."""
+    reads_vectors: compute reads c.tokens.X (the residuals); every other measure reads c.space only;
+    layout: it reads the 2-D layout (c.coords), so it has no column in the per-layer table
+    (views.layer_table)."""
 
     key: str
     label: str
@@ -72,6 +74,9 @@ class Measure:
     shown: bool = True
     help: str = ""
     reads_vectors: bool = False  # reads tokens.X itself, not the neighbour space (computed before it is made)
+    layout: bool = (
+        False  # reads the 2-D layout: a number about the picture, not the layer (no per-layer column)
+    )
 
 
 MEASURES: dict[str, Measure] = {}
@@ -181,6 +186,7 @@ register(
         True,
         "leak:position",
         help="The same leak measured in the 2-D layout you see: what the picture shows of position. Compare with the full-space leak to see what the projection adds or hides.",
+        layout=True,
     )
 )
 # Sibling branches share their prompt and forks copy their parent's context, so other-branch neighbours
@@ -284,5 +290,6 @@ register(
         "trustworthiness",
         "half",
         help="Trustworthiness of the 2-D layout: are the layout's neighbours true neighbours in the full space? 1: all are; 0.5: a random layout. Below ~0.8, read distances in the picture with care.",
+        layout=True,
     )
 )

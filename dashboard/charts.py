@@ -314,24 +314,6 @@ def region_rows(points: pl.DataFrame, prefix: str, selection: dict) -> pl.DataFr
 
 
 RAW_COLOUR, REMOVED_COLOUR = "#4e79a7", "#e15759"
-PROFILE_PANELS = (  # (title, value column, band half-width column, chance column, chance band column)
-    ("R2_pos: variance explained by position", "r2", "r2_band", "chance", "chance_band"),
-    (
-        "Position probe R2 (ridge, prompts held out)",
-        "probe_r2",
-        "probe_band",
-        "probe_chance",
-        "probe_chance_band",
-    ),
-    ("kNN position leak, other branches", "leak", "leak_band", "leak_chance", "leak_chance_band"),
-    (
-        "kNN position leak, other prompts only",
-        "leak_prompt",
-        "leak_prompt_band",
-        "leak_chance",
-        "leak_prompt_chance_band",
-    ),
-)
 
 
 def profile_panel(

@@ -21,6 +21,7 @@ from views.present import (
     layout_note,
     metric_rows,
     profile_columns,
+    profile_panels,
     removal_note,
     warnings,
 )
@@ -212,7 +213,7 @@ def clusters_panel(found: Clusters) -> None:
 def layers_panel(profile: pl.DataFrame) -> None:
     """Four numbers per layer, raw and removed, each against its chance band; the table below."""
     cols = st.columns(2)
-    for i, (title, value, band, chance, chance_band) in enumerate(charts.PROFILE_PANELS):
+    for i, (title, value, band, chance, chance_band) in enumerate(profile_panels()):
         with cols[i % 2]:
             st.altair_chart(
                 charts.profile_panel(profile, value, band, chance, chance_band, title), width="stretch"

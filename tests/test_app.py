@@ -176,8 +176,9 @@ def test_layers_tab_and_clusters(store):
     profile = [(spec, t) for spec, t in charts(at) if t and "method" in t[0].column_names]
     titles = {spec["title"] for spec, _ in profile}
     assert {
-        "R2_pos: variance explained by position",
-        "kNN position leak, other branches",
+        "R2_pos (variance explained by position)",
+        "position probe R2, prompts held out",
+        "kNN position leak, full space",
         "kNN position leak, other prompts only",
     } <= titles, titles
     assert all(spec["height"] >= 250 for spec, _ in profile)

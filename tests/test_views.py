@@ -268,7 +268,7 @@ def test_report_command(synthetic_store, capsys, monkeypatch, tmp_path):
     rows = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in rows] == ["raw", "per-position mean"]
     raw, removed = rows
-    assert raw["r2"] > 0.5 and removed["r2"] < raw["r2"] / 5 and raw["leak"] > 0.5
+    assert raw["r2_pos"] > 0.5 and removed["r2_pos"] < raw["r2_pos"] / 5 and raw["leak"] > 0.5
     assert raw["warning"] == removed["warning"] == ""
     assert removed["detected"] and removed["p_value"] <= 0.05 and 0 < removed["weight"] <= 1
     assert views_main(["report", str(store), "--variant", "zero_pe"]) == 2
@@ -512,12 +512,13 @@ def test_a_loose_layout_is_named_on_screen_and_a_faithful_one_is_not():
 
 def test_every_layer_profile_column_has_a_header_and_help():
     """The Layers tab's table names its columns in words (it showed r2_band, leak_chance_hi)."""
+    from views.layer_table import row
     from views.present import profile_columns
-    from views.service import profile_row
 
-    columns = list(profile_row(0, "raw", {"pcs": [{"pos_r2": 0.1, "var_share": 0.2}] * 5}).keys())
+    columns = list(row(0, "raw", {"pcs": [{"pos_r2": 0.1, "var_share": 0.2}] * 5}).keys())
     named = profile_columns(columns)
     assert set(named) == set(columns)
     headers = [h for h, _ in named.values()]
     assert len(set(headers)) == len(headers) and all(text for _, text in named.values())
-    assert named["pc5_variance"][0] == "PC5 variance" and named["r2_band"][0] == "R2_pos ±"
+    assert named["pc5_variance"][0] == "PC5 variance"
+    assert named["r2_pos_band"][0] == "R2_pos (variance explained by position) ±"

@@ -10,6 +10,8 @@ from analysis.guard import Warning, check
 from analysis.measures import MEASURES
 from analysis.stats import Z, half_width
 from analysis.verdict import headline_and_details, removal_title, verdict
+from views import layer_table
+from views.layer_table import HELD_OUT_HELP
 
 __all__ = [
     "MetricRow",
@@ -18,6 +20,7 @@ __all__ = [
     "layout_note",
     "metric_rows",
     "profile_columns",
+    "profile_panels",
     "removal_note",
     "removal_title",
     "verdict",
@@ -26,11 +29,6 @@ __all__ = [
 
 TRUST_CAUTION = (
     0.8  # trustworthiness below which distances in a picture are read with care (its help says so)
-)
-HELD_OUT_HELP = (
-    "R2 of each token predicted by the other prompts' mean at its position, against their overall "
-    "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
-    "fit only noise or content."
 )
 
 
@@ -161,62 +159,14 @@ def layout_note(raw: dict, removed: dict) -> str:
     )
 
 
-PROFILE_COLUMNS = {  # layer_profile column -> (header, what it holds); "±": the 95% band's half-width
-    "layer": ("layer", "hidden-state layer (0 = token embeddings)"),
-    "method": ("view", "raw, or the removal method"),
-    "r2": ("R2_pos", "share of variance explained by position"),
-    "r2_band": ("R2_pos ±", "95% band of R2_pos"),
-    "chance": ("R2_pos chance", "R2_pos with positions shuffled within branches"),
-    "chance_band": ("R2_pos chance ±", "95% band of that chance level"),
-    "adjusted": ("R2_pos adjusted", "R2_pos adjusted for the number of positions (~0 at chance)"),
-    "heldout": ("R2_pos held-out", HELD_OUT_HELP),
-    "leak": (
-        "kNN leak",
-        "kNN position leak over other branches: 0 = chance, 1 = neighbours at the same position",
-    ),
-    "leak_band": ("kNN leak ±", "95% band of the leak"),
-    "leak_chance": ("kNN leak chance", "the leak's chance level (0)"),
-    "leak_chance_band": ("kNN leak chance ±", "the shuffles' 95% band around 0"),
-    "leak_chance_hi": ("kNN leak chance up to", "upper end of the shuffles' band"),
-    "leak_prompt": ("kNN leak, other prompts", "the leak over other prompts' tokens only"),
-    "leak_prompt_band": ("kNN leak, other prompts ±", "95% band of that leak"),
-    "leak_prompt_chance_band": ("kNN leak, other prompts chance ±", "the shuffles' 95% band around 0"),
-    "token_leak": (
-        "same-token neighbours",
-        "share of a token's neighbours from other branches that are the same token",
-    ),
-    "token_chance": ("same-token chance", "that share for a random pick among the same candidates"),
-    "probe_r2": ("probe R2", "position predicted by a ridge probe, prompts held out"),
-    "probe_band": ("probe R2 ±", "95% band of the probe's R2"),
-    "probe_chance": ("probe chance", "the probe on shuffled positions"),
-    "probe_chance_band": ("probe chance ±", "95% band of the probe's chance level"),
-    "probe_chance_hi": ("probe chance up to", "upper end of that band"),
-    "detected": ("detected", "whether the removal's test found a component at this layer"),
-    "p": ("p", "the removal test's p-value"),
-    "removed": (
-        "weight",
-        (
-            "share of the method's own estimate subtracted (its out-of-fold shrinkage), not a share of "
-            "position: compare R2_pos raw and after for how much of position's variance went"
-        ),
-    ),
-}
-
-
 def profile_columns(columns: list[str]) -> dict[str, tuple[str, str]]:
-    """(header, help) for each layer_profile column, principal-component columns included."""
-    out = {}
-    for c in columns:
-        if c in PROFILE_COLUMNS:
-            out[c] = PROFILE_COLUMNS[c]
-        elif c.startswith("pc") and c.endswith(("_position", "_variance")):
-            i, what = c[2:].split("_", 1)
-            out[c] = (
-                (f"PC{i} position R2", f"R2 of position on principal component {i}")
-                if what == "position"
-                else (f"PC{i} variance", f"share of variance on principal component {i}")
-            )
-    return out
+    """(header, help) for each column of the per-layer table (views.layer_table.headers)."""
+    return layer_table.headers(columns)
+
+
+def profile_panels() -> list[tuple[str, ...]]:
+    """The Layers tab's charts: (title, value, band, chance, chance band) columns per measure."""
+    return layer_table.panels()
 
 
 def share_text(x: float) -> str:

@@ -14,7 +14,6 @@ import polars as pl
 
 from analysis.engine.blas import half_the_cores, limited
 from analysis.residualize import ResidualSpec
-from analysis.stats import Z, half_width
 from analysis.tokens import TokenSet
 from analysis.view import (
     ViewResult,
@@ -28,6 +27,7 @@ from store import queries
 from store.connect import is_duckdb_file
 from store.errors import StoreMissing
 from store.sources import is_shard_run, reading
+from views import layer_table
 from views.cache import ViewCache
 
 
@@ -351,8 +351,8 @@ def layer_profile(
     cache: ViewCache | None = None,
     lock_timeout: float = 0.0,
 ) -> list[dict]:
-    """Per layer, how much position the raw latents and the residualized ones hold (no projection):
-    rows of layer, method ('raw' or the residualizer's label), r2, chance, adjusted, heldout, leak."""
+    """Per layer, how much position the raw latents and the residualized ones hold (no projection): rows of
+    the per-layer table (views.layer_table), one per layer and view ('raw' or the residualizer's label)."""
     rows = []
     residuals_ = [raw_view_spec(spec).residual] + ([spec.residual] if spec.residual.method != "none" else [])
     for layer in layers:
@@ -382,60 +382,13 @@ def layer_profile(
                 done = [f.result() for f in futures]
         else:
             done = [_measured(keys, X, reference, cache, *job) for job in jobs]
-        rows += [profile_row(layer, residual.label(), hit.metrics) for (residual, *_), hit in zip(jobs, done)]
+        rows += [
+            layer_table.row(layer, residual.label(), hit.metrics) for (residual, *_), hit in zip(jobs, done)
+        ]
         keys = X = reference = (
             None  # one layer (and its reference) in memory at a time, not two while reading
         )
     return rows
-
-
-def profile_row(layer: int, method: str, m: dict) -> dict:
-    """One layer_profile row from a view's metrics: each number with its 95% band half-width and its
-    chance level (and that level's band)."""
-    nan = float("nan")
-
-    def get(name: str, field: str) -> float:
-        value = (m.get(name) or {}).get(field, nan)
-        return nan if value is None else float(value)
-
-    def band(name: str, field: str = "sd") -> float:
-        if field == "sd":
-            return half_width(m.get(name) or {})
-        return Z * get(name, field)
-
-    probe = m.get("probe") or {}
-    rem = m.get("removal") or {}
-    return {
-        "layer": layer,
-        "method": method,
-        "r2": get("r2_pos", "r2"),
-        "r2_band": band("r2_pos"),
-        "chance": get("r2_pos", "chance"),
-        "chance_band": band("r2_pos", "chance_sd"),
-        "adjusted": get("r2_pos", "adjusted"),
-        "heldout": get("r2_pos", "heldout"),
-        "leak": get("leak", "leak"),
-        "leak_band": band("leak"),
-        "leak_chance": 0.0,
-        "leak_chance_band": get("leak", "chance_hi"),
-        "leak_chance_hi": get("leak", "chance_hi"),
-        "leak_prompt": get("leak_prompt", "leak"),
-        "leak_prompt_band": band("leak_prompt"),
-        "leak_prompt_chance_band": get("leak_prompt", "chance_hi"),
-        "token_leak": get("token_leak", "leak"),
-        "token_chance": get("token_leak", "chance"),
-        "probe_r2": get("probe", "r2"),
-        "probe_band": band("probe"),
-        "probe_chance": get("probe", "chance"),
-        "probe_chance_band": Z
-        * float(probe.get("chance_sd", nan) if probe.get("chance_sd") is not None else nan),
-        "probe_chance_hi": get("probe", "chance_hi"),
-        **{f"pc{i + 1}_position": pc["pos_r2"] for i, pc in enumerate(m.get("pcs", []))},
-        **{f"pc{i + 1}_variance": pc["var_share"] for i, pc in enumerate(m.get("pcs", []))},
-        "detected": rem.get("detected"),
-        "p": rem.get("p_value", nan),
-        "removed": rem.get("weight", nan),
-    }
 
 
 DIVERGENCE_FRAMES = ("by_offset", "by_prompt", "by_prompt_offset")
