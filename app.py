@@ -6,7 +6,6 @@ streamlit run app.py -- path/to/store.duckdb
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -85,14 +84,13 @@ if ctl.new_prompts:
         "add them in the sidebar's Prompts."
     )
 
-spec_json, raw_json = json.dumps(spec.to_dict()), json.dumps(raw_of(spec).to_dict())
 what = f"{'all prompts' if sel.prompt_ids is None else f'{len(sel.prompt_ids)} prompts'}, layer {sel.layer}"
 waiting = f"Residualizing and projecting {what} (raw and removed)…"
 waiting += data.kernel_note()
 try:
     with st.spinner(waiting):
         (raw_points, raw_metrics), (res_points, res_metrics) = data.views(
-            path, version, sel, raw_json, spec_json
+            path, version, sel, raw_of(spec), spec
         )
         branches, lineage = data.branches_and_text(path, version, run_id, sel.prompt_ids)
 except StoreBusy:
@@ -117,7 +115,7 @@ with tabs["Latent space"]:
                 path,
                 version,
                 sel,
-                spec_json,
+                spec,
                 *panels.cluster_controls("colour_clusters"),
             )
             if found is not None:
@@ -142,7 +140,7 @@ with tabs["Latent space"]:
 with tabs["Where branches go apart"]:
     if tabs["Where branches go apart"].open:
         with st.spinner(f"Measuring distances between related branches ({what}), raw and removed…"):
-            apart = panels.guarded(path, "apart", data.apart, path, version, sel, spec_json)
+            apart = panels.guarded(path, "apart", data.apart, path, version, sel, spec)
         if apart is not None:
             panels.divergence_panel(apart)
 
@@ -150,7 +148,7 @@ with tabs["Layers"]:
     if tabs["Layers"].open:
         layers = tuple(run["layers"].get(sel.variant, []))
         with st.spinner(f"Measuring position in {len(layers)} layers ({what}), raw and removed…"):
-            profile = panels.guarded(path, "layers", data.profile, path, version, sel, spec_json, layers)
+            profile = panels.guarded(path, "layers", data.profile, path, version, sel, spec, layers)
         if profile is not None:
             panels.layers_panel(profile)
 
@@ -158,7 +156,7 @@ with tabs["Clusters"]:
     if tabs["Clusters"].open:
         method, k = panels.cluster_controls()
         with st.spinner(f"Clustering the position-removed latents ({what}, {method})…"):
-            found = panels.guarded(path, "clusters", data.clusters, path, version, sel, spec_json, method, k)
+            found = panels.guarded(path, "clusters", data.clusters, path, version, sel, spec, method, k)
         if found is not None:
             panels.clusters_panel(found)
 

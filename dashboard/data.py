@@ -3,7 +3,6 @@ store and closes it at once, so an ingest writing the same file is never blocked
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Any
@@ -39,15 +38,15 @@ def branches_and_text(path: str, data_version: tuple, run_id: str, prompt_ids: t
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def views(
-    path: str, data_version: tuple, selection: Selection, raw_json: str, spec_json: str
+    path: str, data_version: tuple, selection: Selection, raw_spec: ViewSpec, spec: ViewSpec
 ) -> tuple[tuple[pl.DataFrame, dict], tuple[pl.DataFrame, dict]]:
     """The raw and the removed view: plotted tokens with x, y, and each view's metrics, from one read and
     computed side by side (views.service.compute_pair; disk-cached across sessions as well)."""
     raw, removed = compute_pair(
         path,
         selection,
-        ViewSpec.from_dict(json.loads(raw_json)),
-        ViewSpec.from_dict(json.loads(spec_json)),
+        raw_spec,
+        spec,
         ViewCache(),
         LOCK_TIMEOUT,
     )
@@ -56,28 +55,24 @@ def views(
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def profile(
-    path: str, data_version: tuple, selection: Selection, spec_json: str, layers: tuple[int, ...]
+    path: str, data_version: tuple, selection: Selection, spec: ViewSpec, layers: tuple[int, ...]
 ) -> pl.DataFrame:
-    rows = layer_profile(
-        path, selection, ViewSpec.from_dict(json.loads(spec_json)), list(layers), ViewCache(), LOCK_TIMEOUT
-    )
+    rows = layer_profile(path, selection, spec, list(layers), ViewCache(), LOCK_TIMEOUT)
     return pl.DataFrame(rows)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def apart(path: str, data_version: tuple, selection: Selection, spec_json: str) -> dict:
+def apart(path: str, data_version: tuple, selection: Selection, spec: ViewSpec) -> dict:
     """Branch divergence at matched positions, raw and removed (views.service.divergence)."""
-    return divergence(path, selection, ViewSpec.from_dict(json.loads(spec_json)), LOCK_TIMEOUT, ViewCache())
+    return divergence(path, selection, spec, LOCK_TIMEOUT, ViewCache())
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def clusters(
-    path: str, data_version: tuple, selection: Selection, spec_json: str, method: str, k: int
+    path: str, data_version: tuple, selection: Selection, spec: ViewSpec, method: str, k: int
 ) -> Clusters:
     """Cluster ids of the view's position-removed latents (views.clusters, disk-cached too)."""
-    return compute_clusters(
-        path, selection, ViewSpec.from_dict(json.loads(spec_json)), method, k, ViewCache(), LOCK_TIMEOUT
-    )
+    return compute_clusters(path, selection, spec, method, k, ViewCache(), LOCK_TIMEOUT)
 
 
 @st.cache_resource(show_spinner=False)
