@@ -247,7 +247,7 @@ function setup(root) {
     gl.drawArrays(gl.POINTS, 0, s.nPoints);
     if (hd.n_line_rows) {
       s.bind(s.buf.lines, null);
-      pass(1, 0.8, [0.08, 0.08, 0.08, 1], false, false);
+      pass(1, 0.45, [0.08, 0.08, 0.08, 1], false, false); // light: the ringed tokens stay readable
       let at = 0;
       for (const len of hd.lines) { gl.drawArrays(gl.LINE_STRIP, at, len); at += len; }
     }
@@ -273,11 +273,11 @@ function setup(root) {
     ctx.beginPath();
     pts.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
     ctx.closePath();
-    ctx.fillStyle = "rgba(80, 80, 80, 0.08)";
+    ctx.fillStyle = "rgba(80, 80, 80, 0.10)";
     ctx.fill();
-    ctx.setLineDash([4, 3]);
-    ctx.strokeStyle = "#333";
-    ctx.lineWidth = 1;
+    ctx.setLineDash([5, 3]);
+    ctx.strokeStyle = "#222";
+    ctx.lineWidth = 1.5;
     ctx.stroke();
   };
 
