@@ -239,10 +239,11 @@ def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[
             out.append(f"No {name} component detected at this layer ({nums}): not removed.")
     lin = rem.get("linear_test") or {}
     if lin:
-        # its own probe, not the layer's: unstandardized features and within-branch shuffles, so its R2 can
+        # its own probe, not the layer's: the removal's scaling and within-branch shuffles, so its R2 can
         # differ from the probe R2 of the first sentence (a researcher asked which one to believe)
         nums = (
-            f"the removal's own probe, on unstandardized features against position shuffled within branches: "
+            f"the removal's own probe, a ridge on the latents as the removal scales them, against position "
+            "shuffled within branches: "
             f"{p_value_text(lin)} at level {lin.get('alpha', alpha):.3f}, probe R2 {lin['r2_oof']:+.3f} against "
             f"{lin['null_hi']:+.3f} at most by chance"
         )
@@ -331,23 +332,27 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     return head + f": {gone:.0%} ±{gone_half:.0%} of its above-chance part went."
 
 
+SMALLER_WHOLE = 0.05  # share of the variance a removal must take before a higher share is explained by it
+
+
 def _decimals(x: float) -> int:
     """Decimals that print x with about three significant digits, never in exponent notation."""
     return max(0, 2 - math.floor(math.log10(x))) if x > 0 and math.isfinite(x) else 3
 
 
 def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
-    """Where a removal that took token identity left position's share of the variance higher than before:
-    how much of the variance went, and what the variance per-position means explain (share x total, per
-    token) did, so a share that rose because the whole shrank is not read as position that grew."""
+    """Where a removal that took token identity (and at least SMALLER_WHOLE of the variance) left position's
+    share of the variance higher than before: how much of the variance went, and what the variance
+    per-position means explain (share x total, per token) did, with its band, so a higher share of a smaller
+    whole is not read as position that grew. '' without bands."""
     r, a = raw.get("r2_pos", {}), removed.get("r2_pos", {})
     if not _finite(r.get("r2"), a.get("r2"), r.get("total_var"), a.get("total_var")) or r["total_var"] <= 0:
         return ""
-    if a["r2"] <= r["r2"]:
-        return ""
     taken = 1 - a["total_var"] / r["total_var"]
+    if a["r2"] <= r["r2"] or taken < SMALLER_WHOLE or not _finite(half_width(r), half_width(a)):
+        return ""
     before, after = r["r2"] * r["total_var"], a["r2"] * a["total_var"]
-    hb, ha = _half(r) * r["total_var"], _half(a) * a["total_var"]
+    hb, ha = half_width(r) * r["total_var"], half_width(a) * a["total_var"]
     band = math.hypot(hb, ha)
     dec = _decimals(max(abs(before), abs(after)))
     head = (
@@ -355,11 +360,12 @@ def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
         f"explain went {before:.{dec}f} ±{hb:.{dec}f} -> {after:.{dec}f} ±{ha:.{dec}f} per token (band of the change "
         f"±{band:.{dec}f})"
     )
+    whole = f"the share after removal is of a whole {taken:.0%} smaller"
     if after > before + band:
         return head + ": it grew as well."
     if after < before - band:
-        return head + ": it fell; its share rose because the whole shrank."
-    return head + ": unchanged within its band; its share rose because the whole shrank."
+        return head + f": it fell; {whole}."
+    return head + f": unchanged within its band; {whole}."
 
 
 def leak_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:

@@ -424,9 +424,13 @@ def test_no_leader_is_named_when_another_band_holds_its_score_or_a_band_is_missi
 @pytest.mark.parametrize(
     "after_share, after_total, word",
     [
-        (0.08, 200.0, "it fell; its share rose because the whole shrank"),  # 50 -> 16
+        (0.08, 200.0, "it fell; the share after removal is of a whole 80% smaller"),  # 50 -> 16
         (0.30, 400.0, "it grew as well"),  # 50 -> 120
-        (0.06, 800.0, "unchanged within its band; its share rose because the whole shrank"),  # 50 -> 48
+        (
+            0.06,
+            800.0,
+            "unchanged within its band; the share after removal is of a whole 20% smaller",
+        ),  # 50 -> 48
     ],
 )
 def test_a_share_that_rose_after_token_removal_says_what_the_positional_variance_did(
@@ -460,3 +464,6 @@ def test_a_share_that_rose_after_token_removal_says_what_the_positional_variance
     wrong = "it grew as well" if not word.startswith("it grew") else "it fell"
     assert [c.problems for c in read_all(said.replace(word, wrong)) if c.problems]
     assert smaller_whole_sentence(raw, {**removed, "r2_pos": r2(0.04, after_total, 0.01)}) == ""  # fell
+    assert smaller_whole_sentence(raw, {**removed, "r2_pos": r2(0.051, 990.0, 0.01)}) == ""  # 1% taken
+    no_band = {k: v for k, v in r2(after_share, after_total, 0.01).items() if k not in ("lo", "hi")}
+    assert smaller_whole_sentence(raw, {**removed, "r2_pos": no_band}) == ""  # nothing to judge it by
