@@ -224,6 +224,13 @@ def layers_panel(profile: pl.DataFrame) -> None:
         "(GPT-2) are strongest in early layers; RoPE models have none at layer 0 (token embeddings). "
         "A probe well above chance with R2_pos near chance: position is decodable but small."
     )
+    # a measure without a chance band (or a number no layer has) would be a column of blanks
+    empty = [
+        c
+        for c in profile.columns
+        if profile[c].dtype.is_float() and profile[c].fill_nan(None).null_count() == len(profile)
+    ]
+    profile = profile.drop(empty)
     config = {
         c: st.column_config.Column(label, help=text)
         for c, (label, text) in profile_columns(profile.columns).items()

@@ -142,16 +142,19 @@ def gl_key(prefix: str, view: str) -> str:
 
 
 def _gl_picks(view: str) -> set[int]:
-    """The branches clicked in the WebGL panels of this view: a click on a point toggles its branch (each
-    click once: the browser sends a new nonce with each); remembered for _chart_picks."""
+    """The branches clicked in the WebGL panels of this view: a click on a point toggles its branch. The
+    browser sends its last clicks, each with a nonce, and each nonce is applied once (a click that came
+    before the app read the previous one is not lost); remembered for _chart_picks."""
     state = st.session_state
     out: set[int] = set(state.get(f"gl_picked_{view}", set()))
     for prefix, _ in PANELS:
         key = gl_key(prefix, view)
-        click = webgl.state(key).get("click") or {}
-        if click.get("view") == view and click.get("nonce") != state.get(f"{key}_nonce"):
-            state[f"{key}_nonce"] = click.get("nonce")
-            out ^= {int(click["branch"])}
+        sent = webgl.state(key).get("click") or {}
+        seen = state.setdefault(f"{key}_nonces", set())
+        for click in sent.get("clicks") or [] if sent.get("view") == view else []:
+            if click.get("nonce") not in seen:
+                seen.add(click.get("nonce"))
+                out ^= {int(click["branch"])}
     state[f"gl_picked_{view}"] = out
     return out
 

@@ -8,6 +8,8 @@
 
 const PICK_PX = 8; // a click or hover takes the nearest point within this many CSS pixels
 const MAX_LASSO = 200; // vertices a lasso sends at most (Python tests every point against each edge)
+const CLICK_WAIT_MS = 250; // a click waits this long for the second press of a double-click
+const CLICKS_KEPT = 32; // the last clicks sent each time (Python applies each nonce once)
 const VS = `
 attribute vec2 a_q; attribute float a_bin;
 uniform vec2 u_scale; uniform vec2 u_shift; uniform float u_size; uniform float u_alpha;
@@ -61,7 +63,7 @@ function shader(gl, type, src) {
 }
 
 function setup(root) {
-  const s = { view: null, k: 1, tx: 0, ty: 0, mode: "pan", drag: null, data: null };
+  const s = { view: null, k: 1, tx: 0, ty: 0, mode: "pan", drag: null, data: null, clicks: [], sent: false };
   const bar = document.createElement("div");
   bar.className = "bl-bar";
   const tools = [
@@ -282,7 +284,10 @@ function setup(root) {
   };
 
   s.clearSelection = () => {
-    if (s.data && s.data.header.selection) s.setState("selection", null);
+    // also when the box was sent but the app has not answered yet (the header does not carry it then)
+    if (s.sent || (s.data && s.data.header.selection)) s.setState("selection", null);
+    s.sent = false;
+    if (s.data) s.data.header.selection = null;
     s.drawOverlay([]);
   };
 
@@ -332,10 +337,18 @@ function setup(root) {
     s.drag = null;
     if (!g) return;
     if (!g.moved) {
-      const i = s.nearest(...p);
-      const d = s.data;
-      if (i >= 0)
-        s.setState("click", { row: i, branch: d.branch[i], position: d.position[i], view: d.header.view, nonce: Math.random() });
+      // The second press of a double-click (which fits the view) is no click; a click is sent after
+      // CLICK_WAIT_MS unless a double-click cancels it. Every click goes with the last ones (each with its
+      // nonce), so one that lands before the app has read the previous is not lost.
+      if (e.detail > 1) return;
+      const i = s.nearest(...p), d = s.data;
+      if (i < 0) return;
+      clearTimeout(s.clickTimer);
+      s.clickTimer = setTimeout(() => {
+        s.clicks = s.clicks.concat([{ branch: d.branch[i], position: d.position[i], nonce: Math.random() }]);
+        s.clicks = s.clicks.slice(-CLICKS_KEPT);
+        s.setState("click", { clicks: s.clicks, view: d.header.view });
+      }, CLICK_WAIT_MS);
       return;
     }
     if (g.mode === "pan") return;
@@ -346,9 +359,10 @@ function setup(root) {
     }
     if (shape.length < 3) return s.drawOverlay([]);
     const poly = shape.map(([x, y]) => s.toGrid(x, y).map((v) => Math.round(v * 10) / 10));
+    s.sent = true;
     s.setState("selection", { kind: g.mode, polygon: poly, view: s.data.header.view });
   });
-  overlay.addEventListener("dblclick", () => { s.fitView(); s.draw(); });
+  overlay.addEventListener("dblclick", () => { clearTimeout(s.clickTimer); s.fitView(); s.draw(); });
   overlay.addEventListener("keydown", (e) => { if (e.key === "Escape") s.clearSelection(); });
   overlay.addEventListener("pointerleave", () => { tip.style.display = "none"; });
 
@@ -368,7 +382,7 @@ function setup(root) {
     });
   };
 
-  new ResizeObserver(() => {
+  s.resize = new ResizeObserver(() => {
     if (!s.data) return;
     // Refit on a real change of layout (first layout, panels stacked or side by side), not when a scrollbar
     // comes or goes: the points must stay under the cursor between two clicks.
@@ -388,7 +402,17 @@ export default function (component) {
     parentElement.__branchlens = s;
   }
   s.setState = setStateValue;
-  if (!s.gl || !data) return;
+  // Streamlit calls the last function returned when the panel is unmounted (another view is another key):
+  // free the GPU context and the arrays then, or each view change would keep both panels' behind.
+  const cleanup = () => {
+    if (s.resize) s.resize.disconnect();
+    clearTimeout(s.clickTimer);
+    const lose = s.gl && s.gl.getExtension("WEBGL_lose_context");
+    if (lose) lose.loseContext();
+    s.data = null;
+    delete parentElement.__branchlens;
+  };
+  if (!s.gl || !data) return cleanup;
   const d = decode(data);
   const fresh = !s.data || s.data.header.view !== d.header.view;
   s.data = d;
@@ -400,5 +424,7 @@ export default function (component) {
   s.buildIndex();
   if (fresh) s.fitView();
   s.k0 = Math.min(s.size()[0] / d.header.grid[0], s.size()[1] / d.header.grid[1]) * 0.92;
+  if (!d.header.selection) s.sent = false;
   s.draw();
+  return cleanup;
 }

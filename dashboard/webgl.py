@@ -7,8 +7,8 @@ coordinates quantized to a GRID of uint16, a colour bin as uint8, the token as a
 of distinct token texts: 17 bytes a point), with no JSON per point; hover shows every point's token. Picking is done in the browser on the CPU (a grid index), so clicks and hover work the same under
 software WebGL (SwiftShader) as on a GPU; deck.gl's GPU picking dropped clicks there from 10^5 points.
 
-What comes back is state, read from the session before the panels are drawn: `click` (the branch and
-position of the point clicked, with a nonce) and `selection` (a box or lasso as a polygon in grid units,
+What comes back is state, read from the session before the panels are drawn: `click` (the last clicks,
+each a point's branch and position with a nonce) and `selection` (a box or lasso as a polygon in grid units,
 which `inside` turns into the tokens it holds, tested on the same grid the browser drew).
 """
 
@@ -60,15 +60,16 @@ def colour_bins(points: pl.DataFrame, color_by: str) -> tuple[pl.Series, dict[in
     if kind == "hue" and field in points.columns:
         colours = points[field]
         names = colours.unique(maintain_order=True).to_list()
+        by_prompt = field == "prompt_color"
         if len(names) > MAX_COLOURS:  # many branch shades: their prompt's hue instead
-            colours = points["prompt_color"]
+            colours, by_prompt = points["prompt_color"], True
             names = colours.unique(maintain_order=True).to_list()[:MAX_COLOURS]
         index = {c: i for i, c in enumerate(names)}
         bins = colours.replace_strict(index, default=len(names) - 1, return_dtype=pl.Int32)
         return (
             bins,
             {i: _rgb(c) for c, i in index.items()},
-            "colour: " + ("prompt" if field == "prompt_color" or len(names) == MAX_COLOURS else color_by),
+            "colour: " + ("prompt" if by_prompt else color_by),
         )
     if field in points.columns and points[field].dtype.is_numeric() and kind == "quantitative":
         v = points[field].cast(pl.Float64).fill_null(strategy="mean").fill_nan(None).fill_null(0.0)
@@ -81,10 +82,16 @@ def colour_bins(points: pl.DataFrame, color_by: str) -> tuple[pl.Series, dict[in
         )
     if field in points.columns:  # nominal or ordinal: tableau10, cycled
         codes = points[field].cast(pl.String).fill_null("?")
-        names = sorted(codes.unique().to_list())[:MAX_COLOURS]
+        every = sorted(codes.unique().to_list())
+        names = every[:MAX_COLOURS]
         index = {c: i for i, c in enumerate(names)}
         bins = codes.replace_strict(index, default=len(names) - 1, return_dtype=pl.Int32)
-        return bins, {i: _rgb(BASE[i % len(BASE)]) for i in index.values()}, f"colour: {color_by}"
+        more = (
+            f" (the last {len(every) - MAX_COLOURS + 1} values share one colour)"
+            if len(every) > MAX_COLOURS
+            else ""
+        )
+        return bins, {i: _rgb(BASE[i % len(BASE)]) for i in index.values()}, f"colour: {color_by}{more}"
     return pl.Series("bin", np.zeros(len(points), np.int32)), {0: _rgb(BASE[0])}, ""
 
 

@@ -238,7 +238,7 @@ def test_projection_is_reproducible_with_a_seed(method):
 def test_identical_vectors_share_one_point_and_distinct_ones_are_laid_out_as_before():
     """UMAP lays out each distinct vector once (a RoPE model's layer 0 repeats its token embedding);
     copies get the same coordinates; without copies the layout is umap-learn's on the rows themselves."""
-    from analysis.project import _prepared, umap_layout
+    from analysis.project import _prepared, distinct_rows, umap_layout
 
     rng = np.random.default_rng(3)
     words = rng.normal(size=(40, 16)).astype(np.float32)
@@ -253,6 +253,9 @@ def test_identical_vectors_share_one_point_and_distinct_ones_are_laid_out_as_bef
     assert len(np.unique(coords, axis=0)) == len(np.unique(ids))  # distinct vectors on distinct points
     Y = rng.normal(size=(120, 16)).astype(np.float32)  # all distinct: exactly the plain layout
     np.testing.assert_array_equal(project(Y, spec), umap_layout(_prepared(Y, spec), spec))
+    first, copy_of = distinct_rows(X)
+    assert np.array_equal(X[first][copy_of], X) and np.all(np.diff(first) > 0)  # first appearances, in order
+    assert len(first) == len(np.unique(ids))
 
 
 def test_degenerate_inputs_give_clear_errors():

@@ -183,6 +183,8 @@ def test_layers_tab_and_clusters(store):
     } <= titles, titles
     assert all(spec["height"] >= 250 for spec, _ in profile)
     assert set(profile[0][1][0].column("layer").to_pylist()) == {0, 1, 2}
+    table = at.dataframe[-1].value  # the per-layer table: no column of blanks
+    assert "r2_pos" in table.columns and not [c for c in table.columns if table[c].isna().all()]
     at = open_tab(at, "Clusters")
     clusters = at.dataframe[-1].value
     assert clusters["tokens"].sum() == expected_tokens(path, run_id)
@@ -317,21 +319,27 @@ def test_a_click_on_the_webgl_view_follows_the_branch_and_a_second_click_lets_go
     branch = int(panel["branch"][0])
     own = int((panel["branch"] == branch).sum())
 
-    def click(nonce: float) -> None:
-        at.session_state[raw_key] = {
-            "click": {"row": 0, "branch": branch, "position": 1, "view": view, "nonce": nonce}
-        }
+    sent = []
+
+    def click(b: int, nonce: float) -> None:  # the browser sends its last clicks each time
+        sent.append({"branch": b, "position": 1, "nonce": nonce})
+        at.session_state[raw_key] = {"click": {"clicks": list(sent), "view": view}}
         at.run()
 
-    click(0.5)
+    click(branch, 0.5)
     panel = scatters(at)[0][1]
     assert len(panel["chosen"]) == own and set(panel["branch"][panel["chosen"]]) == {branch}
     assert len(panel["lines"]) == 1 and panel["lines"][0] == own  # its line, in position order
     assert np.all(np.diff(panel["position"][panel["line_rows"]]) > 0)
-    at.run()  # a rerun with the same click: still followed
+    at.run()  # a rerun with the same clicks: still followed
     assert len(scatters(at)[0][1]["chosen"]) == own
-    click(0.25)  # clicked again
+    click(branch, 0.25)  # clicked again
     assert len(scatters(at)[0][1]["chosen"]) == 0
+    # two clicks the app had not read yet arrive together: both are applied
+    other = int(next(b for b in panel["branch"] if b != branch))
+    sent += [{"branch": branch, "position": 1, "nonce": 0.75}]
+    click(other, 0.125)
+    assert set(scatters(at)[0][1]["branch"][scatters(at)[0][1]["chosen"]]) == {branch, other}
 
 
 def test_too_many_points_are_sampled_by_branch_or_binned(store):
