@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated residualizers (default: the report's standard set, "
         "views.report.DEFAULT_METHODS)",
     )
-    rep.add_argument("--projection", choices=("umap", "pca"), default="umap", help="for the 2-D metrics")
+    rep.add_argument(
+        "--projection",
+        choices=("umap", "pca"),
+        default=None,
+        help="no effect (kept so older commands run): the per-layer table holds no 2-D number",
+    )
     rep.add_argument("--generated-only", action="store_true", help="leave the prompt tokens out")
     rep.add_argument("--variant", default="normal", help="normal (default) or zero_pe")
     rep.add_argument("--json", action="store_true", help="print JSON rows instead of a table")

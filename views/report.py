@@ -6,15 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from analysis.guard import check
-from analysis.project import ProjectionSpec
 from analysis.residualize import ResidualSpec
 from analysis.view import ViewSpec
 from store import queries
 from store.sources import reading
 from views import layer_table
 from views.cache import ViewCache
-from views.service import Selection, compute
+from views.service import Selection, layer_profile
 
 DEFAULT_METHODS = ("none", "auto", "position", "per_position")  # any of analysis.residualize.RESIDUALIZERS
 
@@ -23,12 +21,14 @@ def layer_report(
     store: str | Path,
     run_id: str | None = None,
     methods: tuple[str, ...] = DEFAULT_METHODS,
-    projection: str = "umap",
+    projection: str | None = None,
     generated_only: bool = False,
     cache: ViewCache | None = None,
     variant: str = "normal",
 ) -> list[dict[str, Any]]:
-    """One row per (layer, method) of the per-layer table (views.layer_table), for every stored layer.
+    """One row per (layer, method) of the per-layer table (views.layer_table), for every stored layer: the
+    Layers tab's rows (views.service.layer_profile, no projection: the table holds no 2-D number; served
+    from the views the app already computed where it can). `projection` is accepted and unused.
 
     `p_value` and `weight`: the detection test of the nuisance and the share of its estimate removed (0
     when not detected). `warning` names each metric the removal moved the wrong way beyond its band
@@ -42,24 +42,18 @@ def layer_report(
         layers = queries.run_layers(con, run_id).get(variant, [])
     if not layers:
         raise ValueError(f"run {run_id} has no stored latents of variant {variant!r}")
+    selection = Selection(run_id, layers[0], variant, generated_only=generated_only)
+    removals = [m for m in methods if m != "none"]
+    profiles = [
+        layer_profile(store, selection, ViewSpec(residual=ResidualSpec(method=m)), layers, cache)
+        for m in removals or ["none"]
+    ]
     rows = []
     for layer in layers:
-        raw = None
-        for method in ("none", *[m for m in methods if m != "none"]):
-            spec = ViewSpec(
-                residual=ResidualSpec(method=method), projection=ProjectionSpec(method=projection)
-            )
-            view = compute(
-                store, Selection(run_id, layer, variant, generated_only=generated_only), spec, cache
-            )
-            metrics = view.result.metrics
-            raw = raw or metrics
-            row = layer_table.row(layer, spec.residual.label(), metrics)
-            row["warning"] = (
-                "; ".join(f"{w.metric} {w.kind}" for w in check(raw, metrics)) if metrics is not raw else ""
-            )
-            if method in methods:
-                rows.append(row)
+        here = [[r for r in profile if r["layer"] == layer] for profile in profiles]
+        if "none" in methods:
+            rows.append(here[0][0])  # raw: the same row in every profile
+        rows += [r for rows_ in here for r in rows_[1:]]
     return rows
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from analysis.engine.blas import half_the_cores, limited
+from analysis.guard import check
 from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet
 from analysis.view import (
@@ -343,6 +344,11 @@ def _measured(
     return hit
 
 
+def warning_text(raw: dict, removed: dict) -> str:
+    """The guard's warnings as one line: 'leak invented; ...' (empty when it says nothing)."""
+    return "; ".join(f"{w.metric} {w.kind}" for w in check(raw, removed))
+
+
 def layer_profile(
     store: str | Path,
     selection: Selection,
@@ -382,9 +388,13 @@ def layer_profile(
                 done = [f.result() for f in futures]
         else:
             done = [_measured(keys, X, reference, cache, *job) for job in jobs]
-        rows += [
+        here = [
             layer_table.row(layer, residual.label(), hit.metrics) for (residual, *_), hit in zip(jobs, done)
         ]
+        for r in here[1:]:  # the guard on the removal: each number it moved the wrong way beyond its band
+            r["warning"] = warning_text(done[0].metrics, done[-1].metrics)
+        here[0]["warning"] = ""
+        rows += here
         keys = X = reference = (
             None  # one layer (and its reference) in memory at a time, not two while reading
         )
