@@ -71,35 +71,29 @@ function setup(root) {
     ["box", "Box", "Drag a box to select the tokens inside it (shift-drag does it in any mode)"],
     ["lasso", "Lasso", "Draw around the tokens to select"],
   ];
-  s.buttons = {};
-  for (const [mode, label, title] of tools) {
+  const button = (label, title, className, onclick) => {
     const b = document.createElement("button");
     b.type = "button";
     b.textContent = label;
     b.title = title;
     b.setAttribute("aria-label", title);
-    b.className = "bl-tool" + (mode === s.mode ? " bl-on" : "");
-    b.onclick = () => {
+    b.className = className;
+    b.onclick = onclick;
+    bar.appendChild(b);
+    return b;
+  };
+  s.buttons = {};
+  for (const [mode, label, title] of tools) {
+    s.buttons[mode] = button(label, title, "bl-tool" + (mode === s.mode ? " bl-on" : ""), () => {
       s.mode = mode;
       for (const [m, x] of Object.entries(s.buttons)) x.className = "bl-tool" + (m === mode ? " bl-on" : "");
-    };
-    s.buttons[mode] = b;
-    bar.appendChild(b);
+    });
   }
-  const clear = document.createElement("button");
-  clear.type = "button";
-  clear.textContent = "Clear";
-  clear.title = "Drop the box or lasso (Escape)";
-  clear.className = "bl-tool bl-clear";
-  clear.onclick = () => s.clearSelection();
-  bar.appendChild(clear);
-  const fit = document.createElement("button");
-  fit.type = "button";
-  fit.textContent = "Fit";
-  fit.title = "Zoom to show every point (double-click does it too)";
-  fit.className = "bl-tool";
-  fit.onclick = () => { s.fitView(); s.draw(); };
-  bar.appendChild(fit);
+  button("Clear", "Drop the box or lasso (Escape)", "bl-tool bl-clear", () => s.clearSelection());
+  button("Fit", "Zoom to show every point (double-click does it too)", "bl-tool", () => {
+    s.fitView();
+    s.draw();
+  });
   const stage = document.createElement("div");
   stage.className = "bl-stage";
   const canvas = document.createElement("canvas");

@@ -281,3 +281,29 @@ def table_error(tokens, result, table) -> float:
     removed = removed - removed.mean(axis=0)
     true = table[kept.position] - table[kept.position].mean(axis=0)
     return float(np.sqrt(((removed - true) ** 2).sum() / (true**2).sum()))
+
+
+def synthetic_store(path, prompts: int, branches: int, length: int, d: int):
+    """A synthetic store (`python -m views synthetic`, known helix) written at path; returns path."""
+    from views.__main__ import main
+
+    assert (
+        main(
+            ["synthetic", str(path), "--prompts", str(prompts), "--branches", str(branches)]
+            + ["--length", str(length), "--d", str(d)]
+        )
+        == 0
+    )
+    return path
+
+
+def app_on(store, monkeypatch, tmp_path, timeout: int = 240):
+    """The app (AppTest) opened on a store, with its own view cache and no kernel warm-up thread."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=timeout)
+    at.session_state["store_path"] = str(store)
+    at.run()
+    return at

@@ -5,15 +5,11 @@ per-layer report and is cached under its own key."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from analysis.nuisances import NUISANCES, Nuisance, Param, register_nuisance
 from analysis.residualize import RESIDUALIZERS, LabelStats, Residualizer, ResidualSpec, register
-
-ROOT_APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 class PromptMean(Residualizer):
@@ -59,14 +55,9 @@ def toy():
 
 @pytest.fixture(scope="module")
 def synthetic_store(tmp_path_factory):
-    from views.__main__ import main
+    from helpers import synthetic_store as write
 
-    path = tmp_path_factory.mktemp("contract") / "s.duckdb"
-    assert (
-        main(["synthetic", str(path), "--prompts", "4", "--branches", "4", "--length", "24", "--d", "32"])
-        == 0
-    )
-    return path
+    return write(tmp_path_factory.mktemp("contract") / "s.duckdb", 4, 4, 24, 32)
 
 
 def test_the_spec_checks_the_toys_declared_parameter(toy):
@@ -109,13 +100,9 @@ def test_the_toy_is_tested_cross_fitted_and_removes_prompt_content(toy):
 def test_the_app_offers_the_toy_with_its_control_and_names_what_it_removed(
     toy, synthetic_store, monkeypatch, tmp_path
 ):
-    from streamlit.testing.v1 import AppTest
+    from helpers import app_on
 
-    monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
-    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(ROOT_APP, default_timeout=240)
-    at.session_state["store_path"] = str(synthetic_store)
-    at.run()
+    at = app_on(synthetic_store, monkeypatch, tmp_path)
     assert toy.label in at.selectbox(key="method").options  # shown by its label
     at.selectbox(key="method").set_value(toy.name).run()
     assert not at.exception, [e.value for e in at.exception]

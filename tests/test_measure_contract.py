@@ -4,14 +4,10 @@ nothing else edited, is computed for every view, shown in the metrics table, in 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from analysis.measures import MEASURES, Measure, register
-
-ROOT_APP = str(Path(__file__).resolve().parents[1] / "app.py")
 
 
 def _mean_norm(c) -> dict:
@@ -36,14 +32,9 @@ def toy():
 
 @pytest.fixture(scope="module")
 def synthetic_store(tmp_path_factory):
-    from views.__main__ import main
+    from helpers import synthetic_store as write
 
-    path = tmp_path_factory.mktemp("measure") / "s.duckdb"
-    assert (
-        main(["synthetic", str(path), "--prompts", "3", "--branches", "3", "--length", "16", "--d", "16"])
-        == 0
-    )
-    return path
+    return write(tmp_path_factory.mktemp("measure") / "s.duckdb", 3, 3, 16, 16)
 
 
 def test_a_registered_measure_is_computed_and_in_every_table(toy, synthetic_store, tmp_path):
@@ -79,13 +70,9 @@ def test_a_registered_measure_is_computed_and_in_every_table(toy, synthetic_stor
 def test_the_app_shows_a_registered_measure_in_the_metrics_and_the_layers_table(
     toy, synthetic_store, monkeypatch, tmp_path
 ):
-    from streamlit.testing.v1 import AppTest
+    from helpers import app_on
 
-    monkeypatch.setenv("BRANCHLENS_NO_WARMUP", "1")
-    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
-    at = AppTest.from_file(ROOT_APP, default_timeout=240)
-    at.session_state["store_path"] = str(synthetic_store)
-    at.run()
+    at = app_on(synthetic_store, monkeypatch, tmp_path)
     assert not at.exception, [e.value for e in at.exception]
     assert any("toy: mean vector norm" in m.value for m in at.markdown)  # a row of the metrics table
     at.session_state["tab"] = "Layers"
