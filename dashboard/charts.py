@@ -429,7 +429,10 @@ def divergence_per_prompt(rows: pl.DataFrame) -> alt.FacetChart:
             y=alt.Y("median:Q", title="distance / unrelated", scale=alt.Scale(zero=False))
         ),
     ).properties(width=FACET_WIDTH, height=140)
-    return layered.facet(facet=alt.Facet("prompt:N", title="prompt"), columns=FACET_COLUMNS)
+    # an x axis under each panel: a shared footer axis was drawn under the empty cells of the last row
+    return layered.facet(facet=alt.Facet("prompt:N", title="prompt"), columns=FACET_COLUMNS).resolve_axis(
+        x="independent"
+    )
 
 
 def sample_branches(points: pl.DataFrame, max_points: int, seed: int = 0) -> pl.DataFrame:

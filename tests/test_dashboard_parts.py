@@ -561,3 +561,25 @@ def test_webgl_payload_carries_every_token_its_colour_selection_and_lines():
     rows = got["line_rows"]
     assert got["branch"][rows].tolist() == [1, 1, 1, 1, 3, 3]
     assert got["position"][rows].tolist() == [3, 4, 5, 6, 3, 4]
+
+
+def test_the_per_prompt_divergence_panels_draw_an_x_axis_under_each_panel_and_none_under_empty_cells():
+    """Four prompts in rows of three: the x axis was drawn under the last row's two empty cells (once per
+    column, three in all); now each of the four panels has its own, as rendered by Vega (vl-convert)."""
+    import vl_convert as vlc
+
+    from dashboard.charts import divergence_per_prompt
+
+    rows = pl.DataFrame(
+        {
+            "prompt": [p for p in range(4) for _ in range(2) for _ in range(5)],
+            "view": [v for _ in range(4) for v in ("raw", "removed") for _ in range(5)],
+            "offset": [o for _ in range(8) for o in range(5)],
+            "median": [0.8] * 40,
+            "lo": [0.7] * 40,
+            "hi": [0.9] * 40,
+            "n_pairs": [3] * 40,
+        }
+    )
+    svg = vlc.vegalite_to_svg(divergence_per_prompt(rows).to_dict())
+    assert svg.count(">tokens since parting<") == 4
