@@ -270,9 +270,8 @@ def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[
         rest.append(rem["note"][0].upper() + rem["note"][1:] + ".")
     if rem.get("weight"):
         after = removed or {}
-        rest += [t for t in (variance_sentence(raw, after), leak_sentence(raw, after)) if t]
-        if "token" in took and (t := smaller_whole_sentence(raw, after)):
-            rest.insert(len(rest) - 1 if leak_sentence(raw, after) else len(rest), t)
+        whole = smaller_whole_sentence(raw, after) if "token" in took else ""
+        rest += [t for t in (variance_sentence(raw, after), whole, leak_sentence(raw, after)) if t]
         if "token" in took and (t := token_removed_sentence(raw, after)):
             rest.append(t)
     return out, rest

@@ -63,7 +63,7 @@ function shader(gl, type, src) {
 }
 
 function setup(root) {
-  const s = { view: null, k: 1, tx: 0, ty: 0, mode: "pan", drag: null, data: null, clicks: [], sent: false };
+  const s = { k: 1, tx: 0, ty: 0, mode: "pan", drag: null, data: null, clicks: [], sent: false };
   const bar = document.createElement("div");
   bar.className = "bl-bar";
   const tools = [
@@ -304,7 +304,7 @@ function setup(root) {
     overlay.setPointerCapture(e.pointerId);
     const p = local(e);
     const mode = e.shiftKey ? "box" : s.mode;
-    s.drag = { mode, start: p, last: p, path: [p], moved: false, tx: s.tx, ty: s.ty };
+    s.drag = { mode, start: p, path: [p], moved: false, tx: s.tx, ty: s.ty };
     tip.style.display = "none";
   });
   overlay.addEventListener("pointermove", (e) => {
@@ -324,7 +324,6 @@ function setup(root) {
       if (Math.hypot(p[0] - q[0], p[1] - q[1]) >= 3) g.path.push(p);
       s.drawOverlay(g.path);
     }
-    g.last = p;
   });
   overlay.addEventListener("pointerup", (e) => {
     const g = s.drag, p = local(e);
