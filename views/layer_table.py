@@ -47,16 +47,23 @@ def _field(key: str, field: str) -> Callable[[dict], float]:
     return lambda m: _num((m.get(key) or {}).get(field))
 
 
+def chance_of(kind: str, result: dict) -> tuple[float, float]:
+    """(chance level, its band's half-width) of one measure's result, as every table reads it (kind: the
+    measure's `chance`): 'field' its own chance and Z sds; a leak's chance is 0 with the shuffles' band;
+    'zero' and 'half' are fixed levels. NaN where the measure gave nothing."""
+    if not result:
+        return NAN, NAN
+    if kind == "field":
+        return _num(result.get("chance")), Z * _num(result.get("chance_sd"))
+    if kind == "leak":
+        return 0.0, _num(result.get("chance_hi"))
+    return (0.5 if kind == "half" else 0.0), NAN
+
+
 def _chance(measure: Measure) -> tuple[Callable[[dict], float], Callable[[dict], float]]:
-    """(chance level, its band's half-width) of a measure, as the metrics table reads them: a leak's chance
-    is 0 with the shuffles' band, 'zero' and 'half' are fixed levels."""
-    k = measure.key
-    if measure.chance == "field":
-        return _field(k, "chance"), lambda m: Z * _num((m.get(k) or {}).get("chance_sd"))
-    if measure.chance == "leak":
-        return (lambda m: 0.0 if m.get(k) else NAN), _field(k, "chance_hi")
-    level = 0.5 if measure.chance == "half" else 0.0
-    return (lambda m: level if m.get(k) else NAN), (lambda m: NAN)
+    """(chance level, its band's half-width) of a measure, from a view's metrics (chance_of)."""
+    k, kind = measure.key, measure.chance
+    return (lambda m: chance_of(kind, m.get(k) or {})[0]), (lambda m: chance_of(kind, m.get(k) or {})[1])
 
 
 def measure_columns(measure: Measure) -> list[Column]:

@@ -77,16 +77,16 @@ def band_caption(metrics: dict) -> str:
 
 
 def _chance(kind: str, raw: dict, removed: dict, signed: bool) -> tuple[str, str]:
-    """(chance level, its band) as the table reads them: a leak's chance is 0, its band the shuffles'."""
+    """(chance level, its band) as text (layer_table.chance_of), from the raw view's result where it has the
+    level, else the removed one's (a leak's band: the removed view's shuffles where it has them)."""
     if kind == "field":
-        m = raw if "chance" in raw else removed
-        sd = m.get("chance_sd")
-        band = f"±{Z * sd:.3f}" if isinstance(sd, (int, float)) and math.isfinite(sd) and sd > 0 else ""
-        return _fmt(m.get("chance", float("nan")), signed), band
-    if kind == "leak":
-        hi = removed.get("chance_hi", raw.get("chance_hi"))
-        return "0", (f"±{hi:.3f}" if isinstance(hi, (int, float)) and math.isfinite(hi) else "")
-    return ("0", "") if kind == "zero" else ("0.5", "")
+        result = raw if "chance" in raw else removed
+    else:
+        result = removed if "chance_hi" in removed else raw
+    level, band = layer_table.chance_of(kind, result)
+    shown = _fmt(level, signed) if kind == "field" else ("0.5" if kind == "half" else "0")
+    keep = math.isfinite(band) and (band > 0 or kind != "field")  # a field's zero sd: no band shown
+    return shown, (f"±{band:.3f}" if keep else "")
 
 
 def metric_rows(raw: dict, removed: dict) -> list[MetricRow]:
