@@ -328,6 +328,33 @@ class WithinShuffler:
         return within(np.asarray(values), rng.random(self.n), self.by_group, self.starts)
 
 
+class GroupFlipper:
+    """Positions reflected about their group's mean (t -> 2 m_g - t) in a random half of the groups, a new
+    half each draw (the same number flipped as kept, give or take one, so a probe trained on most groups
+    sees the real and the reversed meaning of position about equally often).
+
+    Unlike a shuffle, runs of consecutive positions stay consecutive, so content that drifts along a
+    branch keeps its drift against the flipped positions: a probe finds spurious trends to fit as it does
+    on the real positions. What position means is reversed between groups, so a probe trained on some
+    groups reads nothing real in another. Where content drifts the same way forward and backward in time
+    (any stationary Gaussian process), the flipped positions are as good a null as the real ones."""
+
+    def __init__(self, groups: np.ndarray, position: np.ndarray):
+        self.code = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+        self.n_groups = int(self.code.max()) + 1 if len(self.code) else 0
+        self.position = np.asarray(position, np.float64)
+        sums = np.bincount(self.code, self.position, minlength=self.n_groups)
+        self.mirror = 2 * (sums / np.maximum(np.bincount(self.code, minlength=self.n_groups), 1))[self.code]
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        """(n,) the positions, reflected in the drawn half of the groups."""
+        G = self.n_groups
+        half = G // 2 + (G % 2 and rng.random() < 0.5)  # odd: one more or one fewer at random
+        flip = np.zeros(G, bool)
+        flip[rng.permutation(G)[:half]] = True
+        return np.where(flip[self.code], self.mirror - self.position, self.position)
+
+
 def shuffle_within(values: np.ndarray, groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """values permuted at random within each group (WithinShuffler(groups) for many draws)."""
     return WithinShuffler(groups)(values, rng)

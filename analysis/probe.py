@@ -15,7 +15,7 @@ import numpy as np
 from analysis import resample
 from analysis.engine import blas
 from analysis.engine.neighbours import Workspace
-from analysis.metrics import WithinShuffler, knn_other_groups
+from analysis.metrics import GroupFlipper, WithinShuffler, knn_other_groups
 from analysis.stats import Z
 
 if TYPE_CHECKING:  # scipy costs ~0.5 s to import: loaded by the functions that need it
@@ -119,7 +119,7 @@ def position_probe(
     groups: np.ndarray,
     n_folds: int = 5,
     alphas: tuple[float, ...] = DEFAULT_ALPHAS,
-    n_permutations: int = 10,
+    n_permutations: int = 20,
     n_boot: int = 200,
     n_pcs: int | None = None,
     nested: bool = False,
@@ -144,8 +144,10 @@ def position_probe(
 
     Keys: r2 (pooled out-of-fold R2) with sd, lo, hi (bootstrap over whole groups, or over `units` (n,)
     when given, predictions fixed: a token bootstrap gave a fourteenth of the spread across prompts);
-    chance, chance_sd, chance_lo, chance_hi (refits with position permuted within groups; band = mean
-    +- 1.96 sd); rmse and position_sd (in positions); pos_var_share: the share of X's total variance
+    chance, chance_sd, chance_lo, chance_hi (refits with positions rotated within groups, band = mean
+    +- 1.96 sd: a rotation keeps runs of positions consecutive, so content that drifts along a branch
+    gives the probe spurious trends to fit as the real positions do; a shuffle did not, and its band was
+    a tenth of the spread of R2 over seeds with no position at all, docs/removal.md); rmse and position_sd (in positions); pos_var_share: the share of X's total variance
     that is position (per-position means) along the probe's pattern direction (decodable but small:
     r2 high, pos_var_share tiny), with pos_var_share_sd, _lo, _hi (the same bootstrap) and
     pos_var_share_chance, _chance_sd (the permutation refits); alphas (chosen, per fold), n,
@@ -196,8 +198,8 @@ def position_probe(
             | {"alphas": [], "note": "one group: nothing to hold out (pass branches as groups)"}
         )
     fold = _assign_folds(groups, n_folds, rng)
-    shuffle = WithinShuffler(groups)
-    Y = np.column_stack([y] + [shuffle(y, rng) for _ in range(n_permutations)])  # (n, 1 + P)
+    flip = GroupFlipper(groups, position)
+    Y = np.column_stack([y] + [flip(rng) for _ in range(n_permutations)]).astype(np.float64)  # (n, 1 + P)
     Xc = _centred32(X)  # centred once: little cancellation in G - n m m^T
     parts = _fold_stats(Xc, Y, fold, n_folds)
     total = tuple(sum(p[i] for p in parts) for i in range(6))

@@ -179,17 +179,19 @@ def test_weak_linear_leak_ends_within_the_band_of_exact_in_every_seed():
     assert all(abs(g) <= b for g, b in gaps), gaps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 34, not met: the probe after the low-rank subtraction sits 0.002-0.004 R2 below chance's "
-    "mean (exact subtraction's does not); in seed 2 its band misses chance's by 0.0005 (docs/removal.md)",
-)
-def test_weak_linear_probe_ends_within_the_band_of_chance_in_every_seed():
+@pytest.mark.parametrize("method", ["auto", "position"])
+def test_weak_linear_probe_ends_within_the_band_of_chance_in_every_seed(method):
+    """The default (`auto`, which also removes token identity here) and `position`. The probe sits
+    0.002-0.011 below chance's mean: the estimated direction's noise, subtracted along position; with the
+    true direction and the estimated amplitude the probe matches exact subtraction's (docs/removal.md)."""
     from analysis.probe import position_probe
 
+    rows = []
     for seed in WEAK_SEEDS:
         run = generate("weak_linear", seed)
-        after = view(run.tokens, "position")
+        after = view(run.tokens, method)
         kept = run.tokens.subset(after.index)
         probe = position_probe(after.residual, kept.position, kept.prompt)
+        rows.append((seed, round(probe["r2"], 4), round(probe["chance_lo"], 4), round(probe["chance_hi"], 4)))
         assert probe["hi"] >= probe["chance_lo"] and probe["lo"] <= probe["chance_hi"], (seed, probe)
+    print(f"\nweak linear, {method}: (seed, probe R2, chance band) {rows}")
