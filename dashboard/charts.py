@@ -3,10 +3,27 @@ for large views, the per-layer profile and the divergence charts. Every chart fi
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import altair as alt
 import polars as pl
+
+# Altair checks every part of a chart against the Vega-Lite schema as it is built, and the whole spec
+# again when Streamlit serializes it: 0.2-0.3 s of every rerun of the demo (two projection panels), about
+# half of a rerun that changed nothing. The tests check them (BRANCHLENS_VALIDATE_CHARTS=1, tests/conftest.py).
+VALIDATE = os.environ.get("BRANCHLENS_VALIDATE_CHARTS") == "1"
+if not VALIDATE:
+    alt.utils.schemapi.disable_debug_mode()
+
+
+def unchecked(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """The chart, serialized without the schema check unless VALIDATE (Streamlit calls to_dict())."""
+    if not VALIDATE:
+        object.__setattr__(chart, "to_dict", functools.partial(type(chart).to_dict, chart, validate=False))
+    return chart
+
 
 COLOR_BY = {  # label -> (field, Altair type); branch and prompt use the prompt hue families (dashboard.palette)
     "branch": ("shade", "hue"),
@@ -206,15 +223,17 @@ def projection(
     layers.append(dots)
     if legend is not None:
         layers.append(legend)
-    chart = alt.layer(*layers).properties(
-        title=title, height=HEIGHT, width="container" if interactive else 560
-    )
+    # Everything set as the layer is made: each .properties() or .resolve_scale() after it deep-copies the
+    # whole chart (0.05 s a panel on the demo, every rerun).
+    extra: dict = {}
     if interactive:
         # Streamlit draws a chart of over 2,000 rows on canvas, where the wheel scrolled the page instead of
         # zooming (measured in Chromium); SVG keeps wheel zoom (and the legend click) working.
-        chart = chart.properties(usermeta=SVG)
-    # independent: the lines' identity colours (no legend) would otherwise take the dots' legend away
-    return chart.resolve_scale(color="independent") if len(layers) > 1 else chart
+        extra["usermeta"] = SVG
+    if len(layers) > 1:
+        # independent: the lines' identity colours (no legend) would otherwise take the dots' legend away
+        extra["resolve"] = alt.Resolve(scale=alt.ScaleResolveMap(color="independent"))
+    return alt.layer(*layers, title=title, height=HEIGHT, width="container" if interactive else 560, **extra)
 
 
 def density_bins(points: pl.DataFrame, prefix: str, color_by: str, bins: int = 70) -> pl.DataFrame:

@@ -216,7 +216,8 @@ def layers_panel(profile: pl.DataFrame) -> None:
     for i, (title, value, band, chance, chance_band) in enumerate(profile_panels()):
         with cols[i % 2]:
             st.altair_chart(
-                charts.profile_panel(profile, value, band, chance, chance_band, title), width="stretch"
+                charts.unchecked(charts.profile_panel(profile, value, band, chance, chance_band, title)),
+                width="stretch",
             )
     st.caption(
         "Lines: raw and after removal, with their 95% bands; grey: the chance band. Which layer is least "
@@ -369,9 +370,9 @@ def divergence_panel(found: dict) -> None:
     if not found["has_baseline"]:
         st.info(found["note"] or "One prompt only: no unrelated prompts to compare with. Select two or more.")
         return
-    st.altair_chart(charts.divergence(found["by_offset"]), width="stretch")
+    st.altair_chart(charts.unchecked(charts.divergence(found["by_offset"])), width="stretch")
     st.caption("Per prompt:")
-    st.altair_chart(charts.divergence_per_prompt(found["by_prompt_offset"]))
+    st.altair_chart(charts.unchecked(charts.divergence_per_prompt(found["by_prompt_offset"])))
     st.dataframe(per_prompt_table(found["by_prompt"]), hide_index=True, width="stretch")
 
 

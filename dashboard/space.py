@@ -281,7 +281,7 @@ def render(
                 with col:
                     key = chart_key("density", prefix, view)
                     st.altair_chart(
-                        charts.density(points, prefix, title, ctl.color_by),
+                        charts.unchecked(charts.density(points, prefix, title, ctl.color_by)),
                         width="stretch",
                         key=key,
                         on_select="rerun",
@@ -390,7 +390,7 @@ def _draw_panels(
                 static[prefix] = (drawn, lines, forks, prefix, title, ctl.color_by, ctl.all_lines)
                 legend = [f"legend_{prefix}"] if charts.COLOR_BY[ctl.color_by][1] == "hue" else []
                 st.altair_chart(
-                    charts.projection(*static[prefix]),
+                    charts.unchecked(charts.projection(*static[prefix])),
                     width="stretch",
                     key=chart_key("proj", prefix, view_id),
                     on_select="rerun",

@@ -4,10 +4,15 @@ helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from helpers import FAMILIES, PROMPTS, build_model, build_tokenizer, cli_env
+
+# The app skips Altair's schema check of its charts (dashboard.charts.VALIDATE); the tests keep it, in this
+# process (AppTest) and in the apps they start.
+os.environ.setdefault("BRANCHLENS_VALIDATE_CHARTS", "1")
 
 
 @pytest.fixture(scope="session")

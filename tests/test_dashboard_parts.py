@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -15,6 +16,8 @@ from dashboard.text import branches_html, context_windows, tree_order
 from dashboard.trajectories import anchor_rows, trajectory_lines
 from store.sandbox import SqlError, run_query
 from views.synthetic import write_tree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Branch 0 is the root (0..2); 1 forks off it at 3; 2 forks off 1 at 5; 3 forks off 1 at its first
 # position, 3, so its anchor (position 2) lies on 1's parent, 0.
@@ -583,3 +586,36 @@ def test_the_per_prompt_divergence_panels_draw_an_x_axis_under_each_panel_and_no
     )
     svg = vlc.vegalite_to_svg(divergence_per_prompt(rows).to_dict())
     assert svg.count(">tokens since parting<") == 4
+
+
+def test_the_app_skips_the_chart_schema_check_and_serializes_the_same(tmp_path):
+    """Outside the tests (no BRANCHLENS_VALIDATE_CHARTS) Altair's schema check is off: a chart the check
+    refuses serializes, and a projection panel's spec is the one the check passes, unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import json, altair as alt, polars as pl
+from dashboard import charts
+from test_dashboard_parts import _points
+assert not charts.VALIDATE
+def bad():
+    return alt.Chart(pl.DataFrame({"a": [1]}), mark="point", width="nonsense")  # width must be a number
+charts.unchecked(bad()).to_dict()  # no check: serializes
+try:
+    bad().to_dict()
+    refused = False
+except Exception as exc:
+    refused = type(exc).__name__ == "SchemaValidationError"
+pts, _ = _points()
+panel = charts.projection(pts, None, None, "raw", "raw", "prompt")
+print(json.dumps({"refused": refused, "same": charts.unchecked(panel).to_dict() == panel.to_dict(validate=True)}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "BRANCHLENS_VALIDATE_CHARTS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"refused": True, "same": True}
