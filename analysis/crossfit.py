@@ -80,6 +80,7 @@ class RemovalReport:
         "nan"
     )  # joint estimators: share of the removed position part that is estimate noise
     note: str = ""
+    raw: bool = False  # nothing removed: the residuals are the raw view's vectors, exactly
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +129,7 @@ def crossfit_remove(
     cls = RESIDUALIZERS[spec.method]
     report = new_report(spec)
     if not cls.covariates:
-        report.detected, report.weight = False, 0.0
+        report.detected, report.weight, report.raw = False, 0.0, True
         return _raw(plot, spec, in_place), report
     ref = plot if reference is None else reference
     for name in cls.covariates:
@@ -162,6 +163,7 @@ def crossfit_remove(
     if not spec.gate:
         report.forced, report.weight = True, 1.0
     if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
+        report.raw = True
         return Zr if ref is plot else _raw(plot, spec, in_place), report
     Zp = Zr if ref is plot else ref_scaler.transform(plot.X, in_place)  # ours to overwrite from here on
 

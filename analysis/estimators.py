@@ -175,7 +175,7 @@ def joint_remove(
     if not spec.gate:
         report.forced = True
     if not subtract_keys and not low_rank:
-        report.weight = 0.0
+        report.weight, report.raw = 0.0, True
         return Zr if ref is plot else _raw(plot, spec, in_place), report
 
     plan = JointRemoval()
@@ -208,7 +208,7 @@ def joint_remove(
         smooth = _smooth_part(Zr, ref, fold, report)
         low_rank = smooth is not None
     if not plan.removed and not low_rank:  # the tests found only what is kept
-        report.weight, report.removed_keys = 0.0, []
+        report.weight, report.removed_keys, report.raw = 0.0, [], True
         return Zr if ref is plot else _raw(plot, spec, in_place), report
     Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)  # ours to overwrite from here on
     if plan.removed:
@@ -461,7 +461,7 @@ def erase_remove(
     report.detected = detected
     report.detected_covariates = ["position"] if detected else []
     if not (detected or report.forced):
-        report.weight = 0.0
+        report.weight, report.raw = 0.0, True
         return Zr if ref is plot else _raw(plot, spec, in_place), report
     eraser = LinearEraser().fit(Moments.of(Zr, position_features(ref.position)))
     Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)

@@ -118,6 +118,42 @@ def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(
 
 
 @pytest.mark.parametrize("side_by_side", [True, False])
+def test_a_removal_that_finds_nothing_is_the_raw_view_with_its_own_report(tmp_path, monkeypatch, side_by_side):
+    """No position in the latents: `position` tests and removes nothing. The pair's removed view then takes
+    the raw view's layout and measures instead of computing them again: the same points and numbers as
+    compute() of the removed spec alone, its own removal report, no raw-only layer statistics; the Layers
+    tab's rows likewise."""
+    import views.service as service
+    from views.specs import raw_of
+
+    if not side_by_side:
+        monkeypatch.setattr(service, "PAIR_BYTES", 0)
+    flat = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, pos_scale=0.0, seed=2)
+    store = tmp_path / "flat.duckdb"
+    run_id = write_tree(store, flat, token_ids=np.arange(len(flat)) % 50)
+    spec = ViewSpec(residual=ResidualSpec(method="position"), projection=FAST.projection)
+    sel = Selection(run_id, 0)
+    raw, removed = service.compute_pair(store, sel, raw_of(spec), spec, ViewCache(tmp_path / "cache"))
+    report = removed.result.metrics["removal"]
+    assert report["raw"] and report["weight"] == 0.0 and report["method"] == "position"
+    assert ("same_as_raw" in removed.result.timings) == side_by_side  # apart: two plain compute() calls
+    alone = compute(store, sel, spec)
+    assert removed.points.equals(alone.points) and removed.points.equals(raw.points)
+    assert json.dumps(removed.result.metrics, sort_keys=True, default=str) == json.dumps(
+        alone.result.metrics, sort_keys=True, default=str
+    )
+    assert "pcs" in raw.result.metrics and "pcs" not in removed.result.metrics
+    from views import layer_table
+
+    profile = service.layer_profile(store, sel, spec, [0], ViewCache(tmp_path / "profile"))
+    row = next(r for r in profile if r["method"] != "raw")
+    row.pop("warning")
+    assert json.dumps(row, sort_keys=True) == json.dumps(
+        layer_table.row(0, spec.residual.label(), alone.result.metrics), sort_keys=True
+    )
+
+
+@pytest.mark.parametrize("side_by_side", [True, False])
 def test_the_raw_and_removed_pair_is_what_compute_gives_for_each(
     synthetic_store, tmp_path, monkeypatch, side_by_side
 ):

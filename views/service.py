@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,7 @@ from analysis.view import (
     layer_stats,
     measure,
     residualize,
+    same_as_raw,
 )
 from store import queries
 from store.connect import is_duckdb_file
@@ -117,12 +119,19 @@ def _view_of(
     key: dict,
     cache: ViewCache | None,
     load: float,
+    raw: Callable[[], ViewResult] | None = None,
 ) -> View:
-    """The cached view, or the view computed from the rows (X overwritten with the residuals) and cached."""
+    """The cached view, or the view computed from the rows (X overwritten with the residuals) and cached.
+    raw: the raw view of these rows, for a removal that leaves them raw (analysis.view.compute_view)."""
     if hit is not None:
         return View(keys, hit, {"load": load, "cached": 1.0})
     result = compute_view(
-        to_token_set(keys, X), spec, reference, independent=independent_reference(selection), in_place=True
+        to_token_set(keys, X),
+        spec,
+        reference,
+        independent=independent_reference(selection),
+        in_place=True,
+        raw=raw,
     )
     if cache is not None:
         cache.put(key, result)
@@ -171,17 +180,19 @@ def compute_pair(
         raw.result.residual = None  # the caller reads points and metrics: free the vectors before the next
         return raw, compute(store, selection, spec, cache, lock_timeout)
 
-    def one(i: int, vectors: np.ndarray | None) -> View:
-        return _view_of(keys, vectors, hits[i], specs[i], sels[i], refs[i], keys_[i], cache, load)
+    def one(i: int, vectors: np.ndarray | None, raw: Callable[[], ViewResult] | None = None) -> View:
+        return _view_of(keys, vectors, hits[i], specs[i], sels[i], refs[i], keys_[i], cache, load, raw)
 
     if all(missing):  # each view writes its residuals over its own copy
         # BLAS on half the cores for each view, set and restored from this thread: the views' own
-        # one_thread() blocks then only count (analysis.engine.blas)
+        # one_thread() blocks then only count (analysis.engine.blas). A removal that finds nothing waits
+        # for the raw view and takes its layout and measures.
         with limited(half_the_cores()), ThreadPoolExecutor(2, thread_name_prefix="branchlens-view") as pool:
             raw = pool.submit(one, 0, X.copy())
-            removed = one(1, X)
+            removed = one(1, X, lambda: raw.result().result)
             return raw.result(), removed
-    return one(0, X), one(1, X)
+    first = one(0, X)
+    return first, one(1, X, lambda: first.result)
 
 
 def store_to_open(path: str | Path, root: str | Path | None = None) -> Path | str:
@@ -328,17 +339,23 @@ def _measured(
     sel: Selection,
     key: dict,
     hit: ViewResult | None,
+    raw: Callable[[], ViewResult] | None = None,
 ) -> ViewResult:
     """One layer's measures for one method (no projection), or the cached ones. X is only read here
-    (nothing in place), so raw and removed share it."""
+    (nothing in place), so raw and removed share it. raw: the raw method's measures of these rows, taken
+    where the removal leaves them raw."""
     if hit is not None:
         return hit
     ref = reference if _reference_run(sel) is not None else None  # raw is fitted on nothing
     _, tokens, removal = residualize(to_token_set(keys, X), layer_spec, ref, independent_reference(sel))
-    metrics = measure(tokens, None, layer_spec) | {"removal": removal.to_dict()}
-    if residual.method == "none":
-        metrics |= layer_stats(tokens)
-    hit = ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
+    if removal.raw and raw is not None:
+        hit = same_as_raw(raw(), tokens, removal, {})
+        hit.residual = hit.removal = None
+    else:
+        metrics = measure(tokens, None, layer_spec) | {"removal": removal.to_dict()}
+        if residual.method == "none":
+            metrics |= layer_stats(tokens)
+        hit = ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
     if cache is not None:
         cache.put(key, hit)
     return hit
@@ -384,10 +401,12 @@ def layer_profile(
                 limited(half_the_cores()),
                 ThreadPoolExecutor(2, thread_name_prefix="branchlens-layer") as pool,
             ):
-                futures = [pool.submit(_measured, keys, X, reference, cache, *job) for job in jobs]
-                done = [f.result() for f in futures]
+                first = pool.submit(_measured, keys, X, reference, cache, *jobs[0])
+                done = [_measured(keys, X, reference, cache, *job, first.result) for job in jobs[1:]]
+                done = [first.result(), *done]
         else:
-            done = [_measured(keys, X, reference, cache, *job) for job in jobs]
+            raw = _measured(keys, X, reference, cache, *jobs[0])
+            done = [raw] + [_measured(keys, X, reference, cache, *job, lambda r=raw: r) for job in jobs[1:]]
         here = [
             layer_table.row(layer, residual.label(), hit.metrics) for (residual, *_), hit in zip(jobs, done)
         ]
