@@ -15,6 +15,7 @@ from analysis.synthetic import branch_tree
 from views.__main__ import main as views_main
 from views.cache import ViewCache
 from views.service import Selection, compute
+from views.specs import raw_of
 from views.synthetic import write_tree
 
 FAST = ViewSpec(projection=ProjectionSpec(n_epochs=20))
@@ -96,7 +97,7 @@ def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(
     """The Layers tab measured the shown layer again; it now reads the raw and removed views' metrics.
     Raw and removed are measured side by side on two threads, or one after the other past PAIR_BYTES:
     the same numbers."""
-    import views.service as service
+    import views.loader as loader
     from views.service import layer_profile
     from views.specs import raw_of
 
@@ -111,23 +112,26 @@ def test_the_layer_profile_reuses_the_views_already_shown_with_the_same_numbers(
     assert set(cache.root.rglob("*.npz")) == entries  # nothing measured again, nothing new cached
     fresh = layer_profile(store, shown, spec, [0], None)
     assert json.dumps(served, sort_keys=True) == json.dumps(fresh, sort_keys=True)  # NaN-aware
-    monkeypatch.setattr(service, "PAIR_BYTES", 0)
+    monkeypatch.setattr(loader, "PAIR_BYTES", 0)
     one_by_one = layer_profile(store, shown, spec, [0], None)
     assert json.dumps(one_by_one, sort_keys=True) == json.dumps(fresh, sort_keys=True)
     assert {r["method"] for r in served} == {"raw", spec.residual.label()}
 
 
 @pytest.mark.parametrize("side_by_side", [True, False])
-def test_a_removal_that_finds_nothing_is_the_raw_view_with_its_own_report(tmp_path, monkeypatch, side_by_side):
+def test_a_removal_that_finds_nothing_is_the_raw_view_with_its_own_report(
+    tmp_path, monkeypatch, side_by_side
+):
     """No position in the latents: `position` tests and removes nothing. The pair's removed view then takes
     the raw view's layout and measures instead of computing them again: the same points and numbers as
     compute() of the removed spec alone, its own removal report, no raw-only layer statistics; the Layers
     tab's rows likewise."""
+    import views.loader as loader
     import views.service as service
     from views.specs import raw_of
 
     if not side_by_side:
-        monkeypatch.setattr(service, "PAIR_BYTES", 0)
+        monkeypatch.setattr(loader, "PAIR_BYTES", 0)
     flat = branch_tree(n_prompts=4, branches_per_prompt=6, length=40, d=32, pos_scale=0.0, seed=2)
     store = tmp_path / "flat.duckdb"
     run_id = write_tree(store, flat, token_ids=np.arange(len(flat)) % 50)
@@ -159,11 +163,12 @@ def test_the_raw_and_removed_pair_is_what_compute_gives_for_each(
 ):
     """compute_pair reads once and computes the two views on two threads (or, past PAIR_BYTES, one after
     the other from two reads): the same points and numbers as compute() of each spec, cached the same way."""
+    import views.loader as loader
     import views.service as service
     from views.specs import raw_of
 
     if not side_by_side:
-        monkeypatch.setattr(service, "PAIR_BYTES", 0)
+        monkeypatch.setattr(loader, "PAIR_BYTES", 0)
     store, run_id = synthetic_store
     spec = ViewSpec(residual=ResidualSpec(method="position"), projection=FAST.projection)
     sel = Selection(run_id, 0, prompt_ids=(0, 1, 2))
@@ -558,3 +563,57 @@ def test_every_layer_profile_column_has_a_header_and_help():
     assert len(set(headers)) == len(headers) and all(text for _, text in named.values())
     assert named["pc5_variance"][0] == "PC5 variance"
     assert named["r2_pos_band"][0] == "R2_pos (variance explained by position) ±"
+
+
+def test_a_new_product_is_one_registered_class_with_its_own_cache_namespace(synthetic_store, tmp_path):
+    """views.loader: a product defined here, registered, is loaded by name through the one loader: read
+    from the store, cached under its own name (a second load is served, nonce and all), keyed by its
+    parameters, and served for raw and removed from one read by load_pair."""
+    from store.connect import reading
+    from store.queries import token_rows
+    from views.loader import Product, Request, load, load_pair, register
+
+    class MeanNorm(Product):
+        name = "test-mean-norm"
+        labels_on_hit = False
+
+        def compute(self, rows, request, raw=None):
+            scale = request.param("scale")
+            norms = np.linalg.norm(rows.X.astype(np.float64), axis=1)
+            return {
+                "n": len(rows.keys),
+                "norm": scale * float(norms.mean()),
+                "nonce": float(np.random.random()),
+            }
+
+        def encode(self, result):
+            return {k: np.array(v) for k, v in result.items()}
+
+        def decode(self, arrays, rows, request):
+            return {k: arrays[k].item() for k in arrays}
+
+    register(MeanNorm())
+    store, run_id = synthetic_store
+    sel = Selection(run_id, 0, prompt_ids=(0, 1))
+    spec = ViewSpec(residual=ResidualSpec(method="position"), projection=FAST.projection)
+    cache = ViewCache(tmp_path / "cache")
+    request = Request(store, sel, spec, (("scale", 2.0),))
+    first = load("test-mean-norm", request, cache)
+    with reading(store) as con:
+        keys, X = token_rows(con, run_id, 0, "normal", [0, 1], False)
+    assert first["n"] == len(keys) and first["norm"] == pytest.approx(2 * np.linalg.norm(X, axis=1).mean())
+    assert load("test-mean-norm", Request(str(store), sel, spec, [("scale", 2.0)]), cache) == first  # served
+    assert (
+        load("test-mean-norm", Request(store, sel, spec, (("scale", 3.0),)), cache)["nonce"] != first["nonce"]
+    )
+    assert not any(p.name == "test-mean-norm" for p in cache.root.rglob("*"))  # keyed by content, not name
+    raw, removed = load_pair(
+        "test-mean-norm",
+        Request(store, sel, raw_of(spec), (("scale", 2.0),)),
+        request,
+        ViewCache(tmp_path / "pair"),
+    )
+    assert raw["n"] == removed["n"] == first["n"] and raw["norm"] == removed["norm"] == pytest.approx(
+        first["norm"]
+    )
+    assert raw["nonce"] != removed["nonce"]  # two requests, two results (the same rows read once)

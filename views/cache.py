@@ -58,14 +58,10 @@ class ViewCache:
 
     def get(self, key: dict[str, Any]) -> ViewResult | None:
         found = self.get_arrays(key)
-        if found is None or not {"index", "coords", "meta"} <= found.keys():
-            return None
-        meta = json.loads(str(found["meta"]))
-        return ViewResult(found["index"], found["coords"], None, meta["metrics"], meta["timings"])
+        return None if found is None else result_from_arrays(found)
 
     def put(self, key: dict[str, Any], result: ViewResult) -> None:
-        meta = json.dumps({"metrics": result.metrics, "timings": result.timings}, default=jsonable)
-        self.put_arrays(key, index=result.index, coords=result.coords, meta=np.array(meta))
+        self.put_arrays(key, **result_arrays(result))
 
     def get_arrays(self, key: dict[str, Any]) -> dict[str, np.ndarray] | None:
         """The arrays stored under key, or None (missing or unreadable entry: a miss)."""
@@ -95,3 +91,17 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
+
+
+def result_arrays(result: ViewResult) -> dict[str, np.ndarray]:
+    """A view's index, coordinates and (as JSON) metrics and timings, as the cache stores them."""
+    meta = json.dumps({"metrics": result.metrics, "timings": result.timings}, default=jsonable)
+    return {"index": result.index, "coords": result.coords, "meta": np.array(meta)}
+
+
+def result_from_arrays(found: dict[str, np.ndarray]) -> ViewResult | None:
+    """The view back from result_arrays' arrays (None where they are not a view's)."""
+    if not {"index", "coords", "meta"} <= found.keys():
+        return None
+    meta = json.loads(str(found["meta"]))
+    return ViewResult(found["index"], found["coords"], None, meta["metrics"], meta["timings"])

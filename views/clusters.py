@@ -11,15 +11,15 @@ import polars as pl
 
 from analysis.clusters import CLUSTERINGS, cluster, cluster_summary
 from analysis.view import ViewSpec, residualize
-from store.sources import reading
 from views.cache import ViewCache
-from views.service import (
+from views.loader import (
+    Product,
+    Request,
+    Rows,
     Selection,
-    content_key,
     independent_reference,
-    raw_is_raw,
-    reference_tokens,
-    selected_rows,
+    load,
+    register,
     to_token_set,
 )
 
@@ -33,12 +33,40 @@ class Clusters:
 
     tokens: pl.DataFrame
     summary: list[dict[str, Any]]
+    index: np.ndarray | None = None  # the clustered tokens' rows among the selection's (sinks dropped)
 
     @property
     def dominant(self) -> dict[str, Any] | None:
         """The one cluster (not noise) holding more than DOMINANT of the tokens, if any."""
         big = [s for s in self.summary if s["cluster"] >= 0 and s["share"] > DOMINANT]
         return big[0] if big else None
+
+
+class ClusterIds(Product):
+    """Cluster ids of a view's residual latents (sinks dropped as in the view); params: method, k. A cache
+    hit reads only the token labels."""
+
+    name = "clusters"
+
+    def compute(self, rows: Rows, request: Request, raw=None) -> Clusters:
+        index, tokens, _ = residualize(
+            to_token_set(rows.keys, rows.X),
+            request.spec,
+            rows.reference,
+            independent_reference(request.tokens),
+        )
+        k = request.param("k")
+        labels = cluster(tokens.X, method=request.param("method"), k=k, min_cluster_size=k)
+        return _clusters(rows.keys, np.asarray(index), labels)
+
+    def encode(self, found: Clusters) -> dict[str, np.ndarray]:
+        return {"index": found.index, "labels": np.asarray(found.tokens["cluster"].to_numpy(), np.int64)}
+
+    def decode(self, arrays: dict[str, np.ndarray], rows: Rows | None, request: Request) -> Clusters:
+        return _clusters(rows.keys, arrays["index"], arrays["labels"])
+
+
+register(ClusterIds())
 
 
 def clusters(
@@ -54,21 +82,12 @@ def clusters(
     HDBSCAN (min cluster size k). A cache hit reads only the token labels."""
     if method not in CLUSTERINGS:
         raise ValueError(f"unknown clustering {method!r}; choose one of {', '.join(CLUSTERINGS)}")
-    selection = raw_is_raw(selection, spec)
-    with reading(store, lock_timeout) as con:
-        key = content_key(con, store, selection) | {"spec": spec.to_dict(), "clusters": [method, int(k)]}
-        hit = cache.get_arrays(key) if cache is not None else None
-        keys, X = selected_rows(con, selection, with_vectors=hit is None)
-        reference = None if hit is not None else reference_tokens(con, selection)
-    if hit is not None:
-        index, labels = hit["index"], hit["labels"]
-    else:
-        index, tokens, _ = residualize(
-            to_token_set(keys, X), spec, reference, independent_reference(selection)
-        )
-        labels = cluster(tokens.X, method=method, k=k, min_cluster_size=k)
-        if cache is not None:
-            cache.put_arrays(key, index=np.asarray(index), labels=labels)
+    request = Request(store, selection, spec, (("method", method), ("k", int(k))))
+    return load(ClusterIds.name, request, cache, lock_timeout)
+
+
+def _clusters(keys: pl.DataFrame, index: np.ndarray, labels: np.ndarray) -> Clusters:
+    """The clustered tokens' labels with their cluster ids, and the summary of them."""
     rows = keys[np.asarray(index)].with_columns(pl.Series("cluster", np.asarray(labels, np.int64)))
     summary = cluster_summary(
         labels,
@@ -77,4 +96,4 @@ def clusters(
         position=rows["position"].to_numpy(),
         prompt=rows["prompt_id"].to_numpy(),
     )
-    return Clusters(rows, summary)
+    return Clusters(rows, summary, np.asarray(index))
