@@ -334,30 +334,26 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
 SMALLER_WHOLE = 0.05  # share of the variance a removal must take before a higher share is explained by it
 
 
-def _decimals(x: float) -> int:
-    """Decimals that print x with about three significant digits, never in exponent notation."""
-    return max(0, 2 - math.floor(math.log10(x))) if x > 0 and math.isfinite(x) else 3
-
-
 def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     """Where a removal that took token identity (and at least SMALLER_WHOLE of the variance) left position's
     share of the variance higher than before: how much of the variance went, and what the variance
-    per-position means explain (share x total, per token) did, with its band, so a higher share of a smaller
-    whole is not read as position that grew. '' without bands."""
+    per-position means explain (share x total, as a share of the raw view's total) did, with its band, so a
+    higher share of a smaller whole is not read as position that grew. '' without bands."""
     r, a = raw.get("r2_pos", {}), removed.get("r2_pos", {})
     if not _finite(r.get("r2"), a.get("r2"), r.get("total_var"), a.get("total_var")) or r["total_var"] <= 0:
         return ""
     taken = 1 - a["total_var"] / r["total_var"]
     if a["r2"] <= r["r2"] or taken < SMALLER_WHOLE or not _finite(half_width(r), half_width(a)):
         return ""
-    before, after = r["r2"] * r["total_var"], a["r2"] * a["total_var"]
-    hb, ha = half_width(r) * r["total_var"], half_width(a) * a["total_var"]
+    # as shares of the raw view's variance (the model's own units read 132677 -> 55123 on the demo)
+    scale = a["total_var"] / r["total_var"]
+    before, after = 100 * r["r2"], 100 * a["r2"] * scale
+    hb, ha = 100 * half_width(r), 100 * half_width(a) * scale
     band = math.hypot(hb, ha)
-    dec = _decimals(max(abs(before), abs(after)))
     head = (
         f"Removing {_what(removed)} took {taken:.0%} of the variance, and the variance per-position means "
-        f"explain went {before:.{dec}f} ±{hb:.{dec}f} -> {after:.{dec}f} ±{ha:.{dec}f} per token (band of the change "
-        f"±{band:.{dec}f})"
+        f"explain went {before:.1f}% ±{hb:.1f}% -> {after:.1f}% ±{ha:.1f}% of the raw view's variance (band of "
+        f"the change ±{band:.1f}%)"
     )
     whole = f"the share after removal is of a whole {taken:.0%} smaller"
     if after > before + band:

@@ -226,8 +226,8 @@ def _change(c: Claim, s: str) -> None:
 def _smaller_whole(c: Claim, s: str) -> None:
     m = re.search(
         rf"took {PCT} of the variance, and the variance per-position means explain went "
-        rf"({NUM}) ±({NUM}) -> ({NUM}) ±({NUM}) "
-        rf"per token \(band of the change ±({NUM})\): (.*)\.$",
+        rf"({NUM})% ±({NUM})% -> ({NUM})% ±({NUM})% "
+        rf"of the raw view's variance \(band of the change ±({NUM})%\): (.*)\.$",
         s,
     )
     if not m:

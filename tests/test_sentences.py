@@ -438,7 +438,7 @@ def test_a_share_that_rose_after_token_removal_says_what_the_positional_variance
 ):
     """Removing token identity shrinks the whole, so position's share of what is left can rise with no more
     position (the demo's layer 4: 5.6% -> 8.0% while the variance per-position means explain fell from
-    30,314 to 8,929): the verdict says how much of the variance went and what the positional variance did,
+    5.6% to 1.7% of the raw view's): the verdict says how much of the variance went and what the positional variance did,
     in words the reader checks against the numbers."""
     from analysis.verdict import smaller_whole_sentence
 
@@ -452,7 +452,7 @@ def test_a_share_that_rose_after_token_removal_says_what_the_positional_variance
             "total_var": total,
         }
 
-    raw = {"r2_pos": r2(0.05, 1000.0, 0.005)}  # 50 +- 5 per token
+    raw = {"r2_pos": r2(0.05, 1000.0, 0.005)}  # 5.0% +- 0.5% of the raw variance
     removed = {
         "r2_pos": r2(after_share, after_total, 0.01),
         "removal": _removal(removed=["token identity"], removed_keys=["token"], weight=1.0),
