@@ -66,14 +66,13 @@ def _sd(m: dict) -> float:
     return 0.0 if sd is None or math.isnan(sd) else float(sd)
 
 
-def _chance(m: dict) -> tuple[float, float]:
-    """(chance level, half-width of the band a value at chance falls in) of a leak's dict."""
-    if "chance_leak" in m:  # a position leak: 0, with the band of the shuffles
-        return float(m["chance_leak"]), float(m.get("chance_hi", 0.0))
-    c = float(m.get("chance", 0.0))
-    if "chance_hi" in m:  # a share (same-token neighbours): its chance interval
-        return c, max(float(m["chance_hi"]) - c, 0.0)
-    return c, Z * float(m.get("chance_sd", 0.0) or 0.0)
+def _chance(key: str, m: dict) -> tuple[float, float]:
+    """(chance level, how far above it a value at chance may fall) of a leak, from its Estimate
+    (analysis.measures): a position leak 0 with the shuffles' band, a same-token share its chance
+    interval's top."""
+    est = MEASURES[key].estimate(m)
+    above = est.chance_hi - est.chance
+    return est.chance, max(above, 0.0) if math.isfinite(above) else 0.0
 
 
 def removed_nuisances(removal: dict) -> set[str]:
@@ -100,7 +99,7 @@ def check(raw: dict, after: dict) -> list[Warning]:
         r, a = raw.get(key), after.get(key)
         if not r or not a or not all(math.isfinite(x.get("leak", math.nan)) for x in (r, a)):
             continue
-        c, half = _chance(a)
+        c, half = _chance(key, a)
         band = Z * math.hypot(_sd(r), _sd(a))
         dr, da = r["leak"] - c, a["leak"] - c
         if NUISANCE_OF[m.guard] in removed:
@@ -124,7 +123,7 @@ def check(raw: dict, after: dict) -> list[Warning]:
             cross = after.get(CROSS_PROMPT) or {}
             kind, context = "content unmasked", "no other prompts to compare"
             if math.isfinite(cross.get("leak", math.nan)):
-                cc, ch = _chance(cross)
+                cc, ch = _chance(CROSS_PROMPT, cross)
                 context = f"across prompts {cross['leak']:+.3f}, chance band ±{ch:.3f}"
                 if key != CROSS_PROMPT and cross["leak"] - cc > ch:
                     kind = "position unmasked"

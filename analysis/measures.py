@@ -16,6 +16,7 @@ import numpy as np
 from analysis import metrics as M
 from analysis import probe as P
 from analysis.engine.neighbours import Workspace
+from analysis.stats import Z, half_width
 from analysis.tokens import TokenSet
 
 
@@ -52,6 +53,35 @@ class Context:
         return "prompt" if self.several_prompts else "branch"
 
 
+NAN = float("nan")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One measure's number as every reader takes it (the metrics table, the per-layer table and its
+    charts, the CLI report, the guard): the value with its 95% band, the chance level with the interval a
+    value at chance falls in, which way means more of the nuisance, and what it means. NaN where the
+    measure gave nothing."""
+
+    key: str
+    label: str
+    value: float
+    lo: float
+    hi: float
+    band: float  # half-width of [lo, hi] (or Z sds where the measure gave no interval)
+    chance: float
+    chance_lo: float
+    chance_hi: float
+    chance_band: float  # half-width of [chance_lo, chance_hi] (NaN where the level is fixed)
+    better: str  # 'chance': nearer chance is less of the nuisance; 'higher', 'lower'; '': descriptive
+    signed: bool
+    help: str
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else NAN
+
+
 @dataclass(frozen=True)
 class Measure:
     """key: name in a view's metrics; compute: Context -> dict (or None when it does not apply).
@@ -77,6 +107,42 @@ class Measure:
     layout: bool = (
         False  # reads the 2-D layout: a number about the picture, not the layer (no per-layer column)
     )
+    better: str = "chance"  # which way means less of the nuisance (Estimate.better)
+
+    def estimate(self, result: dict[str, Any] | None) -> Estimate:
+        """The measure's result read as an Estimate. Chance: 'field' its own level, +- Z of its nulls' sd, or
+        the interval their percentiles gave (chance_lo, chance_hi); 'leak' 0 with the shuffles' band;
+        'zero' and 'half' fixed levels (no interval)."""
+        r = result or {}
+        value, lo, hi = _num(r.get(self.field)), _num(r.get("lo")), _num(r.get("hi"))
+        if not r:
+            chance = chance_lo = chance_hi = NAN
+        elif self.chance == "leak":
+            half = _num(r.get("chance_hi"))
+            chance, chance_lo, chance_hi = 0.0, -half, half
+        elif self.chance == "field":
+            chance, sd = _num(r.get("chance")), _num(r.get("chance_sd"))
+            if "chance_sd" in r or "chance_lo" not in r:
+                chance_lo, chance_hi = chance - Z * sd, chance + Z * sd
+            else:  # an interval from its nulls' percentiles (the same-token share)
+                chance_lo, chance_hi = _num(r["chance_lo"]), _num(r.get("chance_hi"))
+        else:
+            chance, chance_lo, chance_hi = (0.5 if self.chance == "half" else 0.0), NAN, NAN
+        return Estimate(
+            self.key,
+            self.label,
+            value,
+            lo,
+            hi,
+            half_width(r) if r else NAN,
+            chance,
+            chance_lo,
+            chance_hi,
+            Z * sd if self.chance == "field" and "chance_sd" in r else (chance_hi - chance_lo) / 2,
+            self.better,
+            self.signed,
+            self.help,
+        )
 
 
 MEASURES: dict[str, Measure] = {}
@@ -223,6 +289,7 @@ register(
         "purity",
         guard="separability",
         help="Is a token's nearest neighbour at the same position (within the window) from its own branch? Chance: a random pick among those tokens. High: branches are separable by content. A removal must not lower it: if it falls, content was removed.",
+        better="",
     )
 )
 register(
@@ -233,6 +300,7 @@ register(
         "purity",
         guard="separability",
         help="As the branch 1-NN accuracy, for prompts: are tokens at the same position closer to their own prompt's tokens than to other prompts'?",
+        better="",
     )
 )
 register(
@@ -242,6 +310,7 @@ register(
         _purity("branch", None, True),
         "purity",
         shown=False,
+        better="",
     )
 )
 register(
@@ -251,6 +320,7 @@ register(
         _purity("prompt", None, True),
         "purity",
         shown=False,
+        better="",
     )
 )
 register(
@@ -260,6 +330,7 @@ register(
         _purity("branch", None, False),
         "purity",
         shown=False,
+        better="",
     )
 )
 register(
@@ -269,6 +340,7 @@ register(
         _purity("prompt", None, False),
         "purity",
         shown=False,
+        better="",
     )
 )
 register(
@@ -291,5 +363,6 @@ register(
         "half",
         help="Trustworthiness of the 2-D layout: are the layout's neighbours true neighbours in the full space? 1: all are; 0.5: a random layout. Below ~0.8, read distances in the picture with care.",
         layout=True,
+        better="higher",
     )
 )

@@ -80,3 +80,54 @@ def test_the_app_shows_a_registered_measure_in_the_metrics_and_the_layers_table(
     assert not at.exception, [e.value for e in at.exception]
     table = at.dataframe[-1].value
     assert "toy_norm" in table.columns and table["toy_norm"].notna().all()
+
+
+def test_every_reader_takes_a_measures_numbers_from_its_one_estimate(synthetic_store, tmp_path):
+    """analysis.measures.Measure.estimate reads each measure's result as one typed Estimate (value, band,
+    chance and the interval a value at chance falls in, which way is better). The metrics table, the
+    per-layer table and the guard quote the same numbers from it; the same-token share's chance interval,
+    which the tables once left blank while the guard used it, is shown."""
+    import math
+
+    from analysis import ResidualSpec, ViewSpec
+    from analysis.guard import _chance as guard_chance
+    from analysis.measures import Estimate
+    from analysis.stats import half_width
+    from views import layer_table
+    from views.present import metric_rows
+    from views.service import Selection, compute
+
+    spec = ViewSpec(residual=ResidualSpec(method="none"))
+    metrics = compute(synthetic_store, Selection("run-synthetic-helix", 1), spec).result.metrics
+    row = layer_table.row(1, "raw", metrics)
+    table = {r.key: r for r in metric_rows(metrics, metrics)}
+    seen = 0
+    for key, measure in MEASURES.items():
+        result = metrics.get(key)
+        if not result:
+            continue
+        seen += 1
+        est = measure.estimate(result)
+        assert (
+            isinstance(est, Estimate) and est.key == key and est.better in ("chance", "higher", "lower", "")
+        )
+        assert est.value == result[measure.field] and (est.band == half_width(result) or math.isnan(est.band))
+        if measure.shown and not measure.layout:
+            for part, column in (
+                ("value", key),
+                ("band", f"{key}_band"),
+                ("chance_band", f"{key}_chance_band"),
+            ):
+                got, want = row[column], getattr(est, part)
+                assert got == want or (math.isnan(got) and math.isnan(want)), (key, part, got, want)
+        if (
+            measure.shown
+            and math.isfinite(est.chance_band)
+            and (est.chance_band > 0 or measure.chance != "field")
+        ):
+            assert table[key].chance_band == f"±{est.chance_band:.3f}", key
+        if measure.guard in ("leak:position", "leak:token"):
+            assert guard_chance(key, result) == (est.chance, max(est.chance_hi - est.chance, 0.0))
+    assert seen >= 8
+    token = MEASURES["token_leak"].estimate(metrics["token_leak"])
+    assert math.isfinite(token.chance_band) and table["token_leak"].chance_band == f"±{token.chance_band:.3f}"

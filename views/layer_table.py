@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from analysis.measures import MEASURES, Measure
-from analysis.stats import Z, half_width
 from analysis.verdict import removal_title
 
 NAN = float("nan")
@@ -47,42 +46,32 @@ def _field(key: str, field: str) -> Callable[[dict], float]:
     return lambda m: _num((m.get(key) or {}).get(field))
 
 
-def chance_of(kind: str, result: dict) -> tuple[float, float]:
-    """(chance level, its band's half-width) of one measure's result, as every table reads it (kind: the
-    measure's `chance`): 'field' its own chance and Z sds; a leak's chance is 0 with the shuffles' band;
-    'zero' and 'half' are fixed levels. NaN where the measure gave nothing."""
-    if not result:
-        return NAN, NAN
-    if kind == "field":
-        return _num(result.get("chance")), Z * _num(result.get("chance_sd"))
-    if kind == "leak":
-        return 0.0, _num(result.get("chance_hi"))
-    return (0.5 if kind == "half" else 0.0), NAN
-
-
-def _chance(measure: Measure) -> tuple[Callable[[dict], float], Callable[[dict], float]]:
-    """(chance level, its band's half-width) of a measure, from a view's metrics (chance_of)."""
-    k, kind = measure.key, measure.chance
-    return (lambda m: chance_of(kind, m.get(k) or {})[0]), (lambda m: chance_of(kind, m.get(k) or {})[1])
+def _estimate(measure: Measure, part: str) -> Callable[[dict], float]:
+    """One number of a measure's Estimate (analysis.measures), from a view's metrics."""
+    return lambda m: getattr(measure.estimate(m.get(measure.key)), part)
 
 
 def measure_columns(measure: Measure) -> list[Column]:
     """The four columns of one measure (R2_pos adds its adjusted and held-out forms)."""
     k, label, signed = measure.key, measure.label, measure.signed
     fmt = "{:+.3f}" if signed else "{:.3f}"
-    chance, chance_band = _chance(measure)
     cols = [
-        Column(k, label, measure.help or label, _field(k, measure.field), k, fmt),
-        Column(f"{k}_band", f"{label} ±", f"95% band of {label}", lambda m: half_width(m.get(k) or {})),
+        Column(k, label, measure.help or label, _estimate(measure, "value"), k, fmt),
+        Column(f"{k}_band", f"{label} ±", f"95% band of {label}", _estimate(measure, "band")),
         Column(
             f"{k}_chance",
             f"{label}: chance",
             f"{label} at chance",
-            chance,
+            _estimate(measure, "chance"),
             f"{k} chance" if measure.chance == "field" else None,
             fmt,
         ),
-        Column(f"{k}_chance_band", f"{label}: chance ±", "95% band of that chance level", chance_band),
+        Column(
+            f"{k}_chance_band",
+            f"{label}: chance ±",
+            "half-width of the interval a value at chance falls in (95%)",
+            _estimate(measure, "chance_band"),
+        ),
     ]
     if k == "r2_pos":
         cols += [

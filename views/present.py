@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from analysis.guard import Warning, check
-from analysis.measures import MEASURES
+from analysis.measures import MEASURES, Measure
 from analysis.stats import Z, half_width
 from analysis.verdict import headline_and_details, removal_title, verdict
 from views import layer_table
@@ -76,15 +76,18 @@ def band_caption(metrics: dict) -> str:
     return "± : the 95% band (resampled query tokens)"
 
 
-def _chance(kind: str, raw: dict, removed: dict, signed: bool) -> tuple[str, str]:
-    """(chance level, its band) as text (layer_table.chance_of), from the raw view's result where it has the
-    level, else the removed one's (a leak's band: the removed view's shuffles where it has them)."""
-    if kind == "field":
+def _chance(measure: Measure, raw: dict, removed: dict) -> tuple[str, str]:
+    """(chance level, its band) as text, from the measure's Estimate (analysis.measures): of the raw view's
+    result where it has the level, else the removed one's (a leak's band: the removed view's shuffles
+    where it has them)."""
+    if measure.chance == "field":
         result = raw if "chance" in raw else removed
     else:
         result = removed if "chance_hi" in removed else raw
-    level, band = layer_table.chance_of(kind, result)
-    shown = _fmt(level, signed) if kind == "field" else ("0.5" if kind == "half" else "0")
+    est = measure.estimate(result)
+    kind = measure.chance
+    shown = _fmt(est.chance, measure.signed) if kind == "field" else ("0.5" if kind == "half" else "0")
+    band = est.chance_band
     keep = math.isfinite(band) and (band > 0 or kind != "field")  # a field's zero sd: no band shown
     return shown, (f"±{band:.3f}" if keep else "")
 
@@ -100,7 +103,7 @@ def metric_rows(raw: dict, removed: dict) -> list[MetricRow]:
         r, a = raw.get(m.key) or {}, removed.get(m.key) or {}
         if not r and not a:
             continue
-        chance, chance_band = _chance(m.chance, r, a, m.signed)
+        chance, chance_band = _chance(m, r, a)
         rows.append(
             MetricRow(
                 m.key,
