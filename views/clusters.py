@@ -11,17 +11,9 @@ import polars as pl
 
 from analysis.clusters import CLUSTERINGS, cluster, cluster_summary
 from analysis.view import ViewSpec, residualize
+from views import loader
 from views.cache import ViewCache
-from views.loader import (
-    Product,
-    Request,
-    Rows,
-    Selection,
-    independent_reference,
-    load,
-    register,
-    to_token_set,
-)
+from views.loader import Product, Request, Rows, Selection
 
 DOMINANT = 0.5  # a cluster holding more than this share of the tokens says little: the app says so
 
@@ -50,10 +42,10 @@ class ClusterIds(Product):
 
     def compute(self, rows: Rows, request: Request, raw=None) -> Clusters:
         index, tokens, _ = residualize(
-            to_token_set(rows.keys, rows.X),
+            loader.to_token_set(rows.keys, rows.X),
             request.spec,
             rows.reference,
-            independent_reference(request.tokens),
+            loader.independent_reference(request.tokens),
         )
         k = request.param("k")
         labels = cluster(tokens.X, method=request.param("method"), k=k, min_cluster_size=k)
@@ -66,7 +58,7 @@ class ClusterIds(Product):
         return _clusters(rows.keys, arrays["index"], arrays["labels"])
 
 
-register(ClusterIds())
+loader.register(ClusterIds())
 
 
 def clusters(
@@ -83,7 +75,7 @@ def clusters(
     if method not in CLUSTERINGS:
         raise ValueError(f"unknown clustering {method!r}; choose one of {', '.join(CLUSTERINGS)}")
     request = Request(store, selection, spec, (("method", method), ("k", int(k))))
-    return load(ClusterIds.name, request, cache, lock_timeout)
+    return loader.load(ClusterIds.name, request, cache, lock_timeout)
 
 
 def _clusters(keys: pl.DataFrame, index: np.ndarray, labels: np.ndarray) -> Clusters:
