@@ -110,9 +110,9 @@ class Measure:
     better: str = "chance"  # which way means less of the nuisance (Estimate.better)
 
     def estimate(self, result: dict[str, Any] | None) -> Estimate:
-        """The measure's result read as an Estimate. Chance: 'field' its own level, +- Z of its nulls' sd, or
-        the interval their percentiles gave (chance_lo, chance_hi); 'leak' 0 with the shuffles' band;
-        'zero' and 'half' fixed levels (no interval)."""
+        """The measure's result read as an Estimate. Chance: 'field' its own level with the interval its
+        nulls gave (chance_lo, chance_hi; else +- Z of their sd) and a band of Z sds (else the interval's
+        half-width); 'leak' 0 with the shuffles' band; 'zero' and 'half' fixed levels (no interval)."""
         r = result or {}
         value, lo, hi = _num(r.get(self.field)), _num(r.get("lo")), _num(r.get("hi"))
         if not r:
@@ -122,10 +122,8 @@ class Measure:
             chance, chance_lo, chance_hi = 0.0, -half, half
         elif self.chance == "field":
             chance, sd = _num(r.get("chance")), _num(r.get("chance_sd"))
-            if "chance_sd" in r or "chance_lo" not in r:
-                chance_lo, chance_hi = chance - Z * sd, chance + Z * sd
-            else:  # an interval from its nulls' percentiles (the same-token share)
-                chance_lo, chance_hi = _num(r["chance_lo"]), _num(r.get("chance_hi"))
+            chance_lo = _num(r["chance_lo"]) if "chance_lo" in r else chance - Z * sd
+            chance_hi = _num(r["chance_hi"]) if "chance_hi" in r else chance + Z * sd
         else:
             chance, chance_lo, chance_hi = (0.5 if self.chance == "half" else 0.0), NAN, NAN
         return Estimate(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from analysis.measures import MEASURES, Estimate
 from analysis.stats import Z, half_width
 
 
@@ -26,23 +27,26 @@ def _excess(value: float, chance: float) -> float:
 ORGANIZING = 0.2  # an above-chance score (0..1) from which a factor is said to organize a layer
 
 
+def _estimate(metrics: dict[str, Any], key: str) -> Estimate:
+    """A measure's numbers as every reader takes them (analysis.measures.Estimate); NaN where absent."""
+    return MEASURES[key].estimate(metrics.get(key))
+
+
 def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """Each factor's above-chance score (0 = chance, 1 = perfect) with its 95% half-width (nan: none): position (kNN
     leak across branches), token identity (same-token neighbours), prompt and branch (pooled kNN purity)."""
     scores = {}
-    leak = raw.get("leak", {})
-    if _finite(leak.get("leak")):
-        scores["position"] = (float(leak["leak"]), half_width(leak))
-    tok = raw.get("token_leak", {})
-    if _finite(tok.get("leak"), tok.get("chance")) and tok["chance"] < 1:
-        scores["token identity"] = (
-            _excess(tok["leak"], tok["chance"]),
-            half_width(tok) / (1 - tok["chance"]),
-        )
-    for label, key in (("prompt", "purity_prompt_pooled"), ("branch", "purity_branch_pooled")):
-        m = raw.get(key, {})
-        if _finite(m.get("purity"), m.get("chance")) and m["chance"] < 1:
-            scores[label] = (_excess(m["purity"], m["chance"]), half_width(m) / (1 - m["chance"]))
+    leak = _estimate(raw, "leak")
+    if _finite(leak.value):
+        scores["position"] = (leak.value, leak.band)
+    for label, key in (
+        ("token identity", "token_leak"),
+        ("prompt", "purity_prompt_pooled"),
+        ("branch", "purity_branch_pooled"),
+    ):
+        e = _estimate(raw, key)
+        if _finite(e.value, e.chance) and e.chance < 1:
+            scores[label] = (_excess(e.value, e.chance), e.band / (1 - e.chance))
     return scores
 
 
@@ -93,13 +97,13 @@ def factor_sentence(raw: dict[str, Any]) -> str:
 
 def token_sentence(raw: dict[str, Any]) -> str:
     """How often other branches' nearest neighbours share the current token, with both bands."""
-    tok = raw.get("token_leak", {})
-    if not _finite(tok.get("leak"), tok.get("chance")):
+    tok = _estimate(raw, "token_leak")
+    if not _finite(tok.value, tok.chance):
         return ""
-    band = f" ±{_half(tok):.0%}" if _half(tok) else ""
-    chance_hi = tok.get("chance_hi")
-    chance = f"chance {tok['chance']:.0%}" + (f", up to {chance_hi:.0%}" if _finite(chance_hi) else "")
-    return f"Nearest neighbours in other branches share the current token **{tok['leak']:.0%}**{band} of the time ({chance})."
+    half = tok.band if _finite(tok.band) else 0.0
+    band = f" ±{half:.0%}" if half else ""
+    chance = f"chance {tok.chance:.0%}" + (f", up to {tok.chance_hi:.0%}" if _finite(tok.chance_hi) else "")
+    return f"Nearest neighbours in other branches share the current token **{tok.value:.0%}**{band} of the time ({chance})."
 
 
 def p_value_text(removal: dict[str, Any]) -> str:
@@ -114,15 +118,14 @@ def p_value_text(removal: dict[str, Any]) -> str:
 def probe_clause(probe: dict[str, Any]) -> str:
     """What the prompt-held-out probe says, no stronger than its band: "decodable" only when the whole
     band clears chance's top, "not decodable" only when the band's top is under it, else undecided."""
-    if not _finite(probe.get("r2"), probe.get("chance_hi"), probe.get("lo"), probe.get("hi")):
+    e = MEASURES["probe"].estimate(probe)
+    if not _finite(e.value, e.chance_hi, e.lo, e.hi):
         return ""
-    top = max(probe["chance_hi"], 0.0)
-    numbers = (
-        f"probe R2 {probe['r2']:.2f}, band {probe['lo']:.2f} to {probe['hi']:.2f}, chance at most {top:.2f}"
-    )
-    if probe["lo"] > top:
+    top = max(e.chance_hi, 0.0)
+    numbers = f"probe R2 {e.value:.2f}, band {e.lo:.2f} to {e.hi:.2f}, chance at most {top:.2f}"
+    if e.lo > top:
         return f" and is linearly decodable across prompts ({numbers})"
-    if probe["hi"] <= top:
+    if e.hi <= top:
         return f" and is not linearly decodable across prompts ({numbers})"
     return f" and its linear decodability across prompts is undecided: the band reaches chance ({numbers})"
 
@@ -140,15 +143,12 @@ def sentences(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> lis
 
 def position_sentence(raw: dict[str, Any]) -> str:
     """Position's share of the variance with its band and chance, and what the probe reads ('' without)."""
-    r2 = raw.get("r2_pos", {})
-    if not _finite(r2.get("r2"), r2.get("chance")):
+    r2 = _estimate(raw, "r2_pos")
+    if not _finite(r2.value, r2.chance):
         return ""
-    half = half_width(r2)
-    band = f" ±{half:.1%}" if _finite(half) else ""
-    cband = f" ±{Z * r2['chance_sd']:.1%}" if _finite(r2.get("chance_sd")) else ""
-    text = (
-        f"Position explains **{r2['r2']:.1%}** of the variance here{band} (chance {r2['chance']:.1%}{cband})"
-    )
+    band = f" ±{r2.band:.1%}" if _finite(r2.band) else ""
+    cband = f" ±{r2.chance_band:.1%}" if _finite(r2.chance_band) else ""
+    text = f"Position explains **{r2.value:.1%}** of the variance here{band} (chance {r2.chance:.1%}{cband})"
     return text + probe_clause(raw.get("probe", {})) + "."
 
 
