@@ -339,6 +339,8 @@ class GroupFlipper:
     groups reads nothing real in another. Where content drifts the same way forward and backward in time
     (any stationary Gaussian process), the flipped positions are as good a null as the real ones."""
 
+    MIN_GROUPS = 4  # a flip and its complement give one R2: 2 groups have 1 distinct null, 4 have 3
+
     def __init__(self, groups: np.ndarray, position: np.ndarray):
         self.code = np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
         self.n_groups = int(self.code.max()) + 1 if len(self.code) else 0

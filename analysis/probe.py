@@ -144,13 +144,15 @@ def position_probe(
 
     Keys: r2 (pooled out-of-fold R2) with sd, lo, hi (bootstrap over whole groups, or over `units` (n,)
     when given, predictions fixed: a token bootstrap gave a fourteenth of the spread across prompts);
-    chance, chance_sd, chance_lo, chance_hi (refits with positions rotated within groups, band = mean
-    +- 1.96 sd: a rotation keeps runs of positions consecutive, so content that drifts along a branch
-    gives the probe spurious trends to fit as the real positions do; a shuffle did not, and its band was
-    a tenth of the spread of R2 over seeds with no position at all, docs/removal.md); rmse and position_sd (in positions); pos_var_share: the share of X's total variance
-    that is position (per-position means) along the probe's pattern direction (decodable but small:
-    r2 high, pos_var_share tiny), with pos_var_share_sd, _lo, _hi (the same bootstrap) and
-    pos_var_share_chance, _chance_sd (the permutation refits); alphas (chosen, per fold), n,
+    chance, chance_sd, chance_lo, chance_hi (refits with positions reflected about their group's mean in a
+    random half of the groups, band = mean +- 1.96 sd: runs of positions stay runs, so content that
+    drifts along a branch gives the probe spurious trends to fit as the real positions do; a shuffle did
+    not, and its band was a tenth of the spread of R2 over seeds with no position at all,
+    docs/removal.md; NaN with a note under GroupFlipper.MIN_GROUPS groups, too few distinct flips);
+    rmse and position_sd (in positions); pos_var_share: the share of X's total variance that is position
+    (per-position means) along the probe's pattern direction (decodable but small: r2 high,
+    pos_var_share tiny), with pos_var_share_sd, _lo, _hi (the same bootstrap) and
+    pos_var_share_chance, _chance_sd (the flipped refits); alphas (chosen, per fold), n,
     n_groups, n_folds, n_dims, selection ("pooled" or "nested"), note.
     Drop attention sinks first: a few huge-norm tokens dominate the standardization.
     """
@@ -223,7 +225,12 @@ def position_probe(
     m = resample.n_units(units)  # each held-out prediction depends on the other prompts: widened
     onehot = _onehot(y)
     share, share_boot = _position_var_share(Xc, pred, onehot, counts)
-    chance = r2[1:]
+    chance = r2[1:] if flip.n_groups >= GroupFlipper.MIN_GROUPS else r2[:0]
+    if not len(chance):
+        out["note"] = (
+            f"chance needs at least {GroupFlipper.MIN_GROUPS} groups to flip (here {flip.n_groups}): "
+            "not estimated"
+        )
     c_mean, c_sd = (float(chance.mean()), float(chance.std())) if len(chance) else (nan, nan)
     s_mean, s_sd = (float(share[1:].mean()), float(share[1:].std())) if len(chance) else (nan, nan)
     return out | {

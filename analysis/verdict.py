@@ -334,6 +334,12 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
 SMALLER_WHOLE = 0.05  # share of the variance a removal must take before a higher share is explained by it
 
 
+def _decimals(x: float) -> int:
+    """Decimals that print x with at least two significant digits (one at 10 and above), never in exponent
+    notation: 6.4, 0.27, 0.0031."""
+    return max(1, 1 - math.floor(math.log10(x))) if x > 0 and math.isfinite(x) else 1
+
+
 def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     """Where a removal that took token identity (and at least SMALLER_WHOLE of the variance) left position's
     share of the variance higher than before: how much of the variance went, and what the variance
@@ -350,10 +356,11 @@ def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     before, after = 100 * r["r2"], 100 * a["r2"] * scale
     hb, ha = 100 * half_width(r), 100 * half_width(a) * scale
     band = math.hypot(hb, ha)
+    dec = _decimals(max(abs(before), abs(after), band))
     head = (
         f"Removing {_what(removed)} took {taken:.0%} of the variance, and the variance per-position means "
-        f"explain went {before:.1f}% ±{hb:.1f}% -> {after:.1f}% ±{ha:.1f}% of the raw view's variance (band of "
-        f"the change ±{band:.1f}%)"
+        f"explain went {before:.{dec}f}% ±{hb:.{dec}f}% -> {after:.{dec}f}% ±{ha:.{dec}f}% of the raw view's "
+        f"variance (band of the change ±{band:.{dec}f}%)"
     )
     whole = f"the share after removal is of a whole {taken:.0%} smaller"
     if after > before + band:

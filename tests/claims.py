@@ -235,7 +235,7 @@ def _smaller_whole(c: Claim, s: str) -> None:
         return
     before, after, band = _f(m.group(2)), _f(m.group(4)), _f(m.group(6))
     decimals = len(m.group(2).split(".")[1]) if "." in m.group(2) else 0
-    word, t = m.group(7), 10**-decimals  # two values printed at this many decimals
+    word, t = m.group(7), 1.5 * 10**-decimals  # three values printed at this many decimals
     grew, fell = after > before + band - t, after < before - band + t
     if word == "it grew as well" and not grew:
         c.problems.append("'grew' within the band of the change")

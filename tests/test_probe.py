@@ -176,3 +176,23 @@ def test_the_probes_chance_band_holds_content_that_drifts():
         inside.append(r["chance_lo"] <= r["r2"] <= r["chance_hi"])
     print(f"\nno position: R2 inside its chance band in {sum(inside)} of 20 seeds")
     assert sum(inside) >= 17, inside
+
+
+def test_the_probes_chance_is_not_estimated_from_too_few_groups_to_flip():
+    """A flip and its complement give one R2: two prompts have one distinct null (its sd 0, a band of zero
+    width that any R2 misses), four have three. Under GroupFlipper.MIN_GROUPS groups chance is NaN with a
+    note, and the verdict makes no decodability claim."""
+    from analysis.metrics import GroupFlipper
+    from analysis.regimes import generate
+    from analysis.verdict import probe_clause
+
+    t = generate("no_position", 0).tokens
+    t = t.subset(np.flatnonzero(t.position > 0))
+    for n in (2, 3):
+        few = t.subset(np.flatnonzero(t.prompt < n))
+        r = position_probe(few.X, few.position, few.prompt)
+        assert np.isfinite(r["r2"]) and np.isnan(r["chance"]) and np.isnan(r["chance_hi"])
+        assert f"at least {GroupFlipper.MIN_GROUPS} groups" in r["note"] and probe_clause(r) == ""
+    enough = t.subset(np.flatnonzero(t.prompt < GroupFlipper.MIN_GROUPS))
+    r = position_probe(enough.X, enough.position, enough.prompt)
+    assert r["chance_sd"] > 0 and r["note"] == ""

@@ -113,8 +113,14 @@ class Product:
         raise NotImplementedError
 
     def cached(self, cache: ViewCache, key: dict, request: Request) -> dict[str, np.ndarray] | None:
-        """The cached arrays for key (a product may also look in another's namespace)."""
-        return cache.get_arrays(key)
+        """The cached arrays for key, None where there are none or they are not this product's (a product
+        may also look in another's namespace)."""
+        found = cache.get_arrays(key)
+        return found if found is not None and self.readable(found) else None
+
+    def readable(self, arrays: dict[str, np.ndarray]) -> bool:
+        """Whether decode can read these arrays (an unreadable entry is a miss, not an error)."""
+        return True
 
 
 PRODUCTS: dict[str, Product] = {}
@@ -136,9 +142,16 @@ def _key(con, name: str, request: Request, digest: tuple[int, int] | None = None
     return base | {"spec": request.spec.to_dict(), "product": name, "params": dict(request.params)}
 
 
-def load(name: str, request: Request, cache: ViewCache | None = None, lock_timeout: float = 0.0) -> Any:
+def load(
+    name: str,
+    request: Request,
+    cache: ViewCache | None = None,
+    lock_timeout: float = 0.0,
+    raw: Callable[[], Any] | None = None,
+) -> Any:
     """The product `name` of a request: from the cache (a hit reads no vectors), else read and computed
-    and cached. The store is open only while reading."""
+    and cached. The store is open only while reading. raw: the product of the raw view of the same tokens
+    (Product.compute)."""
     product = PRODUCTS[name]
     sel = request.tokens
     t0 = time.perf_counter()
@@ -152,7 +165,7 @@ def load(name: str, request: Request, cache: ViewCache | None = None, lock_timeo
     rows = Rows(keys, X, reference, time.perf_counter() - t0)
     if hit is not None:
         return product.decode(hit, rows, request)
-    result = product.compute(rows, request)
+    result = product.compute(rows, request, raw)
     if cache is not None:
         cache.put_arrays(key, **product.encode(result))
     return result
@@ -170,11 +183,12 @@ def load_pair(
     product = PRODUCTS[name]
     requests = (first, second)
     t0 = time.perf_counter()
+    sels = [r.tokens for r in requests]
+    if _filter(sels[0]) != _filter(sels[1]) or first.store != second.store:
+        raise ValueError("load_pair takes two requests on the same tokens of one store")
     with reading(first.store, lock_timeout) as con:
-        sels = [r.tokens for r in requests]
-        same_rows = _filter(sels[0]) == _filter(sels[1])
-        digest = queries.token_digest(con, *_filter(sels[0])) if same_rows else None
-        if digest is not None and digest[0] == 0:
+        digest = queries.token_digest(con, *_filter(sels[0]))  # one content hash serves both keys
+        if digest[0] == 0:
             content_key(con, first.store, sels[0])  # raises the no-tokens error
         keys_ = [_key(con, name, r, digest) for r in requests]
         hits = [product.cached(cache, k, r) if cache is not None else None for k, r in zip(keys_, requests)]
@@ -194,7 +208,7 @@ def load_pair(
         release = getattr(product, "release", None)
         if release is not None:
             release(one)  # the caller reads what it needs: the vectors go before the next read
-        return one, load(name, second, cache, lock_timeout)
+        return one, load(name, second, cache, lock_timeout, lambda: one)
 
     def one(i: int, vectors: np.ndarray | None, raw: Callable[[], Any] | None = None) -> Any:
         rows = Rows(rows_keys, vectors, refs[i], load_s)

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from analysis.guard import check
+from analysis.measures import MEASURES
 from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet
 from analysis.view import (
@@ -90,6 +91,9 @@ class Points(Product):
     def encode(self, view: View) -> dict[str, np.ndarray]:
         return result_arrays(view.result)
 
+    def readable(self, arrays: dict[str, np.ndarray]) -> bool:
+        return result_from_arrays(arrays) is not None
+
     def decode(self, arrays: dict[str, np.ndarray], rows: Rows | None, request: Request) -> View:
         return View(rows.keys, result_from_arrays(arrays), {"load": rows.load, "cached": 1.0})
 
@@ -119,8 +123,9 @@ class Profile(Product):
         )
         if removal.raw and raw is not None:
             done = same_as_raw(raw(), tokens, removal, {})
-            done.residual = done.removal = None
-            return done
+            # the raw measures may come from a shown view's entry: no layout here, as if measured
+            metrics = {k: v for k, v in done.metrics.items() if not (k in MEASURES and MEASURES[k].layout)}
+            return ViewResult(np.zeros(0, np.int64), np.zeros((0, 2), np.float32), None, metrics, {})
         metrics = measure(tokens, None, request.spec) | {"removal": removal.to_dict()}
         if request.spec.residual.method == "none":
             metrics |= layer_stats(tokens)
@@ -129,11 +134,14 @@ class Profile(Product):
     def encode(self, result: ViewResult) -> dict[str, np.ndarray]:
         return result_arrays(result)
 
+    def readable(self, arrays: dict[str, np.ndarray]) -> bool:
+        return result_from_arrays(arrays) is not None
+
     def decode(self, arrays: dict[str, np.ndarray], rows: Rows | None, request: Request) -> ViewResult:
         return result_from_arrays(arrays)
 
     def cached(self, cache: ViewCache, key: dict, request: Request) -> dict[str, np.ndarray] | None:
-        own = cache.get_arrays(key)
+        own = super().cached(cache, key, request)
         if own is not None:
             return own
         view = cache.get_arrays(key | {"product": Points.name})
