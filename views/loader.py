@@ -196,7 +196,8 @@ def load_pair(
         x_bytes = keys_[0]["rows"] * queries.vector_dim(con) * 4
         side_by_side = all(missing) and keys_[0] != keys_[1] and x_bytes * product.copies <= PAIR_BYTES
         apart = all(missing) and not side_by_side and (keys_[0] == keys_[1] or product.writes_vectors)
-        if not apart:
+        rows_keys, X, refs = None, None, [None, None]  # apart: each load() reads its own
+        if not apart and (any(missing) or product.labels_on_hit):  # else both served without labels
             rows_keys, X = selected_rows(con, sels[0], with_vectors=any(missing))
             refs = [None if h is not None else reference_tokens(con, s) for s, h in zip(sels, hits)]
     load_s = time.perf_counter() - t0
@@ -211,7 +212,7 @@ def load_pair(
         return one, load(name, second, cache, lock_timeout, lambda: one)
 
     def one(i: int, vectors: np.ndarray | None, raw: Callable[[], Any] | None = None) -> Any:
-        rows = Rows(rows_keys, vectors, refs[i], load_s)
+        rows = Rows(rows_keys, vectors, refs[i], load_s) if rows_keys is not None else None
         if hits[i] is not None:
             return product.decode(hits[i], rows, requests[i])
         result = product.compute(rows, requests[i], raw)
