@@ -349,7 +349,7 @@ register(
         "r2",
         signed=True,
         reads_vectors=True,
-        help="How well a linear (ridge) probe, trained on other prompts (a lone prompt's other branches), reads each token's position: 1 = exactly, 0 = no better than the mean position. Chance: the same with positions reversed in a random half of the prompts (runs of positions stay runs, so content that drifts along a branch is as easy to fit as with the real positions; a shuffle made chance's band far too narrow; with fewer than 4 prompts, or branches of a lone prompt, too few flips differ and chance is not given). Above chance's band: position is linearly decodable here, however little variance it takes (compare R2_pos); after a removal, what is left of it.",
+        help="How well a linear (ridge) probe, trained on other prompts (a lone prompt's other branches), reads each token's position: 1 = exactly, 0 = no better than the mean position. Chance: the same with positions reversed in a random half of the prompts (runs of positions stay runs, so content that drifts along a branch is as easy to fit as with the real positions; a shuffle made chance's band far too narrow; with fewer than 4 prompts (a lone prompt: 4 branches) too few flips differ and chance is not given). Above chance's band: position is linearly decodable here, however little variance it takes (compare R2_pos); after a removal, what is left of it.",
     )
 )
 register(
