@@ -99,9 +99,14 @@ def result_arrays(result: ViewResult) -> dict[str, np.ndarray]:
     return {"index": result.index, "coords": result.coords, "meta": np.array(meta)}
 
 
+def is_result(found: dict[str, np.ndarray]) -> bool:
+    """Whether cached arrays are a view's (result_arrays'), without reading its JSON."""
+    return {"index", "coords", "meta"} <= found.keys()
+
+
 def result_from_arrays(found: dict[str, np.ndarray]) -> ViewResult | None:
     """The view back from result_arrays' arrays (None where they are not a view's)."""
-    if not {"index", "coords", "meta"} <= found.keys():
+    if not is_result(found):
         return None
     meta = json.loads(str(found["meta"]))
     return ViewResult(found["index"], found["coords"], None, meta["metrics"], meta["timings"])

@@ -33,7 +33,7 @@ from store.connect import is_duckdb_file
 from store.errors import StoreMissing
 from store.sources import is_shard_run
 from views import layer_table
-from views.cache import ViewCache, result_arrays, result_from_arrays
+from views.cache import ViewCache, is_result, result_arrays, result_from_arrays
 from views.loader import (
     Product,
     Request,
@@ -92,7 +92,7 @@ class Points(Product):
         return result_arrays(view.result)
 
     def readable(self, arrays: dict[str, np.ndarray]) -> bool:
-        return result_from_arrays(arrays) is not None
+        return is_result(arrays)  # checked without parsing the metrics, which decode does
 
     def decode(self, arrays: dict[str, np.ndarray], rows: Rows | None, request: Request) -> View:
         return View(rows.keys, result_from_arrays(arrays), {"load": rows.load, "cached": 1.0})
@@ -135,7 +135,7 @@ class Profile(Product):
         return result_arrays(result)
 
     def readable(self, arrays: dict[str, np.ndarray]) -> bool:
-        return result_from_arrays(arrays) is not None
+        return is_result(arrays)  # checked without parsing the metrics, which decode does
 
     def decode(self, arrays: dict[str, np.ndarray], rows: Rows | None, request: Request) -> ViewResult:
         return result_from_arrays(arrays)
