@@ -1,13 +1,16 @@
 """The metrics of a view, registered in one place: how each is computed, shown and guarded.
 
 A new metric is one `Measure` added with `register`: analysis.view.measure computes it, the dashboard's
-metrics table shows it (label, value field, chance), and analysis.guard checks it when it says how.
+metrics table and the per-layer table (app and CLI) show it (label, value field, chance, declared extras),
+the verdict and analysis.guard read it as an `Estimate`. A number about the layer before any removal is
+one `LayerStat` added with `register_layer_stat`: computed on the raw view, shown in the per-layer table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -76,6 +79,24 @@ class Estimate:
     better: str  # 'chance': nearer chance is less of the nuisance; 'higher', 'lower'; '': descriptive
     signed: bool
     help: str
+    extra: Mapping[str, float] = field(default_factory=dict)  # the measure's declared extras (Extra)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A further number a measure's result carries beside its value (R2_pos: adjusted, held-out, the
+    variance it is a share of), declared so every reader finds it by name in Estimate.extra.
+
+    label: its column's header in the per-layer table ('' = none; read by the verdict only); short: the
+    CLI report's header (None = the JSON and the app only); row: (key, label) of its own line in the
+    metrics table, with chance 0 (None = no line)."""
+
+    field: str
+    label: str = ""
+    help: str = ""
+    short: str | None = None
+    signed: bool = False
+    row: tuple[str, str] | None = None
 
 
 def _num(value: Any) -> float:
@@ -108,6 +129,7 @@ class Measure:
         False  # reads the 2-D layout: a number about the picture, not the layer (no per-layer column)
     )
     better: str = "chance"  # which way means less of the nuisance (Estimate.better)
+    extras: tuple[Extra, ...] = ()
 
     def estimate(self, result: dict[str, Any] | None) -> Estimate:
         """The measure's result read as an Estimate. Chance: 'field' its own level with the interval its
@@ -140,6 +162,7 @@ class Measure:
             self.better,
             self.signed,
             self.help,
+            {x.field: _num(r.get(x.field)) for x in self.extras},
         )
 
 
@@ -189,6 +212,13 @@ def _purity(label: str, k: int | None, window: bool) -> Callable[[Context], dict
     return compute
 
 
+HELD_OUT_HELP = (
+    "R2 of each token predicted by the other prompts' mean at its position, against their overall "
+    "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
+    "fit only noise or content."
+)
+
+
 def _r2(c: Context) -> dict:
     return M.r2_pos(c.tokens.X, c.tokens.position, groups=c.units, within=c.tokens.branch, units=c.units)
 
@@ -225,6 +255,23 @@ register(
         _r2,
         "r2",
         reads_vectors=True,
+        extras=(
+            Extra(
+                "adjusted",
+                "R2_pos adjusted",
+                "R2_pos adjusted for the number of positions (~0 at chance)",
+                "adj",
+            ),
+            Extra(
+                "heldout",
+                "R2_pos held-out",
+                HELD_OUT_HELP,
+                "held-out",
+                True,
+                ("r2_heldout", "R2_pos held-out (other prompts' means)"),
+            ),
+            Extra("total_var", help="the latents' total variance (per token, summed over dimensions)"),
+        ),
         help="Share of the latents' variance that per-position means explain. Chance: the same with positions shuffled within each branch (more positions than tokens per position inflate it). High: position is a large part of the geometry. Near chance: position adds little variance, though it may still be decodable (see the layer's probe).",
     )
 )
@@ -364,3 +411,54 @@ register(
         better="higher",
     )
 )
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    """A number about a layer as it is, before any removal: computed once, on the raw view, beside the
+    measures (analysis.view.layer_stats) and shown in the per-layer table (views.layer_table).
+
+    key: its name in the raw view's metrics; compute: the raw tokens -> result, None where it does not
+    apply; cells: the result as per-layer table cells {column key: value}; header: one of its column
+    keys -> (header, help), None for a key not its own."""
+
+    key: str
+    compute: Callable[[TokenSet], Any]
+    cells: Callable[[Any], dict[str, float]]
+    header: Callable[[str], tuple[str, str] | None]
+
+
+LAYER_STATS: dict[str, LayerStat] = {}
+
+
+def register_layer_stat(stat: LayerStat) -> LayerStat:
+    LAYER_STATS[stat.key] = stat
+    return stat
+
+
+def _pcs(t: TokenSet) -> list[dict] | None:
+    if len(np.unique(t.branch)) < 2 or len(t) < 20:
+        return None
+    return P.pc_position_share(t.X, t.position, n_components=min(5, t.dim), groups=t.branch)
+
+
+def _pc_cells(pcs: list[dict]) -> dict[str, float]:
+    out = {}
+    for i, pc in enumerate(pcs):
+        out[f"pc{i + 1}_position"] = pc["pos_r2"]
+        out[f"pc{i + 1}_variance"] = pc["var_share"]
+    return out
+
+
+def _pc_header(key: str) -> tuple[str, str] | None:
+    found = re.fullmatch(r"pc(\d+)_(position|variance)", key)
+    if not found:
+        return None
+    i, what = found.groups()
+    if what == "position":
+        return f"PC{i} position R2", f"R2 of position on principal component {i}"
+    return f"PC{i} variance", f"share of variance on principal component {i}"
+
+
+# the share of each top principal component that position explains ("large")
+register_layer_stat(LayerStat("pcs", _pcs, _pc_cells, _pc_header))

@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 from analysis.measures import MEASURES, Estimate
-from analysis.stats import Z, half_width
 
 
 def _finite(*values: Any) -> bool:
@@ -50,9 +49,9 @@ def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
     return scores
 
 
-def _half(m: dict[str, Any]) -> float:
-    h = half_width(m)
-    return h if math.isfinite(h) else 0.0
+def _band(e: Estimate) -> float:
+    """The estimate's 95% half-width, 0 where it has none (a sentence then quotes ±0)."""
+    return e.band if math.isfinite(e.band) else 0.0
 
 
 def dominant_factor(raw: dict[str, Any]) -> tuple[str, float]:
@@ -280,20 +279,21 @@ def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[
 def token_removed_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     """What a token-identity removal did to the same-token share: 'down to chance' only when the band
     after reaches chance's interval, else how much of the above-chance part is left."""
-    r, a = raw.get("token_leak", {}), removed.get("token_leak", {})
-    if not _finite(r.get("leak"), a.get("leak"), a.get("chance")):
+    r, a = _estimate(raw, "token_leak"), _estimate(removed, "token_leak")
+    if not _finite(r.value, a.value, a.chance):
         return ""
-    top = a.get("chance_hi", a["chance"])
+    top = a.chance_hi if _finite(a.chance_hi) else a.chance
+    hr, ha = _band(r), _band(a)
     head = (
         f"After removing {_what(removed)}, neighbours in other branches share the current token "
-        f"{r['leak']:.1%} ±{_half(r):.1%} -> {a['leak']:.1%} ±{_half(a):.1%} of the time (chance {a['chance']:.1%}, "
+        f"{r.value:.1%} ±{hr:.1%} -> {a.value:.1%} ±{ha:.1%} of the time (chance {a.chance:.1%}, "
         f"up to {top:.1%})"
     )
-    if a["leak"] - _half(a) <= top:
+    if a.value - ha <= top:
         return head + ": down to chance."
-    if r["leak"] - a["chance"] <= 0:
+    if r.value - a.chance <= 0:
         return head + "."
-    left = (a["leak"] - a["chance"]) / (r["leak"] - a["chance"])
+    left = (a.value - a.chance) / (r.value - a.chance)
     return head + f": {left:.0%} of its above-chance part is left."
 
 
@@ -306,26 +306,26 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     position went (a method's weight is the share of its own estimate it subtracted, not of position):
     'down to chance' when the band after reaches chance's band, 'unchanged' within the band of the change,
     'rose' beyond it, else the share of the above-chance part that went, with its band."""
-    r, a = raw.get("r2_pos", {}), removed.get("r2_pos", {})
-    if not _finite(r.get("r2"), r.get("chance"), a.get("r2"), a.get("chance")):
+    r, a = _estimate(raw, "r2_pos"), _estimate(removed, "r2_pos")
+    if not _finite(r.value, r.chance, a.value, a.chance):
         return ""
-    hr, ha = _half(r), _half(a)
-    cr, ca = (Z * (m.get("chance_sd") or 0.0) for m in (r, a))
+    hr, ha = _band(r), _band(a)
+    cr, ca = (e.chance_band if _finite(e.chance_band) else 0.0 for e in (r, a))
     change = math.hypot(hr, ha)
     nums = (
-        f"{r['r2']:.1%} ±{hr:.1%} (chance {r['chance']:.1%} ±{cr:.1%}) -> {a['r2']:.1%} ±{ha:.1%} "
-        f"(chance {a['chance']:.1%} ±{ca:.1%}), band of the change ±{change:.1%}"
+        f"{r.value:.1%} ±{hr:.1%} (chance {r.chance:.1%} ±{cr:.1%}) -> {a.value:.1%} ±{ha:.1%} "
+        f"(chance {a.chance:.1%} ±{ca:.1%}), band of the change ±{change:.1%}"
     )
     head = f"After removing {_what(removed)}, position's share of the variance went {nums}"
-    if a["r2"] > r["r2"] + change:
+    if a.value > r.value + change:
         return head + ": it rose."
-    if r["r2"] - hr <= r["chance"] + cr:
+    if r.value - hr <= r.chance + cr:
         return head + ": it was at chance before."
-    if a["r2"] - ha <= a["chance"] + ca:
+    if a.value - ha <= a.chance + ca:
         return head + ": down to chance."
-    if abs(a["r2"] - r["r2"]) <= change:
+    if abs(a.value - r.value) <= change:
         return head + ": unchanged within its band."
-    above_r, above_a = r["r2"] - r["chance"], a["r2"] - a["chance"]
+    above_r, above_a = r.value - r.chance, a.value - a.chance
     gone = 1 - above_a / above_r
     gone_half = math.hypot(ha, hr * above_a / above_r) / above_r
     return head + f": {gone:.0%} ±{gone_half:.0%} of its above-chance part went."
@@ -345,16 +345,17 @@ def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     share of the variance higher than before: how much of the variance went, and what the variance
     per-position means explain (share x total, as a share of the raw view's total) did, with its band, so a
     higher share of a smaller whole is not read as position that grew. '' without bands."""
-    r, a = raw.get("r2_pos", {}), removed.get("r2_pos", {})
-    if not _finite(r.get("r2"), a.get("r2"), r.get("total_var"), a.get("total_var")) or r["total_var"] <= 0:
+    r, a = _estimate(raw, "r2_pos"), _estimate(removed, "r2_pos")
+    total_r, total_a = r.extra["total_var"], a.extra["total_var"]
+    if not _finite(r.value, a.value, total_r, total_a) or total_r <= 0:
         return ""
-    taken = 1 - a["total_var"] / r["total_var"]
-    if a["r2"] <= r["r2"] or taken < SMALLER_WHOLE or not _finite(half_width(r), half_width(a)):
+    taken = 1 - total_a / total_r
+    if a.value <= r.value or taken < SMALLER_WHOLE or not _finite(r.band, a.band):
         return ""
     # as shares of the raw view's variance (the model's own units read 132677 -> 55123 on the demo)
-    scale = a["total_var"] / r["total_var"]
-    before, after = 100 * r["r2"], 100 * a["r2"] * scale
-    hb, ha = 100 * half_width(r), 100 * half_width(a) * scale
+    scale = total_a / total_r
+    before, after = 100 * r.value, 100 * a.value * scale
+    hb, ha = 100 * r.band, 100 * a.band * scale
     band = math.hypot(hb, ha)
     dec = _decimals(max(abs(before), abs(after), band))
     head = (
@@ -372,12 +373,12 @@ def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
 
 def leak_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     """The kNN position leak before and after, with bands (the guard says when it moved the wrong way)."""
-    r, a = raw.get("leak", {}), removed.get("leak", {})
-    if not _finite(r.get("leak"), a.get("leak")):
+    r, a = _estimate(raw, "leak"), _estimate(removed, "leak")
+    if not _finite(r.value, a.value):
         return ""
-    chance = a.get("chance_hi", r.get("chance_hi"))
+    chance = a.chance_hi if _finite(a.chance_hi) else r.chance_hi
     cband = f", chance 0 ±{chance:.3f}" if _finite(chance) else ""
     return (
-        f"After removing {_what(removed)}, the kNN position leak went {r['leak']:+.3f} ±{_half(r):.3f} -> "
-        f"{a['leak']:+.3f} ±{_half(a):.3f}{cband}."
+        f"After removing {_what(removed)}, the kNN position leak went {r.value:+.3f} ±{_band(r):.3f} -> "
+        f"{a.value:+.3f} ±{_band(a):.3f}{cband}."
     )

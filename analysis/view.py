@@ -9,11 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from analysis import probe as P
 from analysis.crossfit import RemovalReport, fit_remove
 from analysis.engine import neighbours
 from analysis.engine.groups import blocks, row_norms
-from analysis.measures import MEASURES, Context
+from analysis.measures import LAYER_STATS, MEASURES, Context
 from analysis.project import ProjectionSpec, project, unit_pca_fit
 from analysis.residualize import ResidualSpec
 from analysis.tokens import TokenSet, find_sinks
@@ -192,17 +191,14 @@ def _shared_pca(X: np.ndarray, spec: ViewSpec) -> tuple[np.ndarray, np.ndarray] 
     return unit_pca_fit(X, max(p.pca_dims, neighbours.REDUCED_DIMS), p)
 
 
-LAYER_STATS = ("pcs",)  # what layer_stats adds to a raw view's metrics
-
-
 def layer_stats(tokens: TokenSet) -> dict[str, Any]:
-    """What a layer holds before any removal, beside the measures (the probe of position is one): the
-    share of each top principal component that position explains ("large")."""
+    """What a layer holds before any removal, beside the measures: every registered LayerStat
+    (analysis.measures) that applies, by its key."""
     out: dict[str, Any] = {}
-    if len(np.unique(tokens.branch)) >= 2 and len(tokens) >= 20:
-        out["pcs"] = P.pc_position_share(
-            tokens.X, tokens.position, n_components=min(5, tokens.dim), groups=tokens.branch
-        )
+    for key, stat in LAYER_STATS.items():
+        result = stat.compute(tokens)
+        if result is not None:
+            out[key] = result
     return out
 
 

@@ -7,27 +7,55 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analysis.measures import MEASURES, Measure, register
+from analysis.measures import LAYER_STATS, MEASURES, Extra, LayerStat, Measure, register, register_layer_stat
 
 
 def _mean_norm(c) -> dict:
-    """Toy: the mean norm of the vectors measured, with a fake chance level and band."""
+    """Toy: the mean norm of the vectors measured, with a fake chance level and band, and the largest norm
+    as a declared extra."""
     norms = np.linalg.norm(c.tokens.X, axis=1)
     return {
         "norm": float(norms.mean()),
         "sd": float(norms.std() / np.sqrt(len(norms))),
         "chance": 0.0,
         "chance_sd": 0.0,
+        "largest": float(norms.max()),
     }
 
 
 @pytest.fixture
 def toy():
+    largest = Extra(
+        "largest", "toy: largest norm", "The largest.", "toy max", row=("toy_largest", "toy: max")
+    )
     measure = register(
-        Measure("toy_norm", "toy: mean vector norm", _mean_norm, "norm", reads_vectors=True, help="A toy.")
+        Measure(
+            "toy_norm",
+            "toy: mean vector norm",
+            _mean_norm,
+            "norm",
+            reads_vectors=True,
+            help="A toy.",
+            extras=(largest,),
+        )
     )
     yield measure
     MEASURES.pop("toy_norm", None)
+
+
+@pytest.fixture
+def toy_stat():
+    """Toy layer statistic: the span of the layer's positions, one cell."""
+    stat = register_layer_stat(
+        LayerStat(
+            "toy_span",
+            lambda t: {"span": int(t.position.max() - t.position.min())},
+            lambda r: {"toy_span": r["span"]},
+            lambda key: ("toy: position span", "last minus first position") if key == "toy_span" else None,
+        )
+    )
+    yield stat
+    LAYER_STATS.pop("toy_span", None)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +84,13 @@ def test_a_registered_measure_is_computed_and_in_every_table(toy, synthetic_stor
         synthetic_store, methods=("none",), projection="pca", cache=ViewCache(tmp_path / "c2")
     )
     assert all(np.isfinite(r["toy_norm"]) and np.isfinite(r["toy_norm_band"]) for r in rows)
-    assert "toy_norm" in format_table(rows).splitlines()[0]  # the CLI's header
+    assert all(r["toy_norm_largest"] >= r["toy_norm"] for r in rows)  # the declared extra, its own column
+    header = format_table(rows).splitlines()[0]  # the CLI's header
+    assert "toy_norm" in header and "toy max" in header
     assert layer_table.headers(list(rows[0]))["toy_norm"][0] == "toy: mean vector norm"
+    assert layer_table.headers(list(rows[0]))["toy_norm_largest"] == ("toy: largest norm", "The largest.")
+    extra = next(r for r in metric_rows(view.result.metrics, view.result.metrics) if r.key == "toy_largest")
+    assert extra.label == "toy: max" and extra.raw == f"{view.result.metrics['toy_norm']['largest']:.3f}"
     assert (
         "toy: mean vector norm",
         "toy_norm",
@@ -131,3 +164,32 @@ def test_every_reader_takes_a_measures_numbers_from_its_one_estimate(synthetic_s
     assert seen >= 8
     token = MEASURES["token_leak"].estimate(metrics["token_leak"])
     assert math.isfinite(token.chance_band) and table["token_leak"].chance_band == f"±{token.chance_band:.3f}"
+
+
+def test_a_registered_layer_statistic_is_computed_on_raw_views_and_in_the_per_layer_table(
+    toy_stat, synthetic_store, tmp_path
+):
+    from analysis import ResidualSpec, ViewSpec
+    from analysis.project import ProjectionSpec
+    from views import layer_table
+    from views.cache import ViewCache
+    from views.report import layer_report
+    from views.service import Selection, compute
+
+    spec = ViewSpec(residual=ResidualSpec(method="none"), projection=ProjectionSpec(method="pca"))
+    view = compute(synthetic_store, Selection("run-synthetic-helix", 1), spec, ViewCache(tmp_path / "c"))
+    kept = view.tokens["position"].to_numpy()[view.result.index]
+    assert view.result.metrics["toy_span"] == {"span": int(kept.max() - kept.min())}
+    removed = compute(
+        synthetic_store,
+        Selection("run-synthetic-helix", 1),
+        ViewSpec(residual=ResidualSpec(method="position"), projection=ProjectionSpec(method="pca")),
+        ViewCache(tmp_path / "c"),
+    )
+    assert "toy_span" not in removed.result.metrics  # a layer statistic is of the raw layer only
+    rows = layer_report(synthetic_store, methods=("none",), cache=ViewCache(tmp_path / "c2"))
+    assert [r["toy_span"] for r in rows if r["layer"] == 1] == [view.result.metrics["toy_span"]["span"]]
+    assert layer_table.headers(list(rows[0]))["toy_span"] == (
+        "toy: position span",
+        "last minus first position",
+    )

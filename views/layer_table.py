@@ -14,15 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from analysis.measures import MEASURES, Measure
+from analysis.measures import LAYER_STATS, MEASURES, Measure
 from analysis.verdict import removal_title
 
 NAN = float("nan")
-HELD_OUT_HELP = (
-    "R2 of each token predicted by the other prompts' mean at its position, against their overall "
-    "mean: 0 = position carries nothing that holds across prompts; negative = per-position means "
-    "fit only noise or content."
-)
 
 
 @dataclass(frozen=True)
@@ -38,21 +33,18 @@ class Column:
     fmt: str = "{:.3f}"
 
 
-def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else NAN
-
-
-def _field(key: str, field: str) -> Callable[[dict], float]:
-    return lambda m: _num((m.get(key) or {}).get(field))
-
-
 def _estimate(measure: Measure, part: str) -> Callable[[dict], float]:
     """One number of a measure's Estimate (analysis.measures), from a view's metrics."""
     return lambda m: getattr(measure.estimate(m.get(measure.key)), part)
 
 
+def _extra(measure: Measure, field: str) -> Callable[[dict], float]:
+    """One of a measure's declared extras (Estimate.extra), from a view's metrics."""
+    return lambda m: measure.estimate(m.get(measure.key)).extra[field]
+
+
 def measure_columns(measure: Measure) -> list[Column]:
-    """The four columns of one measure (R2_pos adds its adjusted and held-out forms)."""
+    """The four columns of one measure, then one per declared extra that has a header."""
     k, label, signed = measure.key, measure.label, measure.signed
     fmt = "{:+.3f}" if signed else "{:.3f}"
     cols = [
@@ -73,24 +65,18 @@ def measure_columns(measure: Measure) -> list[Column]:
             _estimate(measure, "chance_band"),
         ),
     ]
-    if k == "r2_pos":
-        cols += [
-            Column(
-                "r2_pos_adjusted",
-                "R2_pos adjusted",
-                "R2_pos adjusted for the number of positions (~0 at chance)",
-                _field(k, "adjusted"),
-                "adj",
-            ),
-            Column(
-                "r2_pos_heldout",
-                "R2_pos held-out",
-                HELD_OUT_HELP,
-                _field(k, "heldout"),
-                "held-out",
-                "{:+.3f}",
-            ),
-        ]
+    cols += [
+        Column(
+            f"{k}_{x.field}",
+            x.label,
+            x.help,
+            _extra(measure, x.field),
+            x.short,
+            "{:+.3f}" if x.signed else "{:.3f}",
+        )
+        for x in measure.extras
+        if x.label
+    ]
     return cols
 
 
@@ -140,34 +126,31 @@ def columns() -> list[Column]:
 
 
 def row(layer: int, method: str, metrics: dict) -> dict[str, Any]:
-    """One (layer, view) row of the table from the view's metrics; the principal components' position R2
-    and variance share where the raw view measured them (pc<i>_position, pc<i>_variance)."""
+    """One (layer, view) row of the table from the view's metrics, then the cells of each layer statistic
+    (analysis.measures.LAYER_STATS) the raw view computed."""
     out = {c.key: c.get(metrics) for c in columns()}
     out |= {"layer": layer, "method": method}
     if method == "raw":
         out["took_out"] = ""
-    for i, pc in enumerate(metrics.get("pcs", [])):
-        out[f"pc{i + 1}_position"] = pc["pos_r2"]
-        out[f"pc{i + 1}_variance"] = pc["var_share"]
+    for stat in LAYER_STATS.values():
+        if metrics.get(stat.key) is not None:
+            out |= stat.cells(metrics[stat.key])
     return out
 
 
 def headers(keys: list[str]) -> dict[str, tuple[str, str]]:
-    """(header, help) of each column key of a table of rows (the principal components' included)."""
+    """(header, help) of each column key of a table of rows (the layer statistics' included)."""
     known = {c.key: (c.header, c.help) for c in columns()}
     out = {}
     for key in keys:
         if key in known:
             out[key] = known[key]
-        elif key.startswith("pc") and key.endswith(("_position", "_variance")):
-            i, what = key[2:].split("_", 1)
-            out[key] = (
-                (f"PC{i} position R2", f"R2 of position on principal component {i}")
-                if what == "position"
-                else (f"PC{i} variance", f"share of variance on principal component {i}")
-            )
         elif key == "warning":
             out[key] = ("warning", "each number the removal moved the wrong way beyond its band")
+        else:
+            found = (stat.header(key) for stat in LAYER_STATS.values())
+            if header := next((h for h in found if h), None):
+                out[key] = header
     return out
 
 

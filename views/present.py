@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 from analysis.guard import Warning, check
 from analysis.measures import MEASURES, Measure
-from analysis.stats import Z, half_width
+from analysis.stats import Z
 from analysis.verdict import headline_and_details, removal_title, verdict
 from views import layer_table
-from views.layer_table import HELD_OUT_HELP
 
 __all__ = [
     "MetricRow",
@@ -55,8 +54,7 @@ def _fmt(value, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
-def _band(m: dict) -> str:
-    half = half_width(m)
+def _band(half: float) -> str:
     return f"±{half:.3f}" if math.isfinite(half) else ""
 
 
@@ -104,35 +102,37 @@ def metric_rows(raw: dict, removed: dict) -> list[MetricRow]:
         if not r and not a:
             continue
         chance, chance_band = _chance(m, r, a)
+        er, ea = m.estimate(r), m.estimate(a)
         rows.append(
             MetricRow(
                 m.key,
                 m.label,
                 m.help,
-                _fmt(r.get(m.field), m.signed),
-                _band(r),
-                _fmt(a.get(m.field), m.signed),
-                _band(a),
+                _fmt(er.value, m.signed),
+                _band(er.band),
+                _fmt(ea.value, m.signed),
+                _band(ea.band),
                 chance,
                 chance_band,
                 m.key in flagged,
             )
         )
-        if m.key == "r2_pos":
-            rows.append(
-                MetricRow(
-                    "r2_heldout",
-                    "R2_pos held-out (other prompts' means)",
-                    HELD_OUT_HELP,
-                    _fmt(r.get("heldout"), True),
-                    "",
-                    _fmt(a.get("heldout"), True),
-                    "",
-                    "0",
-                    "",
-                    False,
-                )
+        rows += [
+            MetricRow(
+                x.row[0],
+                x.row[1],
+                x.help,
+                _fmt(er.extra[x.field], x.signed),
+                "",
+                _fmt(ea.extra[x.field], x.signed),
+                "",
+                "0",
+                "",
+                False,
             )
+            for x in m.extras
+            if x.row
+        ]
     return rows
 
 
