@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from analysis.measures import MEASURES
+from analysis.measures import MEASURES, Estimate
 from analysis.stats import Z
 
 LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:position"}
@@ -61,18 +61,23 @@ class Warning:
         return asdict(self) | {"message": self.message}
 
 
-def _sd(m: dict) -> float:
-    sd = m.get("sd", float("nan"))
-    return 0.0 if sd is None or math.isnan(sd) else float(sd)
+def _sd(e: Estimate) -> float:
+    return e.sd if math.isfinite(e.sd) else 0.0
 
 
-def _chance(key: str, m: dict) -> tuple[float, float]:
-    """(chance level, how far above it a value at chance may fall) of a leak, from its Estimate
-    (analysis.measures): a position leak 0 with the shuffles' band, a same-token share its chance
-    interval's top."""
-    est = MEASURES[key].estimate(m)
-    above = est.chance_hi - est.chance
-    return est.chance, max(above, 0.0) if math.isfinite(above) else 0.0
+def _chance(e: Estimate) -> tuple[float, float]:
+    """(chance level, how far above it a value at chance may fall) of a leak's Estimate: a position leak 0
+    with the shuffles' band, a same-token share its chance interval's top."""
+    above = e.chance_hi - e.chance
+    return e.chance, max(above, 0.0) if math.isfinite(above) else 0.0
+
+
+def _estimate(key: str, metrics: dict) -> Estimate | None:
+    """The measure's Estimate in a view's metrics, or None where it has no finite value."""
+    if not metrics.get(key):
+        return None
+    e = MEASURES[key].estimate(metrics[key])
+    return e if math.isfinite(e.value) else None
 
 
 def removed_nuisances(removal: dict) -> set[str]:
@@ -96,49 +101,35 @@ def check(raw: dict, after: dict) -> list[Warning]:
     for key, m in MEASURES.items():
         if m.guard not in NUISANCE_OF:
             continue
-        r, a = raw.get(key), after.get(key)
-        if not r or not a or not all(math.isfinite(x.get("leak", math.nan)) for x in (r, a)):
+        r, a = _estimate(key, raw), _estimate(key, after)
+        if not r or not a:
             continue
-        c, half = _chance(key, a)
+        c, half = _chance(a)
         band = Z * math.hypot(_sd(r), _sd(a))
-        dr, da = r["leak"] - c, a["leak"] - c
+        dr, da = r.value - c, a.value - c
         if NUISANCE_OF[m.guard] in removed:
             crossed = (
                 dr > 0 > da + half or dr < 0 < da - half
             )  # past chance's band, on the other side from raw
             if crossed or abs(da) > abs(dr) + band:
-                out.append(
-                    Warning(
-                        key,
-                        m.label,
-                        r["leak"],
-                        a["leak"],
-                        band,
-                        "invented" if da > 0 else "pushed apart",
-                        c,
-                        half,
-                    )
-                )
+                kind = "invented" if da > 0 else "pushed apart"
+                out.append(Warning(key, m.label, r.value, a.value, band, kind, c, half))
         elif m.guard == "leak:position" and "token" in removed and da > dr + band and da > half:
-            cross = after.get(CROSS_PROMPT) or {}
             kind, context = "content unmasked", "no other prompts to compare"
-            if math.isfinite(cross.get("leak", math.nan)):
-                cc, ch = _chance(CROSS_PROMPT, cross)
-                context = f"across prompts {cross['leak']:+.3f}, chance band ±{ch:.3f}"
-                if key != CROSS_PROMPT and cross["leak"] - cc > ch:
+            if cross := _estimate(CROSS_PROMPT, after):
+                cc, ch = _chance(cross)
+                context = f"across prompts {cross.value:+.3f}, chance band ±{ch:.3f}"
+                if key != CROSS_PROMPT and cross.value - cc > ch:
                     kind = "position unmasked"
                 elif key == CROSS_PROMPT:
                     kind = "position unmasked"
-            out.append(Warning(key, m.label, r["leak"], a["leak"], band, kind, c, half, context))
+            out.append(Warning(key, m.label, r.value, a.value, band, kind, c, half, context))
     for key, label in SEPARABILITY.items():
-        r, a = raw.get(key), after.get(key)
-        if not r or not a or not all(math.isfinite(m.get("purity", math.nan)) for m in (r, a)):
+        r, a = _estimate(key, raw), _estimate(key, after)
+        if not r or not a:
             continue
         band = Z * math.hypot(_sd(r), _sd(a))
-        if a["purity"] < r["purity"] - band:
-            out.append(
-                Warning(
-                    key, label, r["purity"], a["purity"], band, "content removed", float(a.get("chance", 0))
-                )
-            )
+        if a.value < r.value - band:
+            chance = a.chance if math.isfinite(a.chance) else 0.0
+            out.append(Warning(key, label, r.value, a.value, band, "content removed", chance))
     return out

@@ -80,6 +80,7 @@ class Estimate:
     signed: bool
     help: str
     extra: Mapping[str, float] = field(default_factory=dict)  # the measure's declared extras (Extra)
+    sd: float = NAN  # the value's standard error (the guard's band of a change: Z x hypot of two)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class Measure:
             self.signed,
             self.help,
             {x.field: _num(r.get(x.field)) for x in self.extras},
+            _num(r.get("sd")),
         )
 
 

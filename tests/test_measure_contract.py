@@ -123,7 +123,7 @@ def test_every_reader_takes_a_measures_numbers_from_its_one_estimate(synthetic_s
     import math
 
     from analysis import ResidualSpec, ViewSpec
-    from analysis.guard import _chance as guard_chance
+    from analysis.guard import check
     from analysis.measures import Estimate
     from analysis.stats import half_width
     from views import layer_table
@@ -159,8 +159,15 @@ def test_every_reader_takes_a_measures_numbers_from_its_one_estimate(synthetic_s
             and (est.chance_band > 0 or measure.chance != "field")
         ):
             assert table[key].chance_band == f"±{est.chance_band:.3f}", key
-        if measure.guard in ("leak:position", "leak:token"):
-            assert guard_chance(key, result) == (est.chance, max(est.chance_hi - est.chance, 0.0))
+        if measure.guard in ("leak:position", "leak:token"):  # a removal that sent it far up: named
+            nuisance = measure.guard.split(":")[1]
+            moved = metrics | {
+                key: result | {measure.field: est.value + 5.0},
+                "removal": {"weight": 1.0, "removed_keys": [nuisance]},
+            }
+            warned = next(w for w in check(metrics, moved) if w.metric == key)
+            assert warned.kind == "invented" and warned.raw == est.value
+            assert (warned.chance, warned.chance_band) == (est.chance, max(est.chance_hi - est.chance, 0.0))
     assert seen >= 8
     token = MEASURES["token_leak"].estimate(metrics["token_leak"])
     assert math.isfinite(token.chance_band) and table["token_leak"].chance_band == f"±{token.chance_band:.3f}"
