@@ -380,6 +380,12 @@ class Auto(_Joint):
     short = "auto"
     removes = ("position", "token")
     keep_something = True
+    menu_order = 0
+    alternative = (
+        "position",
+        "Remove position only",
+        "The joint position estimate alone, keeping token identity",
+    )
 
 
 @register
@@ -393,6 +399,7 @@ class Position(_Joint):
         "that only a linear probe reads is subtracted as a smooth low-rank part. Token identity is kept."
     )
     removes = ("position",)
+    menu_order = 1
 
 
 @register
@@ -408,6 +415,7 @@ class Token(_Joint):
     removes = ("token",)
     required = ("position", "token")
     params = (KNOTS,)
+    menu_order = 2
 
 
 @register

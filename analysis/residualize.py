@@ -259,6 +259,9 @@ class Residualizer:
     - removes: the nuisances (analysis.nuisances) it removes, each tested before removal; covariates:
       the per-token columns it reads (by default what it removes);
     - params: its own settings as Params (the sidebar, the report and the spec's checks use them);
+    - menu_order: where the method stands in the app's menu (lower first; ties in registration order;
+      `none` always last); alternative: (method, button label, help) of a one-click switch the sidebar
+      offers beside this method, or None;
     - fold_unit: what cross-fitting and the tests hold out ('prompt': prompts, or branches with one);
     - additive: component() estimates E[x | covariates] (so it can be shrunk) rather than a projection;
       sufficient: it fits from LabelStats of its one covariate (fit_stats), so folds fit by algebra;
@@ -275,6 +278,8 @@ class Residualizer:
     removes: tuple[str, ...] = ()
     covariates: tuple[str, ...] = ()
     params: tuple[Param, ...] = ()
+    menu_order = 100
+    alternative: tuple[str, str, str] | None = None
     fold_unit = "prompt"
     additive = True
     sufficient = False

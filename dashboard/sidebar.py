@@ -13,6 +13,7 @@ from views.specs import (
     ResidualSpec,
     Selection,
     ViewSpec,
+    method_alternative,
     method_help,
     method_label,
     method_params,
@@ -99,14 +100,9 @@ def controls(store: str, run: dict, other_runs: list[str]) -> Controls:
     if st.session_state.get("method") not in names:
         st.session_state.pop("method", None)
     method = sb.selectbox("Method", names, format_func=method_label, key="method", help=method_help(names[0]))
-    if method == "auto":
-        sb.button(
-            "Remove position only",
-            key="position_only",
-            on_click=_choose,
-            args=("position",),
-            help="The joint position estimate alone, keeping token identity",
-        )
+    if alternative := method_alternative(method):
+        other, label, help_text = alternative
+        sb.button(label, key=f"alternative::{method}", on_click=_choose, args=(other,), help=help_text)
     elif method != "none":
         sb.caption(method_help(method))
     with sb.expander("Method parameters"):

@@ -24,6 +24,8 @@ class PromptMean(Residualizer):
     params = (Param("strength", 1.0, "Strength", "Share of the prompt mean subtracted.", "float", 0.0, 1.0),)
     fold_unit = "branch"
     sufficient = True
+    menu_order = 5  # after auto, position and token (0-2), before the rest (100)
+    alternative = ("none", "Show no removal", "The raw latents, centred")
 
     @classmethod
     def describe(cls, spec):
@@ -103,13 +105,31 @@ def test_the_app_offers_the_toy_with_its_control_and_names_what_it_removed(
     from helpers import app_on
 
     at = app_on(synthetic_store, monkeypatch, tmp_path)
-    assert toy.label in at.selectbox(key="method").options  # shown by its label
+    options = at.selectbox(key="method").options
+    assert options.index(toy.label) == 3 and options[-1] == RESIDUALIZERS["none"].label  # its menu_order
     at.selectbox(key="method").set_value(toy.name).run()
     assert not at.exception, [e.value for e in at.exception]
     slider = at.slider(key=f"{toy.name}::strength")
     assert slider.value == 1.0 and slider.label == "Strength"
     text = " ".join(m.value for m in at.markdown)
     assert "prompt content component was detected" in text or "No prompt content component detected" in text
+    switch = at.button(key=f"alternative::{toy.name}")  # its declared one-click alternative
+    assert switch.label == "Show no removal"
+    switch.click().run()
+    assert not at.exception and at.selectbox(key="method").value == "none"
+
+
+def test_auto_offers_position_alone_in_one_click(synthetic_store, monkeypatch, tmp_path):
+    from helpers import app_on
+
+    at = app_on(synthetic_store, monkeypatch, tmp_path)
+    assert at.selectbox(key="method").value == "auto"
+    switch = at.button(key="alternative::auto")
+    assert switch.label == "Remove position only"
+    switch.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="method").value == "position"
+    assert not [b for b in at.button if b.key and b.key.startswith("alternative::")]  # position offers none
 
 
 def test_the_report_and_the_cache_take_the_toy(toy, synthetic_store, tmp_path):

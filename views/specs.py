@@ -9,13 +9,17 @@ from analysis.residualize import COMMON, RESIDUALIZERS, ResidualSpec, registry
 from analysis.view import ViewSpec
 from views.service import Selection, raw_view_spec
 
-FIRST = ("auto", "position", "token")  # the menu's order: these first, then the rest as registered
-
 
 def methods() -> list[str]:
-    """Every registered residualizer: the default and its one-nuisance variants first, `none` last."""
-    names = list(registry())
-    return [m for m in FIRST if m in names] + [m for m in names if m not in FIRST and m != "none"] + ["none"]
+    """Every registered residualizer in menu order (each class's menu_order, then registration), `none`
+    last."""
+    names = [m for m in registry() if m != "none"]
+    return sorted(names, key=lambda m: RESIDUALIZERS[m].menu_order) + ["none"]
+
+
+def method_alternative(method: str) -> tuple[str, str, str] | None:
+    """(method, button label, help) of the one-click switch offered beside `method`, or None."""
+    return RESIDUALIZERS[method].alternative
 
 
 def method_label(method: str) -> str:
@@ -36,9 +40,10 @@ def raw_of(spec: ViewSpec) -> ViewSpec:
     return raw_view_spec(spec)
 
 
-def position_only(spec: ViewSpec) -> ViewSpec:
-    """The same view with position removed alone (the one-click alternative to `auto`)."""
-    return replace(spec, residual=spec.residual.with_method("position"))
+def alternative_of(spec: ViewSpec) -> ViewSpec | None:
+    """The same view under its method's one-click alternative (auto's: position alone), or None."""
+    alt = method_alternative(spec.residual.method)
+    return replace(spec, residual=spec.residual.with_method(alt[0])) if alt else None
 
 
 __all__ = [
@@ -48,10 +53,11 @@ __all__ = [
     "ResidualSpec",
     "Selection",
     "ViewSpec",
+    "alternative_of",
+    "method_alternative",
     "method_help",
     "method_label",
     "method_params",
     "methods",
-    "position_only",
     "raw_of",
 ]
