@@ -130,7 +130,7 @@ def crossfit_remove(
     report = new_report(spec)
     if not cls.covariates:
         report.detected, report.weight, report.raw = False, 0.0, True
-        return _raw(plot, spec, in_place), report
+        return raw_rows(plot, spec, in_place), report
     ref = plot if reference is None else reference
     for name in cls.covariates:
         if covariates(ref)[name] is None or covariates(plot)[name] is None:
@@ -138,15 +138,15 @@ def crossfit_remove(
     # Zr: the scaled reference. When it is the plot, it is also the plot's raw view and the buffer the
     # residuals are written to, so everything fitted from it is fitted before any row is changed.
     if ref is plot:
-        Zr = _raw(plot, spec, in_place)
+        Zr = raw_rows(plot, spec, in_place)
     else:
         ref_scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
         Zr = ref_scaler.transform(ref.X)
 
     unit_name, ref_units, plot_units = units(ref, plot, independent, cls.fold_unit)
-    folds = _fold_of(ref_units, plot_units, spec.folds, seed)
+    folds = fold_of(ref_units, plot_units, spec.folds, seed)
     report.fold_by = unit_name
-    Zt = _project(Zr, seed)  # what the tests and the choice of rank run on
+    Zt = random_projection(Zr, seed)  # what the tests and the choice of rank run on
     spec = cls.tune(spec, Zt, ref, folds[0], report)
     _detect(Zt, ref, folds[0], spec, cls, seed, report)
     if spec.gate and report.detected and 0 < len(report.detected_covariates) < len(cls.removes):
@@ -164,7 +164,7 @@ def crossfit_remove(
         report.forced, report.weight = True, 1.0
     if report.weight == 0.0:  # nothing detected: the view is the raw one, exactly
         report.raw = True
-        return Zr if ref is plot else _raw(plot, spec, in_place), report
+        return Zr if ref is plot else raw_rows(plot, spec, in_place), report
     Zp = Zr if ref is plot else ref_scaler.transform(plot.X, in_place)  # ours to overwrite from here on
 
     crossfit = not (independent or folds[0] is None or not spec.crossfit)
@@ -183,7 +183,7 @@ def crossfit_remove(
             else "one group: not cross-fitted"
         )
         _subtract(Zp, np.arange(len(plot)), models[0], _cov(plot, cls), report.weight)
-        return _recentred(Zp, spec), report
+        return recentred(Zp, spec), report
     # Where the other folds never saw a token's position (or token id), e.g. the tail of a prompt's one
     # long branch or a rare token, a cross-fitted estimate would be an extrapolation and the whole
     # reference's estimate would hold the token's own prompt: those tokens are left as they are, and the
@@ -202,10 +202,10 @@ def crossfit_remove(
             f"{left} of {len(plot)} tokens sit where the other folds have no data "
             "(position or token unseen there): they are left as they are"
         )
-    return _recentred(Zp, spec), report
+    return recentred(Zp, spec), report
 
 
-def _raw(tokens: TokenSet, spec: ResidualSpec, in_place: bool) -> np.ndarray:
+def raw_rows(tokens: TokenSet, spec: ResidualSpec, in_place: bool) -> np.ndarray:
     """The scaled vectors (what `none` shows): a new array, or tokens.X scaled in place."""
     return Scaler(spec.center, spec.l2, spec.standardize).fit(tokens.X).transform(tokens.X, in_place)
 
@@ -375,7 +375,7 @@ def _subtract(
         Z[idx] -= weight * model.component(Z[idx], **{name: v[idx] for name, v in cov.items()})
 
 
-def _recentred(residual: np.ndarray, spec: ResidualSpec) -> np.ndarray:
+def recentred(residual: np.ndarray, spec: ResidualSpec) -> np.ndarray:
     """Residuals centred on the plotted tokens, as the raw view is (cosine metrics see the same origin);
     in place."""
     if spec.center:
@@ -432,7 +432,7 @@ def units(
     return "branch", ref.branch, (plot.branch if not independent else np.full(len(plot), -1))
 
 
-def _fold_of(
+def fold_of(
     ref_units: np.ndarray, plot_units: np.ndarray, n_folds: int, seed: int
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Fold ids of reference and plot tokens (units spread over folds at random, seeded); None, None when
@@ -447,7 +447,7 @@ def _fold_of(
     return fold[np.searchsorted(units, ref_units)], fold[np.searchsorted(units, plot_units)]
 
 
-def _project(Z: np.ndarray, seed: int) -> np.ndarray:
+def random_projection(Z: np.ndarray, seed: int) -> np.ndarray:
     """(n, TEST_DIMS) seeded Gaussian random projection (Z itself when it is narrower)."""
     if Z.shape[1] <= TEST_DIMS:
         return Z
@@ -459,7 +459,7 @@ def _project(Z: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
-def _oof(
+def out_of_fold(
     Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, cov: dict[str, np.ndarray]
 ) -> tuple[float, float]:
     """Out-of-fold (R2, least-squares weight) of the method's estimate of E[x | covariates], over the
@@ -473,7 +473,7 @@ def _oof(
 def _oof_rows(
     Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, cov: dict[str, np.ndarray]
 ) -> tuple[float, float]:
-    """_oof by fitting each fold's model on its training rows (any method)."""
+    """out_of_fold by fitting each fold's model on its training rows (any method)."""
     cls = RESIDUALIZERS[spec.method]
     sse_m = sse_0 = num = den = 0.0
     for f in np.unique(fold):
@@ -499,7 +499,7 @@ def _oof_rows(
 def _oof_from_cells(
     Z: np.ndarray, ref: TokenSet, fold: np.ndarray, spec: ResidualSpec, label: np.ndarray
 ) -> tuple[float, float]:
-    """_oof for a single-covariate method that fits from LabelStats: every fold's fit (its branch offsets
+    """out_of_fold for a single-covariate method that fits from LabelStats: every fold's fit (its branch offsets
     backfitted on the training folds, as fit(..., branch=) does on their rows) and every held-out error
     from FoldCells' sums, so Z (n, m) is read once instead of copied per fold."""
     cls = RESIDUALIZERS[spec.method]
@@ -714,7 +714,9 @@ def _weigh(
 ) -> None:
     """Set the share of the estimate to remove: its out-of-fold least-squares weight; at 0 the component
     counts as not detected."""
-    report.weight = _oof(Zt, ref, fold, spec, {k: v for k, v in covariates(ref).items() if v is not None})[1]
+    report.weight = out_of_fold(
+        Zt, ref, fold, spec, {k: v for k, v in covariates(ref).items() if v is not None}
+    )[1]
     if report.weight == 0.0:
         report.detected = False
         report.note = "the estimate does not predict held-out tokens better than their mean: nothing removed"

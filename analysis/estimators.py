@@ -31,13 +31,13 @@ import numpy as np
 from analysis.basis import PositionBasis
 from analysis.crossfit import (
     RemovalReport,
-    _fold_of,
-    _oof,
-    _project,
-    _raw,
-    _recentred,
     covariates,
+    fold_of,
     new_report,
+    out_of_fold,
+    random_projection,
+    raw_rows,
+    recentred,
     record_tests,
     test_means,
     units,
@@ -143,7 +143,7 @@ def joint_remove(
         if not spec.gate:
             subtract_keys = list(candidates)
     else:
-        Zt = _project(Zr, seed)
+        Zt = random_projection(Zr, seed)
         tests = test_means(Zt, ref, fold, candidates, spec.n_perm, spec.alpha, seed)
         record_tests(report, tests, spec.n_perm)
         subtract_keys = [
@@ -176,7 +176,7 @@ def joint_remove(
         report.forced = True
     if not subtract_keys and not low_rank:
         report.weight, report.raw = 0.0, True
-        return Zr if ref is plot else _raw(plot, spec, in_place), report
+        return Zr if ref is plot else raw_rows(plot, spec, in_place), report
 
     plan = JointRemoval()
     factors = {"position": np.asarray(ref.position)}
@@ -209,7 +209,7 @@ def joint_remove(
         low_rank = smooth is not None
     if not plan.removed and not low_rank:  # the tests found only what is kept
         report.weight, report.removed_keys, report.raw = 0.0, [], True
-        return Zr if ref is plot else _raw(plot, spec, in_place), report
+        return Zr if ref is plot else raw_rows(plot, spec, in_place), report
     Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)  # ours to overwrite from here on
     if plan.removed:
         lo, hi = float(ref.position.min()), float(ref.position.max())
@@ -236,7 +236,7 @@ def joint_remove(
         *(["position (low rank)"] if low_rank else []),
     ]
     report.removed_keys = sorted(set(plan.removed) | ({"position"} if low_rank else set()))
-    return _recentred(Zp, spec), report
+    return recentred(Zp, spec), report
 
 
 def _smooth_part(
@@ -251,9 +251,9 @@ def _smooth_part(
 
 def _predicts(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, key: str, spec: ResidualSpec) -> bool:
     """Whether the nuisance's per-label means, fitted out of fold (net of branch content), predict held-out
-    tokens better than their mean: a positive out-of-fold least-squares weight (analysis.crossfit._oof)."""
+    tokens better than their mean: a positive out-of-fold least-squares weight (analysis.crossfit.out_of_fold)."""
     single = {"position": "per_position", "token": "per_token"}[key]
-    return _oof(Zt, ref, fold, spec.with_method(single), {key: covariates(ref)[key]})[1] > 0
+    return out_of_fold(Zt, ref, fold, spec.with_method(single), {key: covariates(ref)[key]})[1] > 0
 
 
 def _residual_copy(Zr: np.ndarray, ref: TokenSet, plan: JointRemoval) -> np.ndarray:
@@ -290,12 +290,12 @@ def _prepare(
     """(the reference's scaled rows Zr, the reference's scaler or None when it is the plot (then Zr is the
     plot's buffer), the fold unit's name, the reference's folds or None); the report gets the folds."""
     if ref is plot:
-        Zr, scaler = _raw(plot, spec, in_place), None
+        Zr, scaler = raw_rows(plot, spec, in_place), None
     else:
         scaler = Scaler(spec.center, spec.l2, spec.standardize).fit(ref.X)
         Zr = scaler.transform(ref.X)
     unit_name, ref_units, plot_units = units(ref, plot, independent, unit)
-    fold = _fold_of(ref_units, plot_units, spec.folds, seed)[0]
+    fold = fold_of(ref_units, plot_units, spec.folds, seed)[0]
     report.fold_by, report.crossfit = unit_name, False
     report.folds = 0 if fold is None else int(fold.max()) + 1
     return Zr, scaler, unit_name, fold
@@ -470,13 +470,13 @@ def erase_remove(
     report.detected_covariates = ["position"] if detected else []
     if not (detected or report.forced):
         report.weight, report.raw = 0.0, True
-        return Zr if ref is plot else _raw(plot, spec, in_place), report
+        return Zr if ref is plot else raw_rows(plot, spec, in_place), report
     eraser = LinearEraser().fit(Moments.of(Zr, position_features(ref.position)))
     Zp = Zr if ref is plot else scaler.transform(plot.X, in_place)
     eraser.transform(Zp)
     report.weight, report.erased, report.removed = 1.0, True, ["position (linear)"]
     report.removed_keys = ["position"]
-    return _recentred(Zp, spec), report
+    return recentred(Zp, spec), report
 
 
 __all__ = ["Auto", "LinearErase", "Position", "Token", "balance_weight", "joint_remove", "words"]

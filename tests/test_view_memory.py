@@ -203,9 +203,16 @@ def test_nearest_only_search_finds_the_brute_force_nearest():
     [{}, {"method": "regression"}, {"method": "per_token"}, {"within_branch": False}, {"shrink": 0.0}],
 )
 def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(params):
-    """The removal's weight (crossfit._oof) from FoldCells' sums: the same R2 and weight as fitting each
+    """The removal's weight (crossfit.out_of_fold) from FoldCells' sums: the same R2 and weight as fitting each
     fold's model, its branch offsets backfitted, on the training rows themselves."""
-    from analysis.crossfit import _fold_of, _oof_from_cells, _oof_rows, _project, _supported, covariates
+    from analysis.crossfit import (
+        _oof_from_cells,
+        _oof_rows,
+        _supported,
+        covariates,
+        fold_of,
+        random_projection,
+    )
 
     tree = branch_tree(n_prompts=6, branches_per_prompt=5, length=40, d=96, seed=3)
     rng = np.random.default_rng(2)
@@ -216,8 +223,8 @@ def test_out_of_fold_weight_from_cell_sums_equals_the_fits_on_training_rows(para
     spec = ResidualSpec(**({"method": "per_position"} | params))
     # prompt 0 alone reaches past position 30: its fold's late tokens have no support elsewhere
     tree = tree.subset(np.flatnonzero((tree.prompt == 0) | (tree.position <= 30)))
-    fold, _ = _fold_of(tree.prompt, tree.prompt, spec.folds, 0)
-    Z = _project(tree.X - tree.X.mean(axis=0), 0)  # (n, 64) float64, as the removal's test runs on
+    fold, _ = fold_of(tree.prompt, tree.prompt, spec.folds, 0)
+    Z = random_projection(tree.X - tree.X.mean(axis=0), 0)  # (n, 64) float64, as the removal's test runs on
     cov = {k: v for k, v in covariates(tree).items() if v is not None}
     name = "token" if spec.method == "per_token" else "position"
     label = cov[name]
