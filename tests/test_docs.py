@@ -1,5 +1,5 @@
 """The docs name what the code has (as datasette's tests/test_docs.py does): every registered removal
-method and each of its parameters, and every registered metric, in docs/analysis.md; every ingest setting
+method and each of its parameters, and every registered metric and layer statistic, in docs/analysis.md; every ingest setting
 in docs/ingest.md's settings table (tests/test_settings_docs.py checks its defaults and order). Every
 relative link in README.md and docs/*.md reaches a file, and the heading it names; README.md stays a
 newcomer's page of at most 200 lines that keeps the two commands exactly as CI and newcomers run them."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_settings_docs import documented_settings
 
-from analysis.measures import MEASURES
+from analysis.measures import LAYER_STATS, MEASURES
 from analysis.residualize import COMMON, registry
 from ingest.config import FIELD_NAMES
 
@@ -70,8 +70,9 @@ def test_every_method_parameter_is_named_in_the_analysis_page(param):
     assert param in backticked(ANALYSIS), f"docs/analysis.md never names the parameter `{param}`"
 
 
-@pytest.mark.parametrize("measure", sorted(MEASURES))
+@pytest.mark.parametrize("measure", sorted(MEASURES) + sorted(LAYER_STATS))
 def test_every_registered_metric_has_a_row_in_the_metrics_table(measure):
+    """Measures and layer statistics (analysis.measures.LAYER_STATS) alike."""
     assert measure in METRIC_TABLE, f"docs/analysis.md's metrics table has no row for `{measure}`"
 
 
