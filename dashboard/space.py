@@ -305,7 +305,8 @@ def render(
                 f"{' (whole branches sampled)' if len(drawn) < len(region) else ''}."
             )
     if big and mode == GL_MODE:
-        _draw_gl(points, chosen, lit if ctl.trajectories else set(), ctl, view, panel_titles(res_metrics))
+        lines = lit if ctl.trajectories else set()
+        _draw_gl(points, chosen, lines, ctl, view, panel_titles(res_metrics), webgl.tree_of(points, branches))
         drawn = None
     if drawn is not None:
         static = _draw_panels(drawn, chosen, lit, branches, ctl, view, panel_titles(res_metrics))
@@ -400,10 +401,16 @@ def _draw_panels(
 
 
 def _draw_gl(
-    points: pl.DataFrame, chosen: pl.DataFrame, lit: set[int], ctl, view: str, titles: tuple
+    points: pl.DataFrame,
+    chosen: pl.DataFrame,
+    lit: set[int],
+    ctl,
+    view: str,
+    titles: tuple,
+    tree: list[list[int]] | None = None,
 ) -> None:
     """The two panels as WebGL scatters of every point: the selected tokens ringed, lit branches' lines,
-    each panel's box or lasso drawn where it was."""
+    each panel's box or lasso drawn where it was; tree (webgl.tree_of): for the text around a hovered token."""
     rows = None
     if len(chosen):
         rows = (
@@ -427,6 +434,7 @@ def _draw_gl(
                     view=view,
                     selection=selection.get("polygon") if selection.get("view") == view else None,
                     label=f"{title}: {len(points):,} tokens",
+                    tree=tree,
                 )
                 webgl.scatter(blob, key)
     st.caption(

@@ -359,6 +359,33 @@ function setup(root) {
   overlay.addEventListener("keydown", (e) => { if (e.key === "Escape") s.clearSelection(); });
   overlay.addEventListener("pointerleave", () => { tip.style.display = "none"; });
 
+  // The text around point i, as dashboard.text.contexts writes it ("…before[token]after…"), read from the
+  // points themselves: (branch, position) -> row, built on the first hover of a blob; a position before
+  // its branch's fork is read from the parent (header.tree: [branch, parent, fork position]).
+  s.context = (i) => {
+    const d = s.data, vocab = d.header.vocab;
+    if (!d.at) {
+      d.at = new Map();
+      for (let j = 0; j < d.header.n; j++) d.at.set(d.branch[j] * 1048576 + d.position[j], j);
+      d.up = new Map((d.header.tree || []).map(([b, parent, fork]) => [b, [parent, fork]]));
+    }
+    const text = (b, p) => {
+      for (let hops = 0; hops < 4096 && b >= 0; hops++) {
+        const j = d.at.get(b * 1048576 + p);
+        if (j !== undefined) return vocab[d.tok[j]];
+        const up = d.up.get(b);
+        if (!up || p >= up[1]) return "";
+        b = up[0];
+      }
+      return "";
+    };
+    const [before, after] = d.header.context || [8, 4];
+    let left = "", right = "";
+    for (let k = before; k >= 1; k--) left += text(d.branch[i], d.position[i] - k);
+    for (let k = 1; k <= after; k++) right += text(d.branch[i], d.position[i] + k);
+    return `…${left}[${vocab[d.tok[i]]}]${right}…`;
+  };
+
   let pending = null;
   s.hover = (p) => {
     if (pending) { pending = p; return; }
@@ -368,7 +395,7 @@ function setup(root) {
       pending = null;
       const i = s.nearest(...q), d = s.data;
       if (i < 0) { tip.style.display = "none"; return; }
-      tip.textContent = `${d.header.vocab[d.tok[i]]}\nbranch ${d.branch[i]} · position ${d.position[i]}`;
+      tip.textContent = `${s.context(i)}\nbranch ${d.branch[i]} · position ${d.position[i]}`;
       tip.style.left = Math.min(q[0] + 12, s.size()[0] - 160) + "px";
       tip.style.top = q[1] + 12 + "px";
       tip.style.display = "block";

@@ -4,8 +4,12 @@ its browser half in webgl.js and webgl.css).
 Vega draws a few tens of thousands of points; WebGL draws millions. What limits the size is what travels:
 the points go as one binary blob (a JSON header, then packed arrays: branch and position as int32,
 coordinates quantized to a GRID of uint16, a colour bin as uint8, the token as an index into the list
-of distinct token texts: 17 bytes a point), with no JSON per point; hover shows every point's token. Picking is done in the browser on the CPU (a grid index), so clicks and hover work the same under
-software WebGL (SwiftShader) as on a GPU; deck.gl's GPU picking dropped clicks there from 10^5 points.
+of distinct token texts: 17 bytes a point), with no JSON per point. Hover shows a point's token with the
+text around it, as the Vega tooltip does, built in the browser from the points themselves: the header
+carries each branch's parent and fork position (a few bytes a branch), so the text before a fork is read
+from the parent's points; no text travels per point. Picking is done in the browser on the CPU (a grid
+index), so clicks and hover work the same under software WebGL (SwiftShader) as on a GPU; deck.gl's GPU
+picking dropped clicks there from 10^5 points.
 
 What comes back is state, read from the session before the panels are drawn: `click` (the last clicks,
 each a point's branch and position with a nonce) and `selection` (a box or lasso as a polygon in grid units,
@@ -33,9 +37,10 @@ POINT_PX = 4.0  # a point's diameter in CSS pixels
 HOW_TO = (
     "Wheel: zoom · drag: pan · click a point: follow its branch in both panels and the text below (click "
     "it again to let go) · Box (or shift-drag) and Lasso: select the tokens inside, in both panels · "
-    "Escape or Clear: drop the box · Fit or double-click: every point · hover: a point's token, branch "
-    "and position"
+    "Escape or Clear: drop the box · Fit or double-click: every point · hover: a point's token in the "
+    "text around it, its branch and position"
 )
+CONTEXT = (8, 4)  # tokens before and after a hovered one (dashboard.text.contexts' window)
 _HERE = Path(__file__).parent
 _COMPONENT = st.components.v2.component(
     "branchlens_scatter", js=(_HERE / "webgl.js").read_text(), css=(_HERE / "webgl.css").read_text()
@@ -106,6 +111,24 @@ def quantize(points: pl.DataFrame, prefix: str) -> np.ndarray:
     return np.column_stack(out).astype(np.uint16) if out[0].size else np.zeros((0, 2), np.uint16)
 
 
+def tree_of(points: pl.DataFrame, branches: pl.DataFrame) -> list[list[int]]:
+    """[[branch, parent (-1 for a root), fork position], ...] of the points' branches and their ancestors:
+    what webgl.js walks to read the text before a fork from the parent's points."""
+    up = {
+        int(b): (-1 if p is None else int(p), int(f or 0))
+        for b, p, f in branches.select("branch_id", "parent_branch_id", "fork_position").iter_rows()
+    }
+    todo, seen = set(points["branch_id"].unique().to_list()), set()
+    while todo:
+        b = todo.pop()
+        if b in seen or b not in up:
+            continue
+        seen.add(b)
+        if up[b][0] >= 0:
+            todo.add(up[b][0])
+    return [[b, *up[b]] for b in sorted(seen)]
+
+
 def _pad(b: bytes) -> bytes:
     return b + b"\0" * (-len(b) % 4)
 
@@ -119,10 +142,12 @@ def payload(
     view: str = "",
     selection: list | None = None,
     label: str = "",
+    tree: list[list[int]] | None = None,
 ) -> tuple[bytes, str]:
     """(the blob webgl.js draws, the colour legend's text) for one panel of `points`. chosen_rows: row
     numbers of the selected tokens (ringed on top, the rest pale); lit: branches whose lines are drawn (in
-    position order); selection: the panel's box or lasso (grid units), drawn dashed."""
+    position order); selection: the panel's box or lasso (grid units), drawn dashed; tree: `tree_of`, for
+    the text around a hovered token (without it, the token's own branch only)."""
     n = len(points)
     text = (
         points["token_text"] if "token_text" in points.columns else pl.repeat("", n, eager=True)
@@ -157,6 +182,8 @@ def payload(
         "label": label,
         "selection": selection,
         "vocab": vocab.to_list(),
+        "tree": tree or [],
+        "context": list(CONTEXT),
     }
     head = json.dumps(header, separators=(",", ":")).encode()
     parts = [

@@ -340,8 +340,22 @@ def test_the_webgl_view_draws_every_point_and_selects_by_click_box_and_lasso(ser
         ActionChains(driver).move_to_element_with_offset(raw, int(x - w / 2), int(y - h / 2)).perform()
         tip = driver.execute_script("return arguments[0].getRootNode().querySelector('.bl-tip')", raw)
         said = wait.until(lambda d: tip.is_displayed() and tip.get_attribute("textContent"))
-        token, where = said.split("\n")  # hover: the token's text, then where it is
-        assert token.strip() and where.startswith("branch ") and " · position " in where
+        around, where = said.split("\n")  # hover: the token in the text around it, then where it is
+        assert where.startswith("branch ") and " · position " in where
+        # the text around it is the store's (dashboard.text.contexts, as the Vega tooltip shows it), read in
+        # the browser from the drawn points; a dropped attention sink may be missing from its start
+        import polars as pl
+
+        from dashboard.text import contexts
+        from views.catalog import branches_and_text, newest_run
+
+        store = os.environ.get("BRANCHLENS_SCREENSHOT_STORE") or str(tmp_path / "browser.duckdb")
+        branch, position = int(where.split()[1]), int(where.split()[-1])
+        lineage = branches_and_text(store, newest_run(store), None)[1]
+        want = contexts(pl.DataFrame({"branch_id": [branch], "position": [position]}), lineage)[0]
+        print(f"\nhovered {where}: {around!r}; the store's text around it {want!r}")
+        assert around.startswith("…") and want.endswith(around[1:]), (around, want)
+        assert len(around) > len("…[]…") + 1  # some text besides the token itself
         ActionChains(driver).move_to_element_with_offset(
             raw, int(x - w / 2), int(y - h / 2)
         ).click().perform()

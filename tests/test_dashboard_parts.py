@@ -535,6 +535,25 @@ def test_webgl_inside_matches_the_even_odd_rule_on_a_concave_lasso():
     assert not inside(q, [[0, 0], [999, 999]]).any()  # two points enclose nothing
 
 
+def test_webgl_tree_carries_the_shown_branches_and_their_ancestors_for_the_hover_text():
+    """The hover's text around a token is read in the browser from the points; before a fork it comes from
+    the parent's points, so the header carries each shown branch's parent and fork, up to its root."""
+    from dashboard.webgl import decode, payload, tree_of
+
+    branches = pl.DataFrame(
+        {
+            "branch_id": [0, 1, 2, 3],
+            "parent_branch_id": [None, 0, 1, None],
+            "fork_position": [0, 5, 8, 0],
+        }
+    )
+    points = pl.DataFrame({"branch_id": [2, 2], "position": [8, 9], "raw_x": [0.0, 1.0], "raw_y": [0.0, 1.0]})
+    tree = tree_of(points, branches)
+    assert tree == [[0, -1, 0], [1, 0, 5], [2, 1, 8]]  # branch 3 is neither shown nor an ancestor
+    header = decode(payload(points, "raw", "branch", tree=tree)[0])
+    assert header["tree"] == tree and header["context"] == [8, 4]
+
+
 def test_webgl_payload_carries_every_token_its_colour_selection_and_lines():
     from dashboard.webgl import GRID, decode, payload
 
