@@ -8,23 +8,17 @@ compute them (analysis.view.measure and layer_stats), attention sinks dropped as
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from analysis.measures import MEASURES
 from analysis.regimes import generate
 from analysis.tokens import TokenSet
 from analysis.view import ViewSpec, layer_stats, measure
 
-# metric -> (where in measure()/layer_stats() output, value field)
-CHECKED = {
-    "r2_pos": ("r2_pos", "r2"),
-    "leak": ("leak", "leak"),
-    "leak_prompt": ("leak_prompt", "leak"),
-    "token_leak": ("token_leak", "leak"),
-    "nn_branch": ("nn_branch", "purity"),
-    "probe": ("probe", "r2"),
-}
+CHECKED = ("r2_pos", "leak", "leak_prompt", "token_leak", "nn_branch", "probe")  # registered measures
 
 
 @dataclass
@@ -51,10 +45,10 @@ def values(regime: str, seed: int, **overrides) -> dict[str, tuple[float, float,
     )
     out = measure(t, None, ViewSpec()) | layer_stats(t)
     found = {}
-    for name, (key, field) in CHECKED.items():
-        if isinstance(out.get(key), dict) and field in out[key]:
-            r = out[key]
-            found[name] = (r[field], r["lo"], r["hi"], r["sd"])
+    for key in CHECKED:
+        e = MEASURES[key].estimate(out.get(key))
+        if math.isfinite(e.value):
+            found[key] = (e.value, e.lo, e.hi, e.sd)
     return found
 
 

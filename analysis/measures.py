@@ -79,7 +79,7 @@ class Estimate:
     better: str  # 'chance': nearer chance is less of the nuisance; 'higher', 'lower'; '': descriptive
     signed: bool
     help: str
-    extra: Mapping[str, float] = field(default_factory=dict)  # the measure's declared extras (Extra)
+    extra: Mapping[str, float] = field(default_factory=dict, hash=False)  # the declared extras (Extra)
     sd: float = NAN  # the value's standard error (the guard's band of a change: Z x hypot of two)
 
 

@@ -155,3 +155,12 @@ def test_the_report_and_the_cache_take_the_toy(toy, synthetic_store, tmp_path):
         other.timings["cached"] == 0.0 and compute(synthetic_store, sel, full, cache).timings["cached"] == 1.0
     )
     np.testing.assert_array_equal(first.result.coords, again.result.coords)
+
+
+def test_every_declared_alternative_names_a_registered_method():
+    """A method's one-click alternative must name a method the menu offers (a typo would make the button
+    do nothing: the sidebar drops an unknown method)."""
+    declared = {name: cls.alternative for name, cls in RESIDUALIZERS.items() if cls.alternative}
+    assert declared, "no method declares an alternative (auto's is Remove position only)"
+    for name, (other, label, help_text) in declared.items():
+        assert other in RESIDUALIZERS and other != name and label and help_text, name

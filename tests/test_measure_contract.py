@@ -200,3 +200,14 @@ def test_a_registered_layer_statistic_is_computed_on_raw_views_and_in_the_per_la
         "toy: position span",
         "last minus first position",
     )
+
+
+def test_the_per_layer_columns_have_unique_keys(toy):
+    """Columns are generated from the registry (a measure's four, its extras' `<key>_<field>`): no two may
+    share a key, or one would silently overwrite the other in a row."""
+    from views import layer_table
+
+    keys = [c.key for c in layer_table.columns()]
+    assert "toy_norm_largest" in keys and len(keys) == len(set(keys)), sorted(
+        k for k in keys if keys.count(k) > 1
+    )

@@ -148,9 +148,9 @@ def layout_note(raw: dict, removed: dict) -> str:
     loose = []
     right = "right-hand" + (f" ({removal_title(removed['removal'])})" if removed.get("removal") else "")
     for name, m in (("raw", raw), (right, removed)):
-        t = m.get("projection") or {}
-        value, sd = t.get("trustworthiness"), t.get("sd") or 0.0
-        if isinstance(value, (int, float)) and math.isfinite(value) and value + Z * sd < TRUST_CAUTION:
+        e = MEASURES["projection"].estimate(m.get("projection"))
+        value, sd = e.value, e.sd if math.isfinite(e.sd) else 0.0
+        if math.isfinite(value) and value + Z * sd < TRUST_CAUTION:
             loose.append(f"the {name} picture {value:.3f} ±{Z * sd:.3f}")
     if not loose:
         return ""

@@ -1,8 +1,6 @@
 """The settings of a view, for the app's sidebar: which tokens (Selection) and how to compute (ViewSpec),
 with the registered residualizers (their labels, help and declared parameters) and projections."""
 
-from dataclasses import replace
-
 from analysis.nuisances import Param
 from analysis.project import ProjectionSpec
 from analysis.residualize import COMMON, RESIDUALIZERS, ResidualSpec, registry
@@ -40,12 +38,6 @@ def raw_of(spec: ViewSpec) -> ViewSpec:
     return raw_view_spec(spec)
 
 
-def alternative_of(spec: ViewSpec) -> ViewSpec | None:
-    """The same view under its method's one-click alternative (auto's: position alone), or None."""
-    alt = method_alternative(spec.residual.method)
-    return replace(spec, residual=spec.residual.with_method(alt[0])) if alt else None
-
-
 __all__ = [
     "Param",
     "ProjectionSpec",
@@ -53,7 +45,6 @@ __all__ = [
     "ResidualSpec",
     "Selection",
     "ViewSpec",
-    "alternative_of",
     "method_alternative",
     "method_help",
     "method_label",
