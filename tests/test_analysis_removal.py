@@ -178,3 +178,37 @@ def test_removing_too_much_content_is_flagged(tree, raw):
     heavy = view(tree, "projection", k=60, gate=False, crossfit=False).metrics
     assert "content removed" in {w.kind for w in check(raw.metrics, heavy)}
     assert check(raw.metrics, view(tree).metrics) == []
+
+
+@pytest.mark.parametrize("tail", [0, 1, 3])
+def test_the_cross_fit_note_counts_the_tokens_left_and_is_silent_when_none_are(tail):
+    """Issue 30: "0% of tokens sit where the other folds have no data" was printed when none did. Each
+    prompt is its own fold; a tail of positions only the last prompt reaches is unseen by the other folds,
+    so exactly those tokens are left as they are, and the note says how many (1 of 321 read "0%")."""
+    from analysis.crossfit import fit_remove
+    from analysis.tokens import TokenSet
+
+    rng = np.random.default_rng(0)
+    position, branch, prompt = [], [], []
+    for q in range(4):
+        for b in range(2):
+            n = 40 + (tail if (q, b) == (3, 1) else 0)
+            position += list(range(n))
+            branch += [q * 2 + b] * n
+            prompt += [q] * n
+    tokens = TokenSet(
+        rng.normal(size=(len(position), 8)).astype(np.float32),
+        np.array(position),
+        np.array(branch),
+        np.array(prompt),
+    )
+    residual, report = fit_remove(tokens, ResidualSpec(method="per_position", gate=False, folds=4))
+    if tail:  # left as they are: moved only by the shift that recentres every residual
+        moved = (residual - (tokens.X - tokens.X.mean(axis=0)))[np.array(position) >= 40]
+        np.testing.assert_allclose(moved, np.broadcast_to(moved[0], moved.shape), atol=1e-5)
+        assert report.note == (
+            f"{tail} of {len(position)} tokens sit where the other folds have no data "
+            "(position or token unseen there): they are left as they are"
+        )
+    else:
+        assert "other folds have no data" not in (report.note or "") and report.crossfit_share == 1.0
