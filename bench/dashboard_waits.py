@@ -3,6 +3,8 @@ synthetic store, with plain UMAP on the same tokens measured in the same run as 
 
     python bench/dashboard_waits.py            # --prompts 8 --branches 18 --length 40 --d 640
     python bench/dashboard_waits.py --store branchlens.duckdb   # an existing store (the demo), read only
+    python bench/dashboard_waits.py --store branchlens.duckdb --fresh-start   # + the first start, measured
+        # in new processes: kernels as the setup command left them, and compiled from nothing
 
 The store: `python -m views synthetic` (known positional helix, branch content); fresh view cache;
 numba kernels compiled or loaded from disk once before the first step (as the app's warm-up does).
@@ -51,6 +53,32 @@ STEPS = [  # (what the user does, how AppTest does it)
 ]
 
 
+FIRST_VIEW = """
+import sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=1800)
+at.session_state["store_path"] = sys.argv[2]
+at.run()
+assert not at.exception, [e.value for e in at.exception]
+assert any("Position explains" in m.value for m in at.markdown), "no verdict: the first view was not drawn"
+"""
+
+
+def fresh_start(store: Path, tmp: Path, cold: bool) -> float:
+    """Seconds from starting a new Python process to the app's first view drawn in it (AppTest: the
+    server's first run without the browser), the app's own kernel warm-up on, a fresh view cache. cold:
+    numba's cache in an empty directory, so every kernel compiles (a checkout before the setup command)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("BRANCHLENS_NO_WARMUP", "NUMBA_CACHE_DIR")}
+    env["BRANCHLENS_CACHE"] = str(Path(tempfile.mkdtemp(dir=tmp)))
+    if cold:
+        env["NUMBA_CACHE_DIR"] = str(Path(tempfile.mkdtemp(dir=tmp)))
+    t = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", FIRST_VIEW, str(ROOT / "app.py"), str(store)], cwd=ROOT, env=env, check=True
+    )
+    return time.perf_counter() - t
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=8)
@@ -58,6 +86,11 @@ def main() -> None:
     p.add_argument("--length", type=int, default=40)
     p.add_argument("--d", type=int, default=640)
     p.add_argument("--store", help="measure this store (read only) instead of a new synthetic one")
+    p.add_argument(
+        "--fresh-start",
+        action="store_true",
+        help="also time the first view in new processes, kernels warm (after the setup command) and cold",
+    )
     args = p.parse_args()
     warnings.simplefilter("ignore")
     tmp = Path(tempfile.mkdtemp())
@@ -83,6 +116,13 @@ def main() -> None:
             check=True,
             capture_output=True,
         )
+    starts = []
+    if args.fresh_start:
+        load = os.getloadavg()[0]
+        starts = [
+            (f"first start, kernels on disk (load {load:.1f})", fresh_start(store, tmp, cold=False)),
+            ("first start, kernels compiled from nothing", fresh_start(store, tmp, cold=True)),
+        ]
     os.environ.update(BRANCHLENS_NO_WARMUP="1", BRANCHLENS_CACHE=str(tmp / "cache"))
     sys.path.insert(0, str(ROOT))
     from streamlit.testing.v1 import AppTest
@@ -119,7 +159,7 @@ def main() -> None:
     plain = time.perf_counter() - t
     tokens = X
     print(f"\n{'step':<42} {'wait':>7}   ratio to plain UMAP of {len(tokens)} tokens ({plain:.2f} s)")
-    for name, seconds in waits:
+    for name, seconds in starts + waits:
         print(f"{name:<42} {seconds:6.1f} s   {seconds / plain:5.2f}")
 
 
