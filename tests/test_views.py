@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from views.cache import ViewCache
 from views.service import Selection, compute
 from views.specs import raw_of
 from views.synthetic import write_tree
+
+ROOT = Path(__file__).resolve().parents[1]
 
 FAST = ViewSpec(projection=ProjectionSpec(n_epochs=20))
 
@@ -335,6 +338,7 @@ def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
         **os.environ,
         "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
         "BRANCHLENS_CACHE": str(tmp_path / "cache"),
+        "BRANCHLENS_KERNEL_CACHE": str(tmp_path / "kernels"),  # where the warm marker goes
     }
 
     def run() -> list[str]:
@@ -347,6 +351,46 @@ def test_numba_disk_cache_serves_a_fresh_process(tmp_path):
     assert before == after == "True" and int(hits) >= 2  # both kernels loaded from disk
 
 
+@pytest.mark.slow  # compiles the project's kernels into an empty cache first (about 20 s on 2 cores)
+def test_a_second_checkout_loads_the_kernels_the_first_compiled(tmp_path):
+    """Issue 30: kernels compiled once per machine, not per checkout. numba filed its cache next to each
+    source file, so a second clone compiled again; the machine-wide cache is named for the source's
+    content, so a copy of the package elsewhere loads them (numba's public dispatcher stats)."""
+    import shutil
+
+    script = (
+        "from analysis.engine import kernels as K\n"
+        "K.warm_up()\n"
+        "kernels = [f for f in vars(K).values() if hasattr(f, 'stats')]\n"
+        "hits = sum(sum(f.stats.cache_hits.values()) for f in kernels)\n"
+        "misses = sum(sum(f.stats.cache_misses.values()) for f in kernels)\n"
+        "print(K.__file__, len(kernels), hits, misses)\n"
+    )
+    copy = tmp_path / "checkout2"
+    shutil.copytree(ROOT / "analysis", copy / "analysis", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    env["BRANCHLENS_KERNEL_CACHE"] = str(tmp_path / "kernels")
+
+    def run(where: Path) -> tuple[str, int, int, int]:
+        out = subprocess.run(
+            [PYTHON, "-c", script],
+            cwd=where,
+            env=env | {"PYTHONPATH": str(where)},
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        path, n, hits, misses = out.stdout.split()[-4:]
+        return path, int(n), int(hits), int(misses)
+
+    path, n, hits, misses = run(ROOT)
+    assert Path(path).resolve().is_relative_to(ROOT) and n >= 3 and hits == 0 and misses > 0  # compiled
+    assert list((tmp_path / "kernels").rglob("*.nbi"))  # into the machine-wide directory
+    path, n, hits, misses = run(copy)
+    assert Path(path).resolve().is_relative_to(copy)  # the second checkout's own source file
+    assert hits > 0 and misses == 0  # every kernel it used loaded from the first checkout's compile
+
+
 def test_the_spinner_says_loading_or_compiling_as_it_is():
     """Tried: "compiling (once per machine, up to ~30 s)" on warm restarts, and a first start of 132 s."""
     from views.warmup import waiting_note
@@ -354,7 +398,7 @@ def test_the_spinner_says_loading_or_compiling_as_it_is():
     assert waiting_note(False, False) == waiting_note(False, True) == ""
     assert "Loading the compiled projection kernels" in waiting_note(True, True)
     compiling = waiting_note(True, False)
-    assert "compiling" in compiling and "first start of this installation" in compiling
+    assert "compiling" in compiling and "first start on this machine" in compiling
     assert "once per machine" not in compiling + waiting_note(True, True)
 
 

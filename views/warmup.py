@@ -1,10 +1,11 @@
 """Compile (or load from numba's disk cache) the projection's kernels before the first view needs them, and
-remember that this installation has them (for the app's spinner)."""
+remember that this machine has them (for the app's spinner)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def warm_up() -> None:
-    """analysis.engine.jit.warm_up, then the marker that says this installation's kernels are on disk."""
+    """analysis.engine.jit.warm_up, then the marker that says this machine's kernels are on disk."""
     from analysis.engine import jit
 
     jit.warm_up()
@@ -25,14 +26,14 @@ def warm_up() -> None:
 
 
 def warm_marker() -> Path:
-    """The file that says this installation's kernels are in numba's disk cache: under the app's cache root,
-    named for what the cache entries depend on (Python, numba and umap-learn versions, and where and when
-    the project's kernel sources were written: numba keys its cache by source path, so each checkout
-    compiles once)."""
+    """The file that says this machine's kernels are in numba's disk cache: beside them (the machine-wide
+    kernel cache, analysis.engine.jit), named for what the entries depend on (Python, numba and
+    umap-learn versions, the content of the project's kernel sources, and NUMBA_CACHE_DIR where set), so
+    a second checkout of the same code finds it."""
     from importlib.metadata import version
 
     import analysis
-    from views.cache import cache_root
+    from analysis.engine.jit import kernel_cache_dir, source_digest
 
     here = Path(analysis.__file__).resolve().parent
     sources = [here / "engine" / "kernels.py", here / "engine" / "jit.py"]
@@ -41,14 +42,15 @@ def warm_marker() -> Path:
             sys.version,
             version("numba"),
             version("umap-learn"),
-            [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sources],
+            [source_digest(f) for f in sources],
+            os.environ.get("NUMBA_CACHE_DIR", ""),
         )
     )
-    return cache_root() / "kernels" / f"warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return kernel_cache_dir() / f"warm-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 def is_warm() -> bool:
-    """Whether this installation's kernels were compiled to disk already (a start then loads them)."""
+    """Whether this machine's kernels were compiled to disk already (a start then loads them)."""
     try:
         return warm_marker().exists()
     except OSError:
@@ -63,6 +65,7 @@ def waiting_note(compiling: bool, warm: bool) -> str:
     if warm:
         return " Loading the compiled projection kernels (a few seconds)."
     return (
-        " The projection kernels are compiling: the first start of this installation, about 1-2 minutes on "
-        "2 cores; later starts load them in seconds (`python -m views warm-up` does it ahead)."
+        " The projection kernels are compiling: the first start on this machine, 40-90 s on 2 cores; later "
+        "starts, from any checkout of the same code, load them in seconds (`python -m views warm-up` does "
+        "it ahead)."
     )

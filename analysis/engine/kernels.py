@@ -1,4 +1,4 @@
-"""Compiled loops (numba, compiled once per installation: on-disk cache): per-code row sums, within-group
+"""Compiled loops (numba, compiled once per machine: on-disk cache, analysis.engine.jit): per-code row sums, within-group
 shuffles, and the bootstrap's weighted per-code sums.
 
 A per-position (or per-branch, per-cell) sum of rows is the inner loop of the removal, its detection
@@ -15,6 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit
+
+from analysis.engine.jit import install_machine_cache
+
+install_machine_cache()  # before the decorators below: their cache goes to the machine-wide directory
 
 # Rows per thread chunk: each chunk has its own accumulators (added up at the end), so threads never
 # write the same memory; below this many rows one chunk does all (fewer accumulators to add).
