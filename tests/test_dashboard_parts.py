@@ -535,6 +535,34 @@ def test_webgl_inside_matches_the_even_odd_rule_on_a_concave_lasso():
     assert not inside(q, [[0, 0], [999, 999]]).any()  # two points enclose nothing
 
 
+@pytest.mark.parametrize("color_by", ["prompt", "position", "cluster"])
+def test_webgl_colours_follow_the_charts_choice(color_by):
+    """The WebGL panels colour as the Vega ones do: one hue per prompt, the viridis ramp over position
+    (dark first, yellow last, named in the legend), a palette per nominal value."""
+    from dashboard.webgl import MAX_COLOURS, RAMP, _rgb, colour_bins
+
+    points = pl.DataFrame(
+        {
+            "prompt_color": ["#4e79a7", "#4e79a7", "#f28e2b", "#f28e2b"],
+            "position": [0, 10, 20, 30],
+            "cluster": [2, 1, 2, 0],
+        }
+    )
+    bins, rgb, legend = colour_bins(points, color_by)
+    colours = [rgb[b] for b in bins.to_list()]
+    if color_by == "prompt":
+        assert colours == [_rgb("#4e79a7")] * 2 + [_rgb("#f28e2b")] * 2 and legend == "colour: prompt"
+    elif color_by == "position":
+        assert (
+            colours[0] == _rgb(RAMP[0])
+            and colours[-1] == _rgb(RAMP[-1])
+            and "0 (dark) to 30 (yellow)" in legend
+        )
+        assert bins.to_list() == sorted(bins.to_list()) and len(set(bins.to_list())) == 4
+    else:
+        assert colours[0] == colours[2] != colours[1] != colours[3] and len(rgb) <= MAX_COLOURS
+
+
 def test_webgl_tree_carries_the_shown_branches_and_their_ancestors_for_the_hover_text():
     """The hover's text around a token is read in the browser from the points; before a fork it comes from
     the parent's points, so the header carries each shown branch's parent and fork, up to its root."""
