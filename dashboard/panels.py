@@ -204,10 +204,14 @@ def clusters_panel(found: Clusters) -> None:
         hide_index=True,
         width="stretch",
         column_config={
-            "share": st.column_config.ProgressColumn("share", format="percent", min_value=0, max_value=1)
+            "cluster": st.column_config.Column("cluster", pinned=True),
+            "share": st.column_config.ProgressColumn("share", format="percent", min_value=0, max_value=1),
         },
     )
     st.caption("Colour the charts by cluster (sidebar: Colour by) to see where each one lies.")
+
+
+PINNED = ("layer", "method")  # the per-layer table's columns that say which row it is
 
 
 def layers_panel(profile: pl.DataFrame) -> None:
@@ -232,11 +236,14 @@ def layers_panel(profile: pl.DataFrame) -> None:
         if profile[c].dtype.is_float() and profile[c].fill_nan(None).null_count() == len(profile)
     ]
     profile = profile.drop(empty)
+    # which layer and view a row is stay in sight while the measures scroll sideways (a 1366 px window
+    # shows a few of its columns at a time)
     config = {
-        c: st.column_config.Column(label, help=text)
+        c: st.column_config.Column(label, help=text, pinned=c in PINNED)
         for c, (label, text) in profile_columns(profile.columns).items()
     }
     st.dataframe(profile, hide_index=True, width="stretch", column_config=config)
+    st.caption("Scroll sideways for every measure: the layer and view columns stay in place.")
 
 
 def sql_panel(store: str, run_id: str) -> None:

@@ -185,9 +185,19 @@ def test_layers_tab_and_clusters(store):
     assert set(profile[0][1][0].column("layer").to_pylist()) == {0, 1, 2}
     table = at.dataframe[-1].value  # the per-layer table: no column of blanks
     assert "r2_pos" in table.columns and not [c for c in table.columns if table[c].isna().all()]
+    # wider than a 1366 px window (issue 30: "cut at the right edge"): it scrolls with its row's layer and
+    # view pinned in place
+    assert pinned(at.dataframe[-1]) == {"layer", "view"}  # their headers
     at = open_tab(at, "Clusters")
     clusters = at.dataframe[-1].value
     assert clusters["tokens"].sum() == expected_tokens(path, run_id)
+    assert pinned(at.dataframe[-1]) == {"cluster"}
+
+
+def pinned(frame) -> set[str]:
+    """The headers of the columns a dataframe keeps in place while it scrolls sideways (its column config)."""
+    config = json.loads(frame.proto.columns or "{}")
+    return {(c.get("label") or k) for k, c in config.items() if c.get("pinned")}
 
 
 @pytest.mark.parametrize(
