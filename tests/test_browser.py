@@ -247,6 +247,27 @@ def test_dashboard_draws_in_chromium(served_app, tmp_path):
 
         lit = wait.until(lit_count)
         assert lit == len(driver.find_elements(By.TAG_NAME, "mark")) > 0
+
+        # The wheel zooms a Vega panel instead of scrolling the page (issue 30: on canvas-drawn charts it
+        # scrolled the page; the panels are SVG now): its points move, the panel stays where it was.
+        from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+
+        raw = projections(driver)[0]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", raw)
+
+        def points_and_top(d) -> tuple[list, float]:
+            return d.execute_script(
+                "const svg = arguments[0].closest('.vega-embed').querySelector('svg.marks');"
+                "return [[...svg.querySelectorAll('.mark-symbol path')].slice(0, 40)"
+                ".map(p => p.getAttribute('transform')), arguments[0].getBoundingClientRect().top];",
+                raw,
+            )
+
+        before, top = points_and_top(driver)
+        assert before and all(before)
+        ActionChains(driver).scroll_from_origin(ScrollOrigin.from_element(raw), 0, -400).perform()
+        after, top_after = wait.until(lambda d: (r := points_and_top(d))[0] != before and r)
+        assert abs(top_after - top) < 1, (top, top_after)  # the page did not scroll
     finally:
         driver.quit()
 
