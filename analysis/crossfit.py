@@ -24,12 +24,12 @@ from analysis.nuisances import NUISANCES
 from analysis.residualize import (
     RESIDUALIZERS,
     LabelStats,
-    PerPositionMean,
     Residualizer,
     ResidualSpec,
     Scaler,
     branch_offsets,
     make_residualizer,
+    means_model,
 )
 from analysis.stats import PermutationTest
 from analysis.tokens import TokenSet
@@ -226,9 +226,7 @@ def _fold_models(
     the branch offsets taken out by algebra (no (n, d) temporary); the others from rows."""
     if len(cls.covariates) == 1 and cls.sufficient:
         label = _cov(ref, cls)[cls.covariates[0]]
-        helper = (
-            make_residualizer(spec) if cls.additive else PerPositionMean(spec.with_method("per_position"))
-        )
+        helper = make_residualizer(spec) if cls.additive else means_model(spec, "position")
         stats = fold_label_stats(Zr, label, ref.branch, fold, helper if backfit else None)
         if not crossfit:
             return {0: make_residualizer(spec).fit_stats(stats[0])}

@@ -48,7 +48,7 @@ from analysis.erase import LinearEraser, Moments, linear_test, position_features
 from analysis.lowrank import SmoothLowRank
 from analysis.metrics import WithinShuffler
 from analysis.nuisances import NUISANCES, Param, words
-from analysis.residualize import Residualizer, ResidualSpec, Scaler, register
+from analysis.residualize import Residualizer, ResidualSpec, Scaler, means_method, register
 from analysis.tokens import TokenSet
 
 LINEAR_ROWS = 8192  # rows the linear test samples (its power needs no more; its cost grows with rows x d^2)
@@ -252,8 +252,8 @@ def _smooth_part(
 def _predicts(Zt: np.ndarray, ref: TokenSet, fold: np.ndarray, key: str, spec: ResidualSpec) -> bool:
     """Whether the nuisance's per-label means, fitted out of fold (net of branch content), predict held-out
     tokens better than their mean: a positive out-of-fold least-squares weight (analysis.crossfit.out_of_fold)."""
-    single = {"position": "per_position", "token": "per_token"}[key]
-    return out_of_fold(Zt, ref, fold, spec.with_method(single), {key: covariates(ref)[key]})[1] > 0
+    single = spec.with_method(means_method(key))
+    return out_of_fold(Zt, ref, fold, single, {key: covariates(ref)[key]})[1] > 0
 
 
 def _residual_copy(Zr: np.ndarray, ref: TokenSet, plan: JointRemoval) -> np.ndarray:

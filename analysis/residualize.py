@@ -259,6 +259,8 @@ class Residualizer:
     - removes: the nuisances (analysis.nuisances) it removes, each tested before removal; covariates:
       the per-token columns it reads (by default what it removes);
     - params: its own settings as Params (the sidebar, the report and the spec's checks use them);
+    - means_of: the nuisance whose plain per-label means the method subtracts (the out-of-fold check of
+      a joint estimator, and a projection's back-fit, use that method: means_method());
     - menu_order: where the method stands in the app's menu (lower first; ties in registration order;
       `none` always last); alternative: (method, button label, help) of a one-click switch the sidebar
       offers beside this method, or None;
@@ -280,6 +282,7 @@ class Residualizer:
     params: tuple[Param, ...] = ()
     menu_order = 100
     alternative: tuple[str, str, str] | None = None
+    means_of: str | None = None  # the nuisance whose plain per-label means this method is (tests use it)
     fold_unit = "prompt"
     additive = True
     sufficient = False
@@ -429,13 +432,26 @@ class LabelStats:
         return LabelStats(self.labels[keep], sums[keep], counts[keep], self.sq - other.sq, self.n - other.n)
 
 
+def means_method(nuisance: str) -> str:
+    """The registered method that subtracts plain per-label means of `nuisance` (its class's means_of)."""
+    found = [name for name, cls in RESIDUALIZERS.items() if cls.means_of == nuisance]
+    if not found:
+        raise ValueError(f"no registered method subtracts per-label means of {nuisance!r}")
+    return found[0]
+
+
+def means_model(spec: ResidualSpec, nuisance: str) -> Residualizer:
+    """An unfitted instance of means_method(nuisance) with spec's other settings."""
+    return make_residualizer(spec.with_method(means_method(nuisance)))
+
+
 def branch_offsets(
     model: Residualizer, X: np.ndarray, cov: dict[str, np.ndarray], branch: np.ndarray, sweeps: int = 2
 ) -> np.ndarray:
     """(n, d) per-token offset a_branch of the backfitted model x = a_branch + m(cov) + e, with the a's
     weighted mean zero (so the nuisance keeps the overall level). A projection backfits with
     per-position means, then finds its directions in what is left."""
-    helper = model if model.additive else PerPositionMean(model.spec.with_method("per_position"))
+    helper = model if model.additive else means_model(model.spec, "position")
     _, inverse, counts = np.unique(branch, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     offsets = np.zeros_like(X)
@@ -558,6 +574,7 @@ class PerPositionMean(_SmoothChecked):
     )
     removes = ("position",)
     params = (*SMOOTH_PARAMS, SHRINK)
+    means_of = "position"
     sufficient = True
 
     @classmethod
@@ -681,6 +698,7 @@ class PerTokenMean(Residualizer):
     removes = ("token",)
     params = (SHRINK,)
     sufficient = True
+    means_of = "token"
 
     @classmethod
     def describe(cls, spec: ResidualSpec) -> str:

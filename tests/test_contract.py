@@ -25,6 +25,7 @@ class PromptMean(Residualizer):
     fold_unit = "branch"
     sufficient = True
     menu_order = 5  # after auto, position and token (0-2), before the rest (100)
+    means_of = "prompt"  # it is the plain per-label means of its nuisance
     alternative = ("none", "Show no removal", "The raw latents, centred")
 
     @classmethod
@@ -164,3 +165,15 @@ def test_every_declared_alternative_names_a_registered_method():
     assert declared, "no method declares an alternative (auto's is Remove position only)"
     for name, (other, label, help_text) in declared.items():
         assert other in RESIDUALIZERS and other != name and label and help_text, name
+
+
+def test_each_nuisance_names_its_plain_means_by_the_class_that_declares_them(toy):
+    """A joint estimator checks each nuisance against its plain per-label means out of fold; the method
+    that subtracts them is found by its class's means_of, not by a name written elsewhere."""
+    from analysis.residualize import means_method
+
+    assert means_method("prompt") == toy.name
+    assert RESIDUALIZERS[means_method("position")].removes == ("position",)
+    assert RESIDUALIZERS[means_method("token")].removes == ("token",)
+    with pytest.raises(ValueError, match="no registered method subtracts per-label means of 'branch'"):
+        means_method("branch")
