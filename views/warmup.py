@@ -27,16 +27,16 @@ def warm_up() -> None:
 
 def warm_marker() -> Path:
     """The file that says this machine's kernels are in numba's disk cache: beside them (the machine-wide
-    kernel cache, analysis.engine.jit), named for what the entries depend on (Python, numba and
+    kernel cache, analysis.engine.numba_cache), named for what the entries depend on (Python, numba and
     umap-learn versions, the content of the project's kernel sources, and NUMBA_CACHE_DIR where set), so
     a second checkout of the same code finds it."""
     from importlib.metadata import version
 
     import analysis
-    from analysis.engine.jit import kernel_cache_dir, source_digest
+    from analysis.engine.numba_cache import kernel_cache_dir, source_digest
 
     here = Path(analysis.__file__).resolve().parent
-    sources = [here / "engine" / "kernels.py", here / "engine" / "jit.py"]
+    sources = [here / "engine" / name for name in ("kernels.py", "jit.py", "numba_cache.py")]
     key = repr(
         (
             sys.version,

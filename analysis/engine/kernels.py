@@ -1,4 +1,4 @@
-"""Compiled loops (numba, compiled once per machine: on-disk cache, analysis.engine.jit): per-code row sums, within-group
+"""Compiled loops (numba, compiled once per machine: on-disk cache, analysis.engine.numba_cache): per-code row sums, within-group
 shuffles, and the bootstrap's weighted per-code sums.
 
 A per-position (or per-branch, per-cell) sum of rows is the inner loop of the removal, its detection
@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from analysis.engine.jit import install_machine_cache
+from analysis.engine import numba_cache
 
-install_machine_cache()  # before the decorators below: their cache goes to the machine-wide directory
+numba_cache.install()  # before the decorators below: their cache goes to the machine-wide directory
 
 # Rows per thread chunk: each chunk has its own accumulators (added up at the end), so threads never
 # write the same memory; below this many rows one chunk does all (fewer accumulators to add).
