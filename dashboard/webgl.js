@@ -396,9 +396,9 @@ function setup(root) {
       const i = s.nearest(...q), d = s.data;
       if (i < 0) { tip.style.display = "none"; return; }
       tip.textContent = `${s.context(i)}\nbranch ${d.branch[i]} · position ${d.position[i]}`;
-      tip.style.left = Math.min(q[0] + 12, s.size()[0] - 160) + "px";
+      tip.style.display = "block"; // laid out first, so its width is known: it stays inside the panel
+      tip.style.left = Math.max(0, Math.min(q[0] + 12, s.size()[0] - tip.offsetWidth - 4)) + "px";
       tip.style.top = q[1] + 12 + "px";
-      tip.style.display = "block";
     });
   };
 
