@@ -42,8 +42,9 @@ def _shared(py_file: str) -> bool:
 
 
 def install() -> bool:
-    """Put MachineLocator before numba's own locators (after NUMBA_CACHE_DIR's); idempotent. False where
-    this numba has no locator list to extend (its default, per source path, then applies)."""
+    """Put MachineLocator first among numba's locators (it steps aside where NUMBA_CACHE_DIR is set, so
+    numba's own locator for that takes over); idempotent. False where this numba has no locator list to
+    extend (its default, per source path, then applies)."""
     try:
         from numba.core import caching
     except ImportError:
@@ -53,7 +54,7 @@ def install() -> bool:
         return False
     with _lock:
         if not any(getattr(c, "__name__", "") == "MachineLocator" for c in classes):
-            classes.insert(min(1, len(classes)), _machine_locator(caching))
+            classes.insert(0, _machine_locator(caching))
     return True
 
 
