@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from analysis.measures import MEASURES
+from analysis.measures import estimate_in
 from analysis.regimes import generate
 from analysis.tokens import TokenSet
 from analysis.view import ViewSpec, layer_stats, measure
@@ -46,7 +46,7 @@ def values(regime: str, seed: int, **overrides) -> dict[str, tuple[float, float,
     out = measure(t, None, ViewSpec()) | layer_stats(t)
     found = {}
     for key in CHECKED:
-        e = MEASURES[key].estimate(out.get(key))
+        e = estimate_in(out, key)
         if math.isfinite(e.value):
             found[key] = (e.value, e.lo, e.hi, e.sd)
     return found

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from analysis.measures import MEASURES, Estimate
+from analysis.measures import MEASURES, Estimate, estimate_in
 from analysis.stats import Z
 
 LEAKS = {k: m.label for k, m in MEASURES.items() if m.guard == "leak:position"}
@@ -76,7 +76,7 @@ def _estimate(key: str, metrics: dict) -> Estimate | None:
     """The measure's Estimate in a view's metrics, or None where it has no finite value."""
     if not metrics.get(key):
         return None
-    e = MEASURES[key].estimate(metrics[key])
+    e = estimate_in(metrics, key)
     return e if math.isfinite(e.value) else None
 
 

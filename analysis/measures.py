@@ -171,6 +171,11 @@ class Measure:
 MEASURES: dict[str, Measure] = {}
 
 
+def estimate_in(metrics: dict[str, Any], key: str) -> Estimate:
+    """The registered measure `key` of a view's metrics as an Estimate (NaN where the view lacks it)."""
+    return MEASURES[key].estimate(metrics.get(key))
+
+
 def register(measure: Measure) -> Measure:
     MEASURES[measure.key] = measure
     return measure

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from analysis.measures import MEASURES, Estimate
+from analysis.measures import MEASURES, Estimate, estimate_in
 
 
 def _finite(*values: Any) -> bool:
@@ -26,16 +26,11 @@ def _excess(value: float, chance: float) -> float:
 ORGANIZING = 0.2  # an above-chance score (0..1) from which a factor is said to organize a layer
 
 
-def _estimate(metrics: dict[str, Any], key: str) -> Estimate:
-    """A measure's numbers as every reader takes them (analysis.measures.Estimate); NaN where absent."""
-    return MEASURES[key].estimate(metrics.get(key))
-
-
 def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
     """Each factor's above-chance score (0 = chance, 1 = perfect) with its 95% half-width (nan: none): position (kNN
     leak across branches), token identity (same-token neighbours), prompt and branch (pooled kNN purity)."""
     scores = {}
-    leak = _estimate(raw, "leak")
+    leak = estimate_in(raw, "leak")
     if _finite(leak.value):
         scores["position"] = (leak.value, leak.band)
     for label, key in (
@@ -43,7 +38,7 @@ def factor_scores(raw: dict[str, Any]) -> dict[str, tuple[float, float]]:
         ("prompt", "purity_prompt_pooled"),
         ("branch", "purity_branch_pooled"),
     ):
-        e = _estimate(raw, key)
+        e = estimate_in(raw, key)
         if _finite(e.value, e.chance) and e.chance < 1:
             scores[label] = (_excess(e.value, e.chance), e.band / (1 - e.chance))
     return scores
@@ -96,11 +91,10 @@ def factor_sentence(raw: dict[str, Any]) -> str:
 
 def token_sentence(raw: dict[str, Any]) -> str:
     """How often other branches' nearest neighbours share the current token, with both bands."""
-    tok = _estimate(raw, "token_leak")
+    tok = estimate_in(raw, "token_leak")
     if not _finite(tok.value, tok.chance):
         return ""
-    half = tok.band if _finite(tok.band) else 0.0
-    band = f" ±{half:.0%}" if half else ""
+    band = f" ±{_band(tok):.0%}" if _band(tok) else ""
     chance = f"chance {tok.chance:.0%}" + (f", up to {tok.chance_hi:.0%}" if _finite(tok.chance_hi) else "")
     return f"Nearest neighbours in other branches share the current token **{tok.value:.0%}**{band} of the time ({chance})."
 
@@ -142,7 +136,7 @@ def sentences(raw: dict[str, Any], removed: dict[str, Any] | None = None) -> lis
 
 def position_sentence(raw: dict[str, Any]) -> str:
     """Position's share of the variance with its band and chance, and what the probe reads ('' without)."""
-    r2 = _estimate(raw, "r2_pos")
+    r2 = estimate_in(raw, "r2_pos")
     if not _finite(r2.value, r2.chance):
         return ""
     band = f" ±{r2.band:.1%}" if _finite(r2.band) else ""
@@ -279,7 +273,7 @@ def removal_parts(raw: dict[str, Any], removed: dict[str, Any] | None) -> tuple[
 def token_removed_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     """What a token-identity removal did to the same-token share: 'down to chance' only when the band
     after reaches chance's interval, else how much of the above-chance part is left."""
-    r, a = _estimate(raw, "token_leak"), _estimate(removed, "token_leak")
+    r, a = estimate_in(raw, "token_leak"), estimate_in(removed, "token_leak")
     if not _finite(r.value, a.value, a.chance):
         return ""
     top = a.chance_hi if _finite(a.chance_hi) else a.chance
@@ -306,7 +300,7 @@ def variance_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     position went (a method's weight is the share of its own estimate it subtracted, not of position):
     'down to chance' when the band after reaches chance's band, 'unchanged' within the band of the change,
     'rose' beyond it, else the share of the above-chance part that went, with its band."""
-    r, a = _estimate(raw, "r2_pos"), _estimate(removed, "r2_pos")
+    r, a = estimate_in(raw, "r2_pos"), estimate_in(removed, "r2_pos")
     if not _finite(r.value, r.chance, a.value, a.chance):
         return ""
     hr, ha = _band(r), _band(a)
@@ -345,7 +339,7 @@ def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     share of the variance higher than before: how much of the variance went, and what the variance
     per-position means explain (share x total, as a share of the raw view's total) did, with its band, so a
     higher share of a smaller whole is not read as position that grew. '' without bands."""
-    r, a = _estimate(raw, "r2_pos"), _estimate(removed, "r2_pos")
+    r, a = estimate_in(raw, "r2_pos"), estimate_in(removed, "r2_pos")
     total_r, total_a = r.extra["total_var"], a.extra["total_var"]
     if not _finite(r.value, a.value, total_r, total_a) or total_r <= 0:
         return ""
@@ -373,7 +367,7 @@ def smaller_whole_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
 
 def leak_sentence(raw: dict[str, Any], removed: dict[str, Any]) -> str:
     """The kNN position leak before and after, with bands (the guard says when it moved the wrong way)."""
-    r, a = _estimate(raw, "leak"), _estimate(removed, "leak")
+    r, a = estimate_in(raw, "leak"), estimate_in(removed, "leak")
     if not _finite(r.value, a.value):
         return ""
     chance = a.chance_hi if _finite(a.chance_hi) else r.chance_hi

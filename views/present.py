@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from analysis.guard import Warning, check
-from analysis.measures import MEASURES, Measure
+from analysis.measures import MEASURES, Measure, estimate_in
 from analysis.stats import Z
 from analysis.verdict import headline_and_details, removal_title, verdict
 from views import layer_table
@@ -148,7 +148,7 @@ def layout_note(raw: dict, removed: dict) -> str:
     loose = []
     right = "right-hand" + (f" ({removal_title(removed['removal'])})" if removed.get("removal") else "")
     for name, m in (("raw", raw), (right, removed)):
-        e = MEASURES["projection"].estimate(m.get("projection"))
+        e = estimate_in(m, "projection")
         value, sd = e.value, e.sd if math.isfinite(e.sd) else 0.0
         if math.isfinite(value) and value + Z * sd < TRUST_CAUTION:
             loose.append(f"the {name} picture {value:.3f} ±{Z * sd:.3f}")

@@ -33,10 +33,10 @@ def enable_disk_cache() -> int:
     files go to kernel_cache_dir() (MachineLocator; NUMBA_CACHE_DIR overrides it).
     """
     global _enabled
-    numba_cache.install()
     with _lock:
         if _enabled:
             return 0
+        numba_cache.install()  # before umap's kernels get their caches: the machine-wide locator first
         from numba.core.registry import CPUDispatcher
 
         count = 0
